@@ -1,0 +1,85 @@
+"""In-memory image data modules: uint8 tensors in RAM, batches gathered by index in one call."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from diffusion_train.data.samplers import InfiniteBatchSampler, padded_shard
+
+
+class ImageBatches(Dataset):
+    """``dataset[list_of_indices]`` -> a batch dict with the documented keys.
+
+    image: (B, C, H, W) float32 in [-1, 1]; label: (B,) int64; __key__: list of "<split>/<index>".
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, split: str):
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"{split} images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        self.images, self.labels, self.split = images, labels.long(), split
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, indices: list[int]) -> dict:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        image = self.images[idx].float().div_(127.5).sub_(1.0)
+        return {"image": image, "label": self.labels[idx], "__key__": [f"{self.split}/{i}" for i in indices]}
+
+
+class InMemoryImageDataModule(L.LightningDataModule):
+    """Base class: subclasses implement :meth:`load` returning uint8 train/val images and labels.
+
+    Training reads an endless, seeded stream (see :class:`InfiniteBatchSampler`) that resumes at
+    the batch the restored optimizer step implies; validation is a fixed, rank-padded set.
+    """
+
+    def __init__(self, batch_size: int, channels: int, resolution: int, num_classes: int,
+                 num_workers: int = 0, seed: int = 0, val_batch_size: int | None = None):
+        super().__init__()
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.channels, self.resolution, self.num_classes = channels, resolution, num_classes
+        self.val_batch_size = val_batch_size or batch_size
+        self.train_set: ImageBatches | None = None
+        self.val_set: ImageBatches | None = None
+
+    def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        tr_x, tr_y, va_x, va_y = self.load()
+        expected = (self.channels, self.resolution, self.resolution)
+        if tuple(tr_x.shape[1:]) != expected:
+            raise ValueError(f"{type(self).__name__}: images are {tuple(tr_x.shape[1:])}, config says "
+                             f"channels={self.channels}, resolution={self.resolution}")
+        self.train_set, self.val_set = ImageBatches(tr_x, tr_y, "train"), ImageBatches(va_x, va_y, "val")
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_sampler(self, start_batch: int = 0) -> InfiniteBatchSampler:
+        rank, world = self._rank_world()
+        return InfiniteBatchSampler(len(self.train_set), self.batch_size, self.seed, rank, world, start_batch)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        start = 0
+        if self.trainer is not None:  # resume: the stream continues after the batches already used
+            accumulate = getattr(self.trainer.lightning_module, "accumulate_grad_batches", 1)
+            start = self.trainer.global_step * accumulate
+        return self._loader(self.train_set, self.train_sampler(start))
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        rank, world = self._rank_world()
+        return self._loader(self.val_set, padded_shard(len(self.val_set), self.val_batch_size, rank, world))
+
+    def _loader(self, dataset: Dataset, batches) -> DataLoader:
+        return DataLoader(dataset, sampler=batches, batch_size=None, num_workers=self.num_workers,
+                          pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0)

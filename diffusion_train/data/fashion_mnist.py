@@ -1,0 +1,105 @@
+"""Fashion-MNIST (Xiao et al. 2017): 60k train / 10k test 28x28 grayscale images in 10 classes."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from diffusion_train.data.base import InMemoryImageDataModule
+
+DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+           "Ankle boot")
+_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Reads an IDX file (optionally gzipped) as a uint8 array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
+        raise ValueError(f"{path}: not a uint8 IDX file")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: truncated IDX file ({arr.size} of {int(np.prod(shape))} values)")
+    return arr.reshape(shape)
+
+
+def find_file(roots: list[Path], stem: str) -> Path | None:
+    for root in roots:
+        for sub in ("", "FashionMNIST/raw"):
+            for name in (stem, stem + ".gz"):
+                if (root / sub / name).is_file():
+                    return root / sub / name
+    return None
+
+
+def load_split(split: str, root: str | os.PathLike | None = None, download: bool = False) -> tuple[Tensor, Tensor]:
+    """(images uint8 (N, 1, 28, 28), labels int64 (N,)) of ``split`` ('train' or 'test')."""
+    roots = [Path(root)] if root else [Path(DEBIAN_ROOT)]
+    image_stem, label_stem = _FILES[split]
+    if find_file(roots, image_stem) is None and download:
+        import torchvision  # only needed to fetch the files when the machine is online
+
+        torchvision.datasets.FashionMNIST(str(roots[0]), train=split == "train", download=True)
+    paths = [find_file(roots, image_stem), find_file(roots, label_stem)]
+    if None in paths:
+        looked = ", ".join(str(r / s) for r in roots for s in ("", "FashionMNIST/raw"))
+        raise FileNotFoundError(
+            f"Fashion-MNIST {split} files ({image_stem}[.gz]) not found in {looked}; install them with "
+            f"'apt-get install dataset-fashion-mnist', set data.root=DIR to a folder holding the IDX files, "
+            f"or set data.download=true to fetch them with torchvision")
+    images, labels = (read_idx(p) for p in paths)
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"{paths[0]} has {images.shape[0]} images but {paths[1]} has {labels.shape[0]} labels")
+    return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+
+
+def to_resolution(images: Tensor, resolution: int, mode: str) -> Tensor:
+    """28x28 uint8 -> resolution x resolution, by zero padding (background stays black) or bilinear resize."""
+    size = images.shape[-1]
+    if resolution == size:
+        return images
+    if mode == "pad":
+        if resolution < size or (resolution - size) % 2:
+            raise ValueError(f"data.resize=pad needs an even resolution >= {size}, got {resolution}")
+        p = (resolution - size) // 2
+        return F.pad(images, (p, p, p, p))
+    if mode == "resize":
+        out = F.interpolate(images.float(), size=(resolution, resolution), mode="bilinear", antialias=True,
+                            align_corners=False)
+        return out.round().clamp(0, 255).to(torch.uint8)
+    raise ValueError(f"unknown data.resize {mode!r}; valid: pad, resize")
+
+
+class FashionMNISTDataModule(InMemoryImageDataModule):
+    """Train on the 60k training images; validate on the first ``val_size`` test images.
+
+    Files come from ``root`` (a folder with the IDX files, gzipped or not), else from the Debian
+    package ``dataset-fashion-mnist``; ``download=true`` fetches them with torchvision.
+    """
+
+    def __init__(self, batch_size: int = 128, resolution: int = 32, resize: str = "pad", root: str | None = None,
+                 download: bool = False, val_size: int = 1000, channels: int = 1, num_classes: int = 10,
+                 num_workers: int = 0, seed: int = 0, val_batch_size: int | None = None):
+        if channels != 1 or num_classes != 10:
+            raise ValueError("Fashion-MNIST has channels=1 and num_classes=10")
+        super().__init__(batch_size, channels, resolution, num_classes, num_workers, seed, val_batch_size)
+        self.root, self.download, self.resize, self.val_size = root, download, resize, val_size
+
+    def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        tr_x, tr_y = load_split("train", self.root, self.download)
+        te_x, te_y = load_split("test", self.root, self.download)
+        te_x, te_y = te_x[: self.val_size], te_y[: self.val_size]
+        return to_resolution(tr_x, self.resolution, self.resize), tr_y, to_resolution(te_x, self.resolution,
+                                                                                          self.resize), te_y

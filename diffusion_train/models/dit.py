@@ -1,0 +1,145 @@
+"""Diffusion Transformer (DiT) with adaLN-Zero conditioning."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from diffusion_train.conditioning.cond import Cond
+from diffusion_train.models.layers import Attention, CondEmbedder, sincos_pos_embed_2d
+
+DIT_SIZES: dict[str, dict[str, int]] = {
+    "S": dict(hidden_size=384, depth=12, num_heads=6),
+    "B": dict(hidden_size=768, depth=12, num_heads=12),
+    "L": dict(hidden_size=1024, depth=24, num_heads=16),
+    "XL": dict(hidden_size=1152, depth=28, num_heads=16),
+}
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """Per-sample affine modulation of (B, N, C) tokens by (B, 1, C) shift and scale."""
+    return x * (1 + scale) + shift
+
+
+class DiTBlock(nn.Module):
+    """Transformer block whose norms are modulated (shift/scale/gate) by the conditioning."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        mlp_hidden = int(hidden_size * mlp_ratio)
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden_size, mlp_hidden), nn.GELU(approximate="tanh"), nn.Linear(mlp_hidden, hidden_size)
+        )
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        """x: (B, N, C) tokens, c: (B, C) conditioning embedding."""
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).unsqueeze(1).chunk(6, dim=-1)
+        x = x + gate_a * self.attn(modulate(self.norm1(x), shift_a, scale_a))
+        return x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm followed by a projection to patch pixels."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        """(B, N, C) tokens -> (B, N, patch*patch*out_channels)."""
+        shift, scale = self.adaLN_modulation(c).unsqueeze(1).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Diffusion Transformer operating on square (B, C, input_size, input_size) inputs.
+
+    ``size`` picks hidden_size/depth/num_heads from :data:`DIT_SIZES`; any of those given
+    explicitly overrides the preset (with ``size=None`` all three must be given).
+    ``cond_dim > 0`` adds a projection of ``cond.vector`` to the timestep embedding.
+    An untrained model outputs exactly zeros (adaLN-Zero and zero-initialised output layer).
+    """
+
+    def __init__(
+        self,
+        *,
+        input_size: int,
+        in_channels: int,
+        size: str | None = "S",
+        patch_size: int = 2,
+        hidden_size: int | None = None,
+        depth: int | None = None,
+        num_heads: int | None = None,
+        mlp_ratio: float = 4.0,
+        cond_dim: int = 0,
+        out_channels: int | None = None,
+    ) -> None:
+        super().__init__()
+        preset: dict[str, int] = {}
+        if size is not None:
+            if size not in DIT_SIZES:
+                raise ValueError(f"unknown DiT size {size!r}; valid sizes: {sorted(DIT_SIZES)} (or None)")
+            preset = DIT_SIZES[size]
+        given = dict(hidden_size=hidden_size, depth=depth, num_heads=num_heads)
+        arch = {k: v if v is not None else preset.get(k) for k, v in given.items()}
+        missing = [k for k, v in arch.items() if v is None]
+        if missing:
+            raise ValueError(f"DiT with size=None needs explicit {', '.join(missing)}")
+        hidden_size, depth, num_heads = arch["hidden_size"], arch["depth"], arch["num_heads"]
+        if input_size % patch_size:
+            raise ValueError(f"input_size={input_size} is not divisible by patch_size={patch_size}")
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
+
+        self.input_size = input_size
+        self.in_channels = in_channels
+        self.out_channels = out_channels if out_channels is not None else in_channels
+        self.patch_size = patch_size
+        self.hidden_size = hidden_size
+        self.grid_size = input_size // patch_size
+
+        self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        self.cond_embedder = CondEmbedder(hidden_size, cond_dim)
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid_size)[None], persistent=False)
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        w = self.x_embedder.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        for i in (0, 2):
+            nn.init.normal_(self.cond_embedder.t_embedder.mlp[i].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def unpatchify(self, x: Tensor) -> Tensor:
+        """(B, T, p*p*C) tokens -> (B, C, H, W) image."""
+        b, g, p, c = x.shape[0], self.grid_size, self.patch_size, self.out_channels
+        x = x.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(b, c, g * p, g * p)
+
+    def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
+        """Predict (B, out_channels, H, W) from noisy x (B, in_channels, H, W) and timesteps t (B,)."""
+        if x.shape[-2:] != (self.input_size, self.input_size):
+            raise ValueError(f"DiT built for {self.input_size}x{self.input_size} inputs, got {tuple(x.shape[-2:])}")
+        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)
+        c = self.cond_embedder(t, cond)
+        for block in self.blocks:
+            h = block(h, c)
+        return self.unpatchify(self.final_layer(h, c))

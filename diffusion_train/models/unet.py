@@ -1,0 +1,193 @@
+"""ADM-style U-Net with scale-shift timestep conditioning and self-attention."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffusion_train.conditioning.cond import Cond
+from diffusion_train.models.layers import Attention, CondEmbedder
+
+
+def group_norm(channels: int, num_groups: int) -> nn.GroupNorm:
+    """GroupNorm with the largest group count <= ``num_groups`` that divides ``channels``."""
+    groups = max(g for g in range(1, min(num_groups, channels) + 1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-Conv, scale-shift embedding injection, SiLU-dropout-zero Conv, residual."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, num_groups: int) -> None:
+        super().__init__()
+        self.norm1 = group_norm(in_ch, num_groups)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * out_ch))
+        self.norm2 = group_norm(out_ch, num_groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        """x: (B, in_ch, H, W), emb: (B, emb_dim) -> (B, out_ch, H, W)."""
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb_proj(emb)[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """GroupNorm then self-attention over the H*W positions, added residually.
+
+    The attention's output projection is zero-initialised, so the block starts as identity.
+    """
+
+    def __init__(self, channels: int, num_heads: int, num_groups: int) -> None:
+        super().__init__()
+        self.norm = group_norm(channels, num_groups)
+        self.attn = Attention(channels, num_heads)
+        nn.init.zeros_(self.attn.proj.weight)
+        nn.init.zeros_(self.attn.proj.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, C, H, W)."""
+        b, c, height, width = x.shape
+        tokens = self.norm(x).reshape(b, c, height * width).transpose(1, 2)
+        out = self.attn(tokens).transpose(1, 2).reshape(b, c, height, width)
+        return x + out
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 convolution."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 upsampling followed by a 3x3 convolution."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class EmbedSequential(nn.Sequential):
+    """Sequential that hands the embedding to the ResBlocks it contains."""
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:  # type: ignore[override]
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    """ADM-style U-Net for square (B, in_channels, input_size, input_size) inputs.
+
+    Each level ``i`` has ``model_channels * channel_mult[i]`` channels and ``num_res_blocks``
+    ResBlocks in the encoder (``num_res_blocks + 1`` in the decoder, which consumes the
+    concatenated skips); levels except the last are followed by a 2x down/upsampling.
+    Self-attention with ``num_heads`` heads follows every ResBlock of a level whose feature
+    map resolution is in ``attention_resolutions`` and always sits in the middle block.
+    The timestep (and ``cond.vector`` if ``cond_dim > 0``) embedding is 4*model_channels wide.
+    An untrained model outputs exactly zeros (zero-initialised output convolution).
+    """
+
+    def __init__(
+        self,
+        *,
+        input_size: int,
+        in_channels: int,
+        model_channels: int = 64,
+        channel_mult: Sequence[int] = (1, 2, 2),
+        num_res_blocks: int = 2,
+        attention_resolutions: Sequence[int] = (16,),
+        num_heads: int = 4,
+        dropout: float = 0.0,
+        cond_dim: int = 0,
+        out_channels: int | None = None,
+        num_groups: int = 32,
+    ) -> None:
+        super().__init__()
+        channel_mult = list(channel_mult)
+        attention_resolutions = list(attention_resolutions)
+        factor = 2 ** (len(channel_mult) - 1)
+        if input_size % factor:
+            raise ValueError(
+                f"input_size={input_size} must be divisible by {factor} (2**(len(channel_mult)-1), "
+                f"channel_mult={channel_mult})"
+            )
+        self.input_size, self.in_channels = input_size, in_channels
+        self.out_channels = out_channels if out_channels is not None else in_channels
+        emb_dim = 4 * model_channels
+        self.cond_embedder = CondEmbedder(emb_dim, cond_dim)
+
+        def res(cin: int, cout: int) -> ResBlock:
+            return ResBlock(cin, cout, emb_dim, dropout, num_groups)
+
+        def attn(ch: int) -> AttentionBlock:
+            return AttentionBlock(ch, num_heads, num_groups)
+
+        ch = model_channels
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        skip_channels = [ch]
+        resolution = input_size
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers: list[nn.Module] = [res(ch, model_channels * mult)]
+                ch = model_channels * mult
+                if resolution in attention_resolutions:
+                    layers.append(attn(ch))
+                self.down.append(EmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != len(channel_mult) - 1:
+                self.down.append(EmbedSequential(Downsample(ch)))
+                skip_channels.append(ch)
+                resolution //= 2
+
+        self.middle = EmbedSequential(res(ch, ch), attn(ch), res(ch, ch))
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                layers = [res(ch + skip_channels.pop(), model_channels * mult)]
+                ch = model_channels * mult
+                if resolution in attention_resolutions:
+                    layers.append(attn(ch))
+                if level != 0 and i == num_res_blocks:
+                    layers.append(Upsample(ch))
+                    resolution *= 2
+                self.up.append(EmbedSequential(*layers))
+
+        self.out = nn.Sequential(group_norm(ch, num_groups), nn.SiLU(), nn.Conv2d(ch, self.out_channels, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
+        """Predict (B, out_channels, H, W) from noisy x (B, in_channels, H, W) and timesteps t (B,)."""
+        if x.shape[-2:] != (self.input_size, self.input_size):
+            raise ValueError(f"UNet built for {self.input_size}x{self.input_size} inputs, got {tuple(x.shape[-2:])}")
+        emb = self.cond_embedder(t, cond)
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down:
+            h = block(h, emb)
+            skips.append(h)
+        h = self.middle(h, emb)
+        for block in self.up:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.out(h)

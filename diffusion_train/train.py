@@ -1,0 +1,97 @@
+"""``diffusion-train``: compose the config, build the parts, fit; relaunching resumes."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion_train.training import AtomicCheckpointIO, DiffusionModule, NonFiniteLossError
+from diffusion_train.training.checkpointing import last_checkpoint, load_checkpoint
+from diffusion_train.training.ema import find_ema
+from diffusion_train.training.export import export_weights
+from diffusion_train.training.loggers import ResumableCSVLogger
+from diffusion_train.training.run_dir import (
+    ResumeMismatchError,
+    check_resumable,
+    resolved,
+    run_info,
+    write_run_files,
+)
+
+log = logging.getLogger("diffusion_train")
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+USER_ERRORS = (ResumeMismatchError, NonFiniteLossError, FileNotFoundError)
+
+
+def build_module(cfg: DictConfig) -> DiffusionModule:
+    """Backbone + conditioner + objective + optimizer factory, as the config names them."""
+    conditioner = instantiate(cfg.conditioning, _convert_="all")
+    backbone = instantiate(cfg.model, cond_dim=conditioner.vector_dim, _convert_="all")
+    objective = instantiate(cfg.diffusion, _convert_="all")
+    return DiffusionModule(backbone, conditioner, objective, optimizer=instantiate(cfg.optim, _convert_="all"),
+                           lr_schedule=instantiate(cfg.lr_schedule, _convert_="all") if cfg.get("lr_schedule") else None,
+                           seed=cfg.seed, **cfg.training)
+
+
+def _instantiate_all(node: DictConfig | None) -> list:
+    return [instantiate(c, _convert_="all") for c in (node or {}).values() if c is not None]
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
+    """Trains in ``run_dir``, resuming from ``run_dir/checkpoints/last.ckpt`` when it exists."""
+    run_dir = Path(run_dir)
+    config = resolved(cfg)  # fails on a missing value before any work starts
+    ckpt = check_resumable(run_dir, config)  # refuses another model's checkpoint, changes nothing
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    datamodule = instantiate(cfg.data, _convert_="all")
+    module = build_module(cfg)
+    callbacks = _instantiate_all(cfg.callbacks)
+    loggers = _instantiate_all(cfg.logger)
+    resume_step = int(load_checkpoint(ckpt)["global_step"]) if ckpt else None
+    for lg in loggers:
+        if isinstance(lg, ResumableCSVLogger):
+            lg._resume_step = resume_step
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                     plugins=[AtomicCheckpointIO()], use_distributed_sampler=False)
+
+    global_batch = datamodule.batch_size * trainer.world_size * module.accumulate_grad_batches
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    module.run_info = run_info(config, overrides, trainer.world_size, global_batch)
+    if trainer.global_rank == 0:
+        write_run_files(run_dir, module.run_info)
+        log.info("run dir %s, %s, global batch %d", run_dir, f"resuming {ckpt}" if ckpt else "fresh run", global_batch)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if trainer.state.finished and not trainer.interrupted:
+        if last_checkpoint(run_dir) is None or load_checkpoint(last)["global_step"] != trainer.global_step:
+            trainer.save_checkpoint(last)
+        if trainer.global_rank == 0:
+            export_weights(module, find_ema(trainer), run_dir / "weights",
+                           {"global_step": trainer.global_step, "config": config})
+    return trainer
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> None:
+    try:
+        train(cfg, cfg.run_dir)
+    except USER_ERRORS as e:
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

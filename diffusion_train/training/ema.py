@@ -1,0 +1,118 @@
+"""Exponential moving averages of the trainable weights, several decays at once, in fp32."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+
+class EMA(L.Callback):
+    """Keeps fp32 EMA copies of every trainable parameter of the LightningModule.
+
+    After each optimizer step n (counting from 1), for each decay d:
+        ema <- ema + (1 - d_n) * (param - ema),   d_n = min(d, (1 + n) / (10 + n)) with ``warmup``
+    (the warm-up keeps early averages from being dominated by the random init), else d_n = d.
+    Updates use ``torch._foreach_lerp_`` over all tensors at once, every ``update_every`` steps.
+
+    The averages live in ``checkpoint["ema"]`` = {"decays", "num_updates", "weights": {str(decay): {name:
+    tensor}}}, next to (never instead of) the raw weights in ``checkpoint["state_dict"]``.
+    ``sample_decay`` (default: the first decay) is the average used for sample grids and export.
+    """
+
+    def __init__(self, decays: Sequence[float] = (0.9999,), warmup: bool = True, update_every: int = 1,
+                 sample_decay: float | None = None):
+        super().__init__()
+        self.decays = [float(d) for d in decays]
+        if not self.decays or not all(0.0 < d < 1.0 for d in self.decays):
+            raise ValueError(f"callbacks.ema.decays must be a non-empty list of values in (0, 1), got {decays}")
+        self.sample_decay = float(sample_decay) if sample_decay is not None else self.decays[0]
+        if self.sample_decay not in self.decays:
+            raise ValueError(f"callbacks.ema.sample_decay {sample_decay} is not one of decays {self.decays}")
+        self.warmup, self.update_every = warmup, int(update_every)
+        self.num_updates = 0
+        self.names: list[str] = []
+        self.weights: dict[float, list[Tensor]] = {}
+        self._loaded: dict | None = None
+        self._last_step = -1
+
+    @staticmethod
+    def _named_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+
+    def decay_at(self, decay: float, n: int) -> float:
+        return min(decay, (1 + n) / (10 + n)) if self.warmup else decay
+
+    def _init(self, module: nn.Module) -> None:
+        named = self._named_params(module)
+        self.names = [n for n, _ in named]
+        if self._loaded is not None:
+            state, self._loaded = self._loaded, None
+            missing = [n for n in self.names if n not in state["weights"].get(str(self.decays[0]), {})]
+            if missing or [float(d) for d in state["decays"]] != self.decays:
+                raise ValueError(f"checkpoint EMA (decays {state['decays']}) does not match this run "
+                                 f"(decays {self.decays}, missing {missing[:3]})")
+            self.num_updates = int(state["num_updates"])
+            self.weights = {d: [state["weights"][str(d)][n].to(p.device, torch.float32) for n, p in named]
+                            for d in self.decays}
+        else:
+            self.weights = {d: [p.detach().float().clone() for _, p in named] for d in self.decays}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        if not self.weights:
+            self._init(module)
+        params = [p.detach().float() if p.dtype != torch.float32 else p.detach() for _, p in self._named_params(module)]
+        self.num_updates += 1
+        for d, ema in self.weights.items():
+            torch._foreach_lerp_(ema, params, 1.0 - self.decay_at(d, self.num_updates))
+
+    # -- Lightning hooks ---------------------------------------------------------------------------
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.weights:
+            self._init(pl_module)
+        self._last_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step != self._last_step:  # an optimizer step happened in this batch
+            self._last_step = step
+            if step % self.update_every == 0:
+                self.update(pl_module)
+
+    def state(self) -> dict:
+        return {"decays": self.decays, "num_updates": self.num_updates,
+                "weights": {str(d): {n: w.detach().cpu() for n, w in zip(self.names, ws)}
+                            for d, ws in self.weights.items()}}
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if self.weights:
+            checkpoint["ema"] = self.state()
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if "ema" in checkpoint:
+            self._loaded, self.weights = checkpoint["ema"], {}
+
+    # -- using the averages ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def swapped(self, module: nn.Module, decay: float | None = None) -> Iterator[None]:
+        """Temporarily loads the EMA weights of ``decay`` into ``module`` (raw weights restored after)."""
+        if not self.weights:
+            self._init(module)
+        named = self._named_params(module)
+        backup = [p.detach().clone() for _, p in named]
+        with torch.no_grad():
+            torch._foreach_copy_([p for _, p in named], [w.to(p.dtype) for w, (_, p) in
+                                                         zip(self.weights[decay or self.sample_decay], named)])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_([p for _, p in named], backup)
+
+
+def find_ema(trainer: L.Trainer) -> EMA | None:
+    return next((c for c in trainer.callbacks if isinstance(c, EMA)), None)

@@ -1,0 +1,35 @@
+"""Weights export as safetensors: raw and each EMA under explicit file names."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from diffusion_train.training.ema import EMA
+
+
+def export_weights(module: nn.Module, ema: EMA | None, out_dir: str | Path, metadata: dict | None = None) -> list[Path]:
+    """Writes ``raw.safetensors`` (the module's state dict) and ``ema_<decay>.safetensors`` (the same
+    state dict with each EMA average in place of the trained parameters)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt", "diffusion_train": json.dumps(metadata or {}, default=str)}
+    raw = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    written = [_save(raw, out_dir / "raw.safetensors", meta)]
+    if ema is not None and ema.weights:
+        for decay, weights in ema.weights.items():
+            state = dict(raw)
+            state.update({n: w.detach().cpu().contiguous() for n, w in zip(ema.names, weights)})
+            written.append(_save(state, out_dir / f"ema_{decay}.safetensors", meta))
+    return written
+
+
+def _save(state: dict[str, torch.Tensor], path: Path, meta: dict) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,87 @@
+"""Loggers that continue, rather than restart, when a run resumes."""
+
+from __future__ import annotations
+
+import csv
+import os
+import secrets
+from pathlib import Path
+
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Keeps an existing metrics.csv, dropping rows from ``resume_step`` on (they will be logged again)."""
+
+    def __init__(self, log_dir: str, resume_step: int | None):
+        self._resume_step = resume_step
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:  # the parent deletes metrics.csv here; we keep it
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            keys, rows = list(reader.fieldnames or []), list(reader)
+        if self._resume_step is not None:
+            rows = [r for r in rows if r.get("step") not in (None, "") and int(r["step"]) < self._resume_step]
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.metrics_keys = sorted(keys)
+
+
+class ResumableCSVLogger(CSVLogger):
+    """``<save_dir>/metrics.csv``; on resume, rows up to the resumed step are kept."""
+
+    def __init__(self, save_dir: str, resume_step: int | None = None, flush_logs_every_n_steps: int = 100):
+        super().__init__(save_dir=save_dir, name="", version="", flush_logs_every_n_steps=flush_logs_every_n_steps)
+        self._resume_step = resume_step
+
+    @property
+    def experiment(self):
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(self.log_dir, self._resume_step)
+        return self._experiment
+
+
+def wandb_mode(mode: str) -> str:
+    """``auto`` is online when W&B credentials are configured and WANDB_MODE does not say otherwise."""
+    if mode != "auto":
+        if mode not in ("online", "offline", "disabled"):
+            raise ValueError(f"logger.wandb.mode must be auto, online, offline or disabled, got {mode!r}")
+        return mode
+    env = os.environ.get("WANDB_MODE")
+    if env in ("online", "offline", "disabled"):
+        return env
+    netrc = Path.home() / ".netrc"
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+    return "online" if has_key else "offline"
+
+
+def persistent_run_id(run_dir: str | os.PathLike, filename: str = "wandb_id.txt") -> str:
+    """The W&B run id stored in the run directory (created once, never changed)."""
+    path = Path(run_dir) / filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)
+    with os.fdopen(fd, "w") as f:
+        f.write(run_id + "\n")
+    return run_id
+
+
+def wandb_logger(save_dir: str, name: str, project: str = "diffusion_train", mode: str = "auto",
+                 entity: str | None = None, tags: list[str] | None = None, group: str | None = None) -> WandbLogger:
+    """A W&B logger that always continues the run directory's own W&B run (``resume="allow"``)."""
+    mode = wandb_mode(mode)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return WandbLogger(save_dir=save_dir, name=name, project=project, id=persistent_run_id(save_dir),
+                       resume="allow", offline=mode == "offline", mode=mode, entity=entity,
+                       tags=list(tags or []), group=group)

@@ -1,0 +1,171 @@
+"""The LightningModule: thin glue around backbone + conditioner + objective."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any, Callable
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from diffusion_train.conditioning import Cond, Conditioner
+from diffusion_train.diffusion import GaussianDiffusion, Sampler
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after too many consecutive optimizer steps with a non-finite loss or gradient."""
+
+
+def _numpy_state() -> dict:
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+            "gauss": float(gauss)}
+
+
+def mix_seed(*values: int) -> int:
+    """A well-mixed 63-bit seed from several integers (seed, step, rank, ...)."""
+    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+class DiffusionModule(L.LightningModule):
+    """Trains ``backbone`` with ``objective`` on batches conditioned by ``conditioner``.
+
+    The optimisation step is written out (manual optimisation) so it can stay free of host syncs:
+    a step whose gradient norm is not finite is skipped by the fused optimizer itself (its
+    ``found_inf`` input), counted, and ``max_nonfinite_steps`` skipped steps in a row stop the run
+    (checked every ``trainer.log_every_n_steps`` steps) before any bad update reaches the weights.
+
+    The noise, timesteps and CFG dropout of each micro-batch come from a generator seeded by
+    (seed, step, micro-batch, rank), so a resumed run draws exactly what an uninterrupted one would.
+    """
+
+    def __init__(self, backbone: nn.Module, conditioner: Conditioner, objective: GaussianDiffusion,
+                 optimizer: Callable[..., torch.optim.Optimizer],
+                 lr_schedule: Callable[[torch.optim.Optimizer], Any] | None = None, *,
+                 grad_clip: float | None = 1.0, accumulate_grad_batches: int = 1, max_nonfinite_steps: int = 20,
+                 compile: bool = False, seed: int = 0):
+        super().__init__()
+        self.automatic_optimization = False
+        self.backbone, self.conditioner, self.objective = backbone, conditioner, objective
+        self.optimizer_factory, self.lr_schedule_factory = optimizer, lr_schedule
+        self.grad_clip, self.accumulate_grad_batches = grad_clip, int(accumulate_grad_batches)
+        self.max_nonfinite_steps, self.seed = max_nonfinite_steps, seed
+        # The compiled wrapper is kept outside the module tree, so state dicts never carry `_orig_mod.`.
+        self.__dict__["net"] = torch.compile(backbone) if compile else backbone
+        self.run_info: dict = {}
+        self._micro = 0
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.long), persistent=True)
+        self.register_buffer("nonfinite_streak", torch.zeros((), dtype=torch.long), persistent=False)
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def step_generator(self, *keys: int) -> torch.Generator:
+        g = self._generators.get(self.device)
+        if g is None:
+            g = self._generators[self.device] = torch.Generator(self.device)
+        return g.manual_seed(mix_seed(self.seed, *keys))
+
+    def forward(self, x: Tensor, t: Tensor, cond: Cond | None) -> Tensor:
+        return self.net(x, t, cond)
+
+    # -- training --------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        g = self.step_generator(self.global_step, self._micro, self.global_rank)
+        cond = self.conditioner(batch, generator=g)
+        loss = self.objective.loss(self.net, batch["image"], cond, generator=g).mean()
+        self.manual_backward(loss / self.accumulate_grad_batches)
+        self._micro += 1
+        if self._micro == self.accumulate_grad_batches:
+            self._micro = 0
+            self._optimizer_step()
+        self.log("train/loss", loss.detach(), prog_bar=True)
+        return loss.detach()
+
+    def _optimizer_step(self) -> None:
+        opt = self.optimizers()
+        params = self.trainable_parameters()
+        max_norm = self.grad_clip if self.grad_clip else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        nonfinite = ~torch.isfinite(grad_norm)
+        inner = opt.optimizer
+        if getattr(inner, "_step_supports_amp_scaling", False):
+            inner.found_inf = nonfinite.float()  # the fused kernel skips the update on device
+            opt.step()
+        else:  # other optimizers: one host sync decides; a step without gradients updates nothing
+            if bool(nonfinite):  # but is still counted, so schedules and data stay aligned
+                opt.zero_grad(set_to_none=True)
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        for sched in self._schedulers():
+            sched.step()
+        self.nonfinite_steps += nonfinite.long()
+        self.nonfinite_streak.mul_(nonfinite.long()).add_(nonfinite.long())
+        self.log_dict({"train/grad_norm": grad_norm.detach(), "train/lr": inner.param_groups[0]["lr"],
+                       "train/nonfinite_steps": self.nonfinite_steps.float()})
+        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            streak = int(self.nonfinite_streak)
+            if streak >= self.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{streak} optimizer steps in a row had a non-finite loss or gradient (step "
+                    f"{self.global_step}); stopping with the last checkpoint intact. Lower optim.lr, "
+                    f"check the data, or raise training.max_nonfinite_steps")
+
+    def _schedulers(self) -> list:
+        scheds = self.lr_schedulers()
+        return [] if scheds is None else scheds if isinstance(scheds, list) else [scheds]
+
+    def configure_optimizers(self):
+        opt = self.optimizer_factory(self.trainable_parameters())
+        if self.lr_schedule_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_schedule_factory(opt), "interval": "step"}}
+
+    # -- validation: fixed noise and stratified timesteps, so the number is comparable across steps --
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        x0 = batch["image"]
+        b, T = x0.shape[0], self.objective.schedule.num_timesteps
+        g = self.step_generator(10**9, batch_idx, self.global_rank)
+        t = ((torch.arange(b, device=self.device) + 0.5) / b * T).long().clamp(max=T - 1)
+        noise = torch.randn(x0.shape, generator=g, device=self.device)
+        loss = self.objective.loss(self.net, x0, self.conditioner(batch), t=t, noise=noise).mean()
+        self.log("val/loss", loss, sync_dist=True, batch_size=b)
+
+    # -- sampling --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, noise: Tensor, cond_inputs: dict, sampler: Sampler, guidance_scale: float = 1.0,
+               generator=None, progress: bool = False) -> Tensor:
+        """Images in [-1, 1] from ``noise`` for the conditioning inputs (e.g. ``{"label": ...}``)."""
+        was_training = self.training
+        self.eval()
+        try:
+            cond = self.conditioner(cond_inputs)
+            uncond = self.conditioner.uncond(noise.shape[0]) if guidance_scale != 1.0 else None
+            denoiser = self.objective.denoiser(self.net)
+            x = sampler(denoiser, noise.to(self.device), cond, uncond=uncond, guidance_scale=guidance_scale,
+                        generator=generator, progress=progress)
+        finally:
+            self.train(was_training)
+        return x.clamp(-1, 1)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["diffusion_train"] = self.run_info
+        checkpoint["rng"] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+                             "numpy": _numpy_state(),
+                             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rng = checkpoint.get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            random.setstate((3, tuple(rng["python"]), None))
+            np.random.set_state(("MT19937", rng["numpy"]["keys"].numpy().astype(np.uint32), rng["numpy"]["pos"],
+                                 rng["numpy"]["has_gauss"], rng["numpy"]["gauss"]))
+            if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(rng["cuda"])

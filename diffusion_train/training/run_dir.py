@@ -1,0 +1,86 @@
+"""The run directory: its files, its identity and whether a checkpoint in it may be resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion_train.training.checkpointing import last_checkpoint, load_checkpoint
+
+# Config groups that define the network's weights: a checkpoint only resumes under the same values.
+MODEL_KEYS = ("model", "conditioning", "diffusion")
+
+
+class ResumeMismatchError(ValueError):
+    """The run directory holds a checkpoint of a different model."""
+
+
+def git_sha(path: str | os.PathLike | None = None) -> str | None:
+    cwd = Path(path or __file__).resolve()
+    cwd = cwd if cwd.is_dir() else cwd.parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def resolved(cfg: DictConfig) -> dict:
+    """The fully resolved config as plain containers; a missing value fails here, naming its key."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+def model_signature(config: dict) -> dict:
+    return {k: config.get(k) for k in MODEL_KEYS}
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _diff(a.get(k, "<absent>"), b.get(k, "<absent>"), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [] if a == b else [f"{prefix}: checkpoint has {a!r}, config has {b!r}"]
+
+
+def check_resumable(run_dir: str | os.PathLike, config: dict) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run); refuses a checkpoint of another model."""
+    ckpt = last_checkpoint(run_dir)
+    if ckpt is None:
+        return None
+    saved = load_checkpoint(ckpt).get("diffusion_train", {}).get("config")
+    if saved is None:
+        raise ResumeMismatchError(f"{ckpt} was not written by diffusion_train (no run metadata); refusing to resume")
+    diffs = _diff(model_signature(saved), model_signature(config))
+    if diffs:
+        shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+        raise ResumeMismatchError(
+            f"refusing to resume {ckpt}: it belongs to a different model config ({shown}). Nothing was "
+            f"changed; choose another run_name (or hydra.run.dir) for a new run")
+    return ckpt
+
+
+def run_info(config: dict, overrides: list[str], world_size: int, global_batch: int) -> dict:
+    return {"config": config, "overrides": list(overrides), "git_sha": git_sha(), "world_size": int(world_size),
+            "global_batch": int(global_batch), "torch": str(torch.__version__), "python": sys.version.split()[0]}
+
+
+def write_run_files(run_dir: str | os.PathLike, info: dict) -> None:
+    """config.yaml (resolved), overrides.yaml and run.json, each written atomically."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    files = {"config.yaml": yaml.safe_dump(info["config"], sort_keys=False),
+             "overrides.yaml": yaml.safe_dump(info["overrides"]),
+             "run.json": json.dumps({k: v for k, v in info.items() if k != "config"}, indent=2)}
+    for name, text in files.items():
+        tmp = run_dir / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(run_dir / name)

@@ -1,0 +1,69 @@
+"""Sample grids during training: fixed noise and labels, so grids are comparable across steps."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from diffusion_train.diffusion import Sampler, per_image_generators, randn
+from diffusion_train.training.ema import find_ema
+from diffusion_train.training.images import save_grid
+
+
+class SampleGrid(L.Callback):
+    """Every ``every_n_steps`` optimizer steps and at the end of training, samples a grid with the
+    EMA weights (``sample_decay`` of the EMA callback; raw weights if there is no EMA callback).
+
+    Class-conditional models get one row per class (``per_class`` columns); unconditional ones
+    ``rows`` x ``per_class``. Image i always starts from the noise of seed ``seed + i``.
+    Every rank samples (no rank waits for another); rank 0 writes ``<dirpath>/step_XXXXXXX.png``
+    and logs the grid to every logger that can show images.
+    """
+
+    def __init__(self, sampler: Sampler, dirpath: str, every_n_steps: int = 1000, per_class: int = 8,
+                 rows: int = 4, guidance_scale: float = 1.0, seed: int = 0, label_key: str = "label"):
+        super().__init__()
+        self.sampler, self.dirpath, self.every_n_steps = sampler, Path(dirpath), int(every_n_steps)
+        self.per_class, self.rows, self.guidance_scale = per_class, rows, float(guidance_scale)
+        self.seed, self.label_key = seed, label_key
+        self._last_step = -1
+
+    def cond_inputs(self, pl_module) -> tuple[int, dict]:
+        embedders = getattr(pl_module.conditioner, "embedders", {})
+        classes = next((e.num_classes for e in embedders.values() if getattr(e, "input_key", None) == self.label_key),
+                       None)
+        if classes is None:
+            return self.rows * self.per_class, {}
+        labels = torch.arange(classes).repeat_interleave(self.per_class)
+        return len(labels), {self.label_key: labels}
+
+    @torch.no_grad()
+    def render(self, trainer: L.Trainer, pl_module) -> Path | None:
+        n, inputs = self.cond_inputs(pl_module)
+        shape = (n, pl_module.backbone.in_channels, pl_module.backbone.input_size, pl_module.backbone.input_size)
+        gens = per_image_generators([self.seed + i for i in range(n)])
+        noise = randn(shape, gens)
+        ema = find_ema(trainer)
+        swap = ema.swapped(pl_module) if ema is not None else contextlib.nullcontext()
+        with swap, trainer.precision_plugin.forward_context():
+            images = pl_module.sample(noise, inputs, self.sampler, self.guidance_scale, generator=gens)
+        self._last_step = trainer.global_step
+        if trainer.global_rank != 0:
+            return None
+        path = save_grid(images, self.dirpath / f"step_{trainer.global_step:07d}.png", ncol=self.per_class)
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key="samples", images=[str(path)], step=trainer.global_step)
+        return path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.render(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step != self._last_step:
+            self.render(trainer, pl_module)

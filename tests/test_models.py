@@ -1,0 +1,173 @@
+"""Tests for the DiT and U-Net backbones (tiny models, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from diffusion_train.conditioning.cond import Cond
+from diffusion_train.models import DiT, UNet
+from diffusion_train.models.dit import DIT_SIZES
+from diffusion_train.models.layers import Attention, sincos_pos_embed_2d, timestep_embedding
+
+
+def tiny_dit(**kw) -> DiT:
+    cfg = dict(input_size=8, in_channels=3, size=None, hidden_size=32, depth=2, num_heads=4)
+    return DiT(**{**cfg, **kw})
+
+
+def tiny_unet(**kw) -> UNet:
+    cfg = dict(input_size=8, in_channels=3, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+               attention_resolutions=(4,), num_heads=2)
+    return UNet(**{**cfg, **kw})
+
+
+def perturb(model: nn.Module) -> nn.Module:
+    """Move every parameter away from its (possibly zero) initialisation."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def inputs(batch: int = 2, channels: int = 3, size: int = 8, cond_dim: int = 0):
+    torch.manual_seed(0)
+    x = torch.randn(batch, channels, size, size)
+    t = torch.rand(batch) * 1000
+    cond = Cond(vector=torch.randn(batch, cond_dim)) if cond_dim else None
+    return x, t, cond
+
+
+FACTORIES = {"dit": tiny_dit, "unet": tiny_unet}
+CONFIGS = [
+    dict(),
+    dict(out_channels=6),
+    dict(cond_dim=5),
+    dict(cond_dim=5, out_channels=1),
+]
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_output_shape_and_zero_init(name, cfg):
+    model = FACTORIES[name](**cfg)
+    x, t, cond = inputs(cond_dim=cfg.get("cond_dim", 0))
+    out = model(x, t, cond)
+    assert out.shape == (2, cfg.get("out_channels", 3), 8, 8)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize(
+    "model",
+    [lambda: tiny_dit(input_size=16, patch_size=4, in_channels=4, out_channels=8),
+     lambda: tiny_unet(input_size=16, in_channels=4, out_channels=8, channel_mult=[1, 2, 2])],
+)
+def test_output_shape_other_configs(model):
+    model = perturb(model())
+    x, t, _ = inputs(channels=4, size=16)
+    assert model(x, t).shape == (2, 8, 16, 16)
+    assert model(x.to(memory_format=torch.channels_last), t).shape == (2, 8, 16, 16)
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+def test_output_depends_on_t_and_cond(name):
+    model = perturb(FACTORIES[name](cond_dim=5)).eval()
+    x, t, cond = inputs(cond_dim=5)
+    out = model(x, t, cond)
+    assert out.abs().max() > 0
+    assert not torch.allclose(out, model(x, t + 100, cond))
+    assert not torch.allclose(out, model(x, t, Cond(vector=cond.vector + 1)))
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+def test_gradients_reach_every_parameter(name):
+    model = perturb(FACTORIES[name](cond_dim=5))
+    x, t, cond = inputs(cond_dim=5)
+    loss = (model(x, t, cond) * torch.randn(2, 3, 8, 8)).sum()
+    loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, pname
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+def test_batch_independence(name):
+    model = perturb(FACTORIES[name](cond_dim=5)).eval()
+    x, t, cond = inputs(batch=3, cond_dim=5)
+    with torch.no_grad():
+        batched = model(x, t, cond)
+        single = model(x[1:2], t[1:2], cond[1:2])
+    torch.testing.assert_close(batched[1:2], single, atol=1e-5, rtol=1e-4)
+
+
+def expected_dit_params(hidden: int, depth: int, patch: int, cin: int, cout: int, mlp_ratio: float = 4.0) -> int:
+    """Parameter count of the DiT architecture, from its layer shapes."""
+    mlp = int(hidden * mlp_ratio)
+    linear = lambda i, o: i * o + o  # noqa: E731
+    embed = cin * patch * patch * hidden + hidden + linear(256, hidden) + linear(hidden, hidden)
+    block = linear(hidden, 3 * hidden) + linear(hidden, hidden) + linear(hidden, mlp) + linear(mlp, hidden)
+    block += linear(hidden, 6 * hidden)
+    final = linear(hidden, 2 * hidden) + linear(hidden, patch * patch * cout)
+    return embed + depth * block + final
+
+
+def test_dit_size_preset_param_count():
+    model = DiT(input_size=32, in_channels=4, size="S", patch_size=2)
+    s = DIT_SIZES["S"]
+    n = sum(p.numel() for p in model.parameters())
+    assert n == expected_dit_params(s["hidden_size"], s["depth"], 2, 4, 4)
+    # DiT-S/2 (8 output channels, 1000+1 class table, learned pos-embed counted) is quoted as 33.0M.
+    reference = expected_dit_params(384, 12, 2, 4, 8) + 1001 * 384 + 256 * 384
+    assert abs(reference - 33.0e6) / 33.0e6 < 0.01
+
+
+def test_dit_size_overrides_and_pos_embed_buffer():
+    model = DiT(input_size=8, in_channels=3, size="S", depth=1)
+    assert model.hidden_size == 384 and len(model.blocks) == 1
+    assert "pos_embed" not in model.state_dict()
+    assert all(p is not model.pos_embed for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: DiT(input_size=8, in_channels=3, size="M"), r"unknown DiT size 'M'.*'XL'"),
+        (lambda: DiT(input_size=8, in_channels=3, size=None, hidden_size=32), r"depth, num_heads"),
+        (lambda: tiny_dit(input_size=10, patch_size=4), r"input_size=10.*patch_size=4"),
+        (lambda: tiny_dit(num_heads=5), r"hidden_size=32.*num_heads=5"),
+        (lambda: tiny_unet(input_size=10, channel_mult=(1, 2, 2)), r"input_size=10.*divisible by 4"),
+    ],
+)
+def test_constructor_errors(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+def test_missing_cond_vector_raises(name):
+    model = FACTORIES[name](cond_dim=5)
+    x, t, _ = inputs()
+    with pytest.raises(ValueError, match=r"cond_dim=5.*cond=None"):
+        model(x, t)
+    with pytest.raises(ValueError, match=r"cond.vector=None"):
+        model(x, t, Cond())
+
+
+def test_unet_small_group_norm_and_list_config():
+    model = tiny_unet(model_channels=12, channel_mult=[1, 2], attention_resolutions=[8, 4])
+    norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    assert {m.num_channels: m.num_groups for m in norms}[12] == 12
+    assert sum(isinstance(m, Attention) for m in model.modules()) == 2 + 1 + 4  # encoder, middle, decoder
+    x, t, _ = inputs()
+    assert model(x, t).shape == (2, 3, 8, 8)
+
+
+def test_timestep_and_pos_embeddings():
+    t = torch.tensor([0.0, 1.5, 999.0])
+    emb = timestep_embedding(t, 7)
+    assert emb.shape == (3, 7) and emb.dtype == torch.float32
+    assert torch.equal(emb[0, :3], torch.ones(3)) and torch.equal(emb[:, -1], torch.zeros(3))
+    pos = sincos_pos_embed_2d(16, 4)
+    assert pos.shape == (16, 16)
+    assert len({tuple(row.tolist()) for row in pos}) == 16
