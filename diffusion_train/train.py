@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -11,9 +12,10 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from diffusion_train.training import AtomicCheckpointIO, DiffusionModule, NonFiniteLossError
+from diffusion_train.training import AtomicCheckpointIO, NonFiniteLossError
+from diffusion_train.training.build import build_module
 from diffusion_train.training.checkpointing import last_checkpoint, load_checkpoint
 from diffusion_train.training.ema import find_ema
 from diffusion_train.training.export import export_weights
@@ -29,16 +31,14 @@ from diffusion_train.training.run_dir import (
 log = logging.getLogger("diffusion_train")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 USER_ERRORS = (ResumeMismatchError, NonFiniteLossError, FileNotFoundError)
+# Warnings that say nothing about this run: checkpoints are taken after the optimizer step on purpose.
+KNOWN_NOISE = (".*ModelCheckpoint with manual optimization.*", ".*isinstance.treespec, LeafSpec.*",
+               ".*does not have many workers.*", ".*The anonymous setting has no effect.*")
 
 
-def build_module(cfg: DictConfig) -> DiffusionModule:
-    """Backbone + conditioner + objective + optimizer factory, as the config names them."""
-    conditioner = instantiate(cfg.conditioning, _convert_="all")
-    backbone = instantiate(cfg.model, cond_dim=conditioner.vector_dim, _convert_="all")
-    objective = instantiate(cfg.diffusion, _convert_="all")
-    return DiffusionModule(backbone, conditioner, objective, optimizer=instantiate(cfg.optim, _convert_="all"),
-                           lr_schedule=instantiate(cfg.lr_schedule, _convert_="all") if cfg.get("lr_schedule") else None,
-                           seed=cfg.seed, **cfg.training)
+def quiet_known_warnings() -> None:
+    for pattern in KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
 
 
 def _instantiate_all(node: DictConfig | None) -> list:
@@ -48,6 +48,7 @@ def _instantiate_all(node: DictConfig | None) -> list:
 def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     """Trains in ``run_dir``, resuming from ``run_dir/checkpoints/last.ckpt`` when it exists."""
     run_dir = Path(run_dir)
+    quiet_known_warnings()
     config = resolved(cfg)  # fails on a missing value before any work starts
     ckpt = check_resumable(run_dir, config)  # refuses another model's checkpoint, changes nothing
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer

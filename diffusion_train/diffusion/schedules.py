@@ -63,7 +63,7 @@ class DiscreteSchedule:
             k = T // num_steps
             ts = torch.arange(0, num_steps) * k
         elif spacing == "trailing":
-            ts = torch.round(torch.arange(T, 0, -T / num_steps)).long() - 1
+            ts = torch.round(T - torch.arange(num_steps, dtype=torch.float64) * (T / num_steps)).long() - 1
         elif spacing == "linspace":
             ts = torch.linspace(0, T - 1, num_steps).round().long()
         else:

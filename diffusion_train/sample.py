@@ -1,0 +1,71 @@
+"""``diffusion-sample``: images from a checkpoint, with the EMA weights by default."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from diffusion_train.diffusion import per_image_generators, randn
+from diffusion_train.training.build import load_module
+from diffusion_train.training.images import save_grid
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def class_labels(module, num_images: int, labels) -> dict:
+    """Conditioning inputs for ``num_images`` images: given labels (cycled) or all classes in turn."""
+    embedders = list(module.conditioner.embedders.values())
+    if not embedders:
+        if labels is not None:
+            raise ValueError("labels were given but the model is unconditional")
+        return {}
+    emb = embedders[0]
+    pool = list(labels) if labels is not None else list(range(emb.num_classes))
+    bad = [c for c in pool if not 0 <= int(c) < emb.num_classes]
+    if bad:
+        raise ValueError(f"labels {bad} are outside the model's {emb.num_classes} classes")
+    return {emb.input_key: torch.tensor([int(pool[i % len(pool)]) for i in range(num_images)])}
+
+
+def generate(cfg: DictConfig) -> list[Path]:
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    module = load_module(cfg.ckpt, cfg.weights).to(device)
+    sampler = instantiate(cfg.sampler, _convert_="all")
+    inputs = class_labels(module, cfg.num_images, cfg.labels)
+    net = module.backbone
+    images = []
+    for start in range(0, cfg.num_images, cfg.batch_size):
+        idx = list(range(start, min(start + cfg.batch_size, cfg.num_images)))
+        gens = per_image_generators([cfg.seed + i for i in idx], device)
+        noise = randn((len(idx), net.in_channels, net.input_size, net.input_size), gens, device)
+        batch = {k: v[idx] for k, v in inputs.items()}
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            images.append(module.sample(noise, batch, sampler, cfg.guidance_scale, generator=gens).cpu())
+    images = torch.cat(images)
+    out = Path(cfg.out_dir)
+    paths = [save_grid(images[i:i + 1], out / "images" / f"{cfg.seed + i:06d}.png", ncol=1) for i in range(len(images))]
+    save_grid(images, out / "grid.png", ncol=cfg.ncol)
+    meta = {"ckpt": str(cfg.ckpt), "weights": cfg.weights, "guidance_scale": cfg.guidance_scale, "seed": cfg.seed,
+            "sampler": {"solver": sampler.solver.func.__name__, "steps": sampler.steps, "spacing": sampler.spacing},
+            "labels": inputs[next(iter(inputs))].tolist() if inputs else None}
+    (out / "samples.json").write_text(json.dumps(meta, indent=2))
+    return paths
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")
+def main(cfg: DictConfig) -> None:
+    try:
+        generate(cfg)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Building the DiffusionModule from a config, and rebuilding it from a checkpoint."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion_train.training.checkpointing import load_checkpoint
+from diffusion_train.training.module import DiffusionModule
+
+
+def build_module(cfg: DictConfig) -> DiffusionModule:
+    """Backbone + conditioner + objective + optimizer factory, as the config names them."""
+    conditioner = instantiate(cfg.conditioning, _convert_="all")
+    backbone = instantiate(cfg.model, cond_dim=conditioner.vector_dim, _convert_="all")
+    objective = instantiate(cfg.diffusion, _convert_="all")
+    schedule = instantiate(cfg.lr_schedule, _convert_="all") if cfg.get("lr_schedule") else None
+    return DiffusionModule(backbone, conditioner, objective, optimizer=instantiate(cfg.optim, _convert_="all"),
+                           lr_schedule=schedule, seed=cfg.seed, **cfg.training)
+
+
+def load_module(ckpt_path: str | os.PathLike, weights: str = "ema", map_location="cpu") -> DiffusionModule:
+    """The model of a checkpoint with its raw weights (``weights="raw"``), its sampling EMA
+    (``"ema"``) or the EMA of one decay (``"ema_0.9999"``), in eval mode."""
+    ckpt = load_checkpoint(ckpt_path, map_location)
+    meta = ckpt.get("diffusion_train", {})
+    if "config" not in meta:
+        raise ValueError(f"{ckpt_path} holds no diffusion_train run metadata; cannot rebuild its model")
+    module = build_module(OmegaConf.create(meta["config"]))
+    module.load_state_dict(ckpt["state_dict"])
+    if weights != "raw":
+        ema = ckpt.get("ema")
+        if ema is None:
+            raise ValueError(f"{ckpt_path} holds no EMA weights; use weights=raw")
+        decay = weights.removeprefix("ema").removeprefix("_") or str(_sample_decay(meta["config"], ema))
+        if decay not in ema["weights"]:
+            raise ValueError(f"{ckpt_path} has EMA decays {list(ema['weights'])}, not {decay}")
+        params = dict(module.named_parameters())
+        with torch.no_grad():
+            for name, value in ema["weights"][decay].items():
+                params[name].copy_(value)
+    return module.eval()
+
+
+def _sample_decay(config: dict, ema: dict) -> float:
+    cb = (config.get("callbacks") or {}).get("ema") or {}
+    return cb.get("sample_decay") or ema["decays"][0]

@@ -1,0 +1,37 @@
+"""Shared fixtures: offline environment, Hydra compose, tiny training configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+# A fast training setup on synthetic data: tiny model, no sample grids, csv logging only.
+TINY = [
+    "data=synthetic", "model=unet_tiny", "trainer=cpu", "logger=csv",
+    "trainer.max_steps=4", "trainer.log_every_n_steps=1", "trainer.val_check_interval=2",
+    "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+    "callbacks.sample_grid.every_n_steps=1000", "callbacks.checkpoint.every_n_train_steps=2",
+    "sampler.steps=2", "lr_schedule.warmup_steps=0",
+]
+
+
+def compose_train(overrides: list[str], run_dir: Path | None = None):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides=list(overrides) + ([f"run_dir={run_dir}"] if run_dir else []))
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    def make(*overrides: str, run_dir: Path | None = None):
+        return compose_train(TINY + list(overrides), run_dir or tmp_path / "run")
+
+    return make

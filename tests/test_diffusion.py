@@ -1,0 +1,498 @@
+"""Tests for the diffusion math: schedules, parameterizations, the objective, samplers and guidance.
+
+Expectations are computed independently (numpy float64 references, closed forms, and a 1-D
+Gaussian data distribution whose exact denoiser E[x0 | x_t] is known in closed form).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion_train.conditioning.cond import Cond
+from diffusion_train.diffusion import parameterization as param
+from diffusion_train.diffusion.guidance import CFGDenoiser
+from diffusion_train.diffusion.objective import GaussianDiffusion
+from diffusion_train.diffusion.samplers import Sampler, ddim, ddpm, per_image_generators, randn
+from diffusion_train.diffusion.schedules import (
+    CosineSchedule,
+    DiscreteSchedule,
+    LinearSchedule,
+    ScaledLinearSchedule,
+)
+
+T = 1000
+
+
+def np_linear_ac(n=T, b0=1e-4, b1=0.02):
+    return np.cumprod(1.0 - np.linspace(b0, b1, n, dtype=np.float64))
+
+
+def np_cosine_f(n=T, s=0.008):
+    u = np.arange(n + 1, dtype=np.float64) / n
+    return np.cos((u + s) / (1 + s) * np.pi / 2) ** 2
+
+
+ALL_SCHEDULES = [LinearSchedule, ScaledLinearSchedule, CosineSchedule]
+
+
+# ------------------------------------------------------------------------------------------------
+# schedules
+# ------------------------------------------------------------------------------------------------
+def test_linear_schedule_alphas_cumprod_matches_numpy():
+    sched = LinearSchedule()
+    assert sched.num_timesteps == T
+    assert sched.alphas_cumprod.dtype == torch.float64
+    np.testing.assert_allclose(sched.alphas_cumprod.numpy(), np_linear_ac(), rtol=1e-12, atol=0)
+
+
+def test_scaled_linear_schedule_from_definition():
+    sched = ScaledLinearSchedule()
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, T, dtype=np.float64) ** 2
+    np.testing.assert_allclose(sched.betas.numpy(), betas, rtol=1e-12)
+    np.testing.assert_allclose(sched.alphas_cumprod.numpy(), np.cumprod(1 - betas), rtol=1e-12)
+
+
+def test_cosine_schedule_matches_cos2_ratio_where_unclipped():
+    sched = CosineSchedule()
+    f = np_cosine_f()
+    raw_betas = 1 - f[1:] / f[:-1]
+    unclipped = raw_betas < 0.999
+    # Only the very last steps are clipped (f -> 0 at t = T).
+    assert unclipped[:-1].all()
+    assert (sched.betas.numpy() <= 0.999 + 1e-15).all()
+    np.testing.assert_allclose(sched.betas.numpy()[~unclipped], 0.999, rtol=1e-12)
+    # alpha_bar at integer step i covers betas 0..i, i.e. f((i+1)/T) / f(0).
+    expected = f[1:] / f[0]
+    np.testing.assert_allclose(sched.alphas_cumprod.numpy()[unclipped], expected[unclipped], rtol=1e-9)
+
+
+def test_cosine_schedule_clipping_value():
+    # With a tiny max_beta, every beta is clipped and alpha_bar is a pure geometric sequence.
+    sched = CosineSchedule(num_timesteps=50, max_beta=1e-3)
+    f = np_cosine_f(50)
+    betas = np.minimum(1 - f[1:] / f[:-1], 1e-3)
+    np.testing.assert_allclose(sched.alphas_cumprod.numpy(), np.cumprod(1 - betas), rtol=1e-12)
+
+
+@pytest.mark.parametrize("cls", ALL_SCHEDULES)
+def test_alpha_squared_plus_sigma_squared_is_one(cls):
+    sched = cls()
+    t = torch.cat([torch.arange(T, dtype=torch.float32), torch.rand(500) * (T - 1)])
+    a, s = sched.alpha_sigma(t)
+    assert a.dtype == torch.float32 and s.dtype == torch.float32
+    torch.testing.assert_close(a.double() ** 2 + s.double() ** 2, torch.ones_like(t, dtype=torch.float64),
+                               rtol=0, atol=1e-6)
+    # and alpha^2 is alpha_bar at integer steps
+    ac = sched.alphas_cumprod.numpy()
+    np.testing.assert_allclose(a[:T].double().numpy() ** 2, ac, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls", ALL_SCHEDULES)
+def test_log_snr_strictly_decreasing(cls):
+    sched = cls()
+    lsnr = sched.log_snr(torch.arange(T, dtype=torch.float32)).double().numpy()
+    assert np.all(np.diff(lsnr) < 0)
+    ac = sched.alphas_cumprod.numpy()
+    np.testing.assert_allclose(lsnr, np.log(ac / (1 - ac)), rtol=1e-4, atol=1e-4)
+    # also on a fine fractional grid
+    fine = sched.log_snr(torch.linspace(0, T - 1, 4 * T + 1)).double().numpy()
+    assert np.all(np.diff(fine) < 0)
+
+
+@pytest.mark.parametrize("cls", ALL_SCHEDULES)
+def test_fractional_t_interpolates_log_alpha_bar(cls):
+    sched = cls()
+    ac = sched.alphas_cumprod.numpy()
+    gen = np.random.default_rng(0)
+    lo = gen.integers(0, T - 1, size=200)
+    w = gen.random(200)
+    t = torch.tensor(lo + w, dtype=torch.float64)
+    expected = np.exp((1 - w) * np.log(ac[lo]) + w * np.log(ac[lo + 1]))
+    got = sched.alpha_bar(t).double().numpy()
+    np.testing.assert_allclose(got, expected, rtol=2e-6)
+    # midpoints are geometric means of the neighbours
+    mid = sched.alpha_bar(torch.tensor([10.5, 500.5])).double().numpy()
+    np.testing.assert_allclose(mid, np.sqrt(ac[[10, 500]] * ac[[11, 501]]), rtol=2e-6)
+    # integer steps are exact and out-of-range steps clamp to the ends
+    np.testing.assert_allclose(sched.alpha_bar(torch.tensor([0, 7, 999])).double().numpy(), ac[[0, 7, 999]],
+                               rtol=1e-6)
+    np.testing.assert_allclose(sched.alpha_bar(torch.tensor([-5.0, 2000.0])).double().numpy(), ac[[0, 999]],
+                               rtol=1e-6)
+
+
+def test_discrete_schedule_rejects_invalid_betas():
+    with pytest.raises(ValueError):
+        DiscreteSchedule(torch.tensor([0.1, 1.0]))
+    with pytest.raises(ValueError):
+        DiscreteSchedule(torch.tensor([0.0, 0.1]))
+    with pytest.raises(ValueError):
+        DiscreteSchedule(torch.full((2, 2), 0.1))
+
+
+def test_timesteps_known_values():
+    sched = LinearSchedule()
+    lead = sched.timesteps(10, "leading")
+    trail = sched.timesteps(10, "trailing")
+    lin = sched.timesteps(10, "linspace")
+    for ts in (lead, trail, lin):
+        assert ts.dtype == torch.float32
+    assert lead.tolist() == [float(v) for v in range(900, -1, -100)]
+    assert trail.tolist() == [float(v) for v in range(999, 98, -100)]
+    assert lin.tolist() == np.round(np.linspace(999, 0, 10)).tolist()
+    assert lin[0] == 999 and lin[-1] == 0
+    # every spacing with num_steps == T is the full grid
+    for spacing in ("leading", "trailing", "linspace"):
+        assert sched.timesteps(T, spacing).tolist() == [float(v) for v in range(T - 1, -1, -1)]
+    assert sched.timesteps(1, "leading").tolist() == [0.0]
+    assert sched.timesteps(1, "trailing").tolist() == [999.0]
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_timesteps_descending_unique_count_range_for_every_num_steps(spacing):
+    sched = LinearSchedule()
+    bad = []
+    for n in range(1, T + 1):
+        ts = sched.timesteps(n, spacing)
+        ok = (ts.numel() == n and bool((ts[1:] < ts[:-1]).all()) and float(ts.min()) >= 0
+              and float(ts.max()) <= T - 1 and bool((ts == ts.round()).all()))
+        if not ok:
+            bad.append((n, ts.numel(), float(ts.min())))
+    assert not bad, f"{spacing}: {len(bad)} step counts give a wrong grid (n, len, min): {bad[:5]}"
+
+
+def test_timesteps_invalid_arguments():
+    sched = LinearSchedule()
+    with pytest.raises(ValueError):
+        sched.timesteps(10, "quadratic")
+    with pytest.raises(ValueError):
+        sched.timesteps(0)
+    with pytest.raises(ValueError):
+        sched.timesteps(T + 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# parameterization
+# ------------------------------------------------------------------------------------------------
+def _alpha_sigma64(t: np.ndarray, ndim: int):
+    ac = np_linear_ac()[t]
+    shape = (-1,) + (1,) * (ndim - 1)
+    return torch.tensor(np.sqrt(ac)).reshape(shape), torch.tensor(np.sqrt(1 - ac)).reshape(shape)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_to_x0_inverts_target(prediction):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(16, 3, 4, 4, generator=g, dtype=torch.float64)
+    eps = torch.randn(16, 3, 4, 4, generator=g, dtype=torch.float64)
+    t = np.array([0, 1, 5, 50, 100, 250, 400, 500, 600, 700, 800, 900, 950, 990, 998, 999])
+    a, s = _alpha_sigma64(t, 4)
+    x_t = a * x0 + s * eps
+    out = param.target(prediction, x0, eps, a, s)
+    torch.testing.assert_close(param.to_x0(prediction, out, x_t, a, s), x0, rtol=0, atol=1e-9)
+    torch.testing.assert_close(param.x0_to_eps(x0, x_t, a, s), eps, rtol=0, atol=1e-9)
+
+
+def test_prediction_targets_by_definition():
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    a, s = torch.tensor([[0.6], [0.8], [0.1], [0.99]]), torch.tensor([[0.8], [0.6], [0.995], [0.141]])
+    torch.testing.assert_close(param.target("v", x0, eps, a, s), a * eps - s * x0)
+    assert param.target("eps", x0, eps, a, s) is eps
+    assert param.target("x0", x0, eps, a, s) is x0
+
+
+def test_invalid_prediction_raises():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError):
+        param.target("score", x, x, x, x)
+    with pytest.raises(ValueError):
+        param.to_x0("score", x, x, x, x)
+    with pytest.raises(ValueError):
+        GaussianDiffusion(LinearSchedule(), prediction="score")
+
+
+# ------------------------------------------------------------------------------------------------
+# objective
+# ------------------------------------------------------------------------------------------------
+def _batch(b=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 3, 4, 4, generator=g), torch.randn(b, 3, 4, 4, generator=g)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_loss_of_perfect_net_is_zero(prediction):
+    x0, noise = _batch()
+    t = torch.tensor([0, 3, 99, 250, 500, 750, 900, 999])
+    ac = torch.tensor(np_linear_ac()[t.numpy()]).reshape(-1, 1, 1, 1)
+    a64, s64 = ac.sqrt(), (1 - ac).sqrt()
+    seen = {}
+
+    def net(x_t, t_in, cond):
+        seen["t"] = t_in
+        # the network sees x_t = a x0 + s eps (checked against a float64 reference)
+        torch.testing.assert_close(x_t.double(), a64 * x0.double() + s64 * noise.double(), rtol=0, atol=1e-5)
+        target = {"eps": noise, "x0": x0, "v": a64 * noise.double() - s64 * x0.double()}[prediction]
+        return target.float()
+
+    loss = GaussianDiffusion(LinearSchedule(), prediction).loss(net, x0, None, t=t, noise=noise)
+    assert loss.shape == (8,)
+    assert seen["t"].dtype == torch.float32 and seen["t"].tolist() == t.float().tolist()
+    assert float(loss.abs().max()) < 1e-10
+
+
+def test_loss_of_zero_net_with_x0_prediction_is_mean_square():
+    x0, noise = _batch()
+    zero = lambda x, t, c: torch.zeros_like(x)  # noqa: E731
+    diff = GaussianDiffusion(LinearSchedule(), "x0")
+    loss = diff.loss(zero, x0, None, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loss, x0.square().flatten(1).mean(1))
+
+
+def test_min_snr_weights():
+    gamma = 5.0
+    sched = LinearSchedule()
+    t = torch.tensor([0, 10, 50, 100, 200, 300, 500, 700, 999])
+    ac = np_linear_ac()[t.numpy()]
+    snr = ac / (1 - ac)
+    assert (snr > gamma).any() and (snr < gamma).any()  # both branches of the min are exercised
+    clipped = np.minimum(snr, gamma)
+    expected = {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}
+    x0, noise = _batch(len(t), seed=3)
+    zero = lambda x, t_, c: torch.zeros_like(x)  # noqa: E731
+    a = torch.tensor(np.sqrt(ac)).reshape(-1, 1, 1, 1)
+    s = torch.tensor(np.sqrt(1 - ac)).reshape(-1, 1, 1, 1)
+    mse_of_zero = {"eps": noise.double().square().flatten(1).mean(1),
+                   "x0": x0.double().square().flatten(1).mean(1),
+                   "v": (a * noise.double() - s * x0.double()).square().flatten(1).mean(1)}
+    for prediction in ("eps", "x0", "v"):
+        diff = GaussianDiffusion(sched, prediction, min_snr_gamma=gamma)
+        w = diff.loss_weight(t)
+        # rtol 1e-3: the schedule's SNR comes from a float32 alpha_bar, and 1 - alpha_bar cancels
+        # ~4 digits at t=0 (alpha_bar = 0.9999), so float32 rounding gives ~2e-4 relative error there.
+        np.testing.assert_allclose(w.double().numpy(), expected[prediction], rtol=1e-3)
+        loss = diff.loss(zero, x0, None, t=t, noise=noise)
+        np.testing.assert_allclose(loss.double().numpy(), (mse_of_zero[prediction].numpy() * expected[prediction]),
+                                   rtol=1e-3)
+    # without min-SNR the weights are all one
+    torch.testing.assert_close(GaussianDiffusion(sched, "v").loss_weight(t), torch.ones(len(t)))
+
+
+def test_loss_is_deterministic_given_seeded_generator():
+    x0, _ = _batch()
+    w = torch.linspace(-1, 1, 48).reshape(1, 3, 4, 4)
+    net = lambda x, t, c: x * w + t.reshape(-1, 1, 1, 1) / 1000  # noqa: E731
+    diff = GaussianDiffusion(LinearSchedule(), "v", min_snr_gamma=5.0)
+    l1 = diff.loss(net, x0, None, generator=torch.Generator().manual_seed(7))
+    l2 = diff.loss(net, x0, None, generator=torch.Generator().manual_seed(7))
+    l3 = diff.loss(net, x0, None, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(l1, l2)
+    assert not torch.equal(l1, l3)
+    t = diff.sample_t(10000, "cpu", torch.Generator().manual_seed(0))
+    assert int(t.min()) == 0 and int(t.max()) == T - 1
+
+
+# ------------------------------------------------------------------------------------------------
+# samplers on 1-D Gaussian data: x0 ~ N(mu, tau^2)
+# ------------------------------------------------------------------------------------------------
+MU, TAU = 0.5, 0.5
+
+
+class GaussianDenoiser:
+    """The exact denoiser of x0 ~ N(mu, tau^2): E[x0|x_t] = mu + a tau^2/(a^2 tau^2 + s^2) (x_t - a mu).
+
+    Acts independently on every row (each row uses its own t)."""
+
+    def __init__(self, schedule, mu=MU, tau=TAU):
+        self.schedule, self.mu, self.tau = schedule, mu, tau
+        self.calls: list[tuple[int, ...]] = []
+
+    def alpha_sigma(self, t):
+        return self.schedule.alpha_sigma(t)
+
+    def timesteps(self, n, spacing):
+        return self.schedule.timesteps(n, spacing)
+
+    def __call__(self, x, t, cond):
+        self.calls.append(tuple(x.shape))
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        if bool((t == t[0]).all()):  # same t everywhere: one schedule lookup (fast for big batches)
+            t = t[:1]
+        a, s = self.alpha_sigma(t)
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        a, s = a.reshape(shape), s.reshape(shape)
+        return self.mu + a * self.tau**2 / (a**2 * self.tau**2 + s**2) * (x - a * self.mu)
+
+
+N_SAMPLES = 20000
+
+
+@pytest.fixture(scope="module")
+def noise():
+    return torch.randn(N_SAMPLES, 1, generator=torch.Generator().manual_seed(123))
+
+
+def _check_gaussian(x, slack):
+    # Standard errors of the sample mean and sample std of N draws from N(mu, tau^2).
+    se_mean, se_std = TAU / math.sqrt(N_SAMPLES), TAU / math.sqrt(2 * N_SAMPLES)
+    # The slack covers the prior mismatch (the sampler starts from N(0, 1) instead of the exact
+    # N(a_T mu, a_T^2 tau^2 + s_T^2), a_T ~ 0.0064, giving a bias of ~a_T mu tau ~ 0.002) and the
+    # discretisation error of 1000 first-order steps.
+    assert abs(float(x.mean()) - MU) < 3 * se_mean + slack
+    assert abs(float(x.std()) - TAU) < 3 * se_std + slack
+
+
+def test_ddim_eta0_matches_gaussian_and_exact_flow(noise):
+    sched = LinearSchedule()
+    den = GaussianDenoiser(sched)
+    out = Sampler(ddim, 1000, "leading")(den, noise)
+    assert out.shape == noise.shape
+    assert len(den.calls) == 1000
+    _check_gaussian(out, slack=0.005)
+    # Per sample: the probability-flow ODE of Gaussian data maps x_T to
+    # mu + tau * (x_T - a_T mu) / sqrt(a_T^2 tau^2 + s_T^2) (standardise, then rescale).
+    ac_T = np_linear_ac()[-1]
+    a_T, s_T = math.sqrt(ac_T), math.sqrt(1 - ac_T)
+    exact = MU + TAU * (noise.double() - a_T * MU) / math.sqrt(a_T**2 * TAU**2 + s_T**2)
+    assert float((out.double() - exact).abs().max()) < 0.02
+
+
+def test_ddpm_matches_gaussian(noise):
+    den = GaussianDenoiser(LinearSchedule())
+    out = Sampler(ddpm, 1000, "leading")(den, noise, generator=torch.Generator().manual_seed(5))
+    _check_gaussian(out, slack=0.005)
+
+
+def test_ddim_eta0_is_deterministic_and_uses_no_generator():
+    sched = LinearSchedule()
+    z = torch.randn(64, 1, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(99)
+    state = g.get_state()
+    sampler = Sampler(ddim, 20, "trailing")
+    a = sampler(GaussianDenoiser(sched), z, generator=g)
+    assert torch.equal(g.get_state(), state)
+    b = sampler(GaussianDenoiser(sched), z.clone())
+    assert torch.equal(a, b)
+
+
+def test_ddpm_same_per_image_generators_give_identical_output():
+    sched = LinearSchedule()
+    seeds = [3, 1, 4, 1, 5]
+    sampler = Sampler(ddpm, 50, "trailing")
+    z = randn((5, 1, 2, 2), per_image_generators([100 + s for s in seeds]))
+    a = sampler(GaussianDenoiser(sched), z, generator=per_image_generators(seeds))
+    b = sampler(GaussianDenoiser(sched), z, generator=per_image_generators(seeds))
+    assert torch.equal(a, b)
+    c = sampler(GaussianDenoiser(sched), z, generator=per_image_generators([s + 1 for s in seeds]))
+    assert not torch.equal(a, c)
+    # images with the same seed (and the same initial noise) are identical
+    z_same = z.clone()
+    z_same[3] = z_same[1]
+    d = sampler(GaussianDenoiser(sched), z_same, generator=per_image_generators(seeds))
+    assert torch.equal(d[1], d[3])
+
+
+# ------------------------------------------------------------------------------------------------
+# per-image seeding
+# ------------------------------------------------------------------------------------------------
+def test_randn_rows_come_from_their_own_generator():
+    seeds = [0, 7, 7, 123456]
+    x = randn((4, 3, 5), per_image_generators(seeds))
+    assert x.shape == (4, 3, 5) and x.dtype == torch.float32
+    for i, s in enumerate(seeds):
+        assert torch.equal(x[i], torch.randn(3, 5, generator=torch.Generator().manual_seed(s)))
+    with pytest.raises(ValueError):
+        randn((3, 2), per_image_generators([1, 2]))
+    # a single generator behaves like torch.randn
+    assert torch.equal(randn((2, 3), torch.Generator().manual_seed(4)),
+                       torch.randn(2, 3, generator=torch.Generator().manual_seed(4)))
+
+
+def test_per_image_sampling_is_independent_of_batch_split():
+    sched = LinearSchedule()
+    seeds = [11, 22, 33, 44, 55, 66]
+    sampler = Sampler(ddpm, 40, "trailing")
+    shape = (1, 3, 3)
+
+    def run(sub):
+        z = randn((len(sub),) + shape, per_image_generators([s * 1000 for s in sub]))
+        return sampler(GaussianDenoiser(sched), z, generator=per_image_generators(sub))
+
+    full = run(seeds)
+    halves = torch.cat([run(seeds[:3]), run(seeds[3:])])
+    torch.testing.assert_close(full, halves, rtol=1e-6, atol=1e-6)
+    single = run(seeds[4:5])
+    torch.testing.assert_close(full[4:5], single, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# classifier-free guidance
+# ------------------------------------------------------------------------------------------------
+class CondDenoiser:
+    """A denoiser whose output depends on x, t and the conditioning vector (per row)."""
+
+    def __init__(self):
+        self.schedule = LinearSchedule()
+        self.calls: list[int] = []
+
+    def alpha_sigma(self, t):
+        return self.schedule.alpha_sigma(t)
+
+    def timesteps(self, n, spacing):
+        return self.schedule.timesteps(n, spacing)
+
+    def __call__(self, x, t, cond):
+        self.calls.append(x.shape[0])
+        a, _ = self.alpha_sigma(t)
+        out = 0.5 * a.reshape(-1, 1) * x
+        if cond is not None:
+            out = out + torch.tanh(cond.vector @ torch.linspace(-1, 1, cond.vector.shape[1] * x.shape[1])
+                                   .reshape(cond.vector.shape[1], x.shape[1]))
+        return out
+
+
+def _cfg_inputs(b=4, d=3, k=5):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(b, d, generator=g)
+    t = torch.tensor([10.0, 200.0, 500.0, 999.0])[:b]
+    cond = Cond(vector=torch.randn(b, k, generator=g))
+    uncond = Cond(vector=torch.zeros(b, k) + 0.3)
+    return x, t, cond, uncond
+
+
+def test_cfg_scale_one_is_plain_denoiser():
+    x, t, cond, uncond = _cfg_inputs()
+    inner = CondDenoiser()
+    out = CFGDenoiser(inner, uncond, 1.0)(x, t, cond)
+    assert inner.calls == [4]
+    torch.testing.assert_close(out, CondDenoiser()(x, t, cond), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scale", [0.0, 2.5, 7.5])
+def test_cfg_combines_cond_and_uncond_in_one_batched_call(scale):
+    x, t, cond, uncond = _cfg_inputs()
+    inner = CondDenoiser()
+    out = CFGDenoiser(inner, uncond, scale)(x, t, cond)
+    assert inner.calls == [8]  # one forward pass with cond and uncond stacked
+    ref = CondDenoiser()
+    c, u = ref(x, t, cond), ref(x, t, uncond)
+    torch.testing.assert_close(out, u + scale * (c - u), rtol=1e-5, atol=1e-6)
+
+
+def test_sampler_with_guidance_uses_cfg_and_needs_uncond():
+    x, _, cond, uncond = _cfg_inputs()
+    sampler = Sampler(ddim, 5, "trailing")
+    with pytest.raises(ValueError):
+        sampler(CondDenoiser(), x, cond, guidance_scale=3.0)
+    inner = CondDenoiser()
+    out = sampler(inner, x, cond, uncond=uncond, guidance_scale=3.0)
+    assert inner.calls == [8] * 5
+    direct = ddim(CFGDenoiser(CondDenoiser(), uncond, 3.0), x, LinearSchedule().timesteps(5, "trailing"), cond)
+    torch.testing.assert_close(out, direct)
+    # scale 1 needs no uncond and makes single-batch calls
+    inner1 = CondDenoiser()
+    sampler(inner1, x, cond, guidance_scale=1.0)
+    assert inner1.calls == [4] * 5

@@ -1,0 +1,203 @@
+"""Training end to end: overfitting, exact resume, refusals, non-finite steps, the CLI and its artifacts."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusion_train.diffusion import GaussianDiffusion
+from diffusion_train.train import train
+from diffusion_train.training import NonFiniteLossError
+from diffusion_train.training.build import build_module, load_module
+from diffusion_train.training.checkpointing import load_checkpoint
+from diffusion_train.training.run_dir import ResumeMismatchError
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_loss_falls_when_overfitting_a_tiny_batch(tiny_cfg):
+    torch.manual_seed(0)
+    module = build_module(tiny_cfg("model=dit_tiny", "optim.lr=3e-3"))
+    opt = module.optimizer_factory(module.trainable_parameters())
+    from diffusion_train.data.synthetic import make_synthetic
+
+    images, labels = make_synthetic(8, 4, 3, 16, seed=0)
+    batch = {"image": images.float() / 127.5 - 1, "label": labels}
+    g = torch.Generator()
+    t, noise = torch.linspace(50, 950, 8).long(), torch.randn(8, 3, 16, 16, generator=g.manual_seed(1))
+    losses = []
+    for _ in range(150):
+        loss = module.objective.loss(module.backbone, batch["image"], module.conditioner(batch), t=t, noise=noise).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0], losses[::15]
+
+
+def _compare_checkpoints(a: dict, b: dict) -> None:
+    assert a["global_step"] == b["global_step"]
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    for decay in a["ema"]["weights"]:
+        for k, v in a["ema"]["weights"][decay].items():
+            assert torch.equal(v, b["ema"]["weights"][decay][k]), (decay, k)
+    assert a["ema"]["num_updates"] == b["ema"]["num_updates"]
+    sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    for i in sa:
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(sa[i][key], sb[i][key]), (i, key)
+    assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"]
+
+
+@pytest.mark.parametrize("model", ["unet_tiny", "dit_tiny"])
+def test_resume_is_exact(model, tiny_cfg, tmp_path):
+    """N steps + resume + N steps == 2N steps straight: weights, EMA, optimizer, schedule, step."""
+    common = [f"model={model}", "lr_schedule=cosine", "lr_schedule.warmup_steps=2", "lr_schedule.total_steps=8"]
+    straight = tiny_cfg(*common, "trainer.max_steps=8", run_dir=tmp_path / "straight")
+    train(straight, tmp_path / "straight")
+
+    first = tiny_cfg(*common, "trainer.max_steps=4", run_dir=tmp_path / "resumed")
+    train(first, tmp_path / "resumed")
+    assert load_checkpoint(tmp_path / "resumed/checkpoints/last.ckpt")["global_step"] == 4
+    second = tiny_cfg(*common, "trainer.max_steps=8", run_dir=tmp_path / "resumed")
+    train(second, tmp_path / "resumed")
+
+    _compare_checkpoints(load_checkpoint(tmp_path / "straight/checkpoints/last.ckpt"),
+                         load_checkpoint(tmp_path / "resumed/checkpoints/last.ckpt"))
+    csv = (tmp_path / "resumed/metrics.csv").read_text().splitlines()
+    steps = [int(r.split(",")[csv[0].split(",").index("step")]) for r in csv[1:]]
+    train_rows = [s for s, r in zip(steps, csv[1:]) if r.split(",")[csv[0].split(",").index("train/loss")]]
+    assert sorted(train_rows) == sorted(set(train_rows)), "a resumed run must not log a step twice"
+
+
+def test_resume_of_another_model_is_refused_and_nothing_changes(tiny_cfg, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg("trainer.max_steps=2", run_dir=run), run)
+    before = {p: _digest(p) for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(ResumeMismatchError, match=r"model.model_channels: checkpoint has 8, config has 16"):
+        train(tiny_cfg("trainer.max_steps=4", "model.model_channels=16", run_dir=run), run)
+    assert {p: _digest(p) for p in run.rglob("*") if p.is_file()} == before
+
+
+class _NaNAfter(GaussianDiffusion):
+    """The real objective, whose loss turns NaN on the listed optimizer steps."""
+
+    nan_steps: set = set()
+    current_step = 0
+
+    def loss(self, net, x0, cond, generator=None, t=None, noise=None):
+        loss = super().loss(net, x0, cond, generator, t, noise)
+        return loss * float("nan") if _NaNAfter.current_step in self.nan_steps else loss
+
+
+@pytest.fixture
+def nan_objective(monkeypatch):
+    from diffusion_train.training import module as module_mod
+
+    original = module_mod.DiffusionModule.training_step
+
+    def step(self, batch, batch_idx):
+        _NaNAfter.current_step = self.global_step
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(module_mod.DiffusionModule, "training_step", step)
+    return "diffusion._target_=test_train._NaNAfter"
+
+
+def test_a_non_finite_step_is_skipped_and_counted(tiny_cfg, tmp_path, nan_objective):
+    _NaNAfter.nan_steps = {2}
+    trainer = train(tiny_cfg(nan_objective, "trainer.max_steps=4"), tmp_path / "run")
+    module = trainer.lightning_module
+    assert trainer.global_step == 4
+    assert int(module.nonfinite_steps) == 1
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    header, *rows = (tmp_path / "run/metrics.csv").read_text().splitlines()
+    col = header.split(",").index("train/nonfinite_steps")
+    assert max(float(r.split(",")[col]) for r in rows if r.split(",")[col]) == 1.0
+
+
+def test_repeated_non_finite_steps_stop_the_run_with_the_checkpoint_intact(tiny_cfg, tmp_path, nan_objective):
+    run = tmp_path / "run"
+    _NaNAfter.nan_steps = set()
+    train(tiny_cfg(nan_objective, "trainer.max_steps=2"), run)
+    last = run / "checkpoints/last.ckpt"
+    digest, weights = _digest(last), load_checkpoint(last)["state_dict"]
+    _NaNAfter.nan_steps = set(range(2, 100))
+    with pytest.raises(NonFiniteLossError, match="3 optimizer steps in a row"):
+        train(tiny_cfg(nan_objective, "trainer.max_steps=50", "training.max_nonfinite_steps=3",
+                       "callbacks.checkpoint.every_n_train_steps=1"), run)
+    ckpt = load_checkpoint(last)
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    for k, v in weights.items():  # skipped steps never touched the weights, whatever was saved since
+        assert torch.equal(v, ckpt["state_dict"][k]), k
+    assert _digest(last) == digest or ckpt["global_step"] > 2
+
+
+def _run_cli(args: list[str], cwd: Path, module: str = "diffusion_train.train") -> subprocess.CompletedProcess:
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=str(Path(__file__).parent))
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env=env)
+
+
+def test_missing_dataset_files_name_the_path_and_the_fix(tmp_path):
+    empty = tmp_path / "no_data"
+    empty.mkdir()
+    out = _run_cli(["experiment=smoke", f"data.root={empty}", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert out.returncode == 1
+    line = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+    assert len(line) == 1 and str(empty) in line[0] and "apt-get install dataset-fashion-mnist" in line[0]
+
+
+@pytest.mark.slow
+def test_smoke_cli_leaves_its_artifacts_and_relaunch_resumes(tmp_path):
+    run = tmp_path / "smoke"
+    out = _run_cli(["experiment=smoke", f"hydra.run.dir={run}"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    config = (run / "config.yaml").read_text()
+    assert "${" not in config and "unet_tiny" not in config and "model_channels: 8" in config
+    assert (run / "overrides.yaml").read_text().strip() == "- experiment=smoke"
+    assert (run / "checkpoints/last.ckpt").is_file()
+    pngs = sorted((run / "samples").glob("*.png"))
+    assert [p.name for p in pngs] == ["step_0000003.png", "step_0000006.png"]
+    assert "train/loss" in (run / "metrics.csv").read_text().splitlines()[0]
+    assert {p.name for p in (run / "weights").iterdir()} == {"raw.safetensors", "ema_0.999.safetensors",
+                                                              "ema_0.9999.safetensors"}
+    wandb_id = (run / "wandb_id.txt").read_text().strip()
+    offline = list((run / "wandb").glob(f"offline-run-*-{wandb_id}/run-{wandb_id}.wandb"))
+    assert len(offline) == 1
+
+    # The same command again: the run directory and W&B run are reused and training continues.
+    out = _run_cli(["experiment=smoke", f"hydra.run.dir={run}", "trainer.max_steps=9"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resuming" in out.stdout + out.stderr
+    assert load_checkpoint(run / "checkpoints/last.ckpt")["global_step"] == 9
+    assert (run / "wandb_id.txt").read_text().strip() == wandb_id
+    assert len(list((run / "wandb").glob(f"offline-run-*-{wandb_id}/run-{wandb_id}.wandb"))) == 2
+    assert (run / "samples/step_0000009.png").is_file()
+
+    # Samples from the checkpoint's EMA weights through diffusion-sample.
+    out = _run_cli([f"ckpt={run / 'checkpoints/last.ckpt'}", f"out_dir={tmp_path / 'gen'}", "num_images=5",
+                    "sampler.steps=3", "batch_size=2"], tmp_path, module="diffusion_train.sample")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(list((tmp_path / "gen/images").glob("*.png"))) == 5 and (tmp_path / "gen/grid.png").is_file()
+
+
+@pytest.mark.slow
+def test_local_sweep_runs_each_job_in_its_own_dir(tmp_path):
+    out = _run_cli(["-m", "experiment=smoke", "model=unet_tiny,dit_tiny", "logger=csv", "trainer.max_steps=2",
+                    f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for model in ("unet_tiny", "dit_tiny"):
+        job = next((tmp_path / "sweep").glob(f"*model={model}*"))
+        assert (job / "checkpoints/last.ckpt").is_file()
+        assert load_module(job / "checkpoints/last.ckpt").backbone.__class__.__name__ == \
+            {"unet_tiny": "UNet", "dit_tiny": "DiT"}[model]

@@ -1,0 +1,467 @@
+"""Unit tests for training utilities: EMA, LR schedules, checkpoint files, image grids, conditioning."""
+
+from __future__ import annotations
+
+import math
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from diffusion_train.conditioning.cond import Cond
+from diffusion_train.conditioning.conditioner import ClassEmbedder, Conditioner
+from diffusion_train.training import checkpointing
+from diffusion_train.training.checkpointing import atomic_torch_save, load_checkpoint
+from diffusion_train.training.ema import EMA
+from diffusion_train.training.images import grid, save_grid
+from diffusion_train.training.lr_schedules import warmup_constant, warmup_cosine
+
+
+# ------------------------------------------------------------------------------------------------
+# EMA
+# ------------------------------------------------------------------------------------------------
+def _flat(module: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()]).double()
+
+
+def _set(module: nn.Module, flat: torch.Tensor) -> None:
+    with torch.no_grad():
+        i = 0
+        for p in module.parameters():
+            p.copy_(flat[i:i + p.numel()].reshape(p.shape))
+            i += p.numel()
+
+
+def _ema_flat(ema: EMA, decay: float) -> torch.Tensor:
+    return torch.cat([w.reshape(-1) for w in ema.weights[decay]]).double()
+
+
+def _param_sequence(module, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(_flat(module).numel(), generator=g, dtype=torch.float64) for _ in range(n)]
+
+
+def _fit_start(ema, module, step=0):
+    ema.on_fit_start(SimpleNamespace(global_step=step), module)
+
+
+def test_ema_closed_form_without_warmup():
+    torch.manual_seed(0)
+    module = nn.Linear(3, 2)
+    decays = [0.9, 0.5]
+    ema = EMA(decays=decays, warmup=False)
+    p0 = _flat(module)
+    _fit_start(ema, module)  # the averages start at the initial weights p_0
+    ps = _param_sequence(module, 6)
+    for p in ps:
+        _set(module, p.float())
+        ema.update(module)
+    n = len(ps)
+    ps_f = [p.float().double() for p in ps]  # the module holds float32 copies
+    for d in decays:
+        expected = d**n * p0 + sum((1 - d) * d ** (n - k) * ps_f[k - 1] for k in range(1, n + 1))
+        torch.testing.assert_close(_ema_flat(ema, d), expected, rtol=1e-5, atol=1e-6)
+    assert ema.num_updates == n
+    assert all(w.dtype == torch.float32 for ws in ema.weights.values() for w in ws)
+
+
+def test_ema_first_update_without_init_starts_from_current_weights():
+    torch.manual_seed(0)
+    module = nn.Linear(3, 2)
+    ema = EMA(decays=[0.9], warmup=False)
+    ps = _param_sequence(module, 3, seed=1)
+    for p in ps:
+        _set(module, p.float())
+        ema.update(module)
+    d, pf = 0.9, [p.float().double() for p in ps]
+    e = pf[0]
+    for p in pf:
+        e = d * e + (1 - d) * p
+    torch.testing.assert_close(_ema_flat(ema, 0.9), e, rtol=1e-5, atol=1e-6)
+
+
+def test_ema_warmup_matches_python_recursion():
+    torch.manual_seed(0)
+    module = nn.Linear(4, 3)
+    decays = [0.9999, 0.9, 0.5]
+    ema = EMA(decays=decays, warmup=True)
+    p0 = _flat(module)
+    _fit_start(ema, module)
+    ps = _param_sequence(module, 25, seed=2)
+    for p in ps:
+        _set(module, p.float())
+        ema.update(module)
+    for d in decays:
+        e = p0.clone()
+        for n, p in enumerate(ps, start=1):
+            dn = min(d, (1 + n) / (10 + n))
+            e = dn * e + (1 - dn) * p.float().double()
+        torch.testing.assert_close(_ema_flat(ema, d), e, rtol=1e-5, atol=1e-6)
+    # the per-step decay itself
+    assert ema.decay_at(0.9999, 1) == pytest.approx(2 / 11)
+    assert ema.decay_at(0.5, 1) == pytest.approx(2 / 11)
+    assert ema.decay_at(0.5, 20) == 0.5  # (1 + 20) / (10 + 20) = 0.7 > 0.5
+    assert EMA(decays=[0.9999], warmup=False).decay_at(0.9999, 1) == 0.9999
+
+
+def test_ema_lightning_hooks_update_after_optimizer_steps():
+    torch.manual_seed(0)
+    module = nn.Linear(2, 2)
+    ema = EMA(decays=[0.5], warmup=False, update_every=2)
+    p0 = _flat(module)
+    _fit_start(ema, module, step=0)
+    ps = _param_sequence(module, 4, seed=3)
+    # steps 1..4; batch 2 of step 2 repeats the global step (gradient accumulation): no update
+    for step, p in zip([1, 2, 2, 3, 4], [ps[0], ps[1], ps[1], ps[2], ps[3]]):
+        _set(module, p.float())
+        ema.on_train_batch_end(SimpleNamespace(global_step=step), module, None, None, 0)
+    # updates only at steps 2 and 4
+    assert ema.num_updates == 2
+    e = 0.5 * p0 + 0.5 * ps[1].float().double()
+    e = 0.5 * e + 0.5 * ps[3].float().double()
+    torch.testing.assert_close(_ema_flat(ema, 0.5), e, rtol=1e-5, atol=1e-6)
+
+
+def test_ema_swapped_loads_and_restores():
+    torch.manual_seed(0)
+    module = nn.Linear(3, 2)
+    ema = EMA(decays=[0.9, 0.5], warmup=False)
+    _fit_start(ema, module)
+    for p in _param_sequence(module, 3, seed=4):
+        _set(module, p.float())
+        ema.update(module)
+    raw = _flat(module).clone()
+    with ema.swapped(module):  # default: the first decay
+        torch.testing.assert_close(_flat(module), _ema_flat(ema, 0.9))
+    torch.testing.assert_close(_flat(module), raw, rtol=0, atol=0)
+    with ema.swapped(module, 0.5):
+        torch.testing.assert_close(_flat(module), _ema_flat(ema, 0.5))
+        assert not torch.equal(_flat(module), raw)
+    torch.testing.assert_close(_flat(module), raw, rtol=0, atol=0)
+    # raw weights are restored even when the body raises
+    with pytest.raises(RuntimeError):
+        with ema.swapped(module, 0.5):
+            raise RuntimeError("boom")
+    torch.testing.assert_close(_flat(module), raw, rtol=0, atol=0)
+
+
+def test_ema_state_round_trip(tmp_path):
+    torch.manual_seed(0)
+    module = nn.Linear(3, 2)
+    ema = EMA(decays=[0.9, 0.5], warmup=True)
+    _fit_start(ema, module)
+    for p in _param_sequence(module, 4, seed=5):
+        _set(module, p.float())
+        ema.update(module)
+    state = ema.state()
+    assert state["num_updates"] == 4 and [float(d) for d in state["decays"]] == [0.9, 0.5]
+    assert set(state["weights"]) == {"0.9", "0.5"}
+    assert set(state["weights"]["0.9"]) == {"weight", "bias"}
+    # through a real file as well
+    atomic_torch_save({"ema": state}, tmp_path / "e.ckpt")
+    ckpt = load_checkpoint(tmp_path / "e.ckpt")
+
+    ema2 = EMA(decays=[0.9, 0.5], warmup=True)
+    ema2.on_load_checkpoint(None, None, ckpt)
+    other = nn.Linear(3, 2)
+    _set(other, _flat(module).float())
+    for d in (0.9, 0.5):
+        with ema2.swapped(other, d):
+            torch.testing.assert_close(_flat(other), _ema_flat(ema, d), rtol=0, atol=0)
+    assert ema2.num_updates == 4
+    # the restored EMA keeps averaging from where it stopped
+    _set(module, torch.ones(8))
+    _set(other, torch.ones(8))
+    ema.update(module)
+    ema2.update(other)
+    for d in (0.9, 0.5):
+        torch.testing.assert_close(_ema_flat(ema2, d), _ema_flat(ema, d), rtol=0, atol=0)
+
+    # a checkpoint with other decays is refused
+    ema3 = EMA(decays=[0.99], warmup=True)
+    ema3.on_load_checkpoint(None, None, {"ema": state})
+    with pytest.raises(ValueError):
+        ema3.update(other)
+
+
+@pytest.mark.parametrize("decays", [[], [1.0], [0.0], [-0.5], [0.9, 1.5]])
+def test_ema_invalid_decays(decays):
+    with pytest.raises(ValueError):
+        EMA(decays=decays)
+
+
+def test_ema_invalid_sample_decay():
+    with pytest.raises(ValueError):
+        EMA(decays=[0.9, 0.99], sample_decay=0.5)
+    assert EMA(decays=[0.9, 0.99], sample_decay=0.99).sample_decay == 0.99
+
+
+# ------------------------------------------------------------------------------------------------
+# LR schedules
+# ------------------------------------------------------------------------------------------------
+def _opt(lr=2.0):
+    return torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)
+
+
+def _lrs(sched, opt, n):
+    out = []
+    for _ in range(n):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_warmup_constant():
+    opt = _opt()
+    sched = warmup_constant(opt, warmup_steps=4)
+    lrs = _lrs(sched, opt, 8)
+    expected = [2.0 * min(1.0, (s + 1) / 4) for s in range(8)]
+    np.testing.assert_allclose(lrs, expected, rtol=1e-12)
+    opt0 = _opt()
+    np.testing.assert_allclose(_lrs(warmup_constant(opt0, warmup_steps=0), opt0, 3), [2.0] * 3)
+
+
+def test_warmup_cosine():
+    base, warm, total, min_ratio = 2.0, 10, 110, 0.1
+    opt = _opt(base)
+    sched = warmup_cosine(opt, total_steps=total, warmup_steps=warm, min_ratio=min_ratio)
+    lrs = _lrs(sched, opt, 150)
+
+    def ref(step):
+        if step < warm:
+            return (step + 1) / warm
+        prog = min(1.0, (step - warm) / (total - warm))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
+
+    np.testing.assert_allclose(lrs, [base * ref(s) for s in range(150)], rtol=1e-12)
+    assert lrs[0] == pytest.approx(base / warm)
+    assert lrs[warm - 1] == pytest.approx(base)
+    assert lrs[warm] == pytest.approx(base)
+    assert lrs[warm + 50] == pytest.approx(base * (min_ratio + (1 - min_ratio) / 2))  # halfway
+    assert lrs[total] == pytest.approx(base * min_ratio)
+    assert lrs[149] == pytest.approx(base * min_ratio)
+    assert all(a >= b - 1e-15 for a, b in zip(lrs[warm:], lrs[warm + 1:]))  # monotone decay
+    with pytest.raises(ValueError):
+        warmup_cosine(_opt(), total_steps=10, warmup_steps=10)
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoint files
+# ------------------------------------------------------------------------------------------------
+def test_atomic_torch_save_writes_loadable_file(tmp_path):
+    path = tmp_path / "sub" / "a.ckpt"
+    obj = {"w": torch.arange(6.0).reshape(2, 3), "step": 7}
+    atomic_torch_save(obj, path)
+    loaded = torch.load(path, weights_only=True)
+    assert torch.equal(loaded["w"], obj["w"]) and loaded["step"] == 7
+    assert sorted(os.listdir(path.parent)) == ["a.ckpt"]
+    # overwriting replaces the content
+    atomic_torch_save({"step": 8}, path)
+    assert load_checkpoint(path)["step"] == 8
+
+
+class _Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("cannot pickle this")
+
+
+def test_atomic_torch_save_failure_keeps_old_file(tmp_path):
+    path = tmp_path / "last.ckpt"
+    atomic_torch_save({"step": 1, "w": torch.ones(3)}, path)
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        atomic_torch_save({"step": 2, "w": torch.zeros(1000), "bad": _Unpicklable()}, path)
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["last.ckpt"]
+    assert load_checkpoint(path)["step"] == 1
+
+
+def test_atomic_torch_save_failure_mid_write(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    atomic_torch_save({"step": 1}, path)
+    before = path.read_bytes()
+
+    def broken_save(obj, f, *a, **k):
+        f.write(b"partial garbage")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpointing.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_torch_save({"step": 2}, path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["last.ckpt"]
+
+
+def test_load_checkpoint_garbage_raises_value_error(tmp_path):
+    path = tmp_path / "garbage.ckpt"
+    path.write_bytes(b"this is not a checkpoint" * 20)
+    with pytest.raises(ValueError) as info:
+        load_checkpoint(path)
+    assert str(path) in str(info.value)
+
+
+def test_load_checkpoint_refuses_code(tmp_path):
+    path = tmp_path / "code.ckpt"
+    torch.save({"obj": SimpleNamespace(a=1)}, path)  # not loadable with weights_only=True
+    with pytest.raises(ValueError, match="code.ckpt"):
+        load_checkpoint(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# image grids
+# ------------------------------------------------------------------------------------------------
+def _grid_images(n=6, c=3, h=5, w=4):
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(n, c, h, w, generator=g) * 2.4 - 1.2  # includes values outside [-1, 1]
+
+
+def test_grid_layout_and_values():
+    x = _grid_images()
+    pad, ncol = 2, 3
+    arr = grid(x, ncol=ncol, pad=pad)
+    h, w = 5, 4
+    assert arr.dtype == np.uint8
+    assert arr.shape == (2 * (h + pad) + pad, 3 * (w + pad) + pad, 3)
+    expected_px = np.round((np.clip(x.numpy().astype(np.float64), -1, 1) + 1) * 127.5).astype(np.uint8)
+    mask = np.zeros(arr.shape[:2], dtype=bool)
+    for i in range(6):
+        r, k = divmod(i, ncol)
+        y0, x0 = pad + r * (h + pad), pad + k * (w + pad)
+        tile = arr[y0:y0 + h, x0:x0 + w]
+        np.testing.assert_array_equal(tile, expected_px[i].transpose(1, 2, 0))
+        mask[y0:y0 + h, x0:x0 + w] = True
+    assert (arr[~mask] == 0).all()  # padding is black
+
+
+def test_grid_value_mapping_and_incomplete_rows():
+    x = torch.stack([torch.full((1, 2, 2), -1.0), torch.full((1, 2, 2), 1.0), torch.zeros(1, 2, 2),
+                     torch.full((1, 2, 2), -3.0), torch.full((1, 2, 2), 3.0)])
+    arr = grid(x, ncol=3, pad=1)
+    assert arr.shape == (2 * 3 + 1, 3 * 3 + 1, 1)
+    tiles = [arr[1 + r * 3:3 + r * 3, 1 + k * 3:3 + k * 3, 0] for r, k in (divmod(i, 3) for i in range(5))]
+    assert [int(t.min()) for t in tiles] == [0, 255, 128, 0, 255]
+    assert all(t.min() == t.max() for t in tiles)
+    assert (arr[4:6, 7:9] == 0).all()  # the empty 6th slot
+
+
+@pytest.mark.parametrize("channels,mode", [(3, "RGB"), (1, "L")])
+def test_save_grid_png(tmp_path, channels, mode):
+    x = _grid_images(c=channels, h=8, w=8)
+    path = save_grid(x, tmp_path / "out" / "grid.png", ncol=3)
+    assert path == tmp_path / "out" / "grid.png"
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        assert img.size == (3 * 10 + 2, 2 * 10 + 2)  # (width, height)
+        assert img.mode == mode
+        arr = np.asarray(img)
+    ref = grid(x, 3)
+    np.testing.assert_array_equal(arr, ref[..., 0] if channels == 1 else ref)
+    assert sorted(os.listdir(tmp_path / "out")) == ["grid.png"]
+
+
+# ------------------------------------------------------------------------------------------------
+# conditioning
+# ------------------------------------------------------------------------------------------------
+def _conditioner(dropout, num_classes=10, dim=6):
+    torch.manual_seed(0)
+    return Conditioner({"class": ClassEmbedder(num_classes, dim, dropout=dropout)})
+
+
+def _null(cond: Conditioner) -> torch.Tensor:
+    emb = cond.embedders["class"]
+    return emb.embedding.weight[emb.num_classes].detach()
+
+
+def _is_null(vectors, null):
+    return (vectors == null).all(dim=1)
+
+
+def test_conditioner_no_dropout_never_drops():
+    cond = _conditioner(0.0).train()
+    labels = torch.arange(10).repeat(20)
+    out = cond({"label": labels}, generator=torch.Generator().manual_seed(0))
+    weight = cond.embedders["class"].embedding.weight.detach()
+    assert out.vector.shape == (200, 6)
+    torch.testing.assert_close(out.vector, weight[labels], rtol=0, atol=0)
+    assert not _is_null(out.vector, _null(cond)).any()
+    assert cond.vector_dim == 6
+
+
+def test_conditioner_dropout_half_in_train_mode():
+    cond = _conditioner(0.5).train()
+    n = 4000
+    labels = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(1))
+    out = cond({"label": labels}, generator=torch.Generator().manual_seed(2))
+    dropped = _is_null(out.vector, _null(cond))
+    # Binomial(4000, 0.5): std 31.6, allow ~5 standard deviations
+    assert abs(int(dropped.sum()) - n / 2) < 160
+    weight = cond.embedders["class"].embedding.weight.detach()
+    torch.testing.assert_close(out.vector[~dropped], weight[labels[~dropped]], rtol=0, atol=0)
+    # the same generator seed drops the same rows; another seed drops other rows
+    again = cond({"label": labels}, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(again.vector, out.vector)
+    other = cond({"label": labels}, generator=torch.Generator().manual_seed(3))
+    assert not torch.equal(_is_null(other.vector, _null(cond)), dropped)
+
+
+def test_conditioner_force_drop_uncond_and_eval():
+    cond = _conditioner(0.5)
+    labels = torch.arange(10)
+    null = _null(cond)
+    forced = cond({"label": labels}, force_drop=True)
+    assert _is_null(forced.vector, null).all()
+    unc = cond.uncond(7)
+    assert unc.vector.shape == (7, 6) and _is_null(unc.vector, null).all()
+    cond.eval()
+    weight = cond.embedders["class"].embedding.weight.detach()
+    for seed in range(3):
+        out = cond({"label": labels.repeat(50)}, generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(out.vector, weight[labels.repeat(50)], rtol=0, atol=0)
+
+
+def test_conditioner_errors_and_empty():
+    cond = _conditioner(0.1)
+    with pytest.raises(KeyError, match="label"):
+        cond({"image": torch.zeros(2)})
+    with pytest.raises(ValueError):
+        ClassEmbedder(10, 4, dropout=1.0)
+    empty = Conditioner()
+    assert empty.vector_dim == 0
+    assert empty({"label": torch.zeros(3)}).vector is None
+    assert empty.uncond(3) == Cond()
+
+
+def test_cond_cat_repeat_index():
+    a = Cond(vector=torch.arange(6.0).reshape(2, 3), context=torch.ones(2, 4, 5), mask=torch.ones(2, 4, dtype=bool))
+    b = Cond(vector=-torch.arange(3.0).reshape(1, 3), context=torch.zeros(1, 4, 5),
+             mask=torch.zeros(1, 4, dtype=bool))
+    c = Cond.cat([a, b])
+    assert torch.equal(c.vector, torch.cat([a.vector, b.vector]))
+    assert c.context.shape == (3, 4, 5) and torch.equal(c.context[2], torch.zeros(4, 5))
+    assert c.mask.tolist() == [[True] * 4, [True] * 4, [False] * 4]
+
+    r = a.repeat(3)
+    assert r.vector.shape == (6, 3)
+    assert torch.equal(r.vector, torch.cat([a.vector] * 3))
+    assert torch.equal(r.mask, torch.cat([a.mask] * 3))
+
+    sub = c[1:]
+    assert torch.equal(sub.vector, c.vector[1:]) and sub.context.shape == (2, 4, 5)
+    picked = c[torch.tensor([2, 0])]
+    assert torch.equal(picked.vector, torch.stack([c.vector[2], c.vector[0]]))
+
+    vec_only = Cond(vector=torch.ones(2, 3))
+    both = Cond.cat([vec_only, Cond(vector=torch.zeros(1, 3))])
+    assert both.context is None and both.mask is None and both.vector.shape == (3, 3)
+    assert vec_only.repeat(2).context is None
+    assert Cond.cat([Cond(), Cond()]) == Cond()
+    with pytest.raises(ValueError, match="context"):
+        Cond.cat([a, vec_only])
+    moved = a.to("cpu")
+    assert torch.equal(moved.vector, a.vector) and moved.mask.dtype == torch.bool
