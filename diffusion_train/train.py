@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from diffusion_train.training import AtomicCheckpointIO, NonFiniteLossError
 from diffusion_train.training.build import build_module
-from diffusion_train.training.checkpointing import last_checkpoint, load_checkpoint
+from diffusion_train.training.checkpointing import last_checkpoint, load_checkpoint, remove_stale_temp_files
 from diffusion_train.training.ema import find_ema
 from diffusion_train.training.export import export_weights
 from diffusion_train.training.loggers import ResumableCSVLogger
@@ -33,7 +33,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 USER_ERRORS = (ResumeMismatchError, NonFiniteLossError, FileNotFoundError)
 # Warnings that say nothing about this run: checkpoints are taken after the optimizer step on purpose.
 KNOWN_NOISE = (".*ModelCheckpoint with manual optimization.*", ".*isinstance.treespec, LeafSpec.*",
-               ".*does not have many workers.*", ".*The anonymous setting has no effect.*")
+               ".*does not have many workers.*", ".*Checkpoint directory .* exists and is not empty.*")
 
 
 def quiet_known_warnings() -> None:
@@ -69,6 +69,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     module.run_info = run_info(config, overrides, trainer.world_size, global_batch)
     if trainer.global_rank == 0:
+        remove_stale_temp_files(run_dir)
         write_run_files(run_dir, module.run_info)
         log.info("run dir %s, %s, global batch %d", run_dir, f"resuming {ckpt}" if ckpt else "fresh run", global_batch)
 

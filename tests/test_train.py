@@ -6,6 +6,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,30 @@ def test_local_sweep_runs_each_job_in_its_own_dir(tmp_path):
         assert (job / "checkpoints/last.ckpt").is_file()
         assert load_module(job / "checkpoints/last.ckpt").backbone.__class__.__name__ == \
             {"unet_tiny": "UNet", "dit_tiny": "DiT"}[model]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_when_relaunched(tmp_path):
+    """SIGKILL mid-training (possibly mid-save), then the same command: it resumes and finishes."""
+    run = tmp_path / "run"
+    args = ["experiment=smoke", f"hydra.run.dir={run}", "logger=csv", "trainer.max_steps=60",
+            "callbacks.checkpoint.every_n_train_steps=1", "callbacks.sample_grid.every_n_steps=1000"]
+    env = dict(os.environ, WANDB_MODE="offline")
+    proc = subprocess.Popen([sys.executable, "-m", "diffusion_train.train", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = run / "checkpoints/last.ckpt"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if last.is_file() and load_checkpoint(last)["global_step"] >= 5:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    killed_at = load_checkpoint(last)["global_step"]  # loads: the kill never leaves a broken file
+    assert 5 <= killed_at < 60
+
+    out = _run_cli(args, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"resuming {last}" in out.stdout + out.stderr
+    assert load_checkpoint(last)["global_step"] == 60
+    assert not list((run / "checkpoints").glob(".*.tmp-*")), "temp files of an interrupted save are cleaned up"

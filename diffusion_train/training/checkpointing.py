@@ -42,6 +42,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, path)
 
 
+def remove_stale_temp_files(run_dir: str | os.PathLike) -> list[Path]:
+    """Deletes temp files left by a save that a kill interrupted (they are never a valid checkpoint)."""
+    stale = sorted((Path(run_dir) / "checkpoints").glob(".*.tmp-*"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def last_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     path = Path(run_dir) / "checkpoints" / "last.ckpt"
     return path if path.is_file() else None
