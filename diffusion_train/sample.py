@@ -35,23 +35,36 @@ def class_labels(module, num_images: int, labels) -> dict:
 
 def generate(cfg: DictConfig) -> list[Path]:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if int(cfg.sampler.steps) < 1:
+        raise ValueError(f"sampler.steps must be >= 1, got {cfg.sampler.steps}")
+    if not Path(cfg.ckpt).is_file():
+        raise FileNotFoundError(f"checkpoint {cfg.ckpt} does not exist")
     module = load_module(cfg.ckpt, cfg.weights).to(device)
     sampler = instantiate(cfg.sampler, _convert_="all")
+    interval = None if cfg.guidance_interval is None else [float(v) for v in cfg.guidance_interval]
+    guidance = {"guidance_interval": interval, "guidance_rescale": float(cfg.guidance_rescale)}
+    batches = range(0, cfg.num_images, cfg.batch_size)
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=f"{cfg.num_images} images", unit="batch")
     inputs = class_labels(module, cfg.num_images, cfg.labels)
     net = module.backbone
     images = []
-    for start in range(0, cfg.num_images, cfg.batch_size):
+    for start in batches:
         idx = list(range(start, min(start + cfg.batch_size, cfg.num_images)))
         gens = per_image_generators([cfg.seed + i for i in idx], device)
         noise = randn((len(idx), net.in_channels, net.input_size, net.input_size), gens, device)
         batch = {k: v[idx] for k, v in inputs.items()}
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            images.append(module.sample(noise, batch, sampler, cfg.guidance_scale, generator=gens).cpu())
+            images.append(module.sample(noise, batch, sampler, cfg.guidance_scale, generator=gens,
+                                        **guidance).cpu())
     images = torch.cat(images)
     out = Path(cfg.out_dir)
     paths = [save_grid(images[i:i + 1], out / "images" / f"{cfg.seed + i:06d}.png", ncol=1) for i in range(len(images))]
     save_grid(images, out / "grid.png", ncol=cfg.ncol)
     meta = {"ckpt": str(cfg.ckpt), "weights": cfg.weights, "guidance_scale": cfg.guidance_scale, "seed": cfg.seed,
+            **guidance,
             "sampler": {"solver": sampler.solver.func.__name__, "steps": sampler.steps, "spacing": sampler.spacing},
             "labels": inputs[next(iter(inputs))].tolist() if inputs else None}
     (out / "samples.json").write_text(json.dumps(meta, indent=2))

@@ -15,7 +15,7 @@ import torch
 from diffusion_train.conditioning.cond import Cond
 from diffusion_train.diffusion import parameterization as param
 from diffusion_train.diffusion.guidance import CFGDenoiser
-from diffusion_train.diffusion.objective import GaussianDiffusion
+from diffusion_train.diffusion.objective import GaussianDiffusion, MinSNRWeighting
 from diffusion_train.diffusion.samplers import Sampler, ddim, ddpm, per_image_generators, randn
 from diffusion_train.diffusion.schedules import (
     CosineSchedule,
@@ -104,22 +104,31 @@ def test_log_snr_strictly_decreasing(cls):
 
 
 @pytest.mark.parametrize("cls", ALL_SCHEDULES)
-def test_fractional_t_interpolates_log_alpha_bar(cls):
+def test_fractional_t_interpolates_log_snr(cls):
     sched = cls()
     ac = sched.alphas_cumprod.numpy()
+    lam_tab = np.log(ac / (1 - ac))
     gen = np.random.default_rng(0)
     lo = gen.integers(0, T - 1, size=200)
     w = gen.random(200)
     t = torch.tensor(lo + w, dtype=torch.float64)
-    expected = np.exp((1 - w) * np.log(ac[lo]) + w * np.log(ac[lo + 1]))
-    got = sched.alpha_bar(t).double().numpy()
-    np.testing.assert_allclose(got, expected, rtol=2e-6)
-    # midpoints are geometric means of the neighbours
-    mid = sched.alpha_bar(torch.tensor([10.5, 500.5])).double().numpy()
-    np.testing.assert_allclose(mid, np.sqrt(ac[[10, 500]] * ac[[11, 501]]), rtol=2e-6)
-    # integer steps are exact and out-of-range steps clamp to the ends
-    np.testing.assert_allclose(sched.alpha_bar(torch.tensor([0, 7, 999])).double().numpy(), ac[[0, 7, 999]],
-                               rtol=1e-6)
+    # lambda is linear in t between integers; alpha^2 = sigmoid(lambda), sigma^2 = sigmoid(-lambda)
+    lam = (1 - w) * lam_tab[lo] + w * lam_tab[lo + 1]
+    a, s = sched.alpha_sigma(t)
+    np.testing.assert_allclose(a.double().numpy(), np.sqrt(1 / (1 + np.exp(-lam))), rtol=2e-6)
+    np.testing.assert_allclose(s.double().numpy(), np.sqrt(1 / (1 + np.exp(lam))), rtol=2e-6)
+    np.testing.assert_allclose(sched.alpha_bar(t).double().numpy(), 1 / (1 + np.exp(-lam)), rtol=4e-6)
+    np.testing.assert_allclose(sched.log_snr(t).double().numpy(), lam, rtol=1e-5, atol=1e-5)
+    # midpoints: the log-SNR is the mean of the neighbours' log-SNRs
+    mid = sched.log_snr(torch.tensor([10.5, 500.5])).double().numpy()
+    np.testing.assert_allclose(mid, (lam_tab[[10, 500]] + lam_tab[[11, 501]]) / 2, rtol=1e-5, atol=1e-5)
+    # integer steps give the exact table values and out-of-range steps clamp to the ends
+    a_int, s_int = sched.alpha_sigma(torch.tensor([0, 7, 999]))
+    np.testing.assert_allclose(a_int.double().numpy(), np.float32(np.sqrt(ac[[0, 7, 999]])), rtol=0, atol=0)
+    np.testing.assert_allclose(s_int.double().numpy(), np.float32(np.sqrt(1 - ac[[0, 7, 999]])), rtol=0, atol=0)
+    # integer-valued float t (as samplers pass) also hit the table exactly
+    a_f, _ = sched.alpha_sigma(torch.tensor([0.0, 7.0, 999.0]))
+    assert torch.equal(a_f, a_int)
     np.testing.assert_allclose(sched.alpha_bar(torch.tensor([-5.0, 2000.0])).double().numpy(), ac[[0, 999]],
                                rtol=1e-6)
 
@@ -269,7 +278,7 @@ def test_min_snr_weights():
                    "x0": x0.double().square().flatten(1).mean(1),
                    "v": (a * noise.double() - s * x0.double()).square().flatten(1).mean(1)}
     for prediction in ("eps", "x0", "v"):
-        diff = GaussianDiffusion(sched, prediction, min_snr_gamma=gamma)
+        diff = GaussianDiffusion(sched, prediction, weighting=MinSNRWeighting(gamma))
         w = diff.loss_weight(t)
         # rtol 1e-3: the schedule's SNR comes from a float32 alpha_bar, and 1 - alpha_bar cancels
         # ~4 digits at t=0 (alpha_bar = 0.9999), so float32 rounding gives ~2e-4 relative error there.
@@ -285,7 +294,7 @@ def test_loss_is_deterministic_given_seeded_generator():
     x0, _ = _batch()
     w = torch.linspace(-1, 1, 48).reshape(1, 3, 4, 4)
     net = lambda x, t, c: x * w + t.reshape(-1, 1, 1, 1) / 1000  # noqa: E731
-    diff = GaussianDiffusion(LinearSchedule(), "v", min_snr_gamma=5.0)
+    diff = GaussianDiffusion(LinearSchedule(), "v", weighting=MinSNRWeighting(5.0))
     l1 = diff.loss(net, x0, None, generator=torch.Generator().manual_seed(7))
     l2 = diff.loss(net, x0, None, generator=torch.Generator().manual_seed(7))
     l3 = diff.loss(net, x0, None, generator=torch.Generator().manual_seed(8))

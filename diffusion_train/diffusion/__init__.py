@@ -1,16 +1,48 @@
 """Diffusion math in pure PyTorch: schedules, parameterizations, objectives, samplers, guidance."""
 
 from diffusion_train.diffusion.guidance import CFGDenoiser
-from diffusion_train.diffusion.objective import GaussianDiffusion, ModelDenoiser
-from diffusion_train.diffusion.samplers import Sampler, ddim, ddpm, per_image_generators, randn
+from diffusion_train.diffusion.objective import (
+    EDMWeighting,
+    GaussianDiffusion,
+    LogitNormalTime,
+    LogNormalSigma,
+    MinSNRWeighting,
+    ModelDenoiser,
+    ScheduleTime,
+    UniformWeighting,
+)
+from diffusion_train.diffusion.samplers import (
+    Sampler,
+    ddim,
+    ddpm,
+    dpmpp_2m,
+    dpmpp_2s,
+    dpmpp_3m,
+    euler,
+    euler_ancestral,
+    flow_euler,
+    flow_heun,
+    heun,
+    per_image_generators,
+    randn,
+)
 from diffusion_train.diffusion.schedules import (
     CosineSchedule,
     DiscreteSchedule,
+    EDMSchedule,
+    FlowSchedule,
     LinearSchedule,
+    NoiseSchedule,
     ScaledLinearSchedule,
 )
 
+SAMPLERS = {f.__name__: f for f in (ddim, ddpm, euler, euler_ancestral, dpmpp_2m, dpmpp_2s, dpmpp_3m, heun,
+                                    flow_heun)}
+
 __all__ = [
-    "CFGDenoiser", "CosineSchedule", "DiscreteSchedule", "GaussianDiffusion", "LinearSchedule",
-    "ModelDenoiser", "Sampler", "ScaledLinearSchedule", "ddim", "ddpm", "per_image_generators", "randn",
+    "CFGDenoiser", "CosineSchedule", "DiscreteSchedule", "EDMSchedule", "EDMWeighting", "FlowSchedule",
+    "GaussianDiffusion", "LinearSchedule", "LogNormalSigma", "LogitNormalTime", "MinSNRWeighting",
+    "ModelDenoiser", "NoiseSchedule", "SAMPLERS", "Sampler", "ScaledLinearSchedule", "ScheduleTime",
+    "UniformWeighting", "ddim", "ddpm", "dpmpp_2m", "dpmpp_2s", "dpmpp_3m", "euler", "euler_ancestral",
+    "flow_euler", "flow_heun", "heun", "per_image_generators", "randn",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
@@ -13,21 +15,47 @@ class CFGDenoiser:
     """x0 = x0_uncond + scale * (x0_cond - x0_uncond) (Ho & Salimans 2022).
 
     Guidance is linear, so combining x0 estimates equals combining eps or v predictions.
+    ``interval = (lo, hi)``: guidance only where lo < sigma/alpha <= hi (Kynkaanniemi et al. 2024);
+    elsewhere the conditional estimate alone, and steps wholly outside skip the unconditional pass.
+    ``rescale`` in [0, 1] (Lin et al. 2024): blend the guided estimate with a copy rescaled to the
+    per-sample standard deviation of the conditional estimate, against over-exposure at high scales.
     ``scale=1`` is the plain conditional model and skips the unconditional pass.
     """
 
-    def __init__(self, denoiser: Denoiser, uncond: Cond, scale: float):
+    def __init__(self, denoiser: Denoiser, uncond: Cond, scale: float,
+                 interval: Sequence[float] | None = None, rescale: float = 0.0):
         self.denoiser, self.uncond, self.scale = denoiser, uncond, float(scale)
+        self.schedule = denoiser.schedule
+        self.interval = None if interval is None else (float(interval[0]), float(interval[1]))
+        if self.interval is not None and not self.interval[0] < self.interval[1]:
+            raise ValueError(f"guidance_interval must be (lo, hi) with lo < hi, got {interval}")
+        if not 0.0 <= rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {rescale}")
+        self.rescale = float(rescale)
 
     def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
         return self.denoiser.alpha_sigma(t)
 
-    def timesteps(self, num_steps: int, spacing: str) -> Tensor:
-        return self.denoiser.timesteps(num_steps, spacing)
+    def _active(self, t: Tensor) -> Tensor:
+        """(B,) bool: where guidance applies."""
+        if self.interval is None:
+            return torch.ones(t.shape, dtype=torch.bool, device=t.device)
+        alpha, sigma = self.alpha_sigma(t)
+        ve = sigma.double() / alpha.double()
+        return (ve > self.interval[0]) & (ve <= self.interval[1])
 
     def __call__(self, x: Tensor, t: Tensor, cond: Cond | None) -> Tensor:
         if self.scale == 1.0 or cond is None:
             return self.denoiser(x, t, cond)
+        active = self._active(t)
+        if not bool(active.any()):
+            return self.denoiser(x, t, cond)
         both = self.denoiser(torch.cat([x, x]), torch.cat([t, t]), Cond.cat([cond, self.uncond]))
         x0_cond, x0_uncond = both.chunk(2)
-        return x0_uncond + self.scale * (x0_cond - x0_uncond)
+        guided = x0_uncond + self.scale * (x0_cond - x0_uncond)
+        if self.rescale > 0:
+            dims = tuple(range(1, x.ndim))
+            ratio = x0_cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp(min=1e-12)
+            guided = self.rescale * guided * ratio + (1 - self.rescale) * guided
+        mask = active.reshape(-1, *([1] * (x.ndim - 1)))
+        return torch.where(mask, guided, x0_cond)

@@ -1,4 +1,8 @@
-"""The training objective and the matching denoiser of a Gaussian diffusion model."""
+"""The training objective and the matching denoiser of a Gaussian diffusion model.
+
+The knobs are small swappable pieces: a schedule (``schedules``), a prediction type
+(``parameterization``), a loss weighting and a training-time distribution (both here).
+"""
 
 from __future__ import annotations
 
@@ -9,18 +13,78 @@ from torch import Tensor
 
 from diffusion_train.conditioning.cond import Cond
 from diffusion_train.diffusion import parameterization as param
-from diffusion_train.diffusion.schedules import DiscreteSchedule
+from diffusion_train.diffusion.schedules import NoiseSchedule
 
 
 def _bcast(v: Tensor, x: Tensor) -> Tensor:
     return v.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
 
 
-class Denoiser(Protocol):
-    """What every sampler calls: the clean-sample estimate at timestep ``t``.
+# -- loss weightings: each gives the weight on the x0 error, or None for the plain prediction MSE --
+class UniformWeighting:
+    """The plain MSE of whatever the network predicts."""
 
-    ``alpha_sigma(t)`` gives the schedule, ``timesteps(n, spacing)`` the sampling grid.
-    """
+    def x0_weight(self, alpha: Tensor, sigma: Tensor) -> Tensor | None:
+        return None
+
+
+class MinSNRWeighting:
+    """min(SNR, gamma) on the x0 error (Hang et al. 2023): min(SNR, gamma)/SNR for eps, and
+    min(SNR, gamma)/(SNR + 1) for v on a variance-preserving schedule."""
+
+    def __init__(self, gamma: float = 5.0):
+        self.gamma = float(gamma)
+
+    def x0_weight(self, alpha: Tensor, sigma: Tensor) -> Tensor:
+        return (alpha / sigma).square().clamp(max=self.gamma)
+
+
+class EDMWeighting:
+    """lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 on the x0 error (Karras et al. 2022), with
+    sigma = sigma/alpha; it makes the EDM network's F-loss unweighted."""
+
+    def __init__(self, sigma_data: float = 0.5):
+        self.sigma_data = float(sigma_data)
+
+    def x0_weight(self, alpha: Tensor, sigma: Tensor) -> Tensor:
+        s = sigma / alpha
+        return (s.square() + self.sigma_data**2) / (s * self.sigma_data).square()
+
+
+# -- training-time distributions ------------------------------------------------------------------
+class ScheduleTime:
+    """The schedule's own default: uniform integer steps (DDPM), uniform t (flow), log-normal sigma (EDM)."""
+
+    def __call__(self, schedule: NoiseSchedule, n: int, device, generator=None) -> Tensor:
+        return schedule.sample_t(n, device, generator)
+
+
+class LogitNormalTime:
+    """t = sigmoid(N(mean, std)) mapped onto [t_min, t_max] (SD3's logit-normal sampling for flows)."""
+
+    def __init__(self, mean: float = 0.0, std: float = 1.0):
+        self.mean, self.std = float(mean), float(std)
+
+    def __call__(self, schedule: NoiseSchedule, n: int, device, generator=None) -> Tensor:
+        u = torch.sigmoid(torch.randn(n, device=device, generator=generator) * self.std + self.mean)
+        return schedule.t_min + u * (schedule.t_max - schedule.t_min)
+
+
+class LogNormalSigma:
+    """sigma/alpha = exp(N(p_mean, p_std)) (EDM), mapped to each schedule's time through its log-SNR."""
+
+    def __init__(self, p_mean: float = -1.2, p_std: float = 1.2):
+        self.p_mean, self.p_std = float(p_mean), float(p_std)
+
+    def __call__(self, schedule: NoiseSchedule, n: int, device, generator=None) -> Tensor:
+        log_sigma = torch.randn(n, device=device, generator=generator) * self.p_std + self.p_mean
+        return schedule.t_at(-2 * log_sigma).to(device)
+
+
+class Denoiser(Protocol):
+    """What every sampler calls: the clean-sample estimate at time ``t``, plus the schedule."""
+
+    schedule: NoiseSchedule
 
     def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]: ...
 
@@ -28,10 +92,12 @@ class Denoiser(Protocol):
 
 
 class ModelDenoiser:
-    """Wraps a backbone ``net(x, t, cond)`` and converts its prediction to x0."""
+    """Wraps a backbone ``net(x, model_time, cond)`` and converts its prediction to x0."""
 
-    def __init__(self, net: Callable, schedule: DiscreteSchedule, prediction: str, clip_x0: bool = False):
+    def __init__(self, net: Callable, schedule: NoiseSchedule, prediction: str, clip_x0: bool = False,
+                 sigma_data: float = 0.5):
         self.net, self.schedule, self.prediction, self.clip_x0 = net, schedule, prediction, clip_x0
+        self.sigma_data = sigma_data
 
     def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
         return self.schedule.alpha_sigma(t)
@@ -42,55 +108,62 @@ class ModelDenoiser:
     def __call__(self, x: Tensor, t: Tensor, cond: Cond | None) -> Tensor:
         t = t.to(x.device).expand(x.shape[0]) if t.ndim == 0 else t.to(x.device)
         alpha, sigma = self.alpha_sigma(t)
-        out = self.net(x, t, cond).float()
-        x0 = param.to_x0(self.prediction, out, x.float(), _bcast(alpha, out), _bcast(sigma, out))
+        alpha, sigma, x = _bcast(alpha, x).float(), _bcast(sigma, x).float(), x.float()
+        inp = param.net_input(self.prediction, x, alpha, sigma, self.sigma_data)
+        out = self.net(inp, self.schedule.model_time(t).float(), cond).float()
+        x0 = param.to_x0(self.prediction, out, x, alpha, sigma, self.sigma_data)
         return x0.clamp(-1, 1) if self.clip_x0 else x0
 
 
 class GaussianDiffusion:
-    """Discrete-time Gaussian diffusion (DDPM family): sampling t, noising, target and weighting.
+    """Sampling t, noising, the prediction target and the loss weighting.
 
     Args:
-        schedule: a :class:`DiscreteSchedule` (linear, scaled-linear, cosine).
-        prediction: what the network predicts: ``eps``, ``x0`` or ``v``.
-        min_snr_gamma: if set, weight each sample's MSE by min(SNR, gamma) relative to the
-            prediction's natural weighting (Hang et al. 2023); ``None`` gives the plain MSE.
-        clip_x0: clamp the denoised estimate to [-1, 1] when sampling (pixel-space data).
+        schedule: a :class:`~diffusion_train.diffusion.schedules.NoiseSchedule`.
+        prediction: ``eps``, ``x0``, ``v``, ``flow`` or ``edm`` (see ``parameterization``).
+        weighting: :class:`UniformWeighting` (default), :class:`MinSNRWeighting` or :class:`EDMWeighting`.
+        time_sampler: :class:`ScheduleTime` (default), :class:`LogitNormalTime` or :class:`LogNormalSigma`.
+        clip_x0: clamp the denoised estimate to [-1, 1] when sampling (pixel space).
+        sigma_data: the data standard deviation assumed by ``edm`` preconditioning.
     """
 
-    def __init__(self, schedule: DiscreteSchedule, prediction: str = "eps",
-                 min_snr_gamma: float | None = None, clip_x0: bool = False):
-        param._check(prediction)
-        self.schedule, self.prediction = schedule, prediction
-        self.min_snr_gamma, self.clip_x0 = min_snr_gamma, clip_x0
+    def __init__(self, schedule: NoiseSchedule, prediction: str = "eps", weighting=None, time_sampler=None,
+                 clip_x0: bool = False, sigma_data: float = 0.5):
+        param.check(prediction)
+        if prediction == "eps" and getattr(schedule, "zero_terminal_snr", False):
+            raise ValueError("a zero-terminal-SNR schedule cannot use eps prediction (x0 is undefined where "
+                             "alpha = 0); use prediction v, x0 or flow")
+        self.schedule, self.prediction, self.clip_x0, self.sigma_data = schedule, prediction, clip_x0, sigma_data
+        self.weighting = weighting if weighting is not None else UniformWeighting()
+        self.time_sampler = time_sampler if time_sampler is not None else ScheduleTime()
 
     def sample_t(self, n: int, device, generator: torch.Generator | None = None) -> Tensor:
-        return torch.randint(0, self.schedule.num_timesteps, (n,), device=device, generator=generator)
+        return self.time_sampler(self.schedule, n, device, generator)
 
     def loss_weight(self, t: Tensor) -> Tensor:
         """Per-sample weight on the MSE of the configured prediction."""
-        if self.min_snr_gamma is None:
+        alpha, sigma = self.schedule.alpha_sigma(t)
+        w = self.weighting.x0_weight(alpha.double(), sigma.double())
+        if w is None:
             return torch.ones(t.shape, device=t.device)
-        snr = self.schedule.log_snr(t).exp()
-        clipped = snr.clamp(max=self.min_snr_gamma)
-        # min(SNR, gamma) is the weight on the x0-MSE; eps- and v-MSE equal x0-MSE times SNR and SNR+1.
-        return {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[self.prediction]
+        k = param.x0_mse_factor(self.prediction, alpha.double(), sigma.double(), self.sigma_data)
+        return (w / k).float()
 
     def loss(self, net: Callable, x0: Tensor, cond: Cond | None, generator: torch.Generator | None = None,
              t: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
         """Per-sample weighted MSE, shape (B,). ``t`` and ``noise`` may be given for fixed evaluation."""
-        b = x0.shape[0]
         if t is None:
-            t = self.sample_t(b, x0.device, generator)
+            t = self.sample_t(x0.shape[0], x0.device, generator)
         if noise is None:
             noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-        alpha, sigma = self.schedule.alpha_sigma(t)
-        alpha, sigma = _bcast(alpha, x0), _bcast(sigma, x0)
+        a, s = self.schedule.alpha_sigma(t)
+        alpha, sigma = _bcast(a, x0), _bcast(s, x0)
         x_t = alpha * x0 + sigma * noise
-        out = net(x_t, t.to(torch.float32), cond)
-        tgt = param.target(self.prediction, x0, noise, alpha, sigma)
+        inp = param.net_input(self.prediction, x_t, alpha, sigma, self.sigma_data)
+        out = net(inp, self.schedule.model_time(t.float()), cond)
+        tgt = param.target(self.prediction, x0, noise, alpha, sigma, self.sigma_data)
         mse = (out.float() - tgt.float()).square().flatten(1).mean(1)
         return mse * self.loss_weight(t)
 
     def denoiser(self, net: Callable) -> ModelDenoiser:
-        return ModelDenoiser(net, self.schedule, self.prediction, self.clip_x0)
+        return ModelDenoiser(net, self.schedule, self.prediction, self.clip_x0, self.sigma_data)

@@ -129,9 +129,12 @@ class DiffusionModule(L.LightningModule):
     # -- validation: fixed noise and stratified timesteps, so the number is comparable across steps --
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         x0 = batch["image"]
-        b, T = x0.shape[0], self.objective.schedule.num_timesteps
+        b, schedule = x0.shape[0], self.objective.schedule
         g = self.step_generator(10**9, batch_idx, self.global_rank)
-        t = ((torch.arange(b, device=self.device) + 0.5) / b * T).long().clamp(max=T - 1)
+        # timesteps spread evenly over the schedule (integer steps for discrete schedules)
+        t = schedule.t_min + (torch.arange(b, device=self.device) + 0.5) / b * (schedule.t_max - schedule.t_min)
+        if hasattr(schedule, "num_timesteps"):
+            t = t.round()
         noise = torch.randn(x0.shape, generator=g, device=self.device)
         loss = self.objective.loss(self.net, x0, self.conditioner(batch), t=t, noise=noise).mean()
         self.log("val/loss", loss, sync_dist=True, batch_size=b)
@@ -139,8 +142,9 @@ class DiffusionModule(L.LightningModule):
     # -- sampling --------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, noise: Tensor, cond_inputs: dict, sampler: Sampler, guidance_scale: float = 1.0,
-               generator=None, progress: bool = False) -> Tensor:
-        """Images in [-1, 1] from ``noise`` for the conditioning inputs (e.g. ``{"label": ...}``)."""
+               generator=None, progress: bool = False, **guidance) -> Tensor:
+        """Images in [-1, 1] from ``noise`` for the conditioning inputs (e.g. ``{"label": ...}``);
+        ``guidance`` takes ``guidance_interval`` and ``guidance_rescale`` (see ``CFGDenoiser``)."""
         was_training = self.training
         self.eval()
         try:
@@ -148,7 +152,7 @@ class DiffusionModule(L.LightningModule):
             uncond = self.conditioner.uncond(noise.shape[0]) if guidance_scale != 1.0 else None
             denoiser = self.objective.denoiser(self.net)
             x = sampler(denoiser, noise.to(self.device), cond, uncond=uncond, guidance_scale=guidance_scale,
-                        generator=generator, progress=progress)
+                        generator=generator, progress=progress, **guidance)
         finally:
             self.train(was_training)
         return x.clamp(-1, 1)

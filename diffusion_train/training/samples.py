@@ -24,11 +24,13 @@ class SampleGrid(L.Callback):
     """
 
     def __init__(self, sampler: Sampler, dirpath: str, every_n_steps: int = 1000, per_class: int = 8,
-                 rows: int = 4, guidance_scale: float = 1.0, seed: int = 0, label_key: str = "label"):
+                 rows: int = 4, guidance_scale: float = 1.0, seed: int = 0, label_key: str = "label",
+                 guidance_interval: list[float] | None = None, guidance_rescale: float = 0.0):
         super().__init__()
         self.sampler, self.dirpath, self.every_n_steps = sampler, Path(dirpath), int(every_n_steps)
         self.per_class, self.rows, self.guidance_scale = per_class, rows, float(guidance_scale)
         self.seed, self.label_key = seed, label_key
+        self.guidance = {"guidance_interval": guidance_interval, "guidance_rescale": guidance_rescale}
         self._last_step = -1
 
     def cond_inputs(self, pl_module) -> tuple[int, dict]:
@@ -49,7 +51,8 @@ class SampleGrid(L.Callback):
         ema = find_ema(trainer)
         swap = ema.swapped(pl_module) if ema is not None else contextlib.nullcontext()
         with swap, trainer.precision_plugin.forward_context():
-            images = pl_module.sample(noise, inputs, self.sampler, self.guidance_scale, generator=gens)
+            images = pl_module.sample(noise, inputs, self.sampler, self.guidance_scale, generator=gens,
+                                      **self.guidance)
         self._last_step = trainer.global_step
         if trainer.global_rank != 0:
             return None
