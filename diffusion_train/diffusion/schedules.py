@@ -6,7 +6,7 @@ gives alpha(t), sigma(t), the log signal-to-noise ratio lambda(t) = log(alpha^2 
 training-time distribution.
 
 - :class:`DiscreteSchedule` (linear, scaled-linear, cosine): the 1000-step DDPM family; t in [0, T-1]
-  (fractional t interpolates log alpha_bar), optionally rescaled to zero terminal SNR.
+  (fractional t interpolates the log-SNR), optionally rescaled to zero terminal SNR.
 - :class:`EDMSchedule`: Karras et al. (2022) noise levels; t = sigma, alpha = 1.
 - :class:`FlowSchedule`: rectified flow / flow matching; alpha = 1 - t, sigma = t, t in [0, 1].
 """
@@ -129,10 +129,15 @@ class DiscreteSchedule(NoiseSchedule):
         frac = w > 0
         if not bool(frac.any()):
             return a_tab[lo].float(), s_tab[lo].float()
-        lam = torch.lerp(self._lam(a_tab[lo], s_tab[lo]), self._lam(a_tab[hi], s_tab[hi]), w)
-        alpha = torch.where(frac, torch.sigmoid(lam).sqrt(), a_tab[lo])
-        sigma = torch.where(frac, torch.sigmoid(-lam).sqrt(), s_tab[lo])
-        return alpha.float(), sigma.float()
+        lam_hi = self._lam(a_tab[hi], s_tab[hi])
+        lam = torch.lerp(self._lam(a_tab[lo], s_tab[lo]), lam_hi.clamp(min=-1e30), w)
+        alpha, sigma = torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
+        # Towards a zero-SNR end (lambda = -inf) the log-SNR cannot be interpolated: use alpha instead.
+        a_lin = torch.lerp(a_tab[lo], a_tab[hi], w)
+        to_zero = torch.isinf(lam_hi)
+        alpha = torch.where(to_zero, a_lin, alpha)
+        sigma = torch.where(to_zero, (1 - a_lin.square()).sqrt(), sigma)
+        return torch.where(frac, alpha, a_tab[lo]).float(), torch.where(frac, sigma, s_tab[lo]).float()
 
     @staticmethod
     def _lam(alpha: Tensor, sigma: Tensor) -> Tensor:

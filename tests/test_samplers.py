@@ -1,0 +1,625 @@
+"""Known-answer tests for schedules, parameterizations, samplers and guidance.
+
+The data are 2-D toy distributions whose optimal denoiser E[x0 | x_t] is known in closed form
+(``scripts/analytic.py``): a Gaussian with a different mean and std per dimension and a mixture of
+three Gaussians. For the Gaussian the probability-flow ODE is solvable exactly, so a deterministic
+sampler's output can be compared sample by sample with the exact map; for the mixture the first two
+moments of the samples are compared with the data's, with tolerances from the sample size.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion_train.conditioning.cond import Cond
+from diffusion_train.diffusion import parameterization as param
+from diffusion_train.diffusion.guidance import CFGDenoiser
+from diffusion_train.diffusion.objective import GaussianDiffusion, ModelDenoiser
+from diffusion_train.diffusion.samplers import (
+    Sampler,
+    ddim,
+    ddpm,
+    dpmpp_2m,
+    dpmpp_2s,
+    dpmpp_3m,
+    euler,
+    euler_ancestral,
+    flow_euler,
+    flow_heun,
+    heun,
+    per_image_generators,
+    randn,
+)
+from diffusion_train.diffusion.schedules import (
+    CosineSchedule,
+    EDMSchedule,
+    FlowSchedule,
+    LinearSchedule,
+    ScaledLinearSchedule,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from analytic import Gaussian, Mixture, moments  # noqa: E402
+
+SCHEDULES = {  # name -> (schedule, the spacing the samplers use on it)
+    "vp": (LinearSchedule(), "karras"),
+    "edm": (EDMSchedule(), "karras"),
+    "flow": (FlowSchedule(), "linspace"),
+}
+FIRST_ORDER = {"ddim": ddim, "euler": euler, "ddpm": ddpm, "euler_ancestral": euler_ancestral}
+SOLVERS = {**FIRST_ORDER, "dpmpp_2m": dpmpp_2m, "dpmpp_2s": dpmpp_2s, "dpmpp_3m": dpmpp_3m, "heun": heun,
+           "heun_churn": lambda *a, **k: heun(*a, s_churn=10.0, **k), "flow_heun": flow_heun}
+DETERMINISTIC = ("ddim", "euler", "dpmpp_2m", "dpmpp_2s", "dpmpp_3m", "heun", "flow_heun")
+
+
+def applies(sampler: str, sched: str) -> bool:
+    """heun needs alpha > 0 (flow grids start at t = 1); flow_heun needs a flow schedule."""
+    if sampler.startswith("heun"):
+        return sched != "flow"
+    if sampler == "flow_heun":
+        return sched == "flow"
+    return True
+
+
+def exact_start(den, ts, n, seed):
+    """x at ts[0] drawn from the exact marginal a x0 + s eps (x0 from the data), so the only error
+    left in the samples is the solver's."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = den.sample(n, g)
+    a, s = den.alpha_sigma(ts[:1])
+    return (a.double() * x0 + s.double() * torch.randn(x0.shape, generator=g, dtype=torch.float64)).float()
+
+
+def scaled_noise(schedule, ts, n, seed, d=2):
+    """What ``Sampler`` does: standard normal noise scaled to sqrt(a^2 + s^2) at the first timestep."""
+    a, s = schedule.alpha_sigma(ts[:1])
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed)) * (a.square() + s.square()).sqrt()
+
+
+def pf_error(name, sched_name, steps, n=2000):
+    """mean |sampler output - exact probability-flow output| on the Gaussian data."""
+    schedule, spacing = SCHEDULES[sched_name]
+    den = Gaussian(schedule)
+    ts = schedule.timesteps(steps, spacing)
+    x = scaled_noise(schedule, ts, n, seed=0)
+    out = SOLVERS[name](den, x, ts)
+    return float((out.double() - den.exact_output(x, ts)).abs().mean())
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. schedules against their published formulas
+# ------------------------------------------------------------------------------------------------
+def test_edm_karras_sigmas_known_values():
+    sched = EDMSchedule(sigma_min=0.002, sigma_max=80.0, rho=7.0)
+    for n in (5, 11, 18):
+        ts = sched.timesteps(n)
+        assert ts.shape == (n,) and ts.dtype == torch.float32
+        assert math.isclose(float(ts[0]), 80.0, rel_tol=1e-6)
+        assert math.isclose(float(ts[-1]), 0.002, rel_tol=1e-6)
+        # Karras et al. 2022, eq. 5: sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho
+        for i in (1, (n - 1) // 2, n - 2):
+            ref = (80.0 ** (1 / 7) + i / (n - 1) * (0.002 ** (1 / 7) - 80.0 ** (1 / 7))) ** 7
+            assert math.isclose(float(ts[i]), ref, rel_tol=1e-6)
+    assert sched.timesteps(10, "auto").tolist() == sched.timesteps(10, "karras").tolist()
+    torch.testing.assert_close(sched.timesteps(5, "linspace"), torch.linspace(80.0, 0.002, 5))
+    a, s = sched.alpha_sigma(torch.tensor([0.5, 3.0]))
+    assert a.tolist() == [1.0, 1.0] and s.tolist() == [0.5, 3.0]
+    torch.testing.assert_close(sched.model_time(torch.tensor([1.0, 80.0])), 250 * torch.tensor([0.0, math.log(80)]))
+
+
+def test_vp_karras_spacing_spans_the_schedule():
+    sched = LinearSchedule()
+    ts = sched.timesteps(12, "karras")
+    assert bool((ts[1:] < ts[:-1]).all())
+    assert abs(float(ts[0]) - 999) < 1e-3 and abs(float(ts[-1])) < 1e-3
+    ac = sched.alphas_cumprod.numpy()
+    lo, hi = math.sqrt((1 - ac[0]) / ac[0]), math.sqrt((1 - ac[-1]) / ac[-1])
+    ref = (hi ** (1 / 7) + np.arange(12) / 11 * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7
+    a, s = sched.alpha_sigma(ts)
+    np.testing.assert_allclose((s.double() / a.double()).numpy(), ref, rtol=1e-4)
+
+
+def test_flow_schedule_formulas_and_shift():
+    sched = FlowSchedule()
+    t = torch.tensor([0.0, 0.25, 0.5, 0.9, 1.0])
+    a, s = sched.alpha_sigma(t)
+    assert a.tolist() == (1 - t).tolist() and s.tolist() == t.tolist()
+    assert sched.timesteps(4).tolist() == [1.0, 0.75, 0.5, 0.25]
+    assert sched.timesteps(4, "linspace").tolist() == sched.timesteps(4, "trailing").tolist()
+    torch.testing.assert_close(sched.model_time(t), 1000 * t)
+    # SD3 shift: t' = shift t / (1 + (shift - 1) t); shift 3 maps 1, .75, .5, .25 to 1, .9, .75, .5
+    shifted = FlowSchedule(shift=3.0).timesteps(4)
+    torch.testing.assert_close(shifted, torch.tensor([1.0, 0.9, 0.75, 0.5]))
+    # ... i.e. the log-SNR moves down by 2 log(shift) at every point of the grid
+    base, sh = FlowSchedule().timesteps(7)[1:], FlowSchedule(shift=3.0).timesteps(7)[1:]
+    torch.testing.assert_close(sched.log_snr(sh), sched.log_snr(base) - 2 * math.log(3.0), rtol=0, atol=1e-5)
+    # karras on a flow schedule: t/(1-t) follows the Karras sigmas of 0.002 .. 80
+    tk = sched.timesteps(6, "karras").double()
+    ref = (80 ** (1 / 7) + torch.arange(6) / 5 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+    torch.testing.assert_close(tk / (1 - tk), ref.double(), rtol=1e-5, atol=0)
+
+
+def _lin_2024_algorithm_1(betas: np.ndarray) -> np.ndarray:
+    """Lin et al. 2024, algorithm 1 (enforce zero terminal SNR), in numpy float64: returns betas."""
+    alphas_bar_sqrt = np.sqrt(np.cumprod(1 - betas))
+    a0, at = alphas_bar_sqrt[0].copy(), alphas_bar_sqrt[-1].copy()
+    alphas_bar_sqrt = (alphas_bar_sqrt - at) * a0 / (a0 - at)
+    alphas_bar = alphas_bar_sqrt**2
+    alphas = np.concatenate([alphas_bar[0:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return 1 - alphas
+
+
+@pytest.mark.parametrize("cls", [LinearSchedule, ScaledLinearSchedule, CosineSchedule])
+def test_zero_terminal_snr_rescale_matches_lin_2024(cls):
+    plain, zt = cls(), cls(rescale_zero_terminal_snr=True)
+    betas = _lin_2024_algorithm_1(plain.betas.numpy())
+    np.testing.assert_allclose(zt.betas.numpy(), betas, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(zt.alphas_cumprod.numpy(), np.cumprod(1 - betas), rtol=1e-10, atol=1e-14)
+    assert float(zt.alphas_cumprod[-1]) == 0.0 and float(zt.betas[-1]) == 1.0
+    np.testing.assert_allclose(float(zt.alphas_cumprod[0]), float(plain.alphas_cumprod[0]), rtol=1e-14)
+    a, s = zt.alpha_sigma(torch.tensor([999.0]))
+    assert float(a) == 0.0 and float(s) == 1.0
+    assert float(zt.log_snr(torch.tensor([999.0]))) == -math.inf
+    assert zt.zero_terminal_snr and not plain.zero_terminal_snr
+
+
+def test_zero_terminal_snr_alpha_sigma_is_finite_between_the_last_two_steps():
+    """Fractional t in (T-2, T-1) interpolates towards lambda = -inf; alpha and sigma must stay valid
+    numbers there (continuous time samplers such as LogitNormalTime produce such t)."""
+    zt = LinearSchedule(rescale_zero_terminal_snr=True)
+    t = torch.linspace(997.0, 999.0, 41)
+    a, s = zt.alpha_sigma(t)
+    assert bool(torch.isfinite(a).all() and torch.isfinite(s).all()), (
+        f"NaN alpha/sigma at t = {t[~torch.isfinite(a)].tolist()}")
+    torch.testing.assert_close(a.double() ** 2 + s.double() ** 2, torch.ones(41, dtype=torch.float64),
+                               rtol=0, atol=1e-6)
+    assert bool((a[1:] <= a[:-1]).all())
+
+
+@pytest.mark.parametrize("cls", [LinearSchedule, ScaledLinearSchedule, CosineSchedule])
+def test_discrete_t_at_inverts_log_snr(cls):
+    sched = cls()
+    t = torch.cat([torch.tensor([0.0, 0.5, 1.0, 998.25, 999.0]),
+                   torch.rand(300, generator=torch.Generator().manual_seed(0)) * 999])
+    back = sched.t_at(sched.log_snr(t))
+    torch.testing.assert_close(back, t, rtol=0, atol=2e-3)
+    ends = sched.log_snr(torch.tensor([999.0, 0.0])).tolist()
+    lam = torch.linspace(ends[0] + 1e-3, ends[1] - 1e-3, 50)
+    # float32 t near 999 resolves ~6e-5 of a step, and the cosine log-SNR falls ~7 per step there
+    torch.testing.assert_close(sched.log_snr(sched.t_at(lam)), lam, rtol=0, atol=1e-3)
+    # out-of-range log-SNRs clamp to the ends of the schedule
+    assert sched.t_at(torch.tensor([100.0, -100.0])).tolist() == [0.0, 999.0]
+
+
+def test_edm_and_flow_t_at_invert_log_snr():
+    edm = EDMSchedule()
+    sig = torch.tensor([0.002, 0.01, 0.5, 1.0, 7.0, 80.0])
+    torch.testing.assert_close(edm.t_at(edm.log_snr(sig)), sig, rtol=1e-5, atol=0)
+    torch.testing.assert_close(edm.log_snr(sig), -2 * sig.log(), rtol=1e-6, atol=1e-6)
+    assert edm.t_at(torch.tensor([30.0, -30.0])).tolist() == pytest.approx([0.002, 80.0])
+    flow = FlowSchedule()
+    t = torch.tensor([0.001, 0.1, 0.3, 0.5, 0.77, 0.999])
+    torch.testing.assert_close(flow.t_at(flow.log_snr(t)), t, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(flow.log_snr(t), 2 * ((1 - t) / t).log(), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. parameterizations
+# ------------------------------------------------------------------------------------------------
+def _alpha_sigma_cases():
+    """(name, alpha, sigma) float64 columns from each schedule type, all with alpha > 0."""
+    t_vp = torch.tensor([0.0, 3.5, 100.0, 500.0, 900.0, 999.0])
+    a_vp, s_vp = LinearSchedule().alpha_sigma(t_vp)
+    s_edm = torch.tensor([0.002, 0.05, 0.5, 2.0, 20.0, 80.0], dtype=torch.float64)
+    t_fl = torch.tensor([1e-3, 0.1, 0.4, 0.6, 0.9, 0.999], dtype=torch.float64)
+    cases = [("vp", a_vp.double(), s_vp.double()), ("edm", torch.ones_like(s_edm), s_edm),
+             ("flow", 1 - t_fl, t_fl)]
+    return [(n, a.reshape(-1, 1), s.reshape(-1, 1)) for n, a, s in cases]
+
+
+@pytest.mark.parametrize("prediction", param.PREDICTIONS)
+def test_to_x0_inverts_target_for_every_schedule(prediction):
+    g = torch.Generator().manual_seed(0)
+    for _, a, s in _alpha_sigma_cases():
+        x0 = torch.randn(len(a), 5, generator=g, dtype=torch.float64)
+        eps = torch.randn(len(a), 5, generator=g, dtype=torch.float64)
+        x_t = a * x0 + s * eps
+        out = param.target(prediction, x0, eps, a, s)
+        torch.testing.assert_close(param.to_x0(prediction, out, x_t, a, s), x0, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("source", param.PREDICTIONS)
+def test_convert_round_trips(source):
+    g = torch.Generator().manual_seed(1)
+    for _, a, s in _alpha_sigma_cases():
+        x0 = torch.randn(len(a), 5, generator=g, dtype=torch.float64)
+        eps = torch.randn(len(a), 5, generator=g, dtype=torch.float64)
+        x_t = a * x0 + s * eps
+        out = param.target(source, x0, eps, a, s)
+        for dest in param.PREDICTIONS:
+            there = param.convert(out, source, dest, x_t, a, s)
+            torch.testing.assert_close(there, param.target(dest, x0, eps, a, s), rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(param.convert(there, dest, source, x_t, a, s), out, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("prediction", param.PREDICTIONS)
+def test_x0_mse_factor_brute_force(prediction):
+    """||delta||^2 / ||x0 change||^2 when the prediction moves by delta (x_t fixed) is x0_mse_factor."""
+    g = torch.Generator().manual_seed(2)
+    for _, a, s in _alpha_sigma_cases():
+        x0 = torch.randn(len(a), 8, generator=g, dtype=torch.float64)
+        eps = torch.randn(len(a), 8, generator=g, dtype=torch.float64)
+        x_t = a * x0 + s * eps
+        out = param.target(prediction, x0, eps, a, s)
+        delta = 1e-3 * torch.randn(out.shape, generator=g, dtype=torch.float64)
+        dx0 = param.to_x0(prediction, out + delta, x_t, a, s) - param.to_x0(prediction, out, x_t, a, s)
+        ratio = delta.square().sum(1) / dx0.square().sum(1)
+        k = param.x0_mse_factor(prediction, a, s).reshape(-1)
+        torch.testing.assert_close(ratio, k, rtol=1e-6, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. every sampler on Gaussian and mixture data
+# ------------------------------------------------------------------------------------------------
+def test_sampler_identities():
+    """euler is ddim(eta=0), flow_euler is euler, euler_ancestral(eta) is ddim(eta), ddpm is ddim(eta=1)."""
+    sched = LinearSchedule()
+    ts = sched.timesteps(15, "karras")
+    x = scaled_noise(sched, ts, 64, seed=3)
+    assert flow_euler is euler
+    assert torch.equal(euler(Gaussian(sched), x, ts), ddim(Gaussian(sched), x, ts, eta=0.0))
+    for eta in (0.5, 1.0):
+        a = euler_ancestral(Gaussian(sched), x, ts, eta=eta, generator=torch.Generator().manual_seed(0))
+        b = ddim(Gaussian(sched), x, ts, eta=eta, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(a, b)
+    a = ddpm(Gaussian(sched), x, ts, generator=torch.Generator().manual_seed(1))
+    b = ddim(Gaussian(sched), x, ts, eta=1.0, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+
+
+def _kdiff_reference(name, den, x, ts):
+    """k-diffusion's sample_euler / sample_heun / sample_dpmpp_2m / sample_dpmpp_2s_ancestral (eta=0) /
+    sample_dpmpp_3m_sde (eta=0), in float64 on the EDM schedule (x = x0 + sigma eps), sigmas = ts + [0]."""
+    sig = torch.cat([ts.double(), torch.zeros(1, dtype=torch.float64)])
+    one = torch.ones(1, 1, dtype=torch.float64)
+
+    def model(x, s):
+        return den.posterior_mean(x, one, s.reshape(1, 1))
+
+    x = x.double()
+    hist: list = []  # (denoised, h) newest first
+    for i in range(len(sig) - 1):
+        d0 = model(x, sig[i])
+        if sig[i + 1] == 0:
+            return d0
+        h = sig[i].log() - sig[i + 1].log()
+        if name == "euler":
+            x = x + (x - d0) / sig[i] * (sig[i + 1] - sig[i])
+        elif name == "heun":
+            d, dt = (x - d0) / sig[i], sig[i + 1] - sig[i]
+            x2 = x + d * dt
+            x = x + (d + (x2 - model(x2, sig[i + 1])) / sig[i + 1]) / 2 * dt
+        elif name == "dpmpp_2m":
+            dd = d0
+            if hist:
+                r = hist[0][1] / h
+                dd = (1 + 1 / (2 * r)) * d0 - (1 / (2 * r)) * hist[0][0]
+            x = (sig[i + 1] / sig[i]) * x - torch.expm1(-h) * dd
+        elif name == "dpmpp_2s":
+            s_mid = sig[i] * torch.exp(-h / 2)
+            x2 = (s_mid / sig[i]) * x - torch.expm1(-h / 2) * d0
+            x = (sig[i + 1] / sig[i]) * x - torch.expm1(-h) * model(x2, s_mid)
+        elif name == "dpmpp_3m":
+            x = torch.exp(-h) * x - torch.expm1(-h) * d0
+            phi2 = torch.expm1(-h) / h + 1
+            if len(hist) >= 2:
+                (m1, h1), (m2, h2) = hist[0], hist[1]
+                r0, r1 = h1 / h, h2 / h
+                d1_0, d1_1 = (d0 - m1) / r0, (m1 - m2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                x = x + phi2 * d1 - (phi2 / h - 0.5) * d2
+            elif hist:  # the second step: this package uses the DPM-Solver++(2M) update here (k-diffusion's
+                # 3M uses the equally second-order phi2 form: x + phi2 (d0 - m1) / r)
+                x = x - torch.expm1(-h) * (d0 - hist[0][0]) / (2 * hist[0][1] / h)
+        hist = [(d0, h)] + hist[:1]
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("name", ["euler", "heun", "dpmpp_2m", "dpmpp_2s", "dpmpp_3m"])
+def test_samplers_match_k_diffusion_reference(name):
+    sched = EDMSchedule()
+    for steps in (4, 9, 25):
+        ts = sched.timesteps(steps)
+        den = Gaussian(sched)
+        x = scaled_noise(sched, ts, 256, seed=steps)
+        out = SOLVERS[name](den, x, ts)
+        ref = _kdiff_reference(name, Gaussian(sched), x, ts)
+        torch.testing.assert_close(out.double(), ref, rtol=0, atol=5e-5)
+
+
+# step counts per solver family: first order needs many more steps for the same accuracy
+STEPS = {"ddim": 200, "euler": 200, "euler_ancestral": 200, "ddpm": 200}
+CASES = [(s, k) for k in SCHEDULES for s in SOLVERS if applies(s, k)]
+
+
+@pytest.mark.parametrize("data", ["gaussian", "mixture"])
+@pytest.mark.parametrize("name,sched_name", CASES)
+def test_sampler_moments_match_data(name, sched_name, data):
+    """Sample mean and covariance match the data's: |error| <= 4 standard errors (estimated from the
+    samples; N = 20000 Gaussian, 10000 mixture) + 0.01 allowed for the discretisation (50 steps for
+    the higher-order solvers, 200 for the first-order ones; ddpm on the VP schedule runs its full 1000
+    step leading grid)."""
+    schedule, spacing = SCHEDULES[sched_name]
+    den = (Gaussian if data == "gaussian" else Mixture)(schedule)
+    n = 20000 if data == "gaussian" else 10000
+    steps = STEPS.get(name, 50)
+    if name == "ddpm" and sched_name == "vp":
+        steps, spacing = 1000, "leading"
+    ts = schedule.timesteps(steps, spacing)
+    x = exact_start(den, ts, n, seed=11)
+    out = SOLVERS[name](den, x, ts, generator=torch.Generator().manual_seed(12)).double()
+    assert out.shape == (n, 2) and bool(torch.isfinite(out).all())
+    # two calls per step except the last; 2S takes a first-order (one-call) step from alpha = 0 (flow t = 1)
+    two = 2 * steps - (2 if name == "dpmpp_2s" and sched_name == "flow" else 1)
+    assert den.nfe == (two if name in ("dpmpp_2s", "heun", "heun_churn", "flow_heun") else steps)
+    mean, cov = moments(out)
+    c = out - mean
+    se_mean = c.std(0) / math.sqrt(n)
+    se_cov = (c[:, :, None] * c[:, None, :]).flatten(1).std(0).reshape(2, 2) / math.sqrt(n)
+    err_m, err_c = (mean - den.mean).abs(), (cov - den.cov).abs()
+    assert bool((err_m <= 4 * se_mean + 0.01).all()), f"mean {mean.tolist()} vs {den.mean.tolist()}"
+    assert bool((err_c <= 4 * se_cov + 0.01).all()), f"cov {cov.tolist()} vs {den.cov.tolist()}"
+
+
+def test_gaussian_exact_output_is_the_output_distribution():
+    """Sanity check of the reference itself: the exact PF map of exact-marginal starts has the
+    data mean and the covariance of E[x0 | x_t] at the last timestep."""
+    sched = FlowSchedule()
+    den = Gaussian(sched)
+    ts = sched.timesteps(8)
+    x = exact_start(den, ts, 200000, seed=0)
+    ref = den.exact_output(x, ts)
+    mean, cov = moments(ref)
+    torch.testing.assert_close(mean, den.mean, rtol=0, atol=0.005)
+    torch.testing.assert_close(cov, den.output_cov(ts), rtol=0, atol=0.003)
+    assert float(den.output_cov(ts)[0, 0]) < 0.95 * float(den.cov[0, 0])  # t = 1/8 still smooths
+
+
+ORDER_CASES = [(s, k) for k in SCHEDULES for s in DETERMINISTIC if applies(s, k)]
+
+
+@pytest.mark.parametrize("name,sched_name", ORDER_CASES)
+def test_deterministic_error_decreases_with_steps(name, sched_name):
+    """mean |out - exact PF output| falls monotonically; the last doubling shows the solver's order
+    (first order: ~2x; second order: ~4x; 3M is limited to ~2nd order by its low-order start)."""
+    steps = (10, 20, 40, 80) if sched_name != "flow" else (20, 40, 80, 160)
+    errs = [pf_error(name, sched_name, n) for n in steps]
+    assert all(b < a for a, b in zip(errs, errs[1:])), errs
+    min_ratio = {"ddim": 1.6, "euler": 1.6, "dpmpp_3m": 2.0}.get(name, 3.0)
+    assert errs[-2] / errs[-1] > min_ratio, errs
+
+
+@pytest.mark.parametrize("sched_name", list(SCHEDULES))
+def test_higher_order_solvers_beat_first_order(sched_name):
+    e10 = {n: pf_error(n, sched_name, 10) for n in DETERMINISTIC if applies(n, sched_name)}
+    e20 = {n: pf_error(n, sched_name, 20) for n in DETERMINISTIC if applies(n, sched_name)}
+    assert e10["dpmpp_2m"] < e10["ddim"] and e10["dpmpp_2s"] < e10["ddim"], e10
+    first = min(e20["ddim"], e20["euler"])
+    for n in ("dpmpp_3m", "dpmpp_2s", "dpmpp_2m", "heun" if sched_name != "flow" else "flow_heun"):
+        assert e20[n] < first / 2, (n, e20)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. every prediction type with every sampler
+# ------------------------------------------------------------------------------------------------
+def _time_from_model_time(schedule, mt):
+    if isinstance(schedule, EDMSchedule):
+        return torch.exp(mt / 250.0)
+    if isinstance(schedule, FlowSchedule):
+        return mt / 1000.0
+    return mt
+
+
+def fake_net(analytic, prediction):
+    """A 'network' that returns the exact target of ``prediction`` for the analytic data: it sees
+    only param.net_input(...) and model_time(t), like a real backbone."""
+    schedule = analytic.schedule
+
+    def net(inp, mt, cond):
+        t = _time_from_model_time(schedule, mt.double())
+        a, s = (v.double().reshape(-1, 1) for v in schedule.alpha_sigma(t.float()))
+        x = inp.double()
+        if prediction == "edm":  # the net receives c_in * x / a
+            x = x * a / param.edm_coefficients(a, s, 0.5)[2]
+        x0 = analytic.posterior_mean(x, a, s)
+        eps = (x - a * x0) / s
+        return param.target(prediction, x0, eps, a, s)
+
+    return net
+
+
+PRED_CASES = [("vp", "karras", p) for p in param.PREDICTIONS] + [("edm", "karras", p) for p in param.PREDICTIONS] \
+    + [("flow", "karras", p) for p in param.PREDICTIONS] + [("flow", "linspace", p) for p in ("x0", "v", "flow")]
+
+
+@pytest.mark.parametrize("sched_name,spacing,prediction", PRED_CASES)
+def test_every_prediction_type_with_every_sampler(sched_name, spacing, prediction):
+    schedule = SCHEDULES[sched_name][0]
+    ts = schedule.timesteps(8, spacing)
+    x = scaled_noise(schedule, ts, 128, seed=5)
+    names = [n for n in SOLVERS if applies(n, sched_name) or (n.startswith("heun") and spacing == "karras")]
+    for name in names:
+        ref = SOLVERS[name](Gaussian(schedule), x, ts, generator=torch.Generator().manual_seed(9))
+        model = ModelDenoiser(fake_net(Gaussian(schedule), prediction), schedule, prediction)
+        out = SOLVERS[name](model, x, ts, generator=torch.Generator().manual_seed(9))
+        torch.testing.assert_close(out, ref, rtol=0, atol=2e-4, msg=lambda m: f"{name}/{prediction}: {m}")
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. per-image seeding
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["ddpm", "euler_ancestral", "heun_churn", "dpmpp_2m"])
+def test_per_image_seeds_make_samples_independent_of_batch_size(name):
+    schedule = LinearSchedule()
+    solver = SOLVERS[name]
+    sampler = Sampler(solver, 12, "karras") if name != "ddpm" else Sampler(ddpm, 50, "leading")
+    seeds = list(range(100, 116))
+    den = Mixture(schedule)
+
+    def run(batch):
+        outs = []
+        for i in range(0, len(seeds), batch):
+            sub = seeds[i:i + batch]
+            z = randn((len(sub), 2), per_image_generators([s + 10_000 for s in sub]))
+            outs.append(sampler(den, z, generator=per_image_generators(sub)))
+        return torch.cat(outs)
+
+    one, four, sixteen = run(1), run(4), run(16)
+    assert torch.equal(one, four) and torch.equal(four, sixteen)
+    assert len(set(map(tuple, sixteen.tolist()))) == 16
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. classifier-free guidance with interval and rescale
+# ------------------------------------------------------------------------------------------------
+class CondGaussian:
+    """E[x0 | x_t] for x0 ~ N(c, tau^2 I), c = cond.vector (zeros without cond); EDM schedule, so
+    sigma/alpha = t exactly."""
+
+    def __init__(self, tau=0.5):
+        self.schedule, self.tau, self.calls = EDMSchedule(), tau, []
+
+    def alpha_sigma(self, t):
+        return self.schedule.alpha_sigma(t)
+
+    def __call__(self, x, t, cond):
+        self.calls.append(x.shape[0])
+        a, s = (v.reshape(-1, 1) for v in self.alpha_sigma(t))
+        mu = cond.vector if cond is not None else torch.zeros_like(x)
+        return mu + a * self.tau**2 / (a**2 * self.tau**2 + s**2) * (x - a * mu)
+
+
+def _cfg_batch(b=6, d=8):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(b, d, generator=g), Cond(vector=torch.randn(b, d, generator=g)),
+            Cond(vector=torch.full((b, d), 0.25)))
+
+
+def test_cfg_interval_outside_is_conditional_with_single_calls():
+    x, cond, uncond = _cfg_batch()
+    inner = CondGaussian()
+    cfg = CFGDenoiser(inner, uncond, 4.0, interval=(1.0, 5.0))
+    for t in (0.5, 1.0, 6.0, 80.0):  # lo < sigma <= hi is inactive at exactly lo
+        inner.calls.clear()
+        out = cfg(x, torch.full((6,), t), cond)
+        assert inner.calls == [6]
+        torch.testing.assert_close(out, CondGaussian()(x, torch.full((6,), t), cond), rtol=0, atol=0)
+
+
+def test_cfg_interval_inside_is_guided_with_one_double_call():
+    x, cond, uncond = _cfg_batch()
+    for t in (1.5, 5.0):  # exactly hi is active
+        inner = CondGaussian()
+        out = CFGDenoiser(inner, uncond, 4.0, interval=(1.0, 5.0))(x, torch.full((6,), t), cond)
+        assert inner.calls == [12]
+        ref = CondGaussian()
+        c, u = ref(x, torch.full((6,), t), cond), ref(x, torch.full((6,), t), uncond)
+        torch.testing.assert_close(out, u + 4.0 * (c - u), rtol=1e-6, atol=1e-6)
+    # rows at different t: guided where active, conditional elsewhere, still one 2B call
+    t = torch.tensor([0.5, 2.0, 80.0, 3.0, 1.0, 5.0])
+    inner = CondGaussian()
+    out = CFGDenoiser(inner, uncond, 4.0, interval=(1.0, 5.0))(x, t, cond)
+    assert inner.calls == [12]
+    c, u = CondGaussian()(x, t, cond), CondGaussian()(x, t, uncond)
+    active = torch.tensor([False, True, False, True, False, True]).reshape(-1, 1)
+    torch.testing.assert_close(out, torch.where(active, u + 4.0 * (c - u), c), rtol=1e-6, atol=1e-6)
+
+
+def test_sampler_with_guidance_interval_call_pattern():
+    x, cond, uncond = _cfg_batch()
+    sampler = Sampler(dpmpp_2m, 12, "karras")
+    inner = CondGaussian()
+    sampler(inner, x, cond, uncond=uncond, guidance_scale=3.0, guidance_interval=(0.3, 10.0))
+    ts = inner.schedule.timesteps(12, "karras")
+    assert inner.calls == [12 if 0.3 < float(t) <= 10.0 else 6 for t in ts]
+    assert 6 in inner.calls and 12 in inner.calls
+
+
+def test_cfg_rescale():
+    x, cond, uncond = _cfg_batch()
+    t = torch.full((6,), 0.8)
+    c, u = CondGaussian()(x, t, cond), CondGaussian()(x, t, uncond)
+    guided = u + 6.0 * (c - u)
+    full = CFGDenoiser(CondGaussian(), uncond, 6.0, rescale=1.0)(x, t, cond)
+    torch.testing.assert_close(full.std(1), c.std(1), rtol=1e-5, atol=0)
+    torch.testing.assert_close(full, guided * c.std(1, keepdim=True) / guided.std(1, keepdim=True), rtol=1e-5,
+                               atol=1e-6)
+    half = CFGDenoiser(CondGaussian(), uncond, 6.0, rescale=0.3)(x, t, cond)
+    torch.testing.assert_close(half, 0.3 * full + 0.7 * guided, rtol=1e-5, atol=1e-6)
+    none = CFGDenoiser(CondGaussian(), uncond, 6.0, rescale=0.0)(x, t, cond)
+    torch.testing.assert_close(none, guided, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs", [{"interval": (5.0, 1.0)}, {"interval": (2.0, 2.0)}, {"rescale": -0.1},
+                                    {"rescale": 1.5}])
+def test_cfg_invalid_arguments(kwargs):
+    with pytest.raises(ValueError):
+        CFGDenoiser(CondGaussian(), Cond(vector=torch.zeros(1, 2)), 3.0, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. zero terminal SNR
+# ------------------------------------------------------------------------------------------------
+def test_zero_terminal_snr_rejects_eps_prediction_and_karras():
+    zt = ScaledLinearSchedule(rescale_zero_terminal_snr=True)
+    with pytest.raises(ValueError, match="eps"):
+        GaussianDiffusion(zt, prediction="eps")
+    for prediction in ("v", "x0", "flow"):
+        GaussianDiffusion(zt, prediction=prediction)
+    with pytest.raises(ValueError):
+        zt.timesteps(10, "karras")
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpmpp_2m", "dpmpp_2s", "dpmpp_3m", "ddpm", "euler_ancestral"])
+def test_zero_terminal_snr_v_prediction_samples_from_pure_noise(name):
+    zt = ScaledLinearSchedule(rescale_zero_terminal_snr=True)
+    data = Gaussian(zt)
+    den = GaussianDiffusion(zt, prediction="v").denoiser(fake_net(data, "v"))
+    # ancestral samplers replace x0 by E[x0 | x_t] in the posterior q(x_s | x_t, x0) and so lose the
+    # variance of x0 | x_t at every step: a first-order std deficit (~0.025 at 100 steps here)
+    steps = {"ddim": 100, "ddpm": 500, "euler_ancestral": 500}.get(name, 25)
+    ts = zt.timesteps(steps, "trailing")
+    assert float(ts[0]) == 999.0 and float(zt.alpha_sigma(ts[:1])[0]) == 0.0
+    n = 10000
+    noise = torch.randn(n, 2, generator=torch.Generator().manual_seed(4))
+    out = Sampler(SOLVERS[name], steps, "trailing")(den, noise, generator=torch.Generator().manual_seed(5))
+    out = out.double()
+    assert bool(torch.isfinite(out).all())
+    # at alpha = 0 the initial N(0, 1) noise is the exact marginal: the only errors are sampling and
+    # discretisation; the output is E[x0 | x] at the last (trailing) step, with covariance output_cov.
+    mean, cov = moments(out)
+    se_mean = data.tau / math.sqrt(n)
+    se_std = data.tau / math.sqrt(2 * n)
+    ref_std = data.output_cov(ts).diagonal().sqrt()
+    assert bool(((mean - data.mean).abs() <= 4 * se_mean + 0.005).all()), mean
+    assert bool(((cov.diagonal().sqrt() - ref_std).abs() <= 4 * se_std + 0.01).all()), (cov, ref_std)
+    if name in DETERMINISTIC:
+        assert float((out - data.exact_output(noise, ts)).abs().mean()) < 0.01
+
+
+def test_heun_rejects_zero_terminal_snr_and_names_flow_heun():
+    zt = LinearSchedule(rescale_zero_terminal_snr=True)
+    den = Gaussian(zt)
+    with pytest.raises(ValueError, match="flow_heun"):
+        Sampler(heun, 10, "trailing")(den, torch.randn(4, 2))
+    with pytest.raises(ValueError, match="flow_heun"):
+        Sampler(heun, 10, "linspace")(Gaussian(FlowSchedule()), torch.randn(4, 2))
+    with pytest.raises(ValueError):
+        flow_heun(den, torch.randn(4, 2), LinearSchedule().timesteps(10, "trailing"))
