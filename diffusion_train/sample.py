@@ -18,19 +18,24 @@ from diffusion_train.training.images import save_grid
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
-def class_labels(module, num_images: int, labels) -> dict:
-    """Conditioning inputs for ``num_images`` images: given labels (cycled) or all classes in turn."""
-    embedders = list(module.conditioner.embedders.values())
-    if not embedders:
-        if labels is not None:
-            raise ValueError("labels were given but the model is unconditional")
-        return {}
-    emb = embedders[0]
-    pool = list(labels) if labels is not None else list(range(emb.num_classes))
-    bad = [c for c in pool if not 0 <= int(c) < emb.num_classes]
-    if bad:
-        raise ValueError(f"labels {bad} are outside the model's {emb.num_classes} classes")
-    return {emb.input_key: torch.tensor([int(pool[i % len(pool)]) for i in range(num_images)])}
+def cond_inputs(module, num_images: int, labels=None, prompts=None) -> dict:
+    """Conditioning inputs for ``num_images`` images: given labels / prompts (cycled), or for a
+    class-conditional model all classes in turn."""
+    inputs = {}
+    for name, emb in module.conditioner.embedders.items():
+        if hasattr(emb, "num_classes"):
+            pool = list(labels) if labels is not None else list(range(emb.num_classes))
+            bad = [c for c in pool if not 0 <= int(c) < emb.num_classes]
+            if bad:
+                raise ValueError(f"labels {bad} are outside the model's {emb.num_classes} classes")
+            inputs[emb.input_key] = torch.tensor([int(pool[i % len(pool)]) for i in range(num_images)])
+        else:
+            if not prompts:
+                raise ValueError(f"the model is conditioned on text ({emb.input_key!r}): give prompts=[...]")
+            inputs[emb.input_key] = [str(prompts[i % len(prompts)]) for i in range(num_images)]
+    if not inputs and (labels is not None or prompts):
+        raise ValueError("labels or prompts were given but the model is unconditional")
+    return inputs
 
 
 def generate(cfg: DictConfig) -> list[Path]:
@@ -48,14 +53,14 @@ def generate(cfg: DictConfig) -> list[Path]:
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc=f"{cfg.num_images} images", unit="batch")
-    inputs = class_labels(module, cfg.num_images, cfg.labels)
+    inputs = cond_inputs(module, cfg.num_images, cfg.labels, cfg.prompts)
     net = module.backbone
     images = []
     for start in batches:
         idx = list(range(start, min(start + cfg.batch_size, cfg.num_images)))
         gens = per_image_generators([cfg.seed + i for i in idx], device)
         noise = randn((len(idx), net.in_channels, net.input_size, net.input_size), gens, device)
-        batch = {k: v[idx] for k, v in inputs.items()}
+        batch = {k: v[idx] if isinstance(v, torch.Tensor) else [v[i] for i in idx] for k, v in inputs.items()}
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
             images.append(module.sample(noise, batch, sampler, cfg.guidance_scale, generator=gens,
                                         **guidance).cpu())
@@ -66,7 +71,7 @@ def generate(cfg: DictConfig) -> list[Path]:
     meta = {"ckpt": str(cfg.ckpt), "weights": cfg.weights, "guidance_scale": cfg.guidance_scale, "seed": cfg.seed,
             **guidance,
             "sampler": {"solver": sampler.solver.func.__name__, "steps": sampler.steps, "spacing": sampler.spacing},
-            "labels": inputs[next(iter(inputs))].tolist() if inputs else None}
+            **{k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}}
     (out / "samples.json").write_text(json.dumps(meta, indent=2))
     return paths
 

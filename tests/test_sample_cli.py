@@ -45,7 +45,7 @@ def test_same_seeds_give_the_same_images_for_any_batch_size(ckpt, tmp_path):
     for name, img in outs[1].items():
         assert np.array_equal(img, outs[4][name]) and np.array_equal(img, outs[16][name]), name
     meta = json.loads((tmp_path / "16/samples.json").read_text())
-    assert meta["labels"] == [i % 4 for i in range(16)] and meta["sampler"]["solver"] == "ddpm"
+    assert meta["label"] == [i % 4 for i in range(16)] and meta["sampler"]["solver"] == "ddpm"
     assert (tmp_path / "16/grid.png").is_file()
 
 

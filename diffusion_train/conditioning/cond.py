@@ -37,7 +37,10 @@ class Cond:
 
     @staticmethod
     def cat(conds: list["Cond"]) -> "Cond":
-        """Concatenate along the batch dimension (used for the batched CFG forward pass)."""
+        """Concatenate along the batch dimension (used for the batched CFG forward pass).
+
+        Token sequences of different lengths are right-padded with zeros and ``mask`` False.
+        """
         out = {}
         for f in fields(Cond):
             values = [getattr(c, f.name) for c in conds]
@@ -46,5 +49,9 @@ class Cond:
             elif any(v is None for v in values):
                 raise ValueError(f"Cond.cat: field {f.name!r} is set in some conds and None in others")
             else:
+                if f.name in ("context", "mask"):
+                    length = max(v.shape[1] for v in values)
+                    values = [torch.nn.functional.pad(v, (0, 0, 0, length - v.shape[1])) if v.ndim == 3 else
+                              torch.nn.functional.pad(v, (0, length - v.shape[1]), value=False) for v in values]
                 out[f.name] = torch.cat(values)
         return Cond(**out)

@@ -1,8 +1,10 @@
 """Conditioners turn batch entries into a :class:`Cond`, applying classifier-free-guidance dropout.
 
-Each embedder declares the batch key it reads (``input_key``), what it produces (``output``:
-``vector`` for the adaLN / time-embedding path, ``context`` for cross-attention) and its CFG
-dropout rate. A dropped entry is replaced by the embedder's null input (the null class for labels).
+Each embedder declares the batch key it reads (``input_key``), its CFG dropout rate, and what it
+produces: a pooled ``vector`` (``vector_dim`` > 0, for the adaLN / time-embedding path) and/or a token
+sequence ``context`` with ``mask`` (``context_dim`` > 0, for cross-attention). Its ``forward(values,
+drop)`` returns a dict with those keys; a dropped entry is replaced by the embedder's null input (the
+null class for labels, the empty caption for text) before encoding.
 """
 
 from __future__ import annotations
@@ -18,42 +20,49 @@ from diffusion_train.conditioning.cond import Cond
 class ClassEmbedder(nn.Module):
     """Class labels -> learned vectors; index ``num_classes`` is the learned null class."""
 
-    output = "vector"
+    context_dim = 0
 
     def __init__(self, num_classes: int, dim: int, input_key: str = "label", dropout: float = 0.1):
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"ClassEmbedder dropout must be in [0, 1), got {dropout}")
         self.num_classes, self.dim, self.input_key, self.dropout = num_classes, dim, input_key, dropout
+        self.vector_dim = dim
         self.embedding = nn.Embedding(num_classes + 1, dim)
         nn.init.normal_(self.embedding.weight, std=0.02)
 
-    def forward(self, labels: Tensor, drop: Tensor | None = None) -> Tensor:
-        labels = labels.long()
+    def forward(self, labels: Tensor, drop: Tensor | None = None) -> dict[str, Tensor]:
+        labels = torch.as_tensor(labels, device=self.embedding.weight.device).long()
         if drop is not None:
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
-        return self.embedding(labels)
+        return {"vector": self.embedding(labels)}
 
     def null_input(self, batch_size: int, device) -> Tensor:
         return torch.full((batch_size,), self.num_classes, dtype=torch.long, device=device)
 
 
 class Conditioner(nn.Module):
-    """Holds named embedders; their vectors are concatenated into ``Cond.vector``.
+    """Holds named embedders. Their vectors are concatenated into ``Cond.vector`` and their token
+    sequences (all of one width) along the sequence into ``Cond.context`` / ``Cond.mask``.
 
-    An empty conditioner gives unconditional models (``Cond()``, ``vector_dim == 0``).
+    An empty conditioner gives unconditional models (``Cond()``, ``vector_dim == context_dim == 0``).
     """
 
     def __init__(self, embedders: Mapping[str, nn.Module] | None = None):
         super().__init__()
         self.embedders = nn.ModuleDict(dict(embedders or {}))
-        for name, emb in self.embedders.items():
-            if emb.output != "vector":
-                raise ValueError(f"conditioning.embedders.{name}: output {emb.output!r} is not supported yet")
+        widths = {name: e.context_dim for name, e in self.embedders.items() if e.context_dim}
+        if len(set(widths.values())) > 1:
+            raise ValueError(f"conditioning.embedders give token sequences of different widths {widths}; "
+                             f"cross-attention needs one width")
 
     @property
     def vector_dim(self) -> int:
-        return sum(e.dim for e in self.embedders.values() if e.output == "vector")
+        return sum(e.vector_dim for e in self.embedders.values())
+
+    @property
+    def context_dim(self) -> int:
+        return max((e.context_dim for e in self.embedders.values()), default=0)
 
     def forward(self, batch: Mapping[str, Any], generator: torch.Generator | None = None,
                 force_drop: bool = False) -> Cond:
@@ -61,14 +70,15 @@ class Conditioner(nn.Module):
 
         ``force_drop=True`` gives the unconditional ``Cond`` for guidance.
         """
-        vectors = []
+        vectors, contexts, masks = [], [], []
+        device = self._device()
         for name, emb in self.embedders.items():
             if emb.input_key not in batch:
-                raise KeyError(f"conditioning.embedders.{name} needs batch key {emb.input_key!r}; "
-                               f"batch has {sorted(batch)}")
-            value = batch[emb.input_key]
-            n = len(value)
-            device = self._device()
+                first = batch.get("__key__", ["?"])[0] if isinstance(batch.get("__key__"), (list, tuple)) else "?"
+                raise KeyError(f"conditioning.embedders.{name} needs batch key {emb.input_key!r}, missing in the "
+                               f"batch of sample {first!r} (keys: {sorted(batch)})")
+            values = batch[emb.input_key]
+            n = len(values)
             if force_drop:
                 drop = torch.ones(n, dtype=torch.bool, device=device)
             elif self.training and emb.dropout > 0:
@@ -76,8 +86,18 @@ class Conditioner(nn.Module):
                 drop = (u < emb.dropout).to(device)
             else:
                 drop = None
-            vectors.append(emb(value.to(device), drop))
-        return Cond(vector=torch.cat(vectors, dim=-1) if vectors else None)
+            out = emb(values.to(device) if isinstance(values, Tensor) else values, drop)
+            if "vector" in out:
+                vectors.append(out["vector"])
+            if "context" in out:
+                ctx = out["context"]
+                contexts.append(ctx)
+                mask = out.get("mask")
+                masks.append(mask if mask is not None else torch.ones(ctx.shape[:2], dtype=torch.bool,
+                                                                       device=ctx.device))
+        return Cond(vector=torch.cat(vectors, dim=-1) if vectors else None,
+                    context=torch.cat(contexts, dim=1) if contexts else None,
+                    mask=torch.cat(masks, dim=1) if masks else None)
 
     def uncond(self, batch_size: int) -> Cond:
         """The all-dropped conditioning (null class, empty caption) for ``batch_size`` samples."""

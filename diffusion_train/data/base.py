@@ -13,13 +13,14 @@ from diffusion_train.data.samplers import InfiniteBatchSampler, padded_shard
 class ImageBatches(Dataset):
     """``dataset[list_of_indices]`` -> a batch dict with the documented keys.
 
-    image: (B, C, H, W) float32 in [-1, 1]; label: (B,) int64; __key__: list of "<split>/<index>".
+    image: (B, C, H, W) float32 in [-1, 1]; label: (B,) int64; __key__: list of "<split>/<index>";
+    caption: list of str when ``captions`` (index -> caption) is given.
     """
 
-    def __init__(self, images: Tensor, labels: Tensor, split: str):
+    def __init__(self, images: Tensor, labels: Tensor, split: str, captions=None):
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"{split} images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
-        self.images, self.labels, self.split = images, labels.long(), split
+        self.images, self.labels, self.split, self.captions = images, labels.long(), split, captions
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -27,7 +28,10 @@ class ImageBatches(Dataset):
     def __getitem__(self, indices: list[int]) -> dict:
         idx = torch.as_tensor(indices, dtype=torch.long)
         image = self.images[idx].float().div_(127.5).sub_(1.0)
-        return {"image": image, "label": self.labels[idx], "__key__": [f"{self.split}/{i}" for i in indices]}
+        batch = {"image": image, "label": self.labels[idx], "__key__": [f"{self.split}/{i}" for i in indices]}
+        if self.captions is not None:
+            batch["caption"] = [self.captions(i, int(self.labels[i])) for i in indices]
+        return batch
 
 
 class InMemoryImageDataModule(L.LightningDataModule):
@@ -49,6 +53,10 @@ class InMemoryImageDataModule(L.LightningDataModule):
     def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         raise NotImplementedError
 
+    def captioner(self):
+        """``(index, label) -> caption`` for datasets with captions, else None."""
+        return None
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
@@ -57,7 +65,9 @@ class InMemoryImageDataModule(L.LightningDataModule):
         if tuple(tr_x.shape[1:]) != expected:
             raise ValueError(f"{type(self).__name__}: images are {tuple(tr_x.shape[1:])}, config says "
                              f"channels={self.channels}, resolution={self.resolution}")
-        self.train_set, self.val_set = ImageBatches(tr_x, tr_y, "train"), ImageBatches(va_x, va_y, "val")
+        captions = self.captioner()
+        self.train_set = ImageBatches(tr_x, tr_y, "train", captions)
+        self.val_set = ImageBatches(va_x, va_y, "val", captions)
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer

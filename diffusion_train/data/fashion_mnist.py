@@ -82,20 +82,42 @@ def to_resolution(images: Tensor, resolution: int, mode: str) -> Tensor:
     raise ValueError(f"unknown data.resize {mode!r}; valid: pad, resize")
 
 
+class Captioner:
+    """Caption of item i with label y: template i mod len(templates), filled with the class name."""
+
+    def __init__(self, templates: list[str], names: list[str]):
+        self.templates, self.names = templates, names
+
+    def __call__(self, index: int, label: int) -> str:
+        return self.templates[index % len(self.templates)].format(name=self.names[label])
+
+
 class FashionMNISTDataModule(InMemoryImageDataModule):
     """Train on the 60k training images; validate on the first ``val_size`` test images.
 
     Files come from ``root`` (a folder with the IDX files, gzipped or not), else from the Debian
     package ``dataset-fashion-mnist``; ``download=true`` fetches them with torchvision.
+    ``caption_templates`` (e.g. ``["a photo of a {name}"]``) adds a ``caption`` per image: item i
+    uses template i mod len(templates) with its class name.
     """
 
     def __init__(self, batch_size: int = 128, resolution: int = 32, resize: str = "pad", root: str | None = None,
                  download: bool = False, val_size: int = 1000, channels: int = 1, num_classes: int = 10,
-                 num_workers: int = 0, seed: int = 0, val_batch_size: int | None = None):
+                 num_workers: int = 0, seed: int = 0, val_batch_size: int | None = None,
+                 caption_templates: list[str] | None = None):
         if channels != 1 or num_classes != 10:
             raise ValueError("Fashion-MNIST has channels=1 and num_classes=10")
         super().__init__(batch_size, channels, resolution, num_classes, num_workers, seed, val_batch_size)
         self.root, self.download, self.resize, self.val_size = root, download, resize, val_size
+        self.caption_templates = list(caption_templates) if caption_templates else None
+        for template in self.caption_templates or []:
+            if "{name}" not in template:
+                raise ValueError(f"data.caption_templates: {template!r} has no {{name}} placeholder")
+
+    def captioner(self):
+        if not self.caption_templates:
+            return None
+        return Captioner(self.caption_templates, [c.lower() for c in CLASSES])
 
     def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         tr_x, tr_y = load_split("train", self.root, self.download)

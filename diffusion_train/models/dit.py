@@ -5,7 +5,13 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from diffusion_train.conditioning.cond import Cond
-from diffusion_train.models.layers import Attention, CondEmbedder, sincos_pos_embed_2d
+from diffusion_train.models.layers import (
+    Attention,
+    CondEmbedder,
+    CrossAttention,
+    context_from_cond,
+    sincos_pos_embed_2d,
+)
 
 DIT_SIZES: dict[str, dict[str, int]] = {
     "S": dict(hidden_size=384, depth=12, num_heads=6),
@@ -21,23 +27,37 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 class DiTBlock(nn.Module):
-    """Transformer block whose norms are modulated (shift/scale/gate) by the conditioning."""
+    """Transformer block whose norms are modulated (shift/scale/gate) by the conditioning.
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float) -> None:
+    With ``context_dim > 0`` a PixArt-style cross-attention branch over the text tokens sits
+    between self-attention and the MLP: ``x + cross_attn(norm_cross(x), context, mask)``, with an
+    affine LayerNorm and no adaLN modulation or gate.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, context_dim: int = 0) -> None:
         super().__init__()
         mlp_hidden = int(hidden_size * mlp_ratio)
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads)
+        self.norm_cross: nn.LayerNorm | None = None
+        self.cross_attn: CrossAttention | None = None
+        if context_dim > 0:
+            self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6)
+            self.cross_attn = CrossAttention(hidden_size, context_dim, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = nn.Sequential(
             nn.Linear(hidden_size, mlp_hidden), nn.GELU(approximate="tanh"), nn.Linear(mlp_hidden, hidden_size)
         )
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        """x: (B, N, C) tokens, c: (B, C) conditioning embedding."""
+    def forward(self, x: Tensor, c: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        """x: (B, N, C) tokens, c: (B, C) conditioning embedding, context: (B, L, Dc), mask: (B, L)."""
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).unsqueeze(1).chunk(6, dim=-1)
         x = x + gate_a * self.attn(modulate(self.norm1(x), shift_a, scale_a))
+        if self.cross_attn is not None:
+            if context is None:
+                raise ValueError("DiTBlock with cross-attention needs a context tensor")
+            x = x + self.cross_attn(self.norm_cross(x), context, mask)
         return x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
 
 
@@ -61,7 +81,12 @@ class DiT(nn.Module):
 
     ``size`` picks hidden_size/depth/num_heads from :data:`DIT_SIZES`; any of those given
     explicitly overrides the preset (with ``size=None`` all three must be given).
-    ``cond_dim > 0`` adds a projection of ``cond.vector`` to the timestep embedding.
+    ``cond_dim > 0`` adds a projection of ``cond.vector`` to the timestep embedding (adaLN).
+    ``context_dim > 0`` adds cross-attention to ``cond.context`` (B, L, context_dim) in every
+    block (PixArt-style, after self-attention; ``cond.mask`` marks real tokens, see
+    :class:`~diffusion_train.models.layers.CrossAttention`); its output projection is
+    zero-initialised, so the branch starts as identity. A pooled text vector still goes through
+    ``cond.vector`` / ``cond_dim``.
     An untrained model outputs exactly zeros (adaLN-Zero and zero-initialised output layer).
     """
 
@@ -78,6 +103,7 @@ class DiT(nn.Module):
         mlp_ratio: float = 4.0,
         cond_dim: int = 0,
         out_channels: int | None = None,
+        context_dim: int = 0,
     ) -> None:
         super().__init__()
         preset: dict[str, int] = {}
@@ -95,6 +121,8 @@ class DiT(nn.Module):
             raise ValueError(f"input_size={input_size} is not divisible by patch_size={patch_size}")
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
+        if context_dim < 0:
+            raise ValueError(f"context_dim must be >= 0, got {context_dim}")
 
         self.input_size = input_size
         self.in_channels = in_channels
@@ -102,11 +130,12 @@ class DiT(nn.Module):
         self.patch_size = patch_size
         self.hidden_size = hidden_size
         self.grid_size = input_size // patch_size
+        self.context_dim = context_dim
 
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         self.cond_embedder = CondEmbedder(hidden_size, cond_dim)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid_size)[None], persistent=False)
-        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, context_dim) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self._init_weights()
 
@@ -124,6 +153,9 @@ class DiT(nn.Module):
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            if block.cross_attn is not None:
+                nn.init.zeros_(block.cross_attn.proj.weight)
+                nn.init.zeros_(block.cross_attn.proj.bias)
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -140,6 +172,7 @@ class DiT(nn.Module):
             raise ValueError(f"DiT built for {self.input_size}x{self.input_size} inputs, got {tuple(x.shape[-2:])}")
         h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)
         c = self.cond_embedder(t, cond)
+        context, mask = context_from_cond(cond, self.context_dim, x.shape[0])
         for block in self.blocks:
-            h = block(h, c)
+            h = block(h, c, context, mask)
         return self.unpatchify(self.final_layer(h, c))

@@ -96,6 +96,104 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
+def context_from_cond(
+    cond: Cond | None, context_dim: int, batch_size: int | None = None
+) -> tuple[Tensor | None, Tensor | None]:
+    """Validated ``(context, mask)`` for a model built with ``context_dim``.
+
+    With ``context_dim == 0`` the model has no cross-attention and ``(None, None)`` is returned
+    (any ``cond.context`` is ignored, like ``cond.vector`` for ``cond_dim == 0``). Otherwise
+    ``cond.context`` must be a (B, L, context_dim) tensor and ``cond.mask``, when given, a (B, L)
+    tensor; a ValueError names what is missing or mis-shaped. ``batch_size`` also checks B.
+    """
+    if context_dim == 0:
+        return None, None
+    want = f"(B, L, {context_dim})"
+    if cond is None or cond.context is None:
+        raise ValueError(
+            f"model was built with context_dim={context_dim} and needs cond.context of shape {want}, "
+            f"but got {'cond=None' if cond is None else 'cond.context=None'}"
+        )
+    context, mask = cond.context, cond.mask
+    if context.ndim != 3 or context.shape[-1] != context_dim:
+        raise ValueError(
+            f"model was built with context_dim={context_dim} and needs cond.context of shape {want}, "
+            f"but got cond.context of shape {tuple(context.shape)}"
+        )
+    if batch_size is not None and context.shape[0] != batch_size:
+        raise ValueError(f"cond.context has batch size {context.shape[0]} but x has batch size {batch_size}")
+    if mask is not None and tuple(mask.shape) != tuple(context.shape[:2]):
+        raise ValueError(
+            f"cond.mask must have shape (B, L) = {tuple(context.shape[:2])} to match cond.context, "
+            f"got {tuple(mask.shape)}"
+        )
+    return context, mask
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from (B, N, dim) queries to a (B, L, context_dim) token sequence.
+
+    Queries come from ``x`` and keys/values from ``context`` through one fused kv projection;
+    the attention width is ``dim``. ``mask`` (B, L) marks real tokens with True; False tokens
+    are never attended to, so their values cannot affect the output. Non-bool masks are read
+    as ``mask != 0`` (0/1 tokenizer attention masks work).
+
+    A row whose mask is all False (e.g. a dropped / empty caption, or padding added by
+    ``Cond.cat``), and an empty context (L == 0), attends to nothing: that sample's output is
+    exactly zero, so a residual cross-attention branch leaves it unchanged. No NaN is produced,
+    neither in the output nor in gradients.
+    """
+
+    def __init__(self, dim: int, context_dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"attention width {dim} is not divisible by num_heads={num_heads}")
+        if context_dim <= 0:
+            raise ValueError(f"CrossAttention needs context_dim > 0, got {context_dim}")
+        self.num_heads = num_heads
+        self.context_dim = context_dim
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(context_dim, 2 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
+        """x: (B, N, dim), context: (B, L, context_dim), mask: (B, L) or None -> (B, N, dim)."""
+        b, n, c = x.shape
+        heads, head_dim = self.num_heads, c // self.num_heads
+        if context.shape[1] == 0:
+            # Nothing to attend to: one dummy, masked-out token keeps the graph uniform.
+            context = context.new_zeros(b, 1, context.shape[-1])
+            mask = torch.zeros(b, 1, dtype=torch.bool, device=x.device)
+        length = context.shape[1]
+        q = self.q(x).reshape(b, n, heads, head_dim).transpose(1, 2)
+        kv = self.kv(context.to(x.dtype)).reshape(b, length, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+        k, v = kv.unbind(0)
+        attn_mask = empty = None
+        if mask is not None:
+            mask = mask.to(device=x.device)
+            mask = mask if mask.dtype == torch.bool else mask != 0
+            empty = ~mask.any(dim=-1)  # (B,)
+            # Empty rows attend everywhere (finite softmax) and are zeroed below.
+            attn_mask = (mask | empty[:, None])[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = self.proj(out.transpose(1, 2).reshape(b, n, c))
+        if empty is not None:
+            out = out.masked_fill(empty[:, None, None], 0.0)
+        return out
+
+
+class GEGLU(nn.Module):
+    """Gated-GELU projection: Linear(dim, 2*hidden) split into value and gate, value * GELU(gate)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
 def sincos_pos_embed_2d(dim: int, grid_size: int) -> Tensor:
     """Fixed 2D sin-cos positional embedding for a ``grid_size`` x ``grid_size`` token grid.
 

@@ -1,4 +1,4 @@
-"""ADM-style U-Net with scale-shift timestep conditioning and self-attention."""
+"""ADM-style U-Net with scale-shift timestep conditioning, self-attention and optional text cross-attention."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_train.conditioning.cond import Cond
-from diffusion_train.models.layers import Attention, CondEmbedder
+from diffusion_train.models.layers import GEGLU, Attention, CondEmbedder, CrossAttention, context_from_cond
 
 
 def group_norm(channels: int, num_groups: int) -> nn.GroupNorm:
@@ -63,6 +63,55 @@ class AttentionBlock(nn.Module):
         return x + out
 
 
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer layer: self-attention, cross-attention over the context, GEGLU MLP.
+
+    Each sub-layer is ``x + f(LayerNorm(x))``; the feed-forward is GEGLU with hidden width
+    ``4 * dim``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.cross_attn = CrossAttention(dim, context_dim, num_heads)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(GEGLU(dim, 4 * dim), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
+        """x: (B, N, dim), context: (B, L, context_dim), mask: (B, L) -> (B, N, dim)."""
+        x = x + self.attn(self.norm1(x))
+        x = x + self.cross_attn(self.norm2(x), context, mask)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Stable-Diffusion-style transformer over the H*W positions with cross-attention to a context.
+
+    GroupNorm -> linear proj_in -> ``depth`` :class:`TransformerBlock` -> linear proj_out, added
+    residually to the input. proj_out is zero-initialised, so the block starts as identity.
+    """
+
+    def __init__(self, channels: int, num_heads: int, context_dim: int, depth: int, num_groups: int) -> None:
+        super().__init__()
+        self.norm = group_norm(channels, num_groups)
+        self.proj_in = nn.Linear(channels, channels)
+        self.blocks = nn.ModuleList(TransformerBlock(channels, num_heads, context_dim) for _ in range(depth))
+        self.proj_out = nn.Linear(channels, channels)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
+        """x: (B, C, H, W), context: (B, L, context_dim), mask: (B, L) -> (B, C, H, W)."""
+        b, c, height, width = x.shape
+        h = self.proj_in(self.norm(x).reshape(b, c, height * width).transpose(1, 2))
+        for block in self.blocks:
+            h = block(h, context, mask)
+        h = self.proj_out(h).transpose(1, 2).reshape(b, c, height, width)
+        return x + h
+
+
 class Downsample(nn.Module):
     """Stride-2 3x3 convolution."""
 
@@ -86,11 +135,20 @@ class Upsample(nn.Module):
 
 
 class EmbedSequential(nn.Sequential):
-    """Sequential that hands the embedding to the ResBlocks it contains."""
+    """Sequential that hands the embedding to its ResBlocks and the context to its SpatialTransformers."""
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        self, x: Tensor, emb: Tensor, context: Tensor | None = None, mask: Tensor | None = None
+    ) -> Tensor:
         for layer in self:
-            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                if context is None:
+                    raise ValueError("SpatialTransformer needs a context tensor")
+                x = layer(x, context, mask)
+            else:
+                x = layer(x)
         return x
 
 
@@ -103,6 +161,11 @@ class UNet(nn.Module):
     Self-attention with ``num_heads`` heads follows every ResBlock of a level whose feature
     map resolution is in ``attention_resolutions`` and always sits in the middle block.
     The timestep (and ``cond.vector`` if ``cond_dim > 0``) embedding is 4*model_channels wide.
+
+    With ``context_dim > 0`` each of those self-attention blocks (middle included) is replaced by
+    a Stable-Diffusion-style :class:`SpatialTransformer` of ``transformer_depth`` layers
+    (self-attention, cross-attention to ``cond.context`` (B, L, context_dim) with key mask
+    ``cond.mask``, GEGLU feed-forward), whose zero-initialised proj_out makes it start as identity.
     An untrained model outputs exactly zeros (zero-initialised output convolution).
     """
 
@@ -120,6 +183,8 @@ class UNet(nn.Module):
         cond_dim: int = 0,
         out_channels: int | None = None,
         num_groups: int = 32,
+        context_dim: int = 0,
+        transformer_depth: int = 1,
     ) -> None:
         super().__init__()
         channel_mult = list(channel_mult)
@@ -130,7 +195,12 @@ class UNet(nn.Module):
                 f"input_size={input_size} must be divisible by {factor} (2**(len(channel_mult)-1), "
                 f"channel_mult={channel_mult})"
             )
+        if context_dim < 0:
+            raise ValueError(f"context_dim must be >= 0, got {context_dim}")
+        if transformer_depth < 1:
+            raise ValueError(f"transformer_depth must be >= 1, got {transformer_depth}")
         self.input_size, self.in_channels = input_size, in_channels
+        self.context_dim = context_dim
         self.out_channels = out_channels if out_channels is not None else in_channels
         emb_dim = 4 * model_channels
         self.cond_embedder = CondEmbedder(emb_dim, cond_dim)
@@ -138,7 +208,9 @@ class UNet(nn.Module):
         def res(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, cout, emb_dim, dropout, num_groups)
 
-        def attn(ch: int) -> AttentionBlock:
+        def attn(ch: int) -> nn.Module:
+            if context_dim > 0:
+                return SpatialTransformer(ch, num_heads, context_dim, transformer_depth, num_groups)
             return AttentionBlock(ch, num_heads, num_groups)
 
         ch = model_channels
@@ -182,12 +254,13 @@ class UNet(nn.Module):
         if x.shape[-2:] != (self.input_size, self.input_size):
             raise ValueError(f"UNet built for {self.input_size}x{self.input_size} inputs, got {tuple(x.shape[-2:])}")
         emb = self.cond_embedder(t, cond)
+        context, mask = context_from_cond(cond, self.context_dim, x.shape[0])
         h = self.conv_in(x)
         skips = [h]
         for block in self.down:
-            h = block(h, emb)
+            h = block(h, emb, context, mask)
             skips.append(h)
-        h = self.middle(h, emb)
+        h = self.middle(h, emb, context, mask)
         for block in self.up:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, mask)
         return self.out(h)

@@ -15,7 +15,11 @@ from diffusion_train.training.module import DiffusionModule
 def build_module(cfg: DictConfig) -> DiffusionModule:
     """Backbone + conditioner + objective + optimizer factory, as the config names them."""
     conditioner = instantiate(cfg.conditioning, _convert_="all")
-    backbone = instantiate(cfg.model, cond_dim=conditioner.vector_dim, _convert_="all")
+    # what the conditioner produces sizes the backbone's conditioning inputs
+    dims = {"cond_dim": conditioner.vector_dim}
+    if conditioner.context_dim:
+        dims["context_dim"] = conditioner.context_dim
+    backbone = instantiate(cfg.model, **dims, _convert_="all")
     objective = instantiate(cfg.diffusion, _convert_="all")
     schedule = instantiate(cfg.lr_schedule, _convert_="all") if cfg.get("lr_schedule") else None
     return DiffusionModule(backbone, conditioner, objective, optimizer=instantiate(cfg.optim, _convert_="all"),

@@ -17,8 +17,11 @@ def export_weights(module: nn.Module, ema: EMA | None, out_dir: str | Path, meta
     state dict with each EMA average in place of the trained parameters)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"format": "pt", "diffusion_train": json.dumps(metadata or {}, default=str)}
-    raw = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    state = module.state_dict()
+    extra = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}  # e.g. text-encoder provenance
+    meta = {"format": "pt", "diffusion_train": json.dumps(metadata or {}, default=str),
+            "extra_state": json.dumps(extra, default=str)}
+    raw = {k: v.detach().cpu().contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
     written = [_save(raw, out_dir / "raw.safetensors", meta)]
     if ema is not None and ema.weights:
         for decay, weights in ema.weights.items():

@@ -17,30 +17,37 @@ class SampleGrid(L.Callback):
     """Every ``every_n_steps`` optimizer steps and at the end of training, samples a grid with the
     EMA weights (``sample_decay`` of the EMA callback; raw weights if there is no EMA callback).
 
-    Class-conditional models get one row per class (``per_class`` columns); unconditional ones
-    ``rows`` x ``per_class``. Image i always starts from the noise of seed ``seed + i``.
+    Class-conditional models get one row per class (``per_class`` columns), text-conditioned ones one
+    row per prompt of ``prompts``; unconditional ones ``rows`` x ``per_class``. Image i always starts
+    from the noise of seed ``seed + i``.
     Every rank samples (no rank waits for another); rank 0 writes ``<dirpath>/step_XXXXXXX.png``
     and logs the grid to every logger that can show images.
     """
 
     def __init__(self, sampler: Sampler, dirpath: str, every_n_steps: int = 1000, per_class: int = 8,
-                 rows: int = 4, guidance_scale: float = 1.0, seed: int = 0, label_key: str = "label",
-                 guidance_interval: list[float] | None = None, guidance_rescale: float = 0.0):
+                 rows: int = 4, guidance_scale: float = 1.0, seed: int = 0,
+                 guidance_interval: list[float] | None = None, guidance_rescale: float = 0.0,
+                 prompts: list[str] | None = None):
         super().__init__()
         self.sampler, self.dirpath, self.every_n_steps = sampler, Path(dirpath), int(every_n_steps)
         self.per_class, self.rows, self.guidance_scale = per_class, rows, float(guidance_scale)
-        self.seed, self.label_key = seed, label_key
+        self.seed, self.prompts = seed, list(prompts or [])
         self.guidance = {"guidance_interval": guidance_interval, "guidance_rescale": guidance_rescale}
         self._last_step = -1
 
     def cond_inputs(self, pl_module) -> tuple[int, dict]:
-        embedders = getattr(pl_module.conditioner, "embedders", {})
-        classes = next((e.num_classes for e in embedders.values() if getattr(e, "input_key", None) == self.label_key),
-                       None)
-        if classes is None:
-            return self.rows * self.per_class, {}
-        labels = torch.arange(classes).repeat_interleave(self.per_class)
-        return len(labels), {self.label_key: labels}
+        inputs, n = {}, self.rows * self.per_class
+        for name, emb in pl_module.conditioner.embedders.items():
+            if hasattr(emb, "num_classes"):
+                inputs[emb.input_key] = torch.arange(emb.num_classes).repeat_interleave(self.per_class)
+            elif self.prompts:
+                inputs[emb.input_key] = [p for p in self.prompts for _ in range(self.per_class)]
+            else:
+                raise ValueError(f"callbacks.sample_grid.prompts is empty but the model reads {emb.input_key!r}")
+        sizes = {len(v) for v in inputs.values()}
+        if len(sizes) > 1:
+            raise ValueError(f"sample grid: {len(self.prompts)} prompts and the class rows disagree in count")
+        return (sizes.pop() if sizes else n), inputs
 
     @torch.no_grad()
     def render(self, trainer: L.Trainer, pl_module) -> Path | None:

