@@ -272,3 +272,18 @@ def test_minilm_default(minilm):
     v = minilm(["a photo of a sneaker", "a picture of a running shoe", "a bowl of soup"])["vector"]
     cos = torch.nn.functional.cosine_similarity
     assert cos(v[0], v[1], dim=0) > cos(v[0], v[2], dim=0)
+
+
+def test_caption_cache_gives_the_same_encodings_and_bounds_its_size():
+    from diffusion_train.conditioning.text import HFTextEmbedder
+
+    plain = HFTextEmbedder(max_length=16, dropout=0.0)
+    cached = HFTextEmbedder(max_length=16, dropout=0.0, cache_size=2)
+    texts = ["a photo of a bag", "a sneaker", "a photo of a bag", "a dress"]
+    a, b = plain(texts), cached(texts)
+    assert torch.equal(a["mask"], b["mask"])
+    for key in ("context", "vector"):  # equal up to the rounding of a differently sized batch
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5)
+    assert len(cached._cache) == 2 and list(cached._cache) == ["a photo of a bag", "a dress"]
+    again = cached(["a dress"])
+    assert torch.equal(again["context"][0], b["context"][3])  # served from the cache: bit-identical

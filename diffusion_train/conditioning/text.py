@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -178,10 +179,14 @@ class TextEmbedder(nn.Module):
         output: ``"both"``, ``"context"`` (token sequence + mask) or ``"vector"`` (pooled only).
         trainable: ``False`` (default) freezes the encoder: no grads, eval mode, weights not saved.
         dtype: compute dtype of the encoder (``"float32"`` / ``"bfloat16"``); outputs are float32.
+        cache_size: a frozen encoder is deterministic, so up to this many distinct captions keep their
+            encodings (least recently used dropped first): datasets with templated or repeated captions
+            encode each once. 0 turns caching off. Truncation is counted when a caption is encoded.
     """
 
     def __init__(self, input_key: str = "caption", dropout: float = 0.1, max_length: int = 77,
-                 output: str = "both", trainable: bool = False, dtype: str | torch.dtype = "float32"):
+                 output: str = "both", trainable: bool = False, dtype: str | torch.dtype = "float32",
+                 cache_size: int = 0):
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"{type(self).__name__} dropout must be in [0, 1), got {dropout}")
@@ -192,6 +197,8 @@ class TextEmbedder(nn.Module):
         self.input_key, self.dropout, self.max_length = input_key, float(dropout), int(max_length)
         self.output, self.trainable, self.dtype = output, bool(trainable), _resolve_dtype(dtype)
         self.num_truncated = 0
+        self.cache_size = int(cache_size)
+        self._cache: OrderedDict[str, tuple[Tensor, Tensor, Tensor]] = OrderedDict()
         self.vector_dim = 0
         self.context_dim = 0
         self.provenance: dict[str, str] = {"class": type(self).__name__, "name": "", "path": "", "sha256": ""}
@@ -273,8 +280,11 @@ class TextEmbedder(nn.Module):
                 raise ValueError(f"{type(self).__name__}: drop has {len(flags)} entries for {len(texts)} "
                                  f"captions in {self.input_key!r}")
             texts = ["" if d else t for t, d in zip(texts, flags)]
-        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-            context, mask, pooled = self._encode(texts)
+        if self.cache_size > 0 and not self.trainable:
+            context, mask, pooled = self._encode_cached(texts)
+        else:
+            with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+                context, mask, pooled = self._encode(texts)
         out: dict[str, Tensor] = {}
         if self.output in ("both", "vector"):
             out["vector"] = pooled.float()
@@ -282,6 +292,22 @@ class TextEmbedder(nn.Module):
             out["context"] = context.float()
             out["mask"] = mask.bool()
         return out
+
+    @torch.no_grad()
+    def _encode_cached(self, texts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+        device = self._device()
+        missing = list(dict.fromkeys(t for t in texts if t not in self._cache or self._cache[t][0].device != device))
+        if missing:
+            context, mask, pooled = self._encode(missing)
+            for i, text in enumerate(missing):
+                self._cache[text] = (context[i], mask[i], pooled[i])
+        rows = []
+        for text in texts:
+            self._cache.move_to_end(text)
+            rows.append(self._cache[text])
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return tuple(torch.stack(parts) for parts in zip(*rows))
 
     def extra_repr(self) -> str:
         return (f"input_key={self.input_key!r}, output={self.output!r}, max_length={self.max_length}, "
@@ -337,8 +363,8 @@ class HFTextEmbedder(_HFTokenizing):
 
     def __init__(self, name_or_path: str | os.PathLike | None = None, input_key: str = "caption",
                  dropout: float = 0.1, max_length: int = 77, output: str = "both", trainable: bool = False,
-                 dtype: str | torch.dtype = "float32"):
-        super().__init__(input_key, dropout, max_length, output, trainable, dtype)
+                 dtype: str | torch.dtype = "float32", cache_size: int = 0):
+        super().__init__(input_key, dropout, max_length, output, trainable, dtype, cache_size)
         from transformers import AutoModel, AutoTokenizer
 
         display = None
@@ -374,8 +400,8 @@ class T5Embedder(_HFTokenizing):
 
     def __init__(self, name_or_path: str | os.PathLike = "google/t5-v1_1-xxl", tokenizer: str | None = None,
                  input_key: str = "caption", dropout: float = 0.1, max_length: int = 77, output: str = "both",
-                 trainable: bool = False, dtype: str | torch.dtype = "float32"):
-        super().__init__(input_key, dropout, max_length, output, trainable, dtype)
+                 trainable: bool = False, dtype: str | torch.dtype = "float32", cache_size: int = 0):
+        super().__init__(input_key, dropout, max_length, output, trainable, dtype, cache_size)
         import transformers
         from transformers import AutoTokenizer, T5EncoderModel
 
@@ -423,8 +449,8 @@ class CLIPTextEmbedder(TextEmbedder):
     def __init__(self, model_name: str = "ViT-L-14", pretrained: str | os.PathLike | None = "openai",
                  layer: str | int = "last", input_key: str = "caption", dropout: float = 0.1, max_length: int = 77,
                  output: str = "both", trainable: bool = False, dtype: str | torch.dtype = "float32",
-                 create_kwargs: Mapping[str, Any] | None = None):
-        super().__init__(input_key, dropout, max_length, output, trainable, dtype)
+                 create_kwargs: Mapping[str, Any] | None = None, cache_size: int = 0):
+        super().__init__(input_key, dropout, max_length, output, trainable, dtype, cache_size)
         import open_clip
 
         cls = type(self).__name__
