@@ -33,7 +33,8 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 USER_ERRORS = (ResumeMismatchError, NonFiniteLossError, FileNotFoundError)
 # Warnings that say nothing about this run: checkpoints are taken after the optimizer step on purpose.
 KNOWN_NOISE = (".*ModelCheckpoint with manual optimization.*", ".*isinstance.treespec, LeafSpec.*",
-               ".*does not have many workers.*", ".*Checkpoint directory .* exists and is not empty.*")
+               ".*does not have many workers.*", ".*Checkpoint directory .* exists and is not empty.*",
+               ".*module.s. in eval mode at the start of training.*")  # frozen text encoders, on purpose
 
 
 def quiet_known_warnings() -> None:
