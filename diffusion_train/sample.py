@@ -18,26 +18,6 @@ from diffusion_train.training.images import save_grid
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
-def cond_inputs(module, num_images: int, labels=None, prompts=None) -> dict:
-    """Conditioning inputs for ``num_images`` images: given labels / prompts (cycled), or for a
-    class-conditional model all classes in turn."""
-    inputs = {}
-    for name, emb in module.conditioner.embedders.items():
-        if hasattr(emb, "num_classes"):
-            pool = list(labels) if labels is not None else list(range(emb.num_classes))
-            bad = [c for c in pool if not 0 <= int(c) < emb.num_classes]
-            if bad:
-                raise ValueError(f"labels {bad} are outside the model's {emb.num_classes} classes")
-            inputs[emb.input_key] = torch.tensor([int(pool[i % len(pool)]) for i in range(num_images)])
-        else:
-            if not prompts:
-                raise ValueError(f"the model is conditioned on text ({emb.input_key!r}): give prompts=[...]")
-            inputs[emb.input_key] = [str(prompts[i % len(prompts)]) for i in range(num_images)]
-    if not inputs and (labels is not None or prompts):
-        raise ValueError("labels or prompts were given but the model is unconditional")
-    return inputs
-
-
 def generate(cfg: DictConfig) -> list[Path]:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     if int(cfg.sampler.steps) < 1:
@@ -53,7 +33,7 @@ def generate(cfg: DictConfig) -> list[Path]:
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc=f"{cfg.num_images} images", unit="batch")
-    inputs = cond_inputs(module, cfg.num_images, cfg.labels, cfg.prompts)
+    inputs = module.conditioner.sample_inputs(cfg.num_images, cfg.labels, cfg.prompts)
     net = module.backbone
     images = []
     for start in batches:

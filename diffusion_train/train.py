@@ -51,7 +51,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     run_dir = Path(run_dir)
     quiet_known_warnings()
     config = resolved(cfg)  # fails on a missing value before any work starts
-    ckpt = check_resumable(run_dir, config)  # refuses another model's checkpoint, changes nothing
+    ckpt, resume_step = check_resumable(run_dir, config)  # refuses another model's checkpoint, changes nothing
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -59,10 +59,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     module = build_module(cfg)
     callbacks = _instantiate_all(cfg.callbacks)
     loggers = _instantiate_all(cfg.logger)
-    resume_step = int(load_checkpoint(ckpt)["global_step"]) if ckpt else None
     for lg in loggers:
         if isinstance(lg, ResumableCSVLogger):
-            lg._resume_step = resume_step
+            lg.resume_from(resume_step)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      plugins=[AtomicCheckpointIO()], use_distributed_sampler=False)
 

@@ -465,3 +465,14 @@ def test_cond_cat_repeat_index():
         Cond.cat([a, vec_only])
     moved = a.to("cpu")
     assert torch.equal(moved.vector, a.vector) and moved.mask.dtype == torch.bool
+
+
+def test_sample_inputs_repeat_and_cycle_the_pools():
+    cond = Conditioner({"label": ClassEmbedder(3, 4)})
+    grid = cond.sample_inputs(6, repeat=2)["label"].tolist()
+    assert grid == [0, 0, 1, 1, 2, 2]  # one row per class in a 2-column grid
+    assert cond.sample_inputs(5, labels=[2, 0])["label"].tolist() == [2, 0, 2, 0, 2]
+    with pytest.raises(ValueError, match=r"labels \[3\] are outside the model's 3 classes"):
+        cond.sample_inputs(2, labels=[3])
+    with pytest.raises(ValueError, match="unconditional"):
+        Conditioner({}).sample_inputs(2, prompts=["a bag"])

@@ -99,6 +99,34 @@ class Conditioner(nn.Module):
                     context=torch.cat(contexts, dim=1) if contexts else None,
                     mask=torch.cat(masks, dim=1) if masks else None)
 
+    def input_pools(self, labels=None, prompts=None) -> dict[str, list]:
+        """Per batch key, the values to sample for: the given labels (else every class) for class
+        embedders, the given prompts for text embedders; one-line errors for what does not fit."""
+        pools = {}
+        for name, emb in self.embedders.items():
+            if hasattr(emb, "num_classes"):
+                pool = [int(c) for c in labels] if labels is not None else list(range(emb.num_classes))
+                bad = [c for c in pool if not 0 <= c < emb.num_classes]
+                if bad:
+                    raise ValueError(f"labels {bad} are outside the model's {emb.num_classes} classes")
+            else:
+                if not prompts:
+                    raise ValueError(f"the model is conditioned on text ({emb.input_key!r}): give prompts=[...]")
+                pool = [str(p) for p in prompts]
+            pools[emb.input_key] = pool
+        if not pools and (labels is not None or prompts):
+            raise ValueError("labels or prompts were given but the model is unconditional")
+        return pools
+
+    def sample_inputs(self, num_images: int, labels=None, prompts=None, repeat: int = 1) -> dict:
+        """Conditioning inputs for ``num_images`` images: each pool value (see :meth:`input_pools`) is
+        used ``repeat`` times in a row, and the pool is cycled."""
+        inputs = {}
+        for key, pool in self.input_pools(labels, prompts).items():
+            values = [pool[(i // repeat) % len(pool)] for i in range(num_images)]
+            inputs[key] = torch.tensor(values) if isinstance(pool[0], int) else values
+        return inputs
+
     def uncond(self, batch_size: int) -> Cond:
         """The all-dropped conditioning (null class, empty caption) for ``batch_size`` samples."""
         device = self._device()

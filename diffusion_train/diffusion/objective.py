@@ -142,10 +142,12 @@ class GaussianDiffusion:
 
     def loss_weight(self, t: Tensor) -> Tensor:
         """Per-sample weight on the MSE of the configured prediction."""
-        alpha, sigma = self.schedule.alpha_sigma(t)
+        return self._weight(*self.schedule.alpha_sigma(t))
+
+    def _weight(self, alpha: Tensor, sigma: Tensor) -> Tensor:
         w = self.weighting.x0_weight(alpha.double(), sigma.double())
         if w is None:
-            return torch.ones(t.shape, device=t.device)
+            return torch.ones(alpha.shape, device=alpha.device)
         k = param.x0_mse_factor(self.prediction, alpha.double(), sigma.double(), self.sigma_data)
         return (w / k).float()
 
@@ -163,7 +165,7 @@ class GaussianDiffusion:
         out = net(inp, self.schedule.model_time(t.float()), cond)
         tgt = param.target(self.prediction, x0, noise, alpha, sigma, self.sigma_data)
         mse = (out.float() - tgt.float()).square().flatten(1).mean(1)
-        return mse * self.loss_weight(t)
+        return mse * self._weight(a, s)
 
     def denoiser(self, net: Callable) -> ModelDenoiser:
         return ModelDenoiser(net, self.schedule, self.prediction, self.clip_x0, self.sigma_data)

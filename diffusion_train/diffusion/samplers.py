@@ -291,7 +291,7 @@ class Sampler:
         _target_: diffusion_train.diffusion.samplers.Sampler
         solver: {_target_: diffusion_train.diffusion.samplers.ddim, _partial_: true, eta: 0.0}
         steps: 50
-        spacing: leading
+        spacing: auto        # the schedule's own grid (leading for DDPM, karras for EDM, linspace for flow)
     """
 
     def __init__(self, solver, steps: int = 50, spacing: str = "auto"):

@@ -41,6 +41,12 @@ class ResumableCSVLogger(CSVLogger):
         super().__init__(save_dir=save_dir, name="", version="", flush_logs_every_n_steps=flush_logs_every_n_steps)
         self._resume_step = resume_step
 
+    def resume_from(self, step: int | None) -> None:
+        """Rows logged at ``step`` or later are dropped when the file is opened (they are logged again)."""
+        if self._experiment is not None:
+            raise RuntimeError("ResumableCSVLogger.resume_from must be called before anything is logged")
+        self._resume_step = step
+
     @property
     def experiment(self):
         if self._experiment is None:

@@ -51,12 +51,14 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [f"{prefix}: checkpoint has {a!r}, config has {b!r}"]
 
 
-def check_resumable(run_dir: str | os.PathLike, config: dict) -> Path | None:
-    """The checkpoint to resume from (None for a fresh run); refuses a checkpoint of another model."""
+def check_resumable(run_dir: str | os.PathLike, config: dict) -> tuple[Path | None, int | None]:
+    """(checkpoint to resume from, its step), or (None, None) for a fresh run; refuses a checkpoint of
+    another model."""
     ckpt = last_checkpoint(run_dir)
     if ckpt is None:
-        return None
-    saved = load_checkpoint(ckpt).get("diffusion_train", {}).get("config")
+        return None, None
+    state = load_checkpoint(ckpt)
+    saved = state.get("diffusion_train", {}).get("config")
     if saved is None:
         raise ResumeMismatchError(f"{ckpt} was not written by diffusion_train (no run metadata); refusing to resume")
     diffs = _diff(model_signature(saved), model_signature(config))
@@ -65,7 +67,7 @@ def check_resumable(run_dir: str | os.PathLike, config: dict) -> Path | None:
         raise ResumeMismatchError(
             f"refusing to resume {ckpt}: it belongs to a different model config ({shown}). Nothing was "
             f"changed; choose another run_name (or hydra.run.dir) for a new run")
-    return ckpt
+    return ckpt, int(state["global_step"])
 
 
 def run_info(config: dict, overrides: list[str], world_size: int, global_batch: int) -> dict:

@@ -36,18 +36,11 @@ class SampleGrid(L.Callback):
         self._last_step = -1
 
     def cond_inputs(self, pl_module) -> tuple[int, dict]:
-        inputs, n = {}, self.rows * self.per_class
-        for name, emb in pl_module.conditioner.embedders.items():
-            if hasattr(emb, "num_classes"):
-                inputs[emb.input_key] = torch.arange(emb.num_classes).repeat_interleave(self.per_class)
-            elif self.prompts:
-                inputs[emb.input_key] = [p for p in self.prompts for _ in range(self.per_class)]
-            else:
-                raise ValueError(f"callbacks.sample_grid.prompts is empty but the model reads {emb.input_key!r}")
-        sizes = {len(v) for v in inputs.values()}
-        if len(sizes) > 1:
-            raise ValueError(f"sample grid: {len(self.prompts)} prompts and the class rows disagree in count")
-        return (sizes.pop() if sizes else n), inputs
+        """One row per class / prompt (``per_class`` columns); unconditional: ``rows`` rows."""
+        pools = pl_module.conditioner.input_pools(prompts=self.prompts)
+        rows = max((len(p) for p in pools.values()), default=self.rows)
+        n = rows * self.per_class
+        return n, pl_module.conditioner.sample_inputs(n, prompts=self.prompts, repeat=self.per_class)
 
     @torch.no_grad()
     def render(self, trainer: L.Trainer, pl_module) -> Path | None:
