@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from diffusion_train.conditioning.text import CLIPTextEmbedder, HFTextEmbedder, T5Embedder, TextEmbedder
+from diffusion_train.conditioning.clip import CLIPTextEmbedder
+from diffusion_train.conditioning.text import HFTextEmbedder, T5Embedder, TextEmbedder
 
 TINY_CLIP = "dt-test-tiny-clip"
 

