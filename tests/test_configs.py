@@ -38,7 +38,7 @@ def test_every_model_preset_builds(option, tmp_path):
     """Presets are built on the meta device: every constructor argument is checked, no memory is used."""
     cfg = compose_train([f"model={option}"], tmp_path)
     with torch.device("meta"):
-        net = instantiate(cfg.model, cond_dim=256, _convert_="all")
+        net = instantiate(cfg.model, input_size=32, in_channels=1, cond_dim=256, _convert_="all")
     assert sum(p.numel() for p in net.parameters()) > 0
 
 
@@ -47,7 +47,7 @@ def test_dit_ladder_sizes(tmp_path):
     for size, expected in {"s": (384, 12), "b": (768, 12), "l": (1024, 24), "xl": (1152, 28)}.items():
         cfg = compose_train([f"model=dit_{size}4"], tmp_path)
         with torch.device("meta"):
-            net = instantiate(cfg.model, _convert_="all")
+            net = instantiate(cfg.model, input_size=32, in_channels=1, _convert_="all")
         widths[size] = (net.pos_embed.shape[-1], len(net.blocks))
         assert widths[size] == expected
 

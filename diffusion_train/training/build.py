@@ -8,21 +8,27 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from diffusion_train.conditioning.autoencoder import Autoencoder
 from diffusion_train.training.checkpointing import load_checkpoint
 from diffusion_train.training.module import DiffusionModule
 
 
 def build_module(cfg: DictConfig) -> DiffusionModule:
-    """Backbone + conditioner + objective + optimizer factory, as the config names them."""
+    """Backbone + conditioner + autoencoder + objective + optimizer factory, as the config names them.
+
+    What the autoencoder makes of the data's images sizes the backbone's input (``in_channels``,
+    ``input_size``), and what the conditioner produces sizes its conditioning inputs.
+    """
     conditioner = instantiate(cfg.conditioning, _convert_="all")
-    # what the conditioner produces sizes the backbone's conditioning inputs
-    dims = {"cond_dim": conditioner.vector_dim}
+    autoencoder = instantiate(cfg.autoencoder, _convert_="all") if cfg.get("autoencoder") else Autoencoder()
+    channels, size = autoencoder.latent_shape(int(cfg.data.channels), int(cfg.data.resolution))
+    dims = {"in_channels": channels, "input_size": size, "cond_dim": conditioner.vector_dim}
     if conditioner.context_dim:
         dims["context_dim"] = conditioner.context_dim
     backbone = instantiate(cfg.model, **dims, _convert_="all")
     objective = instantiate(cfg.diffusion, _convert_="all")
     schedule = instantiate(cfg.lr_schedule, _convert_="all") if cfg.get("lr_schedule") else None
-    return DiffusionModule(backbone, conditioner, objective, optimizer=instantiate(cfg.optim, _convert_="all"),
+    return DiffusionModule(backbone, conditioner, objective, autoencoder=autoencoder, optimizer=instantiate(cfg.optim, _convert_="all"),
                            lr_schedule=schedule, seed=cfg.seed, **cfg.training)
 
 

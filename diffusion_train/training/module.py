@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_train.conditioning import Cond, Conditioner
+from diffusion_train.conditioning.autoencoder import Autoencoder
 from diffusion_train.diffusion import GaussianDiffusion, Sampler
 
 
@@ -31,7 +32,8 @@ def mix_seed(*values: int) -> int:
 
 
 class DiffusionModule(L.LightningModule):
-    """Trains ``backbone`` with ``objective`` on batches conditioned by ``conditioner``.
+    """Trains ``backbone`` with ``objective`` on batches conditioned by ``conditioner``, in the latent
+    space of the frozen ``autoencoder`` (identity: pixel space).
 
     The optimisation step is written out (manual optimisation) so it can stay free of host syncs:
     a step whose gradient norm is not finite is skipped by the fused optimizer itself (its
@@ -45,11 +47,12 @@ class DiffusionModule(L.LightningModule):
     def __init__(self, backbone: nn.Module, conditioner: Conditioner, objective: GaussianDiffusion,
                  optimizer: Callable[..., torch.optim.Optimizer],
                  lr_schedule: Callable[[torch.optim.Optimizer], Any] | None = None, *,
-                 grad_clip: float | None = 1.0, accumulate_grad_batches: int = 1, max_nonfinite_steps: int = 20,
+                 autoencoder: Autoencoder | None = None, grad_clip: float | None = 1.0, accumulate_grad_batches: int = 1, max_nonfinite_steps: int = 20,
                  compile: bool = False, seed: int = 0):
         super().__init__()
         self.automatic_optimization = False
         self.backbone, self.conditioner, self.objective = backbone, conditioner, objective
+        self.autoencoder = autoencoder if autoencoder is not None else Autoencoder()
         self.optimizer_factory, self.lr_schedule_factory = optimizer, lr_schedule
         self.grad_clip, self.accumulate_grad_batches = grad_clip, int(accumulate_grad_batches)
         self.max_nonfinite_steps, self.seed = max_nonfinite_steps, seed
@@ -74,11 +77,31 @@ class DiffusionModule(L.LightningModule):
     def forward(self, x: Tensor, t: Tensor, cond: Cond | None) -> Tensor:
         return self.net(x, t, cond)
 
+    def latents(self, batch: dict, generator: torch.Generator | None = None) -> Tensor:
+        """The diffusion model's data: the batch's precomputed ``latent`` (autoencoder moments, see
+        ``scripts/precompute.py``) or its ``image`` encoded now, then posterior-sampled and scaled."""
+        if "latent" in batch:
+            moments = batch["latent"]
+        elif "image" in batch:
+            moments = self.autoencoder.encode_moments(batch["image"])
+        else:
+            keys = batch.get("__key__")
+            first = keys[0] if isinstance(keys, (list, tuple)) and keys else "?"
+            raise KeyError(f"a batch needs an 'image' or a precomputed 'latent'; the batch of sample {first!r} "
+                           f"has {sorted(batch)}")
+        return self.autoencoder.latents_from_moments(moments, generator)
+
+    def loss(self, batch: dict, generator: torch.Generator | None = None, **objective_kwargs) -> Tensor:
+        """Per-sample training loss; one generator draws the posterior sample, the CFG dropout, the
+        timesteps and the noise, in that order."""
+        x0 = self.latents(batch, generator)
+        cond = self.conditioner(batch, generator=generator)
+        return self.objective.loss(self.net, x0, cond, generator=generator, **objective_kwargs)
+
     # -- training --------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         g = self.step_generator(self.global_step, self._micro, self.global_rank)
-        cond = self.conditioner(batch, generator=g)
-        loss = self.objective.loss(self.net, batch["image"], cond, generator=g).mean()
+        loss = self.loss(batch, g).mean()
         self.manual_backward(loss / self.accumulate_grad_batches)
         self._micro += 1
         if self._micro == self.accumulate_grad_batches:
@@ -128,9 +151,9 @@ class DiffusionModule(L.LightningModule):
 
     # -- validation: fixed noise and stratified timesteps, so the number is comparable across steps --
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        x0 = batch["image"]
-        b, schedule = x0.shape[0], self.objective.schedule
         g = self.step_generator(10**9, batch_idx, self.global_rank)
+        x0 = self.latents(batch, g)
+        b, schedule = x0.shape[0], self.objective.schedule
         # timesteps spread evenly over the schedule (integer steps for discrete schedules)
         t = schedule.t_min + (torch.arange(b, device=self.device) + 0.5) / b * (schedule.t_max - schedule.t_min)
         if hasattr(schedule, "num_timesteps"):
@@ -143,7 +166,7 @@ class DiffusionModule(L.LightningModule):
     @torch.no_grad()
     def sample(self, noise: Tensor, cond_inputs: dict, sampler: Sampler, guidance_scale: float = 1.0,
                generator=None, progress: bool = False, **guidance) -> Tensor:
-        """Images in [-1, 1] from ``noise`` for the conditioning inputs (e.g. ``{"label": ...}``);
+        """Images in [-1, 1] (decoded by the autoencoder) from ``noise`` for the conditioning inputs (e.g. ``{"label": ...}``);
         ``guidance`` takes ``guidance_interval`` and ``guidance_rescale`` (see ``CFGDenoiser``)."""
         was_training = self.training
         self.eval()
@@ -153,9 +176,10 @@ class DiffusionModule(L.LightningModule):
             denoiser = self.objective.denoiser(self.net)
             x = sampler(denoiser, noise.to(self.device), cond, uncond=uncond, guidance_scale=guidance_scale,
                         generator=generator, progress=progress, **guidance)
+            images = self.autoencoder.decode(x)
         finally:
             self.train(was_training)
-        return x.clamp(-1, 1)
+        return images.clamp(-1, 1)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

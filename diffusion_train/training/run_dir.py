@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffusion_train.training.checkpointing import last_checkpoint, load_checkpoint
 
 # Config groups that define the network's weights: a checkpoint only resumes under the same values.
-MODEL_KEYS = ("model", "conditioning", "diffusion")
+MODEL_KEYS = ("model", "conditioning", "autoencoder", "diffusion")
 
 
 class ResumeMismatchError(ValueError):
