@@ -14,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from diffusion_train.data.precomputed import PrecomputedMismatchError
 from diffusion_train.training import AtomicCheckpointIO, NonFiniteLossError
 from diffusion_train.training.build import build_module
 from diffusion_train.training.checkpointing import last_checkpoint, load_checkpoint, remove_stale_temp_files
@@ -30,7 +31,7 @@ from diffusion_train.training.run_dir import (
 
 log = logging.getLogger("diffusion_train")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-USER_ERRORS = (ResumeMismatchError, NonFiniteLossError, FileNotFoundError)
+USER_ERRORS = (ResumeMismatchError, NonFiniteLossError, PrecomputedMismatchError, FileNotFoundError)
 # Warnings that say nothing about this run: checkpoints are taken after the optimizer step on purpose.
 KNOWN_NOISE = (".*ModelCheckpoint with manual optimization.*", ".*isinstance.treespec, LeafSpec.*",
                ".*does not have many workers.*", ".*Checkpoint directory .* exists and is not empty.*",
@@ -57,6 +58,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
 
     datamodule = instantiate(cfg.data, _convert_="all")
     module = build_module(cfg)
+    if hasattr(datamodule, "check_provenance"):  # precomputed latents / text encodings
+        datamodule.check_provenance(module.autoencoder, module.conditioner)
     callbacks = _instantiate_all(cfg.callbacks)
     loggers = _instantiate_all(cfg.logger)
     for lg in loggers:

@@ -280,3 +280,17 @@ def test_synthetic_datamodule_rejects_wrong_config_shape():
 
     with pytest.raises(ValueError):
         Wrong(channels=3).setup()
+
+
+def test_fashion_mnist_three_channels_repeat_the_grayscale_image(fmnist_train):
+    gray = FashionMNISTDataModule(batch_size=6, val_size=8)
+    rgb = FashionMNISTDataModule(batch_size=6, val_size=8, channels=3)
+    b1, b3 = (next(iter(dm.train_dataloader())) for dm in (gray, rgb))
+    assert b3["image"].shape == (6, 3, 32, 32) and b3["image"].dtype == torch.float32
+    assert b3["__key__"] == b1["__key__"] and torch.equal(b3["label"], b1["label"])  # same seeded stream
+    for c in range(3):
+        assert torch.equal(b3["image"][:, c:c + 1], b1["image"])
+    v1, v3 = (next(iter(dm.val_dataloader()))["image"] for dm in (gray, rgb))
+    assert v3.shape[1] == 3 and torch.equal(v3, v1.expand_as(v3))
+    with pytest.raises(ValueError, match="channels=1 \\(or 3"):
+        FashionMNISTDataModule(channels=2)

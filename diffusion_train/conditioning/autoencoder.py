@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -35,7 +34,9 @@ from diffusion_train.conditioning.weights import (
     hf_load_error,
     hf_provenance,
     keep_out_of_state_dict,
+    loaded_provenance,
     sha256_files,
+    tensors_sha256,
 )
 
 __all__ = ["Autoencoder", "KLAutoencoder", "DiffusersAutoencoderKL", "TinyVAE", "TinyVAENet", "load_tiny_vae_net"]
@@ -123,6 +124,8 @@ class KLAutoencoder(Autoencoder):
         self.latent_channels, self.downsample, self.in_channels = int(latent_channels), int(downsample), int(in_channels)
         self.weights_external = bool(pretrained)
         self._provenance.update({k: str(v) for k, v in provenance.items()})
+        if not pretrained:  # random weights: identified by their bytes
+            self._provenance["sha256"] = tensors_sha256(self.model)
         for name in ("scale", "shift"):
             n = getattr(self, name).shape[0]
             if n not in (1, self.latent_channels):
@@ -135,14 +138,10 @@ class KLAutoencoder(Autoencoder):
         return dict(self.provenance)
 
     def set_extra_state(self, state: Any) -> None:
-        if not isinstance(state, Mapping):
-            return
-        self.loaded_provenance = {str(k): str(v) for k, v in state.items()}
-        cur, old = self.provenance, self.loaded_provenance
-        if old.get("sha256") and cur["sha256"] and old["sha256"] != cur["sha256"]:
-            warnings.warn(f"{cur['class']}: checkpoint was made with autoencoder weights {old.get('name', '')!r} "
-                          f"sha256={old['sha256'][:12]}..., now loaded {cur['name']!r} sha256={cur['sha256'][:12]}...",
-                          stacklevel=2)
+        if isinstance(state, Mapping):
+            self.loaded_provenance = {str(k): str(v) for k, v in state.items()}
+        keep = loaded_provenance(self.provenance, state, self.weights_external)
+        self._provenance.update({k: v for k, v in keep.items() if k in self._provenance})
 
     @property
     def provenance(self) -> dict[str, str]:

@@ -28,7 +28,6 @@ offline presets) has no file to be rebuilt from, so its weights are kept in the 
 from __future__ import annotations
 
 import os
-import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping
@@ -41,7 +40,9 @@ from diffusion_train.conditioning.weights import (
     hf_load_error,
     hf_provenance,
     keep_out_of_state_dict,
+    loaded_provenance,
     resolve_dtype,
+    tensors_sha256,
 )
 
 __all__ = ["TextEmbedder", "HFTextEmbedder", "T5Embedder", "minilm_path"]
@@ -140,6 +141,8 @@ class TextEmbedder(nn.Module):
         self.provenance.update({k: str(v) for k, v in provenance.items()})
         if self.dtype != torch.float32:
             self.encoder.to(self.dtype)
+        if not self.pretrained:  # random weights: identified by their bytes
+            self.provenance["sha256"] = tensors_sha256(self.encoder)
         if not self.trainable:
             self.encoder.requires_grad_(False)
             self.encoder.eval()
@@ -154,21 +157,9 @@ class TextEmbedder(nn.Module):
         return dict(self.provenance)
 
     def set_extra_state(self, state: Any) -> None:
-        if not isinstance(state, Mapping):
-            return
-        loaded = {str(k): str(v) for k, v in state.items()}
-        self.loaded_provenance = loaded
-        cur = self.provenance
-        if loaded.get("class") and loaded["class"] != cur["class"]:
-            warnings.warn(f"{cur['class']}: state dict was saved by a {loaded['class']} "
-                          f"({loaded.get('name', '')!r})", stacklevel=2)
-        elif loaded.get("sha256") and cur["sha256"] and loaded["sha256"] != cur["sha256"]:
-            warnings.warn(f"{cur['class']}: checkpoint was made with encoder weights {loaded.get('name', '')!r} "
-                          f"sha256={loaded['sha256'][:12]}..., now loaded {cur['name']!r} "
-                          f"sha256={cur['sha256'][:12]}...", stacklevel=2)
-        elif loaded.get("name") and cur["name"] and loaded["name"] != cur["name"] and not cur["sha256"]:
-            warnings.warn(f"{cur['class']}: checkpoint was made with encoder {loaded['name']!r}, "
-                          f"now {cur['name']!r}", stacklevel=2)
+        if isinstance(state, Mapping):
+            self.loaded_provenance = {str(k): str(v) for k, v in state.items()}
+        self.provenance = loaded_provenance(self.provenance, state, self.weights_external)
 
     def null_input(self, batch_size: int, device=None) -> list[str]:
         return [""] * int(batch_size)

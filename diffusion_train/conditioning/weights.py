@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -128,3 +129,37 @@ def keep_out_of_state_dict(module: nn.Module, external_prefix: str) -> None:
     module.register_state_dict_post_hook(_drop_external_keys)
     module.register_load_state_dict_pre_hook(_remember_load_prefix)
     module.register_load_state_dict_post_hook(_allow_missing_external_keys)
+
+
+def tensors_sha256(module: nn.Module) -> str:
+    """sha256 over a module's state-dict tensors (names and bytes): the identity of random weights."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        if isinstance(t, Tensor):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def loaded_provenance(current: Mapping[str, str], state: Any, external: bool) -> dict[str, str]:
+    """The provenance to keep after a state dict recorded ``state``; warns when external weights differ.
+
+    Weights that live in the state dict (random or trainable) take its provenance; external
+    (pretrained, frozen) weights keep the current one, with a warning if the checkpoint was made
+    with other weights.
+    """
+    if not isinstance(state, Mapping):
+        return dict(current)
+    loaded = {str(k): str(v) for k, v in state.items()}
+    if not external:
+        return {**current, **loaded}
+    cls, name = current.get("class", ""), current.get("name", "")
+    if loaded.get("class") and loaded["class"] != cls:
+        warnings.warn(f"{cls}: state dict was saved by a {loaded['class']} ({loaded.get('name', '')!r})", stacklevel=3)
+    elif loaded.get("sha256") and current.get("sha256") and loaded["sha256"] != current["sha256"]:
+        warnings.warn(f"{cls}: checkpoint was made with weights {loaded.get('name', '')!r} "
+                      f"sha256={loaded['sha256'][:12]}..., now loaded {name!r} sha256={current['sha256'][:12]}...",
+                      stacklevel=3)
+    elif loaded.get("name") and name and loaded["name"] != name and not current.get("sha256"):
+        warnings.warn(f"{cls}: checkpoint was made with {loaded['name']!r}, now {name!r}", stacklevel=3)
+    return dict(current)

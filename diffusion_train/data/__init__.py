@@ -1,7 +1,9 @@
 """Data modules and dataset sources. Batches are dicts: image, label, __key__ (see base.ImageBatches)."""
 
-from diffusion_train.data.base import ImageBatches, InMemoryImageDataModule
+from diffusion_train.data.base import ImageBatches, InMemoryDataModule, InMemoryImageDataModule
 from diffusion_train.data.fashion_mnist import FashionMNISTDataModule
+from diffusion_train.data.folder import ImageFolderDataModule
+from diffusion_train.data.precomputed import PrecomputedDataModule
 from diffusion_train.data.synthetic import SyntheticDataModule
 
-__all__ = ["FashionMNISTDataModule", "ImageBatches", "InMemoryImageDataModule", "SyntheticDataModule"]
+__all__ = ["FashionMNISTDataModule", "ImageBatches", "ImageFolderDataModule", "InMemoryDataModule", "InMemoryImageDataModule", "PrecomputedDataModule", "SyntheticDataModule"]

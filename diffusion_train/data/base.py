@@ -34,8 +34,9 @@ class ImageBatches(Dataset):
         return batch
 
 
-class InMemoryImageDataModule(L.LightningDataModule):
-    """Base class: subclasses implement :meth:`load` returning uint8 train/val images and labels.
+class InMemoryDataModule(L.LightningDataModule):
+    """Base class for datasets held in RAM: subclasses implement :meth:`make_sets` returning train and
+    val datasets indexed by a list of indices (``dataset[[i, j, ...]] -> batch dict``).
 
     Training reads an endless, seeded stream (see :class:`InfiniteBatchSampler`) that resumes at
     the batch the restored optimizer step implies; validation is a fixed, rank-padded set.
@@ -47,27 +48,15 @@ class InMemoryImageDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.channels, self.resolution, self.num_classes = channels, resolution, num_classes
         self.val_batch_size = val_batch_size or batch_size
-        self.train_set: ImageBatches | None = None
-        self.val_set: ImageBatches | None = None
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
 
-    def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def make_sets(self) -> tuple[Dataset, Dataset]:
         raise NotImplementedError
 
-    def captioner(self):
-        """``(index, label) -> caption`` for datasets with captions, else None."""
-        return None
-
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        tr_x, tr_y, va_x, va_y = self.load()
-        expected = (self.channels, self.resolution, self.resolution)
-        if tuple(tr_x.shape[1:]) != expected:
-            raise ValueError(f"{type(self).__name__}: images are {tuple(tr_x.shape[1:])}, config says "
-                             f"channels={self.channels}, resolution={self.resolution}")
-        captions = self.captioner()
-        self.train_set = ImageBatches(tr_x, tr_y, "train", captions)
-        self.val_set = ImageBatches(va_x, va_y, "val", captions)
+        if self.train_set is None:
+            self.train_set, self.val_set = self.make_sets()
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -93,3 +82,24 @@ class InMemoryImageDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset, batches) -> DataLoader:
         return DataLoader(dataset, sampler=batches, batch_size=None, num_workers=self.num_workers,
                           pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0)
+
+
+class InMemoryImageDataModule(InMemoryDataModule):
+    """Base class for image datasets: subclasses implement :meth:`load` returning uint8 train/val
+    images and labels, and :meth:`captioner` when they have captions."""
+
+    def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def captioner(self):
+        """``(index, label) -> caption`` for datasets with captions, else None."""
+        return None
+
+    def make_sets(self) -> tuple[ImageBatches, ImageBatches]:
+        tr_x, tr_y, va_x, va_y = self.load()
+        expected = (self.channels, self.resolution, self.resolution)
+        if tuple(tr_x.shape[1:]) != expected:
+            raise ValueError(f"{type(self).__name__}: images are {tuple(tr_x.shape[1:])}, config says "
+                             f"channels={self.channels}, resolution={self.resolution}")
+        captions = self.captioner()
+        return ImageBatches(tr_x, tr_y, "train", captions), ImageBatches(va_x, va_y, "val", captions)

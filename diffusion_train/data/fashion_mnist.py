@@ -98,15 +98,17 @@ class FashionMNISTDataModule(InMemoryImageDataModule):
     Files come from ``root`` (a folder with the IDX files, gzipped or not), else from the Debian
     package ``dataset-fashion-mnist``; ``download=true`` fetches them with torchvision.
     ``caption_templates`` (e.g. ``["a photo of a {name}"]``) adds a ``caption`` per image: item i
-    uses template i mod len(templates) with its class name.
+    uses template i mod len(templates) with its class name. ``channels=3`` repeats the grayscale
+    image on three channels (a view: no extra memory), for autoencoders that take RGB.
     """
 
     def __init__(self, batch_size: int = 128, resolution: int = 32, resize: str = "pad", root: str | None = None,
                  download: bool = False, val_size: int = 1000, channels: int = 1, num_classes: int = 10,
                  num_workers: int = 0, seed: int = 0, val_batch_size: int | None = None,
                  caption_templates: list[str] | None = None):
-        if channels != 1 or num_classes != 10:
-            raise ValueError("Fashion-MNIST has channels=1 and num_classes=10")
+        if channels not in (1, 3) or num_classes != 10:
+            raise ValueError(f"Fashion-MNIST has num_classes=10 and channels=1 (or 3: the grayscale image on "
+                             f"each channel), got num_classes={num_classes}, channels={channels}")
         super().__init__(batch_size, channels, resolution, num_classes, num_workers, seed, val_batch_size)
         self.root, self.download, self.resize, self.val_size = root, download, resize, val_size
         self.caption_templates = list(caption_templates) if caption_templates else None
@@ -123,5 +125,6 @@ class FashionMNISTDataModule(InMemoryImageDataModule):
         tr_x, tr_y = load_split("train", self.root, self.download)
         te_x, te_y = load_split("test", self.root, self.download)
         te_x, te_y = te_x[: self.val_size], te_y[: self.val_size]
-        return to_resolution(tr_x, self.resolution, self.resize), tr_y, to_resolution(te_x, self.resolution,
-                                                                                          self.resize), te_y
+        tr_x, te_x = (to_resolution(x, self.resolution, self.resize).expand(-1, self.channels, -1, -1)
+                      for x in (tr_x, te_x))
+        return tr_x, tr_y, te_x, te_y

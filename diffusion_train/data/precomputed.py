@@ -1,0 +1,274 @@
+"""Precomputed autoencoder latents and text encodings, so training skips the frozen encoders.
+
+A precomputed set is a directory::
+
+    manifest.json             format, source data (channels, resolution, classes), provenance of the
+                              autoencoder and of each text embedder, dtype, per-split counts
+    <split>.safetensors       latent (N, 2C, h, w): the autoencoder's moments (KL VAEs: mean and
+                              log-variance; pixel space: the image), label (N,),
+                              <key>.index (N,) into the distinct captions of batch key <key>, and per
+                              text embedder <name>: <name>.context (U, L, D), <name>.mask (U, L),
+                              <name>.vector (U, D) as its ``output`` selects
+    <split>.captions.json     {<key>: [distinct captions]}
+
+Captions are stored once per distinct string (templated captions cost nothing). The posterior is
+sampled and scaled at training time from the stored moments, with the step's seeded generator, so
+training on a precomputed set computes the same loss as encoding online (exactly, with
+``dtype=float32``). A set whose provenance (weights hash, architecture, encoder settings) differs
+from the configured autoencoder or encoders is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from diffusion_train.data.base import InMemoryDataModule
+from diffusion_train.conditioning.weights import resolve_dtype
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+FORMAT = "diffusion_train.precomputed/1"
+_EMBEDDER_SETTINGS = ("input_key", "max_length", "output", "layer")
+
+
+class PrecomputedMismatchError(ValueError):
+    """The precomputed set was made with another autoencoder or text encoder than the config's."""
+
+
+# ----------------------------------------------------------------------------------------------
+# provenance
+
+
+def _text_embedders(conditioner) -> dict[str, Any]:
+    return {name: emb for name, emb in conditioner.embedders.items() if hasattr(emb, "output_keys")}
+
+
+def embedder_provenance(emb) -> dict[str, str]:
+    """What makes a text embedder's encodings what they are: its weights and its settings."""
+    prov = {k: str(v) for k, v in emb.provenance.items()}
+    prov.update({k: str(getattr(emb, k)) for k in _EMBEDDER_SETTINGS if hasattr(emb, k)})
+    return prov
+
+
+def expected_provenance(autoencoder, conditioner) -> dict[str, Any]:
+    return {"autoencoder": {k: str(v) for k, v in autoencoder.provenance.items()},
+            "embedders": {name: embedder_provenance(e) for name, e in _text_embedders(conditioner).items()}}
+
+
+def _diffs(made: dict, now: dict, where: str) -> list[str]:
+    return [f"{where}.{k}: set has {made.get(k, '<absent>')!r}, config gives {now.get(k, '<absent>')!r}"
+            for k in sorted(set(made) | set(now)) if made.get(k) != now.get(k)]
+
+
+def check_provenance(manifest: dict, path: str | os.PathLike, autoencoder, conditioner) -> None:
+    """Refuses a set made with another autoencoder, or text encodings made by another encoder.
+
+    Text embedders with no stored encodings are fine: they encode the stored captions online.
+    """
+    now = expected_provenance(autoencoder, conditioner)
+    diffs = _diffs(manifest["autoencoder"], now["autoencoder"], "autoencoder")
+    for name, prov in manifest.get("embedders", {}).items():
+        if name in now["embedders"]:
+            diffs += _diffs(prov, now["embedders"][name], f"conditioning.embedders.{name}")
+    if diffs:
+        raise PrecomputedMismatchError(
+            f"precomputed set {path} does not match the config ({'; '.join(diffs)}); precompute it again with "
+            f"this config (python scripts/precompute.py out=DIR ...) or configure the encoders it was made with")
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+
+
+def _index_batches(n: int, batch_size: int) -> Iterable[list[int]]:
+    for start in range(0, n, batch_size):
+        yield list(range(start, min(start + batch_size, n)))
+
+
+@torch.no_grad()
+def precompute_split(dataset: Dataset, autoencoder, conditioner, batch_size: int = 256,
+                     dtype: torch.dtype = torch.float16, device: str | torch.device = "cpu",
+                     progress: bool = False, limit: int | None = None) -> tuple[dict[str, Tensor], dict]:
+    """Encodes the items of ``dataset`` (indexed by lists, e.g. :class:`ImageBatches`) in order, the
+    first ``limit`` of them if given, with the autoencoder and text embedders already on ``device``.
+
+    Returns the tensors of ``<split>.safetensors`` and the distinct captions per caption key.
+    """
+    latents, labels, captions = [], [], {}
+    batches = _index_batches(len(dataset) if limit is None else min(int(limit), len(dataset)), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(list(batches), desc="encoding images", unit="batch")
+    for idx in batches:
+        batch = dataset[idx]
+        latents.append(autoencoder.encode_moments(batch["image"].to(device)).to(dtype).cpu())
+        labels.append(batch["label"].long())
+        for key, value in batch.items():
+            if isinstance(value, list) and value and isinstance(value[0], str) and key != "__key__":
+                captions.setdefault(key, []).extend(value)
+    tensors = {"latent": torch.cat(latents), "label": torch.cat(labels)}
+    distinct: dict[str, list[str]] = {}
+    for key, texts in captions.items():
+        table = {}
+        tensors[f"{key}.index"] = torch.tensor([table.setdefault(t, len(table)) for t in texts], dtype=torch.long)
+        distinct[key] = list(table)
+    for name, emb in _text_embedders(conditioner).items():
+        if emb.input_key not in distinct:
+            raise KeyError(f"conditioning.embedders.{name} reads batch key {emb.input_key!r}, which the dataset "
+                           f"does not provide (it has {sorted(distinct) or 'no captions'})")
+        parts: dict[str, list[Tensor]] = {}
+        for idx in _index_batches(len(distinct[emb.input_key]), batch_size):
+            for k, v in emb.encode([distinct[emb.input_key][i] for i in idx]).items():
+                parts.setdefault(k, []).append(v.cpu() if k == "mask" else v.to(dtype).cpu())
+        tensors.update({f"{name}.{k}": torch.cat(v) for k, v in parts.items()})
+    return tensors, distinct
+
+
+def write_precomputed(out_dir: str | os.PathLike, datamodule, autoencoder, conditioner,
+                      splits: Iterable[str] = ("train", "val"), batch_size: int = 256, dtype: str = "float16",
+                      device: str | torch.device = "cpu", progress: bool = False, limit: int | None = None) -> dict:
+    """Encodes the splits of ``datamodule`` (the first ``limit`` items of each, if given) into
+    ``out_dir`` and writes its manifest (last, atomically: a directory without a manifest is not a
+    precomputed set)."""
+    from safetensors.torch import save_file
+
+    trainable = [name for name, e in _text_embedders(conditioner).items() if e.trainable]
+    if trainable:
+        raise ValueError(f"conditioning.embedders {trainable} are trainable: their encodings change during "
+                         f"training and cannot be precomputed")
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+    torch_dtype = resolve_dtype(dtype)
+    datamodule.setup()
+    sets = {"train": datamodule.train_set, "val": datamodule.val_set}
+    was_training = conditioner.training
+    conditioner.eval()
+    manifest = {"format": FORMAT, "dtype": str(torch_dtype).removeprefix("torch."),
+                "data": {"target": f"{type(datamodule).__module__}.{type(datamodule).__name__}",
+                         "channels": datamodule.channels, "resolution": datamodule.resolution,
+                         "num_classes": datamodule.num_classes},
+                **expected_provenance(autoencoder, conditioner), "splits": {}}
+    try:
+        for split in splits:
+            if split not in sets:
+                raise ValueError(f"unknown split {split!r}; valid: {sorted(sets)}")
+            tensors, distinct = precompute_split(sets[split], autoencoder, conditioner, batch_size, torch_dtype,
+                                                 device, progress, limit)
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"{split}.safetensors.tmp"))
+            (out / f"{split}.captions.json.tmp").write_text(json.dumps(distinct))
+            os.replace(out / f"{split}.safetensors.tmp", out / f"{split}.safetensors")
+            os.replace(out / f"{split}.captions.json.tmp", out / f"{split}.captions.json")
+            manifest["splits"][split] = {"count": int(tensors["latent"].shape[0]),
+                                         "latent_shape": list(tensors["latent"].shape[1:]),
+                                         "distinct_captions": {k: len(v) for k, v in distinct.items()}}
+    finally:
+        conditioner.train(was_training)
+    manifest["truncated_captions"] = {name: int(e.num_truncated) for name, e in _text_embedders(conditioner).items()}
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, out / MANIFEST)
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------
+# reading
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    manifest = Path(path) / MANIFEST
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{path} is not a precomputed set: {manifest} does not exist (make one with "
+                                f"python scripts/precompute.py out={path} ...)")
+    data = json.loads(manifest.read_text())
+    if data.get("format") != FORMAT:
+        raise ValueError(f"{manifest}: format {data.get('format')!r}, expected {FORMAT!r}")
+    return data
+
+
+def manifest_value(path: str, key: str) -> Any:
+    """``data.<key>`` of a precomputed set's manifest (the ``${precomputed:path,key}`` config resolver)."""
+    data = read_manifest(path)["data"]
+    if key not in data:
+        raise KeyError(f"{Path(path) / MANIFEST} has no data.{key}; it has {sorted(data)}")
+    return data[key]
+
+
+class PrecomputedBatches(Dataset):
+    """``dataset[list_of_indices]`` -> a batch: latent (moments, float32), label, caption(s),
+    the stored text encodings under ``<name>.context`` / ``.mask`` / ``.vector``, and ``__key__``."""
+
+    def __init__(self, tensors: dict[str, Tensor], captions: dict[str, list[str]], split: str,
+                 embedder_keys: dict[str, str]):
+        self.tensors, self.captions, self.split = tensors, captions, split
+        self.embedder_keys = embedder_keys  # text embedder name -> the caption key its encodings index
+
+    def __len__(self) -> int:
+        return self.tensors["latent"].shape[0]
+
+    def __getitem__(self, indices: list[int]) -> dict:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        t = self.tensors
+        batch: dict[str, Any] = {"latent": t["latent"][idx].float(), "label": t["label"][idx],
+                                 "__key__": [f"{self.split}/{i}" for i in indices]}
+        rows = {key: t[f"{key}.index"][idx] for key in self.captions}
+        for key, table in self.captions.items():
+            batch[key] = [table[int(r)] for r in rows[key]]
+        for name, key in self.embedder_keys.items():
+            for part in ("context", "mask", "vector"):
+                if f"{name}.{part}" in t:
+                    value = t[f"{name}.{part}"][rows[key]]
+                    batch[f"{name}.{part}"] = value if part == "mask" else value.float()
+        return batch
+
+
+class PrecomputedDataModule(InMemoryDataModule):
+    """Batches from a directory written by ``scripts/precompute.py``, held in RAM.
+
+    ``channels``, ``resolution`` and ``num_classes`` describe the source images (they size the
+    backbone through the autoencoder); the config reads them from the manifest. ``val_size`` keeps
+    the first items of the val split (all when null). Training checks the
+    set's provenance against the configured autoencoder and text encoders before the first step.
+    """
+
+    def __init__(self, path: str, channels: int, resolution: int, num_classes: int, batch_size: int = 64,
+                 num_workers: int = 0, seed: int = 0, val_batch_size: int | None = None, val_size: int | None = None):
+        super().__init__(batch_size, channels, resolution, num_classes, num_workers, seed, val_batch_size)
+        self.path, self.val_size = Path(path), val_size
+        self.manifest = read_manifest(self.path)
+        data = self.manifest["data"]
+        given = {"channels": channels, "resolution": resolution, "num_classes": num_classes}
+        wrong = [f"{k}={v} (set: {data[k]})" for k, v in given.items() if data.get(k) != v]
+        if wrong:
+            raise ValueError(f"data.{', data.'.join(wrong)} do not match precomputed set {self.path}")
+        missing = [s for s in ("train", "val") if s not in self.manifest["splits"]]
+        if missing:
+            raise ValueError(f"precomputed set {self.path} lacks the {missing} split(s); precompute them too")
+
+    def check_provenance(self, autoencoder, conditioner) -> None:
+        check_provenance(self.manifest, self.path, autoencoder, conditioner)
+
+    def make_sets(self) -> tuple[PrecomputedBatches, PrecomputedBatches]:
+        from safetensors.torch import load_file
+
+        sets = []
+        keys = {name: prov["input_key"] for name, prov in self.manifest.get("embedders", {}).items()}
+        for split in ("train", "val"):
+            tensors = load_file(str(self.path / f"{split}.safetensors"))
+            if split == "val" and self.val_size is not None:  # validate on the first val_size items
+                tensors = {k: v if k.startswith(tuple(keys)) else v[: self.val_size] for k, v in tensors.items()}
+            captions = json.loads((self.path / f"{split}.captions.json").read_text())
+            dataset = PrecomputedBatches(tensors, captions, split, keys)
+            sets.append(dataset)
+            log.info("precomputed %s: %d items from %s", split, len(dataset), self.path)
+        return sets[0], sets[1]

@@ -1,0 +1,53 @@
+"""Precompute autoencoder latents and text encodings for a dataset (see conf/precompute.yaml).
+
+    python scripts/precompute.py out=DIR data=... autoencoder=... conditioning=...
+
+Then train on them with ``data=precomputed data.path=DIR`` and the same autoencoder / conditioning.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from diffusion_train.data.precomputed import write_precomputed
+from diffusion_train.train import CONFIG_DIR, quiet_known_warnings
+from diffusion_train.training.build import build_module
+
+log = logging.getLogger("diffusion_train.precompute")
+
+
+def precompute(cfg: DictConfig) -> dict:
+    quiet_known_warnings()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    L.seed_everything(cfg.seed, verbose=False)  # as training does: random-init encoders come out the same
+    datamodule = instantiate(cfg.data, _convert_="all")
+    module = build_module(cfg)  # the autoencoder and conditioner exactly as training builds them
+    autoencoder, conditioner = module.autoencoder.to(device), module.conditioner.to(device)
+    manifest = write_precomputed(cfg.out, datamodule, autoencoder, conditioner, splits=list(cfg.splits),
+                                 batch_size=int(cfg.batch_size), dtype=str(cfg.dtype), device=device,
+                                 progress=bool(cfg.progress), limit=cfg.limit)
+    counts = ", ".join(f"{s}: {v['count']}" for s, v in manifest["splits"].items())
+    print(f"wrote {Path(cfg.out)} ({counts}; latents {manifest['splits'][next(iter(manifest['splits']))]['latent_shape']} "
+          f"{manifest['dtype']}); train on it with: data=precomputed data.path={cfg.out}")
+    return manifest
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="precompute")
+def main(cfg: DictConfig) -> None:
+    try:
+        precompute(cfg)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

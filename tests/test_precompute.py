@@ -1,0 +1,172 @@
+"""Precomputed latents and text encodings: same loss as online encoding, provenance refusal, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from conftest import TINY, compose_train
+from diffusion_train.data.precomputed import (
+    MANIFEST,
+    PrecomputedDataModule,
+    PrecomputedMismatchError,
+    write_precomputed,
+)
+from diffusion_train.train import train
+from diffusion_train.training.build import build_module
+
+ROOT = Path(__file__).resolve().parent.parent
+# Fashion-MNIST captions, a random TinyVAE (4x down: 32x32x1 -> 8x8x4), the offline MiniLM text encoder.
+LATENT_TEXT = TINY + ["data=fashion_mnist_captions", "data.batch_size=8", "data.val_size=16",
+                      "conditioning=text_minilm", "conditioning.embedders.caption.dropout=0.5",
+                      "autoencoder=tiny_vae", "model=unet_tiny"]
+
+
+def _parts(overrides, tmp_path):
+    cfg = compose_train(LATENT_TEXT + list(overrides), tmp_path / "run")
+    L.seed_everything(cfg.seed, verbose=False)  # as train() and scripts/precompute.py do before building
+    datamodule = instantiate(cfg.data, _convert_="all")
+    return cfg, datamodule, build_module(cfg)
+
+
+@pytest.fixture(scope="module")
+def precomputed(tmp_path_factory):
+    """A float32 set of the first 24 items per split, made with the LATENT_TEXT config."""
+    tmp = tmp_path_factory.mktemp("pre")
+    cfg, datamodule, module = _parts([], tmp)
+    out = tmp / "set"
+    manifest = write_precomputed(out, datamodule, module.autoencoder, module.conditioner, batch_size=10,
+                                 dtype="float32", limit=24)
+    return out, manifest, datamodule
+
+
+def test_precomputed_training_loss_equals_online_encoding(precomputed, tmp_path):
+    out, _, online = precomputed
+    _, _, module = _parts([], tmp_path)  # rebuilt from the config: the same random VAE
+    pre = PrecomputedDataModule(out, channels=1, resolution=32, num_classes=10)
+    pre.setup()
+    module.train()
+    idx = [3, 0, 17, 9, 9, 21, 5, 12]
+    a, b = online.train_set[idx], pre.train_set[idx]
+    assert "image" not in b and b["latent"].shape == (8, 8, 8, 8)
+    assert b["caption"] == a["caption"] and torch.equal(a["label"], b["label"])
+    for seed in range(3):  # different posterior samples, dropout patterns, timesteps and noise
+        la = module.loss(a, torch.Generator().manual_seed(seed))
+        lb = module.loss(b, torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-6)
+    dropped = module.conditioner.embedders["caption"]
+    assert dropped.dropout == 0.5  # so some rows of each seed took the empty-caption encoding
+
+
+def test_precomputed_training_runs_the_text_encoder_only_for_the_empty_caption(precomputed, tmp_path):
+    out, _, _ = precomputed
+    _, _, module = _parts([], tmp_path)
+    emb = module.conditioner.embedders["caption"]
+    calls = []
+    original = emb._encode
+    emb._encode = lambda texts: (calls.append(list(texts)), original(texts))[1]
+    pre = PrecomputedDataModule(out, channels=1, resolution=32, num_classes=10)
+    pre.setup()
+    module.train()
+    for i in range(3):
+        module.loss(pre.train_set[list(range(8 * i, 8 * i + 8))], torch.Generator().manual_seed(i))
+    assert calls == [[""]], "stored encodings are used; only the CFG null caption is encoded, once"
+
+
+def test_float16_storage_is_close_and_captions_are_stored_once(tmp_path):
+    cfg, datamodule, module = _parts([], tmp_path)
+    manifest = write_precomputed(tmp_path / "fp16", datamodule, module.autoencoder, module.conditioner,
+                                 dtype="float16", limit=40, splits=["train"])
+    assert manifest["dtype"] == "float16" and manifest["splits"]["train"]["count"] == 40
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(tmp_path / "fp16/train.safetensors"))
+    distinct = json.loads((tmp_path / "fp16/train.captions.json").read_text())["caption"]
+    captions = datamodule.train_set[list(range(40))]["caption"]
+    assert len(distinct) == len(set(captions)) < 40  # templated captions: each distinct one stored once
+    assert tensors["caption.context"].shape == (len(distinct), 32, 384)
+    assert tensors["caption.context"].dtype == torch.float16 and tensors["caption.mask"].dtype == torch.bool
+    assert [distinct[i] for i in tensors["caption.index"].tolist()] == captions
+    online = module.autoencoder.encode_moments(datamodule.train_set[list(range(40))]["image"])
+    torch.testing.assert_close(tensors["latent"].float(), online, rtol=2e-3, atol=2e-3)
+
+
+def test_config_reads_the_source_shape_from_the_manifest(precomputed, tmp_path):
+    out, manifest, _ = precomputed
+    cfg = compose_train(LATENT_TEXT + ["data=precomputed", f"data.path={out}"], tmp_path / "run")
+    assert (cfg.data.channels, cfg.data.resolution, cfg.data.num_classes) == (1, 32, 10)
+    module = build_module(cfg)
+    assert (module.backbone.in_channels, module.backbone.input_size) == (4, 8)
+    assert manifest["embedders"]["caption"]["class"] == "HFTextEmbedder"
+    assert manifest["autoencoder"]["class"] == "TinyVAE" and len(manifest["autoencoder"]["sha256"]) == 64
+
+
+def test_training_on_a_precomputed_set_end_to_end(precomputed, tmp_path):
+    out, _, _ = precomputed
+    run = tmp_path / "run"
+    cfg = compose_train(LATENT_TEXT + ["data=precomputed", f"data.path={out}", "trainer.max_steps=2",
+                                       "callbacks.sample_grid.prompts=[a bag]", "callbacks.sample_grid.per_class=2"],
+                        run)
+    trainer = train(cfg, run)
+    assert trainer.global_step == 2
+    assert (run / "samples/step_0000002.png").is_file()  # sampled latents decoded by the VAE
+    assert trainer.lightning_module.autoencoder.decode(torch.zeros(1, 4, 8, 8)).shape == (1, 1, 32, 32)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("autoencoder.latent_channels=2", "autoencoder.latent_channels"),
+    ("seed=7", "autoencoder.sha256"),  # another random init
+    ("conditioning.embedders.caption.max_length=16", "conditioning.embedders.caption.max_length"),
+])
+def test_a_set_made_with_other_encoders_is_refused(precomputed, tmp_path, override, key):
+    out, _, _ = precomputed
+    cfg = compose_train(LATENT_TEXT + ["data=precomputed", f"data.path={out}", override], tmp_path / "run")
+    with pytest.raises(PrecomputedMismatchError, match=rf"precomputed set {out} does not match .*{key}: set has"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_missing_set_and_trainable_encoder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path} is not a precomputed set: .*{MANIFEST} does not exist"):
+        PrecomputedDataModule(tmp_path, channels=1, resolution=32, num_classes=10)
+    _, datamodule, module = _parts(["conditioning.embedders.caption.trainable=true"], tmp_path)
+    with pytest.raises(ValueError, match=r"\['caption'\] are trainable"):
+        write_precomputed(tmp_path / "x", datamodule, module.autoencoder, module.conditioner, limit=4)
+
+
+def test_wrong_source_shape_is_named(precomputed):
+    out, _, _ = precomputed
+    with pytest.raises(ValueError, match=r"data.resolution=64 \(set: 32\) do not match precomputed set"):
+        PrecomputedDataModule(out, channels=1, resolution=64, num_classes=10)
+
+
+@pytest.mark.slow
+def test_precompute_cli_then_train(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    out = tmp_path / "set"
+    args = ["data=fashion_mnist_captions", "conditioning=text_minilm", "autoencoder=tiny_vae", "data.val_size=16"]
+    res = subprocess.run([sys.executable, str(ROOT / "scripts/precompute.py"), f"out={out}", "limit=32",
+                          "progress=false", *args], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"train on it with: data=precomputed data.path={out}" in res.stdout
+    assert json.loads((out / MANIFEST).read_text())["splits"]["train"]["count"] == 32
+    res = subprocess.run([sys.executable, "-m", "diffusion_train.train", "experiment=smoke", "data=precomputed",
+                          f"data.path={out}", *args[1:3], "logger=csv", "callbacks.sample_grid.prompts=[a bag]",
+                          f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300, env=env,
+                         cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "run/checkpoints/last.ckpt").is_file()
+    # another autoencoder: refused with a one-line error, exit code 1
+    res = subprocess.run([sys.executable, "-m", "diffusion_train.train", "experiment=smoke", "data=precomputed",
+                          f"data.path={out}", "conditioning=text_minilm", "autoencoder=tiny_vae",
+                          "autoencoder.channels=[16,32,32]", "logger=csv", f"hydra.run.dir={tmp_path / 'run2'}"],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert res.returncode == 1 and "error: precomputed set" in res.stderr and "autoencoder." in res.stderr
