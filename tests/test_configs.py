@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,10 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from conftest import CONFIG_DIR, compose_train
+from diffusion_train.data.precomputed import FORMAT
 from diffusion_train.training.build import build_module
 from diffusion_train.train import train
 
@@ -24,9 +27,22 @@ def test_groups_are_the_documented_ones():
             "logger", "callbacks", "experiment"} <= set(GROUPS)
 
 
+# Options that point at the user's data: they must name the missing key until it is given.
+NEEDS_DATA = {"data=image_folder": "data.root", "data=precomputed": "data.path", "experiment=sd": "data.root",
+              "experiment=pixart": "data.root"}
+
+
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_resolves(group, option, tmp_path):
     cfg = compose_train([f"{group}={option}"], tmp_path)
+    required = NEEDS_DATA.get(f"{group}={option}")
+    if required:
+        with pytest.raises(MissingMandatoryValue, match=rf"full_key: {required}"):
+            OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        OmegaConf.update(cfg, required, str(tmp_path))
+        if required == "data.path":  # the source shape comes from the set's manifest
+            (tmp_path / "manifest.json").write_text(json.dumps(
+                {"format": FORMAT, "data": {"channels": 1, "resolution": 32, "num_classes": 10}}))
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     assert container["run_dir"] == str(tmp_path)
     if group not in ("experiment", "callbacks", "logger", "trainer"):

@@ -58,6 +58,7 @@ class Autoencoder(nn.Module):
 
     downsample = 1
     weights_external = False
+    pixel_space = True  # the diffusion model sees images (denoised estimates may be clamped to [-1, 1])
 
     def latent_shape(self, channels: int, resolution: int) -> tuple[int, int]:
         """(latent channels, latent resolution) for images of ``channels`` x ``resolution``^2."""
@@ -99,6 +100,7 @@ class KLAutoencoder(Autoencoder):
     """
 
     weights_external = True
+    pixel_space = False
 
     def __init__(self, scale_factor: float | Sequence[float] | None = 1.0,
                  shift_factor: float | Sequence[float] | None = 0.0, sample_posterior: bool = True):

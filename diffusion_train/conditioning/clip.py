@@ -79,6 +79,9 @@ class CLIPTextEmbedder(TextEmbedder):
             model = open_clip.create_model(model_name, pretrained=pretrained, **kwargs)
             self.tokenizer = open_clip.get_tokenizer(model_name)
         except LOAD_ERRORS as e:
+            if pretrained is None:
+                raise ValueError(f"{cls}: could not build open_clip model {model_name!r} ({type(e).__name__}: "
+                                 f"{one_line(e)}); check model_name / model_cfg") from e
             raise ValueError(f"{cls}: could not load open_clip model {model_name!r} with pretrained={pretrained!r} "
                              f"({type(e).__name__}: {one_line(e)}); weights are not available offline - set "
                              f"pretrained=/path/to/open_clip_model.safetensors (a local file) and model_name "

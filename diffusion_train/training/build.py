@@ -27,6 +27,8 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
         dims["context_dim"] = conditioner.context_dim
     backbone = instantiate(cfg.model, **dims, _convert_="all")
     objective = instantiate(cfg.diffusion, _convert_="all")
+    if not autoencoder.pixel_space:
+        objective.clip_x0 = False  # [-1, 1] bounds pixels; latents are not clamped while sampling
     schedule = instantiate(cfg.lr_schedule, _convert_="all") if cfg.get("lr_schedule") else None
     return DiffusionModule(backbone, conditioner, objective, autoencoder=autoencoder, optimizer=instantiate(cfg.optim, _convert_="all"),
                            lr_schedule=schedule, seed=cfg.seed, **cfg.training)
