@@ -77,7 +77,7 @@ def test_cli_overrides_reach_the_parts(tmp_path):
     assert opt.param_groups[0]["lr"] == 3e-3
 
 
-@pytest.mark.parametrize("model", ["unet_tiny", "dit_tiny"])
+@pytest.mark.parametrize("model", ["unet_tiny", "dit_tiny", "mmdit_tiny"])
 @pytest.mark.parametrize("conditioning", ["class", "none"])
 def test_one_training_step_per_backbone_and_conditioning(model, conditioning, tiny_cfg, tmp_path):
     cfg = tiny_cfg(f"model={model}", f"conditioning={conditioning}", "trainer.max_steps=1",

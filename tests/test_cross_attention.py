@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from diffusion_train.conditioning.cond import Cond
-from diffusion_train.models import DiT, UNet
+from diffusion_train.models import DiT, MMDiT, UNet
 from diffusion_train.models.layers import Attention, CrossAttention, context_from_cond
 from diffusion_train.models.unet import AttentionBlock, SpatialTransformer
 
@@ -26,7 +26,12 @@ def tiny_unet(**kw) -> UNet:
     return UNet(**{**cfg, **kw})
 
 
-FACTORIES = {"dit": tiny_dit, "unet": tiny_unet}
+def tiny_mmdit(**kw) -> MMDiT:
+    cfg = dict(input_size=8, in_channels=3, depth=2, hidden_size=32, num_heads=4, context_dim=CTX)
+    return MMDiT(**{**cfg, **kw})
+
+
+FACTORIES = {"dit": tiny_dit, "unet": tiny_unet, "mmdit": tiny_mmdit}
 
 
 def perturb(model: nn.Module, skip: str | None = None) -> nn.Module:
@@ -185,7 +190,8 @@ def test_gradients_reach_every_parameter(name):
     loss = (model(x, t, cond) * torch.randn(3, 3, 8, 8)).sum()
     loss.backward()
     names = [n for n, _ in model.named_parameters()]
-    assert any("cross_attn.kv" in n for n in names) and any("cross_attn.q" in n for n in names)
+    text = ("context_embedder", "text.qkv") if name == "mmdit" else ("cross_attn.kv", "cross_attn.q")
+    assert all(any(part in n for n in names) for part in text)
     for pname, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, pname
 
@@ -220,3 +226,14 @@ def test_all_false_mask_rows_are_finite_and_ignore_context(name):
     torch.testing.assert_close(out[1:2], empty, atol=1e-5, rtol=1e-4)
     out.square().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_mmdit_joint_attention_streams():
+    """Text tokens get their own weights; the last block's text stream has no output layers."""
+    model = tiny_mmdit(depth=3)
+    assert all(b.text is not None for b in model.blocks)
+    assert [b.text.pre_only for b in model.blocks] == [False, False, True]
+    assert not hasattr(model.blocks[-1].text, "mlp") and hasattr(model.blocks[0].text, "mlp")
+    assert not any(isinstance(m, CrossAttention) for m in model.modules())
+    assert tiny_mmdit(context_dim=0).context_embedder is None
+    assert all(b.text is None for b in tiny_mmdit(context_dim=0).blocks)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from diffusion_train.conditioning.cond import Cond
-from diffusion_train.models import DiT, UNet
+from diffusion_train.models import DiT, MMDiT, UNet
 from diffusion_train.models.dit import DIT_SIZES
 from diffusion_train.models.layers import Attention, sincos_pos_embed_2d, timestep_embedding
 
@@ -40,7 +40,12 @@ def inputs(batch: int = 2, channels: int = 3, size: int = 8, cond_dim: int = 0):
     return x, t, cond
 
 
-FACTORIES = {"dit": tiny_dit, "unet": tiny_unet}
+def tiny_mmdit(**kw) -> MMDiT:
+    cfg = dict(input_size=8, in_channels=3, depth=2, hidden_size=32, num_heads=4)
+    return MMDiT(**{**cfg, **kw})
+
+
+FACTORIES = {"dit": tiny_dit, "unet": tiny_unet, "mmdit": tiny_mmdit}
 CONFIGS = [
     dict(),
     dict(out_channels=6),

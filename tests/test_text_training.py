@@ -29,7 +29,7 @@ def test_cfg_dropout_rate_is_right():
     assert abs(rate - 0.3) < 4 * (0.3 * 0.7 / n) ** 0.5
 
 
-@pytest.mark.parametrize("model", ["dit_tiny", "unet_tiny"])
+@pytest.mark.parametrize("model", ["dit_tiny", "unet_tiny", "mmdit_tiny"])
 def test_text_conditioned_training_and_prompts(model, tmp_path):
     run = tmp_path / "run"
     trainer = train(compose_train(TEXT + [f"model={model}", "trainer.max_steps=2"], run), run)

@@ -231,11 +231,10 @@ class ImageFolderDataModule(InMemoryImageDataModule):
             except OSError as e:
                 return False, f"caption {caption}: {type(e).__name__}: {e}"
 
-        kept, captions, labels = 0, [], []
-        files = []
+        kept, captions, labels, files = 0, [], [], []
         for start in range(0, n, _CHUNK):
-            for i, (ok, result) in zip(range(start, min(n, start + _CHUNK)),
-                                       pool.map(work, range(start, min(n, start + _CHUNK)))):
+            chunk = range(start, min(n, start + _CHUNK))
+            for i, (ok, result) in zip(chunk, pool.map(work, chunk)):  # in file order
                 image, caption_file = entries[i]
                 if not ok:
                     self.skipped.append((str(self.root / image), result))
@@ -270,8 +269,8 @@ class ImageFolderDataModule(InMemoryImageDataModule):
                              f"be decoded, e.g. {self.skipped[0][0]} ({self.skipped[0][1]})")
         if self.num_missing_captions:
             level = logging.INFO if self.num_missing_captions == len(tr_x) + len(va_x) else logging.WARNING
-            log.log(level, "image folder %s: %d of %d images have no caption file (%s); they use "
-                    "default_caption=%r", self.root, self.num_missing_captions, len(tr_x) + len(va_x),
+            log.log(level, "image folder %s: %d of %d images have no caption file (%s) or an empty one; they "
+                    "use default_caption=%r", self.root, self.num_missing_captions, len(tr_x) + len(va_x),
                     f"*{self.caption_ext}", self.default_caption)
         log.info("image folder %s: %d train + %d val images at %dx%d in %.1f s", self.root, len(tr_x), len(va_x),
                  self.resolution, self.resolution, time.perf_counter() - start)
