@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import hydra
@@ -12,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from diffusion_train.diffusion import per_image_generators, randn
+from diffusion_train.train import user_errors_as_one_line
 from diffusion_train.training.build import load_module
 from diffusion_train.training.images import save_grid
 
@@ -58,11 +58,8 @@ def generate(cfg: DictConfig) -> list[Path]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")
 def main(cfg: DictConfig) -> None:
-    try:
+    with user_errors_as_one_line():
         generate(cfg)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -11,8 +13,10 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
 
 from diffusion_train.data.precomputed import PrecomputedMismatchError
 from diffusion_train.training import AtomicCheckpointIO, NonFiniteLossError
@@ -90,11 +94,40 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
-    try:
+    with user_errors_as_one_line():
         train(cfg, cfg.run_dir)
-    except USER_ERRORS as e:
-        log.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
+
+
+def one_line_error(e: BaseException) -> str | None:
+    """The one-line message of an error caused by the user's config or data, else None.
+
+    Errors raised in a constructor that Hydra instantiates come wrapped; their cause is unwrapped and
+    the config key named. Missing config values name their key.
+    """
+    if isinstance(e, InstantiationException) and isinstance(e.__cause__, (*USER_ERRORS, ValueError, KeyError,
+                                                                          ImportError)):
+        where = [ln.split(":", 1)[1].strip() for ln in str(e).splitlines() if ln.startswith("full_key:")]
+        inner = one_line_error(e.__cause__) or str(e.__cause__)
+        return f"{inner} (config: {where[0]})" if where else inner
+    if isinstance(e, MissingMandatoryValue):
+        return f"missing mandatory value {e.full_key}: give it on the command line, e.g. {e.full_key}=..."
+    if isinstance(e, (*USER_ERRORS, ValueError, KeyError)):
+        return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    return None
+
+
+@contextlib.contextmanager
+def user_errors_as_one_line():
+    """CLI entry points: a bad config or bad data exits with ``error: <one line>`` (code 1);
+    ``HYDRA_FULL_ERROR=1`` shows the traceback instead."""
+    try:
+        yield
+    except Exception as e:
+        msg = one_line_error(e)
+        if msg is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        log.error("%s", msg)
+        print(f"error: {msg}", file=sys.stderr)
         sys.exit(1)
 
 

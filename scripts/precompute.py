@@ -8,7 +8,6 @@ Then train on them with ``data=precomputed data.path=DIR`` and the same autoenco
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import hydra
@@ -18,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from diffusion_train.data.precomputed import write_precomputed
-from diffusion_train.train import CONFIG_DIR, quiet_known_warnings
+from diffusion_train.train import CONFIG_DIR, quiet_known_warnings, user_errors_as_one_line
 from diffusion_train.training.build import build_module
 
 log = logging.getLogger("diffusion_train.precompute")
@@ -42,11 +41,8 @@ def precompute(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="precompute")
 def main(cfg: DictConfig) -> None:
-    try:
+    with user_errors_as_one_line():
         precompute(cfg)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -110,6 +110,18 @@ def test_unknown_key_is_named(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_config_and_data_errors_are_one_line(tmp_path):
+    out = _cli("data=image_folder", "logger=csv", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == ("error: missing mandatory value data.root: give it on the "
+                                                   "command line, e.g. data.root=...")
+    assert "Traceback" not in out.stderr
+    out = _cli("data=image_folder", f"data.root={tmp_path / 'nope'}", "logger=csv", f"hydra.run.dir={tmp_path}",
+               cwd=tmp_path)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert f"{tmp_path / 'nope'}" in out.stderr.splitlines()[-1] and "(config: data)" in out.stderr
+
+
 DIFFUSIONS = sorted(f.stem for f in (Path(CONFIG_DIR) / "diffusion").glob("*.yaml"))
 SAMPLERS = sorted(f.stem for f in (Path(CONFIG_DIR) / "sampler").glob("*.yaml"))
 
