@@ -8,9 +8,11 @@ weights file for ``autoencoder=tiny_vae``.
 Every argument is ``key=value``. The keys above (except ``data...``) are this script's options; every
 other argument is a Hydra override of the training config (``conf/train.yaml``), so the data is what
 ``diffusion-train`` would train on with the same overrides: ``data=synthetic``,
-``data.resolution=32``, ``data.root=DIR``, ... (default: ``data=fashion_mnist``). ``batch_size``
-and ``seed`` set ``data.batch_size`` and the config's ``seed`` (which orders the data stream);
-``batch_size`` left out keeps the data config's. ``device=auto`` is CUDA when available, else CPU.
+``data.resolution=32``, ``data.root=DIR``, ``experiment=...`` (default: the training config's
+data, ``fashion_mnist``). ``batch_size`` and ``seed`` set ``data.batch_size`` and the config's
+``seed`` (which orders the data stream); ``batch_size`` left out keeps the data config's.
+``device=auto`` is CUDA when available, else CPU. Bad arguments exit with status 2, missing data
+files with status 1, each with an ``error:`` line.
 
 Training: AdamW at a constant ``lr`` (linear warm-up over the first 2 % of steps), gradient norm
 clipped to ``grad_clip``, on :meth:`TinyVAENet.loss` (L1 + MSE of a posterior sample plus
@@ -80,10 +82,10 @@ def parse_args(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
     if not opts["channels"]:
         raise UsageError("channels needs at least one level, e.g. channels=[32,64,64]")
     if opts["batch_size"] is not None:
+        if opts["batch_size"] <= 0:
+            raise UsageError(f"batch_size must be positive, got {opts['batch_size']}")
         overrides.append(f"data.batch_size={opts['batch_size']}")
     overrides.append(f"seed={opts['seed']}")
-    if not any(o.split("=", 1)[0].lstrip("+~") == "data" for o in overrides):
-        overrides.insert(0, "data=fashion_mnist")
     return opts, overrides
 
 
@@ -166,12 +168,13 @@ def latent_stats(net: TinyVAENet, batches: Iterable[Tensor | dict], num_batches:
 
 
 @torch.no_grad()
-def recon_mse(net: TinyVAENet, images: Tensor, batch_size: int = 256) -> float:
-    """Mean squared error of ``decode(posterior mean)`` against ``images`` (in [-1, 1])."""
+def recon_mse(net: TinyVAENet, images: Tensor | Iterable[Tensor | dict], batch_size: int = 256) -> float:
+    """Mean squared error of ``decode(posterior mean)`` against the images (in [-1, 1]): a tensor
+    (evaluated ``batch_size`` at a time) or an iterable of image tensors / batch dicts."""
     device = next(net.parameters()).device
     err, n = 0.0, 0
-    for i in range(0, images.shape[0], batch_size):
-        x = _images(images[i:i + batch_size], device)
+    for batch in images.split(batch_size) if isinstance(images, Tensor) else images:
+        x = _images(batch, device)
         recon = net.decode(net.moments(x).chunk(2, dim=1)[0])
         err += F.mse_loss(recon, x, reduction="sum").item()
         n += x.numel()
@@ -192,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         opts, overrides = parse_args(list(sys.argv[1:] if argv is None else argv))
         cfg = compose_config(overrides)
     except (UsageError, HydraException) as e:
-        print(f"error: {e}\nusage: python scripts/train_vae.py out=PATH [{' '.join(k + '=..' for k in list(OPTIONS)[1:])}] "
+        options = " ".join(f"{k}=.." for k in list(OPTIONS)[1:])
+        print(f"error: {e}\nusage: python scripts/train_vae.py out=PATH [{options}] "
               f"[Hydra overrides of the training config: data=..., data.root=..., ...]", file=sys.stderr)
         return 2
 
@@ -224,13 +228,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the latents have std {std}: the encoder collapsed; retry with a lower lr or kl_weight",
               file=sys.stderr)
         return 1
-    val_mse = recon_mse(net, datamodule.val_set.images.float().div(127.5).sub(1.0))
+    n_val = len(datamodule.val_set)
+    val_mse = recon_mse(net, (datamodule.val_set[list(range(i, min(i + 256, n_val)))] for i in range(0, n_val, 256)))
     out = net.save(opts["out"], extra={"scale_factor": 1.0 / std, "shift_factor": shift, "steps": opts["steps"],
                                        "recon_mse": val_mse, "kl_weight": opts["kl_weight"],
-                                       "train_recon": history[-1]["recon"], "data": cfg.data._target_})
+                                       "train_recon": history[-1]["recon"], "data": cfg.data._target_,
+                                       "resolution": resolution})
     print(f"latents: mean {shift:.4f}, std {std:.4f} -> scale_factor {1.0 / std:.4f}, shift_factor {shift:.4f}")
     print(f"validation reconstruction MSE {val_mse:.5f} (PSNR {10 * math.log10(4.0 / max(val_mse, 1e-12)):.2f} dB "
-          f"on [-1, 1] images), {len(datamodule.val_set)} images")
+          f"on [-1, 1] images), {n_val} images")
     print(f"wrote {out}; train a latent diffusion model on it with:")
     print(f"autoencoder=tiny_vae autoencoder.weights={out.resolve()}")
     return 0
