@@ -29,6 +29,21 @@ def test_cfg_dropout_rate_is_right():
     assert abs(rate - 0.3) < 4 * (0.3 * 0.7 / n) ** 0.5
 
 
+def test_text_cfg_dropout_rate_is_right_and_gives_the_empty_caption(tmp_path):
+    cfg = compose_train(TEXT + ["conditioning=t5_tiny", "conditioning.embedders.caption.dropout=0.2"], tmp_path)
+    cond = build_module(cfg).conditioner.train()
+    emb = cond.embedders["caption"]
+    n = 4000
+    out = cond({"caption": ["a photo of a bag"] * n}, generator=torch.Generator().manual_seed(0))
+    empty = emb.encode([""])["context"][0]
+    dropped = (out.context == empty).flatten(1).all(dim=1)
+    kept = (out.context == emb.encode(["a photo of a bag"])["context"][0]).flatten(1).all(dim=1)
+    assert bool((dropped ^ kept).all()), "every row is either the caption's or the empty caption's encoding"
+    rate = dropped.float().mean().item()
+    assert abs(rate - 0.2) < 4 * (0.2 * 0.8 / n) ** 0.5
+    assert torch.equal(out.mask[dropped], emb.encode([""])["mask"].expand(int(dropped.sum()), -1))
+
+
 @pytest.mark.parametrize("model", ["dit_tiny", "unet_tiny", "mmdit_tiny"])
 def test_text_conditioned_training_and_prompts(model, tmp_path):
     run = tmp_path / "run"
@@ -41,6 +56,7 @@ def test_text_conditioned_training_and_prompts(model, tmp_path):
     assert any(k.endswith("_extra_state") for k in text_keys), "the checkpoint records which encoder it used"
     assert all(not n.startswith("conditioner.embedders.caption") for n in ckpt["ema"]["weights"]["0.999"])
     assert (run / "samples/step_0000002.png").is_file()
+    assert "data/truncated_captions" in (run / "metrics.csv").read_text().splitlines()[0]
     # The model reads the text: different prompts give different denoised estimates.
     module = load_module(run / "checkpoints/last.ckpt", weights="raw")
     with torch.no_grad():

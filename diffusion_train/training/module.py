@@ -132,6 +132,9 @@ class DiffusionModule(L.LightningModule):
         self.log_dict({"train/grad_norm": grad_norm.detach(), "train/lr": inner.param_groups[0]["lr"],
                        "train/nonfinite_steps": self.nonfinite_steps.float()})
         if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            truncated = [e.num_truncated for e in self.conditioner.embedders.values() if hasattr(e, "num_truncated")]
+            if truncated:  # captions cut to the encoder's max_length (counted when encoded), a host-side count
+                self.log("data/truncated_captions", float(sum(truncated)))
             streak = int(self.nonfinite_streak)
             if streak >= self.max_nonfinite_steps:
                 raise NonFiniteLossError(
