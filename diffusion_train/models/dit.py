@@ -76,6 +76,31 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
+def init_transformer_weights(model: nn.Module) -> None:
+    """DiT initialisation shared by the patch transformers: Xavier linears and patch embedding,
+    N(0, 0.02) timestep MLP, zero final layer (blocks zero their own adaLN modulation)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    w = model.x_embedder.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(model.x_embedder.bias)
+    for i in (0, 2):
+        nn.init.normal_(model.cond_embedder.t_embedder.mlp[i].weight, std=0.02)
+    for layer in (model.final_layer.adaLN_modulation[-1], model.final_layer.linear):
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+
+
+def unpatchify(x: Tensor, grid: int, patch: int, channels: int) -> Tensor:
+    """(B, grid*grid, patch*patch*channels) tokens -> (B, channels, grid*patch, grid*patch) image."""
+    b = x.shape[0]
+    x = x.reshape(b, grid, grid, patch, patch, channels).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(b, channels, grid * patch, grid * patch)
+
+
 class DiT(nn.Module):
     """Diffusion Transformer operating on square (B, C, input_size, input_size) inputs.
 
@@ -140,31 +165,16 @@ class DiT(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        w = self.x_embedder.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.bias)
-        for i in (0, 2):
-            nn.init.normal_(self.cond_embedder.t_embedder.mlp[i].weight, std=0.02)
+        init_transformer_weights(self)
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
             if block.cross_attn is not None:
                 nn.init.zeros_(block.cross_attn.proj.weight)
                 nn.init.zeros_(block.cross_attn.proj.bias)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
 
     def unpatchify(self, x: Tensor) -> Tensor:
-        """(B, T, p*p*C) tokens -> (B, C, H, W) image."""
-        b, g, p, c = x.shape[0], self.grid_size, self.patch_size, self.out_channels
-        x = x.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
-        return x.reshape(b, c, g * p, g * p)
+        return unpatchify(x, self.grid_size, self.patch_size, self.out_channels)
 
     def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
         """Predict (B, out_channels, H, W) from noisy x (B, in_channels, H, W) and timesteps t (B,)."""

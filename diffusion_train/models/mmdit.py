@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_train.conditioning.cond import Cond
-from diffusion_train.models.dit import FinalLayer, modulate
+from diffusion_train.models.dit import FinalLayer, init_transformer_weights, modulate, unpatchify
 from diffusion_train.models.layers import CondEmbedder, context_from_cond, sincos_pos_embed_2d
 
 
@@ -111,28 +111,12 @@ class MMDiT(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        w = self.x_embedder.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.bias)
-        for i in (0, 2):
-            nn.init.normal_(self.cond_embedder.t_embedder.mlp[i].weight, std=0.02)
+        init_transformer_weights(self)
         for block in self.blocks:
             for stream in (block.image, block.text):
                 if stream is not None:  # adaLN-Zero: every gate and modulation starts at 0
                     nn.init.zeros_(stream.adaLN_modulation[-1].weight)
                     nn.init.zeros_(stream.adaLN_modulation[-1].bias)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
-
-    def unpatchify(self, x: Tensor) -> Tensor:
-        b, g, p, c = x.shape[0], self.grid_size, self.patch_size, self.out_channels
-        return x.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, g * p, g * p)
 
     def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
         if x.shape[-2:] != (self.input_size, self.input_size):
@@ -150,4 +134,4 @@ class MMDiT(nn.Module):
                 key_mask = torch.cat([mask, image], dim=1)[:, None, None, :]
         for block in self.blocks:
             h, ctx = block(h, ctx, c, key_mask)
-        return self.unpatchify(self.final_layer(h, c))
+        return unpatchify(self.final_layer(h, c), self.grid_size, self.patch_size, self.out_channels)
