@@ -46,7 +46,8 @@ def generate(cfg: DictConfig) -> list[Path]:
                                         **guidance).cpu())
     images = torch.cat(images)
     out = Path(cfg.out_dir)
-    paths = [save_grid(images[i:i + 1], out / "images" / f"{cfg.seed + i:06d}.png", ncol=1) for i in range(len(images))]
+    paths = [save_grid(images[i:i + 1], out / "images" / f"{cfg.seed + i:06d}.png", ncol=1, pad=0)
+             for i in range(len(images))]
     save_grid(images, out / "grid.png", ncol=cfg.ncol)
     meta = {"ckpt": str(cfg.ckpt), "weights": cfg.weights, "guidance_scale": cfg.guidance_scale, "seed": cfg.seed,
             **guidance,

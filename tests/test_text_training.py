@@ -101,3 +101,35 @@ def test_build_passes_the_context_width_to_the_backbone(tmp_path):
     module = build_module(compose_train(TEXT + ["model=dit_tiny"], tmp_path))
     assert module.backbone.context_dim == module.conditioner.context_dim == 384
     assert not any(p.requires_grad for p in module.conditioner.embedders["caption"].parameters())
+
+
+@pytest.mark.parametrize("experiment, text", [("sd_tiny", "CLIPTextEmbedder"), ("pixart_tiny", "T5Embedder")])
+def test_tiny_latent_text_presets_train_and_sample_prompts(experiment, text, tmp_path):
+    """The offline miniatures of the SD / PixArt presets: random text tower and VAE, kept in the
+    checkpoint, so diffusion-sample rebuilds exactly the trained model and decodes its latents."""
+    from omegaconf import OmegaConf
+
+    from diffusion_train.sample import generate
+
+    run = tmp_path / "run"
+    cfg = compose_train([f"experiment={experiment}", "logger=csv", "trainer.max_steps=2",
+                         "callbacks.sample_grid.every_n_steps=2"], run)
+    trainer = train(cfg, run)
+    module = trainer.lightning_module
+    assert type(module.conditioner.embedders["caption"]).__name__ == text
+    assert module.autoencoder.latent_shape(3, 32) == (4, 16) and module.backbone.in_channels == 4
+    state = load_checkpoint(run / "checkpoints/last.ckpt")["state_dict"]
+    assert any(k.startswith("autoencoder.model.") for k in state), "random VAE weights are kept"
+    assert any(k.startswith("conditioner.embedders.caption.encoder.") for k in state), "random text tower kept"
+    assert (run / "samples/step_0000002.png").is_file()
+    sample_cfg = OmegaConf.create({
+        "ckpt": str(run / "checkpoints/last.ckpt"), "out_dir": str(tmp_path / "gen"), "weights": "ema",
+        "num_images": 2, "labels": None, "prompts": ["a photo of a bag", "a sneaker"], "guidance_scale": 3.0,
+        "guidance_interval": None, "guidance_rescale": 0.0, "progress": False, "seed": 0, "batch_size": 2,
+        "device": "cpu", "ncol": 2, "sampler": OmegaConf.to_container(cfg.sampler)})
+    paths = generate(sample_cfg)
+    assert len(paths) == 2 and all(p.is_file() for p in paths)
+    from PIL import Image
+
+    image = Image.open(paths[0])
+    assert image.size == (32, 32) and image.mode == "RGB"  # decoded back to the data's resolution and channels

@@ -22,9 +22,9 @@ def grid(images: Tensor, ncol: int, pad: int = 2) -> np.ndarray:
     return out.permute(1, 2, 0).numpy()
 
 
-def save_grid(images: Tensor, path: str | Path, ncol: int) -> Path:
-    """Writes a PNG grid atomically (temp file + rename)."""
-    arr = grid(images, ncol)
+def save_grid(images: Tensor, path: str | Path, ncol: int, pad: int = 2) -> Path:
+    """Writes a PNG grid atomically (temp file + rename); one image with ``pad=0`` is the bare image."""
+    arr = grid(images, ncol, pad)
     img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
