@@ -1,4 +1,5 @@
-"""Data modules and dataset sources. Batches are dicts: image, label, __key__ (see base.ImageBatches)."""
+"""Data modules and dataset sources. Batches are dicts: image (or a precomputed latent), label, caption,
+__key__ (see base.ImageBatches and precomputed.PrecomputedBatches)."""
 
 from diffusion_train.data.base import ImageBatches, InMemoryDataModule, InMemoryImageDataModule
 from diffusion_train.data.fashion_mnist import FashionMNISTDataModule
@@ -6,4 +7,5 @@ from diffusion_train.data.folder import ImageFolderDataModule
 from diffusion_train.data.precomputed import PrecomputedDataModule
 from diffusion_train.data.synthetic import SyntheticDataModule
 
-__all__ = ["FashionMNISTDataModule", "ImageBatches", "ImageFolderDataModule", "InMemoryDataModule", "InMemoryImageDataModule", "PrecomputedDataModule", "SyntheticDataModule"]
+__all__ = ["FashionMNISTDataModule", "ImageBatches", "ImageFolderDataModule", "InMemoryDataModule",
+           "InMemoryImageDataModule", "PrecomputedDataModule", "SyntheticDataModule"]

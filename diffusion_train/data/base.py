@@ -91,8 +91,8 @@ class InMemoryImageDataModule(InMemoryDataModule):
     def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         raise NotImplementedError
 
-    def captioner(self):
-        """``(index, label) -> caption`` for datasets with captions, else None."""
+    def captioner(self, split: str):
+        """``(index within split, label) -> caption`` for datasets with captions, else None."""
         return None
 
     def make_sets(self) -> tuple[ImageBatches, ImageBatches]:
@@ -101,5 +101,5 @@ class InMemoryImageDataModule(InMemoryDataModule):
         if tuple(tr_x.shape[1:]) != expected:
             raise ValueError(f"{type(self).__name__}: images are {tuple(tr_x.shape[1:])}, config says "
                              f"channels={self.channels}, resolution={self.resolution}")
-        captions = self.captioner()
-        return ImageBatches(tr_x, tr_y, "train", captions), ImageBatches(va_x, va_y, "val", captions)
+        return (ImageBatches(tr_x, tr_y, "train", self.captioner("train")),
+                ImageBatches(va_x, va_y, "val", self.captioner("val")))

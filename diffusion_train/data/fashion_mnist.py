@@ -116,7 +116,7 @@ class FashionMNISTDataModule(InMemoryImageDataModule):
             if "{name}" not in template:
                 raise ValueError(f"data.caption_templates: {template!r} has no {{name}} placeholder")
 
-    def captioner(self):
+    def captioner(self, split: str):
         if not self.caption_templates:
             return None
         return Captioner(self.caption_templates, [c.lower() for c in CLASSES])

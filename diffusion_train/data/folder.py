@@ -277,14 +277,8 @@ class ImageFolderDataModule(InMemoryImageDataModule):
         self._captions = {"train": tr_c, "val": va_c}
         return tr_x, tr_y, va_x, va_y
 
-    def captioner(self, split: str = "train") -> FolderCaptions:
+    def captioner(self, split: str) -> FolderCaptions:
         """The captions of ``split`` in its sorted file order (available after :meth:`load`)."""
         if self._captions is None:
             raise RuntimeError("ImageFolderDataModule.captioner: call setup() first")
         return FolderCaptions(self._captions[split])
-
-    def make_sets(self):
-        train, val = super().make_sets()
-        # the base hands one captioner to both splits; captions here are per split
-        train.captions, val.captions = self.captioner("train"), self.captioner("val")
-        return train, val
