@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 from diffusion_train.data.precomputed import PrecomputedMismatchError
+from diffusion_train.data.web import BadDataError
 from diffusion_train.training import AtomicCheckpointIO, NonFiniteLossError
 from diffusion_train.training.build import build_module
 from diffusion_train.training.checkpointing import last_checkpoint, load_checkpoint, remove_stale_temp_files
@@ -35,7 +36,7 @@ from diffusion_train.training.run_dir import (
 
 log = logging.getLogger("diffusion_train")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-USER_ERRORS = (ResumeMismatchError, NonFiniteLossError, PrecomputedMismatchError, FileNotFoundError)
+USER_ERRORS = (ResumeMismatchError, NonFiniteLossError, PrecomputedMismatchError, BadDataError, FileNotFoundError)
 # Warnings that say nothing about this run: checkpoints are taken after the optimizer step on purpose.
 KNOWN_NOISE = (".*ModelCheckpoint with manual optimization.*", ".*isinstance.treespec, LeafSpec.*",
                ".*does not have many workers.*", ".*Checkpoint directory .* exists and is not empty.*",

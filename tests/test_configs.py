@@ -28,7 +28,8 @@ def test_groups_are_the_documented_ones():
 
 
 # Options that point at the user's data: they must name the missing key until it is given.
-NEEDS_DATA = {"data=image_folder": "data.root", "data=precomputed": "data.path", "experiment=sd": "data.root",
+NEEDS_DATA = {"data=image_folder": "data.root", "data=precomputed": "data.path", "data=webdataset": "data.sources",
+              "experiment=sd": "data.root",
               "experiment=pixart": "data.root"}
 
 

@@ -6,6 +6,7 @@ from diffusion_train.data.fashion_mnist import FashionMNISTDataModule
 from diffusion_train.data.folder import ImageFolderDataModule
 from diffusion_train.data.precomputed import PrecomputedDataModule
 from diffusion_train.data.synthetic import SyntheticDataModule
+from diffusion_train.data.web import WebDataModule
 
 __all__ = ["FashionMNISTDataModule", "ImageBatches", "ImageFolderDataModule", "InMemoryDataModule",
-           "InMemoryImageDataModule", "PrecomputedDataModule", "SyntheticDataModule"]
+           "InMemoryImageDataModule", "PrecomputedDataModule", "SyntheticDataModule", "WebDataModule"]

@@ -7,6 +7,11 @@ from typing import Iterator
 import numpy as np
 
 
+def mix_seed(*values: int) -> int:
+    """A well-mixed 63-bit seed from several integers (seed, step, rank, worker, ...)."""
+    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
 class InfiniteBatchSampler:
     """An endless stream of per-rank index batches over ``num_samples`` items.
 

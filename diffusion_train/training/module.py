@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from diffusion_train.conditioning import Cond, Conditioner
 from diffusion_train.conditioning.autoencoder import Autoencoder
+from diffusion_train.data.samplers import mix_seed
 from diffusion_train.diffusion import GaussianDiffusion, Sampler
 
 
@@ -24,11 +25,6 @@ def _numpy_state() -> dict:
     _, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
             "gauss": float(gauss)}
-
-
-def mix_seed(*values: int) -> int:
-    """A well-mixed 63-bit seed from several integers (seed, step, rank, ...)."""
-    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 class DiffusionModule(L.LightningModule):
@@ -135,6 +131,9 @@ class DiffusionModule(L.LightningModule):
             truncated = [e.num_truncated for e in self.conditioner.embedders.values() if hasattr(e, "num_truncated")]
             if truncated:  # captions cut to the encoder's max_length (counted when encoded), a host-side count
                 self.log("data/truncated_captions", float(sum(truncated)))
+            skipped = getattr(self.trainer.datamodule, "skipped", None)  # streamed data: unusable samples by reason
+            if skipped:
+                self.log_dict({f"data/skipped_{reason}": float(n) for reason, n in skipped.items()})
             streak = int(self.nonfinite_streak)
             if streak >= self.max_nonfinite_steps:
                 raise NonFiniteLossError(

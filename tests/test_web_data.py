@@ -1,0 +1,175 @@
+"""Webdataset shards: exact split over ranks x workers, resume, resampling, bad samples, training."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import random
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffusion_train.data.web import SampleDecoder, ShardStream, WebDataModule, expand_shards
+
+
+def _png(value: int, size: int = 8) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size, size), value % 256, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_shard(path: Path, samples: list[dict[str, bytes]]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for sample in samples:
+            for ext, data in sample.items():
+                if ext == "__key__":
+                    continue
+                info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def make_shards(root: Path, n_shards: int, per_shard: int, prefix: str = "train") -> str:
+    root.mkdir(parents=True, exist_ok=True)
+    for s in range(n_shards):
+        samples = []
+        for i in range(per_shard):
+            k = s * per_shard + i
+            samples.append({"__key__": f"{k:06d}", "png": _png(k), "cls": str(k % 10).encode(),
+                            "txt": f"item {k}".encode()})
+        write_shard(root / f"{prefix}-{s:06d}.tar", samples)
+    return str(root / f"{prefix}-{{{0:06d}..{n_shards - 1:06d}}}.tar")
+
+
+def stream(pattern, **kw) -> ShardStream:
+    decoder = SampleDecoder(resolution=8, channels=1, caption_key="txt")
+    args = dict(batch_size=5, seed=0, resampled=False, shuffle_buffer=1)
+    return ShardStream([(expand_shards(pattern), 1.0)], decoder, **{**args, **kw})
+
+
+def keys_of(batches) -> list[str]:
+    return [k for b in batches for k in b["__key__"]]
+
+
+def as_reader(monkeypatch, rank: int, world: int, worker: int, workers: int) -> None:
+    for name, value in dict(RANK=rank, WORLD_SIZE=world, WORKER=worker, NUM_WORKERS=workers).items():
+        monkeypatch.setenv(name, str(value))
+
+
+def test_exact_mode_covers_every_sample_once_per_epoch_over_2_ranks_x_2_workers(tmp_path, monkeypatch):
+    pattern = make_shards(tmp_path, n_shards=8, per_shard=10)
+    seen = []
+    for rank, worker in itertools.product(range(2), range(2)):
+        as_reader(monkeypatch, rank, 2, worker, 2)
+        batches = list(itertools.islice(iter(stream(pattern, shuffle_buffer=4)), 8))  # 2 shards x 10 = 4 batches/epoch
+        first_pass = keys_of(batches[:4])
+        assert len(set(first_pass)) == len(first_pass) == 20, "no sample twice within a pass"
+        seen.append(keys_of(batches))
+    everything = [k for keys in seen for k in keys]
+    counts = {k: everything.count(k) for k in set(everything)}
+    assert len(counts) == 80 and set(counts.values()) == {2}, "2 epochs: every sample exactly twice"
+    assert not set(seen[0]) & set(seen[1]), "readers never share a sample"
+
+
+def test_exact_mode_without_shuffle_buffer_gives_exact_epochs(tmp_path, monkeypatch):
+    pattern = make_shards(tmp_path, n_shards=4, per_shard=10)
+    all_epoch = []
+    for rank, worker in itertools.product(range(2), range(2)):
+        as_reader(monkeypatch, rank, 2, worker, 2)
+        all_epoch += keys_of(itertools.islice(iter(stream(pattern)), 2))  # 1 shard of 10 = 2 batches
+    assert sorted(all_epoch) == [f"{k:06d}" for k in range(40)]
+
+
+def test_too_few_shards_for_the_readers_is_explained(tmp_path, monkeypatch):
+    pattern = make_shards(tmp_path, n_shards=3, per_shard=5)
+    as_reader(monkeypatch, 0, 2, 0, 2)
+    with pytest.raises(ValueError, match=r"3 shards cannot be split exactly over 4 readers.*resampled=true"):
+        next(iter(stream(pattern)))
+
+
+def _loader_order(pattern, monkeypatch, start: int, n: int, workers: int = 2, **kw) -> list[list[str]]:
+    """What a rank's DataLoader yields: batch b from worker b mod workers."""
+    per_worker = []
+    for w in range(workers):  # read each worker's batches while the environment says which worker it is
+        as_reader(monkeypatch, 0, 1, w, workers)
+        per_worker.append(iter(list(itertools.islice(iter(stream(pattern, start_batch=start, **kw)), n))))
+    return [next(per_worker[b % workers])["__key__"] for b in range(n)]
+
+
+def test_exact_mode_resume_continues_the_same_batches(tmp_path, monkeypatch):
+    pattern = make_shards(tmp_path, n_shards=6, per_shard=10)
+    full = _loader_order(pattern, monkeypatch, 0, 10, shuffle_buffer=7)
+    for start in (3, 4):
+        resumed = _loader_order(pattern, monkeypatch, start, 10 - start, shuffle_buffer=7)
+        assert resumed == full[start:], start
+
+
+def test_resampled_resume_draws_fresh_data_instead_of_replaying(tmp_path, monkeypatch):
+    pattern = make_shards(tmp_path, n_shards=40, per_shard=50)
+    first = _loader_order(pattern, monkeypatch, 0, 10, resampled=True, shuffle_buffer=20)
+    resumed = _loader_order(pattern, monkeypatch, 5, 5, resampled=True, shuffle_buffer=20)
+    seen = {k for b in first[:5] for k in b}
+    assert resumed != first[:5] and resumed != first[5:]
+    repeats = sum(k in seen for b in resumed for k in b)
+    assert repeats <= 3  # 25 of 2000 samples seen: a fresh random draw repeats 0.3 of them on average
+    again = _loader_order(pattern, monkeypatch, 5, 5, resampled=True, shuffle_buffer=20)
+    assert again == resumed, "the resumed stream is a pure function of (seed, rank, worker, step)"
+
+
+def test_resampled_mixing_weights(tmp_path, monkeypatch):
+    a = make_shards(tmp_path / "a", n_shards=4, per_shard=10, prefix="a")
+    b = make_shards(tmp_path / "b", n_shards=4, per_shard=10, prefix="b")
+    as_reader(monkeypatch, 0, 1, 0, 1)
+    decoder = SampleDecoder(resolution=8, channels=1)
+    s = ShardStream([(expand_shards(a), 3.0), (expand_shards(b), 1.0)], decoder, batch_size=10, resampled=True,
+                    shuffle_buffer=1)
+    assert len(next(iter(s))["__key__"]) == 10
+    picks = [u for u, _ in itertools.islice(s._shard_order(random.Random(0)), 4000)]
+    frac_a = sum("/a/" in u for u in picks) / len(picks)
+    assert abs(frac_a - 0.75) < 4 * (0.75 * 0.25 / 4000) ** 0.5
+
+
+def test_bad_samples_are_skipped_and_counted_by_reason(tmp_path, monkeypatch):
+    good = [{"__key__": f"{k:06d}", "png": _png(k), "cls": b"1"} for k in range(6)]
+    bad = [{"__key__": "c00001", "png": b"not a png", "cls": b"1"},  # undecodable
+           {"__key__": "c00002", "cls": b"1"},  # no image
+           {"__key__": "c00003", "png": _png(3), "cls": b"x"}]  # bad label
+    write_shard(tmp_path / "s-000000.tar", good[:3] + bad)
+    write_shard(tmp_path / "s-000001.tar", good[3:])
+    with tarfile.open(tmp_path / "s-000001.tar") as tar:  # truncated inside the 3rd member's data
+        cut = tar.getmembers()[2].offset_data + 10
+    (tmp_path / "s-000001.tar").write_bytes((tmp_path / "s-000001.tar").read_bytes()[:cut])
+    as_reader(monkeypatch, 0, 1, 0, 1)
+    decoder = SampleDecoder(resolution=8, channels=1, caption_key=None)
+    s = ShardStream([(expand_shards(str(tmp_path / "s-{000000..000001}.tar")), 1.0)], decoder, batch_size=2,
+                    resampled=False, shuffle_buffer=1)
+    batches = list(itertools.islice(iter(s), 3))
+    keys = keys_of(batches)
+    assert set(keys) <= {f"{k:06d}" for k in range(6)}, "only good samples reach the batches"
+    assert {"000000", "000001", "000002"} <= set(keys)
+    total = sum((Counter(b["__skipped__"]) for b in batches), Counter())
+    assert total["undecodable_image"] >= 1 and total["missing_image"] >= 1 and total["bad_label"] >= 1
+    assert total["unreadable_tar"] >= 1
+
+
+def test_missing_shards_fail_at_start_naming_the_pattern(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"shard pattern .*nope-\{000000\.\.000003\}\.tar.*4 of 4 paths"):
+        expand_shards(str(tmp_path / "nope-{000000..000003}.tar"))
+    with pytest.raises(FileNotFoundError, match=r"has no manifest.json"):
+        expand_shards(str(tmp_path))
+
+
+def test_too_many_bad_samples_stop_the_run_with_the_reason(tmp_path):
+    pattern = make_shards(tmp_path, n_shards=2, per_shard=10)
+    dm = WebDataModule(pattern, resolution=8, channels=1, batch_size=4, max_bad_fraction=0.1,
+                       min_samples_for_bad_check=10, num_workers=0)
+    batch = {"image": None, "__key__": ["a"] * 4, "__skipped__": {"undecodable_image": 1}}
+    dm.on_before_batch_transfer(dict(batch), 0)
+    with pytest.raises(Exception, match=r"unusable \(\{'undecodable_image': \d+\}\), more than data.max_bad_fraction=0.1"):
+        for _ in range(3):
+            dm.on_before_batch_transfer({**batch, "__skipped__": {"undecodable_image": 2}}, 0)
