@@ -135,7 +135,8 @@ class SampleDecoder:
     """Raw sample -> ``{"image": uint8 (C, R, R), "label", "caption", "__key__"}``, or a skip reason.
 
     The image (first of ``image_keys`` present) is resized on its short side to ``resolution`` and
-    centre-cropped; ``flip`` mirrors it with probability 1/2. ``caption_key`` is ``txt`` or
+    centre-cropped (``resize="crop"``), or centred on a black square (``resize="pad"``, for small
+    images such as Fashion-MNIST's 28x28 in 32x32); ``flip`` mirrors it with probability 1/2. ``caption_key`` is ``txt`` or
     ``json:<field>``; ``label_key`` (``cls``) is optional unless ``require_label``. Filters:
     ``min_image_size`` (short side of the original), ``max_caption_length`` (characters) and
     ``max_scores`` (``{"punsafe": 0.5}``: the sample's json field must be <= the bound, when present).
@@ -144,7 +145,10 @@ class SampleDecoder:
     def __init__(self, resolution: int, channels: int = 3, image_keys: Sequence[str] = IMAGE_KEYS,
                  label_key: str | None = "cls", caption_key: str | None = "txt", flip: bool = False,
                  min_image_size: int = 0, max_caption_length: int | None = None,
-                 max_scores: dict[str, float] | None = None):
+                 max_scores: dict[str, float] | None = None, resize: str = "crop"):
+        if resize not in ("crop", "pad"):
+            raise ValueError(f"data.resize must be crop or pad, got {resize!r}")
+        self.resize = resize
         self.resolution, self.channels, self.image_keys = resolution, channels, tuple(image_keys)
         self.label_key, self.caption_key, self.flip = label_key, caption_key, flip
         self.min_image_size, self.max_caption_length = min_image_size, max_caption_length
@@ -190,15 +194,33 @@ class SampleDecoder:
                 with Image.open(io.BytesIO(sample[ext])) as img:
                     if min(img.size) < self.min_image_size:
                         return "filtered_image_size"
-            array = load_image(io.BytesIO(sample[ext]), self.resolution, self.channels)
+            array = self._pad(sample[ext]) if self.resize == "pad" else load_image(
+                io.BytesIO(sample[ext]), self.resolution, self.channels)
         except Exception:  # noqa: BLE001 - any decoder failure makes the sample unusable
             return "undecodable_image"
+        if array is None:
+            return "image_larger_than_resolution"
         image = torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1)
         if self.flip and rng.random() < 0.5:
             image = image.flip(-1)
         out = {"image": image, "label": label, "__key__": sample["__key__"]}
         if caption is not None:
             out["caption"] = caption
+        return out
+
+
+    def _pad(self, data: bytes) -> np.ndarray | None:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as img:
+            array = np.asarray(img.convert("RGB" if self.channels == 3 else "L"), dtype=np.uint8)
+        array = array[..., None] if array.ndim == 2 else array
+        h, w = array.shape[:2]
+        if h > self.resolution or w > self.resolution:
+            return None
+        top, left = (self.resolution - h) // 2, (self.resolution - w) // 2
+        out = np.zeros((self.resolution, self.resolution, array.shape[2]), dtype=np.uint8)
+        out[top:top + h, left:left + w] = array
         return out
 
 
@@ -329,7 +351,7 @@ class WebDataModule(L.LightningDataModule):
                  image_keys: Sequence[str] = IMAGE_KEYS, label_key: str | None = "cls",
                  caption_key: str | None = None, flip: bool = False, min_image_size: int = 0,
                  max_caption_length: int | None = None, max_scores: dict[str, float] | None = None,
-                 max_bad_fraction: float = 0.05, min_samples_for_bad_check: int = 1000):
+                 resize: str = "crop", max_bad_fraction: float = 0.05, min_samples_for_bad_check: int = 1000):
         super().__init__()
         if isinstance(sources, (str, os.PathLike)) or (isinstance(sources, Sequence) and sources
                                                        and not isinstance(sources[0], dict)):
@@ -341,7 +363,7 @@ class WebDataModule(L.LightningDataModule):
         self.val_size, self.resampled, self.shuffle_buffer = val_size, resampled, shuffle_buffer
         self.num_workers, self.seed = num_workers, seed
         self.decoder = SampleDecoder(resolution, channels, image_keys, label_key, caption_key, flip,
-                                     min_image_size, max_caption_length, max_scores)
+                                     min_image_size, max_caption_length, max_scores, resize)
         self.max_bad_fraction, self.min_samples_for_bad_check = max_bad_fraction, min_samples_for_bad_check
         self.skipped: Counter = Counter()
         self.samples_used = 0
