@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from diffusion_train.data.web import SampleDecoder, ShardStream, WebDataModule, expand_shards
@@ -173,3 +174,51 @@ def test_too_many_bad_samples_stop_the_run_with_the_reason(tmp_path):
     with pytest.raises(Exception, match=r"unusable \(\{'undecodable_image': \d+\}\), more than data.max_bad_fraction=0.1"):
         for _ in range(3):
             dm.on_before_batch_transfer({**batch, "__skipped__": {"undecodable_image": 2}}, 0)
+
+
+@pytest.fixture(scope="module")
+def fmnist_shards(tmp_path_factory):
+    """Shards of the first 200 Fashion-MNIST training and 24 test images, by make_shards.py."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("fmnist_shards")
+    script = Path(__file__).resolve().parent.parent / "scripts/make_shards.py"
+    res = subprocess.run([sys.executable, str(script), "source=fashion_mnist", f"out={out}", "limit=200",
+                          "max_count=50", "val_size=24"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return out
+
+
+def test_fashion_mnist_shards_decode_to_the_in_memory_images(fmnist_shards, monkeypatch):
+    from conftest import compose_train
+    from hydra.utils import instantiate
+
+    as_reader(monkeypatch, 0, 1, 0, 1)
+    cfg = compose_train(["data=fashion_mnist_shards", f"data.sources={fmnist_shards}", "data.val_size=24",
+                         "data.resampled=false", "data.shuffle_buffer=1", "data.batch_size=50", "data.num_workers=0"])
+    dm = instantiate(cfg.data, _convert_="all")
+    assert len(dm.sources[0][0]) == 4 and dm.val_urls and all("val-" in u for u in dm.val_urls)
+    batches = list(itertools.islice(iter(dm.train_stream()), 4))
+    reference = instantiate(compose_train(["data=fashion_mnist"]).data, _convert_="all")
+    reference.setup()
+    keys = keys_of(batches)
+    assert sorted(keys) == [f"train_{i:06d}" for i in range(200)], "one exact pass over the 4 shards"
+    idx = [int(k.split("_")[1]) for k in batches[0]["__key__"]]
+    expected = reference.train_set[idx]
+    assert torch.equal(batches[0]["image"], expected["image"]) and torch.equal(batches[0]["label"], expected["label"])
+    dm.setup()
+    assert len(dm.val_set) == 24 and torch.equal(dm.val_set[[0, 5]]["image"], reference.val_set[[0, 5]]["image"])
+
+
+def test_the_default_model_trains_from_fashion_mnist_shards(fmnist_shards, tmp_path):
+    from conftest import TINY, compose_train
+    from diffusion_train.train import train
+
+    overrides = [o for o in TINY if not o.startswith("data=")]
+    cfg = compose_train(overrides + ["data=fashion_mnist_shards", f"data.sources={fmnist_shards}", "data.val_size=8",
+                                     "data.batch_size=8", "data.num_workers=2", "data.shuffle_buffer=16"],
+                        tmp_path / "run")
+    trainer = train(cfg, tmp_path / "run")
+    assert trainer.global_step == 4 and (tmp_path / "run/checkpoints/last.ckpt").is_file()
+    assert trainer.lightning_module.backbone.in_channels == 1 and trainer.lightning_module.backbone.input_size == 32

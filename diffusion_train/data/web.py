@@ -50,10 +50,12 @@ class BadDataError(RuntimeError):
 # shard lists
 
 
-def expand_shards(spec: str | Sequence[str]) -> list[str]:
-    """Shard URLs of ``spec``: a path, a brace pattern, a directory with ``manifest.json``, a
-    ``pipe:`` command, or a list of these. Local paths must exist."""
+def expand_shards(spec: str | Sequence[str], split: str = "train") -> list[str]:
+    """Shard URLs of ``spec``: a path, a brace pattern, a directory written by ``make_shards.py`` (its
+    manifest's ``<split>-*`` shards), a ``pipe:`` command, or a list of these. Local paths must exist."""
     from braceexpand import braceexpand
+
+    from diffusion_train.data.shards import shard_paths
 
     specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
     urls: list[str] = []
@@ -61,13 +63,14 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
         if item.startswith("pipe:") or "://" in item:
             urls += list(braceexpand(item))
             continue
-        path = Path(item)
-        if path.is_dir():
-            manifest = path / "manifest.json"
-            if not manifest.is_file():
+        if Path(item).is_dir():
+            if not (Path(item) / "manifest.json").is_file():
                 raise FileNotFoundError(f"shard directory {item} has no manifest.json; give a pattern like "
                                         f"{item}/train-{{000000..000009}}.tar")
-            urls += [str(path / s["path"]) for s in json.loads(manifest.read_text())["shards"]]
+            found = [str(p) for p in shard_paths(item, split)]
+            if not found:
+                raise FileNotFoundError(f"shard directory {item}: its manifest lists no {split}-*.tar shards")
+            urls += found
             continue
         expanded = list(braceexpand(item))
         missing = [u for u in expanded if not Path(u).is_file()]
@@ -336,9 +339,10 @@ class WebDataModule(L.LightningDataModule):
     """Training batches streamed from webdataset shards; validation from a fixed set in RAM.
 
     Args:
-        sources: a shard spec (see :func:`expand_shards`) or a list of ``{shards: spec, weight: w}``.
-        val_shards: shard spec of the validation set; its first ``val_size`` samples are decoded once
-            and every rank evaluates the same padded share of them.
+        sources: a shard spec (see :func:`expand_shards`; a directory gives its ``train-*`` shards) or
+            a list of ``{shards: spec, weight: w}``.
+        val_shards: shard spec of the validation set (a directory gives its ``val-*`` shards); its first
+            ``val_size`` samples are decoded once and every rank evaluates the same padded share.
         resampled, shuffle_buffer: see the module docstring.
         max_bad_fraction: stop when more than this fraction of the samples read were unusable
             (checked once ``min_samples_for_bad_check`` samples have been read).
@@ -357,7 +361,7 @@ class WebDataModule(L.LightningDataModule):
                                                        and not isinstance(sources[0], dict)):
             sources = [{"shards": sources, "weight": 1.0}]
         self.sources = [(expand_shards(s["shards"]), float(s.get("weight", 1.0))) for s in sources]
-        self.val_urls = expand_shards(val_shards) if val_shards else None
+        self.val_urls = expand_shards(val_shards, split="val") if val_shards else None
         self.resolution, self.channels, self.num_classes = resolution, channels, num_classes
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.val_size, self.resampled, self.shuffle_buffer = val_size, resampled, shuffle_buffer
