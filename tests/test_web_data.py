@@ -222,3 +222,30 @@ def test_the_default_model_trains_from_fashion_mnist_shards(fmnist_shards, tmp_p
     trainer = train(cfg, tmp_path / "run")
     assert trainer.global_step == 4 and (tmp_path / "run/checkpoints/last.ckpt").is_file()
     assert trainer.lightning_module.backbone.in_channels == 1 and trainer.lightning_module.backbone.input_size == 32
+
+
+def test_precomputed_latents_in_shards_train_a_latent_model(tmp_path):
+    """Shards holding autoencoder moments (``latent.npy``) and no image train a latent model."""
+    from conftest import TINY, compose_train
+    from diffusion_train.train import train
+
+    rng = np.random.default_rng(0)
+    for s in range(2):
+        samples = []
+        for i in range(12):
+            buf = io.BytesIO()
+            np.save(buf, rng.standard_normal((8, 4, 4)).astype(np.float16))  # mean and logvar of 4x4x4 latents
+            samples.append({"__key__": f"{s}_{i:04d}", "latent.npy": buf.getvalue(), "cls": str(i % 4).encode()})
+        write_shard(tmp_path / f"train-{s:06d}.tar", samples)
+    pattern = str(tmp_path / "train-{000000..000001}.tar")
+    overrides = [o for o in TINY if not o.startswith("data=")]
+    cfg = compose_train(overrides + ["data=webdataset", f"data.sources='{pattern}'", f"data.val_shards='{pattern}'",
+                                     "data.val_size=8", "data.resolution=16", "data.num_classes=4",
+                                     "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=4",
+                                     "data.tensors={latent:latent.npy}", "autoencoder=tiny_vae",
+                                     "autoencoder.in_channels=3"], tmp_path / "run")
+    trainer = train(cfg, tmp_path / "run")
+    module = trainer.lightning_module
+    assert trainer.global_step == 4 and (module.backbone.in_channels, module.backbone.input_size) == (4, 4)
+    batch = next(iter(trainer.datamodule.train_stream()))
+    assert "image" not in batch and batch["latent"].dtype == torch.float32 and batch["latent"].shape == (4, 8, 4, 4)

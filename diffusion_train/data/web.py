@@ -33,9 +33,9 @@ from typing import Any, Iterator, Sequence
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from diffusion_train.data.base import ImageBatches
 from diffusion_train.data.samplers import mix_seed, padded_shard
 
 log = logging.getLogger(__name__)
@@ -143,15 +143,19 @@ class SampleDecoder:
     ``json:<field>``; ``label_key`` (``cls``) is optional unless ``require_label``. Filters:
     ``min_image_size`` (short side of the original), ``max_caption_length`` (characters) and
     ``max_scores`` (``{"punsafe": 0.5}``: the sample's json field must be <= the bound, when present).
+    ``tensors`` maps batch keys to members holding precomputed arrays (``.npy``, or ``.pth`` read with
+    ``weights_only``), e.g. ``{latent: latent.npy, caption.context: t5.npy, caption.mask: t5mask.npy}``
+    (see ``scripts/precompute.py`` for what the keys mean); with a ``latent`` the image is optional.
     """
 
     def __init__(self, resolution: int, channels: int = 3, image_keys: Sequence[str] = IMAGE_KEYS,
                  label_key: str | None = "cls", caption_key: str | None = "txt", flip: bool = False,
                  min_image_size: int = 0, max_caption_length: int | None = None,
-                 max_scores: dict[str, float] | None = None, resize: str = "crop"):
+                 max_scores: dict[str, float] | None = None, resize: str = "crop",
+                 tensors: dict[str, str] | None = None):
         if resize not in ("crop", "pad"):
             raise ValueError(f"data.resize must be crop or pad, got {resize!r}")
-        self.resize = resize
+        self.resize, self.tensors = resize, dict(tensors or {})
         self.resolution, self.channels, self.image_keys = resolution, channels, tuple(image_keys)
         self.label_key, self.caption_key, self.flip = label_key, caption_key, flip
         self.min_image_size, self.max_caption_length = min_image_size, max_caption_length
@@ -163,7 +167,15 @@ class SampleDecoder:
         from diffusion_train.data.folder import load_image
 
         ext = next((k for k in self.image_keys if k in sample), None)
-        if ext is None:
+        arrays = {}
+        for key, member in self.tensors.items():
+            if member not in sample:
+                return f"missing_{member}"
+            try:
+                arrays[key] = _load_array(sample[member], member)
+            except Exception:  # noqa: BLE001 - an unreadable array makes the sample unusable
+                return f"bad_{member}"
+        if ext is None and "latent" not in arrays:
             return "missing_image"
         meta = {}
         if "json" in sample:
@@ -192,6 +204,11 @@ class SampleDecoder:
                 label = int(sample[self.label_key].decode().strip())
             except ValueError:
                 return "bad_label"
+        out = {"label": label, "__key__": sample["__key__"], **arrays}
+        if caption is not None:
+            out["caption"] = caption
+        if ext is None:  # precomputed latents only
+            return out
         try:
             if self.min_image_size:
                 with Image.open(io.BytesIO(sample[ext])) as img:
@@ -206,9 +223,7 @@ class SampleDecoder:
         image = torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1)
         if self.flip and rng.random() < 0.5:
             image = image.flip(-1)
-        out = {"image": image, "label": label, "__key__": sample["__key__"]}
-        if caption is not None:
-            out["caption"] = caption
+        out["image"] = image
         return out
 
 
@@ -227,14 +242,41 @@ class SampleDecoder:
         return out
 
 
+def _load_array(data: bytes, member: str) -> Tensor:
+    if member.endswith(".pth"):
+        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False))
+
+
 def collate(samples: list[dict], skipped: Counter) -> dict:
-    batch = {"image": torch.stack([s["image"] for s in samples]).float().div_(127.5).sub_(1.0),
-             "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+    batch = {"label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
              "__key__": [s["__key__"] for s in samples], "__skipped__": dict(skipped)}
+    if all("image" in s for s in samples):
+        batch["image"] = torch.stack([s["image"] for s in samples]).float().div_(127.5).sub_(1.0)
+    for key in samples[0]:
+        if key not in ("image", "label", "caption", "__key__") and isinstance(samples[0][key], Tensor):
+            batch[key] = torch.stack([s[key] for s in samples])
+            if batch[key].is_floating_point():
+                batch[key] = batch[key].float()
     if all("caption" in s for s in samples):
         batch["caption"] = [s["caption"] for s in samples]
     skipped.clear()
     return batch
+
+
+class SampleList(Dataset):
+    """Decoded samples held in RAM, batched by a list of indices (the fixed validation set)."""
+
+    def __init__(self, samples: list[dict]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, indices: list[int]) -> dict:
+        batch = collate([self.samples[i] for i in indices], Counter())
+        del batch["__skipped__"]
+        return batch
 
 
 class ShardStream(IterableDataset):
@@ -355,7 +397,8 @@ class WebDataModule(L.LightningDataModule):
                  image_keys: Sequence[str] = IMAGE_KEYS, label_key: str | None = "cls",
                  caption_key: str | None = None, flip: bool = False, min_image_size: int = 0,
                  max_caption_length: int | None = None, max_scores: dict[str, float] | None = None,
-                 resize: str = "crop", max_bad_fraction: float = 0.05, min_samples_for_bad_check: int = 1000):
+                 resize: str = "crop", tensors: dict[str, str] | None = None, max_bad_fraction: float = 0.05,
+                 min_samples_for_bad_check: int = 1000):
         super().__init__()
         if isinstance(sources, (str, os.PathLike)) or (isinstance(sources, Sequence) and sources
                                                        and not isinstance(sources[0], dict)):
@@ -367,11 +410,11 @@ class WebDataModule(L.LightningDataModule):
         self.val_size, self.resampled, self.shuffle_buffer = val_size, resampled, shuffle_buffer
         self.num_workers, self.seed = num_workers, seed
         self.decoder = SampleDecoder(resolution, channels, image_keys, label_key, caption_key, flip,
-                                     min_image_size, max_caption_length, max_scores, resize)
+                                     min_image_size, max_caption_length, max_scores, resize, tensors)
         self.max_bad_fraction, self.min_samples_for_bad_check = max_bad_fraction, min_samples_for_bad_check
         self.skipped: Counter = Counter()
         self.samples_used = 0
-        self.val_set: ImageBatches | None = None
+        self.val_set: SampleList | None = None
 
     def _rank_world(self) -> tuple[int, int]:
         t = self.trainer
@@ -395,25 +438,21 @@ class WebDataModule(L.LightningDataModule):
             return
         skipped: Counter = Counter()
         rng = random.Random(self.seed)
-        images, labels, captions = [], [], []
+        samples: list[dict] = []
         for url in self.val_urls:
             for raw in tar_samples(url, skipped):
                 sample = self.decoder(raw, rng)
                 if isinstance(sample, str):
                     skipped[sample] += 1
                     continue
-                images.append(sample["image"])
-                labels.append(sample["label"])
-                captions.append(sample.get("caption"))
-                if len(images) == self.val_size:
+                samples.append(sample)
+                if len(samples) == self.val_size:
                     break
-            if len(images) == self.val_size:
+            if len(samples) == self.val_size:
                 break
-        if not images:
+        if not samples:
             raise ValueError(f"validation shards {self.val_urls[0]}...: no usable sample ({dict(skipped)})")
-        has_captions = all(c is not None for c in captions)
-        self.val_set = ImageBatches(torch.stack(images), torch.tensor(labels), "val",
-                                    (lambda i, y: captions[i]) if has_captions else None)
+        self.val_set = SampleList(samples)
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup()
