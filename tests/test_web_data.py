@@ -249,3 +249,19 @@ def test_precomputed_latents_in_shards_train_a_latent_model(tmp_path):
     assert trainer.global_step == 4 and (module.backbone.in_channels, module.backbone.input_size) == (4, 4)
     batch = next(iter(trainer.datamodule.train_stream()))
     assert "image" not in batch and batch["latent"].dtype == torch.float32 and batch["latent"].shape == (4, 8, 4, 4)
+
+
+def test_random_crop_and_flip_keep_the_short_side_and_vary(tmp_path):
+    wide = np.zeros((16, 48, 3), dtype=np.uint8)
+    wide[:, :, 0] = np.arange(48, dtype=np.uint8)[None, :] * 5  # a horizontal ramp
+    buf = io.BytesIO()
+    Image.fromarray(wide).save(buf, format="PNG")
+    sample = {"__key__": "a", "png": buf.getvalue(), "cls": b"0"}
+    centre = SampleDecoder(resolution=16, caption_key=None)(sample, random.Random(0))["image"]
+    assert torch.equal(centre[0, 0], torch.arange(16, 32, dtype=torch.uint8) * 5)  # the middle third
+    rand = SampleDecoder(resolution=16, caption_key=None, random_crop=True)
+    starts = {int(rand(sample, random.Random(seed))["image"][0, 0, 0]) // 5 for seed in range(20)}
+    assert len(starts) > 5 and min(starts) >= 0 and max(starts) <= 32  # offsets across the whole width
+    flip = SampleDecoder(resolution=16, caption_key=None, flip=True)
+    flips = [bool(flip(sample, random.Random(seed))["image"][0, 0, 0] > 100) for seed in range(40)]
+    assert 10 < sum(flips) < 30  # mirrored about half the time

@@ -138,8 +138,9 @@ class SampleDecoder:
     """Raw sample -> ``{"image": uint8 (C, R, R), "label", "caption", "__key__"}``, or a skip reason.
 
     The image (first of ``image_keys`` present) is resized on its short side to ``resolution`` and
-    centre-cropped (``resize="crop"``), or centred on a black square (``resize="pad"``, for small
-    images such as Fashion-MNIST's 28x28 in 32x32); ``flip`` mirrors it with probability 1/2. ``caption_key`` is ``txt`` or
+    cropped to a square (``resize="crop"``: centred, or at a random offset with ``random_crop``), or
+    centred on a black square (``resize="pad"``, for small images such as Fashion-MNIST's 28x28 in
+    32x32); ``flip`` mirrors it with probability 1/2. ``caption_key`` is ``txt`` or
     ``json:<field>``; ``label_key`` (``cls``) is optional unless ``require_label``. Filters:
     ``min_image_size`` (short side of the original), ``max_caption_length`` (characters) and
     ``max_scores`` (``{"punsafe": 0.5}``: the sample's json field must be <= the bound, when present).
@@ -152,10 +153,10 @@ class SampleDecoder:
                  label_key: str | None = "cls", caption_key: str | None = "txt", flip: bool = False,
                  min_image_size: int = 0, max_caption_length: int | None = None,
                  max_scores: dict[str, float] | None = None, resize: str = "crop",
-                 tensors: dict[str, str] | None = None):
+                 tensors: dict[str, str] | None = None, random_crop: bool = False):
         if resize not in ("crop", "pad"):
             raise ValueError(f"data.resize must be crop or pad, got {resize!r}")
-        self.resize, self.tensors = resize, dict(tensors or {})
+        self.resize, self.tensors, self.random_crop = resize, dict(tensors or {}), random_crop
         self.resolution, self.channels, self.image_keys = resolution, channels, tuple(image_keys)
         self.label_key, self.caption_key, self.flip = label_key, caption_key, flip
         self.min_image_size, self.max_caption_length = min_image_size, max_caption_length
@@ -214,8 +215,12 @@ class SampleDecoder:
                 with Image.open(io.BytesIO(sample[ext])) as img:
                     if min(img.size) < self.min_image_size:
                         return "filtered_image_size"
-            array = self._pad(sample[ext]) if self.resize == "pad" else load_image(
-                io.BytesIO(sample[ext]), self.resolution, self.channels)
+            if self.resize == "pad":
+                array = self._pad(sample[ext])
+            elif self.random_crop:
+                array = self._random_crop(sample[ext], rng)
+            else:
+                array = load_image(io.BytesIO(sample[ext]), self.resolution, self.channels)
         except Exception:  # noqa: BLE001 - any decoder failure makes the sample unusable
             return "undecodable_image"
         if array is None:
@@ -226,6 +231,22 @@ class SampleDecoder:
         out["image"] = image
         return out
 
+
+    def _random_crop(self, data: bytes, rng: random.Random) -> np.ndarray:
+        from PIL import Image, ImageOps
+
+        r = self.resolution
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            img.draft(None, (-(-2 * r * w // min(w, h)), -(-2 * r * h // min(w, h))))  # JPEG: decode smaller
+            img = ImageOps.exif_transpose(img).convert("RGB" if self.channels == 3 else "L")
+            w, h = img.size
+            scale = r / min(w, h)
+            size = (max(r, round(w * scale)), max(r, round(h * scale)))
+            img = img.resize(size, Image.Resampling.LANCZOS)
+            left, top = rng.randint(0, size[0] - r), rng.randint(0, size[1] - r)
+            array = np.asarray(img.crop((left, top, left + r, top + r)), dtype=np.uint8)
+        return array[..., None] if array.ndim == 2 else array
 
     def _pad(self, data: bytes) -> np.ndarray | None:
         from PIL import Image
@@ -397,8 +418,8 @@ class WebDataModule(L.LightningDataModule):
                  image_keys: Sequence[str] = IMAGE_KEYS, label_key: str | None = "cls",
                  caption_key: str | None = None, flip: bool = False, min_image_size: int = 0,
                  max_caption_length: int | None = None, max_scores: dict[str, float] | None = None,
-                 resize: str = "crop", tensors: dict[str, str] | None = None, max_bad_fraction: float = 0.05,
-                 min_samples_for_bad_check: int = 1000):
+                 resize: str = "crop", random_crop: bool = False, tensors: dict[str, str] | None = None,
+                 max_bad_fraction: float = 0.05, min_samples_for_bad_check: int = 1000):
         super().__init__()
         if isinstance(sources, (str, os.PathLike)) or (isinstance(sources, Sequence) and sources
                                                        and not isinstance(sources[0], dict)):
@@ -410,7 +431,8 @@ class WebDataModule(L.LightningDataModule):
         self.val_size, self.resampled, self.shuffle_buffer = val_size, resampled, shuffle_buffer
         self.num_workers, self.seed = num_workers, seed
         self.decoder = SampleDecoder(resolution, channels, image_keys, label_key, caption_key, flip,
-                                     min_image_size, max_caption_length, max_scores, resize, tensors)
+                                     min_image_size, max_caption_length, max_scores, resize, tensors,
+                                     random_crop)
         self.max_bad_fraction, self.min_samples_for_bad_check = max_bad_fraction, min_samples_for_bad_check
         self.skipped: Counter = Counter()
         self.samples_used = 0
