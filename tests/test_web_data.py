@@ -265,3 +265,11 @@ def test_random_crop_and_flip_keep_the_short_side_and_vary(tmp_path):
     flip = SampleDecoder(resolution=16, caption_key=None, flip=True)
     flips = [bool(flip(sample, random.Random(seed))["image"][0, 0, 0] > 100) for seed in range(40)]
     assert 10 < sum(flips) < 30  # mirrored about half the time
+
+
+def test_pipe_urls_stream_like_files(tmp_path, monkeypatch):
+    make_shards(tmp_path, n_shards=2, per_shard=10)
+    as_reader(monkeypatch, 0, 1, 0, 1)
+    piped = stream(f"pipe:cat {tmp_path}/train-{{000000..000001}}.tar")
+    local = stream(str(tmp_path / "train-{000000..000001}.tar"))
+    assert keys_of(itertools.islice(iter(piped), 4)) == keys_of(itertools.islice(iter(local), 4))
