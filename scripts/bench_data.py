@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -244,9 +245,11 @@ def check_batch(mode: str, batch: dict, opts: dict) -> None:
     else:
         shape, dtype = (opts["batch_size"], *LATENT_SHAPE), "latent"
     got = batch.get(dtype)
-    if got is None or tuple(got.shape) != shape or not got.is_floating_point():
+    # Batches leave the loader in their stored dtypes; finish_batch makes them float on the training device.
+    stored = torch.uint8 if mode == "jpeg" else torch.float16
+    if got is None or tuple(got.shape) != shape or got.dtype != stored:
         raise RuntimeError(f"{mode}: unexpected batch {dtype}: "
-                           f"{None if got is None else (tuple(got.shape), got.dtype)}, expected float {shape}")
+                           f"{None if got is None else (tuple(got.shape), got.dtype)}, expected {stored} {shape}")
     if batch["__skipped__"]:
         raise RuntimeError(f"{mode}: samples were skipped: {batch['__skipped__']}")
 

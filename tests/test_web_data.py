@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_train.data.web import SampleDecoder, ShardStream, WebDataModule, expand_shards
+from diffusion_train.data.web import SampleDecoder, ShardStream, WebDataModule, expand_shards, finish_batch
 
 
 def _png(value: int, size: int = 8) -> bytes:
@@ -199,7 +199,7 @@ def test_fashion_mnist_shards_decode_to_the_in_memory_images(fmnist_shards, monk
                          "data.resampled=false", "data.shuffle_buffer=1", "data.batch_size=50", "data.num_workers=0"])
     dm = instantiate(cfg.data, _convert_="all")
     assert len(dm.sources[0][0]) == 4 and dm.val_urls and all("val-" in u for u in dm.val_urls)
-    batches = list(itertools.islice(iter(dm.train_stream()), 4))
+    batches = [finish_batch(b) for b in itertools.islice(iter(dm.train_stream()), 4)]
     reference = instantiate(compose_train(["data=fashion_mnist"]).data, _convert_="all")
     reference.setup()
     keys = keys_of(batches)
@@ -208,7 +208,8 @@ def test_fashion_mnist_shards_decode_to_the_in_memory_images(fmnist_shards, monk
     expected = reference.train_set[idx]
     assert torch.equal(batches[0]["image"], expected["image"]) and torch.equal(batches[0]["label"], expected["label"])
     dm.setup()
-    assert len(dm.val_set) == 24 and torch.equal(dm.val_set[[0, 5]]["image"], reference.val_set[[0, 5]]["image"])
+    assert len(dm.val_set) == 24
+    assert torch.equal(finish_batch(dm.val_set[[0, 5]])["image"], reference.val_set[[0, 5]]["image"])
 
 
 def test_the_default_model_trains_from_fashion_mnist_shards(fmnist_shards, tmp_path):
@@ -248,7 +249,9 @@ def test_precomputed_latents_in_shards_train_a_latent_model(tmp_path):
     module = trainer.lightning_module
     assert trainer.global_step == 4 and (module.backbone.in_channels, module.backbone.input_size) == (4, 4)
     batch = next(iter(trainer.datamodule.train_stream()))
-    assert "image" not in batch and batch["latent"].dtype == torch.float32 and batch["latent"].shape == (4, 8, 4, 4)
+    assert "image" not in batch and batch["latent"].dtype == torch.float16  # stored dtype until on the device
+    batch = finish_batch(batch)
+    assert batch["latent"].dtype == torch.float32 and batch["latent"].shape == (4, 8, 4, 4)
 
 
 def test_random_crop_and_flip_keep_the_short_side_and_vary(tmp_path):
@@ -273,3 +276,15 @@ def test_pipe_urls_stream_like_files(tmp_path, monkeypatch):
     piped = stream(f"pipe:cat {tmp_path}/train-{{000000..000001}}.tar")
     local = stream(str(tmp_path / "train-{000000..000001}.tar"))
     assert keys_of(itertools.islice(iter(piped), 4)) == keys_of(itertools.islice(iter(local), 4))
+
+
+def test_npy_members_load_like_np_load():
+    from diffusion_train.data.web import _load_npy
+
+    for array in (np.arange(24, dtype=np.float16).reshape(2, 3, 4), np.ones((5,), dtype=np.int64),
+                  np.asfortranarray(np.arange(6.0).reshape(2, 3))):
+        buf = io.BytesIO()
+        np.save(buf, array)
+        for _ in range(2):  # the second read uses the cached header
+            out = _load_npy(buf.getvalue())
+            assert out.dtype == array.dtype and np.array_equal(out, array) and out.flags.writeable
