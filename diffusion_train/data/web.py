@@ -471,7 +471,7 @@ class WebDataModule(L.LightningDataModule):
                                      min_image_size, max_caption_length, max_scores, resize, tensors,
                                      random_crop)
         self.max_bad_fraction, self.min_samples_for_bad_check = max_bad_fraction, min_samples_for_bad_check
-        self.skipped: Counter = Counter()
+        self.skip_counts: Counter = Counter()
         self.samples_used = 0
         self.val_set: SampleList | None = None
 
@@ -527,12 +527,12 @@ class WebDataModule(L.LightningDataModule):
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         counts = batch.pop("__skipped__", None)
         if counts is not None:
-            self.skipped.update(counts)
+            self.skip_counts.update(counts)
             self.samples_used += len(batch["__key__"])
-            bad = sum(self.skipped.values())
+            bad = sum(self.skip_counts.values())
             seen = bad + self.samples_used
             if seen >= self.min_samples_for_bad_check and bad > self.max_bad_fraction * seen:
-                raise BadDataError(f"{bad} of {seen} samples read were unusable ({dict(self.skipped)}), more than "
+                raise BadDataError(f"{bad} of {seen} samples read were unusable ({dict(self.skip_counts)}), more than "
                                    f"data.max_bad_fraction={self.max_bad_fraction}; check the shards "
                                    f"(scripts/inspect_shards.py) or raise the bound")
         return batch

@@ -131,7 +131,7 @@ class DiffusionModule(L.LightningModule):
             truncated = [e.num_truncated for e in self.conditioner.embedders.values() if hasattr(e, "num_truncated")]
             if truncated:  # captions cut to the encoder's max_length (counted when encoded), a host-side count
                 self.log("data/truncated_captions", float(sum(truncated)))
-            skipped = getattr(self.trainer.datamodule, "skipped", None)  # streamed data: unusable samples by reason
+            skipped = getattr(self.trainer.datamodule, "skip_counts", None)  # streamed data: unusable samples by reason
             if skipped:
                 self.log_dict({f"data/skipped_{reason}": float(n) for reason, n in skipped.items()})
             streak = int(self.nonfinite_streak)
