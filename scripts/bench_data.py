@@ -64,6 +64,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from diffusion_train.cli import UsageError, parse_key_values  # noqa: E402
 from diffusion_train.data.shards import read_manifest, write_shards  # noqa: E402
 
 MODES = ("jpeg", "latent")
@@ -84,20 +85,8 @@ COLOURS = ("red", "blue", "green", "yellow", "white", "dark", "orange", "grey")
 PLACES = ("in a field", "at sunset", "on a table", "in the city", "by the sea", "in the snow", "indoors")
 
 
-class UsageError(ValueError):
-    pass
-
-
 def parse_args(argv: list[str]) -> dict[str, Any]:
-    opts = dict(DEFAULTS)
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in OPTIONS:
-            raise UsageError(f"argument {arg!r}: expected key=value with key in {', '.join(OPTIONS)}")
-        try:
-            opts[key] = OPTIONS[key](value)
-        except ValueError:
-            raise UsageError(f"{arg}: not a valid {key}") from None
+    opts = parse_key_values(argv, OPTIONS, DEFAULTS)
     if opts["mode"] not in (*MODES, "all"):
         raise UsageError(f"mode={opts['mode']}: valid: {', '.join(MODES)}, all")
     try:

@@ -48,14 +48,13 @@ from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from diffusion_train.cli import UsageError, human_bytes  # noqa: E402
 from diffusion_train.data.shards import MANIFEST, read_manifest  # noqa: E402
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 SHOW = 5  # keys shown per problem
 
 
-class UsageError(ValueError):
-    pass
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -224,14 +223,6 @@ class Scan:
         self.shards.append((name, self.samples - before, path.stat().st_size))
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
-
-
 def _median(counts: Counter) -> float:
     """Median of the values counted in ``counts`` (value -> occurrences)."""
     n, seen = sum(counts.values()), 0
@@ -257,7 +248,7 @@ def report(scan: Scan, manifest: dict | None, print_=print) -> int:
         if name in listed and (listed[name]["count"], listed[name]["bytes"]) != (count, size):
             note = f"   manifest: {listed[name]['count']} samples, {listed[name]['bytes']} bytes"
             mismatches += 1
-        print_(f"  {name}  {count:8d} samples  {_human(size) if size is not None else '-':>9}{note}")
+        print_(f"  {name}  {count:8d} samples  {human_bytes(size) if size is not None else '-':>9}{note}")
     note = ""
     if manifest and manifest["count"] != scan.samples:
         note = f" (manifest: {manifest['count']})"

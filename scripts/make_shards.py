@@ -68,6 +68,7 @@ from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from diffusion_train.cli import UsageError, human_bytes, parse_key_values  # noqa: E402
 from diffusion_train.data.fashion_mnist import CLASSES, Captioner, load_split  # noqa: E402
 from diffusion_train.data.folder import _flatten_alpha, list_images  # noqa: E402
 from diffusion_train.data.shards import IMAGE_FORMATS, encode_image, write_shards  # noqa: E402
@@ -103,20 +104,8 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-class UsageError(ValueError):
-    pass
-
-
 def parse_args(argv: list[str]) -> dict[str, Any]:
-    opts = dict(DEFAULTS)
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in OPTIONS:
-            raise UsageError(f"argument {arg!r}: expected key=value with key in {', '.join(OPTIONS)}")
-        try:
-            opts[key] = OPTIONS[key](value)
-        except ValueError:
-            raise UsageError(f"{arg}: not a valid {key}") from None
+    opts = parse_key_values(argv, OPTIONS, DEFAULTS)
     if opts["source"] not in SOURCES:
         raise UsageError(f"set source= one of {', '.join(SOURCES)}" + (f" (got {opts['source']!r})"
                                                                        if opts["source"] else ""))
@@ -389,14 +378,6 @@ def samples(items: Iterable[Item], image_format: str, skipped: list[tuple[str, s
                 yield sample
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
-
-
 def make_shards(opts: dict, log: Callable[[str], None] = print) -> tuple[dict, list[tuple[str, str]]]:
     """Builds the source and writes its shards; returns (manifest, skipped items as (name, reason))."""
     build = {"fashion_mnist": fashion_mnist_source, "folder": folder_source, "csv": list_source,
@@ -408,7 +389,7 @@ def make_shards(opts: dict, log: Callable[[str], None] = print) -> tuple[dict, l
                             opts["prefix"], opts["max_count"], opts["max_bytes"],
                             val_samples=samples(source.val, opts["image_format"], source.skipped),
                             class_names=source.class_names,
-                            on_shard=lambda s: log(f"  {s['path']}  {s['count']:7d} samples  {_human(s['bytes'])}"))
+                            on_shard=lambda s: log(f"  {s['path']}  {s['count']:7d} samples  {human_bytes(s['bytes'])}"))
     per_prefix: dict[str, list[int]] = {}
     for s in manifest["shards"]:
         counts = per_prefix.setdefault(s["path"].rsplit("-", 1)[0], [0, 0])

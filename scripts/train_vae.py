@@ -43,6 +43,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from diffusion_train.cli import UsageError  # noqa: E402
 from diffusion_train.conditioning.autoencoder import TinyVAENet  # noqa: E402
 
 OPTIONS: dict[str, Callable[[str], Any]] = {
@@ -54,10 +55,6 @@ DEFAULTS: dict[str, Any] = {
     "out": None, "steps": 2000, "batch_size": None, "lr": 1e-3, "kl_weight": 1e-4, "latent_channels": 4,
     "channels": [32, 64, 64], "seed": 0, "device": "auto", "log_every": 100, "stat_batches": 20, "grad_clip": 1.0,
 }
-
-
-class UsageError(ValueError):
-    pass
 
 
 def parse_args(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
