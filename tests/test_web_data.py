@@ -288,3 +288,42 @@ def test_npy_members_load_like_np_load():
         for _ in range(2):  # the second read uses the cached header
             out = _load_npy(buf.getvalue())
             assert out.dtype == array.dtype and np.array_equal(out, array) and out.flags.writeable
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_reader_matches_tarfile(tmp_path, fmt):
+    """The lean reader gives tarfile's members, long (PAX / GNU) names and gzip included."""
+    import gzip
+
+    from diffusion_train.data.web import TarReadError, tar_members
+
+    path = tmp_path / "a.tar"
+    names = ["000001.png", "000001.cls", "d/000002.txt", "x" * 120 + ".txt" if fmt != tarfile.USTAR_FORMAT
+             else "y" * 90 + ".txt", "ü_000003.json" if fmt == tarfile.PAX_FORMAT else "000003.json"]
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for i, name in enumerate(names):
+            data = bytes(range(256)) * (i * 7 + 1)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(path) as tar:
+        expected = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+    with open(path, "rb") as f:
+        assert list(tar_members(f)) == expected
+    gz = tmp_path / "a.tar.gz"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    keys = list(dict.fromkeys(n.rpartition("/")[0] + "/" * ("/" in n) + n.rpartition("/")[2].split(".")[0]
+                              for n, _ in expected))
+    assert [s["__key__"] for s in tar_samples_of(gz)] == keys
+    cut = path.read_bytes()[: 512 + 100]  # inside the first member's 256 bytes of data
+    with pytest.raises(TarReadError, match="unexpected end of data"):
+        list(tar_members(io.BytesIO(cut)))
+
+
+def tar_samples_of(path) -> list[dict]:
+    from diffusion_train.data.web import tar_samples
+
+    skipped = Counter()
+    out = list(tar_samples(str(path), skipped))
+    assert not skipped
+    return out
