@@ -17,6 +17,9 @@ Every argument is ``key=value``:
     val_size      fashion_mnist: the first N test images go to val-*.tar (1000);
                   folder, csv, jsonl: the last N items (0: no validation shards)
     limit         only the first N items of each split, for quick trials (all)
+    short_side    folder, csv, jsonl: resize images whose short side is longer to this (e.g. 288 for
+                  training at 256) and re-encode them (JPEG stays JPEG), so that training decodes
+                  fewer pixels per sample. Default: keep the files as they are
     shuffle       a seed: shuffle the items before ``limit`` and the split (keys keep the original
                   index). Sorted class folders otherwise give shards of one class each.
     root          folder: the image folder; fashion_mnist: a folder with the IDX files (default: the
@@ -96,11 +99,12 @@ def _bool(value: str) -> bool:
 OPTIONS: dict[str, Callable[[str], Any]] = {
     "source": str, "out": str, "prefix": str, "max_count": int, "max_bytes": _size, "image_format": str,
     "val_size": int, "limit": int, "shuffle": int, "root": str, "path": str, "captions": str, "labels": str,
+    "short_side": int,
 }
 DEFAULTS: dict[str, Any] = {
     "source": None, "out": None, "prefix": "train", "max_count": 10000, "max_bytes": 1 << 30, "image_format": "png",
     "val_size": None, "limit": None, "shuffle": None, "root": None, "path": None, "captions": "false",
-    "labels": "auto",
+    "labels": "auto", "short_side": None,
 }
 
 
@@ -115,7 +119,7 @@ def parse_args(argv: list[str]) -> dict[str, Any]:
         raise UsageError(f"image_format={opts['image_format']}: valid: {', '.join(IMAGE_FORMATS)}")
     if opts["prefix"] == "val" or not re.fullmatch(r"[\w-]+", opts["prefix"]):
         raise UsageError(f"prefix={opts['prefix']}: needs letters, digits, '_' or '-', and not 'val'")
-    for key in ("max_count", "max_bytes", "limit"):
+    for key in ("max_count", "max_bytes", "limit", "short_side"):
         if opts[key] is not None and opts[key] < 1:
             raise UsageError(f"{key} must be positive, got {opts[key]}")
     if opts["val_size"] is None:
@@ -305,10 +309,12 @@ class Unreadable(Exception):
     pass
 
 
-def read_image_file(path: Path, image_format: str) -> tuple[str, bytes, int, int]:
+def read_image_file(path: Path, image_format: str, short_side: int | None = None) -> tuple[str, bytes, int, int]:
     """(extension, bytes, width, height) of an image file, decoded once to check it: PNG and JPEG
     bytes are kept as they are, other formats are re-encoded as ``image_format`` (EXIF rotation
-    applied, transparency flattened onto white, RGB or grayscale)."""
+    applied, transparency flattened onto white, RGB or grayscale). With ``short_side``, images whose
+    short side is longer are resized to it (Lanczos) and re-encoded, so training decodes fewer
+    pixels. The returned size is the original's."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -319,7 +325,8 @@ def read_image_file(path: Path, image_format: str) -> tuple[str, bytes, int, int
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
             kept = KEPT_FORMATS.get(img.format)
-            if kept:
+            shrink = short_side is not None and min(width, height) > short_side
+            if kept and not shrink:
                 if kept == "jpg":
                     img.draft(img.mode, (1, 1))  # decode at 1/8 scale: still reads (and checks) all the data
                 img.load()
@@ -329,17 +336,23 @@ def read_image_file(path: Path, image_format: str) -> tuple[str, bytes, int, int
                 img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
             gray = img.mode in ("1", "L", "I", "F")
             img = _flatten_alpha(img).convert("L" if gray else "RGB")
+            if shrink:
+                scale = short_side / min(img.size)
+                size = (max(short_side, round(img.width * scale)), max(short_side, round(img.height * scale)))
+                img = img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+                fmt = kept or image_format
+                return fmt, encode_image(np.asarray(img), fmt), width, height
             return image_format, encode_image(np.asarray(img), image_format), img.width, img.height
     except Exception as e:  # corrupt files raise a zoo of types (OSError, SyntaxError, ValueError, ...)
         raise Unreadable(f"{type(e).__name__}: {e}") from None
 
 
-def to_sample(item: Item, image_format: str) -> dict:
+def to_sample(item: Item, image_format: str, short_side: int | None = None) -> dict:
     """The shard sample of ``item``; raises :class:`Unreadable` for a missing or corrupt file."""
     if item.pixels is not None:
         ext, data, meta = image_format, encode_image(item.pixels, image_format), item.meta
     else:
-        ext, data, width, height = read_image_file(item.file, image_format)
+        ext, data, width, height = read_image_file(item.file, image_format, short_side)
         meta = {**(item.meta or {}), "width": width, "height": height}
     caption = item.caption
     if item.caption_file is not None:
@@ -351,12 +364,12 @@ def to_sample(item: Item, image_format: str) -> dict:
 
 
 def samples(items: Iterable[Item], image_format: str, skipped: list[tuple[str, str]],
-            workers: int = min(8, os.cpu_count() or 1)) -> Iterator[dict]:
+            workers: int = min(8, os.cpu_count() or 1), short_side: int | None = None) -> Iterator[dict]:
     """Samples of ``items`` in order, prepared on ``workers`` threads (PIL decodes without the GIL);
     unreadable items are appended to ``skipped`` as (name, reason)."""
     def work(item: Item):
         try:
-            return item, to_sample(item, image_format), None
+            return item, to_sample(item, image_format, short_side), None
         except Unreadable as e:
             return item, None, str(e)
 
@@ -385,9 +398,11 @@ def make_shards(opts: dict, log: Callable[[str], None] = print) -> tuple[dict, l
     source = build(opts)
     log(f"{source.description}: {len(source.train)} train + {len(source.val)} val items -> {opts['out']}")
     start = time.perf_counter()
-    manifest = write_shards(samples(source.train, opts["image_format"], source.skipped), opts["out"],
+    manifest = write_shards(samples(source.train, opts["image_format"], source.skipped,
+                                    short_side=opts["short_side"]), opts["out"],
                             opts["prefix"], opts["max_count"], opts["max_bytes"],
-                            val_samples=samples(source.val, opts["image_format"], source.skipped),
+                            val_samples=samples(source.val, opts["image_format"], source.skipped,
+                                                short_side=opts["short_side"]),
                             class_names=source.class_names,
                             on_shard=lambda s: log(f"  {s['path']}  {s['count']:7d} samples  {human_bytes(s['bytes'])}"))
     per_prefix: dict[str, list[int]] = {}

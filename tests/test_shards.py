@@ -397,3 +397,22 @@ def test_inspect_shards_cli(folder, tmp_path):
     assert "total: 5 samples, 5 good" in res.stdout and "problems: none" in res.stdout
     assert "members: cls 5 (100.0%), jpg 1 (20.0%), json 5 (100.0%), png 4 (80.0%), txt 2 (40.0%)" in res.stdout
     assert Image.open(tmp_path / "g.png").size == (2 * 66 + 2, 2 * 66 + 2)  # 4 sizes, none repeated: 64x64
+
+
+def test_short_side_shrinks_large_images_and_keeps_jpeg(tmp_path):
+    """make_shards short_side=N stores large images resized (short side N), JPEG staying JPEG."""
+    from PIL import Image as PILImage
+
+    spec = importlib.util.spec_from_file_location("make_shards_mod", ROOT / "scripts" / "make_shards.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    big = tmp_path / "big.jpg"
+    PILImage.new("RGB", (600, 400), (200, 30, 30)).save(big, quality=90)
+    small = tmp_path / "small.png"
+    PILImage.new("RGB", (100, 80), (0, 0, 255)).save(small)
+    ext, data, w, h = mod.read_image_file(big, "png", short_side=288)
+    assert ext == "jpg" and (w, h) == (600, 400)
+    assert PILImage.open(io.BytesIO(data)).size == (432, 288)
+    ext, data, w, h = mod.read_image_file(small, "png", short_side=288)
+    assert ext == "png" and data == small.read_bytes()  # already small: stored byte for byte
