@@ -279,7 +279,7 @@ def test_pipe_urls_stream_like_files(tmp_path, monkeypatch):
 
 
 def test_npy_members_load_like_np_load():
-    from diffusion_train.data.web import _load_npy
+    from diffusion_train.data.tar_io import _load_npy
 
     for array in (np.arange(24, dtype=np.float16).reshape(2, 3, 4), np.ones((5,), dtype=np.int64),
                   np.asfortranarray(np.arange(6.0).reshape(2, 3))):
@@ -295,7 +295,7 @@ def test_tar_reader_matches_tarfile(tmp_path, fmt):
     """The lean reader gives tarfile's members, long (PAX / GNU) names and gzip included."""
     import gzip
 
-    from diffusion_train.data.web import TarReadError, tar_members
+    from diffusion_train.data.tar_io import TarReadError, tar_members
 
     path = tmp_path / "a.tar"
     names = ["000001.png", "000001.cls", "d/000002.txt", "x" * 120 + ".txt" if fmt != tarfile.USTAR_FORMAT
@@ -321,7 +321,7 @@ def test_tar_reader_matches_tarfile(tmp_path, fmt):
 
 
 def tar_samples_of(path) -> list[dict]:
-    from diffusion_train.data.web import tar_samples
+    from diffusion_train.data.tar_io import tar_samples
 
     skipped = Counter()
     out = list(tar_samples(str(path), skipped))

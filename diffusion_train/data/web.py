@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import random
-import tarfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -33,10 +32,13 @@ from typing import Any, Iterator, Sequence
 import lightning as L
 import numpy as np
 import torch
+from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from diffusion_train.data.folder import load_image
 from diffusion_train.data.samplers import mix_seed, padded_shard
+from diffusion_train.data.tar_io import load_array, tar_samples
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
@@ -100,120 +102,6 @@ def rank_worker() -> tuple[int, int, int, int]:
 # reading and decoding
 
 
-class TarReadError(tarfile.TarError):
-    """A tar stream is truncated or corrupt."""
-
-
-def _octal(field: bytes) -> int:
-    if field[:1] and field[0] & 0x80:  # GNU base-256 for large numbers
-        return int.from_bytes(field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
-
-
-def _read_exact(stream, n: int) -> bytes:
-    data = stream.read(n)
-    while len(data) < n:  # pipes may return less than asked
-        more = stream.read(n - len(data))
-        if not more:
-            break
-        data += more
-    return data
-
-
-class _Prefixed:
-    """A readable stream whose first bytes were already read (to sniff the format)."""
-
-    def __init__(self, head: bytes, stream):
-        self.head, self.stream = head, stream
-
-    def read(self, n: int = -1) -> bytes:
-        if not self.head:
-            return self.stream.read(n)
-        if n < 0:
-            out, self.head = self.head + self.stream.read(), b""
-            return out
-        out, self.head = self.head[:n], self.head[n:]
-        return out if len(out) == n else out + self.stream.read(n - len(out))
-
-
-def tar_members(stream) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of the regular files of a tar stream (ustar, with PAX and GNU long names).
-
-    A lean reader: about a tenth of ``tarfile``'s per-member cost, which dominates for small members
-    such as precomputed latents. Raises :class:`TarReadError` on a truncated or corrupt archive.
-    """
-    long_name: str | None = None
-    pax: dict[str, str] = {}
-    while True:
-        header = _read_exact(stream, 512)
-        if not header or header.count(0) == 512:
-            return
-        if len(header) < 512:
-            raise TarReadError("unexpected end of data in a header")
-        if _octal(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
-            raise TarReadError("bad header checksum")
-        size = int(pax.get("size", _octal(header[124:136])))
-        typeflag = header[156:157]
-        data = _read_exact(stream, size)
-        if len(data) < size:
-            raise TarReadError("unexpected end of data in a member")
-        _read_exact(stream, -size % 512)
-        if typeflag == b"x":  # PAX extended header for the next member: "<len> <key>=<value>\n" records
-            pax = {}
-            for record in data.decode("utf-8", "replace").splitlines():
-                key, _, value = record.partition(" ")[2].partition("=")
-                pax[key] = value
-            continue
-        if typeflag == b"L":  # GNU long name for the next member
-            long_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
-            continue
-        if typeflag in (b"0", b"\0", b"7"):
-            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-            prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") if header[257:262] == b"ustar" else ""
-            name = pax.get("path") or long_name or (f"{prefix}/{name}" if prefix else name)
-            yield name, data
-        if typeflag != b"g":
-            long_name, pax = None, {}
-
-
-def tar_samples(url: str, skipped: Counter) -> Iterator[dict[str, Any]]:
-    """Samples (``{"__key__", "__url__", ext: bytes, ...}``) of one tar, members grouped by key.
-
-    A tar that cannot be opened or ends early (truncated) counts once as ``unreadable_tar``; the
-    samples before the damage are kept, the partial one is dropped.
-    """
-    import gzip
-
-    import webdataset as wds
-
-    current: dict[str, Any] | None = None
-    try:
-        with wds.gopen(url, bufsize=1 << 20) as raw:
-            head = _read_exact(raw, 512)
-            stream = _Prefixed(head, raw)
-            if head[:2] == b"\x1f\x8b":  # .tar.gz
-                stream = gzip.GzipFile(fileobj=stream)
-            for path, data in tar_members(stream):
-                directory, _, name = path.rpartition("/")
-                stem, dot, ext = name.partition(".")
-                if not dot or stem.startswith("__"):
-                    continue
-                key = f"{directory}/{stem}" if directory else stem
-                if current is not None and current["__key__"] != key:
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"__key__": key, "__url__": url}
-                current[ext.lower()] = data
-    except (tarfile.TarError, OSError, EOFError) as e:
-        skipped["unreadable_tar"] += 1
-        log.warning("shard %s: %s: %s (samples before it are used)", url, type(e).__name__, e)
-        return
-    if current is not None:
-        yield current
-
-
 class SampleDecoder:
     """Raw sample -> ``{"image": uint8 (C, R, R), "label", "caption", "__key__"}``, or a skip reason.
 
@@ -243,17 +131,13 @@ class SampleDecoder:
         self.max_scores = dict(max_scores or {})
 
     def __call__(self, sample: dict[str, Any], rng: random.Random) -> dict[str, Any] | str:
-        from PIL import Image
-
-        from diffusion_train.data.folder import load_image
-
         ext = next((k for k in self.image_keys if k in sample), None)
         arrays = {}
         for key, member in self.tensors.items():
             if member not in sample:
                 return f"missing_{member}"
             try:
-                arrays[key] = _load_array(sample[member], member)
+                arrays[key] = load_array(sample[member], member)
             except Exception:  # noqa: BLE001 - an unreadable array makes the sample unusable
                 return f"bad_{member}"
         if ext is None and "latent" not in arrays:
@@ -313,8 +197,6 @@ class SampleDecoder:
 
 
     def _random_crop(self, data: bytes, rng: random.Random) -> np.ndarray:
-        from PIL import Image, ImageOps
-
         r = self.resolution
         with Image.open(io.BytesIO(data)) as img:
             w, h = img.size
@@ -329,8 +211,6 @@ class SampleDecoder:
         return array[..., None] if array.ndim == 2 else array
 
     def _pad(self, data: bytes) -> np.ndarray | None:
-        from PIL import Image
-
         with Image.open(io.BytesIO(data)) as img:
             array = np.asarray(img.convert("RGB" if self.channels == 3 else "L"), dtype=np.uint8)
         array = array[..., None] if array.ndim == 2 else array
@@ -341,37 +221,6 @@ class SampleDecoder:
         out = np.zeros((self.resolution, self.resolution, array.shape[2]), dtype=np.uint8)
         out[top:top + h, left:left + w] = array
         return out
-
-
-_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...]]] = {}
-
-
-def _load_array(data: bytes, member: str) -> Tensor:
-    if member.endswith(".pth"):
-        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-    return torch.from_numpy(_load_npy(data))
-
-
-def _load_npy(data: bytes) -> np.ndarray:
-    """``np.load`` of a .npy file's bytes, parsing each distinct header once (the parse costs more
-    than the copy for small arrays); anything unusual goes through ``np.load``."""
-    if data[:6] == b"\x93NUMPY" and data[6] in (1, 2, 3):
-        width = 2 if data[6] == 1 else 4
-        length = int.from_bytes(data[8:8 + width], "little")
-        start = 8 + width + length
-        header = data[8 + width:start]
-        info = _NPY_HEADERS.get(header)
-        if info is None:
-            fp = io.BytesIO(data[8:start])  # after the magic string and version
-            meta = np.lib.format.read_array_header_1_0(fp) if data[6] == 1 else np.lib.format.read_array_header_2_0(fp)
-            shape, fortran, dtype = meta
-            if not fortran and not dtype.hasobject and len(_NPY_HEADERS) < 256:
-                info = _NPY_HEADERS[header] = (dtype, shape)
-        if info is not None:
-            dtype, shape = info
-            count = int(np.prod(shape))
-            return np.frombuffer(data, dtype=dtype, count=count, offset=start).reshape(shape).copy()
-    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def collate(samples: list[dict], skipped: Counter) -> dict:
