@@ -266,7 +266,8 @@ class PrecomputedDataModule(InMemoryDataModule):
         for split in ("train", "val"):
             tensors = load_file(str(self.path / f"{split}.safetensors"))
             if split == "val" and self.val_size is not None:  # validate on the first val_size items
-                tensors = {k: v if k.startswith(tuple(keys)) else v[: self.val_size] for k, v in tensors.items()}
+                per_item = {k for k in tensors if k in ("latent", "label") or k.endswith(".index")}
+                tensors = {k: v[: self.val_size] if k in per_item else v for k, v in tensors.items()}
             captions = json.loads((self.path / f"{split}.captions.json").read_text())
             dataset = PrecomputedBatches(tensors, captions, split, keys)
             sets.append(dataset)
