@@ -170,3 +170,12 @@ def test_precompute_cli_then_train(tmp_path):
                           "autoencoder.channels=[16,32,32]", "logger=csv", f"hydra.run.dir={tmp_path / 'run2'}"],
                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert res.returncode == 1 and "error: precomputed set" in res.stderr and "autoencoder." in res.stderr
+
+
+def test_val_size_keeps_the_first_items_with_their_captions(precomputed):
+    out, _, online = precomputed
+    pre = PrecomputedDataModule(out, channels=1, resolution=32, num_classes=10, val_size=5)
+    pre.setup()
+    assert len(pre.val_set) == 5
+    batch = pre.val_set[[0, 4]]
+    assert batch["caption"] == online.val_set[[0, 4]]["caption"] and batch["caption.context"].shape[0] == 2
