@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import random
 import tarfile
 from collections import Counter
@@ -14,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_train.data.web import SampleDecoder, ShardStream, WebDataModule, expand_shards, finish_batch
+from diffusion_train.data.web import (SampleDecoder, ShardStream, WebDataModule, aspect_buckets, expand_shards,
+                                      finish_batch)
 
 
 def _png(value: int, size: int = 8) -> bytes:
@@ -47,8 +49,8 @@ def make_shards(root: Path, n_shards: int, per_shard: int, prefix: str = "train"
     return str(root / f"{prefix}-{{{0:06d}..{n_shards - 1:06d}}}.tar")
 
 
-def stream(pattern, **kw) -> ShardStream:
-    decoder = SampleDecoder(resolution=8, channels=1, caption_key="txt")
+def stream(pattern, decoder=None, **kw) -> ShardStream:
+    decoder = decoder or SampleDecoder(resolution=8, channels=1, caption_key="txt")
     args = dict(batch_size=5, seed=0, resampled=False, shuffle_buffer=1)
     return ShardStream([(expand_shards(pattern), 1.0)], decoder, **{**args, **kw})
 
@@ -93,21 +95,51 @@ def test_too_few_shards_for_the_readers_is_explained(tmp_path, monkeypatch):
         next(iter(stream(pattern)))
 
 
-def _loader_order(pattern, monkeypatch, start: int, n: int, workers: int = 2, **kw) -> list[list[str]]:
+def _loader_batches(pattern, monkeypatch, start: int, n: int, workers: int = 2, positions=None,
+                    decoder=None, **kw) -> list[dict]:
     """What a rank's DataLoader yields: batch b from worker b mod workers."""
     per_worker = []
     for w in range(workers):  # read each worker's batches while the environment says which worker it is
         as_reader(monkeypatch, 0, 1, w, workers)
-        per_worker.append(iter(list(itertools.islice(iter(stream(pattern, start_batch=start, **kw)), n))))
-    return [next(per_worker[b % workers])["__key__"] for b in range(n)]
+        s = stream(pattern, decoder, start_batch=start, positions=positions, **kw)
+        per_worker.append(iter(list(itertools.islice(iter(s), n))))
+    return [next(per_worker[b % workers]) for b in range(n)]
 
 
-def test_exact_mode_resume_continues_the_same_batches(tmp_path, monkeypatch):
+def _loader_order(pattern, monkeypatch, start: int, n: int, **kw) -> list[list[str]]:
+    return [b["__key__"] for b in _loader_batches(pattern, monkeypatch, start, n, **kw)]
+
+
+def _positions_after(batches: list[dict]) -> dict[int, dict]:
+    """What WebDataModule saves in a checkpoint: each reader's position after its last used batch."""
+    return {b["__position__"]["reader"]: b["__position__"] for b in batches}
+
+
+class CountingDecoder(SampleDecoder):
+    calls = 0
+
+    def __call__(self, sample, rng=None):
+        CountingDecoder.calls += 1
+        return super().__call__(sample, rng)
+
+
+def test_exact_mode_resume_continues_the_same_batches_without_decoding_used_samples(tmp_path, monkeypatch):
     pattern = make_shards(tmp_path, n_shards=6, per_shard=10)
-    full = _loader_order(pattern, monkeypatch, 0, 10, shuffle_buffer=7)
-    for start in (3, 4):
-        resumed = _loader_order(pattern, monkeypatch, start, 10 - start, shuffle_buffer=7)
-        assert resumed == full[start:], start
+    full = _loader_batches(pattern, monkeypatch, 0, 14, shuffle_buffer=7)  # 14 batches: into the second pass
+    for start in (3, 4, 12):
+        CountingDecoder.calls = 0
+        decoder = CountingDecoder(resolution=8, channels=1, caption_key="txt")
+        resumed = _loader_batches(pattern, monkeypatch, start, 14 - start, shuffle_buffer=7,
+                                  positions=_positions_after(full[:start]), decoder=decoder)
+        assert [b["__key__"] for b in resumed] == [b["__key__"] for b in full[start:]], start
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(resumed, full[start:]))
+        # each of the 2 readers decodes only the 14 - start batches of 5 it is asked for, none it skipped
+        assert CountingDecoder.calls == 2 * (14 - start) * 5, start
+
+
+def test_exact_mode_without_saved_position_starts_the_readers_at_their_first_pass(tmp_path, monkeypatch):
+    pattern = make_shards(tmp_path, n_shards=4, per_shard=10)
+    assert _loader_order(pattern, monkeypatch, 2, 4) == _loader_order(pattern, monkeypatch, 0, 4)
 
 
 def test_resampled_resume_draws_fresh_data_instead_of_replaying(tmp_path, monkeypatch):
@@ -327,3 +359,111 @@ def tar_samples_of(path) -> list[dict]:
     out = list(tar_samples(str(path), skipped))
     assert not skipped
     return out
+
+
+def _image(value: int, height: int, width: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((height, width), value % 256, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+SHAPES = [(16, 32), (32, 16), (24, 24), (20, 44), (30, 28)]
+
+
+def make_mixed_aspect_shards(root: Path, n_shards: int, per_shard: int) -> str:
+    root.mkdir(parents=True, exist_ok=True)
+    for s in range(n_shards):
+        write_shard(root / f"train-{s:06d}.tar",
+                    [{"__key__": f"{k:06d}", "png": _image(k, *SHAPES[k % len(SHAPES)]), "cls": b"0"}
+                     for k in range(s * per_shard, (s + 1) * per_shard)])
+    return str(root / f"train-{{000000..{n_shards - 1:06d}}}.tar")
+
+
+def test_aspect_buckets_keep_the_area_and_step():
+    buckets = aspect_buckets(256, step=64, max_aspect=2.0)
+    assert (256, 256) in buckets and (192, 320) in buckets and (320, 192) in buckets
+    assert all(h % 64 == 0 and w % 64 == 0 and h * w <= 256 * 256 and max(h / w, w / h) <= 2 for h, w in buckets)
+    with pytest.raises(ValueError, match="resolution=250 is not a multiple of data.bucket_step=64"):
+        aspect_buckets(250, step=64)
+
+
+def test_bucketed_batches_hold_one_shape_each_closest_to_the_images_aspect(tmp_path, monkeypatch):
+    pattern = make_mixed_aspect_shards(tmp_path, n_shards=2, per_shard=30)
+    as_reader(monkeypatch, 0, 1, 0, 1)
+    decoder = SampleDecoder(resolution=16, channels=1, caption_key=None, buckets=[(8, 16), (16, 8), (16, 16)],
+                            metadata={"size": "image:original_size", "crop": "image:crop_top_left"})
+    batches = list(itertools.islice(iter(stream(pattern, decoder=decoder)), 10))
+    expected = {0: (8, 16), 1: (16, 8), 2: (16, 16), 3: (8, 16), 4: (16, 16)}  # from the aspects of SHAPES
+    for batch in batches:
+        shapes = {expected[int(k) % len(SHAPES)] for k in batch["__key__"]}
+        assert shapes == {tuple(batch["image"].shape[-2:])}
+        originals = {SHAPES[int(k) % len(SHAPES)] for k in batch["__key__"]}
+        assert {tuple(map(int, s)) for s in batch["size"]} <= originals
+    first = next(b for b in batches if "000003" in b["__key__"])  # 20x44 resized to 8x17.6 -> 8x18: crop at 1
+    assert first["crop"][first["__key__"].index("000003")].tolist() == [0, 1]
+
+
+def test_bucketed_exact_resume_refetches_the_samples_waiting_in_groups(tmp_path, monkeypatch):
+    pattern = make_mixed_aspect_shards(tmp_path, n_shards=4, per_shard=30)
+    buckets = dict(resolution=16, channels=1, caption_key="txt", buckets=[(8, 16), (16, 8), (16, 16)], flip=True)
+    kw = dict(shuffle_buffer=9, decoder=SampleDecoder(**{**buckets, "caption_key": None}))
+    full = _loader_batches(pattern, monkeypatch, 0, 20, **kw)
+    for start in (5, 13):
+        positions = _positions_after(full[:start])
+        assert any(p["pending"] for p in positions.values()), "samples were waiting in partly filled groups"
+        resumed = _loader_batches(pattern, monkeypatch, start, 20 - start, positions=positions, **kw)
+        assert [b["__key__"] for b in resumed] == [b["__key__"] for b in full[start:]], start
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(resumed, full[start:])), "same flips"
+
+
+def test_resampled_mode_drops_keys_repeated_within_a_shard(tmp_path, monkeypatch):
+    samples = [{"__key__": f"{k % 7:06d}", "png": _png(k), "cls": b"0"} for k in range(14)]  # 0..6, 0..6
+    write_shard(tmp_path / "d-000000.tar", samples)
+    as_reader(monkeypatch, 0, 1, 0, 1)
+    s = stream(str(tmp_path / "d-000000.tar"), resampled=True, shuffle_buffer=1, batch_size=7,
+               decoder=SampleDecoder(resolution=8, channels=1, caption_key=None))
+    batches = list(itertools.islice(iter(s), 4))  # each shard draw gives 7 distinct keys, one batch
+    assert all(sorted(b["__key__"]) == [f"{k:06d}" for k in range(7)] for b in batches)
+    assert sum(b["__skipped__"].get("duplicate_key", 0) for b in batches) >= 3 * 7  # counted with the next batch
+
+
+def test_json_metadata_reaches_the_batch_and_missing_fields_are_counted(tmp_path, monkeypatch):
+    samples = [{"__key__": f"{k:06d}", "png": _png(k), "cls": b"0",
+                "json": json.dumps({"aesthetic": k / 10, "size": [k, 2 * k]} if k != 3 else {}).encode()}
+               for k in range(9)]
+    write_shard(tmp_path / "m-000000.tar", samples)
+    as_reader(monkeypatch, 0, 1, 0, 1)
+    decoder = SampleDecoder(resolution=8, channels=1, caption_key=None,
+                            metadata={"aesthetic": "aesthetic", "orig": "size"})
+    batches = list(itertools.islice(iter(stream(str(tmp_path / "m-000000.tar"), decoder=decoder, batch_size=4)), 2))
+    for batch in batches:
+        ks = [int(k) for k in batch["__key__"]]
+        assert batch["aesthetic"].dtype == torch.float32
+        assert torch.allclose(batch["aesthetic"], torch.tensor([k / 10 for k in ks]))
+        assert batch["orig"].tolist() == [[k, 2 * k] for k in ks]
+    assert sum(b["__skipped__"].get("missing_aesthetic", 0) for b in batches) == 1
+
+
+def test_exact_mode_training_resumes_bit_identically_from_the_saved_data_position(tmp_path):
+    """4 steps straight == 2 steps + resume + 2 steps, reading shards in exact mode with 2 workers and a
+    shuffle buffer: the checkpoint holds each reader's position, and the batches continue exactly."""
+    from conftest import TINY, compose_train
+    from diffusion_train.train import train
+    from diffusion_train.training.checkpointing import load_checkpoint
+
+    pattern = make_shards(tmp_path / "shards", n_shards=4, per_shard=12)
+    overrides = [o for o in TINY if not o.startswith("data=")] + [
+        "data=webdataset", f"data.sources='{pattern}'", "data.resolution=8", "data.channels=1",
+        "data.num_classes=10", "data.batch_size=4", "data.num_workers=2", "data.shuffle_buffer=5",
+        "data.resampled=false", "data.flip=true", "trainer.val_check_interval=100"]
+    straight = compose_train(overrides, tmp_path / "straight")
+    train(straight, tmp_path / "straight")
+    train(compose_train(overrides + ["trainer.max_steps=2"], tmp_path / "resumed"), tmp_path / "resumed")
+    half = load_checkpoint(tmp_path / "resumed/checkpoints/last.ckpt")
+    assert half["global_step"] == 2 and len(half["WebDataModule"]["positions"]) == 2
+    train(compose_train(overrides, tmp_path / "resumed"), tmp_path / "resumed")
+    a = load_checkpoint(tmp_path / "straight/checkpoints/last.ckpt")
+    b = load_checkpoint(tmp_path / "resumed/checkpoints/last.ckpt")
+    assert a["global_step"] == b["global_step"] == 4
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert a["WebDataModule"]["positions"] == b["WebDataModule"]["positions"]

@@ -20,10 +20,13 @@ missing or empty ``root`` and a folder with no readable image fail with the path
 from __future__ import annotations
 
 import logging
+import math
 import os
+import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,34 +78,56 @@ def load_image(path: str | os.PathLike, resolution: int, channels: int = 3, cent
                resample: Image.Resampling = Image.Resampling.LANCZOS) -> np.ndarray:
     """One image as uint8 (resolution, resolution, channels); raises on an unreadable file.
 
-    The short side is resampled to ``resolution`` and the central square kept (``center_crop``), or
-    the whole image is resampled to a square. Large JPEGs are first reduced in the decoder (DCT
-    scaling to at least twice the target size, as ``PIL.Image.thumbnail`` does).
+    The short side is resampled to ``resolution`` and the central square kept (``center_crop``, see
+    :func:`fit_image`), or the whole image is resampled to a square (aspect ratio not kept).
+    """
+    if center_crop:
+        return fit_image(path, resolution, resolution, channels, resample=resample)[0]
+    with Image.open(path) as img:
+        img.draft(None, (2 * resolution, 2 * resolution))
+        out = np.asarray(_normalized(img, channels).resize((resolution, resolution), resample), dtype=np.uint8)
+    return out[..., None] if out.ndim == 2 else out
+
+
+def fit_image(source: Any, height: int, width: int, channels: int = 3, rng: random.Random | None = None,
+              resample: Image.Resampling = Image.Resampling.LANCZOS
+              ) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+    """An image resampled to cover ``height`` x ``width`` with its aspect ratio kept, then cropped to it:
+    centred, or at a random offset drawn from ``rng`` (one resampling pass: the crop box is given to
+    ``resize``). Large JPEGs are first reduced in the decoder (DCT scaling to at least twice the
+    target size, as ``PIL.Image.thumbnail`` does).
+
+    Returns (uint8 (height, width, channels), original (h, w) after EXIF rotation, crop (top, left) in
+    the resampled image) -- the last two are SDXL's size and crop micro-conditioning.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
-    with Image.open(path) as img:
+    with Image.open(source) as img:
         w, h = img.size
-        short = min(w, h)
-        if short <= 0:
+        if min(w, h) <= 0:
             raise ValueError(f"empty image ({w}x{h})")
-        if center_crop:
-            draft = (-(-2 * resolution * w // short), -(-2 * resolution * h // short))
-        else:
-            draft = (2 * resolution, 2 * resolution)
-        img.draft(None, draft)  # only JPEG decoders act on it
-        img = ImageOps.exif_transpose(img)
-        if img.mode.startswith("I;16"):  # 16-bit grayscale: keep the high byte
-            img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
-        img = _flatten_alpha(img).convert("RGB" if channels == 3 else "L")
+        reduce = max(height, width) / min(w, h)  # safe whichever way EXIF rotates the image
+        img.draft(None, (math.ceil(2 * w * reduce), math.ceil(2 * h * reduce)))  # only JPEG decoders act on it
+        img = _normalized(img, channels)
         w, h = img.size
-        box = None
-        if center_crop:
-            side = min(w, h)
-            box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
-        img = img.resize((resolution, resolution), resample, box=box)
+        scale = max(width / w, height / h)
+        crop_w, crop_h = width / scale, height / scale  # the crop in source pixels
+        if rng is None:
+            left, top = (w - crop_w) / 2, (h - crop_h) / 2
+        else:  # a whole-pixel offset in the resampled image
+            left = rng.randint(0, max(0, round(w * scale) - width)) / scale
+            top = rng.randint(0, max(0, round(h * scale) - height)) / scale
+        img = img.resize((width, height), resample, box=(left, top, left + crop_w, top + crop_h))
         out = np.asarray(img, dtype=np.uint8)
-    return out[..., None] if out.ndim == 2 else out
+    return (out[..., None] if out.ndim == 2 else out), (h, w), (round(top * scale), round(left * scale))
+
+
+def _normalized(img: Image.Image, channels: int) -> Image.Image:
+    """EXIF rotation applied, 16-bit grayscale to 8 bits, transparency flattened, RGB or L."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode.startswith("I;16"):  # 16-bit grayscale: keep the high byte
+        img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
+    return _flatten_alpha(img).convert("RGB" if channels == 3 else "L")
 
 
 class FolderCaptions:

@@ -3,14 +3,18 @@
 Sources are shard lists (local paths, brace patterns such as ``data/train-{000000..000099}.tar``, a
 directory holding a ``manifest.json`` of ``scripts/make_shards.py``, or ``pipe:`` URLs for object
 stores), each with a mixing weight. Each DataLoader worker of each rank streams its own shards,
-decodes, filters, shuffles in a buffer and yields whole batches:
+shuffles the raw samples in a buffer, decodes and filters them, and yields whole batches:
 
 * ``resampled=true`` (default): an endless stream; each worker draws shards at random (a source by
   weight, then a shard) with a generator seeded by (seed, rank, worker, resume step), so a resumed run
   continues with fresh data instead of replaying what it saw.
 * ``resampled=false``: the shards are split exactly across ranks x workers (shard i goes to global
-  worker i mod (ranks x workers)); each epoch every sample is seen exactly once, in an order drawn from
-  (seed, epoch, worker). Resume skips the batches each worker had already produced, so it is exact.
+  worker i mod (ranks x workers)); each pass every sample is seen exactly once, in an order drawn from
+  (seed, pass, worker). Each reader's position is saved in the checkpoint; a resumed reader skips
+  the samples it had used without decoding them, so resume is exact and cheap.
+
+With ``buckets`` each image is fitted to the (height, width) bucket closest to its aspect ratio, and
+each batch holds one bucket (aspect-ratio bucketing).
 
 Bad input loses nothing but the bad sample: undecodable images, samples without an image, duplicate
 keys and truncated or unreadable tars are skipped and counted by reason; the counts travel with the
@@ -21,8 +25,10 @@ A local shard path or pattern that matches nothing fails at start, naming the pa
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
+import math
 import os
 import random
 from collections import Counter
@@ -32,11 +38,11 @@ from typing import Any, Iterator, Sequence
 import lightning as L
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from diffusion_train.data.folder import load_image
+from diffusion_train.data.folder import fit_image
 from diffusion_train.data.samplers import mix_seed, padded_shard
 from diffusion_train.data.tar_io import load_array, tar_samples
 
@@ -102,35 +108,70 @@ def rank_worker() -> tuple[int, int, int, int]:
 # reading and decoding
 
 
-class SampleDecoder:
-    """Raw sample -> ``{"image": uint8 (C, R, R), "label", "caption", "__key__"}``, or a skip reason.
+def aspect_buckets(resolution: int, step: int = 64, max_aspect: float = 2.0) -> list[tuple[int, int]]:
+    """(height, width) buckets of about ``resolution``^2 pixels (never more), both sides multiples of
+    ``step``, aspect ratios up to ``max_aspect`` either way; the square one included when it fits."""
+    if resolution % step:
+        raise ValueError(f"data.resolution={resolution} is not a multiple of data.bucket_step={step}")
+    area, buckets = resolution * resolution, set()
+    for width in range(step, int(resolution * max_aspect ** 0.5) + 1, step):
+        height = area // width // step * step
+        if height and max(width / height, height / width) <= max_aspect:
+            buckets |= {(height, width), (width, height)}
+    return sorted(buckets)
 
-    The image (first of ``image_keys`` present) is resized on its short side to ``resolution`` and
-    cropped to a square (``resize="crop"``: centred, or at a random offset with ``random_crop``), or
+
+class SampleDecoder:
+    """Raw sample -> ``{"image": uint8 (C, H, W), "label", "caption", "__key__", ...}``, or a skip reason.
+
+    The image (first of ``image_keys`` present) is resampled to cover ``resolution`` x ``resolution``
+    and cropped to it (``resize="crop"``: centred, or at a random offset with ``random_crop``), or
     centred on a black square (``resize="pad"``, for small images such as Fashion-MNIST's 28x28 in
-    32x32); ``flip`` mirrors it with probability 1/2. ``caption_key`` is ``txt`` or
-    ``json:<field>``; ``label_key`` (``cls``) is optional unless ``require_label``. Filters:
-    ``min_image_size`` (short side of the original), ``max_caption_length`` (characters) and
-    ``max_scores`` (``{"punsafe": 0.5}``: the sample's json field must be <= the bound, when present).
+    32x32). With ``buckets`` (a list of (height, width)) it is fitted to the bucket whose aspect ratio
+    is closest to its own instead (aspect-ratio bucketing; the stream batches each shape
+    separately). ``flip`` mirrors it with probability 1/2. ``caption_key`` is ``txt`` or
+    ``json:<field>``; ``label_key`` (``cls``) is optional unless given. Filters: ``min_image_size``
+    (short side of the original), ``max_caption_length`` (characters) and ``max_scores``
+    (``{"punsafe": 0.5}``: the sample's json field must be <= the bound, when present).
     ``tensors`` maps batch keys to members holding precomputed arrays (``.npy``, or ``.pth`` read with
     ``weights_only``), e.g. ``{latent: latent.npy, caption.context: t5.npy, caption.mask: t5mask.npy}``
     (see ``scripts/precompute.py`` for what the keys mean); with a ``latent`` the image is optional.
+    ``metadata`` maps batch keys to float32 tensors from the sample's json (``{aesthetic: aesthetic}``,
+    a number or a list of numbers) or from the image (``image:original_size`` and
+    ``image:crop_top_left``, (h, w) and (top, left): SDXL's micro-conditioning).
     """
 
     def __init__(self, resolution: int, channels: int = 3, image_keys: Sequence[str] = IMAGE_KEYS,
                  label_key: str | None = "cls", caption_key: str | None = "txt", flip: bool = False,
                  min_image_size: int = 0, max_caption_length: int | None = None,
                  max_scores: dict[str, float] | None = None, resize: str = "crop",
-                 tensors: dict[str, str] | None = None, random_crop: bool = False):
+                 tensors: dict[str, str] | None = None, random_crop: bool = False,
+                 buckets: Sequence[Sequence[int]] | None = None, metadata: dict[str, str] | None = None):
         if resize not in ("crop", "pad"):
             raise ValueError(f"data.resize must be crop or pad, got {resize!r}")
+        if buckets and resize != "crop":
+            raise ValueError("data.buckets needs data.resize=crop")
         self.resize, self.tensors, self.random_crop = resize, dict(tensors or {}), random_crop
         self.resolution, self.channels, self.image_keys = resolution, channels, tuple(image_keys)
         self.label_key, self.caption_key, self.flip = label_key, caption_key, flip
         self.min_image_size, self.max_caption_length = min_image_size, max_caption_length
-        self.max_scores = dict(max_scores or {})
+        self.max_scores, self.metadata = dict(max_scores or {}), dict(metadata or {})
+        self.buckets = [(int(h), int(w)) for h, w in buckets or []]
+        self._log_aspects = [math.log(w / h) for h, w in self.buckets]
 
-    def __call__(self, sample: dict[str, Any], rng: random.Random) -> dict[str, Any] | str:
+    @property
+    def random(self) -> bool:
+        """Whether decoding draws random numbers (random crop, flip)."""
+        return self.flip or self.random_crop
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) an image of this size is fitted to: its bucket, or the square."""
+        if not self.buckets:
+            return self.resolution, self.resolution
+        aspect = math.log(width / height)
+        return self.buckets[min(range(len(self.buckets)), key=lambda i: abs(self._log_aspects[i] - aspect))]
+
+    def __call__(self, sample: dict[str, Any], rng: random.Random | None = None) -> dict[str, Any] | str:
         ext = next((k for k in self.image_keys if k in sample), None)
         arrays = {}
         for key, member in self.tensors.items():
@@ -151,6 +192,13 @@ class SampleDecoder:
         for field, bound in self.max_scores.items():
             if field in meta and meta[field] is not None and float(meta[field]) > bound:
                 return f"filtered_{field}"
+        for key, field in self.metadata.items():
+            if field.startswith("image:"):
+                continue
+            try:
+                arrays[key] = torch.tensor(meta[field], dtype=torch.float32)
+            except (KeyError, TypeError, ValueError):
+                return f"missing_{field}"
         caption = None
         if self.caption_key:
             if self.caption_key.startswith("json:"):
@@ -173,18 +221,21 @@ class SampleDecoder:
         if caption is not None:
             out["caption"] = caption
         if ext is None:  # precomputed latents only
-            return out
+            return "missing_image" if any(f.startswith("image:") for f in self.metadata.values()) else out
         try:
-            if self.min_image_size:
+            if self.min_image_size or self.buckets:
                 with Image.open(io.BytesIO(sample[ext])) as img:
-                    if min(img.size) < self.min_image_size:
-                        return "filtered_image_size"
+                    width, height = img.size
+                    if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF: stored rotated by 90 degrees
+                        width, height = height, width
+                if min(width, height) < self.min_image_size:
+                    return "filtered_image_size"
             if self.resize == "pad":
-                array = self._pad(sample[ext])
-            elif self.random_crop:
-                array = self._random_crop(sample[ext], rng)
+                array, size, crop = self._pad(sample[ext]), None, (0, 0)
             else:
-                array = load_image(io.BytesIO(sample[ext]), self.resolution, self.channels)
+                height, width = self.target_size(height, width) if self.buckets else (self.resolution,) * 2
+                array, size, crop = fit_image(io.BytesIO(sample[ext]), height, width, self.channels,
+                                              rng if self.random_crop else None)
         except Exception:  # noqa: BLE001 - any decoder failure makes the sample unusable
             return "undecodable_image"
         if array is None:
@@ -193,22 +244,12 @@ class SampleDecoder:
         if self.flip and rng.random() < 0.5:
             image = image.flip(-1)
         out["image"] = image
+        for key, field in self.metadata.items():
+            if field == "image:original_size":
+                out[key] = torch.tensor(size or image.shape[1:], dtype=torch.float32)
+            elif field == "image:crop_top_left":
+                out[key] = torch.tensor(crop, dtype=torch.float32)
         return out
-
-
-    def _random_crop(self, data: bytes, rng: random.Random) -> np.ndarray:
-        r = self.resolution
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-            img.draft(None, (-(-2 * r * w // min(w, h)), -(-2 * r * h // min(w, h))))  # JPEG: decode smaller
-            img = ImageOps.exif_transpose(img).convert("RGB" if self.channels == 3 else "L")
-            w, h = img.size
-            scale = r / min(w, h)
-            size = (max(r, round(w * scale)), max(r, round(h * scale)))
-            img = img.resize(size, Image.Resampling.LANCZOS)
-            left, top = rng.randint(0, size[0] - r), rng.randint(0, size[1] - r)
-            array = np.asarray(img.crop((left, top, left + r, top + r)), dtype=np.uint8)
-        return array[..., None] if array.ndim == 2 else array
 
     def _pad(self, data: bytes) -> np.ndarray | None:
         with Image.open(io.BytesIO(data)) as img:
@@ -267,14 +308,25 @@ class SampleList(Dataset):
 
 
 class ShardStream(IterableDataset):
-    """Endless stream of batches from shards; see the module docstring for the two modes."""
+    """Endless stream of batches from shards; see the module docstring for the two modes.
+
+    Pipeline per reader: shards -> raw samples (duplicate keys dropped) -> shuffle buffer -> decode
+    -> one group per tensor shape (aspect-ratio buckets) -> a batch when a group is full. Decoding
+    comes after the shuffle, and the random crop and flip of the i-th sample of a pass draw from a
+    generator seeded by (stream, pass, i); so a resumed exact-mode reader skips the samples it had
+    used by reading their bytes without decoding them (``positions``, saved in the checkpoint by
+    :class:`WebDataModule`), then refetches the few samples that were waiting in partly filled groups.
+    Each batch carries ``__position__``: ``{reader, pass, emitted, pending}``, where ``pending`` holds
+    ``[url, key, pass, index]`` of every sample waiting in a group after the batch was taken.
+    """
 
     def __init__(self, sources: Sequence[tuple[list[str], float]], decoder: SampleDecoder, batch_size: int,
                  seed: int = 0, resampled: bool = True, shuffle_buffer: int = 1000, start_batch: int = 0,
-                 rank: int | None = None, world_size: int | None = None):
+                 rank: int | None = None, world_size: int | None = None, positions: dict[int, dict] | None = None):
         self.sources, self.decoder, self.batch_size = list(sources), decoder, int(batch_size)
         self.seed, self.resampled, self.shuffle_buffer = seed, resampled, int(shuffle_buffer)
         self.start_batch, self.rank, self.world_size = int(start_batch), rank, world_size
+        self.positions = dict(positions or {})
 
     def _where(self) -> tuple[int, int, int]:
         """(this reader's index among all ranks x workers, their number, workers per rank).
@@ -299,65 +351,114 @@ class ShardStream(IterableDataset):
                              f"data.num_workers, or data.resampled=true")
         return shards[me::total]
 
-    def _shard_order(self, rng: random.Random) -> Iterator[tuple[str, int]]:
+    def _shard_order(self, rng: random.Random, first_pass: int = 0) -> Iterator[tuple[str, int]]:
+        """(shard url, pass): random draws (resampled; pass 0 forever), or this reader's shards in the
+        order of each pass, from ``first_pass`` on."""
         if self.resampled:
             weights = [w for _, w in self.sources]
             while True:
                 urls, _ = rng.choices(self.sources, weights=weights)[0]
                 yield rng.choice(urls), 0
         else:
-            mine, epoch = self.assigned_shards(), 0
-            while True:
+            mine, me = self.assigned_shards(), self._where()[0]
+            for epoch in itertools.count(first_pass):
                 order = list(mine)
-                random.Random(mix_seed(self.seed, epoch, self._where()[0])).shuffle(order)
+                random.Random(mix_seed(self.seed, epoch, me)).shuffle(order)
                 for url in order:
                     yield url, epoch
-                epoch += 1
 
-    def _samples(self, rng: random.Random, skipped: Counter) -> Iterator[dict]:
-        """Decoded samples through the shuffle buffer; in exact mode each pass is emptied from the
-        buffer before the next begins, so every pass emits each sample exactly once."""
+    def _raw_samples(self, rng: random.Random, skipped: Counter, first_pass: int) -> Iterator[tuple[int, dict]]:
+        """(pass, raw sample) out of the shuffle buffer. A key read before in the pass (exact mode) or
+        in the shard (resampled: shards are drawn with replacement, so samples recur by design) is
+        dropped as a duplicate. In exact mode each pass is emptied from the buffer before the next
+        begins, so every pass emits each sample exactly once, and its buffer draws restart from a
+        generator seeded by (seed, reader, pass)."""
+        me = self._where()[0]
         buffer: list[dict] = []
-        seen: set[str] = set()
-        current_epoch = 0
-        for url, epoch in self._shard_order(rng):
-            if epoch != current_epoch:
+        keys: set[str] = set()
+        current = first_pass
+        if not self.resampled:
+            rng = random.Random(mix_seed(self.seed, me, current, 1))
+        for url, epoch in self._shard_order(rng, first_pass):
+            if self.resampled:
+                keys.clear()
+            if epoch != current:
                 while buffer:
-                    yield buffer.pop(rng.randrange(len(buffer)))
-                seen.clear()
-                current_epoch = epoch
+                    yield current, buffer.pop(rng.randrange(len(buffer)))
+                keys.clear()
+                current, rng = epoch, random.Random(mix_seed(self.seed, me, epoch, 1))
             for raw in tar_samples(url, skipped):
-                if not self.resampled:
-                    if raw["__key__"] in seen:
-                        skipped["duplicate_key"] += 1
-                        continue
-                    seen.add(raw["__key__"])
-                sample = self.decoder(raw, rng)
-                if isinstance(sample, str):
-                    skipped[sample] += 1
+                if raw["__key__"] in keys:
+                    skipped["duplicate_key"] += 1
                     continue
-                buffer.append(sample)
+                keys.add(raw["__key__"])
+                buffer.append(raw)
                 if len(buffer) >= self.shuffle_buffer:
-                    yield buffer.pop(rng.randrange(len(buffer)))
+                    yield current, buffer.pop(rng.randrange(len(buffer)))
+
+    def _decode(self, raw: dict, stream_seed: int, epoch: int, index: int) -> dict | str:
+        rng = random.Random(f"{stream_seed}/{epoch}/{index}") if self.decoder.random else None
+        sample = self.decoder(raw, rng)
+        if not isinstance(sample, str):
+            sample["__where__"] = [raw["__url__"], raw["__key__"], epoch, index]
+        return sample
+
+    def _refetch(self, pending: list[list], stream_seed: int) -> list[dict]:
+        """The samples that waited in partly filled groups at the saved position, read by key from
+        their shards and decoded as they were."""
+        wanted: dict[str, dict[str, list]] = {}
+        for url, key, epoch, index in pending:
+            wanted.setdefault(url, {})[key] = [epoch, index]
+        found: dict[tuple[str, str], dict] = {}
+        for url, keys in wanted.items():
+            for raw in tar_samples(url, Counter()):
+                if raw["__key__"] in keys:
+                    sample = self._decode(raw, stream_seed, *keys[raw["__key__"]])
+                    if not isinstance(sample, str):
+                        found[url, raw["__key__"]] = sample
+        missing = len(pending) - len(found)
+        if missing:
+            log.warning("resume: %d of %d samples waiting for a batch are no longer in their shards; the "
+                        "shards changed since the checkpoint", missing, len(pending))
+        return [found[url, key] for url, key, _, _ in pending if (url, key) in found]
 
     def __iter__(self) -> Iterator[dict]:
-        me, _, workers = self._where()
-        # Exact mode: this reader's role made `done` of the rank's first start_batch batches already.
-        done = 0 if self.resampled else len(range(me % workers, self.start_batch, workers))
+        me, _, _ = self._where()
         stream_seed = mix_seed(self.seed, me, self.start_batch) if self.resampled else mix_seed(self.seed, me)
-        rng = random.Random(stream_seed)
+        position = None if self.resampled else self.positions.get(me)
+        first_pass, skip = (position["pass"], position["emitted"]) if position else (0, 0)
         skipped: Counter = Counter()
-        batch: list[dict] = []
-        for sample in self._samples(rng, skipped):
-            batch.append(sample)
-            if len(batch) < self.batch_size:
+        groups: dict[tuple, list[dict]] = {}
+        for sample in self._refetch(position["pending"], stream_seed) if position else []:
+            groups.setdefault(_shape_key(sample), []).append(sample)
+        current, index = first_pass, -1
+        for epoch, raw in self._raw_samples(random.Random(stream_seed), skipped, first_pass):
+            if epoch != current:
+                current, index = epoch, -1
+            index += 1
+            if epoch == first_pass and index < skip:  # used before the restart: not decoded again
+                if index == skip - 1:
+                    skipped.clear()  # counted before the restart (the counts are in the checkpoint)
                 continue
-            if done > 0:
-                done -= 1
-                skipped.clear()
-            else:
-                yield collate(batch, skipped)
-            batch = []
+            sample = self._decode(raw, stream_seed, epoch, index)
+            if isinstance(sample, str):
+                skipped[sample] += 1
+                continue
+            shape = _shape_key(sample)
+            group = groups.setdefault(shape, [])
+            group.append(sample)
+            if len(group) < self.batch_size:
+                continue
+            del groups[shape]
+            batch = collate(group, skipped)
+            if not self.resampled:
+                pending = sorted((s["__where__"] for g in groups.values() for s in g), key=lambda w: w[2:])
+                batch["__position__"] = {"reader": me, "pass": epoch, "emitted": index + 1, "pending": pending}
+            yield batch
+
+
+def _shape_key(sample: dict) -> tuple:
+    return tuple((k, tuple(v.shape)) for k, v in sample.items() if isinstance(v, Tensor))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,7 +486,9 @@ class WebDataModule(L.LightningDataModule):
                  caption_key: str | None = None, flip: bool = False, min_image_size: int = 0,
                  max_caption_length: int | None = None, max_scores: dict[str, float] | None = None,
                  resize: str = "crop", random_crop: bool = False, tensors: dict[str, str] | None = None,
-                 max_bad_fraction: float = 0.05, min_samples_for_bad_check: int = 1000):
+                 buckets: Any = None, bucket_step: int = 64, max_aspect: float = 2.0,
+                 metadata: dict[str, str] | None = None, max_bad_fraction: float = 0.05,
+                 min_samples_for_bad_check: int = 1000):
         super().__init__()
         if isinstance(sources, (str, os.PathLike)) or (isinstance(sources, Sequence) and sources
                                                        and not isinstance(sources[0], dict)):
@@ -396,12 +499,17 @@ class WebDataModule(L.LightningDataModule):
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.val_size, self.resampled, self.shuffle_buffer = val_size, resampled, shuffle_buffer
         self.num_workers, self.seed = num_workers, seed
-        self.decoder = SampleDecoder(resolution, channels, image_keys, label_key, caption_key, flip,
-                                     min_image_size, max_caption_length, max_scores, resize, tensors,
-                                     random_crop)
+        if buckets == "auto":
+            buckets = aspect_buckets(resolution, bucket_step, max_aspect)
+        args = dict(resolution=resolution, channels=channels, image_keys=image_keys, label_key=label_key,
+                    caption_key=caption_key, min_image_size=min_image_size, max_caption_length=max_caption_length,
+                    max_scores=max_scores, resize=resize, tensors=tensors, metadata=metadata)
+        self.decoder = SampleDecoder(**args, flip=flip, random_crop=random_crop, buckets=buckets)
+        self.val_decoder = SampleDecoder(**args)  # square, centred, never flipped: a fixed set
         self.max_bad_fraction, self.min_samples_for_bad_check = max_bad_fraction, min_samples_for_bad_check
         self.skip_counts: Counter = Counter()
         self.samples_used = 0
+        self.positions: dict[int, dict] = {}  # exact mode: each reader's position after its last used batch
         self.val_set: SampleList | None = None
 
     def _rank_world(self) -> tuple[int, int]:
@@ -411,7 +519,7 @@ class WebDataModule(L.LightningDataModule):
     def train_stream(self, start_batch: int = 0) -> ShardStream:
         rank, world = self._rank_world()
         return ShardStream(self.sources, self.decoder, self.batch_size, self.seed, self.resampled,
-                           self.shuffle_buffer, start_batch, rank, world)
+                           self.shuffle_buffer, start_batch, rank, world, self.positions)
 
     def train_dataloader(self) -> DataLoader:
         start = 0
@@ -425,11 +533,10 @@ class WebDataModule(L.LightningDataModule):
         if self.val_set is not None or not self.val_urls:
             return
         skipped: Counter = Counter()
-        rng = random.Random(self.seed)
         samples: list[dict] = []
         for url in self.val_urls:
             for raw in tar_samples(url, skipped):
-                sample = self.decoder(raw, rng)
+                sample = self.val_decoder(raw)
                 if isinstance(sample, str):
                     skipped[sample] += 1
                     continue
@@ -454,6 +561,9 @@ class WebDataModule(L.LightningDataModule):
         return finish_batch(batch)
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        position = batch.pop("__position__", None)
+        if position is not None:
+            self.positions[position["reader"]] = position
         counts = batch.pop("__skipped__", None)
         if counts is not None:
             self.skip_counts.update(counts)
@@ -465,3 +575,32 @@ class WebDataModule(L.LightningDataModule):
                                    f"data.max_bad_fraction={self.max_bad_fraction}; check the shards "
                                    f"(scripts/inspect_shards.py) or raise the bound")
         return batch
+
+    def _layout(self) -> list[int]:
+        """What exact-mode positions depend on: world size, workers per rank, number of shards."""
+        return [self._rank_world()[1], max(1, self.num_workers), sum(len(urls) for urls, _ in self.sources)]
+
+    def state_dict(self) -> dict:
+        """The data position (exact mode) and the bad-sample counts of every rank, gathered for the
+        checkpoint (Lightning calls this on every rank)."""
+        mine = {"positions": self.positions, "skipped": dict(self.skip_counts), "used": self.samples_used}
+        ranks = [mine]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(ranks, mine)
+        return {"layout": self._layout(), "resampled": self.resampled,
+                "positions": {r: p for rank in ranks for r, p in rank["positions"].items()},
+                "skipped": [rank["skipped"] for rank in ranks], "used": [rank["used"] for rank in ranks]}
+
+    def load_state_dict(self, state: dict) -> None:
+        rank, world = self._rank_world()
+        if len(state.get("used", [])) == world:
+            self.skip_counts, self.samples_used = Counter(state["skipped"][rank]), state["used"][rank]
+        if self.resampled:
+            return
+        if state.get("layout") != self._layout() or state.get("resampled", True):
+            log.warning("data position saved for (world size, workers, shards) = %s in %s mode; now %s in exact "
+                        "mode: each reader starts at the beginning of its shards", state.get("layout"),
+                        "resampled" if state.get("resampled", True) else "exact", self._layout())
+            return
+        self.positions = dict(state["positions"])
