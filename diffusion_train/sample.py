@@ -14,8 +14,27 @@ from diffusion_train.diffusion import per_image_generators, randn
 from diffusion_train.train import user_errors_as_one_line
 from diffusion_train.training.build import load_module
 from diffusion_train.training.images import save_grid
+from diffusion_train.training.module import DiffusionModule
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def backbone_size(module: DiffusionModule, height: int | None, width: int | None) -> tuple[int, int]:
+    """The backbone's spatial size (latent size in latent models) for images of ``height`` x ``width``
+    pixels; None stands for the training resolution."""
+    net, factor = module.backbone, int(module.autoencoder.downsample)
+    net_multiple = int(getattr(net, "size_multiple", 1))
+    multiple = factor * net_multiple
+    size = []
+    for name, pixels in (("height", height), ("width", width)):
+        if pixels is None:
+            size.append(int(net.input_size))
+            continue
+        if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels <= 0 or pixels % multiple:
+            raise ValueError(f"{name}={pixels} is not a positive multiple of {multiple} = {factor} (autoencoder "
+                             f"downsampling) x {net_multiple} ({type(net).__name__} input multiple)")
+        size.append(pixels // factor)
+    return size[0], size[1]
 
 
 def generate(cfg: DictConfig) -> list[Path]:
@@ -25,6 +44,7 @@ def generate(cfg: DictConfig) -> list[Path]:
     if not Path(cfg.ckpt).is_file():
         raise FileNotFoundError(f"checkpoint {cfg.ckpt} does not exist")
     module = load_module(cfg.ckpt, cfg.weights).to(device)
+    size = backbone_size(module, cfg.height, cfg.width)
     sampler = instantiate(cfg.sampler, _convert_="all")
     interval = None if cfg.guidance_interval is None else [float(v) for v in cfg.guidance_interval]
     guidance = {"guidance_interval": interval, "guidance_rescale": float(cfg.guidance_rescale)}
@@ -39,7 +59,7 @@ def generate(cfg: DictConfig) -> list[Path]:
     for start in batches:
         idx = list(range(start, min(start + cfg.batch_size, cfg.num_images)))
         gens = per_image_generators([cfg.seed + i for i in idx], device)
-        noise = randn((len(idx), net.in_channels, net.input_size, net.input_size), gens, device)
+        noise = randn((len(idx), net.in_channels, *size), gens, device)
         batch = {k: v[idx] if isinstance(v, torch.Tensor) else [v[i] for i in idx] for k, v in inputs.items()}
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
             images.append(module.sample(noise, batch, sampler, cfg.guidance_scale, generator=gens,
@@ -49,7 +69,8 @@ def generate(cfg: DictConfig) -> list[Path]:
     paths = [save_grid(images[i:i + 1], out / "images" / f"{cfg.seed + i:06d}.png", ncol=1, pad=0)
              for i in range(len(images))]
     save_grid(images, out / "grid.png", ncol=cfg.ncol)
-    meta = {"ckpt": str(cfg.ckpt), "weights": cfg.weights, "guidance_scale": cfg.guidance_scale, "seed": cfg.seed,
+    meta = {"ckpt": str(cfg.ckpt), "weights": cfg.weights, "height": images.shape[-2], "width": images.shape[-1],
+            "guidance_scale": cfg.guidance_scale, "seed": cfg.seed,
             **guidance,
             "sampler": {"solver": sampler.solver.func.__name__, "steps": sampler.steps, "spacing": sampler.spacing},
             **{k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}}

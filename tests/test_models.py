@@ -8,7 +8,7 @@ from torch import nn
 
 from diffusion_train.conditioning.cond import Cond
 from diffusion_train.models import DiT, MMDiT, UNet
-from diffusion_train.models.dit import DIT_SIZES
+from diffusion_train.models.dit import DIT_SIZES, grid_pos_embed, unpatchify
 from diffusion_train.models.layers import Attention, sincos_pos_embed_2d, timestep_embedding
 
 
@@ -176,3 +176,123 @@ def test_timestep_and_pos_embeddings():
     pos = sincos_pos_embed_2d(16, 4)
     assert pos.shape == (16, 16)
     assert len({tuple(row.tolist()) for row in pos}) == 16
+
+
+# -- non-square inputs ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+@pytest.mark.parametrize("shape", [(8, 12), (12, 4), (4, 16)])
+def test_non_square_output_shape_and_finite(name, shape):
+    model = perturb(FACTORIES[name](cond_dim=5, out_channels=6)).eval()
+    x, t, cond = inputs(cond_dim=5)
+    x = torch.randn(2, 3, *shape)
+    out = model(x, t, cond)
+    assert out.shape == (2, 6, *shape)
+    assert torch.isfinite(out).all() and out.abs().max() > 0
+
+
+def test_unet_non_square_with_more_levels():
+    model = perturb(tiny_unet(input_size=16, channel_mult=(1, 2, 2), attention_resolutions=(8,)))
+    x = torch.randn(2, 3, 16, 24)
+    assert model(x, torch.rand(2) * 1000).shape == (2, 3, 16, 24)
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+def test_non_square_gradients_reach_every_parameter(name):
+    model = perturb(FACTORIES[name](cond_dim=5))
+    _, t, cond = inputs(cond_dim=5)
+    x = torch.randn(2, 3, 4, 12, requires_grad=True)
+    (model(x, t, cond) * torch.randn(2, 3, 4, 12)).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, pname
+
+
+@pytest.mark.parametrize("name,shape,match", [
+    ("dit", (8, 9), r"DiT input of 8x9 is not divisible by patch_size=2"),
+    ("dit", (5, 8), r"DiT input of 5x8 is not divisible by patch_size=2"),
+    ("mmdit", (10, 7), r"MMDiT input of 10x7 is not divisible by patch_size=2"),
+    ("unet", (8, 6), r"UNet input of 8x6 is not divisible by 4"),
+])
+def test_non_divisible_shape_raises(name, shape, match):
+    kw = dict(channel_mult=(1, 2, 2)) if name == "unet" else {}
+    model = FACTORIES[name](**kw)
+    x, t, _ = inputs()
+    with pytest.raises(ValueError, match=match):
+        model(torch.randn(2, 3, *shape), t)
+
+
+def _square_reference(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond | None) -> torch.Tensor:
+    """The square-only forward pass: the stored pos_embed buffer and a square unpatchify."""
+    h = model.x_embedder(x).flatten(2).transpose(1, 2) + model.pos_embed.to(x.dtype)
+    c = model.cond_embedder(t, cond)
+    if isinstance(model, DiT):
+        for block in model.blocks:
+            h = block(h, c)
+    else:
+        ctx = None
+        for block in model.blocks:
+            h, ctx = block(h, ctx, c, None)
+    g, p, ch = model.grid_size, model.patch_size, model.out_channels
+    out = model.final_layer(h, c).reshape(x.shape[0], g, g, p, p, ch).permute(0, 5, 1, 3, 2, 4)
+    return out.reshape(x.shape[0], ch, g * p, g * p)
+
+
+@pytest.mark.parametrize("name", ["dit", "mmdit"])
+def test_square_base_shape_unchanged(name):
+    model = perturb(FACTORIES[name](cond_dim=5, out_channels=6)).eval()
+    x, t, cond = inputs(cond_dim=5)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 8, 12), t, cond)  # a non-square shape first: must not touch the base path
+        assert torch.equal(model(x, t, cond), _square_reference(model, x, t, cond))
+    assert torch.equal(grid_pos_embed(model, (4, 4), x), model.pos_embed)
+    assert torch.equal(sincos_pos_embed_2d(32, (4, 4))[None], model.pos_embed)
+
+
+def test_pos_embed_of_other_grids_is_a_centred_crop():
+    model = tiny_dit(input_size=16)  # 8x8 training grid
+    x = torch.zeros(1)
+    base = model.pos_embed[0].reshape(8, 8, 32)
+    # A larger grid contains the training grid; extra rows/columns are split between both sides,
+    # the odd one on top/left: (12, 11) -> training grid at rows 2..9, columns 2..9.
+    big = grid_pos_embed(model, (12, 11), x)[0].reshape(12, 11, 32)
+    assert torch.equal(big[2:10, 2:10], base)
+    # Units are patches: one grid step is one position, continuing the training grid's progression.
+    assert torch.equal(big[0, 2:10], sincos_pos_embed_2d(32, (1, 8), start=(-2, 0)).reshape(8, 32))
+    # A smaller or mixed grid is a block of the training grid: (6, 5) -> rows 1..6, columns 1..5.
+    small = grid_pos_embed(model, (6, 5), x)[0].reshape(6, 5, 32)
+    assert torch.equal(small, base[1:7, 1:6])
+    mixed = grid_pos_embed(model, (4, 12), x)[0].reshape(4, 12, 32)
+    assert torch.equal(mixed[:, 2:10], base[2:6])
+    # Row channels (first half) depend on the row only, column channels on the column only.
+    assert torch.equal(mixed[:, :1, :16].expand(4, 12, 16), mixed[..., :16])
+    assert torch.equal(mixed[:1, :, 16:].expand(4, 12, 16), mixed[..., 16:])
+
+
+def test_pos_embed_cache_is_per_shape_and_dtype_and_not_state():
+    model = perturb(tiny_dit())
+    keys = set(model.state_dict())
+    x, t, _ = inputs()
+    x = torch.randn(2, 3, 8, 12)
+    model(x, t)
+    first = grid_pos_embed(model, (4, 6), x)
+    assert grid_pos_embed(model, (4, 6), x) is first
+    assert grid_pos_embed(model, (4, 6), x.double()).dtype == torch.float64
+    assert grid_pos_embed(model, (6, 4), x).shape == (1, 24, 32)
+    assert set(model.state_dict()) == keys and "pos_embed" not in keys
+    assert not any(b is first for b in model.buffers())
+    with torch.inference_mode():  # made while sampling, still usable for training
+        model(torch.randn(2, 3, 12, 12), t)
+    model(torch.randn(2, 3, 12, 12), t).sum().backward()
+
+
+def test_unpatchify_non_square():
+    img = torch.randn(2, 3, 4, 6)
+    tokens = img.reshape(2, 3, 2, 2, 3, 2).permute(0, 2, 4, 3, 5, 1).reshape(2, 6, 12)
+    assert torch.equal(unpatchify(tokens, 2, 3, 2, 3), img)
+
+
+def test_sincos_pos_embed_int_and_tuple_forms_agree():
+    assert torch.equal(sincos_pos_embed_2d(16, 4), sincos_pos_embed_2d(16, (4, 4)))
+    assert sincos_pos_embed_2d(16, (3, 5)).shape == (15, 16)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +15,9 @@ import torch
 from PIL import Image
 
 from conftest import TINY, compose_train
+from diffusion_train.conditioning.autoencoder import Autoencoder, TinyVAE
+from diffusion_train.models import DiT, UNet
+from diffusion_train.sample import backbone_size
 from diffusion_train.train import train
 
 
@@ -54,6 +58,7 @@ def test_same_seeds_give_the_same_images_for_any_batch_size(ckpt, tmp_path):
     (["ckpt={foreign}"], "holds no diffusion_train run metadata"),
     (["ckpt={ckpt}", "sampler.steps=0"], "sampler.steps must be >= 1, got 0"),
     (["ckpt={ckpt}", "labels=[7]"], "outside the model's 4 classes"),
+    (["ckpt={ckpt}", "height=15"], "height=15 is not a positive multiple of 2 = 1 (autoencoder downsampling) x 2"),
 ])
 def test_bad_input_gets_a_one_line_error(args, expected, ckpt, tmp_path):
     foreign = tmp_path / "foreign.ckpt"
@@ -69,3 +74,33 @@ def test_unknown_sampler_lists_the_choices(ckpt, tmp_path):
     out = _sample(f"ckpt={ckpt}", f"out_dir={tmp_path}", "sampler=dpm_fast", cwd=tmp_path)
     assert out.returncode != 0
     assert "Could not find 'sampler/dpm_fast'" in out.stderr and "dpmpp_2m" in out.stderr
+
+
+@pytest.mark.slow
+def test_height_and_width_give_images_of_that_size(ckpt, tmp_path):
+    out = _sample(f"ckpt={ckpt}", f"out_dir={tmp_path}", "num_images=2", "batch_size=2", "sampler.steps=2",
+                  "height=8", "width=24", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    images = _images(tmp_path / "images")
+    assert len(images) == 2 and all(img.shape == (8, 24, 3) for img in images.values())
+    meta = json.loads((tmp_path / "samples.json").read_text())
+    assert (meta["height"], meta["width"]) == (8, 24)
+
+
+def test_backbone_size_converts_pixels_through_the_autoencoder():
+    dit = DiT(input_size=8, in_channels=4, size=None, hidden_size=32, depth=1, num_heads=2, patch_size=2)
+    vae = TinyVAE(in_channels=3, latent_channels=4, channels=(8, 8, 8))  # downsampling 4
+    latent = SimpleNamespace(backbone=dit, autoencoder=vae)
+    assert backbone_size(latent, None, None) == (8, 8)
+    assert backbone_size(latent, 32, 48) == (8, 12)
+    assert backbone_size(latent, None, 16) == (8, 4)
+    with pytest.raises(ValueError, match=r"height=36 is not a positive multiple of 8 = 4 \(autoencoder downsampling\) "
+                                         r"x 2 \(DiT input multiple\)"):
+        backbone_size(latent, 36, 32)
+    unet = UNet(input_size=16, in_channels=3, model_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1)
+    pixel = SimpleNamespace(backbone=unet, autoencoder=Autoencoder())
+    assert backbone_size(pixel, 12, 20) == (12, 20)
+    with pytest.raises(ValueError, match=r"height=0 is not a positive multiple of 4"):
+        backbone_size(pixel, 0, 16)
+    with pytest.raises(ValueError, match=r"width=18 is not a positive multiple of 4 .* x 4 \(UNet input multiple\)"):
+        backbone_size(pixel, 12, 18)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from diffusion_train.conditioning.cond import Cond
@@ -94,15 +95,55 @@ def init_transformer_weights(model: nn.Module) -> None:
         nn.init.zeros_(layer.bias)
 
 
-def unpatchify(x: Tensor, grid: int, patch: int, channels: int) -> Tensor:
-    """(B, grid*grid, patch*patch*channels) tokens -> (B, channels, grid*patch, grid*patch) image."""
+def unpatchify(x: Tensor, grid_h: int, grid_w: int, patch: int, channels: int) -> Tensor:
+    """(B, grid_h*grid_w, patch*patch*channels) row-major tokens -> (B, channels, grid_h*patch, grid_w*patch) image."""
     b = x.shape[0]
-    x = x.reshape(b, grid, grid, patch, patch, channels).permute(0, 5, 1, 3, 2, 4)
-    return x.reshape(b, channels, grid * patch, grid * patch)
+    x = x.reshape(b, grid_h, grid_w, patch, patch, channels).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(b, channels, grid_h * patch, grid_w * patch)
+
+
+def grid_pos_embed(model: nn.Module, grid: tuple[int, int], like: Tensor) -> Tensor:
+    """(1, grid_h*grid_w, hidden_size) positional embedding of a patch transformer's token grid, in
+    ``like``'s device and dtype.
+
+    The square training grid (``grid_size`` x ``grid_size``) uses the model's ``pos_embed`` buffer.
+    Other grids are computed once per shape, device and dtype (kept in ``model._pos_embed_cache``,
+    outside the state dict) in the same units, one position per patch, and centred on the training
+    grid: row ``i`` of ``grid_h`` rows sits at position ``i + (grid_size - grid_h) // 2`` (floor division;
+    columns alike). Every grid is thus a centred crop of one position table, and the training grid's rows
+    and columns are a contiguous block of any larger grid's.
+    """
+    base = model.grid_size
+    if grid == (base, base):
+        return model.pos_embed.to(like.dtype)
+    key = (grid, like.device, like.dtype)
+    if key not in model._pos_embed_cache:
+        # Centred, as SD3 crops its position table, rather than starting every grid at 0: the middle
+        # of an image keeps the positions the middle of the training images had, and positions
+        # beyond the trained range are split between both sides rather than all on the bottom/right.
+        start = ((base - grid[0]) // 2, (base - grid[1]) // 2)
+        with torch.inference_mode(False):  # usable in training even when first made while sampling
+            pos = sincos_pos_embed_2d(model.hidden_size, grid, start)[None]
+            model._pos_embed_cache[key] = pos.to(device=like.device, dtype=like.dtype)
+    return model._pos_embed_cache[key]
+
+
+def embed_patches(model: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    """Patch tokens (B, N, hidden_size) of ``x`` (B, C, H, W) plus their positional embedding, and the
+    token grid (H / patch_size, W / patch_size). H and W must be multiples of the patch size."""
+    height, width = x.shape[-2:]
+    p = model.patch_size
+    if height % p or width % p:
+        raise ValueError(f"{type(model).__name__} input of {height}x{width} is not divisible by patch_size={p}")
+    grid = (height // p, width // p)
+    return model.x_embedder(x).flatten(2).transpose(1, 2) + grid_pos_embed(model, grid, x), grid
 
 
 class DiT(nn.Module):
-    """Diffusion Transformer operating on square (B, C, input_size, input_size) inputs.
+    """Diffusion Transformer on (B, C, H, W) inputs, H and W multiples of ``patch_size``.
+
+    ``input_size`` is the (square) training size; other shapes get a sin-cos positional embedding
+    of their token grid, centred on the training grid (see :func:`grid_pos_embed`).
 
     ``size`` picks hidden_size/depth/num_heads from :data:`DIT_SIZES`; any of those given
     explicitly overrides the preset (with ``size=None`` all three must be given).
@@ -155,11 +196,13 @@ class DiT(nn.Module):
         self.patch_size = patch_size
         self.hidden_size = hidden_size
         self.grid_size = input_size // patch_size
+        self.size_multiple = patch_size  # inputs' height and width must be multiples of this
         self.context_dim = context_dim
 
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         self.cond_embedder = CondEmbedder(hidden_size, cond_dim)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid_size)[None], persistent=False)
+        self._pos_embed_cache: dict[tuple, Tensor] = {}
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, context_dim) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self._init_weights()
@@ -173,16 +216,16 @@ class DiT(nn.Module):
                 nn.init.zeros_(block.cross_attn.proj.weight)
                 nn.init.zeros_(block.cross_attn.proj.bias)
 
-    def unpatchify(self, x: Tensor) -> Tensor:
-        return unpatchify(x, self.grid_size, self.patch_size, self.out_channels)
+    def unpatchify(self, x: Tensor, grid: tuple[int, int] | None = None) -> Tensor:
+        """Output tokens of a ``grid`` (grid_h, grid_w) token grid (default: the training grid) -> image."""
+        grid_h, grid_w = grid or (self.grid_size, self.grid_size)
+        return unpatchify(x, grid_h, grid_w, self.patch_size, self.out_channels)
 
     def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
         """Predict (B, out_channels, H, W) from noisy x (B, in_channels, H, W) and timesteps t (B,)."""
-        if x.shape[-2:] != (self.input_size, self.input_size):
-            raise ValueError(f"DiT built for {self.input_size}x{self.input_size} inputs, got {tuple(x.shape[-2:])}")
-        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)
+        h, grid = embed_patches(self, x)
         c = self.cond_embedder(t, cond)
         context, mask = context_from_cond(cond, self.context_dim, x.shape[0])
         for block in self.blocks:
             h = block(h, c, context, mask)
-        return self.unpatchify(self.final_layer(h, c))
+        return self.unpatchify(self.final_layer(h, c), grid)

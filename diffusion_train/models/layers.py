@@ -194,21 +194,27 @@ class GEGLU(nn.Module):
         return value * F.gelu(gate)
 
 
-def sincos_pos_embed_2d(dim: int, grid_size: int) -> Tensor:
-    """Fixed 2D sin-cos positional embedding for a ``grid_size`` x ``grid_size`` token grid.
+def sincos_pos_embed_2d(
+    dim: int, grid_size: int | tuple[int, int], start: tuple[int, int] = (0, 0)
+) -> Tensor:
+    """Fixed 2D sin-cos positional embedding for a token grid.
 
-    Tokens are in row-major order. The first half of the channels encodes the row index and
-    the second half the column index, each as [sin | cos] over ``dim // 4`` frequencies.
+    ``grid_size`` is an int (square grid) or ``(grid_h, grid_w)``. Row ``i`` and column ``j`` sit at
+    positions ``start[0] + i`` and ``start[1] + j`` (in tokens), so any grid's embedding is a
+    sub-grid of a larger one with suitable ``start``. Tokens are in row-major order. The first half
+    of the channels encodes the row position and the second half the column position, each as
+    [sin | cos] over ``dim // 4`` frequencies.
 
     Returns:
-        (grid_size**2, dim) float32 tensor.
+        (grid_h * grid_w, dim) float32 tensor.
     """
     if dim % 4:
         raise ValueError(f"2D sin-cos positional embedding needs dim divisible by 4, got {dim}")
+    grid_h, grid_w = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
     quarter = dim // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    pos = torch.arange(grid_size, dtype=torch.float64)
-    rows, cols = torch.meshgrid(pos, pos, indexing="ij")
+    rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64) + start[0],
+                                torch.arange(grid_w, dtype=torch.float64) + start[1], indexing="ij")
 
     def embed_1d(p: Tensor) -> Tensor:
         args = p.reshape(-1, 1) * omega[None, :]

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_train.conditioning.cond import Cond
-from diffusion_train.models.dit import FinalLayer, init_transformer_weights, modulate, unpatchify
+from diffusion_train.models.dit import FinalLayer, embed_patches, init_transformer_weights, modulate, unpatchify
 from diffusion_train.models.layers import CondEmbedder, context_from_cond, sincos_pos_embed_2d
 
 
@@ -79,7 +79,10 @@ class MMDiTBlock(nn.Module):
 
 
 class MMDiT(nn.Module):
-    """Multimodal Diffusion Transformer on square (B, C, input_size, input_size) inputs.
+    """Multimodal Diffusion Transformer on (B, C, H, W) inputs, H and W multiples of ``patch_size``.
+
+    ``input_size`` is the (square) training size; other shapes get a centred sin-cos positional
+    embedding of their token grid, as in :class:`~diffusion_train.models.dit.DiT`.
 
     ``cond.context`` (B, L, context_dim) is projected to the model width and processed as a second
     token stream with its own weights; ``cond.mask`` marks real text tokens. ``cond.vector`` (pooled
@@ -101,10 +104,12 @@ class MMDiT(nn.Module):
         self.input_size, self.in_channels, self.patch_size = input_size, in_channels, patch_size
         self.out_channels = out_channels if out_channels is not None else in_channels
         self.grid_size, self.hidden_size, self.context_dim = input_size // patch_size, hidden_size, context_dim
+        self.size_multiple = patch_size  # inputs' height and width must be multiples of this
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         self.context_embedder = nn.Linear(context_dim, hidden_size) if context_dim > 0 else None
         self.cond_embedder = CondEmbedder(hidden_size, cond_dim)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid_size)[None], persistent=False)
+        self._pos_embed_cache: dict[tuple, Tensor] = {}
         self.blocks = nn.ModuleList(MMDiTBlock(hidden_size, num_heads, mlp_ratio, context_dim > 0, i == depth - 1)
                                     for i in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
@@ -119,9 +124,7 @@ class MMDiT(nn.Module):
                     nn.init.zeros_(stream.adaLN_modulation[-1].bias)
 
     def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
-        if x.shape[-2:] != (self.input_size, self.input_size):
-            raise ValueError(f"MMDiT built for {self.input_size}x{self.input_size} inputs, got {tuple(x.shape[-2:])}")
-        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)
+        h, grid = embed_patches(self, x)
         c = self.cond_embedder(t, cond)
         context, mask = context_from_cond(cond, self.context_dim, x.shape[0])
         ctx = key_mask = None
@@ -134,4 +137,4 @@ class MMDiT(nn.Module):
                 key_mask = torch.cat([mask, image], dim=1)[:, None, None, :]
         for block in self.blocks:
             h, ctx = block(h, ctx, c, key_mask)
-        return unpatchify(self.final_layer(h, c), self.grid_size, self.patch_size, self.out_channels)
+        return unpatchify(self.final_layer(h, c), *grid, self.patch_size, self.out_channels)

@@ -153,7 +153,7 @@ class EmbedSequential(nn.Sequential):
 
 
 class UNet(nn.Module):
-    """ADM-style U-Net for square (B, in_channels, input_size, input_size) inputs.
+    """ADM-style U-Net for (B, in_channels, H, W) inputs, H and W multiples of 2**(len(channel_mult)-1).
 
     Each level ``i`` has ``model_channels * channel_mult[i]`` channels and ``num_res_blocks``
     ResBlocks in the encoder (``num_res_blocks + 1`` in the decoder, which consumes the
@@ -161,6 +161,8 @@ class UNet(nn.Module):
     Self-attention with ``num_heads`` heads follows every ResBlock of a level whose feature
     map resolution is in ``attention_resolutions`` and always sits in the middle block.
     The timestep (and ``cond.vector`` if ``cond_dim > 0``) embedding is 4*model_channels wide.
+    ``input_size`` is the (square) training size: ``attention_resolutions`` are resolutions of its
+    feature maps, and the attention stays at those levels for other input shapes.
 
     With ``context_dim > 0`` each of those self-attention blocks (middle included) is replaced by
     a Stable-Diffusion-style :class:`SpatialTransformer` of ``transformer_depth`` layers
@@ -200,6 +202,7 @@ class UNet(nn.Module):
         if transformer_depth < 1:
             raise ValueError(f"transformer_depth must be >= 1, got {transformer_depth}")
         self.input_size, self.in_channels = input_size, in_channels
+        self.size_multiple = factor  # inputs' height and width must be multiples of this
         self.context_dim = context_dim
         self.out_channels = out_channels if out_channels is not None else in_channels
         emb_dim = 4 * model_channels
@@ -251,8 +254,10 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
         """Predict (B, out_channels, H, W) from noisy x (B, in_channels, H, W) and timesteps t (B,)."""
-        if x.shape[-2:] != (self.input_size, self.input_size):
-            raise ValueError(f"UNet built for {self.input_size}x{self.input_size} inputs, got {tuple(x.shape[-2:])}")
+        height, width = x.shape[-2:]
+        if height % self.size_multiple or width % self.size_multiple:
+            raise ValueError(f"UNet input of {height}x{width} is not divisible by {self.size_multiple} "
+                             f"(2**(len(channel_mult)-1): one 2x downsampling between levels)")
         emb = self.cond_embedder(t, cond)
         context, mask = context_from_cond(cond, self.context_dim, x.shape[0])
         h = self.conv_in(x)
