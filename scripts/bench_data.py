@@ -17,6 +17,8 @@ Every argument is ``key=value``:
     per_shard       samples per shard (500)
     batch_size      (64)
     resolution      training resolution of the JPEG mode (256)
+    short_side      JPEG mode: store the images with this short side (as ``make_shards.py short_side=N``
+                    writes them; e.g. 256: decoding and a crop, no resampling); 0: as generated (0)
     shuffle_buffer  (1000)
     dir             folder for the shards (<dir>/jpeg, <dir>/latent), reused by later runs with the same
                     images / latents / per_shard / seed; default: a temporary folder, removed at the end
@@ -31,7 +33,7 @@ num_workers=N)``) for N workers, with ``resampled=true``:
 * ``mode=jpeg``: synthetic photo-like JPEGs (smooth random colour fields, shapes with hard edges and
   sensor-like noise; 512x384 and 384x512 mixed, quality 90, 40-70 kB each, 54 kB mean) with ``cls``
   and ``txt``, decoded by ``SampleDecoder(resolution, channels=3, caption_key="txt", flip=True)``: short side
-  resized to ``resolution`` (Lanczos), centre crop, random flip, collated to float batches in [-1, 1].
+  resized to ``resolution`` (Lanczos), centre crop, random flip, collated to uint8 batches.
 * ``mode=latent``: samples of ``latent.npy`` (float16 (8, 32, 32): the moments of a 256 px image
   through an 8x VAE) and ``cls``, read with ``tensors={"latent": "latent.npy"}`` and no image.
 
@@ -75,10 +77,12 @@ SIZES = ((512, 384), (384, 512))
 OPTIONS: dict[str, Callable[[str], Any]] = {
     "mode": str, "workers": str, "seconds": float, "warmup": int, "images": int, "latents": int, "per_shard": int,
     "batch_size": int, "resolution": int, "shuffle_buffer": int, "dir": str, "seed": int, "profile": float,
+    "short_side": int,
 }
 DEFAULTS: dict[str, Any] = {
     "mode": "all", "workers": "2", "seconds": 20.0, "warmup": 2, "images": 2000, "latents": 10000, "per_shard": 500,
     "batch_size": 64, "resolution": 256, "shuffle_buffer": 1000, "dir": None, "seed": 0, "profile": 0.0,
+    "short_side": 0,
 }
 OBJECTS = ("dog", "cat", "house", "car", "tree", "mountain", "bowl of fruit", "bicycle", "boat", "street")
 COLOURS = ("red", "blue", "green", "yellow", "white", "dark", "orange", "grey")
@@ -99,7 +103,7 @@ def parse_args(argv: list[str]) -> dict[str, Any]:
     for key in ("seconds", "images", "latents", "per_shard", "batch_size", "resolution", "shuffle_buffer"):
         if opts[key] <= 0:
             raise UsageError(f"{key} must be positive, got {opts[key]}")
-    for key in ("warmup", "profile"):
+    for key in ("warmup", "profile", "short_side"):
         if opts[key] < 0:
             raise UsageError(f"{key} must be >= 0, got {opts[key]}")
     return opts
@@ -130,9 +134,10 @@ def machine_line() -> str:
 # synthetic shards
 
 
-def photo_like(rng: np.random.Generator, noise: np.ndarray, size: tuple[int, int]) -> bytes:
+def photo_like(rng: np.random.Generator, noise: np.ndarray, size: tuple[int, int], short_side: int = 0) -> bytes:
     """JPEG bytes (quality 90) of a photo-like image: a smooth random colour field, a few shapes with hard
-    edges, a light blur and per-pixel noise (its strength drawn per image, which spreads the file sizes)."""
+    edges, a light blur and per-pixel noise (its strength drawn per image, which spreads the file sizes);
+    with ``short_side``, resized (Lanczos) to that short side before encoding, as make_shards.py does."""
     w, h = size
     field = rng.integers(0, 256, (int(rng.integers(3, 7)), int(rng.integers(3, 7)), 3), dtype=np.uint8)
     img = Image.fromarray(field).resize((w, h), Image.Resampling.BICUBIC)
@@ -151,8 +156,13 @@ def photo_like(rng: np.random.Generator, noise: np.ndarray, size: tuple[int, int
     pixels = np.asarray(img.filter(ImageFilter.GaussianBlur(1.0)), dtype=np.float32)
     top, left = int(rng.integers(0, noise.shape[0] - h)), int(rng.integers(0, noise.shape[1] - w))
     pixels += float(rng.uniform(5.0, 10.0)) * noise[top:top + h, left:left + w]
+    img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    if short_side and min(w, h) > short_side:
+        scale = short_side / min(w, h)
+        img = img.resize((max(short_side, round(w * scale)), max(short_side, round(h * scale))),
+                         Image.Resampling.LANCZOS)
     buf = io.BytesIO()
-    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    img.save(buf, format="JPEG", quality=JPEG_QUALITY)
     return buf.getvalue()
 
 
@@ -161,12 +171,12 @@ def caption(rng: np.random.Generator) -> str:
             f"{PLACES[rng.integers(len(PLACES))]}")
 
 
-def jpeg_samples(count: int, seed: int) -> Iterator[dict]:
+def jpeg_samples(count: int, seed: int, short_side: int = 0) -> Iterator[dict]:
     noise = np.random.default_rng([seed, 1]).standard_normal((1024, 1024, 3), dtype=np.float32)
 
     def one(i: int) -> dict:
         rng = np.random.default_rng([seed, 2, i])
-        return {"__key__": f"{i:07d}", "jpg": photo_like(rng, noise, SIZES[i % 2]),
+        return {"__key__": f"{i:07d}", "jpg": photo_like(rng, noise, SIZES[i % 2], short_side),
                 "cls": int(rng.integers(1000)), "txt": caption(rng)}
 
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # PIL and numpy release the GIL
@@ -185,7 +195,8 @@ def latent_samples(count: int, seed: int) -> Iterator[dict]:
 def ensure_shards(mode: str, folder: Path, opts: dict) -> dict:
     """Shards of ``mode`` in ``folder``: those of an earlier run with the same settings, else new ones."""
     count = opts["images"] if mode == "jpeg" else opts["latents"]
-    spec = {"mode": mode, "count": count, "per_shard": opts["per_shard"], "seed": opts["seed"], "version": 1}
+    spec = {"mode": mode, "count": count, "per_shard": opts["per_shard"], "seed": opts["seed"], "version": 1,
+            **({"short_side": opts["short_side"]} if mode == "jpeg" and opts["short_side"] else {})}
     stamp = folder / "bench.json"
     if stamp.is_file() and (folder / "manifest.json").is_file():
         try:
@@ -198,14 +209,16 @@ def ensure_shards(mode: str, folder: Path, opts: dict) -> dict:
             pass
     stamp.unlink(missing_ok=True)
     start = time.perf_counter()
-    samples = jpeg_samples(count, opts["seed"]) if mode == "jpeg" else latent_samples(count, opts["seed"])
+    samples = (jpeg_samples(count, opts["seed"], opts["short_side"]) if mode == "jpeg"
+               else latent_samples(count, opts["seed"]))
     sizes: list[int] = []
     if mode == "jpeg":
         samples = (sizes.append(len(s["jpg"])) or s for s in samples)
     manifest = write_shards(samples, folder, max_count=opts["per_shard"])
     stamp.write_text(json.dumps(spec) + "\n")
     total = sum(s["bytes"] for s in manifest["shards"])
-    what = (f"JPEG {SIZES[0][0]}x{SIZES[0][1]} / {SIZES[1][0]}x{SIZES[1][1]} q{JPEG_QUALITY}, "
+    shrink = f" resized to short side {opts['short_side']}" if opts["short_side"] else ""
+    what = (f"JPEG {SIZES[0][0]}x{SIZES[0][1]} / {SIZES[1][0]}x{SIZES[1][1]}{shrink} q{JPEG_QUALITY}, "
             f"{np.mean(sizes) / 1e3:.0f} kB mean ({np.min(sizes) / 1e3:.0f}-{np.max(sizes) / 1e3:.0f})"
             if sizes else f"latent.npy float16 {LATENT_SHAPE}")
     print(f"shards: {mode}: wrote {manifest['count']} samples in {len(manifest['shards'])} shards "

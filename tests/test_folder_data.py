@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from omegaconf.errors import MissingMandatoryValue
 from PIL import Image
 
 from conftest import TINY, compose_train
-from diffusion_train.data.folder import ImageFolderDataModule, list_images, load_image
+from diffusion_train.data.folder import ImageFolderDataModule, fit_image, list_images, load_image
 from diffusion_train.train import train
 from diffusion_train.training.checkpointing import load_checkpoint
 
@@ -270,3 +271,47 @@ def test_text_to_image_training_on_a_folder(folder, tmp_path):
     assert trainer.global_step == 2
     assert trainer.lightning_module.backbone.context_dim == 384
     assert load_checkpoint(run / "checkpoints/last.ckpt")["global_step"] == 2
+
+
+def _jpeg(array: np.ndarray, exif_orientation: int | None = None) -> bytes:
+    img = Image.fromarray(array)
+    buf = io.BytesIO()
+    if exif_orientation is None:
+        img.save(buf, format="JPEG", quality=95)
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = exif_orientation
+        img.save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def _photo(height: int, width: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC))
+
+
+@pytest.mark.parametrize("size", [(24, 32), (40, 30)])  # stored at the target height (crop only); resampled
+def test_fast_jpeg_decoding_gives_the_pixels_of_pil(size):
+    data = _jpeg(_photo(*size))
+    fast = fit_image(data, 24, 24)  # bytes: simplejpeg
+    slow = fit_image(io.BytesIO(data), 24, 24)  # a file object: PIL
+    assert np.array_equal(fast[0], slow[0]) and fast[1:] == slow[1:] == (size, fast[2])
+    gray = fit_image(data, 16, 16, channels=1)[0].astype(int)  # the JPEG's luma vs PIL's RGB -> L: rounding apart
+    assert gray.shape == (16, 16, 1) and np.abs(gray - fit_image(io.BytesIO(data), 16, 16, channels=1)[0]).max() <= 2
+
+
+def test_large_jpegs_decode_reduced_and_report_their_original_size():
+    data = _jpeg(_photo(400, 800))
+    out, original, crop = fit_image(data, 32, 32)
+    assert out.shape == (32, 32, 3) and original == (400, 800) and crop == (0, 16)
+    reference = fit_image(io.BytesIO(data), 32, 32)[0]  # PIL's draft reduces the same way
+    assert np.abs(out.astype(int) - reference.astype(int)).mean() < 2
+
+
+def test_jpegs_with_exif_rotation_are_turned_upright():
+    upright = _photo(40, 20)
+    stored = np.ascontiguousarray(np.rot90(upright, k=1))  # 20x40 stored, EXIF 6 says: turn 90 clockwise
+    out, original, _ = fit_image(_jpeg(stored, exif_orientation=6), 40, 20)
+    assert original == (40, 20) and out.shape == (40, 20, 3)
+    assert np.abs(out.astype(int) - upright.astype(int)).mean() < 6

@@ -467,3 +467,46 @@ def test_exact_mode_training_resumes_bit_identically_from_the_saved_data_positio
     assert a["global_step"] == b["global_step"] == 4
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert a["WebDataModule"]["positions"] == b["WebDataModule"]["positions"]
+
+
+def test_a_dit_trains_on_aspect_ratio_buckets(tmp_path, monkeypatch):
+    from conftest import TINY, compose_train
+    from diffusion_train.train import train
+
+    pattern = make_mixed_aspect_shards(tmp_path / "shards", n_shards=2, per_shard=30)
+    overrides = [o for o in TINY if not o.startswith(("data=", "model="))] + [
+        "model=dit_tiny", "data=webdataset", f"data.sources='{pattern}'", f"data.val_shards='{pattern}'",
+        "data.val_size=4", "data.resolution=16", "data.channels=1", "data.batch_size=4", "data.num_workers=0",
+        "data.shuffle_buffer=4", "data.buckets=[[8,16],[16,8],[16,16]]", "trainer.max_steps=6",
+        "trainer.val_check_interval=100"]
+    shapes = []
+    original = WebDataModule.on_after_batch_transfer
+    monkeypatch.setattr(WebDataModule, "on_after_batch_transfer",
+                        lambda self, batch, i: shapes.append(tuple(batch["image"].shape[-2:])) or original(self, batch, i))
+    trainer = train(compose_train(overrides, tmp_path / "run"), tmp_path / "run")
+    assert trainer.global_step == 6 and len(set(shapes)) >= 2 and set(shapes) <= {(8, 16), (16, 8), (16, 16)}, shapes
+
+
+def test_batches_from_workers_equal_batches_made_in_process(tmp_path, monkeypatch):
+    """RGB images are stacked in channels-last memory (straight into shared memory in a worker), labels
+    leave the worker as numpy; the data module hands the training step the same tensors either way."""
+    rng = np.random.default_rng(0)
+    samples = []
+    for k in range(12):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(buf, format="PNG")
+        samples.append({"__key__": f"{k:06d}", "png": buf.getvalue(), "cls": str(k % 5).encode()})
+    write_shard(tmp_path / "rgb-000000.tar", samples)
+    dm = WebDataModule(str(tmp_path / "rgb-000000.tar"), resolution=96, batch_size=4, num_workers=1,
+                       resampled=False, shuffle_buffer=3, flip=True)
+    from_worker = list(itertools.islice(iter(dm.train_dataloader()), 3))
+    assert isinstance(from_worker[0]["label"], np.ndarray)
+    as_reader(monkeypatch, 0, 1, 0, 1)
+    in_process = list(itertools.islice(iter(dm.train_stream()), 3))
+    from_worker = [dm.on_before_batch_transfer(b, 0) for b in from_worker]
+    for a, b in zip(from_worker, in_process):
+        assert a["__key__"] == b["__key__"] and isinstance(a["label"], torch.Tensor) and torch.equal(a["label"], b["label"])
+        assert torch.equal(a["image"], b["image"]) and a["image"].shape == (4, 3, 96, 96)  # > SMALL_BYTES
+        assert torch.equal(b["image"], torch.stack([img.contiguous() for img in b["image"]]))
+        done = finish_batch(dict(a))["image"]
+        assert done.is_contiguous() and torch.equal(done, a["image"].float() / 127.5 - 1)

@@ -19,6 +19,7 @@ missing or empty ``root`` and a folder with no readable image fail with the path
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -82,7 +83,7 @@ def load_image(path: str | os.PathLike, resolution: int, channels: int = 3, cent
     :func:`fit_image`), or the whole image is resampled to a square (aspect ratio not kept).
     """
     if center_crop:
-        return fit_image(path, resolution, resolution, channels, resample=resample)[0]
+        return fit_image(Path(path).read_bytes(), resolution, resolution, channels, resample=resample)[0]
     with Image.open(path) as img:
         img.draft(None, (2 * resolution, 2 * resolution))
         out = np.asarray(_normalized(img, channels).resize((resolution, resolution), resample), dtype=np.uint8)
@@ -92,42 +93,84 @@ def load_image(path: str | os.PathLike, resolution: int, channels: int = 3, cent
 def fit_image(source: Any, height: int, width: int, channels: int = 3, rng: random.Random | None = None,
               resample: Image.Resampling = Image.Resampling.LANCZOS
               ) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
-    """An image resampled to cover ``height`` x ``width`` with its aspect ratio kept, then cropped to it:
-    centred, or at a random offset drawn from ``rng`` (one resampling pass: the crop box is given to
-    ``resize``). Large JPEGs are first reduced in the decoder (DCT scaling to at least twice the
-    target size, as ``PIL.Image.thumbnail`` does).
+    """An image (a path, a file object, or the file's bytes) resampled to cover ``height`` x ``width``
+    with its aspect ratio kept, then cropped to it: centred, or at a random offset drawn from ``rng``
+    (one resampling pass: the crop box is given to ``resize``; an image stored at the target size is
+    only cropped). Large JPEGs are first reduced in the decoder (DCT scaling to at least twice the
+    target size, as ``PIL.Image.thumbnail`` does). JPEG bytes without EXIF decode with simplejpeg
+    (libjpeg-turbo straight into an array, the same pixels as PIL's, in about half the time).
 
     Returns (uint8 (height, width, channels), original (h, w) after EXIF rotation, crop (top, left) in
     the resampled image) -- the last two are SDXL's size and crop micro-conditioning.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
-    with Image.open(source) as img:
+    decoded = _decode_jpeg(source, height, width, channels) if isinstance(source, bytes) else None
+    if decoded is not None:
+        return _cover_crop(*decoded, height, width, channels, rng, resample)
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
         w, h = img.size
         if min(w, h) <= 0:
             raise ValueError(f"empty image ({w}x{h})")
+        original = (w, h) if img.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (h, w)  # EXIF: turned 90 degrees
         reduce = max(height, width) / min(w, h)  # safe whichever way EXIF rotates the image
         img.draft(None, (math.ceil(2 * w * reduce), math.ceil(2 * h * reduce)))  # only JPEG decoders act on it
-        img = _normalized(img, channels)
-        w, h = img.size
-        scale = max(width / w, height / h)
-        crop_w, crop_h = width / scale, height / scale  # the crop in source pixels
-        if rng is None:
-            left, top = (w - crop_w) / 2, (h - crop_h) / 2
-        else:  # a whole-pixel offset in the resampled image
-            left = rng.randint(0, max(0, round(w * scale) - width)) / scale
-            top = rng.randint(0, max(0, round(h * scale) - height)) / scale
-        img = img.resize((width, height), resample, box=(left, top, left + crop_w, top + crop_h))
-        out = np.asarray(img, dtype=np.uint8)
-    return (out[..., None] if out.ndim == 2 else out), (h, w), (round(top * scale), round(left * scale))
+        return _cover_crop(_normalized(img, channels), original, height, width, channels, rng, resample)
+
+
+def _cover_crop(image: Image.Image | np.ndarray, original: tuple[int, int], height: int, width: int,
+                channels: int, rng: random.Random | None, resample: Image.Resampling
+                ) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+    """:func:`fit_image` of a decoded image (PIL, or an (h, w, channels) array; maybe DCT-reduced
+    from its ``original`` (h, w))."""
+    is_array = isinstance(image, np.ndarray)
+    h, w = image.shape[:2] if is_array else (image.height, image.width)
+    scale = max(width / w, height / h)
+    crop_w, crop_h = width / scale, height / scale  # the crop in source pixels
+    if rng is None:
+        left, top = (w - crop_w) / 2, (h - crop_h) / 2
+    else:  # a whole-pixel offset in the resampled image
+        left = rng.randint(0, max(0, round(w * scale) - width)) / scale
+        top = rng.randint(0, max(0, round(h * scale) - height)) / scale
+    if scale == 1:  # stored at the training size: a plain crop (whole pixels), no resampling
+        left, top = round(left), round(top)
+        out = (image[top:top + height, left:left + width] if is_array
+               else np.asarray(image.crop((left, top, left + width, top + height)), dtype=np.uint8))
+    else:
+        if is_array:
+            image = Image.fromarray(image[..., 0] if channels == 1 else image)
+        out = np.asarray(image.resize((width, height), resample, box=(left, top, left + crop_w, top + crop_h)),
+                         dtype=np.uint8)
+    return (out[..., None] if out.ndim == 2 else out), original, (round(top * scale), round(left * scale))
+
+
+def _decode_jpeg(data: bytes, height: int, width: int, channels: int) -> tuple[np.ndarray, tuple[int, int]] | None:
+    """((h', w', channels) uint8, original (h, w)) of JPEG bytes with simplejpeg, DCT-scaled down while
+    at least twice the size that covers height x width; None when it does not apply (not a JPEG, EXIF
+    that may rotate it, CMYK, simplejpeg not installed), and PIL decodes instead."""
+    if data[:2] != b"\xff\xd8" or data.find(b"Exif\0\0", 0, 1 << 16) >= 0:
+        return None
+    try:
+        import simplejpeg
+
+        h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+        cover = max(width / w, height / h)
+        return simplejpeg.decode_jpeg(data, colorspace="RGB" if channels == 3 else "GRAY",
+                                      min_height=min(h, math.ceil(2 * h * cover)),
+                                      min_width=min(w, math.ceil(2 * w * cover))), (h, w)
+    except (ImportError, ValueError):
+        return None
 
 
 def _normalized(img: Image.Image, channels: int) -> Image.Image:
     """EXIF rotation applied, 16-bit grayscale to 8 bits, transparency flattened, RGB or L."""
-    img = ImageOps.exif_transpose(img)
+    if img.getexif().get(0x0112, 1) != 1:  # rotated or mirrored (exif_transpose would copy even when not)
+        img = ImageOps.exif_transpose(img)
     if img.mode.startswith("I;16"):  # 16-bit grayscale: keep the high byte
         img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
-    return _flatten_alpha(img).convert("RGB" if channels == 3 else "L")
+    mode = "RGB" if channels == 3 else "L"
+    img = _flatten_alpha(img)
+    return img if img.mode == mode else img.convert(mode)
 
 
 class FolderCaptions:

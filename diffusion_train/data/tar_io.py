@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import tarfile
 from collections import Counter
 from typing import Any, Iterator
@@ -67,7 +68,7 @@ def tar_members(stream) -> Iterator[tuple[str, bytes]]:
             return
         if len(header) < 512:
             raise TarReadError("unexpected end of data in a header")
-        if _octal(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
+        if _octal(header[148:156]) != sum(header) - sum(header[148:156]) + 256:  # the field counts as spaces
             raise TarReadError("bad header checksum")
         size = int(pax.get("size", _octal(header[124:136])))
         typeflag = header[156:157]
@@ -156,6 +157,6 @@ def _load_npy(data: bytes) -> np.ndarray:
                 info = _NPY_HEADERS[header] = (dtype, shape)
         if info is not None:
             dtype, shape = info
-            count = int(np.prod(shape))
+            count = math.prod(shape)
             return np.frombuffer(data, dtype=dtype, count=count, offset=start).reshape(shape).copy()
     return np.load(io.BytesIO(data), allow_pickle=False)

@@ -234,16 +234,16 @@ class SampleDecoder:
                 array, size, crop = self._pad(sample[ext]), None, (0, 0)
             else:
                 height, width = self.target_size(height, width) if self.buckets else (self.resolution,) * 2
-                array, size, crop = fit_image(io.BytesIO(sample[ext]), height, width, self.channels,
+                array, size, crop = fit_image(sample[ext], height, width, self.channels,
                                               rng if self.random_crop else None)
         except Exception:  # noqa: BLE001 - any decoder failure makes the sample unusable
             return "undecodable_image"
         if array is None:
             return "image_larger_than_resolution"
-        image = torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1)
+        image = torch.from_numpy(array if array.flags.writeable else array.copy())  # (H, W, C)
         if self.flip and rng.random() < 0.5:
-            image = image.flip(-1)
-        out["image"] = image
+            image = image.flip(1)
+        out["image"] = image.permute(2, 0, 1)  # (C, H, W) in channels-last memory: collate stacks it fast
         for key, field in self.metadata.items():
             if field == "image:original_size":
                 out[key] = torch.tensor(size or image.shape[1:], dtype=torch.float32)
@@ -264,19 +264,49 @@ class SampleDecoder:
         return out
 
 
+SMALL_BYTES = 1 << 16
+
+
+def _stack(tensors: list[Tensor]) -> Tensor | np.ndarray:
+    """torch.stack, made to leave a DataLoader worker cheaply: a large result is stacked straight into
+    shared memory (as ``default_collate`` does), a small one (labels, metadata) becomes a numpy array,
+    which is pickled through the worker's pipe instead of costing a shared-memory segment and a file
+    descriptor hand-over; :meth:`WebDataModule.on_before_batch_transfer` makes it a tensor again."""
+    first = tensors[0]
+    channels_last = first.dim() == 3 and first.stride(0) == 1 and first.shape[0] > 1  # images as decoded
+    if channels_last:  # stack (H, W, C) memory, return (B, C, H, W) in channels-last memory: a plain copy
+        tensors = [t.permute(1, 2, 0) for t in tensors]
+        first = tensors[0]
+    in_worker, small = get_worker_info() is not None, len(tensors) * first.nbytes < SMALL_BYTES
+    if in_worker and not small:
+        storage = first.untyped_storage()._new_shared(len(tensors) * first.nbytes)
+        out = torch.stack(tensors, out=first.new_empty(0).set_(storage).view(len(tensors), *first.shape))
+    else:
+        out = torch.stack(tensors)
+    out = out.permute(0, 3, 1, 2) if channels_last else out
+    return out.numpy() if in_worker and small else out
+
+
 def collate(samples: list[dict], skipped: Counter) -> dict:
     """Stacks samples in their stored dtypes (uint8 images, fp16 latents): a quarter / half of the
     bytes to move between processes and to the device; :func:`finish_batch` makes them float."""
-    batch = {"label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+    labels = np.array([s["label"] for s in samples], dtype=np.int64)
+    batch = {"label": labels if get_worker_info() is not None else torch.from_numpy(labels),  # see _stack
              "__key__": [s["__key__"] for s in samples], "__skipped__": dict(skipped)}
     if all("image" in s for s in samples):
-        batch["image"] = torch.stack([s["image"] for s in samples])
+        batch["image"] = _stack([s["image"] for s in samples])
     for key in samples[0]:
         if key not in ("image", "label", "caption", "__key__") and isinstance(samples[0][key], Tensor):
-            batch[key] = torch.stack([s[key] for s in samples])
+            batch[key] = _stack([s[key] for s in samples])
     if all("caption" in s for s in samples):
         batch["caption"] = [s["caption"] for s in samples]
     skipped.clear()
+    return batch
+
+
+def unchanged(batch: dict) -> dict:
+    """The DataLoader's collate_fn: batches are whole already, and small numpy arrays stay numpy
+    until they have left the worker (see :func:`_stack`)."""
     return batch
 
 
@@ -285,7 +315,7 @@ def finish_batch(batch: dict) -> dict:
     batch is (the data module runs it after the batch reached the training device)."""
     image = batch.get("image")
     if isinstance(image, Tensor) and image.dtype == torch.uint8:
-        batch["image"] = image.float().div_(127.5).sub_(1.0)
+        batch["image"] = image.float().div_(127.5).sub_(1.0).contiguous()
     for key, value in batch.items():
         if isinstance(value, Tensor) and value.is_floating_point() and value.dtype != torch.float32:
             batch[key] = value.float()
@@ -476,7 +506,12 @@ class WebDataModule(L.LightningDataModule):
         resampled, shuffle_buffer: see the module docstring.
         max_bad_fraction: stop when more than this fraction of the samples read were unusable
             (checked once ``min_samples_for_bad_check`` samples have been read).
-        Decoding and filters: see :class:`SampleDecoder`.
+        sharing_strategy: torch's way for DataLoader workers to hand over tensors. ``file_system``
+            (default) passes shared-memory names; ``file_descriptor`` (torch's default) serves each
+            tensor's descriptor from a thread of the worker, whose GIL hand-offs slowed latent loading
+            from 19.8k to 16.2k samples/s per worker in ``scripts/bench_data.py``. null: leave it.
+        buckets, bucket_step, max_aspect: aspect-ratio bucketing (``auto`` or a list of (h, w)).
+        Decoding, filters and ``metadata``: see :class:`SampleDecoder`.
     """
 
     def __init__(self, sources: Any, resolution: int, channels: int = 3, num_classes: int = 1,
@@ -488,7 +523,7 @@ class WebDataModule(L.LightningDataModule):
                  resize: str = "crop", random_crop: bool = False, tensors: dict[str, str] | None = None,
                  buckets: Any = None, bucket_step: int = 64, max_aspect: float = 2.0,
                  metadata: dict[str, str] | None = None, max_bad_fraction: float = 0.05,
-                 min_samples_for_bad_check: int = 1000):
+                 min_samples_for_bad_check: int = 1000, sharing_strategy: str | None = "file_system"):
         super().__init__()
         if isinstance(sources, (str, os.PathLike)) or (isinstance(sources, Sequence) and sources
                                                        and not isinstance(sources[0], dict)):
@@ -498,7 +533,7 @@ class WebDataModule(L.LightningDataModule):
         self.resolution, self.channels, self.num_classes = resolution, channels, num_classes
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.val_size, self.resampled, self.shuffle_buffer = val_size, resampled, shuffle_buffer
-        self.num_workers, self.seed = num_workers, seed
+        self.num_workers, self.seed, self.sharing_strategy = num_workers, seed, sharing_strategy
         if buckets == "auto":
             buckets = aspect_buckets(resolution, bucket_step, max_aspect)
         args = dict(resolution=resolution, channels=channels, image_keys=image_keys, label_key=label_key,
@@ -526,8 +561,11 @@ class WebDataModule(L.LightningDataModule):
         if self.trainer is not None:  # resume: see ShardStream
             accumulate = getattr(self.trainer.lightning_module, "accumulate_grad_batches", 1)
             start = self.trainer.global_step * accumulate
-        return DataLoader(self.train_stream(start), batch_size=None, num_workers=self.num_workers,
-                          pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0)
+        if self.num_workers > 0 and self.sharing_strategy:
+            torch.multiprocessing.set_sharing_strategy(self.sharing_strategy)
+        return DataLoader(self.train_stream(start), batch_size=None, collate_fn=unchanged,
+                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+                          persistent_workers=self.num_workers > 0)
 
     def setup(self, stage: str | None = None) -> None:
         if self.val_set is not None or not self.val_urls:
@@ -561,6 +599,9 @@ class WebDataModule(L.LightningDataModule):
         return finish_batch(batch)
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        for key, value in batch.items():
+            if isinstance(value, np.ndarray):  # small arrays leave the workers as numpy (see _stack)
+                batch[key] = torch.from_numpy(value)
         position = batch.pop("__position__", None)
         if position is not None:
             self.positions[position["reader"]] = position
