@@ -40,7 +40,9 @@ USER_ERRORS = (ResumeMismatchError, NonFiniteLossError, PrecomputedMismatchError
 # Warnings that say nothing about this run: checkpoints are taken after the optimizer step on purpose.
 KNOWN_NOISE = (".*ModelCheckpoint with manual optimization.*", ".*isinstance.treespec, LeafSpec.*",
                ".*does not have many workers.*", ".*Checkpoint directory .* exists and is not empty.*",
-               ".*module.s. in eval mode at the start of training.*")  # frozen text encoders, on purpose
+               ".*module.s. in eval mode at the start of training.*",  # frozen text encoders, on purpose
+               ".*IterableDataset. has .__len__. defined.*",  # shard streams split their epoch over workers
+               ".*Total length of .list. across ranks is zero.*")  # no validation set: an empty list, on purpose
 
 
 def quiet_known_warnings() -> None:

@@ -510,3 +510,29 @@ def test_batches_from_workers_equal_batches_made_in_process(tmp_path, monkeypatc
         assert torch.equal(b["image"], torch.stack([img.contiguous() for img in b["image"]]))
         done = finish_batch(dict(a))["image"]
         assert done.is_contiguous() and torch.equal(done, a["image"].float() / 127.5 - 1)
+
+
+def test_epoch_batches_end_epochs_that_continue_the_stream(tmp_path):
+    pattern = make_shards(tmp_path / "shards", n_shards=4, per_shard=10)
+    dm = WebDataModule(pattern, resolution=8, channels=1, batch_size=2, num_workers=2, shuffle_buffer=4,
+                       epoch_batches=5)
+    loader = dm.train_dataloader()
+    assert len(loader) == 5
+    epochs = [[tuple(b["__key__"]) for b in loader] for _ in range(3)]
+    assert [len(e) for e in epochs] == [5, 5, 5]
+    assert epochs[0] != epochs[1] != epochs[2], "each epoch continues the stream: no replay"
+    with pytest.raises(ValueError, match="epoch_batches=5.*resampled=true"):
+        WebDataModule(pattern, resolution=8, channels=1, resampled=False, epoch_batches=5).train_stream()
+
+
+def test_training_counts_epochs_of_epoch_batches(tmp_path):
+    from conftest import TINY, compose_train
+    from diffusion_train.train import train
+
+    pattern = make_shards(tmp_path / "shards", n_shards=4, per_shard=10)
+    overrides = [o for o in TINY if not o.startswith("data=")] + [
+        "data=webdataset", f"data.sources='{pattern}'", "data.resolution=8", "data.channels=1", "data.num_classes=10",
+        "data.batch_size=4", "data.num_workers=2", "data.shuffle_buffer=4", "data.epoch_batches=3",
+        "trainer.max_steps=6", "trainer.val_check_interval=100"]
+    trainer = train(compose_train(overrides, tmp_path / "run"), tmp_path / "run")
+    assert trainer.global_step == 6 and trainer.current_epoch == 2  # two epochs of 3 (an endless one: 1)

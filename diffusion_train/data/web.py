@@ -352,11 +352,26 @@ class ShardStream(IterableDataset):
 
     def __init__(self, sources: Sequence[tuple[list[str], float]], decoder: SampleDecoder, batch_size: int,
                  seed: int = 0, resampled: bool = True, shuffle_buffer: int = 1000, start_batch: int = 0,
-                 rank: int | None = None, world_size: int | None = None, positions: dict[int, dict] | None = None):
+                 rank: int | None = None, world_size: int | None = None, positions: dict[int, dict] | None = None,
+                 epoch_batches: int | None = None):
+        if epoch_batches is not None and (not resampled or epoch_batches < 1):
+            raise ValueError(f"data.epoch_batches={epoch_batches}: give a positive number of batches per rank, with "
+                             f"data.resampled=true (in exact mode an epoch is a pass over the shards)")
         self.sources, self.decoder, self.batch_size = list(sources), decoder, int(batch_size)
         self.seed, self.resampled, self.shuffle_buffer = seed, resampled, int(shuffle_buffer)
         self.start_batch, self.rank, self.world_size = int(start_batch), rank, world_size
-        self.positions = dict(positions or {})
+        self.positions, self.epoch_batches = dict(positions or {}), epoch_batches
+        self._live: Iterator[dict] | None = None  # the endless stream, continued by each epoch
+
+    def __len__(self) -> int:
+        """Batches per rank and epoch (``epoch_batches``); without it the stream is endless and has no
+        length (``len`` raises TypeError, which torch and Lightning take as "infinite")."""
+        if self.epoch_batches is None:
+            raise TypeError("an endless shard stream has no length (set data.epoch_batches for epochs)")
+        return self.epoch_batches
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_live": None}  # DataLoader workers get the stream's settings, not its state
 
     def _where(self) -> tuple[int, int, int]:
         """(this reader's index among all ranks x workers, their number, workers per rank).
@@ -453,6 +468,16 @@ class ShardStream(IterableDataset):
         return [found[url, key] for url, key, _, _ in pending if (url, key) in found]
 
     def __iter__(self) -> Iterator[dict]:
+        if self.epoch_batches is None:
+            return self._batches()
+        # An epoch: this worker's share of the rank's epoch_batches (the DataLoader takes batch b from
+        # worker b mod workers), then the next epoch continues the same stream instead of restarting it.
+        _, _, worker, workers = rank_worker()
+        if self._live is None:
+            self._live = self._batches()
+        return itertools.islice(self._live, len(range(worker, self.epoch_batches, workers)))
+
+    def _batches(self) -> Iterator[dict]:
         me, _, _ = self._where()
         stream_seed = mix_seed(self.seed, me, self.start_batch) if self.resampled else mix_seed(self.seed, me)
         position = None if self.resampled else self.positions.get(me)
@@ -504,6 +529,8 @@ class WebDataModule(L.LightningDataModule):
         val_shards: shard spec of the validation set (a directory gives its ``val-*`` shards); its first
             ``val_size`` samples are decoded once and every rank evaluates the same padded share.
         resampled, shuffle_buffer: see the module docstring.
+        epoch_batches: batches per rank in an epoch of the resampled stream (Lightning's epochs, for
+            epoch-based callbacks and logs); each epoch continues the stream. null: one endless epoch.
         max_bad_fraction: stop when more than this fraction of the samples read were unusable
             (checked once ``min_samples_for_bad_check`` samples have been read).
         sharing_strategy: torch's way for DataLoader workers to hand over tensors. ``file_system``
@@ -523,7 +550,8 @@ class WebDataModule(L.LightningDataModule):
                  resize: str = "crop", random_crop: bool = False, tensors: dict[str, str] | None = None,
                  buckets: Any = None, bucket_step: int = 64, max_aspect: float = 2.0,
                  metadata: dict[str, str] | None = None, max_bad_fraction: float = 0.05,
-                 min_samples_for_bad_check: int = 1000, sharing_strategy: str | None = "file_system"):
+                 min_samples_for_bad_check: int = 1000, sharing_strategy: str | None = "file_system",
+                 epoch_batches: int | None = None):
         super().__init__()
         if isinstance(sources, (str, os.PathLike)) or (isinstance(sources, Sequence) and sources
                                                        and not isinstance(sources[0], dict)):
@@ -534,6 +562,7 @@ class WebDataModule(L.LightningDataModule):
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.val_size, self.resampled, self.shuffle_buffer = val_size, resampled, shuffle_buffer
         self.num_workers, self.seed, self.sharing_strategy = num_workers, seed, sharing_strategy
+        self.epoch_batches = epoch_batches
         if buckets == "auto":
             buckets = aspect_buckets(resolution, bucket_step, max_aspect)
         args = dict(resolution=resolution, channels=channels, image_keys=image_keys, label_key=label_key,
@@ -554,7 +583,7 @@ class WebDataModule(L.LightningDataModule):
     def train_stream(self, start_batch: int = 0) -> ShardStream:
         rank, world = self._rank_world()
         return ShardStream(self.sources, self.decoder, self.batch_size, self.seed, self.resampled,
-                           self.shuffle_buffer, start_batch, rank, world, self.positions)
+                           self.shuffle_buffer, start_batch, rank, world, self.positions, self.epoch_batches)
 
     def train_dataloader(self) -> DataLoader:
         start = 0
