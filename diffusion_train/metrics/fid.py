@@ -220,7 +220,8 @@ def load_reference(path: str | os.PathLike, extractor_provenance: Mapping[str, A
 # names and extractors
 
 
-def _count_label(n: int) -> str:
+def count_label(n: int) -> str:
+    """A sample count as metric names write it: 2000 -> 2k, 2500 -> 2.5k, 1234 -> 1234."""
     if n >= 1000 and n % 1000 == 0:
         return f"{n // 1000}k"
     if n >= 1000 and n % 100 == 0:
@@ -234,8 +235,8 @@ def metric_name(extractor_name: str, num_samples: int) -> str:
     if num_samples < 1:
         raise ValueError(f"metric_name: num_samples must be positive, got {num_samples}")
     if extractor_name == FID_EXTRACTOR:
-        return f"fid/inception_{_count_label(num_samples)}"
-    return f"fd/{extractor_name}_{_count_label(num_samples)}"
+        return f"fid/inception_{count_label(num_samples)}"
+    return f"fd/{extractor_name}_{count_label(num_samples)}"
 
 
 def _inception(weights: str | None) -> FeatureExtractor:

@@ -1,10 +1,11 @@
-"""Training: the LightningModule, callbacks (EMA, samples, throughput), checkpoints, loggers."""
+"""Training: the LightningModule, callbacks (EMA, samples, Fréchet distance, throughput), checkpoints, loggers."""
 
 from diffusion_train.training.checkpointing import AtomicCheckpointIO, atomic_torch_save
 from diffusion_train.training.ema import EMA
+from diffusion_train.training.fid import FrechetDistance
 from diffusion_train.training.module import DiffusionModule, NonFiniteLossError
 from diffusion_train.training.samples import SampleGrid
 from diffusion_train.training.throughput import Throughput
 
-__all__ = ["AtomicCheckpointIO", "DiffusionModule", "EMA", "NonFiniteLossError", "SampleGrid", "Throughput",
-           "atomic_torch_save"]
+__all__ = ["AtomicCheckpointIO", "DiffusionModule", "EMA", "FrechetDistance", "NonFiniteLossError", "SampleGrid",
+           "Throughput", "atomic_torch_save"]

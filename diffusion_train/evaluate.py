@@ -1,0 +1,59 @@
+"""``diffusion-eval``: metrics of a checkpoint's samples against reference statistics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion_train.metrics.fid import build_extractor, load_reference
+from diffusion_train.metrics.generated import evaluate_generated
+from diffusion_train.train import user_errors_as_one_line
+from diffusion_train.training.build import load_module
+from diffusion_train.training.images import save_grid
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Samples ``num_samples`` images from the checkpoint, writes ``metrics.json`` and ``grid.png`` to
+    ``out_dir`` and returns the metrics."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if int(cfg.num_samples) < 2:
+        raise ValueError(f"num_samples must be >= 2, got {cfg.num_samples}")
+    if not Path(cfg.ckpt).is_file():
+        raise FileNotFoundError(f"checkpoint {cfg.ckpt} does not exist")
+    extractor = build_extractor(cfg.extractor, cfg.extractor_weights)
+    mu, sigma, reference = load_reference(cfg.reference, extractor.provenance)
+    module = load_module(cfg.ckpt, cfg.weights).to(device)
+    sampler = instantiate(cfg.sampler, _convert_="all")
+    guidance = {"guidance_interval": None if cfg.guidance_interval is None else list(cfg.guidance_interval),
+                "guidance_rescale": float(cfg.guidance_rescale)}
+    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        metrics, images = evaluate_generated(
+            module, extractor, sampler, int(cfg.num_samples), (mu.to(device), sigma.to(device)),
+            batch_size=int(cfg.batch_size), guidance_scale=float(cfg.guidance_scale), seed=int(cfg.seed),
+            labels=cfg.labels, prompts=cfg.prompts, guidance=guidance, keep=int(cfg.grid_images))
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if images is not None:
+        save_grid(images, out / "grid.png", ncol=int(cfg.ncol))
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    record = {"metrics": metrics, "reference": reference, "extractor": extractor.provenance, "settings": settings}
+    (out / "metrics.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    print(json.dumps(metrics))
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    with user_errors_as_one_line():
+        evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Metrics of generated images: sample with fixed per-index seeds and conditioning, spread over ranks,
+extract features, and compare them with a reference (Fréchet distance) and with the requested class."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from diffusion_train.diffusion import Sampler, per_image_generators, randn
+from diffusion_train.metrics.base import FeatureExtractor
+from diffusion_train.metrics.fid import FeatureStats, count_label, frechet_distance, metric_name
+
+
+def rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def evaluate_generated(module, extractor: FeatureExtractor, sampler: Sampler, num_samples: int,
+                       reference: tuple[Tensor, Tensor] | None = None, *, batch_size: int = 64,
+                       guidance_scale: float = 1.0, seed: int = 0, labels: Sequence[int] | None = None,
+                       prompts: Sequence[str] | None = None, guidance: dict | None = None,
+                       keep: int = 0) -> tuple[dict[str, float], Tensor | None]:
+    """Metrics of ``num_samples`` images of ``module`` (a :class:`DiffusionModule`, in its current weights).
+
+    Image i starts from the noise of seed ``seed + i`` with the i-th conditioning input (classes or
+    ``prompts`` cycled, as ``diffusion-sample`` does), so the set is the same whatever the batch size
+    and number of ranks; rank r makes images r, r + world, ... and the feature statistics and counts
+    are summed over ranks (every rank must call this). Returns ``{metric: value}`` -- the Fréchet
+    distance to ``reference`` (mean, covariance) under :func:`metric_name`, and for class-conditional
+    models with an extractor that classifies (``logits``), ``class_accuracy/<extractor>_<n>``: the
+    share of images classified as their requested class -- and, on rank 0, the first ``keep`` images.
+    """
+    rank, world = rank_world()
+    device = next(module.parameters()).device
+    extractor = extractor.to(device)
+    inputs = module.conditioner.sample_inputs(num_samples, labels, prompts)
+    net = module.backbone
+    stats = FeatureStats(extractor.feature_dim, device=device)
+    hits = torch.zeros(2, dtype=torch.float64, device=device)  # (classified as requested, labelled)
+    kept: list[Tensor] = []
+    mine = list(range(rank, num_samples, world))
+    for start in range(0, len(mine), batch_size):
+        idx = mine[start:start + batch_size]
+        gens = per_image_generators([seed + i for i in idx], device)
+        noise = randn((len(idx), net.in_channels, net.input_size, net.input_size), gens, device)
+        batch = {k: v[idx] if isinstance(v, Tensor) else [v[i] for i in idx] for k, v in inputs.items()}
+        images = module.sample(noise, batch, sampler, guidance_scale, generator=gens, **(guidance or {})).float()
+        stats.update(extractor(images))
+        if "label" in batch and hasattr(extractor, "logits"):
+            requested = batch["label"].to(device)
+            hits[0] += (extractor.logits(images).argmax(dim=1) == requested).sum()
+            hits[1] += len(idx)
+        if rank == 0 and sum(len(k) for k in kept) < keep:
+            kept.append(images[:keep - sum(len(k) for k in kept)].cpu())
+    stats.all_reduce()
+    if world > 1:
+        torch.distributed.all_reduce(hits)
+    metrics: dict[str, Any] = {}
+    if reference is not None:
+        metrics[metric_name(extractor.name, num_samples)] = frechet_distance(stats.mean(), stats.covariance(),
+                                                                             *reference)
+    if hits[1] > 0:
+        metrics[f"class_accuracy/{extractor.name}_{count_label(num_samples)}"] = float(hits[0] / hits[1])
+    return metrics, (torch.cat(kept) if kept else None)

@@ -1,0 +1,87 @@
+"""Fréchet distance (FID with Inception-v3, FD with another extractor) and class accuracy during training."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from diffusion_train.diffusion import Sampler
+from diffusion_train.metrics.fid import build_extractor, load_reference
+from diffusion_train.metrics.generated import evaluate_generated
+from diffusion_train.training.ema import find_ema
+
+
+class FrechetDistance(L.Callback):
+    """Every ``every_n_steps`` optimizer steps (and at the end of training), ``num_samples`` images
+    with the EMA weights (the EMA callback's sampling decay; raw weights without one), compared with
+    the ``reference`` statistics (``scripts/fid_reference.py``) through the ``extractor`` loaded from
+    ``weights``. Image i has seed ``seed + i`` and the i-th class or prompt, so evaluations are
+    comparable across steps, batch sizes and numbers of ranks; every rank samples its share. Logged
+    as ``fid/inception_10k`` or ``fd/<extractor>_2k`` (the extractor and the count in the name: a proxy
+    is never mistaken for FID-50k), plus ``class_accuracy/<extractor>_2k`` for class-conditional
+    models and an extractor that classifies; rank 0 also appends ``{step, metrics}`` to
+    ``<dirpath>/metrics.jsonl``. A reference made with another extractor is refused at the start.
+    The extractor is held by the callback, outside the model and its checkpoints.
+    """
+
+    def __init__(self, sampler: Sampler, extractor: str, reference: str, dirpath: str, weights: str | None = None,
+                 num_samples: int = 2000, every_n_steps: int = 1000, batch_size: int = 256,
+                 guidance_scale: float = 1.0, seed: int = 0, prompts: list[str] | None = None,
+                 guidance_interval: list[float] | None = None, guidance_rescale: float = 0.0):
+        super().__init__()
+        if num_samples < 2 or every_n_steps < 1:
+            raise ValueError(f"callbacks.fid: num_samples must be >= 2 and every_n_steps >= 1, got "
+                             f"{num_samples} and {every_n_steps}")
+        self.sampler, self.extractor_name, self.weights = sampler, extractor, weights
+        self.reference_path, self.dirpath = reference, Path(dirpath)
+        self.num_samples, self.every_n_steps, self.batch_size = int(num_samples), int(every_n_steps), int(batch_size)
+        self.guidance_scale, self.seed, self.prompts = float(guidance_scale), int(seed), list(prompts or []) or None
+        self.guidance = {"guidance_interval": guidance_interval, "guidance_rescale": guidance_rescale}
+        self.extractor = None
+        self.reference = None
+        self._last_step = -1
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        if self.extractor is None:  # fails before the first step: a missing file, another extractor's reference
+            self.extractor = build_extractor(self.extractor_name, self.weights)
+            mu, sigma, _ = load_reference(self.reference_path, self.extractor.provenance)
+            self.reference = (mu, sigma)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        """A resumed run forgets evaluations logged after its checkpoint (it makes them again)."""
+        path = self.dirpath / "metrics.jsonl"
+        if trainer.global_rank == 0 and path.is_file():
+            lines = [line for line in path.read_text().splitlines()
+                     if line.strip() and json.loads(line)["step"] <= trainer.global_step]
+            path.write_text("".join(line + "\n" for line in lines))
+
+    @torch.no_grad()
+    def evaluate(self, trainer: L.Trainer, pl_module) -> dict[str, float]:
+        ema = find_ema(trainer)
+        swap = ema.swapped(pl_module) if ema is not None else contextlib.nullcontext()
+        reference = tuple(t.to(pl_module.device) for t in self.reference)
+        with swap, trainer.precision_plugin.forward_context():
+            metrics, _ = evaluate_generated(pl_module, self.extractor, self.sampler, self.num_samples, reference,
+                                            batch_size=self.batch_size, guidance_scale=self.guidance_scale,
+                                            seed=self.seed, prompts=self.prompts, guidance=self.guidance)
+        self._last_step = trainer.global_step
+        if trainer.global_rank == 0:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+            with open(self.dirpath / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": trainer.global_step, **metrics}) + "\n")
+        return metrics
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step != self._last_step:
+            self.evaluate(trainer, pl_module)

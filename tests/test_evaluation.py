@@ -1,0 +1,130 @@
+"""Metrics of generated images: the shared evaluation, the training callback and ``diffusion-eval``."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, compose_train
+from diffusion_train.diffusion.samplers import Sampler
+from diffusion_train.metrics.fid import FeatureStats, ReferenceMismatchError, frechet_distance, save_reference
+from diffusion_train.metrics.fmnist_net import FMNISTNet
+from diffusion_train.metrics.generated import evaluate_generated
+from diffusion_train.train import train
+from diffusion_train.training.build import build_module
+
+FMNIST = [o for o in TINY if not o.startswith("data=")] + ["data=fashion_mnist", "data.batch_size=8",
+                                                           "data.val_size=8"]
+
+
+@pytest.fixture(scope="module")
+def extractor_files(tmp_path_factory) -> tuple[Path, Path]:
+    """An (untrained) FMNISTNet weights file and a reference of 64 random images made with it."""
+    root = tmp_path_factory.mktemp("extractor")
+    torch.manual_seed(0)
+    net = FMNISTNet(channels=(8, 16), feature_dim=16)
+    net(torch.rand(8, 1, 28, 28) * 2 - 1)  # a train-mode pass gives the BatchNorm statistics some data
+    weights = net.save(root / "net.safetensors")
+    net = FMNISTNet.load(weights)
+    stats = FeatureStats(net.feature_dim).update(net(torch.rand(64, 1, 32, 32) * 2 - 1))
+    reference = save_reference(root / "ref.safetensors", stats, {"dataset": "random", "split": "train",
+                                                                 "extractor": net.provenance})
+    return weights, reference
+
+
+def _module_and_sampler():
+    cfg = compose_train(FMNIST, None)
+    from hydra.utils import instantiate
+
+    return build_module(cfg).eval(), instantiate(cfg.sampler, _convert_="all")
+
+
+def test_generated_metrics_do_not_depend_on_the_batch_size(extractor_files):
+    weights, reference = extractor_files
+    from diffusion_train.metrics.fid import load_reference
+
+    net = FMNISTNet.load(weights)
+    mu, sigma, _ = load_reference(reference, net.provenance)
+    module, sampler = _module_and_sampler()
+    a, images = evaluate_generated(module, net, sampler, 12, (mu, sigma), batch_size=5, keep=4)
+    b, _ = evaluate_generated(module, net, sampler, 12, (mu, sigma), batch_size=12)
+    assert set(a) == {"fd/fmnist_net_12", "class_accuracy/fmnist_net_12"} and images.shape == (4, 1, 32, 32)
+    assert math.isclose(a["fd/fmnist_net_12"], b["fd/fmnist_net_12"], rel_tol=1e-9)
+    assert a["class_accuracy/fmnist_net_12"] == b["class_accuracy/fmnist_net_12"]
+    # the same set by hand: image i from seed i, class i mod 10
+    inputs = module.conditioner.sample_inputs(12)
+    assert inputs["label"].tolist() == [i % 10 for i in range(12)]
+    from diffusion_train.diffusion import per_image_generators, randn
+
+    gens = per_image_generators(list(range(12)))
+    images = module.sample(randn((12, 1, 32, 32), gens), inputs, sampler, 1.0, generator=gens)
+    feats = net(images)
+    stats = FeatureStats(net.feature_dim).update(feats)
+    expected = frechet_distance(stats.mean(), stats.covariance(), mu, sigma)
+    assert math.isclose(a["fd/fmnist_net_12"], expected, rel_tol=1e-9)
+    hits = (net.logits(images).argmax(1) == inputs["label"]).sum().item() / 12
+    assert math.isclose(a["class_accuracy/fmnist_net_12"], hits, rel_tol=1e-12)
+
+
+def test_the_callback_logs_fd_and_class_accuracy_during_training(extractor_files, tmp_path):
+    weights, reference = extractor_files
+    run = tmp_path / "run"
+    cfg = compose_train(FMNIST + ["+callbacks/fid=fmnist_net", f"callbacks.fid.weights={weights}",
+                                  f"callbacks.fid.reference={reference}", "callbacks.fid.num_samples=10",
+                                  "callbacks.fid.every_n_steps=2", "callbacks.fid.batch_size=4"], run)
+    train(cfg, run)
+    lines = [json.loads(line) for line in (run / "eval/metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 4]
+    assert all(line["fd/fmnist_net_10"] > 0 and 0 <= line["class_accuracy/fmnist_net_10"] <= 1 for line in lines)
+    assert "fd/fmnist_net_10" in (run / "metrics.csv").read_text().splitlines()[0]
+    state = torch.load(run / "checkpoints/last.ckpt", weights_only=True, map_location="cpu")["state_dict"]
+    assert not any("extractor" in k or k.startswith("head.") for k in state), "the extractor stays out of checkpoints"
+    # resumed to step 6: the evaluations up to the checkpoint are kept, the new one appended
+    train(compose_train(FMNIST + ["+callbacks/fid=fmnist_net", f"callbacks.fid.weights={weights}",
+                                  f"callbacks.fid.reference={reference}", "callbacks.fid.num_samples=10",
+                                  "callbacks.fid.every_n_steps=2", "callbacks.fid.batch_size=4",
+                                  "trainer.max_steps=6"], run), run)
+    steps = [json.loads(line)["step"] for line in (run / "eval/metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6]
+
+
+def test_a_reference_of_another_extractor_is_refused_before_training(extractor_files, tmp_path):
+    weights, reference = extractor_files
+    other = FMNISTNet(channels=(8, 16), feature_dim=16).save(tmp_path / "other.safetensors")  # other weights
+    run = tmp_path / "run"
+    cfg = compose_train(FMNIST + ["+callbacks/fid=fmnist_net", f"callbacks.fid.weights={other}",
+                                  f"callbacks.fid.reference={reference}"], run)
+    with pytest.raises(ReferenceMismatchError, match=r"weights_sha256"):
+        train(cfg, run)
+    assert not (run / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_diffusion_eval_writes_metrics_and_a_grid(extractor_files, tmp_path):
+    from test_train import _run_cli
+
+    weights, reference = extractor_files
+    run = tmp_path / "run"
+    train(compose_train(FMNIST + ["trainer.max_steps=2"], run), run)
+    out = tmp_path / "eval"
+    args = [f"ckpt={run / 'checkpoints/last.ckpt'}", f"out_dir={out}", "extractor=fmnist_net",
+            f"extractor_weights={weights}", f"reference={reference}", "num_samples=6", "batch_size=4",
+            "sampler.steps=2", "grid_images=4", "ncol=2"]
+    done = _run_cli(args, tmp_path, module="diffusion_train.evaluate")
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads((out / "metrics.json").read_text())
+    assert set(record["metrics"]) == {"fd/fmnist_net_6", "class_accuracy/fmnist_net_6"}
+    assert record["reference"]["dataset"] == "random" and record["extractor"]["extractor"] == "fmnist_net"
+    assert (out / "grid.png").is_file()
+    bad = _run_cli(args[:-4] + ["num_samples=1"], tmp_path, module="diffusion_train.evaluate")
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+    assert bad.returncode == 1 and errors == ["error: num_samples must be >= 2, got 1"]
+
+
+def test_sampler_type_is_what_the_evaluation_takes():
+    _, sampler = _module_and_sampler()
+    assert isinstance(sampler, Sampler)
