@@ -19,6 +19,8 @@ Every argument is ``key=value``:
     limit       only the first N images, for quick trials (all)
     batch_size  images per extractor call (256)
     device      auto | cpu | cuda | cuda:N (auto: cuda when available)
+    against     another reference made with the same extractor: also prints the Fréchet distance between
+                the two (e.g. the test split against the train split: the floor a model can reach)
 
 The file records its provenance (dataset, split, count, resolution, resize, extractor provenance
 with the weights' sha256); evaluation refuses a reference made with another extractor. Bad input
@@ -40,14 +42,17 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffusion_train.cli import UsageError, parse_key_values  # noqa: E402
-from diffusion_train.metrics.fid import EXTRACTORS, FeatureStats, build_extractor, save_reference  # noqa: E402
+from diffusion_train.metrics.fid import (EXTRACTORS, FeatureStats, build_extractor, frechet_distance,  # noqa: E402
+                                         load_reference, metric_name, save_reference)
 
 DATASETS = ("fashion_mnist", "shards")
 OPTIONS = {"out": str, "dataset": str, "split": str, "sources": str, "root": str, "extractor": str, "weights": str,
-           "resolution": int, "resize": str, "limit": int, "batch_size": int, "device": str}
+           "resolution": int, "resize": str, "limit": int, "batch_size": int, "device": str,
+           "against": str}
 DEFAULTS: dict[str, Any] = {"out": None, "dataset": None, "split": "train", "sources": None, "root": None,
                             "extractor": "inception", "weights": None, "resolution": 32, "resize": None,
-                            "limit": None, "batch_size": 256, "device": "auto"}
+                            "limit": None, "batch_size": 256, "device": "auto",
+                            "against": None}
 
 
 def parse_args(argv: list[str]) -> dict[str, Any]:
@@ -138,6 +143,11 @@ def fid_reference(opts: dict[str, Any], log=print) -> dict[str, Any]:
     log(f"wrote {opts['out']}: {count} images of {opts['dataset']} {opts['split']} at {opts['resolution']}x"
         f"{opts['resolution']} ({opts['resize']}), {extractor.name} weights sha256 {sha}..., "
         f"{time.time() - start:.0f} s{skipped_note}")
+    if opts["against"]:
+        mu, sigma, other = load_reference(opts["against"], extractor.provenance)
+        provenance["distance"] = frechet_distance(stats.mean(), stats.covariance(), mu, sigma)
+        log(f"{metric_name(extractor.name, count)} of {opts['dataset']} {opts['split']} against {opts['against']} "
+            f"({other['count']} images of {other.get('dataset')} {other.get('split')}): {provenance['distance']:.4f}")
     return provenance
 
 
