@@ -29,6 +29,11 @@ def evaluate(cfg: DictConfig) -> dict:
         raise FileNotFoundError(f"checkpoint {cfg.ckpt} does not exist")
     extractor = build_extractor(cfg.extractor, cfg.extractor_weights)
     mu, sigma, reference = load_reference(cfg.reference, extractor.provenance)
+    clip = None
+    if cfg.clip:
+        from diffusion_train.metrics.clip_score import CLIPScore
+
+        clip = CLIPScore(**OmegaConf.to_container(cfg.clip, resolve=True))
     module = load_module(cfg.ckpt, cfg.weights).to(device)
     sampler = instantiate(cfg.sampler, _convert_="all")
     guidance = {"guidance_interval": None if cfg.guidance_interval is None else list(cfg.guidance_interval),
@@ -37,13 +42,14 @@ def evaluate(cfg: DictConfig) -> dict:
         metrics, images = evaluate_generated(
             module, extractor, sampler, int(cfg.num_samples), (mu.to(device), sigma.to(device)),
             batch_size=int(cfg.batch_size), guidance_scale=float(cfg.guidance_scale), seed=int(cfg.seed),
-            labels=cfg.labels, prompts=cfg.prompts, guidance=guidance, keep=int(cfg.grid_images))
+            labels=cfg.labels, prompts=cfg.prompts, guidance=guidance, keep=int(cfg.grid_images), clip=clip)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if images is not None:
         save_grid(images, out / "grid.png", ncol=int(cfg.ncol))
     settings = OmegaConf.to_container(cfg, resolve=True)
-    record = {"metrics": metrics, "reference": reference, "extractor": extractor.provenance, "settings": settings}
+    record = {"metrics": metrics, "reference": reference, "extractor": extractor.provenance, "settings": settings,
+              **({"clip": clip.provenance} if clip is not None else {})}
     (out / "metrics.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     print(json.dumps(metrics))
     return metrics

@@ -53,7 +53,7 @@ def test_generated_metrics_do_not_depend_on_the_batch_size(extractor_files):
     a, images = evaluate_generated(module, net, sampler, 12, (mu, sigma), batch_size=5, keep=4)
     b, _ = evaluate_generated(module, net, sampler, 12, (mu, sigma), batch_size=12)
     assert set(a) == {"fd/fmnist_net_12", "class_accuracy/fmnist_net_12"} and images.shape == (4, 1, 32, 32)
-    assert math.isclose(a["fd/fmnist_net_12"], b["fd/fmnist_net_12"], rel_tol=1e-9)
+    assert math.isclose(a["fd/fmnist_net_12"], b["fd/fmnist_net_12"], rel_tol=1e-6)
     assert a["class_accuracy/fmnist_net_12"] == b["class_accuracy/fmnist_net_12"]
     # the same set by hand: image i from seed i, class i mod 10
     inputs = module.conditioner.sample_inputs(12)
@@ -128,3 +128,60 @@ def test_diffusion_eval_writes_metrics_and_a_grid(extractor_files, tmp_path):
 def test_sampler_type_is_what_the_evaluation_takes():
     _, sampler = _module_and_sampler()
     assert isinstance(sampler, Sampler)
+
+
+TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+def _clip_score(**kw):
+    from diffusion_train.metrics.clip_score import CLIPScore
+
+    torch.manual_seed(0)
+    return CLIPScore(model_name="dt-clip-score-tiny", model_cfg=TINY_CLIP, **kw)
+
+
+def test_clip_score_is_the_clipped_scaled_cosine_and_loads_a_local_file(tmp_path):
+    clip = _clip_score(pretrained=None)
+    images = torch.rand(3, 1, 28, 28) * 2 - 1
+    prompts = ["a bag", "a sneaker", "a shirt"]
+    scores = clip(images, prompts)
+    model = clip.model
+    x = torch.nn.functional.interpolate((images.expand(-1, 3, -1, -1) + 1) / 2, size=(32, 32), mode="bicubic",
+                                       antialias=True, align_corners=False).clamp(0, 1)
+    x = (x - clip.mean) / clip.std
+    img = torch.nn.functional.normalize(model.encode_image(x), dim=-1)
+    txt = torch.nn.functional.normalize(model.encode_text(clip.tokenizer(prompts)), dim=-1)
+    expected = (100 * (img * txt).sum(-1)).clamp(min=0).double()
+    assert scores.dtype == torch.float64 and torch.allclose(scores, expected, atol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(clip(images, prompts), scores), "fp32 whatever the caller's autocast"
+    path = tmp_path / "clip.pt"
+    torch.save(model.state_dict(), path)
+    loaded = _clip_score(pretrained=str(path))
+    assert torch.equal(loaded(images, prompts), scores) and len(loaded.provenance["sha256"]) == 64
+    with pytest.raises(ValueError, match="3 images but 2 prompts"):
+        clip(images, prompts[:2])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        _clip_score(pretrained=str(tmp_path / "missing.pt"))
+
+
+def test_text_models_get_a_clip_score_that_does_not_depend_on_the_batch_size(extractor_files):
+    from hydra.utils import instantiate
+
+    from diffusion_train.metrics.fid import load_reference
+
+    weights, reference = extractor_files
+    cfg = compose_train([o for o in TINY if not o.startswith("data=")] + [
+        "data=fashion_mnist_captions", "data.batch_size=4", "data.val_size=8", "conditioning=clip_tiny"], None)
+    module, sampler = build_module(cfg).eval(), instantiate(cfg.sampler, _convert_="all")
+    net = FMNISTNet.load(weights)
+    ref = load_reference(reference, net.provenance)[:2]
+    clip = _clip_score(pretrained=None)
+    prompts = ["a photo of a bag", "a sneaker", "a shirt"]
+    a, _ = evaluate_generated(module, net, sampler, 6, ref, batch_size=4, prompts=prompts, clip=clip)
+    b, _ = evaluate_generated(module, net, sampler, 6, ref, batch_size=6, prompts=prompts, clip=clip)
+    name = "clip_score/dt-clip-score-tiny_6"
+    assert set(a) == {"fd/fmnist_net_6", name} and 0 <= a[name] <= 100
+    assert math.isclose(a[name], b[name], rel_tol=1e-6)  # an fp32 network: kernels differ with the batch shape
+    assert math.isclose(a["fd/fmnist_net_6"], b["fd/fmnist_net_6"], rel_tol=1e-6)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from diffusion_train.conditioning.text import TextEmbedder
 from diffusion_train.conditioning.weights import LOAD_ERRORS, looks_like_path, one_line, sha256_files
 
-__all__ = ["CLIPTextEmbedder", "register_open_clip_config"]
+__all__ = ["CLIPTextEmbedder", "load_open_clip", "register_open_clip_config"]
 
 
 def register_open_clip_config(model_name: str, model_cfg: Mapping[str, Any]) -> None:
@@ -26,6 +26,50 @@ def register_open_clip_config(model_name: str, model_cfg: Mapping[str, Any]) -> 
         path = Path(tmp) / f"{model_name}.json"
         path.write_text(json.dumps(dict(model_cfg)))
         open_clip.add_model_config(path)
+
+
+def load_open_clip(model_name: str, pretrained: str | os.PathLike | None, model_cfg: Mapping[str, Any] | None = None,
+                   create_kwargs: Mapping[str, Any] | None = None, who: str = "open_clip"
+                   ) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """(model, tokenizer, provenance) of an open_clip model: ``pretrained`` is a tag (needs the weights
+    in the local cache when offline), a local checkpoint file, or None (random init; ``model_cfg``
+    registers a custom architecture as ``model_name`` first). Errors are one line naming what to set.
+    Provenance: ``name``, ``path``, ``sha256`` (of a local file), ``pretrained`` (whether weights were
+    loaded)."""
+    import open_clip
+
+    if model_cfg is not None:
+        register_open_clip_config(model_name, model_cfg)
+    pretrained = None if pretrained in (None, "") else str(pretrained)
+    is_file = pretrained is not None and Path(pretrained).expanduser().is_file()
+    if is_file:
+        pretrained = str(Path(pretrained).expanduser().resolve())
+    elif pretrained is not None and looks_like_path(pretrained):
+        raise FileNotFoundError(f"{who}: pretrained checkpoint {pretrained!r} does not exist; set "
+                                f"pretrained=/path/to/open_clip_model.safetensors (a local file)")
+    kwargs = dict(create_kwargs or {})
+    if pretrained is not None and not is_file and "force_quick_gelu" not in kwargs:
+        # open_clip 3.x only *warns* when a tag was trained with QuickGELU (OpenAI weights) but the
+        # architecture config uses GELU; match the activation to the weights instead.
+        tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained) or {}
+        if tag_cfg.get("quick_gelu"):
+            kwargs["force_quick_gelu"] = True
+    try:
+        model = open_clip.create_model(model_name, pretrained=pretrained, **kwargs)
+        tokenizer = open_clip.get_tokenizer(model_name)
+    except LOAD_ERRORS as e:
+        if pretrained is None:
+            raise ValueError(f"{who}: could not build open_clip model {model_name!r} ({type(e).__name__}: "
+                             f"{one_line(e)}); check model_name / model_cfg") from e
+        raise ValueError(f"{who}: could not load open_clip model {model_name!r} with pretrained={pretrained!r} "
+                         f"({type(e).__name__}: {one_line(e)}); weights are not available offline - set "
+                         f"pretrained=/path/to/open_clip_model.safetensors (a local file) and model_name "
+                         f"to its architecture") from e
+    if is_file:
+        prov = {"name": model_name, "path": pretrained, "sha256": sha256_files([pretrained])}
+    else:
+        prov = {"name": f"{model_name}@{pretrained}" if pretrained else model_name, "path": "", "sha256": ""}
+    return model, tokenizer, {**prov, "pretrained": pretrained is not None}
 
 
 class CLIPTextEmbedder(TextEmbedder):
@@ -56,36 +100,8 @@ class CLIPTextEmbedder(TextEmbedder):
                  create_kwargs: Mapping[str, Any] | None = None, cache_size: int = 0,
                  model_cfg: Mapping[str, Any] | None = None):
         super().__init__(input_key, dropout, max_length, output, trainable, dtype, cache_size)
-        import open_clip
-
         cls = type(self).__name__
-        if model_cfg is not None:
-            register_open_clip_config(model_name, model_cfg)
-        pretrained = None if pretrained in (None, "") else str(pretrained)
-        is_file = pretrained is not None and Path(pretrained).expanduser().is_file()
-        if is_file:
-            pretrained = str(Path(pretrained).expanduser().resolve())
-        elif pretrained is not None and looks_like_path(pretrained):
-            raise FileNotFoundError(f"{cls}: pretrained checkpoint {pretrained!r} does not exist; set "
-                                    f"pretrained=/path/to/open_clip_model.safetensors (a local file)")
-        kwargs = dict(create_kwargs or {})
-        if pretrained is not None and not is_file and "force_quick_gelu" not in kwargs:
-            # open_clip 3.x only *warns* when a tag was trained with QuickGELU (OpenAI weights) but the
-            # architecture config uses GELU; match the activation to the weights instead.
-            tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained) or {}
-            if tag_cfg.get("quick_gelu"):
-                kwargs["force_quick_gelu"] = True
-        try:
-            model = open_clip.create_model(model_name, pretrained=pretrained, **kwargs)
-            self.tokenizer = open_clip.get_tokenizer(model_name)
-        except LOAD_ERRORS as e:
-            if pretrained is None:
-                raise ValueError(f"{cls}: could not build open_clip model {model_name!r} ({type(e).__name__}: "
-                                 f"{one_line(e)}); check model_name / model_cfg") from e
-            raise ValueError(f"{cls}: could not load open_clip model {model_name!r} with pretrained={pretrained!r} "
-                             f"({type(e).__name__}: {one_line(e)}); weights are not available offline - set "
-                             f"pretrained=/path/to/open_clip_model.safetensors (a local file) and model_name "
-                             f"to its architecture") from e
+        model, self.tokenizer, prov = load_open_clip(model_name, pretrained, model_cfg, create_kwargs, cls)
         if hasattr(model, "text_decoder"):
             raise ValueError(f"{cls}: {model_name!r} is a CoCa model; only CLIP text towers are supported")
         if getattr(model, "visual", None) is not None:
@@ -122,11 +138,8 @@ class CLIPTextEmbedder(TextEmbedder):
             embed_dim = proj.shape[-1]
         else:
             raise ValueError(f"{cls}: unsupported text projection {type(proj).__name__} in {model_name!r}")
-        if is_file:
-            prov = {"name": model_name, "path": pretrained, "sha256": sha256_files([pretrained])}
-        else:
-            prov = {"name": f"{model_name}@{pretrained}" if pretrained else model_name, "path": "", "sha256": ""}
-        self._finish_init(transformer.width, embed_dim, prov, pretrained=pretrained is not None)
+        self._finish_init(transformer.width, embed_dim, {k: prov[k] for k in ("name", "path", "sha256")},
+                          pretrained=prov["pretrained"])
 
     def _text_parts(self) -> tuple[nn.Module, nn.Module]:
         tower = getattr(self.encoder, "text", None)

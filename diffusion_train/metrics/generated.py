@@ -24,7 +24,7 @@ def evaluate_generated(module, extractor: FeatureExtractor, sampler: Sampler, nu
                        reference: tuple[Tensor, Tensor] | None = None, *, batch_size: int = 64,
                        guidance_scale: float = 1.0, seed: int = 0, labels: Sequence[int] | None = None,
                        prompts: Sequence[str] | None = None, guidance: dict | None = None,
-                       keep: int = 0) -> tuple[dict[str, float], Tensor | None]:
+                       keep: int = 0, clip=None) -> tuple[dict[str, float], Tensor | None]:
     """Metrics of ``num_samples`` images of ``module`` (a :class:`DiffusionModule`, in its current weights).
 
     Image i starts from the noise of seed ``seed + i`` with the i-th conditioning input (classes or
@@ -33,7 +33,9 @@ def evaluate_generated(module, extractor: FeatureExtractor, sampler: Sampler, nu
     are summed over ranks (every rank must call this). Returns ``{metric: value}`` -- the Fréchet
     distance to ``reference`` (mean, covariance) under :func:`metric_name`, and for class-conditional
     models with an extractor that classifies (``logits``), ``class_accuracy/<extractor>_<n>``: the
-    share of images classified as their requested class -- and, on rank 0, the first ``keep`` images.
+    share of images classified as their requested class; with a ``clip`` (:class:`CLIPScore`) and a
+    text-conditioned model, ``<clip.name>_<n>``: the mean CLIP score of the images against their
+    prompts -- and, on rank 0, the first ``keep`` images.
     """
     rank, world = rank_world()
     device = next(module.parameters()).device
@@ -42,6 +44,9 @@ def evaluate_generated(module, extractor: FeatureExtractor, sampler: Sampler, nu
     net = module.backbone
     stats = FeatureStats(extractor.feature_dim, device=device)
     hits = torch.zeros(2, dtype=torch.float64, device=device)  # (classified as requested, labelled)
+    scores = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of CLIP scores, images scored)
+    if clip is not None:
+        clip = clip.to(device)
     kept: list[Tensor] = []
     mine = list(range(rank, num_samples, world))
     for start in range(0, len(mine), batch_size):
@@ -55,15 +60,22 @@ def evaluate_generated(module, extractor: FeatureExtractor, sampler: Sampler, nu
             requested = batch["label"].to(device)
             hits[0] += (extractor.logits(images).argmax(dim=1) == requested).sum()
             hits[1] += len(idx)
+        texts = next((v for v in batch.values() if isinstance(v, list) and v and isinstance(v[0], str)), None)
+        if clip is not None and texts is not None:
+            scores[0] += clip(images, texts).sum()
+            scores[1] += len(idx)
         if rank == 0 and sum(len(k) for k in kept) < keep:
             kept.append(images[:keep - sum(len(k) for k in kept)].cpu())
     stats.all_reduce()
     if world > 1:
         torch.distributed.all_reduce(hits)
+        torch.distributed.all_reduce(scores)
     metrics: dict[str, Any] = {}
     if reference is not None:
         metrics[metric_name(extractor.name, num_samples)] = frechet_distance(stats.mean(), stats.covariance(),
                                                                              *reference)
     if hits[1] > 0:
         metrics[f"class_accuracy/{extractor.name}_{count_label(num_samples)}"] = float(hits[0] / hits[1])
+    if scores[1] > 0:
+        metrics[f"{clip.name}_{count_label(num_samples)}"] = float(scores[0] / scores[1])
     return metrics, (torch.cat(kept) if kept else None)

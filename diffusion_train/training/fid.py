@@ -24,14 +24,17 @@ class FrechetDistance(L.Callback):
     as ``fid/inception_10k`` or ``fd/<extractor>_2k`` (the extractor and the count in the name: a proxy
     is never mistaken for FID-50k), plus ``class_accuracy/<extractor>_2k`` for class-conditional
     models and an extractor that classifies; rank 0 also appends ``{step, metrics}`` to
-    ``<dirpath>/metrics.jsonl``. A reference made with another extractor is refused at the start.
+    ``<dirpath>/metrics.jsonl``. With ``clip`` (:class:`~diffusion_train.metrics.clip_score.CLIPScore`
+    arguments: ``model_name``, ``pretrained``) text-conditioned models also get ``clip_score/<model>_2k``.
+    A reference made with another extractor is refused at the start.
     The extractor is held by the callback, outside the model and its checkpoints.
     """
 
     def __init__(self, sampler: Sampler, extractor: str, reference: str, dirpath: str, weights: str | None = None,
                  num_samples: int = 2000, every_n_steps: int = 1000, batch_size: int = 256,
                  guidance_scale: float = 1.0, seed: int = 0, prompts: list[str] | None = None,
-                 guidance_interval: list[float] | None = None, guidance_rescale: float = 0.0):
+                 guidance_interval: list[float] | None = None, guidance_rescale: float = 0.0,
+                 clip: dict | None = None):
         super().__init__()
         if num_samples < 2 or every_n_steps < 1:
             raise ValueError(f"callbacks.fid: num_samples must be >= 2 and every_n_steps >= 1, got "
@@ -41,8 +44,8 @@ class FrechetDistance(L.Callback):
         self.num_samples, self.every_n_steps, self.batch_size = int(num_samples), int(every_n_steps), int(batch_size)
         self.guidance_scale, self.seed, self.prompts = float(guidance_scale), int(seed), list(prompts or []) or None
         self.guidance = {"guidance_interval": guidance_interval, "guidance_rescale": guidance_rescale}
-        self.extractor = None
-        self.reference = None
+        self.extractor = self.reference = self.clip = None
+        self.clip_settings = dict(clip) if clip else None
         self._last_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
@@ -50,6 +53,10 @@ class FrechetDistance(L.Callback):
             self.extractor = build_extractor(self.extractor_name, self.weights)
             mu, sigma, _ = load_reference(self.reference_path, self.extractor.provenance)
             self.reference = (mu, sigma)
+            if self.clip_settings:
+                from diffusion_train.metrics.clip_score import CLIPScore
+
+                self.clip = CLIPScore(**self.clip_settings)
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         """A resumed run forgets evaluations logged after its checkpoint (it makes them again)."""
@@ -67,7 +74,8 @@ class FrechetDistance(L.Callback):
         with swap, trainer.precision_plugin.forward_context():
             metrics, _ = evaluate_generated(pl_module, self.extractor, self.sampler, self.num_samples, reference,
                                             batch_size=self.batch_size, guidance_scale=self.guidance_scale,
-                                            seed=self.seed, prompts=self.prompts, guidance=self.guidance)
+                                            seed=self.seed, prompts=self.prompts, guidance=self.guidance,
+                                            clip=self.clip)
         self._last_step = trainer.global_step
         if trainer.global_rank == 0:
             for logger in trainer.loggers:
