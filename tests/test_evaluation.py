@@ -185,3 +185,38 @@ def test_text_models_get_a_clip_score_that_does_not_depend_on_the_batch_size(ext
     assert set(a) == {"fd/fmnist_net_6", name} and 0 <= a[name] <= 100
     assert math.isclose(a[name], b[name], rel_tol=1e-6)  # an fp32 network: kernels differ with the batch shape
     assert math.isclose(a["fd/fmnist_net_6"], b["fd/fmnist_net_6"], rel_tol=1e-6)
+
+
+def _eval_worker(rank: int, world: int, init: str, out: str, weights: str, reference: str) -> None:
+    from diffusion_train.metrics.fid import load_reference
+
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # the same model on every rank, as DDP makes it
+        module, sampler = _module_and_sampler()
+        net = FMNISTNet.load(weights)
+        metrics, _ = evaluate_generated(module, net, sampler, 7, load_reference(reference, net.provenance)[:2],
+                                        batch_size=2 + rank)
+        Path(f"{out}.{rank}").write_text(json.dumps(metrics))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_generated_metrics_over_two_processes_equal_one_process(extractor_files, tmp_path):
+    """Rank r samples images r, r + 2, ... (7 images: uneven shares, other batch sizes per rank); the
+    summed statistics and counts give the one-process result."""
+    from diffusion_train.metrics.fid import load_reference
+
+    weights, reference = extractor_files
+    init = f"file://{tmp_path / 'rendezvous'}"
+    torch.multiprocessing.spawn(_eval_worker, args=(2, init, str(tmp_path / "metrics"), str(weights), str(reference)),
+                                nprocs=2, join=True)
+    torch.manual_seed(0)
+    module, sampler = _module_and_sampler()
+    net = FMNISTNet.load(weights)
+    single, _ = evaluate_generated(module, net, sampler, 7, load_reference(reference, net.provenance)[:2])
+    for rank in range(2):
+        ranked = json.loads((tmp_path / f"metrics.{rank}").read_text())
+        assert set(ranked) == set(single)
+        assert all(math.isclose(ranked[k], single[k], rel_tol=1e-6) for k in single), (ranked, single)
