@@ -220,3 +220,21 @@ def test_generated_metrics_over_two_processes_equal_one_process(extractor_files,
         ranked = json.loads((tmp_path / f"metrics.{rank}").read_text())
         assert set(ranked) == set(single)
         assert all(math.isclose(ranked[k], single[k], rel_tol=1e-6) for k in single), (ranked, single)
+
+
+def test_fid_reference_against_prints_the_distance_between_two_references(extractor_files, tmp_path, capsys):
+    from test_fid import _script
+
+    from diffusion_train.metrics.fid import load_reference
+
+    weights, _ = extractor_files
+    script = _script("fid_reference")
+    common = ["dataset=fashion_mnist", "extractor=fmnist_net", f"weights={weights}", "limit=40", "device=cpu"]
+    assert script.main([f"out={tmp_path / 'train.safetensors'}", "split=train", *common]) == 0
+    assert script.main([f"out={tmp_path / 'test.safetensors'}", "split=test", *common,
+                        f"against={tmp_path / 'train.safetensors'}"]) == 0
+    net = FMNISTNet.load(weights)
+    a = load_reference(tmp_path / "train.safetensors", net.provenance)
+    b = load_reference(tmp_path / "test.safetensors", net.provenance)
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("fd/fmnist_net_40 of fashion_mnist test")]
+    assert len(line) == 1 and line[0].endswith(f"{frechet_distance(b[0], b[1], a[0], a[1]):.4f}")
