@@ -5,6 +5,7 @@ with provenance, metric names, and scripts/fid_reference.py on Fashion-MNIST."""
 from __future__ import annotations
 
 import importlib.util
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -382,3 +383,24 @@ def test_fid_reference_script_usage_errors(tmp_path, capsys):
         assert script.main(args) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:") and match in err[0], (args, err)
+
+
+def test_fid_equals_torchmetrics_fid_with_the_same_weights_file(inception, inception_weights):
+    """torchmetrics' FrechetInceptionDistance, given the same weights file and images, sees the same
+    features (same network, same conversion of the images), and its distance agrees with ours on the
+    same statistics."""
+    from torchmetrics.image.fid import FrechetInceptionDistance, _compute_fid
+
+    gen = torch.Generator().manual_seed(0)
+    real = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    metric = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(inception_weights))
+    metric.update(real, real=True)
+    ours = FeatureStats(2048).update(inception(real.float() / 127.5 - 1))
+    assert int(metric.real_features_num_samples) == ours.count == 12
+    # a random network's features are ~1e-7 and fp32 rounding shows at 1e-9: compare at their scale
+    mean = metric.real_features_sum / 12
+    torch.testing.assert_close(ours.mean(), mean, rtol=0, atol=1e-2 * float(mean.abs().max()))
+    # (their spread, ~1e-16 in variance, drowns in the rounding of either covariance: not compared)
+    a, b = stats_of(features(n=400, d=24, seed=1)), stats_of(features(n=400, d=24, seed=2) * 1.3 + 0.2)
+    theirs = float(_compute_fid(a.mean(), a.covariance(), b.mean(), b.covariance()))
+    assert math.isclose(frechet_distance(a.mean(), a.covariance(), b.mean(), b.covariance()), theirs, rel_tol=1e-6)
