@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any, Callable, Mapping
 
 
@@ -23,6 +25,23 @@ def parse_key_values(argv: list[str], options: Mapping[str, Callable[[str], Any]
         except ValueError:
             raise UsageError(f"{arg}: not a valid {key}") from None
     return opts
+
+
+def run_main(body: Callable[[list[str]], Any], argv: list[str] | None = None) -> int:
+    """A script's exit status for ``body(argv)`` (``argv``: the command line when None): 0 when it
+    returns; 1 with one ``error:`` line for a user error (bad argument, config or data), which
+    ``HYDRA_FULL_ERROR=1`` shows as a traceback instead."""
+    from diffusion_train.train import one_line_error
+
+    try:
+        body(list(sys.argv[1:] if argv is None else argv))
+    except Exception as e:
+        msg = one_line_error(e)
+        if msg is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {msg}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def human_bytes(n: float) -> str:

@@ -66,7 +66,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffusion_train.cli import UsageError, parse_key_values  # noqa: E402
+from diffusion_train.cli import UsageError, parse_key_values, run_main  # noqa: E402
 from diffusion_train.data.shards import read_manifest, write_shards  # noqa: E402
 
 MODES = ("jpeg", "latent")
@@ -334,18 +334,7 @@ def bench(opts: dict) -> list[tuple[str, str, dict]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from diffusion_train.train import one_line_error
-
-    try:
-        opts = parse_args(list(sys.argv[1:] if argv is None else argv))
-        bench(opts)
-    except Exception as e:
-        msg = one_line_error(e)
-        if msg is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {msg}", file=sys.stderr)
-        return 1
-    return 0
+    return run_main(lambda args: bench(parse_args(args)), argv)
 
 
 if __name__ == "__main__":

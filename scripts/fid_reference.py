@@ -29,7 +29,6 @@ exits with status 1 and one ``error:`` line.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections import Counter
@@ -41,7 +40,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffusion_train.cli import UsageError, parse_key_values  # noqa: E402
+from diffusion_train.cli import UsageError, parse_key_values, run_main  # noqa: E402
 from diffusion_train.metrics.fid import (EXTRACTORS, FeatureStats, build_extractor, frechet_distance,  # noqa: E402
                                          load_reference, metric_name, save_reference)
 
@@ -152,17 +151,7 @@ def fid_reference(opts: dict[str, Any], log=print) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from diffusion_train.train import one_line_error
-
-    try:
-        fid_reference(parse_args(list(sys.argv[1:] if argv is None else argv)))
-    except Exception as e:
-        msg = one_line_error(e)
-        if msg is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {msg}", file=sys.stderr)
-        return 1
-    return 0
+    return run_main(lambda args: fid_reference(parse_args(args)), argv)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffusion_train.cli import UsageError, human_bytes, parse_key_values  # noqa: E402
+from diffusion_train.cli import UsageError, human_bytes, parse_key_values, run_main  # noqa: E402
 from diffusion_train.data.fashion_mnist import CLASSES, Captioner, load_split  # noqa: E402
 from diffusion_train.data.folder import _flatten_alpha, list_images  # noqa: E402
 from diffusion_train.data.shards import IMAGE_FORMATS, encode_image, write_shards  # noqa: E402
@@ -422,18 +422,7 @@ def make_shards(opts: dict, log: Callable[[str], None] = print) -> tuple[dict, l
 
 
 def main(argv: list[str] | None = None) -> int:
-    from diffusion_train.train import one_line_error
-
-    try:
-        opts = parse_args(list(sys.argv[1:] if argv is None else argv))
-        make_shards(opts, log=lambda s: print(s, flush=True))
-    except Exception as e:
-        msg = one_line_error(e)
-        if msg is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {msg}", file=sys.stderr)
-        return 1
-    return 0
+    return run_main(lambda args: make_shards(parse_args(args), log=lambda s: print(s, flush=True)), argv)
 
 
 if __name__ == "__main__":
