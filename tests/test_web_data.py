@@ -536,3 +536,23 @@ def test_training_counts_epochs_of_epoch_batches(tmp_path):
         "trainer.max_steps=6", "trainer.val_check_interval=100"]
     trainer = train(compose_train(overrides, tmp_path / "run"), tmp_path / "run")
     assert trainer.global_step == 6 and trainer.current_epoch == 2  # two epochs of 3 (an endless one: 1)
+
+
+@pytest.mark.slow
+def test_bench_data_script_measures_both_modes(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    args = ["mode=all", "images=40", "latents=200", "per_shard=20", "batch_size=8", "resolution=64", "seconds=0.3",
+            "warmup=1", "workers=1", "shuffle_buffer=8", "short_side=80", f"dir={tmp_path}"]
+    out = subprocess.run([sys.executable, str(root / "scripts/bench_data.py"), *args], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line for line in out.stdout.splitlines() if "samples/s" in line]
+    assert [line.split()[:2] for line in lines] == [["jpeg", "workers=0"], ["jpeg", "workers=1"],
+                                                    ["latent", "workers=0"], ["latent", "workers=1"]]
+    assert "resized to short side 80" in out.stdout
+    bad = subprocess.run([sys.executable, str(root / "scripts/bench_data.py"), "mode=nope"], capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)
+    assert bad.returncode == 1 and bad.stderr.strip() == "error: mode=nope: valid: jpeg, latent, all"
