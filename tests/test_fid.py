@@ -222,7 +222,7 @@ def test_no_tf32_with_the_per_backend_precision_api():
     """Precision set with the fp32_precision API (where the global getter raises) is restored in that API."""
     code = (
         "import torch\n"
-        "from diffusion_train.metrics.inception import no_tf32\n"
+        "from diffusion_train.metrics.base import no_tf32\n"
         "b = torch.backends\n"
         "b.cuda.matmul.fp32_precision = 'tf32'; b.cudnn.conv.fp32_precision = 'tf32'\n"
         "with no_tf32():\n"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
+import torch
 from torch import nn
 
 
@@ -24,3 +26,29 @@ class FeatureExtractor(nn.Module):
     @property
     def provenance(self) -> dict[str, Any]:
         raise NotImplementedError
+
+
+@contextlib.contextmanager
+def no_tf32() -> Iterator[None]:
+    """TF32 off for float32 matmuls and cuDNN convolutions inside; the previous settings restored after."""
+    backends = torch.backends
+    try:
+        precision = torch.get_float32_matmul_precision()
+    except RuntimeError:  # precision set per backend (fp32_precision API): stay with that API
+        precision = None
+    if precision is not None:
+        cudnn = backends.cudnn.allow_tf32
+        torch.set_float32_matmul_precision("highest")
+        backends.cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(precision)
+            backends.cudnn.allow_tf32 = cudnn
+        return
+    matmul, conv = backends.cuda.matmul.fp32_precision, backends.cudnn.conv.fp32_precision
+    backends.cuda.matmul.fp32_precision, backends.cudnn.conv.fp32_precision = "ieee", "ieee"
+    try:
+        yield
+    finally:
+        backends.cuda.matmul.fp32_precision, backends.cudnn.conv.fp32_precision = matmul, conv

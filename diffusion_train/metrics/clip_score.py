@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_train.conditioning.clip import load_open_clip
-from diffusion_train.metrics.inception import no_tf32
+from diffusion_train.metrics.base import no_tf32
 
 # open_clip's OpenAI normalization, used when the model's preprocess config gives none
 OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)

@@ -25,27 +25,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_train.conditioning.weights import one_line, tensors_sha256
-from diffusion_train.metrics.base import FeatureExtractor
+from diffusion_train.metrics.base import FeatureExtractor, no_tf32
 
 SIZE = 28
 NUM_CLASSES = 10
 INPUT_RULE = "28x28 gray; 32x32 inputs centre-cropped"
 META_KEY = "diffusion_train.fmnist_net"
 LUMA = (0.299, 0.587, 0.114)
-
-
-@contextmanager
-def exact_fp32() -> Iterator[None]:
-    """fp32 matmuls and cuDNN convolutions without TF32 (or lower) precision, restored afterwards."""
-    matmul = torch.get_float32_matmul_precision()
-    conv = torch.backends.cudnn.conv.fp32_precision
-    torch.set_float32_matmul_precision("highest")
-    torch.backends.cudnn.conv.fp32_precision = "ieee"
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.conv.fp32_precision = conv
-        torch.set_float32_matmul_precision(matmul)
 
 
 def to_input(images: Tensor) -> Tensor:
@@ -107,7 +93,7 @@ class FMNISTNet(FeatureExtractor):
         was_training = self.training
         self.train(False)
         try:
-            with torch.no_grad(), torch.autocast(self.head.weight.device.type, enabled=False), exact_fp32():
+            with torch.no_grad(), torch.autocast(self.head.weight.device.type, enabled=False), no_tf32():
                 yield
         finally:
             self.train(was_training)

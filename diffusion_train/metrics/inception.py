@@ -8,48 +8,21 @@ an untrusted file; here the network is built without weights and the file is rea
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import io
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from diffusion_train.conditioning.weights import one_line, sha256_files
-from diffusion_train.metrics.base import FeatureExtractor
+from diffusion_train.metrics.base import FeatureExtractor, no_tf32
 
 INPUT_SIZE = 299
 _BUILD_ONLY = "diffusion_train:build_only"
-
-
-@contextlib.contextmanager
-def no_tf32() -> Iterator[None]:
-    """TF32 off for float32 matmuls and cuDNN convolutions inside; the previous settings restored after."""
-    backends = torch.backends
-    try:
-        precision = torch.get_float32_matmul_precision()
-    except RuntimeError:  # precision set per backend (fp32_precision API): stay with that API
-        precision = None
-    if precision is not None:
-        cudnn = backends.cudnn.allow_tf32
-        torch.set_float32_matmul_precision("highest")
-        backends.cudnn.allow_tf32 = False
-        try:
-            yield
-        finally:
-            torch.set_float32_matmul_precision(precision)
-            backends.cudnn.allow_tf32 = cudnn
-        return
-    matmul, conv = backends.cuda.matmul.fp32_precision, backends.cudnn.conv.fp32_precision
-    backends.cuda.matmul.fp32_precision, backends.cudnn.conv.fp32_precision = "ieee", "ieee"
-    try:
-        yield
-    finally:
-        backends.cuda.matmul.fp32_precision, backends.cudnn.conv.fp32_precision = matmul, conv
 
 
 @functools.lru_cache(maxsize=None)
