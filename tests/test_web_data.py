@@ -556,3 +556,48 @@ def test_bench_data_script_measures_both_modes(tmp_path):
     bad = subprocess.run([sys.executable, str(root / "scripts/bench_data.py"), "mode=nope"], capture_output=True,
                          text=True, timeout=120, cwd=tmp_path)
     assert bad.returncode == 1 and bad.stderr.strip() == "error: mode=nope: valid: jpeg, latent, all"
+
+
+def test_each_rank_saves_only_its_own_readers_positions(tmp_path, monkeypatch):
+    """After a resume every rank holds all loaded positions; only its own readers' are current, so
+    only those go into the gathered checkpoint state (else a stale copy could win the merge)."""
+    pattern = make_shards(tmp_path, n_shards=4, per_shard=10)
+    dm = WebDataModule(pattern, resolution=8, channels=1, resampled=False, num_workers=2)
+    dm.positions = {r: {"reader": r, "pass": 0, "emitted": 10 * r, "pending": []} for r in range(4)}
+    monkeypatch.setattr(WebDataModule, "_rank_world", lambda self: (1, 2))
+    assert sorted(dm.state_dict()["positions"]) == [2, 3]
+    monkeypatch.setattr(WebDataModule, "_rank_world", lambda self: (0, 2))
+    assert sorted(dm.state_dict()["positions"]) == [0, 1]
+
+
+@pytest.mark.slow
+def test_ddp_exact_mode_resumes_bit_identically_twice(tmp_path):
+    """2 ranks (DDP on CPU, gloo) x 2 workers, exact mode: 3 + 3 + 3 steps with two resumes give the
+    weights of 9 steps straight; each rank's readers continue from their saved positions."""
+    import subprocess
+    import sys
+
+    from diffusion_train.training.checkpointing import load_checkpoint
+
+    make_shards(tmp_path / "shards", n_shards=8, per_shard=30)
+    args = ["experiment=smoke", "logger=csv", "trainer.devices=2", "+trainer.strategy=ddp", "trainer.accelerator=cpu",
+            "data=webdataset", f"data.sources='{tmp_path}/shards/train-{{000000..000007}}.tar'", "data.resolution=8",
+            "data.channels=1", "data.num_classes=10", "data.batch_size=4", "data.resampled=false",
+            "data.num_workers=2", "data.shuffle_buffer=6", "data.flip=true", "data.val_shards=null",
+            "callbacks.sample_grid.every_n_steps=1000", "callbacks.checkpoint.every_n_train_steps=3",
+            "trainer.val_check_interval=1000"]
+
+    def run(name: str, steps: int) -> dict:
+        out = subprocess.run([sys.executable, "-m", "diffusion_train.train", *args, f"hydra.run.dir={tmp_path / name}",
+                              f"trainer.max_steps={steps}"], capture_output=True, text=True, timeout=300,
+                             cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return load_checkpoint(tmp_path / name / "checkpoints/last.ckpt")
+
+    straight = run("straight", 9)
+    for steps in (3, 6, 9):
+        resumed = run("resumed", steps)
+    assert straight["global_step"] == resumed["global_step"] == 9
+    assert all(torch.equal(straight["state_dict"][k], resumed["state_dict"][k]) for k in straight["state_dict"])
+    assert straight["WebDataModule"]["positions"] == resumed["WebDataModule"]["positions"]
+    assert sorted(resumed["WebDataModule"]["positions"]) == [0, 1, 2, 3]

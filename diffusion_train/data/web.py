@@ -650,10 +650,17 @@ class WebDataModule(L.LightningDataModule):
         """What exact-mode positions depend on: world size, workers per rank, number of shards."""
         return [self._rank_world()[1], max(1, self.num_workers), sum(len(urls) for urls, _ in self.sources)]
 
+    def _own_positions(self) -> dict[int, dict]:
+        """The positions of this rank's readers (global reader index // workers per rank == rank):
+        after a resume the module also holds the other ranks' loaded positions, which only their own
+        ranks keep up to date."""
+        rank, workers = self._rank_world()[0], max(1, self.num_workers)
+        return {r: p for r, p in self.positions.items() if r // workers == rank}
+
     def state_dict(self) -> dict:
         """The data position (exact mode) and the bad-sample counts of every rank, gathered for the
         checkpoint (Lightning calls this on every rank)."""
-        mine = {"positions": self.positions, "skipped": dict(self.skip_counts), "used": self.samples_used}
+        mine = {"positions": self._own_positions(), "skipped": dict(self.skip_counts), "used": self.samples_used}
         ranks = [mine]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             ranks = [None] * torch.distributed.get_world_size()
