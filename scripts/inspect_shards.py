@@ -44,6 +44,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from braceexpand import braceexpand
 from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -57,23 +58,6 @@ SHOW = 5  # keys shown per problem
 
 
 
-def expand_braces(pattern: str) -> list[str]:
-    """``a-{000..002}.tar`` -> a-000.tar, a-001.tar, a-002.tar; ``{x,y}`` -> x, y (nesting: left to right)."""
-    m = re.search(r"\{([^{}]*)\}", pattern)
-    if not m:
-        return [pattern]
-    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end():]
-    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if rng:
-        a, b = rng.groups()
-        width = max(len(a), len(b)) if (a.startswith("0") or b.startswith("0")) else 0
-        step = 1 if int(b) >= int(a) else -1
-        items = [f"{i:0{width}d}" for i in range(int(a), int(b) + step, step)]
-    else:
-        items = body.split(",")
-    return [out for item in items for out in expand_braces(head + item + tail)]
-
-
 def resolve_shards(target: str) -> tuple[list[Path], dict | None]:
     """(shard paths, manifest or None) of a folder, a brace pattern, a glob or a file."""
     path = Path(target).expanduser()
@@ -82,7 +66,7 @@ def resolve_shards(target: str) -> tuple[list[Path], dict | None]:
         manifest = read_manifest(path)
         return [folder / s["path"] for s in manifest["shards"]], manifest
     if "{" in target:
-        paths = [Path(p).expanduser() for p in expand_braces(target)]
+        paths = [Path(p).expanduser() for p in braceexpand(target)]
         if not any(p.is_file() for p in paths):
             raise FileNotFoundError(f"none of the {len(paths)} shards of {target} exist")
         return paths, None

@@ -366,12 +366,6 @@ def test_inspect_reports_corrupt_and_truncated_shards(tmp_path, capsys):
     assert capsys.readouterr().err.startswith(f"error: no shard manifest {tmp_path / 'empty' / 'manifest.json'}")
 
 
-def test_expand_braces():
-    assert inspect_.expand_braces("d/train-{000008..000011}.tar") == [f"d/train-{i:06d}.tar" for i in range(8, 12)]
-    assert inspect_.expand_braces("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
-    assert inspect_.expand_braces("plain.tar") == ["plain.tar"]
-
-
 def _run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=120)
@@ -416,3 +410,12 @@ def test_short_side_shrinks_large_images_and_keeps_jpeg(tmp_path):
     assert PILImage.open(io.BytesIO(data)).size == (432, 288)
     ext, data, w, h = mod.read_image_file(small, "png", short_side=288)
     assert ext == "png" and data == small.read_bytes()  # already small: stored byte for byte
+
+
+def test_inspect_resolves_brace_patterns(tmp_path):
+    for i in range(8, 12):
+        (tmp_path / f"train-{i:06d}.tar").write_bytes(b"")
+    paths, manifest = inspect_.resolve_shards(str(tmp_path / "train-{000008..000011}.tar"))
+    assert paths == [tmp_path / f"train-{i:06d}.tar" for i in range(8, 12)] and manifest is None
+    with pytest.raises(FileNotFoundError, match="none of the 2 shards"):
+        inspect_.resolve_shards(str(tmp_path / "val-{0..1}.tar"))
