@@ -238,3 +238,14 @@ def test_fid_reference_against_prints_the_distance_between_two_references(extrac
     b = load_reference(tmp_path / "test.safetensors", net.provenance)
     line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("fd/fmnist_net_40 of fashion_mnist test")]
     assert len(line) == 1 and line[0].endswith(f"{frechet_distance(b[0], b[1], a[0], a[1]):.4f}")
+
+
+def test_a_text_model_without_prompts_for_the_callback_is_refused_before_training(extractor_files, tmp_path):
+    weights, reference = extractor_files
+    run = tmp_path / "run"
+    cfg = compose_train([o for o in TINY if not o.startswith("data=")] + [
+        "data=fashion_mnist_captions", "data.batch_size=4", "data.val_size=8", "conditioning=clip_tiny",
+        "+callbacks/fid=fmnist_net", f"callbacks.fid.weights={weights}", f"callbacks.fid.reference={reference}"], run)
+    with pytest.raises(ValueError, match=r"callbacks.fid: the model is conditioned on text \('caption'\): give prompts"):
+        train(cfg, run)
+    assert not (run / "checkpoints").exists()

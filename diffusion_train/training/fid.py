@@ -49,7 +49,11 @@ class FrechetDistance(L.Callback):
         self._last_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
-        if self.extractor is None:  # fails before the first step: a missing file, another extractor's reference
+        try:  # fails before the first step: prompts missing for a text model, or given to another one
+            pl_module.conditioner.input_pools(prompts=self.prompts)
+        except ValueError as e:
+            raise ValueError(f"callbacks.fid: {e}") from None
+        if self.extractor is None:  # a missing file, another extractor's reference
             self.extractor = build_extractor(self.extractor_name, self.weights)
             mu, sigma, _ = load_reference(self.reference_path, self.extractor.provenance)
             self.reference = (mu, sigma)
