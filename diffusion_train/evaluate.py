@@ -7,13 +7,12 @@ from pathlib import Path
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_train.metrics.fid import build_extractor, load_reference
 from diffusion_train.metrics.generated import evaluate_generated
+from diffusion_train.sample import load_for_sampling
 from diffusion_train.train import user_errors_as_one_line
-from diffusion_train.training.build import load_module
 from diffusion_train.training.images import save_grid
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -22,11 +21,8 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 def evaluate(cfg: DictConfig) -> dict:
     """Samples ``num_samples`` images from the checkpoint, writes ``metrics.json`` and ``grid.png`` to
     ``out_dir`` and returns the metrics."""
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     if int(cfg.num_samples) < 2:
         raise ValueError(f"num_samples must be >= 2, got {cfg.num_samples}")
-    if not Path(cfg.ckpt).is_file():
-        raise FileNotFoundError(f"checkpoint {cfg.ckpt} does not exist")
     extractor = build_extractor(cfg.extractor, cfg.extractor_weights)
     mu, sigma, reference = load_reference(cfg.reference, extractor.provenance)
     clip = None
@@ -34,10 +30,7 @@ def evaluate(cfg: DictConfig) -> dict:
         from diffusion_train.metrics.clip_score import CLIPScore
 
         clip = CLIPScore(**OmegaConf.to_container(cfg.clip, resolve=True))
-    module = load_module(cfg.ckpt, cfg.weights).to(device)
-    sampler = instantiate(cfg.sampler, _convert_="all")
-    guidance = {"guidance_interval": None if cfg.guidance_interval is None else list(cfg.guidance_interval),
-                "guidance_rescale": float(cfg.guidance_rescale)}
+    device, module, sampler, guidance = load_for_sampling(cfg)
     with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
         metrics, images = evaluate_generated(
             module, extractor, sampler, int(cfg.num_samples), (mu.to(device), sigma.to(device)),

@@ -10,7 +10,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from diffusion_train.diffusion import per_image_generators, randn
+from diffusion_train.diffusion import Sampler
 from diffusion_train.train import user_errors_as_one_line
 from diffusion_train.training.build import load_module
 from diffusion_train.training.images import save_grid
@@ -37,33 +37,36 @@ def backbone_size(module: DiffusionModule, height: int | None, width: int | None
     return size[0], size[1]
 
 
-def generate(cfg: DictConfig) -> list[Path]:
+def load_for_sampling(cfg: DictConfig) -> tuple[str, DiffusionModule, Sampler, dict]:
+    """(device, the checkpoint's module with the chosen weights, the sampler, the guidance options) of
+    a ``diffusion-sample`` / ``diffusion-eval`` config; one-line errors for a bad step count or a
+    missing checkpoint."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     if int(cfg.sampler.steps) < 1:
         raise ValueError(f"sampler.steps must be >= 1, got {cfg.sampler.steps}")
     if not Path(cfg.ckpt).is_file():
         raise FileNotFoundError(f"checkpoint {cfg.ckpt} does not exist")
     module = load_module(cfg.ckpt, cfg.weights).to(device)
-    size = backbone_size(module, cfg.height, cfg.width)
     sampler = instantiate(cfg.sampler, _convert_="all")
     interval = None if cfg.guidance_interval is None else [float(v) for v in cfg.guidance_interval]
-    guidance = {"guidance_interval": interval, "guidance_rescale": float(cfg.guidance_rescale)}
+    return device, module, sampler, {"guidance_interval": interval, "guidance_rescale": float(cfg.guidance_rescale)}
+
+
+def generate(cfg: DictConfig) -> list[Path]:
+    device, module, sampler, guidance = load_for_sampling(cfg)
+    size = backbone_size(module, cfg.height, cfg.width)
     batches = range(0, cfg.num_images, cfg.batch_size)
     if cfg.progress:
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc=f"{cfg.num_images} images", unit="batch")
     inputs = module.conditioner.sample_inputs(cfg.num_images, cfg.labels, cfg.prompts)
-    net = module.backbone
     images = []
     for start in batches:
         idx = list(range(start, min(start + cfg.batch_size, cfg.num_images)))
-        gens = per_image_generators([cfg.seed + i for i in idx], device)
-        noise = randn((len(idx), net.in_channels, *size), gens, device)
-        batch = {k: v[idx] if isinstance(v, torch.Tensor) else [v[i] for i in idx] for k, v in inputs.items()}
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            images.append(module.sample(noise, batch, sampler, cfg.guidance_scale, generator=gens,
-                                        **guidance).cpu())
+            images.append(module.sample_seeded(idx, inputs, sampler, cfg.guidance_scale, cfg.seed, size,
+                                               **guidance).cpu())
     images = torch.cat(images)
     out = Path(cfg.out_dir)
     paths = [save_grid(images[i:i + 1], out / "images" / f"{cfg.seed + i:06d}.png", ncol=1, pad=0)

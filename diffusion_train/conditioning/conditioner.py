@@ -148,3 +148,8 @@ class Conditioner(nn.Module):
     def _device(self) -> torch.device:
         p = next(self.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
+
+
+def select_inputs(inputs: dict, indices: list[int]) -> dict:
+    """The entries ``indices`` of each conditioning input of :meth:`Conditioner.sample_inputs`."""
+    return {k: v[indices] if isinstance(v, Tensor) else [v[i] for i in indices] for k, v in inputs.items()}

@@ -8,7 +8,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from diffusion_train.diffusion import Sampler, per_image_generators, randn
+from diffusion_train.conditioning.conditioner import select_inputs
+from diffusion_train.diffusion import Sampler
 from diffusion_train.metrics.base import FeatureExtractor
 from diffusion_train.metrics.fid import FeatureStats, count_label, frechet_distance, metric_name
 
@@ -41,7 +42,6 @@ def evaluate_generated(module, extractor: FeatureExtractor, sampler: Sampler, nu
     device = next(module.parameters()).device
     extractor = extractor.to(device)
     inputs = module.conditioner.sample_inputs(num_samples, labels, prompts)
-    net = module.backbone
     stats = FeatureStats(extractor.feature_dim, device=device)
     hits = torch.zeros(2, dtype=torch.float64, device=device)  # (classified as requested, labelled)
     scores = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of CLIP scores, images scored)
@@ -51,10 +51,8 @@ def evaluate_generated(module, extractor: FeatureExtractor, sampler: Sampler, nu
     mine = list(range(rank, num_samples, world))
     for start in range(0, len(mine), batch_size):
         idx = mine[start:start + batch_size]
-        gens = per_image_generators([seed + i for i in idx], device)
-        noise = randn((len(idx), net.in_channels, net.input_size, net.input_size), gens, device)
-        batch = {k: v[idx] if isinstance(v, Tensor) else [v[i] for i in idx] for k, v in inputs.items()}
-        images = module.sample(noise, batch, sampler, guidance_scale, generator=gens, **(guidance or {})).float()
+        batch = select_inputs(inputs, idx)
+        images = module.sample_seeded(idx, inputs, sampler, guidance_scale, seed, **(guidance or {})).float()
         stats.update(extractor(images))
         if "label" in batch and hasattr(extractor, "logits"):
             requested = batch["label"].to(device)

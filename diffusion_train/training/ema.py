@@ -116,3 +116,13 @@ class EMA(L.Callback):
 
 def find_ema(trainer: L.Trainer) -> EMA | None:
     return next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
+
+
+@contextlib.contextmanager
+def sampling_weights(trainer: L.Trainer, module: nn.Module) -> Iterator[None]:
+    """The weights callbacks sample with: the EMA callback's sampling decay swapped in (the raw weights
+    without an EMA callback), in the trainer's precision context."""
+    ema = find_ema(trainer)
+    with (ema.swapped(module) if ema is not None else contextlib.nullcontext()), \
+            trainer.precision_plugin.forward_context():
+        yield

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 from diffusion_train.diffusion import Sampler
 from diffusion_train.metrics.fid import build_extractor, load_reference
 from diffusion_train.metrics.generated import evaluate_generated
-from diffusion_train.training.ema import find_ema
+from diffusion_train.training.ema import sampling_weights
 
 
 class FrechetDistance(L.Callback):
@@ -72,10 +71,8 @@ class FrechetDistance(L.Callback):
 
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module) -> dict[str, float]:
-        ema = find_ema(trainer)
-        swap = ema.swapped(pl_module) if ema is not None else contextlib.nullcontext()
         reference = tuple(t.to(pl_module.device) for t in self.reference)
-        with swap, trainer.precision_plugin.forward_context():
+        with sampling_weights(trainer, pl_module):
             metrics, _ = evaluate_generated(pl_module, self.extractor, self.sampler, self.num_samples, reference,
                                             batch_size=self.batch_size, guidance_scale=self.guidance_scale,
                                             seed=self.seed, prompts=self.prompts, guidance=self.guidance,

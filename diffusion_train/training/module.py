@@ -12,9 +12,10 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_train.conditioning import Cond, Conditioner
+from diffusion_train.conditioning.conditioner import select_inputs
 from diffusion_train.conditioning.autoencoder import Autoencoder
 from diffusion_train.data.samplers import mix_seed
-from diffusion_train.diffusion import GaussianDiffusion, Sampler
+from diffusion_train.diffusion import GaussianDiffusion, Sampler, per_image_generators, randn
 
 
 class NonFiniteLossError(RuntimeError):
@@ -166,6 +167,17 @@ class DiffusionModule(L.LightningModule):
 
     # -- sampling --------------------------------------------------------------------------------
     @torch.no_grad()
+    def sample_seeded(self, indices: list[int], inputs: dict, sampler: Sampler, guidance_scale: float = 1.0,
+                      seed: int = 0, size: tuple[int, int] | None = None, **guidance) -> Tensor:
+        """Images ``indices`` of a set: image i starts from the noise of seed ``seed + i`` and draws any
+        stochastic sampler noise from its own generator, with the i-th entry of ``inputs`` (see
+        ``Conditioner.sample_inputs``); so image i is the same whatever the batch it is made in.
+        ``size``: the backbone's (height, width), default its training size."""
+        net = self.backbone
+        gens = per_image_generators([seed + i for i in indices], self.device)
+        noise = randn((len(indices), net.in_channels, *(size or (net.input_size, net.input_size))), gens, self.device)
+        return self.sample(noise, select_inputs(inputs, indices), sampler, guidance_scale, generator=gens, **guidance)
+
     def sample(self, noise: Tensor, cond_inputs: dict, sampler: Sampler, guidance_scale: float = 1.0,
                generator=None, progress: bool = False, **guidance) -> Tensor:
         """Images in [-1, 1] (decoded by the autoencoder) from ``noise`` for the conditioning inputs (e.g. ``{"label": ...}``);

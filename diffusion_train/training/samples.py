@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import lightning as L
 import torch
 
-from diffusion_train.diffusion import Sampler, per_image_generators, randn
-from diffusion_train.training.ema import find_ema
+from diffusion_train.diffusion import Sampler
+from diffusion_train.training.ema import sampling_weights
 from diffusion_train.training.images import save_grid
 
 
@@ -45,14 +44,9 @@ class SampleGrid(L.Callback):
     @torch.no_grad()
     def render(self, trainer: L.Trainer, pl_module) -> Path | None:
         n, inputs = self.cond_inputs(pl_module)
-        shape = (n, pl_module.backbone.in_channels, pl_module.backbone.input_size, pl_module.backbone.input_size)
-        gens = per_image_generators([self.seed + i for i in range(n)])
-        noise = randn(shape, gens)
-        ema = find_ema(trainer)
-        swap = ema.swapped(pl_module) if ema is not None else contextlib.nullcontext()
-        with swap, trainer.precision_plugin.forward_context():
-            images = pl_module.sample(noise, inputs, self.sampler, self.guidance_scale, generator=gens,
-                                      **self.guidance)
+        with sampling_weights(trainer, pl_module):
+            images = pl_module.sample_seeded(list(range(n)), inputs, self.sampler, self.guidance_scale, self.seed,
+                                             **self.guidance)
         self._last_step = trainer.global_step
         if trainer.global_rank != 0:
             return None
