@@ -95,7 +95,8 @@ def shard_batches(opts: dict[str, Any], skipped: Counter) -> Iterator[Tensor]:
     """uint8 (B, 3, R, R) batches of the shards' images in shard order (centre crop or pad); samples
     that cannot be decoded are skipped and counted."""
     from diffusion_train.data.tar_io import tar_samples
-    from diffusion_train.data.web import SampleDecoder, expand_shards
+    from diffusion_train.data.decode import SampleDecoder
+    from diffusion_train.data.web import expand_shards
 
     decoder = SampleDecoder(opts["resolution"], channels=3, label_key=None, caption_key=None, resize=opts["resize"])
     limit, batch, seen = opts["limit"], [], 0

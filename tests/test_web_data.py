@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_train.data.web import (SampleDecoder, ShardStream, WebDataModule, aspect_buckets, expand_shards,
-                                      finish_batch)
+from diffusion_train.data.decode import SampleDecoder, aspect_buckets
+from diffusion_train.data.web import ShardStream, WebDataModule, expand_shards, finish_batch
 
 
 def _png(value: int, size: int = 8) -> bytes:
