@@ -23,9 +23,10 @@ from diffusion_train.data.web import BadDataError
 from diffusion_train.training import AtomicCheckpointIO, NonFiniteLossError
 from diffusion_train.training.build import build_module
 from diffusion_train.training.checkpointing import last_checkpoint, load_checkpoint, remove_stale_temp_files
-from diffusion_train.training.ema import find_ema
 from diffusion_train.training.export import export_weights
 from diffusion_train.training.loggers import ResumableCSVLogger
+from diffusion_train.training.parallel import check_devices, lr_scale, per_device_batch
+from diffusion_train.training.preemption import after_preemption, find_preemption, slurm_identity
 from diffusion_train.training.run_dir import (
     ResumeMismatchError,
     check_resumable,
@@ -72,33 +73,58 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     for lg in loggers:
         if isinstance(lg, ResumableCSVLogger):
             lg.resume_from(resume_step)
+    check_devices(cfg.trainer.get("accelerator"), cfg.trainer.get("devices"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                     plugins=[AtomicCheckpointIO()], use_distributed_sampler=False)
+                                     plugins=[AtomicCheckpointIO(), *cluster_plugins()], use_distributed_sampler=False)
 
-    global_batch = datamodule.batch_size * trainer.world_size * module.accumulate_grad_batches
+    scale = cfg.get("scale") or {}
+    accumulate = module.accumulate_grad_batches
+    datamodule.batch_size = per_device_batch(datamodule.batch_size, scale.get("global_batch"), trainer.world_size,
+                                             accumulate)
+    global_batch = datamodule.batch_size * trainer.world_size * accumulate
+    module.lr_scale = lr_scale(scale.get("lr_scaling"), global_batch, int(scale.get("lr_base_batch", 256)))
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    module.run_info = run_info(config, overrides, trainer.world_size, global_batch)
+    module.run_info = run_info(config, overrides, trainer.world_size, global_batch, slurm=slurm_identity(),
+                               per_device_batch=datamodule.batch_size, lr=float(cfg.optim.lr) * module.lr_scale)
     if trainer.global_rank == 0:
         remove_stale_temp_files(run_dir)
         write_run_files(run_dir, module.run_info)
-        log.info("run dir %s, %s, global batch %d", run_dir, f"resuming {ckpt}" if ckpt else "fresh run", global_batch)
+        log.info("run dir %s, %s, global batch %d (%d per device x %d devices x %d accumulated), lr %g", run_dir,
+                 f"resuming {ckpt}" if ckpt else "fresh run", global_batch, datamodule.batch_size,
+                 trainer.world_size, accumulate, module.run_info["lr"])
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
 
+    preemption = find_preemption(trainer)
+    if preemption is not None and preemption.stopped_by:  # checkpointed at a step boundary; requeue or exit
+        after_preemption(preemption, trainer.is_global_zero)
+        return trainer
     last = run_dir / "checkpoints" / "last.ckpt"
     if trainer.state.finished and not trainer.interrupted:
         if last_checkpoint(run_dir) is None or load_checkpoint(last)["global_step"] != trainer.global_step:
             trainer.save_checkpoint(last)
         if trainer.global_rank == 0:
-            export_weights(module, find_ema(trainer), run_dir / "weights",
+            state = load_checkpoint(last)
+            export_weights(state["state_dict"], state.get("ema"), run_dir / "weights",
                            {"global_step": trainer.global_step, "config": config})
     return trainer
+
+
+def cluster_plugins() -> list:
+    """Under Slurm, Lightning's Slurm environment without its own requeue handler (it saves inside the
+    signal handler); the ``Preemption`` callback checkpoints at a step boundary and requeues instead."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
     with user_errors_as_one_line():
-        train(cfg, cfg.run_dir)
+        trainer = train(cfg, cfg.run_dir)
+    preemption = find_preemption(trainer)
+    if preemption is not None and preemption.stopped_by:
+        sys.exit(128 + preemption.signum)  # stopped by a signal, checkpoint safe: the shell's convention
 
 
 def one_line_error(e: BaseException) -> str | None:

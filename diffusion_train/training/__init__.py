@@ -1,11 +1,13 @@
-"""Training: the LightningModule, callbacks (EMA, samples, Fréchet distance, throughput), checkpoints, loggers."""
+"""Training: the LightningModule, callbacks (EMA, samples, Fréchet distance, throughput, preemption), checkpoints,
+loggers."""
 
 from diffusion_train.training.checkpointing import AtomicCheckpointIO, atomic_torch_save
 from diffusion_train.training.ema import EMA
 from diffusion_train.training.fid import FrechetDistance
 from diffusion_train.training.module import DiffusionModule, NonFiniteLossError
+from diffusion_train.training.preemption import Preemption
 from diffusion_train.training.samples import SampleGrid
 from diffusion_train.training.throughput import Throughput
 
-__all__ = ["AtomicCheckpointIO", "DiffusionModule", "EMA", "FrechetDistance", "NonFiniteLossError", "SampleGrid",
+__all__ = ["AtomicCheckpointIO", "DiffusionModule", "EMA", "FrechetDistance", "NonFiniteLossError", "Preemption", "SampleGrid",
            "Throughput", "atomic_torch_save"]

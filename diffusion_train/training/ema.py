@@ -9,6 +9,8 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from diffusion_train.training.parallel import full_tensor, like, local
+
 
 class EMA(L.Callback):
     """Keeps fp32 EMA copies of every trainable parameter of the LightningModule.
@@ -56,8 +58,7 @@ class EMA(L.Callback):
                 raise ValueError(f"checkpoint EMA (decays {state['decays']}) does not match this run "
                                  f"(decays {self.decays}, missing {missing[:3]})")
             self.num_updates = int(state["num_updates"])
-            self.weights = {d: [state["weights"][str(d)][n].to(p.device, torch.float32) for n, p in named]
-                            for d in self.decays}
+            self.weights = {d: [like(state["weights"][str(d)][n].float(), p) for n, p in named] for d in self.decays}
         else:
             self.weights = {d: [p.detach().float().clone() for _, p in named] for d in self.decays}
 
@@ -65,10 +66,11 @@ class EMA(L.Callback):
     def update(self, module: nn.Module) -> None:
         if not self.weights:
             self._init(module)
-        params = [p.detach().float() if p.dtype != torch.float32 else p.detach() for _, p in self._named_params(module)]
+        params = [local(p.detach()) for _, p in self._named_params(module)]
+        params = [p.float() if p.dtype != torch.float32 else p for p in params]
         self.num_updates += 1
         for d, ema in self.weights.items():
-            torch._foreach_lerp_(ema, params, 1.0 - self.decay_at(d, self.num_updates))
+            torch._foreach_lerp_([local(w) for w in ema], params, 1.0 - self.decay_at(d, self.num_updates))
 
     # -- Lightning hooks ---------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -84,8 +86,9 @@ class EMA(L.Callback):
                 self.update(pl_module)
 
     def state(self) -> dict:
+        """Whole fp32 tensors on the CPU; with a sharded model (FSDP) a collective call: every rank calls it."""
         return {"decays": self.decays, "num_updates": self.num_updates,
-                "weights": {str(d): {n: w.detach().cpu() for n, w in zip(self.names, ws)}
+                "weights": {str(d): {n: full_tensor(w.detach()).cpu() for n, w in zip(self.names, ws)}
                             for d, ws in self.weights.items()}}
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
@@ -102,16 +105,16 @@ class EMA(L.Callback):
         """Temporarily loads the EMA weights of ``decay`` into ``module`` (raw weights restored after)."""
         if not self.weights:
             self._init(module)
-        named = self._named_params(module)
-        backup = [p.detach().clone() for _, p in named]
+        params = [local(p.detach()) for _, p in self._named_params(module)]  # a sharded model: this rank's shards
+        backup = [p.clone() for p in params]
         with torch.no_grad():
-            torch._foreach_copy_([p for _, p in named], [w.to(p.dtype) for w, (_, p) in
-                                                         zip(self.weights[decay or self.sample_decay], named)])
+            torch._foreach_copy_(params, [local(w).to(p.dtype) for w, p in
+                                          zip(self.weights[decay or self.sample_decay], params)])
         try:
             yield
         finally:
             with torch.no_grad():
-                torch._foreach_copy_([p for _, p in named], backup)
+                torch._foreach_copy_(params, backup)
 
 
 def find_ema(trainer: L.Trainer) -> EMA | None:

@@ -7,27 +7,23 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from torch import nn
-
-from diffusion_train.training.ema import EMA
 
 
-def export_weights(module: nn.Module, ema: EMA | None, out_dir: str | Path, metadata: dict | None = None) -> list[Path]:
-    """Writes ``raw.safetensors`` (the module's state dict) and ``ema_<decay>.safetensors`` (the same
-    state dict with each EMA average in place of the trained parameters)."""
+def export_weights(state_dict: dict, ema: dict | None, out_dir: str | Path, metadata: dict | None = None) -> list[Path]:
+    """Writes ``raw.safetensors`` (the module's state dict, as a checkpoint's ``state_dict`` holds it) and
+    ``ema_<decay>.safetensors`` (the same with each EMA average, ``checkpoint["ema"]``, in place of the
+    trained parameters). Exported from the checkpoint, so a sharded model (FSDP) exports whole."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = module.state_dict()
-    extra = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}  # e.g. text-encoder provenance
+    extra = {k: v for k, v in state_dict.items() if not isinstance(v, torch.Tensor)}  # e.g. text-encoder provenance
     meta = {"format": "pt", "diffusion_train": json.dumps(metadata or {}, default=str),
             "extra_state": json.dumps(extra, default=str)}
-    raw = _unshared({k: v.detach().cpu().contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)})
+    raw = _unshared({k: v.detach().cpu().contiguous() for k, v in state_dict.items() if isinstance(v, torch.Tensor)})
     written = [_save(raw, out_dir / "raw.safetensors", meta)]
-    if ema is not None and ema.weights:
-        for decay, weights in ema.weights.items():
-            state = dict(raw)
-            state.update({n: w.detach().cpu().contiguous() for n, w in zip(ema.names, weights)})
-            written.append(_save(state, out_dir / f"ema_{decay}.safetensors", meta))
+    for decay, weights in ((ema or {}).get("weights") or {}).items():
+        state = dict(raw)
+        state.update({n: w.detach().cpu().contiguous() for n, w in weights.items()})
+        written.append(_save(state, out_dir / f"ema_{decay}.safetensors", meta))
     return written
 
 

@@ -70,17 +70,21 @@ def wandb_mode(mode: str) -> str:
 
 
 def persistent_run_id(run_dir: str | os.PathLike, filename: str = "wandb_id.txt") -> str:
-    """The W&B run id stored in the run directory (created once, never changed)."""
+    """The W&B run id stored in the run directory: created once, never changed, so a resumed or
+    requeued run continues the same W&B run. Several processes may ask at once (the ranks of a job):
+    the id is written to a temp file and linked into place, so every reader sees the whole id."""
     path = Path(run_dir) / filename
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        return path.read_text().strip()
-    run_id = secrets.token_hex(4)
-    with os.fdopen(fd, "w") as f:
-        f.write(run_id + "\n")
-    return run_id
+    if not path.is_file():
+        tmp = path.with_name(f".{filename}.{os.getpid()}.{secrets.token_hex(4)}")
+        tmp.write_text(secrets.token_hex(4) + "\n")
+        try:
+            os.link(tmp, path)  # atomic; fails if another process got there first
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    return path.read_text().strip()
 
 
 def wandb_logger(save_dir: str, name: str, project: str = "diffusion_train", mode: str = "auto",

@@ -16,6 +16,7 @@ from diffusion_train.conditioning.conditioner import select_inputs
 from diffusion_train.conditioning.autoencoder import Autoencoder
 from diffusion_train.data.samplers import mix_seed
 from diffusion_train.diffusion import GaussianDiffusion, Sampler, per_image_generators, randn
+from diffusion_train.training.parallel import full_tensor
 
 
 class NonFiniteLossError(RuntimeError):
@@ -37,8 +38,11 @@ class DiffusionModule(L.LightningModule):
     ``found_inf`` input), counted, and ``max_nonfinite_steps`` skipped steps in a row stop the run
     (checked every ``trainer.log_every_n_steps`` steps) before any bad update reaches the weights.
 
-    The noise, timesteps and CFG dropout of each micro-batch come from a generator seeded by
-    (seed, step, micro-batch, rank), so a resumed run draws exactly what an uninterrupted one would.
+    The noise, timesteps and CFG dropout of each micro-batch come from a generator seeded by (seed, step,
+    global micro-batch index), the index being ``micro * world_size + rank``: the data streams give
+    that micro-batch the same samples whatever the split (see ``InfiniteBatchSampler``), so a resumed
+    run draws exactly what an uninterrupted one would, and W devices with A accumulation steps train
+    exactly as W*A micro-batches in a row on one device (up to float summation order).
     """
 
     def __init__(self, backbone: nn.Module, conditioner: Conditioner, objective: GaussianDiffusion,
@@ -56,6 +60,7 @@ class DiffusionModule(L.LightningModule):
         # The compiled wrapper is kept outside the module tree, so state dicts never carry `_orig_mod.`.
         self.__dict__["net"] = torch.compile(backbone) if compile else backbone
         self.run_info: dict = {}
+        self.lr_scale = 1.0  # set from the global batch by training.lr_scaling (see training/parallel.py)
         self._micro = 0
         self._generators: dict[torch.device, torch.Generator] = {}
         self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.long), persistent=True)
@@ -97,7 +102,7 @@ class DiffusionModule(L.LightningModule):
 
     # -- training --------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        g = self.step_generator(self.global_step, self._micro, self.global_rank)
+        g = self.step_generator(self.global_step, self._micro * self.trainer.world_size + self.global_rank)
         loss = self.loss(batch, g).mean()
         self.manual_backward(loss / self.accumulate_grad_batches)
         self._micro += 1
@@ -111,7 +116,7 @@ class DiffusionModule(L.LightningModule):
         opt = self.optimizers()
         params = self.trainable_parameters()
         max_norm = self.grad_clip if self.grad_clip else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))  # FSDP: the global norm
         nonfinite = ~torch.isfinite(grad_norm)
         inner = opt.optimizer
         if getattr(inner, "_step_supports_amp_scaling", False):
@@ -146,8 +151,16 @@ class DiffusionModule(L.LightningModule):
         scheds = self.lr_schedulers()
         return [] if scheds is None else scheds if isinstance(scheds, list) else [scheds]
 
+    def configure_model(self) -> None:
+        """Strategies that shard the model (``training.parallel.FSDP``) do it here; others have nothing to do."""
+        parallelize = getattr(self.trainer.strategy, "parallelize", None)
+        if parallelize is not None:
+            parallelize(self)
+
     def configure_optimizers(self):
         opt = self.optimizer_factory(self.trainable_parameters())
+        for group in opt.param_groups:  # before the schedule reads its base rates
+            group["lr"] *= self.lr_scale
         if self.lr_schedule_factory is None:
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_schedule_factory(opt), "interval": "step"}}

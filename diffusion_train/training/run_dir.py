@@ -70,9 +70,16 @@ def check_resumable(run_dir: str | os.PathLike, config: dict) -> tuple[Path | No
     return ckpt, int(state["global_step"])
 
 
-def run_info(config: dict, overrides: list[str], world_size: int, global_batch: int) -> dict:
-    return {"config": config, "overrides": list(overrides), "git_sha": git_sha(), "world_size": int(world_size),
-            "global_batch": int(global_batch), "torch": str(torch.__version__), "python": sys.version.split()[0]}
+def run_info(config: dict, overrides: list[str], world_size: int, global_batch: int,
+             slurm: dict | None = None, **extra: Any) -> dict:
+    """What run.json and every checkpoint record: the config, the overrides, the code and the scale
+    (world size, global batch and ``extra`` such as the per-device batch and the scaled learning rate)."""
+    info = {"config": config, "overrides": list(overrides), "git_sha": git_sha(), "world_size": int(world_size),
+            "global_batch": int(global_batch), **extra, "torch": str(torch.__version__),
+            "python": sys.version.split()[0]}
+    if slurm:
+        info["slurm"] = slurm
+    return info
 
 
 def write_run_files(run_dir: str | os.PathLike, info: dict) -> None:

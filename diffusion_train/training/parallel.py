@@ -1,0 +1,154 @@
+"""Scale-out in one place: the FSDP strategy, the global batch and its learning-rate rule, device checks.
+
+The model code knows nothing of parallelism: ``DiffusionModule.configure_model`` hands itself to the
+strategy's ``parallelize`` when the strategy has one (FSDP below); DDP needs nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+
+
+class FSDP(ModelParallelStrategy):
+    """Fully sharded data parallel (PyTorch's FSDP2, ``fully_shard``) over every device of every node.
+
+    ``parallelize`` shards each element of the backbone's ``nn.ModuleList``\\ s (its repeated blocks) as
+    a unit, then the rest of the backbone, then each conditioner embedder that has trainable weights
+    (e.g. the class table); frozen encoders stay whole on every device. Every trainable parameter is
+    then a DTensor sharded over the data-parallel mesh, so gradient clipping, the fused optimizer and
+    the EMA (kept as sharded DTensors too) all work on shards.
+
+    ``reshard_after_forward``: True frees gathered weights after each unit's forward (ZeRO-3, "full
+    shard"); False keeps them until the backward (ZeRO-2-like, "shard grad op": more memory, less
+    communication). ``param_dtype``: gather weights in this dtype (``bfloat16`` halves the traffic;
+    gradients are reduced in fp32); None keeps fp32 weights under the trainer's autocast.
+
+    Checkpoints are whole (``last.ckpt`` holds full tensors, gathered to rank 0 as it is written), so they
+    load under any strategy and any number of devices. It also runs on CPUs with gloo.
+    """
+
+    def __init__(self, reshard_after_forward: bool = True, param_dtype: str | None = None, **kwargs: Any):
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint=False,
+                         **kwargs)
+        self.reshard_after_forward = bool(reshard_after_forward)
+        self.param_dtype = _dtype(param_dtype)
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes  # one data-parallel dimension
+        super().setup_environment()
+
+    def parallelize(self, module: nn.Module) -> None:
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+        backbone = module.backbone
+        if isinstance(backbone, FSDPModule):  # already sharded (configure_model runs once per fit)
+            return
+        mesh = self.device_mesh["data_parallel"]
+        policy = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32) \
+            if self.param_dtype is not None else MixedPrecisionPolicy()
+        kw = {"mesh": mesh, "reshard_after_forward": self.reshard_after_forward, "mp_policy": policy}
+        for blocks in [m for m in backbone.modules() if isinstance(m, nn.ModuleList)]:
+            for block in blocks:
+                if any(p.requires_grad for p in block.parameters()) and not isinstance(block, FSDPModule):
+                    fully_shard(block, **kw)
+        fully_shard(backbone, **kw)
+        for embedder in getattr(module.conditioner, "embedders", {}).values():
+            if any(p.requires_grad for p in embedder.parameters()):
+                fully_shard(embedder, **kw)
+        unsharded = [n for n, p in module.named_parameters() if p.requires_grad and not _is_dtensor(p)]
+        if unsharded:
+            raise ValueError(f"FSDP shards the backbone and the conditioner's embedders, but {unsharded[:3]} are "
+                             f"trainable and outside them; freeze them or train with DDP")
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    if name in (None, "null", "none"):
+        return None
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"trainer.strategy.param_dtype: {name!r} is not a torch dtype (e.g. bfloat16)")
+    return dtype
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a (possibly sharded) DTensor; a collective call for DTensors: every rank calls it."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded DTensor (sharing its storage), else the tensor itself."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``full`` (a whole tensor, the same on every rank) as a tensor laid out like ``param``: this
+    rank's shard when ``param`` is a sharded DTensor (no communication), else ``full`` itself."""
+    if _is_dtensor(param):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+    return full.to(param.device)
+
+
+# -- the global batch, the learning-rate rule, the devices -----------------------------------------
+def per_device_batch(batch_size: int, global_batch: int | None, world_size: int, accumulate: int) -> int:
+    """The batch each device loads per micro-step: ``data.batch_size``, or ``scale.global_batch``
+    split over devices x accumulation steps (which must divide it)."""
+    if global_batch is None:
+        return int(batch_size)
+    parts = world_size * accumulate
+    if global_batch <= 0 or global_batch % parts:
+        raise ValueError(f"scale.global_batch={global_batch} is not divisible by the world size {world_size} "
+                         f"x training.accumulate_grad_batches {accumulate} = {parts}; choose a multiple of {parts}")
+    return global_batch // parts
+
+
+LR_RULES = {"none": lambda ratio: 1.0, "linear": lambda ratio: ratio, "sqrt": math.sqrt}
+
+
+def lr_scale(rule: str | None, global_batch: int, base_batch: int) -> float:
+    """The factor ``optim.lr`` is multiplied by: 1 (``none``), global/base (``linear``), or its square
+    root (``sqrt``, the usual rule for Adam)."""
+    rule = rule or "none"
+    if rule not in LR_RULES:
+        raise ValueError(f"scale.lr_scaling must be one of {sorted(LR_RULES)}, got {rule!r}")
+    if base_batch <= 0:
+        raise ValueError(f"scale.lr_base_batch must be positive, got {base_batch}")
+    return float(LR_RULES[rule](global_batch / base_batch))
+
+
+def check_devices(accelerator: Any, devices: Any) -> None:
+    """Refuses more devices than this machine shows, before any process starts, in one line."""
+    accelerator = str(accelerator or "auto").lower()
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    if accelerator in ("gpu", "cuda"):
+        visible, what = torch.cuda.device_count(), "GPU"
+        where = f" (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r})" if "CUDA_VISIBLE_DEVICES" in os.environ else ""
+    elif accelerator == "cpu":
+        visible, what, where = os.cpu_count() or 1, "CPU core", ""
+    else:
+        return  # other accelerators: Lightning checks them
+    if accelerator in ("gpu", "cuda") and visible == 0:
+        raise ValueError(f"trainer.accelerator={accelerator} but no GPU is visible{where}; use trainer=cpu")
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if isinstance(devices, int) and devices > visible:
+        raise ValueError(f"trainer.devices={devices} but this machine shows {visible} {what}"
+                         f"{'s' if visible != 1 else ''}{where}; lower trainer.devices (or use more nodes: "
+                         f"trainer.num_nodes)")
+    if isinstance(devices, (list, tuple)) and devices and max(int(d) for d in devices) >= visible:
+        raise ValueError(f"trainer.devices={list(devices)} names device {max(int(d) for d in devices)} but this "
+                         f"machine shows {visible} {what}{'s' if visible != 1 else ''}{where}")

@@ -1,0 +1,174 @@
+"""Preemption: a signal only sets a flag; the run checkpoints at the next step boundary, then stops.
+
+Slurm warns a job before its time limit with a signal (``--signal=B:USR1@90`` in ``slurm/train.sbatch``,
+forwarded to every task; ``USR2`` from Hydra's submitit launcher) and preempts or cancels it with
+SIGTERM. Saving inside a signal handler is unsafe (the handler interrupts whatever the step was doing,
+and every rank must join the save), so the handler only records the signal. After each optimizer step
+the ranks agree whether any of them was signalled (one all-reduce of one integer on a CPU process
+group: no device sync), and if so all of them save ``last.ckpt`` together and the fit stops. A
+checkpoint taken there holds everything up to that step, so the resumed run repeats nothing and loses
+only the step in flight.
+
+What happens after the stop is :func:`after_preemption`'s: a requeue signal requeues the Slurm job
+(through submitit's own handler when submitit launched the job, else ``scontrol requeue``); SIGTERM
+just exits, since Slurm requeues a preempted job itself and a cancelled one must stay cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("diffusion_train")
+
+_NONE, _EXIT, _REQUEUE = 0, 1, 2  # agreed across ranks with a MAX all-reduce: a requeue wins
+
+
+class Preemption(L.Callback):
+    """Checkpoints ``<dirpath>/last.ckpt`` at the first step boundary after one of ``requeue_signals``
+    or ``exit_signals`` reached any rank, then stops the fit (see the module docstring).
+
+    After the fit, ``stopped_by`` names the signal (None: not stopped), ``requeue`` says whether the
+    job should be requeued and ``previous_handlers`` holds the handlers this callback replaced.
+    """
+
+    def __init__(self, dirpath: str, requeue_signals: tuple[str, ...] = ("SIGUSR1", "SIGUSR2"),
+                 exit_signals: tuple[str, ...] = ("SIGTERM",)):
+        super().__init__()
+        self.dirpath = Path(dirpath)
+        self.requeue_signals = [_signum(s, "requeue_signals") for s in requeue_signals]
+        self.exit_signals = [_signum(s, "exit_signals") for s in exit_signals]
+        self.received: int | None = None  # set by the handler, in this process
+        self.signum: int | None = None  # the signal the ranks stopped for
+        self.stopped_by: str | None = None
+        self.requeue = False
+        self.previous_handlers: dict[int, Any] = {}
+        self._group = None
+        self._last_step = -1
+
+    # -- the handler: a flag, nothing else --------------------------------------------------------
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is None or signum in self.requeue_signals:
+            self.received = signum
+
+    def install(self) -> None:
+        """Points the signals at this callback (main thread only); remembers what was there before."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (*self.requeue_signals, *self.exit_signals):
+            self.previous_handlers.setdefault(signum, signal.getsignal(signum))
+            signal.signal(signum, self._handle)
+
+    def uninstall(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum, handler in self.previous_handlers.items():
+            if signal.getsignal(signum) == self._handle:
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+    # -- Lightning hooks -----------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._group is None and trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            self._group = dist.new_group(backend="gloo")  # every rank calls setup: a collective call
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning installs its own SIGTERM handler when the fit starts; this one goes in after it.
+        self.received, self.signum, self.stopped_by, self.requeue = None, None, None, False
+        self._last_step = trainer.global_step
+        self.install()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self._last_step:  # inside a gradient accumulation: not a step boundary
+            return
+        self._last_step = step
+        decision = self._agree(_NONE if self.received is None else
+                               _REQUEUE if self.received in self.requeue_signals else _EXIT)
+        if decision == _NONE:
+            return
+        self.requeue = decision == _REQUEUE
+        self.signum = self.received if self.received is not None else \
+            (self.requeue_signals if self.requeue else self.exit_signals)[0]  # only another rank was signalled
+        self.stopped_by = name = signal.Signals(self.signum).name
+        trainer.save_checkpoint(self.dirpath / "last.ckpt")  # every rank: sharded states gather here
+        for cb in trainer.checkpoint_callbacks:  # this step is saved: no second save as the epoch ends
+            if hasattr(cb, "_last_global_step_saved"):
+                cb._last_global_step_saved = step
+        trainer.should_stop = True
+        if trainer.is_global_zero:
+            log.warning("%s: saved %s at step %d and stopping%s", name, self.dirpath / "last.ckpt", step,
+                        "; the job will be requeued" if self.requeue else "")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.uninstall()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.uninstall()
+
+    def _agree(self, local: int) -> int:
+        if self._group is None:
+            return local
+        flag = torch.tensor([local], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        return int(flag.item())
+
+
+def _signum(name: str, key: str) -> int:
+    sig = getattr(signal, str(name), None)
+    if not isinstance(sig, signal.Signals):
+        raise ValueError(f"callbacks.preemption.{key}: {name!r} is not a signal name (e.g. SIGUSR1, SIGTERM)")
+    return int(sig)
+
+
+def find_preemption(trainer: L.Trainer) -> Preemption | None:
+    return next((c for c in trainer.callbacks if isinstance(c, Preemption)), None)
+
+
+def slurm_job_id() -> str | None:
+    """The id ``scontrol requeue`` takes: ``<array job>_<task>`` for an array task, else the job id."""
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and task:
+        return f"{array_job}_{task}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def slurm_identity() -> dict | None:
+    """The Slurm job this process runs in (recorded in run.json), or None outside Slurm."""
+    if not os.environ.get("SLURM_JOB_ID"):
+        return None
+    keys = {"job_id": "SLURM_JOB_ID", "array_job_id": "SLURM_ARRAY_JOB_ID", "array_task_id": "SLURM_ARRAY_TASK_ID",
+            "restart_count": "SLURM_RESTART_COUNT", "nodes": "SLURM_JOB_NODELIST", "partition": "SLURM_JOB_PARTITION"}
+    return {k: os.environ[v] for k, v in keys.items() if os.environ.get(v)}
+
+
+def after_preemption(callback: Preemption, is_global_zero: bool) -> None:
+    """Rank 0 requeues the job after a requeue signal: a handler that was there before (submitit's:
+    it requeues the job and exits the process) gets the signal now that the checkpoint is safe;
+    without one, ``scontrol requeue`` requeues the Slurm job; outside Slurm there is nothing to
+    requeue and relaunching the same command resumes."""
+    if not (callback.requeue and is_global_zero):
+        return
+    previous = callback.previous_handlers.get(callback.signum)
+    if callable(previous):
+        log.info("handing %s to the handler that was installed before training (e.g. submitit's requeue)",
+                 callback.stopped_by)
+        previous(callback.signum, None)
+        return
+    job = slurm_job_id()
+    if job is None:
+        log.warning("not running under Slurm: nothing to requeue; relaunch the same command to resume")
+        return
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    if result.returncode == 0:
+        log.warning("requeued Slurm job %s", job)
+    else:
+        log.error("scontrol requeue %s failed (%d): %s", job, result.returncode, result.stderr.strip())

@@ -1,0 +1,201 @@
+"""Scale-out: global batch and LR rule, device checks, preemption by signal, DDP and FSDP on CPU (gloo)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusion_train.training.checkpointing import load_checkpoint
+from diffusion_train.training.loggers import persistent_run_id
+from diffusion_train.training.parallel import check_devices, lr_scale, per_device_batch
+from diffusion_train.training.preemption import Preemption, slurm_job_id
+
+QUICK = ["experiment=smoke", "logger=csv", "callbacks.sample_grid.every_n_steps=1000",
+         "trainer.val_check_interval=1000", "trainer.precision=32-true"]
+TWO_CPUS = ["trainer.accelerator=cpu", "trainer.devices=2"]
+
+
+def _cli(args: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "diffusion_train.train", *args], capture_output=True, text=True,
+                          timeout=400, cwd=cwd, **kw)
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
+
+
+# -- the global batch, the LR rule, the devices ------------------------------------------------------
+def test_global_batch_is_split_over_devices_and_accumulation():
+    assert per_device_batch(64, None, 8, 2) == 64  # no global batch: data.batch_size is per device
+    assert per_device_batch(64, 256, 8, 2) == 16
+    with pytest.raises(ValueError, match=r"global_batch=100 is not divisible by the world size 8 x .* = 8"):
+        per_device_batch(64, 100, 8, 1)
+
+
+def test_lr_scaling_rules():
+    assert lr_scale("none", 1024, 256) == 1.0
+    assert lr_scale("linear", 1024, 256) == 4.0
+    assert lr_scale("sqrt", 1024, 256) == 2.0
+    with pytest.raises(ValueError, match="lr_scaling must be one of"):
+        lr_scale("cubic", 1024, 256)
+
+
+def test_more_devices_than_the_machine_shows_is_refused():
+    with pytest.raises(ValueError, match=r"trainer.devices=4096 but this machine shows \d+ CPU core"):
+        check_devices("cpu", 4096)
+    check_devices("cpu", 1)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no GPU is visible"):
+            check_devices("gpu", 1)
+
+
+def test_scale_errors_are_one_line_before_training(tmp_path):
+    out = _cli([*QUICK, "trainer.accelerator=cpu", "trainer.devices=4096", f"hydra.run.dir={tmp_path / 'a'}"], tmp_path)
+    assert out.returncode == 1 and out.stderr.strip().splitlines()[-1].startswith("error: trainer.devices=4096")
+    out = _cli([*QUICK, "scale.global_batch=30", "training.accumulate_grad_batches=4", f"hydra.run.dir={tmp_path / 'b'}"],
+               tmp_path)
+    assert out.returncode == 1
+    assert "error: scale.global_batch=30 is not divisible" in out.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "a" / "checkpoints").exists() and not (tmp_path / "b" / "checkpoints").exists()
+
+
+def test_global_batch_and_scaled_lr_are_recorded(tiny_cfg, tmp_path):
+    from diffusion_train.train import train
+
+    run = tmp_path / "run"
+    trainer = train(tiny_cfg("trainer.max_steps=1", "scale.global_batch=8", "training.accumulate_grad_batches=2",
+                             "scale.lr_scaling=linear", "scale.lr_base_batch=4", "optim.lr=1e-3", run_dir=run), run)
+    info = load_checkpoint(run / "checkpoints/last.ckpt")["diffusion_train"]
+    assert (info["global_batch"], info["per_device_batch"], info["world_size"]) == (8, 4, 1)
+    assert info["lr"] == pytest.approx(2e-3)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(2e-3)
+
+
+def test_wandb_id_is_created_once_even_by_racing_processes(tmp_path):
+    ids: list[str] = []
+    threads = [threading.Thread(target=lambda: ids.append(persistent_run_id(tmp_path))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(ids)) == 1 and len(ids[0]) == 8
+    assert persistent_run_id(tmp_path) == ids[0]
+    assert [p.name for p in tmp_path.iterdir()] == ["wandb_id.txt"]
+
+
+# -- the preemption callback -------------------------------------------------------------------------
+def test_a_signal_only_sets_a_flag_and_requeue_signals_win(tmp_path):
+    cb = Preemption(str(tmp_path))
+    before = signal.getsignal(signal.SIGUSR1)
+    cb.install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert cb.received == signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert cb.received == signal.SIGUSR1  # a requeue signal outranks a plain exit
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert cb.received == signal.SIGUSR1
+    finally:
+        cb.uninstall()
+    assert signal.getsignal(signal.SIGUSR1) == before
+    with pytest.raises(ValueError, match="'SIGFOO' is not a signal name"):
+        Preemption(str(tmp_path), requeue_signals=("SIGFOO",))
+
+
+def test_slurm_job_id_names_the_array_task(monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    assert slurm_job_id() == "42"
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "40")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
+    assert slurm_job_id() == "40_2"
+
+
+def _signal_when(proc: subprocess.Popen, ready: Path, signum: int, timeout: float = 240) -> None:
+    """Sends ``signum`` to ``proc`` once ``ready`` exists (a periodic checkpoint: training is under way)."""
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"{ready} never appeared"
+        time.sleep(0.05)
+    proc.send_signal(signum)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("devices", [1, 2], ids=["one_process", "ddp_signal_to_rank0_only"])
+def test_signal_checkpoints_at_a_step_boundary_and_the_relaunch_ends_as_if_uninterrupted(tmp_path, devices):
+    """SIGUSR1 mid-run (to rank 0 only: the ranks agree): every rank stops at the same step boundary
+    with last.ckpt saved there, exit status 128+10, no weights exported; relaunching finishes the run
+    with the weights of an uninterrupted one."""
+    args = [*QUICK, "trainer.max_steps=60", "callbacks.checkpoint.every_n_train_steps=10", "data.batch_size=4"]
+    if devices == 2:
+        args += [*TWO_CPUS, "+trainer.strategy=ddp"]
+    straight = _cli([*args, f"hydra.run.dir={tmp_path / 'straight'}"], tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    run = tmp_path / "signalled"
+    cmd = [sys.executable, "-m", "diffusion_train.train", *args, f"hydra.run.dir={run}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _signal_when(proc, run / "checkpoints/step_0000010.ckpt", signal.SIGUSR1)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGUSR1, err[-3000:]
+    stopped = load_checkpoint(run / "checkpoints/last.ckpt")
+    assert 10 <= stopped["global_step"] < 60
+    assert f"SIGUSR1: saved {run / 'checkpoints/last.ckpt'} at step {stopped['global_step']}" in out
+    assert not (run / "weights").exists()  # the run is not over
+
+    resumed = _cli([*args, f"hydra.run.dir={run}"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = load_checkpoint(tmp_path / "straight/checkpoints/last.ckpt")
+    b = load_checkpoint(run / "checkpoints/last.ckpt")
+    assert a["global_step"] == b["global_step"] == 60
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert all(torch.equal(a["ema"]["weights"]["0.999"][k], w) for k, w in b["ema"]["weights"]["0.999"].items())
+    assert (run / "weights/raw.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_ddp_and_fsdp_train_like_one_process_accumulating_the_same_global_batch(tmp_path):
+    """2 processes x batch 4 (DDP, FSDP full shard) = 1 process x batch 4 x 2 accumulation steps: the same
+    samples and the same noise per micro-batch, so the same weights and EMA up to float summation order.
+    FSDP's checkpoint is whole: it resumes exactly and loads in a single process."""
+    from diffusion_train.training.build import load_module
+
+    args = [*QUICK, "trainer.max_steps=4", "data.batch_size=4", "callbacks.checkpoint.every_n_train_steps=2"]
+    runs = {"one": ["training.accumulate_grad_batches=2"], "ddp": [*TWO_CPUS, "+trainer.strategy=ddp"],
+            "fsdp": ["trainer=fsdp", *TWO_CPUS, "trainer.precision=32-true"]}
+    ckpts = {}
+    for name, extra in runs.items():
+        out = _cli([*args, *extra, f"hydra.run.dir={tmp_path / name}"], tmp_path)
+        assert out.returncode == 0, out.stderr[-3000:]
+        ckpts[name] = load_checkpoint(tmp_path / name / "checkpoints/last.ckpt")
+        assert ckpts[name]["diffusion_train"]["global_batch"] == 8
+
+    moved = _max_diff(ckpts["one"]["state_dict"], load_checkpoint(tmp_path / "one/checkpoints/step_0000002.ckpt")["state_dict"])
+    assert moved > 1e-5  # two steps change the weights far more than the tolerance below
+    for name in ("ddp", "fsdp"):
+        assert _max_diff(ckpts["one"]["state_dict"], ckpts[name]["state_dict"]) < 1e-6, name
+        assert _max_diff(ckpts["one"]["ema"]["weights"]["0.999"], ckpts[name]["ema"]["weights"]["0.999"]) < 1e-6, name
+        assert ckpts[name]["ema"]["weights"]["0.999"].keys() == ckpts["one"]["ema"]["weights"]["0.999"].keys()
+
+    # FSDP: stop at step 2, resume to 4: the same as straight through
+    fsdp = [*args, *runs["fsdp"]]
+    for steps in (2, 4):
+        out = _cli([*fsdp, f"trainer.max_steps={steps}", f"hydra.run.dir={tmp_path / 'fsdp_resumed'}"], tmp_path)
+        assert out.returncode == 0, out.stderr[-3000:]
+    resumed = load_checkpoint(tmp_path / "fsdp_resumed/checkpoints/last.ckpt")
+    assert resumed["global_step"] == 4
+    assert _max_diff(resumed["state_dict"], ckpts["fsdp"]["state_dict"]) == 0.0
+    assert _max_diff(resumed["ema"]["weights"]["0.999"], ckpts["fsdp"]["ema"]["weights"]["0.999"]) == 0.0
+
+    module = load_module(tmp_path / "fsdp/checkpoints/last.ckpt")  # one process, no strategy
+    ema = ckpts["fsdp"]["ema"]["weights"]["0.999"]
+    assert all(torch.equal(p.detach(), ema[n]) for n, p in module.named_parameters() if n in ema)
