@@ -101,7 +101,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
         return trainer
     last = run_dir / "checkpoints" / "last.ckpt"
     if trainer.state.finished and not trainer.interrupted:
-        if last_checkpoint(run_dir) is None or load_checkpoint(last)["global_step"] != trainer.global_step:
+        stale = last_checkpoint(run_dir) is None or load_checkpoint(last)["global_step"] != trainer.global_step
+        if trainer.strategy.broadcast(stale):  # rank 0 decides (the file changes as it is saved); all ranks save
             trainer.save_checkpoint(last)
         if trainer.global_rank == 0:
             state = load_checkpoint(last)

@@ -35,7 +35,8 @@ NEEDS_DATA = {"data=image_folder": "data.root", "data=precomputed": "data.path",
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_resolves(group, option, tmp_path):
-    cfg = compose_train([f"{group}={option}"], tmp_path)
+    adds = group == "sweep"  # sweeps are not in train.yaml's defaults: +sweep=NAME adds one
+    cfg = compose_train([f"{'+' if adds else ''}{group}={option}"], tmp_path)
     required = NEEDS_DATA.get(f"{group}={option}")
     if required:
         with pytest.raises(MissingMandatoryValue, match=rf"full_key: {required}"):
@@ -46,7 +47,7 @@ def test_every_option_composes_and_resolves(group, option, tmp_path):
                 {"format": FORMAT, "data": {"channels": 1, "resolution": 32, "num_classes": 10}}))
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     assert container["run_dir"] == str(tmp_path)
-    if group not in ("experiment", "callbacks", "logger", "trainer"):
+    if group not in ("experiment", "callbacks", "logger", "trainer", "sweep"):
         assert container[group] is not None
 
 
