@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# GPU checks in one go (a machine with one GPU): the trainer on the GPU with bf16, torch.compile, DDP and
+# FSDP (one device), preemption by SIGUSR1 and resume, then the training-step benchmarks of the four
+# target configs. Logs and results go to $OUT (default: gpu_checks/).
+#
+#   bash scripts/gpu_checks.sh                    # everything
+#   CHECKS=train bash scripts/gpu_checks.sh       # only the trainer checks (CHECKS=bench: only benchmarks)
+#
+# Each step has its own time limit and a failure does not stop the others; the summary at the end lists
+# each step's exit status.
+set -uo pipefail
+OUT="${OUT:-gpu_checks}"
+CHECKS="${CHECKS:-train,bench}"
+PY="${PYTHON:-python3}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1
+declare -a SUMMARY=()
+
+step() {  # step NAME SECONDS CMD...: runs CMD with a time limit, logs to $OUT/NAME.log
+    local name=$1 limit=$2; shift 2
+    local t0=$SECONDS
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    SUMMARY+=("$name rc=$rc $((SECONDS - t0))s")
+    echo "== $name: rc=$rc in $((SECONDS - t0))s"; tail -n 3 "$OUT/$name.log"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+$PY -c "import torch, lightning; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'lightning', lightning.__version__)" | tee -a "$OUT/gpu.txt"
+
+RUNS="$OUT/runs"
+T=(experiment=smoke data=synthetic ~data.val_size logger=csv trainer.max_steps=20 trainer.val_check_interval=10
+   callbacks.sample_grid.every_n_steps=10 callbacks.checkpoint.every_n_train_steps=10)
+if [[ $CHECKS == *train* ]]; then
+    step bf16 120 $PY -m diffusion_train.train "${T[@]}" trainer=gpu hydra.run.dir="$RUNS/bf16"
+    step compile 240 $PY -m diffusion_train.train "${T[@]}" trainer=gpu training.compile=true model=dit_tiny \
+        hydra.run.dir="$RUNS/compile"
+    step ddp1 120 $PY -m diffusion_train.train "${T[@]}" trainer=ddp trainer.devices=1 hydra.run.dir="$RUNS/ddp1"
+    step fsdp1 120 $PY -m diffusion_train.train "${T[@]}" trainer=fsdp trainer.devices=1 model=dit_tiny \
+        trainer.strategy.param_dtype=bfloat16 hydra.run.dir="$RUNS/fsdp1"
+    # preemption: SIGUSR1 once the step-10 checkpoint exists, then relaunch to the end
+    P=("${T[@]}" trainer=gpu trainer.max_steps=200 callbacks.sample_grid.every_n_steps=1000 hydra.run.dir="$RUNS/preempt")
+    preempt() {
+        $PY -m diffusion_train.train "${P[@]}" & local pid=$!
+        for _ in $(seq 600); do [[ -f $RUNS/preempt/checkpoints/step_0000010.ckpt ]] && break; sleep 0.1; done
+        kill -USR1 $pid; wait $pid; local rc=$?
+        echo "signalled run exited $rc (expected 138)"
+        $PY -m diffusion_train.train "${P[@]}" && [[ $rc == 138 ]] && [[ -f $RUNS/preempt/weights/raw.safetensors ]]
+    }
+    step preempt 180 bash -c "$(declare -p P RUNS PY); $(declare -f preempt); preempt"
+    $PY - "$RUNS" > "$OUT/checkpoints.txt" 2>&1 <<'PYEOF'
+import sys, torch
+from pathlib import Path
+for ckpt in sorted(Path(sys.argv[1]).glob("*/checkpoints/last.ckpt")):
+    c = torch.load(ckpt, map_location="cpu", weights_only=True)
+    finite = all(torch.isfinite(v).all() for v in c["state_dict"].values() if v.is_floating_point())
+    print(ckpt.parent.parent.name, "step", c["global_step"], "finite", finite, "ema", list(c.get("ema", {}).get("weights", {})),
+          "world", c["diffusion_train"]["world_size"])
+PYEOF
+    cat "$OUT/checkpoints.txt"
+fi
+
+if [[ $CHECKS == *bench* ]]; then
+    B=($PY scripts/benchmark.py md="$OUT/benchmarks.md")
+    step bench_dit_xl2 240 "${B[@]}" config="model=dit_xl2" batch=128 out="$OUT/dit_xl2.json"
+    step bench_dit_b2 150 "${B[@]}" config="model=dit_b2" batch=256 out="$OUT/dit_b2.json"
+    step bench_dit_s2 150 "${B[@]}" config="model=dit_s2" batch=256 out="$OUT/dit_s2.json"
+    step bench_unet_sd2 240 "${B[@]}" config="model=unet_sd model.attention_resolutions=[32,16,8]" text=77x1024 \
+        batch=64 out="$OUT/unet_sd2.json"
+    step bench_dit_xl2_compile 300 "${B[@]}" config="model=dit_xl2" batch=128 compile=true modes=lightning \
+        out="$OUT/dit_xl2_compile.json"
+fi
+printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"

@@ -1,0 +1,180 @@
+"""FLOPs accounting (diffusion_train/scaling/flops.py) and scripts/benchmark.py on the CPU. No timings are asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from diffusion_train.models import DiT
+from diffusion_train.scaling import (
+    counted_macs,
+    dit_macs,
+    flop_counter_macs,
+    forward_macs,
+    mmdit_macs,
+    training_flops_per_image,
+)
+from conftest import compose_train
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "benchmark.py"
+
+
+def backbone(model: str, *, context_dim: int = 0, cond_dim: int = 16, size: int = 16, device: str = "cpu",
+             overrides: tuple[str, ...] = ()):
+    cfg = compose_train([f"model={model}", *overrides], run_dir=Path("/nonexistent"))
+    dims = {"context_dim": context_dim} if context_dim else {}
+    with torch.device(device):
+        return instantiate(cfg.model, in_channels=4, input_size=size, cond_dim=cond_dim, _convert_="all", **dims)
+
+
+@pytest.mark.parametrize("model", ["dit_tiny", "mmdit_tiny", "unet_tiny"])
+@pytest.mark.parametrize("context", [0, 24], ids=["no-text", "text"])
+def test_forward_macs_match_flop_counter(model, context):
+    """Our count against torch.utils.flop_counter (its FLOPs / 2) on the tiny presets, with and without
+    cross-attention. Both count matmuls, convolutions and the attention matmuls and leave out norms,
+    activations, biases and other elementwise ops, so they agree exactly today; 2% leaves room for a
+    layer one side counts differently."""
+    net = backbone(model, context_dim=context)
+    length = 7 if context else None
+    ours = forward_macs(net, context_len=length)
+    theirs = flop_counter_macs(net, context_len=length or 0)
+    assert ours > 0 and theirs > 0
+    assert abs(ours - theirs) / theirs < 0.02, (ours, theirs)
+    assert training_flops_per_image(net, context_len=length) == 6 * ours
+
+
+@pytest.mark.parametrize("model", ["dit_tiny", "unet_tiny"])
+def test_counted_macs_is_independent_of_the_weights_device(model):
+    """The count runs on the meta device: it neither needs nor touches the module's real tensors."""
+    net = backbone(model, context_dim=24)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert counted_macs(net, context_len=7) == flop_counter_macs(net, context_len=7)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert all(p.device.type == "cpu" for p in net.parameters())
+
+
+def test_analytic_dit_matches_hook_count():
+    """The analytic DiT formula against the independent hook count, at a non-square input."""
+    net = backbone("dit_tiny", context_dim=24)
+    assert forward_macs(net, size=(16, 24), context_len=5) == counted_macs(net, size=(16, 24), context_len=5)
+
+
+def test_dit_presets_reproduce_the_dit_paper():
+    """DiT paper, Table 4 ("Gflops" at 256 px = 32x32x4 latents, learned sigma, class lookup table):
+    6.06 / 23.01 / 80.71 / 118.64. Our multiply-add counts give the same numbers, so the paper's
+    "Gflops" are multiply-adds (fvcore's convention); one DiT-XL/2 forward is ~237 GFLOPs."""
+    paper = {("S", 384, 12): 6.06, ("B", 768, 12): 23.01, ("L", 1024, 24): 80.71, ("XL", 1152, 28): 118.64}
+    for (_, hidden, depth), gmacs in paper.items():
+        ours = dit_macs(input_size=32, in_channels=4, out_channels=8, hidden_size=hidden, depth=depth, patch_size=2)
+        assert ours / 1e9 == pytest.approx(gmacs, rel=0.005)
+
+
+def test_big_presets_on_meta():
+    """The benchmark targets' full-size backbones, built on the meta device (no memory)."""
+    xl2 = backbone("dit_xl2", cond_dim=256, size=32, device="meta")
+    assert isinstance(xl2, DiT)
+    assert forward_macs(xl2) / 1e9 == pytest.approx(118.6, rel=0.002)
+    assert forward_macs(xl2) == flop_counter_macs(xl2)
+    unet = backbone("unet_sd", context_dim=1024, cond_dim=0, size=32, device="meta",
+                    overrides=("model.attention_resolutions=[32,16,8]",))
+    assert sum(p.numel() for p in unet.parameters()) / 1e6 == pytest.approx(891.7, abs=0.1)
+    assert forward_macs(unet, context_len=77) == flop_counter_macs(unet, context_len=77)
+    assert forward_macs(unet, context_len=77) / 1e9 == pytest.approx(90.57, rel=0.001)
+    sd3 = backbone("mmdit", context_dim=4096, cond_dim=2048, size=32, device="meta", overrides=("model.depth=24",))
+    ours = forward_macs(sd3, context_len=77)
+    assert ours == flop_counter_macs(sd3, context_len=77)
+    assert ours == mmdit_macs(input_size=32, in_channels=4, depth=24, cond_dim=2048, context_dim=4096, context_len=77)
+
+
+def test_cross_attention_model_needs_the_context_length():
+    with pytest.raises(ValueError, match="context_len"):
+        forward_macs(backbone("dit_tiny", context_dim=24))
+
+
+def import_script():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import benchmark
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    return benchmark
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # one thread: no spinning on shared cores
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=240)
+
+
+def test_script_end_to_end_on_cpu(tmp_path):
+    out, md = tmp_path / "result.json", tmp_path / "bench.md"
+    md.write_text("# Benchmarks\n\nintro\n\n<!-- scripts/benchmark.py adds result tables above this line -->\n\n"
+                  "## Later section\n")
+    proc = run_script("config=model=dit_tiny data.batch_size=3", "latent=4x16x16", "classes=10", "device=cpu",
+                      "steps=2", "warmup=1", "repeats=2", "modes=both", f"out={out}", f"md={md}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert json.loads(proc.stdout) == result
+    assert result["schema"] == "diffusion_train.benchmark/1"
+    assert result["inputs"] == {"batch": 3, "latent": [4, 16, 16], "moments": [8, 16, 16], "classes": 10,
+                                "text_tokens": None, "text_width": None}
+    assert result["settings"]["ema_decays"] == [0.999, 0.9999] and result["settings"]["compile"] is False
+    flops = result["flops"]
+    assert flops["forward_macs_per_image"] == flops["forward_macs_flop_counter"] > 0
+    assert flops["training_flops_per_image"] == 6 * flops["forward_macs_per_image"]
+    assert result["peak_flops"] is None and "6 x forward multiply-adds" in result["mfu_definition"]
+    assert result["environment"]["torch"] == torch.__version__
+    assert "config='model=dit_tiny data.batch_size=3'" in result["command"]
+    assert set(result["results"]) == {"lightning", "bare"}
+    for mode, row in result["results"].items():
+        assert row["status"] == "ok", row
+        assert len(row["images_per_s_repeats"]) == 2 and row["images_per_s"] > 0 and row["step_ms"] > 0
+        assert row["mfu"] is None and row["peak_memory_gib"] is None and row["compile_s"] is None
+        assert row["first_step_s"] > 0 and row["warmup_s"] >= row["first_step_s"]
+    assert result["results"]["lightning"]["batch_on_device_unchanged"] is True
+    assert isinstance(result["lightning_overhead_pct"], float)
+
+    text = md.read_text()
+    table = text[text.index("### dit_tiny"):text.index("<!-- scripts/benchmark.py")]
+    assert "| mode | images/s | ms/step | MFU |" in table
+    assert table.count("\n| lightning |") == 1 and table.count("\n| bare |") == 1
+    assert result["command"] in table and text.endswith("## Later section\n")
+
+
+def test_text_conditioned_inputs(tmp_path):
+    """text=LxD: the module gets precomputed L x D encodings through the weight-free T5 stand-in, and the
+    step runs on them (in-process, one loss, no timing)."""
+    benchmark = import_script()
+    opts = benchmark.parse_args(["config=model=unet_tiny", "text=9x40", "latent=4x16x16", "device=cpu"])
+    cfg = benchmark.compose(benchmark.stand_in_overrides(opts) + opts["config"])
+    module = benchmark.build(cfg, 0)
+    batch, info = benchmark.make_batch(module, 2, torch.device("cpu"))
+    assert info["text_tokens"] == 9 and info["text_width"] == 40 and info["classes"] is None
+    assert batch["caption.context"].shape == (2, 9, 40) and batch["caption.mask"].dtype == torch.bool
+    assert module.backbone.context_dim == 40 and batch["latent"].shape == (2, 8, 16, 16)
+    loss = module.train().loss(batch, torch.Generator().manual_seed(0))
+    assert loss.shape == (2,) and torch.isfinite(loss).all()
+
+
+@pytest.mark.parametrize("arg", ["steps=0", "precision=fp8", "modes=fast", "latent=4x32", "text=77", "device=tpu",
+                                 "nonsense", "batch=x"])
+def test_bad_argument_is_one_error_line(arg, capsys):
+    benchmark = import_script()
+    assert benchmark.main([arg]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+
+
+def test_bad_config_is_one_error_line(capsys):
+    benchmark = import_script()
+    assert benchmark.main(["config=model=dit_huge", "device=cpu", "md="]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: config:") and "dit_huge" in err and "\n" not in err
