@@ -96,9 +96,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
 
     preemption = find_preemption(trainer)
-    if preemption is not None and preemption.stopped_by:  # checkpointed at a step boundary; requeue or exit
-        after_preemption(preemption, trainer.is_global_zero)
-        return trainer
+    if preemption is not None:
+        preemption.uninstall()  # Lightning's teardown put its handler back
+        if preemption.stopped_by:  # checkpointed at a step boundary; requeue or exit
+            after_preemption(preemption, trainer.is_global_zero)
+            return trainer
     last = run_dir / "checkpoints" / "last.ckpt"
     if trainer.state.finished and not trainer.interrupted:
         stale = last_checkpoint(run_dir) is None or load_checkpoint(last)["global_step"] != trainer.global_step

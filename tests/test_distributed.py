@@ -119,32 +119,39 @@ def test_slurm_job_id_names_the_array_task(monkeypatch):
     assert slurm_job_id() == "40_2"
 
 
-def _signal_when(proc: subprocess.Popen, ready: Path, signum: int, timeout: float = 240) -> None:
-    """Sends ``signum`` to ``proc`` once ``ready`` exists (a periodic checkpoint: training is under way)."""
+def _signal_when(proc: subprocess.Popen, ready: Path, signum: int, timeout: float = 240,
+                 whole_group: bool = False) -> None:
+    """Sends ``signum`` to ``proc`` (``whole_group``: and every process it started) once ``ready``
+    exists (a periodic checkpoint: training is under way)."""
     deadline = time.monotonic() + timeout
     while not ready.exists():
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.monotonic() < deadline, f"{ready} never appeared"
         time.sleep(0.05)
-    proc.send_signal(signum)
+    if whole_group:
+        assert len(subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()) > 1
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("devices", [1, 2], ids=["one_process", "ddp_signal_to_rank0_only"])
+@pytest.mark.parametrize("devices", [1, 2], ids=["one_process_with_workers_all_signalled", "ddp_rank0_signalled"])
 def test_signal_checkpoints_at_a_step_boundary_and_the_relaunch_ends_as_if_uninterrupted(tmp_path, devices):
-    """SIGUSR1 mid-run (to rank 0 only: the ranks agree): every rank stops at the same step boundary
-    with last.ckpt saved there, exit status 128+10, no weights exported; relaunching finishes the run
-    with the weights of an uninterrupted one."""
+    """SIGUSR1 mid-run, to every process as Slurm sends it (the trainer and its 2 DataLoader workers), or
+    to rank 0 of 2 only (the ranks agree): every rank stops at the same step boundary with last.ckpt
+    saved there, exit status 128+10, no weights exported; relaunching finishes the run with the weights
+    of an uninterrupted one."""
     args = [*QUICK, "trainer.max_steps=60", "callbacks.checkpoint.every_n_train_steps=10", "data.batch_size=4"]
-    if devices == 2:
-        args += [*TWO_CPUS, "+trainer.strategy=ddp"]
+    args += [*TWO_CPUS, "+trainer.strategy=ddp"] if devices == 2 else ["data.num_workers=2"]
     straight = _cli([*args, f"hydra.run.dir={tmp_path / 'straight'}"], tmp_path)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     run = tmp_path / "signalled"
     cmd = [sys.executable, "-m", "diffusion_train.train", *args, f"hydra.run.dir={run}"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _signal_when(proc, run / "checkpoints/step_0000010.ckpt", signal.SIGUSR1)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    _signal_when(proc, run / "checkpoints/step_0000010.ckpt", signal.SIGUSR1, whole_group=devices == 1)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGUSR1, err[-3000:]
     stopped = load_checkpoint(run / "checkpoints/last.ckpt")

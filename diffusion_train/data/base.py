@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from diffusion_train.data.samplers import InfiniteBatchSampler, padded_shard
+from diffusion_train.data.samplers import InfiniteBatchSampler, ignore_preemption_signals, padded_shard
 
 
 class ImageBatches(Dataset):
@@ -81,7 +81,8 @@ class InMemoryDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, batches) -> DataLoader:
         return DataLoader(dataset, sampler=batches, batch_size=None, num_workers=self.num_workers,
-                          pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0)
+                          pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
+                          worker_init_fn=ignore_preemption_signals)
 
 
 class InMemoryImageDataModule(InMemoryDataModule):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from typing import Iterator
 
 import numpy as np
@@ -59,3 +60,11 @@ def padded_shard(num_samples: int, batch_size: int, rank: int, world_size: int) 
     per_rank = -(-num_samples // world_size)
     idx = [(rank + world_size * j) % num_samples for j in range(per_rank)]
     return [idx[i:i + batch_size] for i in range(0, per_rank, batch_size)]
+
+
+def ignore_preemption_signals(worker_id: int = 0) -> None:
+    """A DataLoader ``worker_init_fn``: workers ignore SIGUSR1/SIGUSR2/SIGTERM. Slurm signals every
+    process of a job step, workers included; one dying of the signal would crash the training that the
+    main process is about to checkpoint (see ``training/preemption.py``). The main process decides."""
+    for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)

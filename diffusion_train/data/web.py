@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from diffusion_train.data.decode import IMAGE_KEYS, SampleDecoder, aspect_buckets
-from diffusion_train.data.samplers import mix_seed, padded_shard
+from diffusion_train.data.samplers import ignore_preemption_signals, mix_seed, padded_shard
 from diffusion_train.data.tar_io import tar_samples
 
 log = logging.getLogger(__name__)
@@ -433,7 +433,7 @@ class WebDataModule(L.LightningDataModule):
             torch.multiprocessing.set_sharing_strategy(self.sharing_strategy)
         return DataLoader(self.train_stream(start), batch_size=None, collate_fn=unchanged,
                           num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=self.num_workers > 0)
+                          persistent_workers=self.num_workers > 0, worker_init_fn=ignore_preemption_signals)
 
     def setup(self, stage: str | None = None) -> None:
         if self.val_set is not None or not self.val_urls:

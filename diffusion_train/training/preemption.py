@@ -80,9 +80,14 @@ class Preemption(L.Callback):
         if self._group is None and trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             self._group = dist.new_group(backend="gloo")  # every rank calls setup: a collective call
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Lightning installs its own SIGTERM handler when the fit starts; this one goes in after it.
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Before the data loaders fork their workers, which then inherit a handler that only sets a flag
+        # (their own DataLoader worker_init_fn may also ignore the signals).
         self.received, self.signum, self.stopped_by, self.requeue = None, None, None, False
+        self.install()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning put its own SIGTERM handler in after on_fit_start: this one goes back in after it.
         self._last_step = trainer.global_step
         self.install()
 
