@@ -27,6 +27,15 @@ def parse_key_values(argv: list[str], options: Mapping[str, Callable[[str], Any]
     return opts
 
 
+def parse_bool(value: str) -> bool:
+    """``true/1/yes`` or ``false/0/no`` (any case); anything else is a ValueError."""
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(value)
+
+
 def run_main(body: Callable[[list[str]], Any], argv: list[str] | None = None) -> int:
     """A script's exit status for ``body(argv)`` (``argv``: the command line when None): 0 when it
     returns; 1 with one ``error:`` line for a user error (bad argument, config or data), which

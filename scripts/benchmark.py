@@ -56,7 +56,7 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from diffusion_train.cli import UsageError, parse_key_values, run_main  # noqa: E402
+from diffusion_train.cli import UsageError, parse_bool, parse_key_values, run_main  # noqa: E402
 
 MODES = ("lightning", "bare")
 PRECISIONS = ("bf16-mixed", "32-true")
@@ -70,14 +70,6 @@ MFU_DEFINITION = ("MFU = images/s x training FLOPs per image / peak dense bf16 F
                   "6 x forward multiply-adds (2 FLOPs per multiply-add, x3 for forward + backward)")
 
 
-def _bool(value: str) -> bool:
-    if value.lower() in ("true", "1", "yes"):
-        return True
-    if value.lower() in ("false", "0", "no"):
-        return False
-    raise ValueError(value)
-
-
 def _dims(value: str) -> tuple[int, ...]:
     dims = tuple(int(v) for v in value.lower().split("x"))
     if any(d <= 0 for d in dims):
@@ -86,7 +78,7 @@ def _dims(value: str) -> tuple[int, ...]:
 
 
 OPTIONS: dict[str, Callable[[str], Any]] = {
-    "config": str, "batch": int, "steps": int, "warmup": int, "repeats": int, "compile": _bool, "precision": str,
+    "config": str, "batch": int, "steps": int, "warmup": int, "repeats": int, "compile": parse_bool, "precision": str,
     "modes": str, "latent": str, "classes": int, "text": str, "device": str, "peak_tflops": float, "out": str,
     "md": str,
 }

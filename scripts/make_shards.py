@@ -71,7 +71,7 @@ from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffusion_train.cli import UsageError, human_bytes, parse_key_values, run_main  # noqa: E402
+from diffusion_train.cli import UsageError, human_bytes, parse_bool, parse_key_values, run_main  # noqa: E402
 from diffusion_train.data.fashion_mnist import CLASSES, Captioner, load_split  # noqa: E402
 from diffusion_train.data.folder import _flatten_alpha, list_images  # noqa: E402
 from diffusion_train.data.shards import IMAGE_FORMATS, encode_image, write_shards  # noqa: E402
@@ -86,14 +86,6 @@ def _size(value: str) -> int:
     if not m:
         raise ValueError(value)
     return int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[m.group(2).lower()]
-
-
-def _bool(value: str) -> bool:
-    if value.lower() in ("true", "1", "yes"):
-        return True
-    if value.lower() in ("false", "0", "no"):
-        return False
-    raise ValueError(value)
 
 
 OPTIONS: dict[str, Callable[[str], Any]] = {
@@ -181,7 +173,7 @@ def caption_templates(value: str) -> list[str] | None:
     if "{name}" in value:
         return [value]
     try:
-        wanted = _bool(value)
+        wanted = parse_bool(value)
     except ValueError:
         raise UsageError(f"captions={value}: give true, false, or a template with {{name}}") from None
     if not wanted:
