@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -48,6 +49,7 @@ class ResumableCSVLogger(CSVLogger):
         self._resume_step = step
 
     @property
+    @rank_zero_experiment  # other ranks get a stand-in: only rank 0 reads and writes metrics.csv
     def experiment(self):
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
