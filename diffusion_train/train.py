@@ -15,6 +15,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
@@ -69,6 +70,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     if hasattr(datamodule, "check_provenance"):  # precomputed latents / text encodings
         datamodule.check_provenance(module.autoencoder, module.conditioner)
     callbacks = _instantiate_all(cfg.callbacks)
+    if cfg.trainer.get("enable_progress_bar", True):  # a refresh reads the loss (a device sync): once per log interval
+        callbacks.append(TQDMProgressBar(refresh_rate=max(1, int(cfg.trainer.get("log_every_n_steps") or 50))))
     loggers = _instantiate_all(cfg.logger)
     for lg in loggers:
         if isinstance(lg, ResumableCSVLogger):

@@ -131,7 +131,8 @@ class DiffusionModule(L.LightningModule):
             sched.step()
         self.nonfinite_steps += nonfinite.long()
         self.nonfinite_streak.mul_(nonfinite.long()).add_(nonfinite.long())
-        self.log_dict({"train/grad_norm": grad_norm.detach(), "train/lr": inner.param_groups[0]["lr"],
+        lr = torch.full((), inner.param_groups[0]["lr"], device=self.device)  # a float would be copied: a sync
+        self.log_dict({"train/grad_norm": grad_norm.detach(), "train/lr": lr,
                        "train/nonfinite_steps": self.nonfinite_steps.float()})
         if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
             truncated = [e.num_truncated for e in self.conditioner.embedders.values() if hasattr(e, "num_truncated")]
