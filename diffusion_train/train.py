@@ -21,7 +21,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from diffusion_train.data.precomputed import PrecomputedMismatchError
 from diffusion_train.data.web import BadDataError
-from diffusion_train.training import AtomicCheckpointIO, NonFiniteLossError
+from diffusion_train.training import AtomicCheckpointIO, NonFiniteLossError, RunSummary
 from diffusion_train.training.build import build_module
 from diffusion_train.training.checkpointing import last_checkpoint, load_checkpoint, remove_stale_temp_files
 from diffusion_train.training.export import export_weights
@@ -70,6 +70,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     if hasattr(datamodule, "check_provenance"):  # precomputed latents / text encodings
         datamodule.check_provenance(module.autoencoder, module.conditioner)
     callbacks = _instantiate_all(cfg.callbacks)
+    callbacks.sort(key=lambda c: isinstance(c, RunSummary))  # last: it records what the others logged this step
     if cfg.trainer.get("enable_progress_bar", True):  # a refresh reads the loss (a device sync): once per log interval
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, int(cfg.trainer.get("log_every_n_steps") or 50))))
     loggers = _instantiate_all(cfg.logger)

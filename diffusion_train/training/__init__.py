@@ -1,5 +1,5 @@
-"""Training: the LightningModule, callbacks (EMA, samples, Fréchet distance, throughput, preemption), checkpoints,
-loggers."""
+"""Training: the LightningModule, callbacks (EMA, samples, Fréchet distance, throughput, preemption, run
+summary), checkpoints, loggers."""
 
 from diffusion_train.training.checkpointing import AtomicCheckpointIO, atomic_torch_save
 from diffusion_train.training.ema import EMA
@@ -7,7 +7,9 @@ from diffusion_train.training.fid import FrechetDistance
 from diffusion_train.training.module import DiffusionModule, NonFiniteLossError
 from diffusion_train.training.preemption import Preemption
 from diffusion_train.training.samples import SampleGrid
+from diffusion_train.training.summary import RunSummary
 from diffusion_train.training.throughput import Throughput
 
-__all__ = ["AtomicCheckpointIO", "DiffusionModule", "EMA", "FrechetDistance", "NonFiniteLossError", "Preemption", "SampleGrid",
+__all__ = ["AtomicCheckpointIO", "DiffusionModule", "EMA", "FrechetDistance", "NonFiniteLossError", "Preemption", "RunSummary",
+           "SampleGrid",
            "Throughput", "atomic_torch_save"]

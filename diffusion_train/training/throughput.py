@@ -8,7 +8,8 @@ import lightning as L
 
 
 class Throughput(L.Callback):
-    """Logs ``perf/images_per_sec`` (global, all ranks) and ``perf/images_seen`` every ``every_n_steps``."""
+    """Logs ``perf/images_per_sec`` (global, all ranks) every ``every_n_steps`` (images and FLOPs seen:
+    ``RunSummary``)."""
 
     def __init__(self, every_n_steps: int = 50):
         super().__init__()
@@ -29,6 +30,5 @@ class Throughput(L.Callback):
             return
         now = time.perf_counter()
         images = (step - self._step0) * self.global_batch(trainer, pl_module)
-        pl_module.log_dict({"perf/images_per_sec": images / (now - self._t0),
-                            "perf/images_seen": float(step * self.global_batch(trainer, pl_module))})
+        pl_module.log("perf/images_per_sec", images / (now - self._t0))
         self._t0, self._step0 = now, step

@@ -1,0 +1,173 @@
+"""Compute accounting and the run's ``summary.json``: every evaluation indexed by images and FLOPs.
+
+``RunSummary`` counts the training FLOPs of the run (``6 x forward multiply-adds per image x images
+seen``, see ``diffusion_train/scaling/flops.py``), logs ``perf/images_seen`` and ``perf/train_flops``
+with every logged step (so any metric can be plotted against them, in metrics.csv or W&B), records each
+evaluation (validation loss, Fréchet distances, class accuracy, ...) with the step, images and FLOPs it
+was taken at, and writes ``<run dir>/summary.json`` (format ``diffusion_train.summary/1``, documented in
+docs/scaling.md) after every evaluation and when the fit ends; ``scripts/scaling_report.py`` reads it.
+A resumed run continues the summary: entries after the resumed step are dropped and logged again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+FORMAT = "diffusion_train.summary/1"
+# Metrics recorded in the history: evaluations, not the per-step training values.
+EVAL_PREFIXES = ("val/", "fd/", "fid/", "class_accuracy/", "clip_score/")
+# Config keys that do not change what is trained: left out of the config hash.
+UNHASHED = ("run_dir", "run_name", "callbacks", "logger", "scaling")
+
+
+def config_hash(config: dict) -> str:
+    """12 hex digits of the SHA-256 of the resolved config without run names, paths of this run, loggers
+    and callbacks: two runs with the same hash trained the same thing."""
+    kept = {k: v for k, v in config.items() if k not in UNHASHED}
+    trainer = dict(kept.get("trainer") or {})
+    trainer.pop("default_root_dir", None)
+    kept["trainer"] = trainer
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def context_len(conditioner) -> int:
+    """Text tokens the backbone cross-attends to (the embedders' ``max_length``, summed), 0 without text."""
+    return sum(int(getattr(e, "max_length", 0) or 0) for e in getattr(conditioner, "embedders", {}).values()
+               if getattr(e, "context_dim", 0))
+
+
+class RunSummary(L.Callback):
+    """See the module docstring. ``path``: where summary.json goes (the run directory's)."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = Path(path)
+        self.flops_per_image = 0
+        self.forward_macs = 0
+        self.global_batch = 0
+        self.history: dict[str, list[dict]] = {}
+        self._seen: dict[str, float] = {}
+        self._wall0 = 0.0
+        self._wall_before = 0.0
+        self._last_step = -1
+
+    # -- accounting ------------------------------------------------------------------------------
+    def images(self, step: int) -> int:
+        return int(step) * self.global_batch
+
+    def flops(self, step: int) -> float:
+        return float(self.images(step)) * self.flops_per_image
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        from diffusion_train.scaling.flops import TRAINING_FLOPS_PER_MAC, forward_macs
+
+        dm = trainer.datamodule
+        accumulate = getattr(pl_module, "accumulate_grad_batches", 1)
+        self.global_batch = int(dm.batch_size) * trainer.world_size * int(accumulate) if dm is not None else 0
+        if not self.forward_macs:
+            backbone = pl_module.backbone
+            length = context_len(pl_module.conditioner) if getattr(backbone, "context_dim", 0) else None
+            self.forward_macs = int(forward_macs(backbone, context_len=length))
+        self.flops_per_image = TRAINING_FLOPS_PER_MAC * self.forward_macs
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:  # the resumed step is known by now
+        self._wall0 = time.monotonic()
+        self._last_step = trainer.global_step
+        self._resume(trainer.global_step)
+
+    def _resume(self, step: int) -> None:
+        """Keeps what an earlier launch recorded up to ``step``, the checkpoint's (later ones come again)."""
+        self.history, self._wall_before = {}, 0.0
+        if step == 0 or not self.path.is_file():
+            return
+        try:
+            old = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return  # an unreadable summary is rewritten from here on
+        self._wall_before = float(old.get("wall_time_s") or 0.0)
+        for name, metric in (old.get("metrics") or {}).items():
+            kept = [h for h in metric.get("history", []) if int(h["step"]) <= step]  # taken on the resumed weights
+            if kept:
+                self.history[name] = kept
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self._last_step:
+            return
+        self._last_step = step
+        if step % max(1, trainer.log_every_n_steps) == 0:
+            pl_module.log_dict({"perf/images_seen": float(self.images(step)), "perf/train_flops": self.flops(step)})
+        if self._record(trainer):  # evaluations logged by callbacks at this step (they run before this one)
+            self.write(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        if not trainer.sanity_checking and self._record(trainer):
+            self.write(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        self.write(trainer, pl_module)
+
+    def _record(self, trainer: L.Trainer) -> bool:
+        """Adds the evaluation metrics whose value changed since last seen; True if any did."""
+        step, added = trainer.global_step, False
+        for name, value in trainer.callback_metrics.items():
+            if not name.startswith(EVAL_PREFIXES) or not isinstance(value, (torch.Tensor, float, int)):
+                continue
+            value = float(value)
+            if self._seen.get(name) == value or not math.isfinite(value):
+                continue
+            self._seen[name] = value
+            entries = self.history.setdefault(name, [])
+            entries[:] = [e for e in entries if e["step"] != step]
+            entries.append({"step": step, "images": self.images(step), "flops": self.flops(step), "value": value})
+            added = True
+        return added
+
+    # -- the file ----------------------------------------------------------------------------------
+    def summary(self, trainer: L.Trainer, pl_module) -> dict[str, Any]:
+        info = getattr(pl_module, "run_info", {}) or {}
+        config = info.get("config") or {}
+        step = trainer.global_step
+        params = sum(p.numel() for p in pl_module.backbone.parameters() if p.requires_grad)
+        device = (torch.cuda.get_device_name(pl_module.device) if pl_module.device.type == "cuda"
+                  else pl_module.device.type)
+        metrics = {name: {"final": entries[-1]["value"], "best": min(e["value"] for e in entries), "history": entries}
+                   for name, entries in sorted(self.history.items()) if entries}
+        max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        return {
+            "format": FORMAT,
+            "run_dir": str(config.get("run_dir", self.path.parent)),
+            "run_name": config.get("run_name"),
+            "config_hash": config_hash(config) if config else None,
+            "model": type(pl_module.backbone).__name__,
+            "params": int(params),
+            "forward_macs_per_image": self.forward_macs,
+            "flops_per_image": self.flops_per_image,
+            "global_batch": self.global_batch,
+            "steps": int(step),
+            "images_seen": self.images(step),
+            "total_flops": self.flops(step),
+            "scaling": dict(config.get("scaling") or {}),
+            "metrics": metrics,
+            "wall_time_s": round(self._wall_before + time.monotonic() - self._wall0, 3),
+            "device": device,
+            "world_size": int(trainer.world_size),
+            "finished": bool(max_steps is not None and step >= max_steps),
+        }
+
+    def write(self, trainer: L.Trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(self.summary(trainer, pl_module), indent=1))
+        tmp.replace(self.path)
