@@ -63,3 +63,79 @@ def test_the_config_hash_ignores_names_and_paths_but_not_training_settings(tiny_
     c = resolved(tiny_cfg("optim.lr=1e-3", run_dir=tmp_path / "a"))
     assert config_hash(a) == config_hash(b) != config_hash(c)
     assert len(config_hash(a)) == 12
+
+
+# -- planning ----------------------------------------------------------------------------------------
+def _plan(tmp_path, *args: str):
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import CONFIG_DIR
+
+    conf = tmp_path / "conf"
+    if not conf.exists():
+        shutil.copytree(CONFIG_DIR, conf)
+    out = subprocess.run([sys.executable, "scripts/scaling_plan.py", *args, f"out={conf / 'sweep' / 'plan.yaml'}"],
+                         capture_output=True, text=True, timeout=300, cwd=CONFIG_DIR + "/..")
+    return out, conf
+
+
+def test_the_isoflop_plan_lands_each_run_on_its_budget(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from diffusion_train.scaling.plan import FAMILIES
+
+    base = "data=synthetic model.patch_size=4"
+    out, conf = _plan(tmp_path, "budgets=2e10,6e10", "family=dit", "sizes=XS,S,M", "batch=16", f"base={base}",
+                      "lr=1e-3", "lr_rule=inverse_width", "min_steps=20")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "left out: M at 2e+10 FLOPs" in out.stdout  # too few steps: reported, not run
+    points = []
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        plan = compose("train", overrides=["+sweep=plan", *base.split()]).scaling.plan
+        for label in plan:
+            cfg = compose("train", overrides=["+sweep=plan", *base.split(), f"scaling.point={label}",
+                                              f"run_dir={tmp_path}"], return_hydra_config=True)
+            hydra_cfg = {k: OmegaConf.to_container(cfg.hydra[k], resolve=True) for k in ("sweep", "sweeper")}
+            del cfg.hydra
+            points.append({**OmegaConf.to_container(cfg, resolve=True), "hydra": hydra_cfg})
+    assert [(p["scaling"]["budget"], p["scaling"]["size"]) for p in points] == \
+        [(2e10, "XS"), (2e10, "S"), (6e10, "XS"), (6e10, "S"), (6e10, "M")]
+    sizes = FAMILIES["dit"]["sizes"]
+    for p in points:
+        entry = p["scaling"]["plan"][p["scaling"]["point"]]
+        assert p["model"]["hidden_size"] == sizes[p["scaling"]["size"]]["hidden_size"]
+        assert p["trainer"]["max_steps"] == entry["steps"] and p["data"]["batch_size"] == 16
+        assert p["optim"]["lr"] == pytest.approx(1e-3 * 64 / p["model"]["hidden_size"], rel=1e-3)
+        assert p["hydra"]["sweep"]["subdir"] == p["scaling"]["point"] == f"C{p['scaling']['budget']:.3g}_{p['scaling']['size']}".replace("+", "")
+        assert p["hydra"]["sweeper"]["params"]["scaling.point"] == "C2e10_XS,C2e10_S,C6e10_XS,C6e10_S,C6e10_M"
+        landed = 6 * entry["forward_macs"] * 16 * entry["steps"]
+        assert abs(landed / p["scaling"]["budget"] - 1) < 0.05
+
+
+def test_a_planned_run_spends_its_budget(tmp_path):
+    """One point of a plan, trained: its summary.json total FLOPs are the budget within 5%."""
+    from hydra import compose, initialize_config_dir
+
+    base = "data=synthetic model.patch_size=4"
+    out, conf = _plan(tmp_path, "budgets=3e9", "family=dit", "sizes=XS", "batch=16", f"base={base}", "min_steps=5")
+    assert out.returncode == 0, out.stderr[-2000:]
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        from conftest import TINY
+
+        cfg = compose("train", overrides=[*[o for o in TINY if not o.startswith(("model=", "trainer.max_steps",
+                                                                                  "trainer.val_check_interval"))],
+                                          "+sweep=plan", *base.split(), f"run_dir={tmp_path / 'run'}"])
+    train(cfg, tmp_path / "run")
+    s = _summary(tmp_path / "run")
+    assert s["scaling"]["budget"] == 3e9 and s["scaling"]["size"] == "XS"
+    assert abs(s["total_flops"] / 3e9 - 1) < 0.05
+    assert s["metrics"]["val/loss"]["history"]  # evaluated along the way
+
+
+def test_a_plan_with_no_feasible_run_is_refused(tmp_path):
+    out, _ = _plan(tmp_path, "budgets=1e3", "family=dit", "sizes=XS", "base=data=synthetic")
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1].startswith("error: no run of the plan gets 20 steps")

@@ -21,17 +21,23 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
     """
     conditioner = instantiate(cfg.conditioning, _convert_="all")
     autoencoder = instantiate(cfg.autoencoder, _convert_="all") if cfg.get("autoencoder") else Autoencoder()
-    channels, size = autoencoder.latent_shape(int(cfg.data.channels), int(cfg.data.resolution))
-    dims = {"in_channels": channels, "input_size": size, "cond_dim": conditioner.vector_dim}
-    if conditioner.context_dim:
-        dims["context_dim"] = conditioner.context_dim
-    backbone = instantiate(cfg.model, **dims, _convert_="all")
+    backbone = build_backbone(cfg, conditioner, autoencoder)
     objective = instantiate(cfg.diffusion, _convert_="all")
     if not autoencoder.pixel_space:
         objective.clip_x0 = False  # [-1, 1] bounds pixels; latents are not clamped while sampling
     schedule = instantiate(cfg.lr_schedule, _convert_="all") if cfg.get("lr_schedule") else None
     return DiffusionModule(backbone, conditioner, objective, autoencoder=autoencoder, optimizer=instantiate(cfg.optim, _convert_="all"),
                            lr_schedule=schedule, seed=cfg.seed, **cfg.training)
+
+
+def build_backbone(cfg: DictConfig, conditioner, autoencoder: Autoencoder) -> torch.nn.Module:
+    """``cfg.model`` sized by the data through the autoencoder (``in_channels``, ``input_size``) and by
+    what the conditioner produces (``cond_dim``, ``context_dim``)."""
+    channels, size = autoencoder.latent_shape(int(cfg.data.channels), int(cfg.data.resolution))
+    dims = {"in_channels": channels, "input_size": size, "cond_dim": conditioner.vector_dim}
+    if conditioner.context_dim:
+        dims["context_dim"] = conditioner.context_dim
+    return instantiate(cfg.model, **dims, _convert_="all")
 
 
 def load_module(ckpt_path: str | os.PathLike, weights: str = "ema", map_location="cpu") -> DiffusionModule:

@@ -1,0 +1,175 @@
+"""IsoFLOP planning: for each compute budget, every model size of a family trained for the steps that
+spend exactly that budget at a fixed batch; written as a Hydra sweep (``scripts/scaling_plan.py``).
+
+A run's training compute is ``C = 6 x forward MACs per image x batch x steps`` (the accounting of
+``flops.py`` and ``training.summary.RunSummary``), so ``steps = round(C / (6 x MACs x batch))`` and the
+run lands on its budget up to that rounding (points that would miss it by more than ``tolerance``, or
+that get fewer than ``min_steps`` steps, are left out and reported).
+
+Learning rate rule (documented, one of): ``constant`` (every size at ``lr``) or ``inverse_width``
+(``lr x width_0 / width``, width_0 the family's first size: the Adam scaling of hidden weights that keeps
+the per-step update size constant as width grows, the rule of muP without its other parts). The batch
+is fixed across the grid; the LR schedule (cosine, by default) ends at each run's own last step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+
+# Model families: size label -> model overrides. "width" is the LR rule's width.
+FAMILIES: dict[str, dict] = {
+    # A DiT width/depth ladder for small images (hidden = 32 x heads, head width 32), ~1/3 decade apart in
+    # parameters; model=dit with the config's patch size (set model.patch_size in the base overrides).
+    "dit": {"model": "dit", "width_key": "hidden_size", "sizes": {
+        "XS": {"hidden_size": 64, "depth": 3, "num_heads": 2},
+        "S": {"hidden_size": 96, "depth": 4, "num_heads": 3},
+        "M": {"hidden_size": 128, "depth": 6, "num_heads": 4},
+        "L": {"hidden_size": 192, "depth": 8, "num_heads": 6},
+        "XL": {"hidden_size": 256, "depth": 10, "num_heads": 8},
+        "XXL": {"hidden_size": 384, "depth": 12, "num_heads": 12}}},
+    # The DiT paper's ladder (S/B/L/XL), for ImageNet-scale budgets.
+    "dit_paper": {"model": "dit", "width_key": "hidden_size", "sizes": {
+        "S": {"hidden_size": 384, "depth": 12, "num_heads": 6},
+        "B": {"hidden_size": 768, "depth": 12, "num_heads": 12},
+        "L": {"hidden_size": 1024, "depth": 24, "num_heads": 16},
+        "XL": {"hidden_size": 1152, "depth": 28, "num_heads": 16}}},
+    # An ADM U-Net channel ladder (channel_mult and depth from the base config's model=unet).
+    "unet": {"model": "unet", "width_key": "model_channels", "sizes": {
+        "XS": {"model_channels": 16, "num_heads": 2}, "S": {"model_channels": 24, "num_heads": 2},
+        "M": {"model_channels": 32, "num_heads": 4}, "L": {"model_channels": 48, "num_heads": 4},
+        "XL": {"model_channels": 64, "num_heads": 4}, "XXL": {"model_channels": 96, "num_heads": 4}}},
+}
+LR_RULES = ("constant", "inverse_width")
+
+
+@dataclass
+class Point:
+    """One run of the grid."""
+
+    budget: float
+    size: str
+    model: dict
+    params: int
+    forward_macs: int
+    steps: int
+    lr: float
+    flops: float  # what the run spends: steps x batch x 6 x forward MACs
+
+    @property
+    def label(self) -> str:
+        """``C<budget>_<size>``, e.g. C1e12_S or C1p5e12_S: a config key and a directory name."""
+        return f"C{self.budget:.3g}_{self.size}".replace("+", "").replace(".", "p")
+
+
+def size_costs(family: str, compose, sizes: list[str] | None = None) -> list[tuple[str, dict, int, int]]:
+    """(size, model overrides, trainable backbone parameters, forward MACs per image) of each size; the
+    backbone is built on the meta device (no memory), the conditioner and autoencoder as configured
+    (they size it), from ``compose(overrides) -> DictConfig``."""
+    from hydra.utils import instantiate
+
+    from diffusion_train.conditioning.autoencoder import Autoencoder
+    from diffusion_train.scaling.flops import forward_macs
+    from diffusion_train.training.build import build_backbone
+    from diffusion_train.training.summary import context_len
+
+    spec = _family(family)
+    chosen = sizes or list(spec["sizes"])
+    unknown = [s for s in chosen if s not in spec["sizes"]]
+    if unknown:
+        raise ValueError(f"sizes {unknown} are not in family {family!r} (sizes: {', '.join(spec['sizes'])})")
+    out = []
+    for size in chosen:
+        overrides = dict(spec["sizes"][size])
+        cfg: DictConfig = compose([f"model={spec['model']}", *(f"model.{k}={v}" for k, v in overrides.items())])
+        if spec["model"] == "dit":
+            cfg.model.size = None
+        conditioner = instantiate(cfg.conditioning, _convert_="all")
+        autoencoder = instantiate(cfg.autoencoder, _convert_="all") if cfg.get("autoencoder") else Autoencoder()
+        with torch.device("meta"):  # the backbone only: no memory for the big ones
+            backbone = build_backbone(cfg, conditioner, autoencoder)
+        length = context_len(conditioner) if getattr(backbone, "context_dim", 0) else None
+        params = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
+        out.append((size, overrides, int(params), int(forward_macs(backbone, context_len=length))))
+    return out
+
+
+def isoflop_grid(costs: list[tuple[str, dict, int, int]], budgets: list[float], batch: int, lr: float,
+                 lr_rule: str = "constant", width_key: str = "hidden_size", min_steps: int = 20,
+                 tolerance: float = 0.05) -> tuple[list[Point], list[str]]:
+    """The grid's points (budget-major, sizes in ladder order) and what was left out, and why."""
+    if lr_rule not in LR_RULES:
+        raise ValueError(f"lr_rule must be one of {', '.join(LR_RULES)}, got {lr_rule!r}")
+    if batch < 1 or not budgets or any(b <= 0 for b in budgets):
+        raise ValueError(f"need batch >= 1 and positive budgets, got batch={batch}, budgets={budgets}")
+    width0 = costs[0][1].get(width_key) or 1
+    points, skipped = [], []
+    for budget in sorted(budgets):
+        for size, model, params, macs in costs:
+            per_step = 6.0 * macs * batch
+            steps = int(round(budget / per_step))
+            landed = steps * per_step
+            if steps < min_steps or abs(landed - budget) > tolerance * budget:
+                skipped.append(f"{size} at {budget:.3g} FLOPs: {budget / per_step:.1f} steps (min_steps={min_steps})")
+                continue
+            rate = lr * (width0 / model.get(width_key, width0) if lr_rule == "inverse_width" else 1.0)
+            points.append(Point(budget=float(budget), size=size, model=model, params=params, forward_macs=macs,
+                                steps=steps, lr=float(f"{rate:.4g}"), flops=landed))
+    return points, skipped
+
+
+def sweep_yaml(points: list[Point], family: str, batch: int, base: list[str], evals: int, header: str) -> str:
+    """A ``# @package _global_`` sweep config: one job per point (``scaling.point``: its label), each taking
+    its model, steps and LR from the plan table by nested interpolation, its run dir named by the label."""
+    import yaml
+
+    spec = _family(family)
+    plan = {}
+    for p in points:
+        every = max(1, p.steps // max(1, evals))
+        plan[p.label] = {"budget": p.budget, "size": p.size, "params": p.params, "forward_macs": p.forward_macs,
+                         "steps": p.steps, "lr": p.lr, "eval_every": every,
+                         **{f"model_{k}": v for k, v in p.model.items()}}
+    pick = "${scaling.plan.${scaling.point}.%s}"
+    body = {
+        "defaults": [{"override /model": spec["model"]}],
+        "scaling": {"family": family, "point": points[0].label, "budget": pick % "budget", "size": pick % "size",
+                    "plan": plan},
+        "model": {**({"size": None} if spec["model"] == "dit" else {}),
+                  **{k: pick % f"model_{k}" for k in points[0].model}},
+        "data": {"batch_size": batch},
+        "optim": {"lr": pick % "lr"},
+        "trainer": {"max_steps": pick % "steps", "val_check_interval": pick % "eval_every",
+                    "log_every_n_steps": pick % "eval_every"},
+        "callbacks": {"checkpoint": {"every_n_train_steps": pick % "eval_every"},
+                      "sample_grid": {"every_n_steps": pick % "steps"}},
+        "hydra": {"sweeper": {"params": {"scaling.point": ",".join(plan)}},
+                  "sweep": {"subdir": "${scaling.point}"}},
+    }
+    text = yaml.safe_dump(body, sort_keys=False, width=120)
+    usage = (f"# Run: diffusion-train -m +sweep=<this file's name> {' '.join(base)}".rstrip()
+             + "   (add hydra/launcher=slurm for Slurm)\n")
+    return "# @package _global_\n" + header + usage + text
+
+
+def _family(name: str) -> dict:
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; families: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def summary_line(p: Point) -> str:
+    return (f"{p.label:>14}  N={p.params / 1e6:8.3f}M  MACs/img={p.forward_macs / 1e6:9.2f}M  steps={p.steps:7d}  "
+            f"lr={p.lr:.3g}  C={p.flops:.3e} ({100 * (p.flops / p.budget - 1):+.2f}%)")
+
+
+def log_spaced(lo: float, hi: float, n: int) -> list[float]:
+    """``n`` budgets evenly spaced in log between ``lo`` and ``hi``."""
+    if n == 1:
+        return [lo]
+    return [float(f"{lo * (hi / lo) ** (i / (n - 1)):.3g}") for i in range(n)] if hi > lo > 0 else [lo]
+
+
+__all__ = ["FAMILIES", "LR_RULES", "Point", "isoflop_grid", "log_spaced", "size_costs", "summary_line", "sweep_yaml"]
