@@ -73,8 +73,8 @@ def main(argv: list[str]) -> None:
     command = "python scripts/scaling_plan.py " + " ".join(shlex.quote(a) for a in argv)
     header = (f"# IsoFLOP plan: family {family}, budgets {', '.join(f'{b:.3g}' for b in sorted(budgets))} FLOPs, "
               f"global batch {opts['batch']}, lr {lr:g} ({opts['lr_rule']}).\n# Made by: {command}\n")
-    text = sweep_yaml(points, family, opts["batch"], base, opts["evals"], header)
     out = Path(opts["out"]) if opts["out"] else ROOT / "conf" / "sweep" / f"{opts['name']}.yaml"
+    text = sweep_yaml(points, family, opts["batch"], base, opts["evals"], header, name=out.stem)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     for p in points:

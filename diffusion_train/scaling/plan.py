@@ -9,7 +9,8 @@ that get fewer than ``min_steps`` steps, are left out and reported).
 Learning rate rule (documented, one of): ``constant`` (every size at ``lr``) or ``inverse_width``
 (``lr x width_0 / width``, width_0 the family's first size: the Adam scaling of hidden weights that keeps
 the per-step update size constant as width grows, the rule of muP without its other parts). The batch
-is fixed across the grid; the LR schedule (cosine, by default) ends at each run's own last step.
+is fixed across the grid; the LR schedule is cosine with a 5% warm-up, ending at each run's own last
+step (as a compute-optimal run of that length would be trained).
 """
 
 from __future__ import annotations
@@ -120,7 +121,8 @@ def isoflop_grid(costs: list[tuple[str, dict, int, int]], budgets: list[float], 
     return points, skipped
 
 
-def sweep_yaml(points: list[Point], family: str, batch: int, base: list[str], evals: int, header: str) -> str:
+def sweep_yaml(points: list[Point], family: str, batch: int, base: list[str], evals: int, header: str,
+               name: str = "isoflop") -> str:
     """A ``# @package _global_`` sweep config: one job per point (``scaling.point``: its label), each taking
     its model, steps and LR from the plan table by nested interpolation, its run dir named by the label."""
     import yaml
@@ -130,17 +132,19 @@ def sweep_yaml(points: list[Point], family: str, batch: int, base: list[str], ev
     for p in points:
         every = max(1, p.steps // max(1, evals))
         plan[p.label] = {"budget": p.budget, "size": p.size, "params": p.params, "forward_macs": p.forward_macs,
-                         "steps": p.steps, "lr": p.lr, "eval_every": every,
+                         "steps": p.steps, "lr": p.lr, "warmup": max(1, round(0.05 * p.steps)), "eval_every": every,
                          **{f"model_{k}": v for k, v in p.model.items()}}
     pick = "${scaling.plan.${scaling.point}.%s}"
     body = {
-        "defaults": [{"override /model": spec["model"]}],
+        "defaults": [{"override /model": spec["model"]}, {"override /lr_schedule": "cosine"}],
+        "run_name": name,
         "scaling": {"family": family, "point": points[0].label, "budget": pick % "budget", "size": pick % "size",
                     "plan": plan},
         "model": {**({"size": None} if spec["model"] == "dit" else {}),
                   **{k: pick % f"model_{k}" for k in points[0].model}},
         "data": {"batch_size": batch},
         "optim": {"lr": pick % "lr"},
+        "lr_schedule": {"warmup_steps": pick % "warmup"},  # cosine to the run's own last step
         "trainer": {"max_steps": pick % "steps", "val_check_interval": pick % "eval_every",
                     "log_every_n_steps": pick % "eval_every"},
         "callbacks": {"checkpoint": {"every_n_train_steps": pick % "eval_every"},

@@ -1,0 +1,390 @@
+"""Scaling-law fits: power laws, saturating power laws, IsoFLOP parabolas and the compute-optimal frontier.
+
+Pure numpy/scipy (no plotting). The three fits ``scripts/scaling_report.py`` reports:
+
+* :func:`fit_power_law`: ``y = k x^a`` by least squares on ``ln y = ln k + a ln x``.
+* :func:`fit_saturating_power_law`: ``y = E + A x^(-alpha)`` (loss against compute for one model size),
+  least squares on ``ln y`` (every decade of loss weighs the same) with ``E`` in ``[0, max y]``,
+  ``alpha`` in ``[1e-4, 10]``, started from the best of a small grid over ``E`` (for each ``E`` the
+  power law of ``y - E`` gives ``A`` and ``alpha``); ``x`` is divided by its geometric mean inside the
+  fit so that FLOP counts of 1e20 cause no overflow.
+* :func:`isoflop_analysis` (Chinchilla's approach 2): per compute budget C, a parabola of the final loss
+  against ``log10 N`` (:func:`fit_isoflop_parabola`); its minimum is ``N_opt(C)``. A budget with fewer
+  than 3 distinct sizes, without a minimum (curvature <= 0) or with the minimum outside the sampled
+  sizes is flagged and left out of the frontier fit ``N_opt = k C^a`` (its extrapolated ``N_opt`` is
+  still reported). With ``flops_per_image``, the images seen at the optimum follow
+  ``D_opt = C / F(N_opt) ∝ C^b`` with ``F(N) = k_F N^g`` fitted over the runs, so ``b = 1 - g a``.
+
+Confidence intervals are percentile bootstraps with a fixed seed: the frontier resamples runs with
+replacement within each budget (a budget whose resample is degenerate, e.g. fewer than 3 distinct
+sizes, is left out of that resample; a resample with fewer than 2 budgets left is discarded and
+counted), the saturating fit resamples its points.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import least_squares
+
+__all__ = ["ALPHA_BOUNDS", "Frontier", "IsoFlopBudget", "IsoFlopResult", "PowerLawFit", "SaturatingFit",
+           "bootstrap_saturating", "fit_isoflop_parabola", "fit_power_law", "fit_saturating_power_law", "group_budgets",
+           "isoflop_analysis", "percentile_ci"]
+
+ALPHA_BOUNDS = (1e-4, 10.0)
+MIN_SIZES = 3
+
+
+def _logs(x, y, need: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    x, y = np.asarray(x, dtype=float).ravel(), np.asarray(y, dtype=float).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"{what}: x and y differ in length ({x.size} vs {y.size})")
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y)) and np.all(x > 0) and np.all(y > 0)):
+        raise ValueError(f"{what}: needs finite positive x and y")
+    if np.unique(x).size < need:
+        raise ValueError(f"{what}: needs at least {need} distinct x values, got {np.unique(x).size}")
+    return np.log(x), np.log(y)
+
+
+def percentile_ci(samples, level: float = 0.95) -> tuple[float, float]:
+    """The percentile interval holding ``level`` of the finite ``samples`` (nan, nan when there are none)."""
+    s = np.asarray(samples, dtype=float)
+    s = s[np.isfinite(s)]
+    if s.size == 0:
+        return math.nan, math.nan
+    lo, hi = np.percentile(s, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
+
+
+# ----------------------------------------------------------------------------------------------
+# power laws
+
+
+@dataclass(frozen=True)
+class PowerLawFit:
+    """``y = coefficient * x ** exponent``; ``residuals`` are ``ln y - ln(fit)`` per point, ``stderr`` the
+    standard error of the exponent from the regression (nan with 2 points)."""
+    exponent: float
+    coefficient: float
+    residuals: np.ndarray
+    stderr: float = math.nan
+
+    def predict(self, x) -> np.ndarray:
+        return self.coefficient * np.asarray(x, dtype=float) ** self.exponent
+
+    @property
+    def rmse_log(self) -> float:
+        return float(np.sqrt(np.mean(self.residuals ** 2)))
+
+
+def fit_power_law(x, y) -> PowerLawFit:
+    """``y = k x^a`` by least squares in log-log space (at least 2 distinct x; x, y > 0)."""
+    lx, ly = _logs(x, y, 2, "fit_power_law")
+    a, b = np.polyfit(lx, ly, 1)
+    resid = ly - (a * lx + b)
+    n = lx.size
+    stderr = math.sqrt(np.sum(resid ** 2) / (n - 2) / np.sum((lx - lx.mean()) ** 2)) if n > 2 else math.nan
+    return PowerLawFit(exponent=float(a), coefficient=float(math.exp(b)), residuals=resid, stderr=stderr)
+
+
+@dataclass(frozen=True)
+class SaturatingFit:
+    """``y = E + A x^(-alpha)``. Internally ``A x^(-alpha) = amplitude * (x / x_scale)^(-alpha)``;
+    ``residuals`` are ``ln y - ln(fit)``."""
+    E: float
+    amplitude: float
+    alpha: float
+    x_scale: float
+    residuals: np.ndarray
+    converged: bool = True
+
+    @property
+    def A(self) -> float:
+        return float(self.amplitude * self.x_scale ** self.alpha)
+
+    def predict(self, x) -> np.ndarray:
+        return self.E + self.amplitude * (np.asarray(x, dtype=float) / self.x_scale) ** -self.alpha
+
+    @property
+    def rmse_log(self) -> float:
+        return float(np.sqrt(np.mean(self.residuals ** 2)))
+
+
+def _saturating_problem(lu: np.ndarray, ly: np.ndarray):
+    def resid(theta):
+        e, la, alpha = theta
+        return np.log(e + np.exp(la - alpha * lu)) - ly
+
+    def jac(theta):
+        e, la, alpha = theta
+        p = np.exp(la - alpha * lu)
+        m = e + p
+        return np.stack([1 / m, p / m, -lu * p / m], axis=1)
+
+    return resid, jac
+
+
+def fit_saturating_power_law(x, y, *, x_scale: float | None = None,
+                             init: tuple[float, float, float] | None = None) -> SaturatingFit:
+    """``y = E + A x^(-alpha)`` by least squares on ``ln y`` (at least 4 distinct x; x, y > 0).
+
+    ``x_scale`` (default: the geometric mean of x) normalises x inside the fit; ``init``
+    (``E, ln amplitude, alpha``, in the units of that ``x_scale``) skips the grid search for a start.
+    """
+    lx, ly = _logs(x, y, 4, "fit_saturating_power_law")
+    x_scale = float(math.exp(lx.mean())) if x_scale is None else float(x_scale)
+    lu = lx - math.log(x_scale)
+    y_min, y_max = float(np.exp(ly.min())), float(np.exp(ly.max()))
+    resid, jac = _saturating_problem(lu, ly)
+    lower, upper = np.array([0.0, -np.inf, ALPHA_BOUNDS[0]]), np.array([y_max, np.inf, ALPHA_BOUNDS[1]])
+    if init is None:
+        best = None
+        for frac in (0.0, 0.25, 0.5, 0.75, 0.9, 0.97):
+            e = frac * y_min
+            slope, icpt = np.polyfit(lu, np.log(np.exp(ly) - e), 1)
+            theta = np.array([e, icpt, float(np.clip(-slope, *ALPHA_BOUNDS))])
+            sse = float(np.sum(resid(theta) ** 2))
+            if best is None or sse < best[0]:
+                best = (sse, theta)
+        theta0 = best[1]
+    else:
+        theta0 = np.clip(np.asarray(init, dtype=float), lower, upper)
+    res = least_squares(resid, theta0, jac=jac, bounds=(lower, upper), method="trf", x_scale="jac")
+    e, la, alpha = res.x
+    return SaturatingFit(E=float(e), amplitude=float(math.exp(la)), alpha=float(alpha), x_scale=x_scale,
+                         residuals=-res.fun, converged=bool(res.success))
+
+
+def bootstrap_saturating(x, y, fit: SaturatingFit, *, boot: int = 1000, seed: int = 0) -> np.ndarray:
+    """``(boot, 3)`` samples of ``(E, A, alpha)`` refitted on the points resampled with replacement (rows
+    of nan where a resample has fewer than 4 distinct x). Treats the points as independent, which
+    consecutive points of one learning curve are not quite: the interval is on the narrow side."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    rng = np.random.default_rng(seed)
+    out = np.full((boot, 3), np.nan)
+    init = (fit.E, math.log(fit.amplitude), fit.alpha)
+    for r in range(boot):
+        idx = rng.integers(0, x.size, x.size)
+        if np.unique(x[idx]).size < 4:
+            continue
+        try:
+            f = fit_saturating_power_law(x[idx], y[idx], x_scale=fit.x_scale, init=init)
+        except ValueError:  # a resample the optimizer cannot start from (non-finite residuals): left out
+            continue
+        out[r] = (f.E, f.A, f.alpha)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# IsoFLOP analysis
+
+
+def group_budgets(budgets, total_flops, rel_tol: float = 0.1) -> np.ndarray:
+    """The compute budget of each run: its nominal ``budget`` (``scaling.budget``) when given (not None/nan),
+    else its ``total_flops`` grouped with runs within ``rel_tol`` of each other (sorted, a new group
+    starts more than ``rel_tol`` above the smallest of the current one), each group named by the
+    geometric mean of its total FLOPs, or by a nominal budget within ``rel_tol`` of that mean."""
+    nominal = np.array([math.nan if b is None else float(b) for b in budgets], dtype=float)
+    flops = np.asarray(total_flops, dtype=float)
+    out = nominal.copy()
+    missing = np.flatnonzero(~np.isfinite(nominal))
+    known = np.unique(nominal[np.isfinite(nominal)])
+    order = missing[np.argsort(flops[missing], kind="stable")]
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and flops[i] <= flops[groups[-1][0]] * (1 + rel_tol):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    for g in groups:
+        centre = float(np.exp(np.mean(np.log(np.maximum(flops[g], 1e-300)))))
+        near = known[np.abs(known / centre - 1) <= rel_tol] if known.size else known
+        out[g] = near[np.argmin(np.abs(np.log(near / centre)))] if near.size else centre
+    return out
+
+
+@dataclass(frozen=True)
+class IsoFlopBudget:
+    """One budget's parabola ``loss = c2 z^2 + c1 z + c0`` with ``z = log10 N`` (``coefficients``; nan when
+    not fitted), its minimum ``n_opt`` / ``loss_opt`` (nan when there is none), the best sampled run
+    (``best_params`` / ``best_loss``) and ``flag``: why it is left out of the frontier fit (None: used)."""
+    budget: float
+    params: np.ndarray
+    losses: np.ndarray
+    coefficients: tuple[float, float, float]
+    n_opt: float
+    loss_opt: float
+    best_params: float
+    best_loss: float
+    flag: str | None = None
+
+    @property
+    def used(self) -> bool:
+        return self.flag is None
+
+    @property
+    def sizes(self) -> int:
+        return int(np.unique(self.params).size)
+
+    def predict(self, params) -> np.ndarray:
+        return np.polyval(self.coefficients, np.log10(np.asarray(params, dtype=float)))
+
+
+def fit_isoflop_parabola(params, losses, budget: float = math.nan) -> IsoFlopBudget:
+    """The IsoFLOP parabola of one budget: final loss against ``log10 N`` (params, losses: one entry per
+    run, finite, N > 0). Flags (and keeps out of the frontier) fewer than 3 distinct sizes, a parabola
+    without a minimum, and a minimum outside the sampled sizes (then ``n_opt`` is the extrapolated one)."""
+    params, losses = np.asarray(params, dtype=float).ravel(), np.asarray(losses, dtype=float).ravel()
+    if params.shape != losses.shape or not params.size:
+        raise ValueError("fit_isoflop_parabola: needs as many losses as params, at least one")
+    if not (np.all(np.isfinite(params)) and np.all(params > 0) and np.all(np.isfinite(losses))):
+        raise ValueError("fit_isoflop_parabola: needs N > 0 and finite losses")
+    best = int(np.argmin(losses))
+    common = dict(budget=float(budget), params=params, losses=losses, best_params=float(params[best]),
+                  best_loss=float(losses[best]))
+    sizes = np.unique(params).size
+    nan3 = (math.nan, math.nan, math.nan)
+    if sizes < MIN_SIZES:
+        return IsoFlopBudget(**common, coefficients=nan3, n_opt=math.nan, loss_opt=math.nan,
+                             flag=f"{sizes} model size{'s' if sizes != 1 else ''} (a parabola needs {MIN_SIZES})")
+    z = np.log10(params)
+    c2, c1, c0 = (float(c) for c in np.polyfit(z, losses, 2))
+    if not c2 > 0:
+        return IsoFlopBudget(**common, coefficients=(c2, c1, c0), n_opt=math.nan, loss_opt=math.nan,
+                             flag="no minimum: the loss is not convex in log N")
+    z_opt = -c1 / (2 * c2)
+    n_opt, loss_opt = float(10 ** z_opt), float(c0 - c1 * c1 / (4 * c2))
+    flag = None
+    if not z.min() <= z_opt <= z.max():
+        side = "below the smallest" if z_opt < z.min() else "above the largest"
+        flag = f"minimum {side} sampled size (N_opt extrapolated)"
+    return IsoFlopBudget(**common, coefficients=(c2, c1, c0), n_opt=n_opt, loss_opt=loss_opt, flag=flag)
+
+
+@dataclass(frozen=True)
+class Frontier:
+    """``N_opt(C) = k C^a`` over the used budgets, with bootstrap samples of ``(a, ln k)``."""
+    fit: PowerLawFit
+    budgets: np.ndarray
+    n_opt: np.ndarray
+    boot_exponents: np.ndarray
+    boot_log_coefficients: np.ndarray
+    boot_total: int
+    level: float = 0.95
+
+    @property
+    def exponent(self) -> float:
+        return self.fit.exponent
+
+    @property
+    def coefficient(self) -> float:
+        return self.fit.coefficient
+
+    @property
+    def boot_valid(self) -> int:
+        return int(np.isfinite(self.boot_exponents).sum())
+
+    @property
+    def ci(self) -> tuple[float, float]:
+        return percentile_ci(self.boot_exponents, self.level)
+
+    def band(self, c) -> tuple[np.ndarray, np.ndarray]:
+        """The pointwise percentile band of the bootstrap fits' ``N_opt`` at compute ``c``."""
+        c = np.atleast_1d(np.asarray(c, dtype=float))
+        ok = np.isfinite(self.boot_exponents)
+        if not ok.any():
+            nan = np.full(c.shape, np.nan)
+            return nan, nan
+        logs = self.boot_log_coefficients[ok, None] + self.boot_exponents[ok, None] * np.log(c)[None, :]
+        lo, hi = np.percentile(logs, [50 * (1 - self.level), 50 * (1 + self.level)], axis=0)
+        return np.exp(lo), np.exp(hi)
+
+
+@dataclass(frozen=True)
+class IsoFlopResult:
+    """All budgets (used or flagged), the frontier (None with fewer than 2 used budgets), the loss at the
+    optimum ``L_opt(C) = k C^c`` with bootstrap samples of ``c``, the images at the optimum
+    ``D_opt ∝ C^b`` (``b = 1 - g a``, with ``g`` of ``flops_per_image = k_F N^g``; None without
+    ``flops_per_image``) and general ``notes``."""
+    budgets: list[IsoFlopBudget]
+    frontier: Frontier | None
+    loss_frontier: PowerLawFit | None = None
+    boot_loss_exponents: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    flops_per_image_fit: PowerLawFit | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def images_exponent(self) -> float:
+        if self.frontier is None or self.flops_per_image_fit is None:
+            return math.nan
+        return 1.0 - self.flops_per_image_fit.exponent * self.frontier.exponent
+
+    @property
+    def images_ci(self) -> tuple[float, float]:
+        if self.frontier is None or self.flops_per_image_fit is None:
+            return math.nan, math.nan
+        lo, hi = self.frontier.ci
+        g = self.flops_per_image_fit.exponent
+        return tuple(sorted((1.0 - g * lo, 1.0 - g * hi)))
+
+    @property
+    def loss_ci(self) -> tuple[float, float]:
+        return percentile_ci(self.boot_loss_exponents, self.frontier.level if self.frontier else 0.95)
+
+
+def isoflop_analysis(budgets, params, losses, *, flops_per_image=None, boot: int = 1000, seed: int = 0,
+                     level: float = 0.95) -> IsoFlopResult:
+    """IsoFLOP analysis of runs given as per-run arrays: ``budgets`` (the compute budget each run belongs
+    to, e.g. from :func:`group_budgets`), ``params`` (N) and final ``losses`` (finite). Fits one parabola
+    per budget, then ``N_opt = k C^a`` (and ``L_opt = k' C^c``) over the budgets not flagged; ``boot``
+    bootstrap resamples (seed ``seed``) give the ``level`` percentile intervals."""
+    budgets = np.asarray(budgets, dtype=float).ravel()
+    params = np.asarray(params, dtype=float).ravel()
+    losses = np.asarray(losses, dtype=float).ravel()
+    if not budgets.size == params.size == losses.size:
+        raise ValueError("isoflop_analysis: budgets, params and losses differ in length")
+    fits = [fit_isoflop_parabola(params[budgets == c], losses[budgets == c], c) for c in np.unique(budgets)]
+    used = [f for f in fits if f.used]
+    notes = []
+    fpi_fit = None
+    if flops_per_image is not None:
+        fpi = np.asarray(flops_per_image, dtype=float).ravel()
+        if np.unique(params).size >= 2:
+            fpi_fit = fit_power_law(params, fpi)
+    if len(used) < 2:
+        notes.append(f"{len(used)} usable budget{'s' if len(used) != 1 else ''}: the frontier needs 2 or more")
+        return IsoFlopResult(budgets=fits, frontier=None, flops_per_image_fit=fpi_fit, notes=notes)
+    c_used = np.array([f.budget for f in used])
+    n_used = np.array([f.n_opt for f in used])
+    frontier_fit = fit_power_law(c_used, n_used)
+    loss_opt = np.array([f.loss_opt for f in used])
+    loss_fit = fit_power_law(c_used, loss_opt) if np.all(loss_opt > 0) else None
+    if len(used) == 2:
+        notes.append("2 usable budgets: the frontier fit goes through both points exactly")
+
+    rng = np.random.default_rng(seed)
+    boot_a = np.full(boot, np.nan)
+    boot_lk = np.full(boot, np.nan)
+    boot_c = np.full(boot, np.nan)
+    for r in range(boot):
+        pts = []
+        for f in used:
+            idx = rng.integers(0, f.params.size, f.params.size)
+            g = fit_isoflop_parabola(f.params[idx], f.losses[idx], f.budget)
+            if g.used:
+                pts.append((f.budget, g.n_opt, g.loss_opt))
+        if len(pts) >= 2:
+            c, n, lo = np.array(pts).T
+            pf = fit_power_law(c, n)
+            boot_a[r], boot_lk[r] = pf.exponent, math.log(pf.coefficient)
+            if np.all(lo > 0):
+                boot_c[r] = fit_power_law(c, lo).exponent
+    frontier = Frontier(fit=frontier_fit, budgets=c_used, n_opt=n_used, boot_exponents=boot_a,
+                        boot_log_coefficients=boot_lk, boot_total=boot, level=level)
+    if boot and frontier.boot_valid < 0.5 * boot:
+        notes.append(f"only {frontier.boot_valid} of {boot} bootstrap resamples kept 2 usable budgets: "
+                     "the interval is unreliable (sample more sizes per budget)")
+    return IsoFlopResult(budgets=fits, frontier=frontier, loss_frontier=loss_fit, boot_loss_exponents=boot_c,
+                         flops_per_image_fit=fpi_fit, notes=notes)

@@ -1,0 +1,468 @@
+"""Scaling-law report of a set of training runs: loss against compute per model size, IsoFLOP parabolas and
+the compute-optimal frontier ``N_opt(C) = k C^a`` with bootstrap confidence intervals::
+
+    python scripts/scaling_report.py runs/isoflop out=reports/isoflop
+    python scripts/scaling_report.py runs/isoflop runs/isoflop_big metric=fd/fmnist_net_1k boot=2000
+    python scripts/scaling_report.py wandb:my-team/diffusion_train out=reports/wandb
+
+Arguments are the run sources, then ``key=value`` options (an argument is an option when the text before
+its first ``=`` is one of the names below, so sweep folders like ``runs/x/budget=1e+15,size=S`` are
+sources). A source is a folder (every ``summary.json`` under it, recursively), one ``summary.json``, or
+``wandb:<entity>/<project>`` (the project's runs through ``wandb.Api()``; needs network and credentials,
+see diffusion_train/scaling/registry.py):
+
+    metric      the metric to fit, lower is better (val/loss)
+    out         report folder (scaling_report)
+    boot        bootstrap resamples for the confidence intervals (1000; 0: none)
+    seed        bootstrap seed (0)
+    skip        fraction of each run's images left out at the start of its history in the per-size
+                fits (0.1: the first steep drop of a learning curve is not a power law)
+    unfinished  true: use runs that have not reached their max_steps (false: list them, fit without them)
+
+It writes, in ``out``: ``report.md`` (the runs, the per-size fits, the IsoFLOP table, the frontier with
+its 95% interval, the flagged budgets), ``loss_vs_flops.png``, ``isoflop.png``, ``frontier.png`` and
+``fits.json`` (every fitted number). Runs with the same ``config_hash`` count once (the one furthest
+trained); runs without the metric or with a non-finite final value are listed and left out. The fits
+and flags: docs/scaling.md, section "Report". Exits with status 1 and one ``error:`` line for a missing
+folder, a malformed summary.json (the file and key named), no runs, or a metric no run logged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from diffusion_train.cli import UsageError, parse_bool, parse_key_values, run_main  # noqa: E402
+from diffusion_train.scaling.fit import (  # noqa: E402
+    ALPHA_BOUNDS,
+    IsoFlopResult,
+    SaturatingFit,
+    bootstrap_saturating,
+    fit_saturating_power_law,
+    group_budgets,
+    isoflop_analysis,
+    percentile_ci,
+)
+from diffusion_train.scaling.registry import RegistryError, Run, human_count, load_runs  # noqa: E402
+
+OPTIONS: dict[str, Callable[[str], Any]] = {"metric": str, "out": str, "boot": int, "seed": int, "skip": float,
+                                            "unfinished": parse_bool}
+DEFAULTS: dict[str, Any] = {"metric": "val/loss", "out": "scaling_report", "boot": 1000, "seed": 0, "skip": 0.1,
+                            "unfinished": False}
+LEVEL = 0.95
+BUDGET_TOLERANCE = 0.2  # flag runs whose total FLOPs are this far from their nominal budget
+FORMAT = "diffusion_train.scaling_report/1"
+
+
+def parse_args(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
+    sources = [a for a in argv if a.partition("=")[0] not in OPTIONS or "=" not in a]
+    opts = parse_key_values([a for a in argv if a not in sources], OPTIONS, DEFAULTS)
+    if not sources:
+        raise UsageError("give one or more run folders (or wandb:<entity>/<project>), e.g. "
+                         "scripts/scaling_report.py runs/isoflop out=report")
+    if opts["boot"] < 0:
+        raise UsageError(f"boot must be >= 0, got {opts['boot']}")
+    if not 0 <= opts["skip"] < 1:
+        raise UsageError(f"skip must be in [0, 1), got {opts['skip']}")
+    if not opts["out"]:
+        raise UsageError("out must name a folder")
+    return sources, opts
+
+
+# ----------------------------------------------------------------------------------------------
+# analysis
+
+
+class Analysis:
+    """What the report shows: the runs (all loaded; ``reasons``: why a run is left out, by source), the
+    used runs with their compute budget (by source), the sizes ``(label, N)`` by N, the per-size fits
+    (by N), the IsoFLOP result and the flags. (A plain class: the script may be loaded by file path.)"""
+
+    def __init__(self, metric: str, runs: list[Run], reasons: dict[str, str], used: list[Run],
+                 budgets: dict[str, float], sizes: list[tuple[str, int]]):
+        self.metric, self.runs, self.reasons, self.used = metric, runs, reasons, used
+        self.budgets, self.sizes = budgets, sizes
+        self.per_size: dict[int, dict] = {}
+        self.isoflop: IsoFlopResult | None = None
+        self.flags: list[str] = []
+
+
+def select(runs: list[Run], metric: str, unfinished: bool) -> dict[str, str]:
+    """Why each left-out run is left out (by source)."""
+    reasons: dict[str, str] = {}
+    for r in runs:
+        m = r.metrics.get(metric)
+        if m is None:
+            reasons[r.source] = f"no {metric}"
+        elif not math.isfinite(m.final) or m.final <= 0:
+            reasons[r.source] = f"final {metric} is {m.final} (needs a finite positive value)"
+        elif not r.finished and not unfinished:
+            reasons[r.source] = "unfinished (unfinished=true uses it)"
+    best: dict[str, Run] = {}
+    for r in runs:
+        if r.source in reasons or not r.config_hash:
+            continue
+        other = best.get(r.config_hash)
+        if other is None or r.images_seen > other.images_seen:
+            if other is not None:
+                reasons[other.source] = f"duplicate of {r.source} (same config_hash, trained further)"
+            best[r.config_hash] = r
+        else:
+            reasons[r.source] = f"duplicate of {other.source} (same config_hash)"
+    return reasons
+
+
+def curve_points(runs: list[Run], metric: str, skip: float) -> tuple[np.ndarray, np.ndarray]:
+    """(FLOPs, value) of the runs' histories past ``skip`` of their images (a run without history: its final)."""
+    xs, ys = [], []
+    for r in runs:
+        pts = [(p.flops, p.value) for p in r.metrics[metric].history
+               if p.flops > 0 and math.isfinite(p.value) and p.value > 0 and p.images >= skip * r.images_seen]
+        if not pts and r.total_flops > 0:
+            pts = [(r.total_flops, r.metrics[metric].final)]
+        for x, y in pts:
+            xs.append(x)
+            ys.append(y)
+    return np.array(xs, dtype=float), np.array(ys, dtype=float)
+
+
+def analyse(runs: list[Run], opts: dict) -> Analysis:
+    metric = opts["metric"]
+    if not runs:
+        raise RegistryError("no runs found")
+    reasons = select(runs, metric, opts["unfinished"])
+    used = [r for r in runs if r.source not in reasons]
+    if not used:
+        logged = sorted({name for r in runs for name in r.metrics})
+        raise RegistryError(f"no usable run for metric {metric!r} among {len(runs)} runs "
+                            f"(metrics logged: {', '.join(logged) or 'none'}; "
+                            f"first reason: {next(iter(reasons.values()))})")
+    groups = group_budgets([r.budget for r in used], [r.total_flops for r in used])
+    budgets = {r.source: float(c) for r, c in zip(used, groups)}
+    labels: dict[int, str] = {}
+    for r in sorted(used, key=lambda r: r.params):
+        labels.setdefault(r.params, r.label)
+    a = Analysis(metric=metric, runs=runs, reasons=reasons, used=used, budgets=budgets,
+                 sizes=sorted(((lab, n) for n, lab in labels.items()), key=lambda t: t[1]))
+
+    for label, n in a.sizes:
+        x, y = curve_points([r for r in used if r.params == n], metric, opts["skip"])
+        entry: dict[str, Any] = {"size": label, "params": n, "points": int(x.size), "x": x, "y": y}
+        if np.unique(x).size < 4:
+            entry["note"] = f"{np.unique(x).size} distinct FLOP values (the fit needs 4)"
+        else:
+            try:
+                f = fit_saturating_power_law(x, y)
+            except ValueError as e:
+                entry["note"] = f"fit failed: {e}"
+                a.flags.append(f"size {label}: the saturating fit failed ({e})")
+                a.per_size[n] = entry
+                continue
+            samples = bootstrap_saturating(x, y, f, boot=opts["boot"], seed=opts["seed"]) if opts["boot"] else None
+            entry.update(fit=f, alpha_ci=percentile_ci(samples[:, 2], LEVEL) if samples is not None else None,
+                         E_ci=percentile_ci(samples[:, 0], LEVEL) if samples is not None else None)
+            if not f.converged:
+                a.flags.append(f"size {label}: the saturating fit did not converge")
+            if np.isclose(f.alpha, ALPHA_BOUNDS[1]) or np.isclose(f.alpha, ALPHA_BOUNDS[0]):
+                a.flags.append(f"size {label}: alpha = {f.alpha:.3g} is at a bound of the fit")
+        a.per_size[n] = entry
+
+    a.isoflop = isoflop_analysis([budgets[r.source] for r in used], [r.params for r in used],
+                                 [r.metrics[metric].final for r in used],
+                                 flops_per_image=[r.flops_per_image for r in used], boot=opts["boot"],
+                                 seed=opts["seed"], level=LEVEL)
+    for b in a.isoflop.budgets:
+        if b.flag:
+            extra = f" (N_opt = {human_count(b.n_opt)})" if math.isfinite(b.n_opt) else ""
+            a.flags.append(f"budget {sci(b.budget)}: {b.flag}{extra}; left out of the frontier fit")
+    a.flags.extend(a.isoflop.notes)
+    far = [r for r in used if r.budget and abs(r.total_flops / r.budget - 1) > BUDGET_TOLERANCE]
+    if far:
+        a.flags.append(f"{len(far)} run(s) more than {BUDGET_TOLERANCE:.0%} off their nominal budget, e.g. "
+                       f"{far[0].run_dir}: {sci(far[0].total_flops)} FLOPs for {sci(far[0].budget)}")
+    for what, values in (("model classes", {r.model for r in used}),
+                         ("scaling families", {r.family for r in used if r.family})):
+        if len(values) > 1:
+            a.flags.append(f"the runs mix {what} ({', '.join(sorted(values))}): the fits assume one family")
+    return a
+
+
+# ----------------------------------------------------------------------------------------------
+# formatting
+
+
+def sci(x: float | None, digits: int = 2) -> str:
+    if x is None or not math.isfinite(x):
+        return "-"
+    mant, exp = f"{x:.{digits - 1}e}".split("e")
+    return f"{mant}e{int(exp)}"
+
+
+def num(x: float | None, digits: int = 4) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{x:.{digits}g}"
+
+
+def interval(ci: tuple[float, float] | None, digits: int = 3) -> str:
+    return "-" if ci is None or not all(map(math.isfinite, ci)) else f"[{ci[0]:.{digits}g}, {ci[1]:.{digits}g}]"
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows), ""]
+
+
+def images_at(a: Analysis, c: float, n: float) -> float:
+    fpi = a.isoflop.flops_per_image_fit
+    return c / float(fpi.predict(n)) if fpi is not None and math.isfinite(n) else math.nan
+
+
+def markdown(a: Analysis, sources: list[str], opts: dict) -> str:
+    m, iso, fr = a.metric, a.isoflop, a.isoflop.frontier
+    lines = [f"# Scaling report: {m}", "",
+             f"{len(a.used)} runs used of {len(a.runs)} found in {', '.join(f'`{s}`' for s in sources)}; "
+             f"{len(a.sizes)} model sizes, {len(iso.budgets)} compute budgets. Confidence intervals: "
+             f"{LEVEL:.0%} percentile bootstrap, {opts['boot']} resamples, seed {opts['seed']}. "
+             "Lower is better; FLOPs are training FLOPs (6 x forward multiply-adds per image x images).", "",
+             "## Compute-optimal frontier", ""]
+    if fr is None:
+        lines += ["No frontier fit: " + "; ".join(iso.notes), ""]
+    else:
+        lines += [f"- **N_opt(C) = {sci(fr.coefficient, 3)} * C^a, a = {fr.exponent:.3f} {interval(fr.ci)}** "
+                  f"({fr.boot_valid}/{fr.boot_total} bootstrap resamples usable; regression standard error "
+                  f"{num(fr.fit.stderr, 2)}), over {len(fr.budgets)} budgets "
+                  f"({', '.join(sci(c) for c in fr.budgets)})."]
+        if iso.flops_per_image_fit is not None:
+            g = iso.flops_per_image_fit
+            lines.append(f"- Images at the optimum: D_opt = C / F(N_opt) ∝ C^b, **b = 1 - g a = "
+                         f"{iso.images_exponent:.3f} {interval(iso.images_ci)}**, with F(N) = {sci(g.coefficient, 3)}"
+                         f" * N^g, g = {g.exponent:.3f} (training FLOPs per image, fitted over the runs).")
+        if iso.loss_frontier is not None:
+            lf = iso.loss_frontier
+            lines.append(f"- {m} at the optimum: L_opt(C) = {sci(lf.coefficient, 3)} * C^c, "
+                         f"c = {lf.exponent:.4f} {interval(iso.loss_ci)}.")
+        lines.append("")
+    lines += ["![frontier](frontier.png)", "", f"## IsoFLOP: final {m} against N per budget", "",
+              f"A parabola of final {m} in log10 N per budget; its minimum is N_opt. Flagged budgets are "
+              "left out of the frontier fit.", ""]
+    rows = []
+    for b in iso.budgets:
+        rows.append([sci(b.budget), str(b.params.size), str(b.sizes), human_count(b.n_opt) if math.isfinite(b.n_opt)
+                     else "-", num(b.loss_opt), sci(images_at(a, b.budget, b.n_opt)),
+                     f"{human_count(b.best_params)} ({num(b.best_loss)})", "used" if b.used else f"**{b.flag}**"])
+    lines += table(["budget C", "runs", "sizes", "N_opt", f"{m} at N_opt", "images at N_opt",
+                    "best run: N (value)", "status"], rows)
+    lines += ["![isoflop](isoflop.png)", "", f"## Per-size fits: {m} = E + A * C^(-alpha)", "",
+              f"Over the logged history of every run of the size (C: cumulative training FLOPs), the first "
+              f"{opts['skip']:.0%} of each run's images left out; least squares on ln {m}. The intervals "
+              "resample the points, treating them as independent.", ""]
+    rows = []
+    for label, n in a.sizes:
+        e = a.per_size[n]
+        f: SaturatingFit | None = e.get("fit")
+        if f is None:
+            rows.append([label, human_count(n), str(e["points"]), "-", "-", "-", "-", e["note"]])
+        else:
+            rows.append([label, human_count(n), str(e["points"]), f"{num(f.E)} {interval(e['E_ci'])}", sci(f.A, 3),
+                         f"{f.alpha:.3f} {interval(e['alpha_ci'])}", num(f.rmse_log, 2),
+                         "" if f.converged else "not converged"])
+    lines += table(["size", "N", "points", "E", "A", "alpha", "rmse (ln)", "note"], rows)
+    lines += ["![loss vs FLOPs](loss_vs_flops.png)", "", "## Flags", ""]
+    lines += [f"- {f}" for f in a.flags] or ["None."]
+    lines += ["", "## Runs", ""]
+    rows = []
+    for r in sorted(a.runs, key=lambda r: (a.budgets.get(r.source, math.inf), r.params, r.source)):
+        mt = r.metrics.get(m)
+        rows.append([f"`{r.run_dir}`", r.label, r.model, human_count(r.params), sci(a.budgets.get(r.source, r.budget)),
+                     sci(r.total_flops), sci(r.images_seen), num(mt.final) if mt else "-", num(mt.best) if mt else "-",
+                     "yes" if r.finished else "no", r.device, f"{r.wall_time_s:.0f}",
+                     a.reasons.get(r.source, "yes")])
+    lines += table(["run", "size", "model", "N", "budget", "total FLOPs", "images", f"final {m}", f"best {m}",
+                    "finished", "device", "wall s", "used"], rows)
+    return "\n".join(lines)
+
+
+def clean(x: Any) -> Any:
+    """JSON-safe: numpy to Python, nan/inf to null."""
+    if isinstance(x, dict):
+        return {str(k): clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, np.ndarray)):
+        return [clean(v) for v in x]
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    return x
+
+
+def fits_json(a: Analysis, sources: list[str], opts: dict) -> dict:
+    iso, fr = a.isoflop, a.isoflop.frontier
+    per_size = []
+    for label, n in a.sizes:
+        e = a.per_size[n]
+        f = e.get("fit")
+        per_size.append({"size": label, "params": n, "points": e["points"], "note": e.get("note"),
+                         **({"E": f.E, "A": f.A, "alpha": f.alpha, "x_scale": f.x_scale, "rmse_log": f.rmse_log,
+                             "converged": f.converged, "alpha_ci": e["alpha_ci"], "E_ci": e["E_ci"]} if f else {})})
+    return clean({
+        "format": FORMAT, "metric": a.metric, "sources": sources, "level": LEVEL,
+        **{k: opts[k] for k in ("boot", "seed", "skip", "unfinished")},
+        "runs": [{"source": r.source, "run_dir": r.run_dir, "size": r.label, "params": r.params,
+                  "budget": a.budgets.get(r.source, r.budget), "total_flops": r.total_flops,
+                  "images_seen": r.images_seen, "final": r.metrics[a.metric].final if a.metric in r.metrics else None,
+                  "best": r.metrics[a.metric].best if a.metric in r.metrics else None, "finished": r.finished,
+                  "used": r.source not in a.reasons, "reason": a.reasons.get(r.source)} for r in a.runs],
+        "per_size": per_size,
+        "isoflop": [{"budget": b.budget, "runs": int(b.params.size), "sizes": b.sizes, "params": b.params,
+                     "values": b.losses, "coefficients": b.coefficients, "n_opt": b.n_opt, "loss_opt": b.loss_opt,
+                     "images_opt": images_at(a, b.budget, b.n_opt), "best_params": b.best_params,
+                     "best_loss": b.best_loss, "used": b.used, "flag": b.flag} for b in iso.budgets],
+        "frontier": None if fr is None else {
+            "exponent": fr.exponent, "coefficient": fr.coefficient, "ci": fr.ci, "stderr": fr.fit.stderr,
+            "budgets": fr.budgets, "n_opt": fr.n_opt, "boot_valid": fr.boot_valid, "boot_total": fr.boot_total},
+        "loss_frontier": None if iso.loss_frontier is None else {
+            "exponent": iso.loss_frontier.exponent, "coefficient": iso.loss_frontier.coefficient, "ci": iso.loss_ci},
+        "images_frontier": None if fr is None or iso.flops_per_image_fit is None else {
+            "exponent": iso.images_exponent, "ci": iso.images_ci,
+            "flops_per_image_exponent": iso.flops_per_image_fit.exponent,
+            "flops_per_image_coefficient": iso.flops_per_image_fit.coefficient},
+        "flags": a.flags,
+    })
+
+
+# ----------------------------------------------------------------------------------------------
+# plots
+
+
+def colours(n: int) -> list:
+    import matplotlib.pyplot as plt
+
+    cmap = plt.get_cmap("viridis")
+    return [cmap(0.85 * i / max(n - 1, 1)) for i in range(n)]
+
+
+def plot_loss_vs_flops(a: Analysis, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for (label, n), colour in zip(a.sizes, colours(len(a.sizes))):
+        for i, r in enumerate(r for r in a.used if r.params == n):
+            hist = [(p.flops, p.value) for p in r.metrics[a.metric].history
+                    if p.flops > 0 and math.isfinite(p.value) and p.value > 0]
+            name = f"{label} (N={human_count(n)})"
+            if hist:
+                ax.plot(*zip(*hist), color=colour, lw=1, alpha=0.7, label=None if i else name)
+            ax.plot(r.total_flops, r.metrics[a.metric].final, "o", color=colour, ms=4,
+                    label=None if i or hist else name)
+        e = a.per_size[n]
+        if e.get("fit") is not None:
+            xs = np.geomspace(e["x"].min(), e["x"].max(), 100)
+            ax.plot(xs, e["fit"].predict(xs), "--", color=colour, lw=1.5)
+    for c in sorted({b.budget for b in a.isoflop.budgets}):
+        ax.axvline(c, color="0.8", lw=0.8, ls=":", zorder=0)
+    ax.set(xscale="log", yscale="log", xlabel="training FLOPs (cumulative)", ylabel=a.metric,
+           title=f"{a.metric} against compute per model size (dashed: E + A C^-alpha)")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_isoflop(a: Analysis, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    budgets = a.isoflop.budgets
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for b, colour in zip(budgets, colours(len(budgets))):
+        tag = "" if b.used else " (flagged)"
+        ax.plot(b.params, b.losses, "o", color=colour, label=f"C = {sci(b.budget)}{tag}")
+        if math.isfinite(b.coefficients[0]):
+            lo, hi = b.params.min(), b.params.max()
+            if math.isfinite(b.n_opt):
+                lo, hi = min(lo, b.n_opt), max(hi, b.n_opt)
+            ns = np.geomspace(lo / 1.2, hi * 1.2, 200)
+            ax.plot(ns, b.predict(ns), "-" if b.used else ":", color=colour, lw=1.2)
+        if math.isfinite(b.n_opt):
+            ax.plot(b.n_opt, b.loss_opt, "*", ms=13, color=colour if b.used else "none", mec=colour, mew=1.2)
+    ax.set(xscale="log", xlabel="parameters N", ylabel=f"final {a.metric}",
+           title="IsoFLOP: parabolas in log N, N_opt starred (hollow: flagged)")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_frontier(a: Analysis, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fr = a.isoflop.frontier
+    used = [b for b in a.isoflop.budgets if b.used]
+    flagged = [b for b in a.isoflop.budgets if not b.used and math.isfinite(b.n_opt)]
+    if used:
+        ax.plot([b.budget for b in used], [b.n_opt for b in used], "o", color="C0", label="N_opt (used)")
+    if flagged:
+        ax.plot([b.budget for b in flagged], [b.n_opt for b in flagged], "o", mfc="none", color="C3",
+                label="N_opt (flagged, extrapolated)")
+    if fr is not None:
+        cs = [b.budget for b in a.isoflop.budgets]
+        xs = np.geomspace(min(cs) / 1.5, max(cs) * 1.5, 100)
+        ax.plot(xs, fr.fit.predict(xs), "-", color="C0",
+                label=f"N_opt = {sci(fr.coefficient, 3)} C^a, a = {fr.exponent:.3f} {interval(fr.ci)}".rstrip(" -"))
+        lo, hi = fr.band(xs)
+        if np.all(np.isfinite(lo)):
+            ax.fill_between(xs, lo, hi, color="C0", alpha=0.15, label=f"{LEVEL:.0%} bootstrap band")
+    else:
+        ax.text(0.5, 0.5, "no frontier fit:\n" + "\n".join(a.isoflop.notes), transform=ax.transAxes,
+                ha="center", va="center")
+    ax.set(xscale="log", yscale="log", xlabel="compute budget C (training FLOPs)", ylabel="N_opt (parameters)",
+           title=f"compute-optimal model size ({a.metric})")
+    if used or flagged or fr is not None:
+        ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def report(sources: list[str], opts: dict, log: Callable[[str], None] = print) -> Path:
+    """Loads the runs of ``sources``, fits, and writes the report into ``opts['out']``; returns that folder."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    runs = load_runs(sources, metrics=[opts["metric"]])
+    if not runs:
+        raise RegistryError(f"no runs: no summary.json under {', '.join(sources)}")
+    a = analyse(runs, opts)
+    out = Path(opts["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    plot_loss_vs_flops(a, out / "loss_vs_flops.png")
+    plot_isoflop(a, out / "isoflop.png")
+    plot_frontier(a, out / "frontier.png")
+    (out / "fits.json").write_text(json.dumps(fits_json(a, sources, opts), indent=1) + "\n")
+    (out / "report.md").write_text(markdown(a, sources, opts) + "\n")
+    fr = a.isoflop.frontier
+    headline = (f"a = {fr.exponent:.3f} {interval(fr.ci)}" if fr is not None else "no frontier fit")
+    log(f"{len(a.used)}/{len(runs)} runs, {len(a.sizes)} sizes, {len(a.isoflop.budgets)} budgets; N_opt ∝ C^a: "
+        f"{headline}; {len(a.flags)} flag(s); report: {out / 'report.md'}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(lambda args: report(*parse_args(args)), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
