@@ -139,3 +139,15 @@ def test_a_plan_with_no_feasible_run_is_refused(tmp_path):
     out, _ = _plan(tmp_path, "budgets=1e3", "family=dit", "sizes=XS", "base=data=synthetic")
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1].startswith("error: no run of the plan gets 20 steps")
+
+
+def test_the_summary_reaches_the_wandb_run(tiny_cfg, tmp_path):
+    """The scalar fields go into the W&B run summary and `scaling` into its config (a real offline run;
+    its record file is binary, so the test looks for the field names in it)."""
+    run = tmp_path / "run"
+    import wandb
+
+    train(tiny_cfg("logger=default", "trainer.max_steps=2", "scaling.size=XS"), run)
+    wandb.finish()  # the record file is complete when the run ends (at process exit otherwise)
+    records = b"".join(p.read_bytes() for p in (run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert records and all(key in records for key in (b"flops_per_image", b"total_flops", b"config_hash", b"XS"))

@@ -21,6 +21,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import WandbLogger
 
 FORMAT = "diffusion_train.summary/1"
 # Metrics recorded in the history: evaluations, not the per-step training values.
@@ -165,9 +166,16 @@ class RunSummary(L.Callback):
         }
 
     def write(self, trainer: L.Trainer, pl_module) -> None:
+        """summary.json (atomically), and its scalar fields into the W&B run's summary and its ``scaling``
+        section into the W&B config, where ``scripts/scaling_report.py wandb:...`` reads them."""
         if not trainer.is_global_zero:
             return
+        summary = self.summary(trainer, pl_module)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.summary(trainer, pl_module), indent=1))
+        tmp.write_text(json.dumps(summary, indent=1))
         tmp.replace(self.path)
+        for lg in trainer.loggers:
+            if isinstance(lg, WandbLogger):
+                lg.experiment.summary.update({k: v for k, v in summary.items() if k not in ("metrics", "scaling")})
+                lg.experiment.config.update({"scaling": summary["scaling"]}, allow_val_change=True)
