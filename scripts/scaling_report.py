@@ -369,7 +369,15 @@ def plot_loss_vs_flops(a: Analysis, path: Path) -> None:
         ax.axvline(c, color="0.8", lw=0.8, ls=":", zorder=0)
     ax.set(xscale="log", yscale="log", xlabel="training FLOPs (cumulative)", ylabel=a.metric,
            title=f"{a.metric} against compute per model size (dashed: E + A C^-alpha)")
-    ax.legend(fontsize=8)
+    _save(fig, ax, path)
+
+
+def _save(fig, ax, path: Path, legend: bool = True) -> None:
+    """Legend, grid, layout; the PNG written and the figure closed."""
+    import matplotlib.pyplot as plt
+
+    if legend:
+        ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -394,11 +402,7 @@ def plot_isoflop(a: Analysis, path: Path) -> None:
             ax.plot(b.n_opt, b.loss_opt, "*", ms=13, color=colour if b.used else "none", mec=colour, mew=1.2)
     ax.set(xscale="log", xlabel="parameters N", ylabel=f"final {a.metric}",
            title="IsoFLOP: parabolas in log N, N_opt starred (hollow: flagged)")
-    ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, ax, path)
 
 
 def plot_frontier(a: Analysis, path: Path) -> None:
@@ -426,12 +430,7 @@ def plot_frontier(a: Analysis, path: Path) -> None:
                 ha="center", va="center")
     ax.set(xscale="log", yscale="log", xlabel="compute budget C (training FLOPs)", ylabel="N_opt (parameters)",
            title=f"compute-optimal model size ({a.metric})")
-    if used or flagged or fr is not None:
-        ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, ax, path, legend=bool(used or flagged or fr is not None))
 
 
 # ----------------------------------------------------------------------------------------------
