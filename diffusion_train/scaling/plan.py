@@ -22,9 +22,10 @@ from omegaconf import DictConfig
 
 # Model families: size label -> model overrides. "width" is the LR rule's width.
 FAMILIES: dict[str, dict] = {
-    # A DiT width/depth ladder for small images (hidden = 32 x heads, head width 32), ~1/3 decade apart in
-    # parameters; model=dit with the config's patch size (set model.patch_size in the base overrides).
+    # A DiT width/depth ladder for small images (head width 24-32), about 0.4 decades apart in parameters;
+    # model=dit with the config's patch size (set model.patch_size in the base overrides).
     "dit": {"model": "dit", "width_key": "hidden_size", "sizes": {
+        "XXS": {"hidden_size": 48, "depth": 2, "num_heads": 2},
         "XS": {"hidden_size": 64, "depth": 3, "num_heads": 2},
         "S": {"hidden_size": 96, "depth": 4, "num_heads": 3},
         "M": {"hidden_size": 128, "depth": 6, "num_heads": 4},
