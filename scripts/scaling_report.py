@@ -187,7 +187,7 @@ def analyse(runs: list[Run], opts: dict) -> Analysis:
     far = [r for r in used if r.budget and abs(r.total_flops / r.budget - 1) > BUDGET_TOLERANCE]
     if far:
         a.flags.append(f"{len(far)} run(s) more than {BUDGET_TOLERANCE:.0%} off their nominal budget, e.g. "
-                       f"{far[0].run_dir}: {sci(far[0].total_flops)} FLOPs for {sci(far[0].budget)}")
+                       f"{where(far[0])}: {sci(far[0].total_flops)} FLOPs for {sci(far[0].budget)}")
     for what, values in (("model classes", {r.model for r in used}),
                          ("scaling families", {r.family for r in used if r.family})):
         if len(values) > 1:
@@ -222,6 +222,12 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 def images_at(a: Analysis, c: float, n: float) -> float:
     fpi = a.isoflop.flops_per_image_fit
     return c / float(fpi.predict(n)) if fpi is not None and math.isfinite(n) else math.nan
+
+
+def where(r) -> str:
+    """The run's folder as it was found (relative when given relative), else its recorded run_dir."""
+    source = Path(r.source)
+    return str(source.parent) if source.name == "summary.json" else r.run_dir
 
 
 def markdown(a: Analysis, sources: list[str], opts: dict) -> str:
@@ -280,7 +286,7 @@ def markdown(a: Analysis, sources: list[str], opts: dict) -> str:
     rows = []
     for r in sorted(a.runs, key=lambda r: (a.budgets.get(r.source, math.inf), r.params, r.source)):
         mt = r.metrics.get(m)
-        rows.append([f"`{r.run_dir}`", r.label, r.model, human_count(r.params), sci(a.budgets.get(r.source, r.budget)),
+        rows.append([f"`{where(r)}`", r.label, r.model, human_count(r.params), sci(a.budgets.get(r.source, r.budget)),
                      sci(r.total_flops), sci(r.images_seen), num(mt.final) if mt else "-", num(mt.best) if mt else "-",
                      "yes" if r.finished else "no", r.device, f"{r.wall_time_s:.0f}",
                      a.reasons.get(r.source, "yes")])
@@ -314,7 +320,7 @@ def fits_json(a: Analysis, sources: list[str], opts: dict) -> dict:
     return clean({
         "format": FORMAT, "metric": a.metric, "sources": sources, "level": LEVEL,
         **{k: opts[k] for k in ("boot", "seed", "skip", "unfinished")},
-        "runs": [{"source": r.source, "run_dir": r.run_dir, "size": r.label, "params": r.params,
+        "runs": [{"source": r.source, "run_dir": where(r), "size": r.label, "params": r.params,
                   "budget": a.budgets.get(r.source, r.budget), "total_flops": r.total_flops,
                   "images_seen": r.images_seen, "final": r.metrics[a.metric].final if a.metric in r.metrics else None,
                   "best": r.metrics[a.metric].best if a.metric in r.metrics else None, "finished": r.finished,
