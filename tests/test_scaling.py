@@ -141,13 +141,18 @@ def test_a_plan_with_no_feasible_run_is_refused(tmp_path):
     assert out.stderr.strip().splitlines()[-1].startswith("error: no run of the plan gets 20 steps")
 
 
-def test_the_summary_reaches_the_wandb_run(tiny_cfg, tmp_path):
-    """The scalar fields go into the W&B run summary and `scaling` into its config (a real offline run;
-    its record file is binary, so the test looks for the field names in it)."""
-    run = tmp_path / "run"
-    import wandb
+def test_the_summary_reaches_the_wandb_run(tmp_path):
+    """The scalar fields go into the W&B run summary and `scaling` into its config (a real offline run, in
+    its own process: W&B flushes the record file when the process ends, and a W&B service started in
+    the test process would be shared by every later child process; the file is binary, so the test
+    looks for the field names in it)."""
+    import subprocess
+    import sys
 
-    train(tiny_cfg("logger=default", "trainer.max_steps=2", "scaling.size=XS"), run)
-    wandb.finish()  # the record file is complete when the run ends (at process exit otherwise)
+    run = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "diffusion_train.train", "experiment=smoke", "trainer.max_steps=2",
+                          "scaling.size=XS", f"hydra.run.dir={run}"], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
     records = b"".join(p.read_bytes() for p in (run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert records and all(key in records for key in (b"flops_per_image", b"total_flops", b"config_hash", b"XS"))
