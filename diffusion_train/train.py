@@ -26,7 +26,7 @@ from diffusion_train.training.build import build_module
 from diffusion_train.training.checkpointing import last_checkpoint, load_checkpoint, remove_stale_temp_files
 from diffusion_train.training.export import export_weights
 from diffusion_train.training.loggers import ResumableCSVLogger
-from diffusion_train.training.parallel import check_devices, lr_scale, per_device_batch
+from diffusion_train.training.parallel import check_devices, global_batch, lr_scale, per_device_batch
 from diffusion_train.training.preemption import after_preemption, find_preemption, slurm_identity
 from diffusion_train.training.run_dir import (
     ResumeMismatchError,
@@ -62,6 +62,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     quiet_known_warnings()
     config = resolved(cfg)  # fails on a missing value before any work starts
     ckpt, resume_step = check_resumable(run_dir, config)  # refuses another model's checkpoint, changes nothing
+    check_devices(cfg.trainer.get("accelerator"), cfg.trainer.get("devices"))
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -77,7 +78,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     for lg in loggers:
         if isinstance(lg, ResumableCSVLogger):
             lg.resume_from(resume_step)
-    check_devices(cfg.trainer.get("accelerator"), cfg.trainer.get("devices"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      plugins=[AtomicCheckpointIO(), *cluster_plugins()], use_distributed_sampler=False)
 
@@ -85,16 +85,16 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     accumulate = module.accumulate_grad_batches
     datamodule.batch_size = per_device_batch(datamodule.batch_size, scale.get("global_batch"), trainer.world_size,
                                              accumulate)
-    global_batch = datamodule.batch_size * trainer.world_size * accumulate
-    module.lr_scale = lr_scale(scale.get("lr_scaling"), global_batch, int(scale.get("lr_base_batch", 256)))
+    batch = global_batch(datamodule.batch_size, trainer.world_size, accumulate)
+    module.lr_scale = lr_scale(scale.get("lr_scaling"), batch, int(scale.get("lr_base_batch", 256)))
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    module.run_info = run_info(config, overrides, trainer.world_size, global_batch, slurm=slurm_identity(),
+    module.run_info = run_info(config, overrides, trainer.world_size, batch, slurm=slurm_identity(),
                                per_device_batch=datamodule.batch_size, lr=float(cfg.optim.lr) * module.lr_scale)
     if trainer.global_rank == 0:
         remove_stale_temp_files(run_dir)
         write_run_files(run_dir, module.run_info)
         log.info("run dir %s, %s, global batch %d (%d per device x %d devices x %d accumulated), lr %g", run_dir,
-                 f"resuming {ckpt}" if ckpt else "fresh run", global_batch, datamodule.batch_size,
+                 f"resuming {ckpt}" if ckpt else "fresh run", batch, datamodule.batch_size,
                  trainer.world_size, accumulate, module.run_info["lr"])
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)

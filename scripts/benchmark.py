@@ -70,6 +70,17 @@ MFU_DEFINITION = ("MFU = images/s x training FLOPs per image / peak dense bf16 F
                   "6 x forward multiply-adds (2 FLOPs per multiply-add, x3 for forward + backward)")
 
 
+def _dims_of(value: str, n: int, usage: str) -> tuple[int, ...]:
+    """``value`` as ``n`` integers joined by x, else a UsageError saying ``usage``."""
+    try:
+        dims = _dims(value)
+    except ValueError:
+        dims = ()
+    if len(dims) != n:
+        raise UsageError(usage)
+    return dims
+
+
 def _dims(value: str) -> tuple[int, ...]:
     dims = tuple(int(v) for v in value.lower().split("x"))
     if any(d <= 0 for d in dims):
@@ -105,19 +116,9 @@ def parse_args(argv: list[str]) -> dict[str, Any]:
     if opts["device"] not in ("cuda", "cpu"):
         raise UsageError(f"device={opts['device']}: valid: cuda, cpu")
     if opts["latent"] != "config":
-        try:
-            opts["latent"] = _dims(opts["latent"])
-        except ValueError:
-            opts["latent"] = ()
-        if len(opts["latent"]) != 3:
-            raise UsageError("latent: give CxHxW (e.g. 4x32x32) or config")
+        opts["latent"] = _dims_of(opts["latent"], 3, "latent: give CxHxW (e.g. 4x32x32) or config")
     if opts["text"]:
-        try:
-            opts["text"] = _dims(opts["text"])
-        except ValueError:
-            opts["text"] = ()
-        if len(opts["text"]) != 2:
-            raise UsageError("text: give LxD, tokens x width (e.g. 77x1024)")
+        opts["text"] = _dims_of(opts["text"], 2, "text: give LxD, tokens x width (e.g. 77x1024)")
     if opts["peak_tflops"] is not None and opts["peak_tflops"] <= 0:
         raise UsageError(f"peak_tflops must be positive, got {opts['peak_tflops']}")
     if opts["md"] is None:

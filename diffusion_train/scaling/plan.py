@@ -170,11 +170,4 @@ def summary_line(p: Point) -> str:
             f"lr={p.lr:.3g}  C={p.flops:.3e} ({100 * (p.flops / p.budget - 1):+.2f}%)")
 
 
-def log_spaced(lo: float, hi: float, n: int) -> list[float]:
-    """``n`` budgets evenly spaced in log between ``lo`` and ``hi``."""
-    if n == 1:
-        return [lo]
-    return [float(f"{lo * (hi / lo) ** (i / (n - 1)):.3g}") for i in range(n)] if hi > lo > 0 else [lo]
-
-
-__all__ = ["FAMILIES", "LR_RULES", "Point", "isoflop_grid", "log_spaced", "size_costs", "summary_line", "sweep_yaml"]
+__all__ = ["FAMILIES", "LR_RULES", "Point", "isoflop_grid", "size_costs", "summary_line", "sweep_yaml"]

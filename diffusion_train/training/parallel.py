@@ -103,6 +103,18 @@ def like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 
 # -- the global batch, the learning-rate rule, the devices -----------------------------------------
+def global_batch(batch_size: int, world_size: int, accumulate: int) -> int:
+    """Images per optimizer step: per-device batch x devices x nodes x accumulation steps."""
+    return int(batch_size) * int(world_size) * int(accumulate)
+
+
+def trainer_global_batch(trainer, pl_module) -> int:
+    """:func:`global_batch` of a running fit (0 without a data module)."""
+    dm = trainer.datamodule
+    return global_batch(dm.batch_size, trainer.world_size, getattr(pl_module, "accumulate_grad_batches", 1)) \
+        if dm is not None else 0
+
+
 def per_device_batch(batch_size: int, global_batch: int | None, world_size: int, accumulate: int) -> int:
     """The batch each device loads per micro-step: ``data.batch_size``, or ``scale.global_batch``
     split over devices x accumulation steps (which must divide it)."""

@@ -23,6 +23,8 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
+from diffusion_train.training.parallel import trainer_global_batch
+
 FORMAT = "diffusion_train.summary/1"
 # Metrics recorded in the history: evaluations, not the per-step training values.
 EVAL_PREFIXES = ("val/", "fd/", "fid/", "class_accuracy/", "clip_score/")
@@ -71,9 +73,7 @@ class RunSummary(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
         from diffusion_train.scaling.flops import TRAINING_FLOPS_PER_MAC, forward_macs
 
-        dm = trainer.datamodule
-        accumulate = getattr(pl_module, "accumulate_grad_batches", 1)
-        self.global_batch = int(dm.batch_size) * trainer.world_size * int(accumulate) if dm is not None else 0
+        self.global_batch = trainer_global_batch(trainer, pl_module)
         if not self.forward_macs:
             backbone = pl_module.backbone
             length = context_len(pl_module.conditioner) if getattr(backbone, "context_dim", 0) else None

@@ -6,6 +6,8 @@ import time
 
 import lightning as L
 
+from diffusion_train.training.parallel import trainer_global_batch
+
 
 class Throughput(L.Callback):
     """Logs ``perf/images_per_sec`` (global, all ranks) every ``every_n_steps`` (images and FLOPs seen:
@@ -17,10 +19,6 @@ class Throughput(L.Callback):
         self._t0: float | None = None
         self._step0 = 0
 
-    def global_batch(self, trainer: L.Trainer, pl_module) -> int:
-        accumulate = getattr(pl_module, "accumulate_grad_batches", 1)
-        return trainer.datamodule.batch_size * trainer.world_size * accumulate
-
     def on_train_start(self, trainer, pl_module) -> None:
         self._t0, self._step0 = time.perf_counter(), trainer.global_step
 
@@ -29,6 +27,6 @@ class Throughput(L.Callback):
         if self._t0 is None or step == self._step0 or step % self.every_n_steps:
             return
         now = time.perf_counter()
-        images = (step - self._step0) * self.global_batch(trainer, pl_module)
+        images = (step - self._step0) * trainer_global_batch(trainer, pl_module)
         pl_module.log("perf/images_per_sec", images / (now - self._t0))
         self._t0, self._step0 = now, step
