@@ -11,7 +11,8 @@ Every argument is ``key=value``:
     steps       timed steps per repeat (20)
     warmup      untimed steps before the first repeat (5; >= 1; compilation happens here)
     repeats     timed repeats; numbers are medians over them (3)
-    compile     true | false: the config's training.compile (default: the config's)
+    compile     false | true | blocks: the config's training.compile (default: the config's; see
+                docs/performance.md for the other speed options, given in config=)
     precision   bf16-mixed | 32-true (bf16-mixed)
     modes       lightning, bare or both, comma separated (both)
     latent      CxHxW the backbone sees (4x32x32: 256 px through an 8x VAE), or config (see below)
@@ -56,7 +57,8 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from diffusion_train.cli import UsageError, parse_bool, parse_key_values, run_main  # noqa: E402
+from diffusion_train.cli import UsageError, parse_key_values, run_main  # noqa: E402
+from diffusion_train.training.speed import compile_choice  # noqa: E402
 
 MODES = ("lightning", "bare")
 PRECISIONS = ("bf16-mixed", "32-true")
@@ -89,7 +91,7 @@ def _dims(value: str) -> tuple[int, ...]:
 
 
 OPTIONS: dict[str, Callable[[str], Any]] = {
-    "config": str, "batch": int, "steps": int, "warmup": int, "repeats": int, "compile": parse_bool, "precision": str,
+    "config": str, "batch": int, "steps": int, "warmup": int, "repeats": int, "compile": str, "precision": str,
     "modes": str, "latent": str, "classes": int, "text": str, "device": str, "peak_tflops": float, "out": str,
     "md": str,
 }
@@ -107,6 +109,11 @@ def parse_args(argv: list[str]) -> dict[str, Any]:
             raise UsageError(f"{key} must be >= 1, got {opts[key]}")
     if opts["batch"] is not None and opts["batch"] < 1:
         raise UsageError(f"batch must be >= 1, got {opts['batch']}")
+    if opts["compile"] is not None:
+        try:
+            opts["compile"] = compile_choice(opts["compile"])
+        except ValueError as e:
+            raise UsageError(str(e).replace("training.compile", "compile")) from None
     if opts["precision"] not in PRECISIONS:
         raise UsageError(f"precision={opts['precision']}: valid: {', '.join(PRECISIONS)}")
     modes = [m.strip() for m in opts["modes"].replace("both", ",".join(MODES)).split(",") if m.strip()]
@@ -270,13 +277,25 @@ def make_ema(cfg):
 
 
 class Clock:
-    """perf_counter readings after a device synchronisation, at chosen step counts only."""
+    """perf_counter readings after a device synchronisation, at chosen step counts only. On a GPU it also keeps
+    the host-device synchronisations that the steps after warm-up make (``torch.cuda.set_sync_debug_mode``
+    warnings, recorded by :func:`measure`), its own excepted."""
 
-    def __init__(self, device, marks: set[int]):
+    def __init__(self, device, marks: set[int], warmup: int):
         import torch
 
-        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        self.marks, self.times, self.done = marks, {}, 0
+        self.cuda = device.type == "cuda"
+        self.marks, self.warmup, self.times, self.done = marks, warmup, {}, 0
+        self.records: list = []  # every warning of the run, in order
+        self.warm_index = 0  # where the warnings of the timed steps start
+
+    def sync(self) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.set_sync_debug_mode(0)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode(1)
 
     def start(self) -> None:
         self.sync()
@@ -287,6 +306,19 @@ class Clock:
         if self.done in self.marks:
             self.sync()
             self.times[self.done] = time.perf_counter()
+        if self.done == self.warmup:
+            self.warm_index = len(self.records)
+
+
+def sync_counts(clock: Clock, steps: int) -> dict:
+    """Host-device synchronisations per timed step and the five lines that made the most."""
+    if not clock.cuda:
+        return {"host_syncs_per_step": None, "host_sync_sites": None}
+    import collections
+
+    syncs = [w for w in clock.records[clock.warm_index:] if "synchronizing" in str(w.message)]
+    sites = collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in syncs)
+    return {"host_syncs_per_step": len(syncs) / steps, "host_sync_sites": dict(sites.most_common(5))}
 
 
 def run_lightning(cfg, batch: dict, opts: dict, device, clock: Clock) -> dict:
@@ -375,12 +407,20 @@ def measure(mode: str, cfg, batch: dict, opts: dict, device, macs: int, peak: fl
 
     warm, steps, repeats, b = opts["warmup"], opts["steps"], opts["repeats"], int(batch["latent"].shape[0])
     marks = {1, warm, *(warm + steps * r for r in range(1, repeats + 1))}
-    clock = Clock(device, marks)
+    clock = Clock(device, marks, warm)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     oom = None
     try:
-        extra = (run_lightning if mode == "lightning" else run_bare)(cfg, batch, opts, device, clock)
+        with warnings.catch_warnings(record=True) as clock.records:
+            warnings.filterwarnings("always", message=".*synchronizing CUDA operation.*")
+            if clock.cuda:
+                torch.cuda.set_sync_debug_mode(1)
+            try:
+                extra = (run_lightning if mode == "lightning" else run_bare)(cfg, batch, opts, device, clock)
+            finally:
+                if clock.cuda:
+                    torch.cuda.set_sync_debug_mode(0)
     except Exception as e:  # noqa: BLE001 - only running out of memory is reported instead of raised
         if not _is_oom(e):
             raise
@@ -404,7 +444,8 @@ def measure(mode: str, cfg, batch: dict, opts: dict, device, macs: int, peak: fl
         "achieved_tflops": statistics.median(ips) * 6 * macs / 1e12,
         "mfu": statistics.median(ips) * 6 * macs / peak if peak else None,
         "first_step_s": t[1] - t[0], "warmup_s": t[warm] - t[0],
-        "compile_s": (t[1] - t[0]) - median if opts["compile"] else None, **extra})
+        "compile_s": (t[1] - t[0]) - median if opts["compile"] != "false" else None,
+        **sync_counts(clock, steps * repeats), **extra})
     return row
 
 
@@ -448,26 +489,39 @@ def markdown(result: dict) -> str:
         f"### {result['label']}: {result['date'][:10]}, {env['device_name']}", "",
         f"`{result['command']}`", "",
         f"torch {env['torch']}, lightning {env['lightning']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, "
-        f"driver {env['driver']}, python {env['python']}; git {sha}. {s['precision']}, compile "
-        f"{str(s['compile']).lower()}; batch {inp['batch']} of {'x'.join(map(str, inp['latent']))} latents "
+        f"driver {env['driver']}, python {env['python']}; git {sha}. {s['precision']}, "
+        f"{speed_options(result['config']['training'])}; batch {inp['batch']} of {'x'.join(map(str, inp['latent']))} latents "
         f"({cond or 'unconditional'}); {result['params']['trainable'] / 1e6:.1f}M trainable parameters; forward "
         f"{fl['forward_macs_per_image'] / 1e9:.4g} GMACs/image ({fl['counting']}; flop_counter "
         f"{fl['forward_macs_flop_counter'] / 1e9:.4g}); {steps}, medians; EMA decays {s['ema_decays']}; MFU "
         f"against {_fmt(result['peak_flops'] and result['peak_flops'] / 1e12, '.0f')} TFLOP/s.", "",
-        "| mode | images/s | ms/step | MFU | TFLOP/s | peak memory (GiB) | first step (s) | compile (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| mode | images/s | ms/step | MFU | TFLOP/s | peak memory (GiB) | first step (s) | compile (s) "
+        "| host syncs/step |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, row in result["results"].items():
         if row["status"] != "ok":
-            lines.append(f"| {mode} | {row['status']} | - | - | - | {_fmt(row['peak_memory_gib'], '.1f')} | - | - |")
+            lines.append(f"| {mode} | {row['status']} | - | - | - | {_fmt(row['peak_memory_gib'], '.1f')} | - | - | - |")
             continue
         lines.append(f"| {mode} | {row['images_per_s']:,.1f} | {row['step_ms']:.1f} | {_fmt(row['mfu'], '.1%')} | "
                      f"{row['achieved_tflops']:.1f} | {_fmt(row['peak_memory_gib'], '.1f')} | "
-                     f"{row['first_step_s']:.1f} | {_fmt(row['compile_s'], '.1f')} |")
+                     f"{row['first_step_s']:.1f} | {_fmt(row['compile_s'], '.1f')} | "
+                     f"{_fmt(row.get('host_syncs_per_step'), '.2f')} |")
     if result["lightning_overhead_pct"] is not None:
         lines += ["", f"Lightning loop over the bare loop: {result['lightning_overhead_pct']:+.1f}% step time "
                       f"(target <= {OVERHEAD_TARGET_PCT:.0f}%)."]
     return "\n".join(lines) + "\n"
+
+
+def speed_options(training: dict) -> str:
+    """The config's speed options in words (training/speed.py)."""
+    compile_ = compile_choice(training.get("compile"))
+    words = [{"false": "not compiled", "true": "compiled", "blocks": "blocks compiled"}[compile_]]
+    if compile_ != "false" and training.get("compile_options"):
+        words[0] += f" ({', '.join(f'{k}={v}' for k, v in training['compile_options'].items())})"
+    words += [w for key, w in (("activation_checkpointing", "activation checkpointing"),
+                               ("channels_last", "channels-last"), ("fp8", "fp8")) if training.get(key)]
+    return ", ".join(words)
 
 
 def add_markdown(path: Path, text: str) -> None:
@@ -501,10 +555,10 @@ def benchmark(opts: dict, argv: list[str]) -> dict:
     device = torch.device(opts["device"])
     overrides = stand_in_overrides(opts) + opts["config"]
     if opts["compile"] is not None:
-        overrides.append(f"training.compile={str(opts['compile']).lower()}")
+        overrides.append(f"training.compile={opts['compile']}")
     cfg = compose(overrides)
     choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
-    opts["compile"] = bool(cfg.training.compile)
+    opts["compile"] = compile_choice(cfg.training.compile)
     quiet_known_warnings()
     for pattern in (".*infer the `batch_size`.*", ".*validation_step. but have no .val_dataloader.*",
                     ".*srun. command is available.*"):

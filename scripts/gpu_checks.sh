@@ -5,6 +5,7 @@
 #
 #   bash scripts/gpu_checks.sh                    # everything
 #   CHECKS=train bash scripts/gpu_checks.sh       # only the trainer checks (CHECKS=bench: only benchmarks)
+#   CHECKS=levers bash scripts/gpu_checks.sh      # the speed options (docs/performance.md) against eager, same card
 #
 # Each step has its own time limit and a failure does not stop the others; the summary at the end lists
 # each step's exit status.
@@ -23,6 +24,8 @@ step() {  # step NAME SECONDS CMD...: runs CMD with a time limit, logs to $OUT/N
     local rc=$?
     SUMMARY+=("$name rc=$rc $((SECONDS - t0))s")
     echo "== $name: rc=$rc in $((SECONDS - t0))s"; tail -n 3 "$OUT/$name.log"
+    [[ -n ${BUNDLE:-} ]] && tar -czf "$BUNDLE" -C "$OUT" --exclude "$(basename "$BUNDLE")" . 2>/dev/null
+    return 0
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -69,5 +72,24 @@ if [[ $CHECKS == *bench* ]]; then
         batch=64 out="$OUT/unet_sd2.json"
     step bench_dit_xl2_compile 300 "${B[@]}" config="model=dit_xl2" batch=128 compile=true modes=lightning \
         out="$OUT/dit_xl2_compile.json"
+fi
+if [[ $CHECKS == *levers* ]]; then
+    # Each row against the eager row of the same config, on the same card in the same call (modes=lightning:
+    # the trainer's own loop). Most important first: a time limit cuts the tail.
+    L=($PY scripts/benchmark.py md="$OUT/benchmarks.md" modes=lightning warmup=3 steps=10 repeats=3)
+    S2=(config="model=dit_s2" batch=256); B2=(config="model=dit_b2" batch=256); XL=(config="model=dit_xl2" batch=128)
+    UN=(config="model=unet_sd model.attention_resolutions=[32,16,8]" text=77x1024 batch=64)
+    UN_CL=(config="model=unet_sd model.attention_resolutions=[32,16,8] training.channels_last=true" text=77x1024 batch=64)
+    step s2_eager 60 "${L[@]}" "${S2[@]}" compile=false out="$OUT/s2_eager.json"
+    step s2_blocks 120 "${L[@]}" "${S2[@]}" compile=blocks out="$OUT/s2_blocks.json"
+    step xl_blocks 150 "${L[@]}" "${XL[@]}" compile=blocks out="$OUT/xl_blocks.json"
+    step b2_blocks 120 "${L[@]}" "${B2[@]}" compile=blocks out="$OUT/b2_blocks.json"
+    step unet_compiled 200 "${L[@]}" "${UN[@]}" compile=true out="$OUT/unet_compiled.json"
+    step xl_blocks_fp8 150 "${L[@]}" config="model=dit_xl2 training.fp8=true" batch=128 compile=blocks \
+        out="$OUT/xl_blocks_fp8.json"
+    step unet_compiled_cl 200 "${L[@]}" "${UN_CL[@]}" compile=true out="$OUT/unet_compiled_cl.json"
+    step s2_graphs 150 "${L[@]}" config="model=dit_s2 training.compile_options={mode:reduce-overhead}" batch=256 \
+        compile=true out="$OUT/s2_graphs.json"
+    step s2_full 120 "${L[@]}" "${S2[@]}" compile=true out="$OUT/s2_full.json"
 fi
 printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"

@@ -126,7 +126,7 @@ def test_script_end_to_end_on_cpu(tmp_path):
     assert result["schema"] == "diffusion_train.benchmark/1"
     assert result["inputs"] == {"batch": 3, "latent": [4, 16, 16], "moments": [8, 16, 16], "classes": 10,
                                 "text_tokens": None, "text_width": None}
-    assert result["settings"]["ema_decays"] == [0.999, 0.9999] and result["settings"]["compile"] is False
+    assert result["settings"]["ema_decays"] == [0.999, 0.9999] and result["settings"]["compile"] == "false"
     flops = result["flops"]
     assert flops["forward_macs_per_image"] == flops["forward_macs_flop_counter"] > 0
     assert flops["training_flops_per_image"] == 6 * flops["forward_macs_per_image"]
@@ -138,13 +138,15 @@ def test_script_end_to_end_on_cpu(tmp_path):
         assert row["status"] == "ok", row
         assert len(row["images_per_s_repeats"]) == 2 and row["images_per_s"] > 0 and row["step_ms"] > 0
         assert row["mfu"] is None and row["peak_memory_gib"] is None and row["compile_s"] is None
+        assert row["host_syncs_per_step"] is None  # counted on a GPU only
         assert row["first_step_s"] > 0 and row["warmup_s"] >= row["first_step_s"]
     assert result["results"]["lightning"]["batch_on_device_unchanged"] is True
     assert isinstance(result["lightning_overhead_pct"], float)
 
     text = md.read_text()
     table = text[text.index("### dit_tiny"):text.index("<!-- scripts/benchmark.py")]
-    assert "| mode | images/s | ms/step | MFU |" in table
+    assert "| mode | images/s | ms/step | MFU |" in table and "host syncs/step |" in table
+    assert "bf16-mixed, not compiled; batch 3" in table
     assert table.count("\n| lightning |") == 1 and table.count("\n| bare |") == 1
     assert result["command"] in table and text.endswith("## Later section\n")
 
@@ -165,7 +167,7 @@ def test_text_conditioned_inputs(tmp_path):
 
 
 @pytest.mark.parametrize("arg", ["steps=0", "precision=fp8", "modes=fast", "latent=4x32", "text=77", "device=tpu",
-                                 "nonsense", "batch=x"])
+                                 "nonsense", "batch=x", "compile=fast"])
 def test_bad_argument_is_one_error_line(arg, capsys):
     benchmark = import_script()
     assert benchmark.main([arg]) == 1

@@ -17,6 +17,7 @@ from diffusion_train.conditioning.autoencoder import Autoencoder
 from diffusion_train.data.samplers import mix_seed
 from diffusion_train.diffusion import GaussianDiffusion, Sampler, per_image_generators, randn
 from diffusion_train.training.parallel import full_tensor
+from diffusion_train.training.speed import check_fp8_device, prepare_backbone
 
 
 class NonFiniteLossError(RuntimeError):
@@ -49,7 +50,9 @@ class DiffusionModule(L.LightningModule):
                  optimizer: Callable[..., torch.optim.Optimizer],
                  lr_schedule: Callable[[torch.optim.Optimizer], Any] | None = None, *,
                  autoencoder: Autoencoder | None = None, grad_clip: float | None = 1.0, accumulate_grad_batches: int = 1, max_nonfinite_steps: int = 20,
-                 compile: bool = False, seed: int = 0):
+                 compile: bool | str = False, compile_options: dict | None = None,
+                 activation_checkpointing: bool = False, channels_last: bool = False, fp8: bool = False,
+                 seed: int = 0):
         super().__init__()
         self.automatic_optimization = False
         self.backbone, self.conditioner, self.objective = backbone, conditioner, objective
@@ -57,8 +60,12 @@ class DiffusionModule(L.LightningModule):
         self.optimizer_factory, self.lr_schedule_factory = optimizer, lr_schedule
         self.grad_clip, self.accumulate_grad_batches = grad_clip, int(accumulate_grad_batches)
         self.max_nonfinite_steps, self.seed = max_nonfinite_steps, seed
-        # The compiled wrapper is kept outside the module tree, so state dicts never carry `_orig_mod.`.
-        self.__dict__["net"] = torch.compile(backbone) if compile else backbone
+        # What the step calls (see training/speed.py). A compiled wrapper is kept outside the module tree, so
+        # state dicts never carry `_orig_mod.`.
+        self.__dict__["net"] = prepare_backbone(backbone, compile=compile, compile_options=compile_options,
+                                                activation_checkpointing=activation_checkpointing,
+                                                channels_last=channels_last, fp8=fp8)
+        self.fp8 = fp8
         self.run_info: dict = {}
         self.lr_scale = 1.0  # set from the global batch by training.lr_scaling (see training/parallel.py)
         self._micro = 0
@@ -151,6 +158,10 @@ class DiffusionModule(L.LightningModule):
     def _schedulers(self) -> list:
         scheds = self.lr_schedulers()
         return [] if scheds is None else scheds if isinstance(scheds, list) else [scheds]
+
+    def on_fit_start(self) -> None:
+        if self.fp8:
+            check_fp8_device(self.device)
 
     def configure_model(self) -> None:
         """Strategies that shard the model (``training.parallel.FSDP``) do it here; others have nothing to do."""

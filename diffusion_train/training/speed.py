@@ -1,0 +1,148 @@
+"""Speed options of the training step, applied to the backbone in one place (the model code knows none of them).
+
+``training.compile``     ``false``; ``true``: ``torch.compile`` of the whole backbone; ``blocks``: each of its
+                         repeated blocks compiled in place (regional compilation: one block's code is traced
+                         and reused by all its copies, so compiling takes a fraction of the time).
+``training.compile_options``  keyword arguments of ``torch.compile``, e.g. ``{mode: reduce-overhead}`` (CUDA
+                         graphs), ``{mode: max-autotune-no-cudagraphs}``, ``{backend: aot_eager}``.
+``training.activation_checkpointing``  recompute each repeated block's activations in the backward pass
+                         instead of keeping them (less memory, about one more forward pass of compute).
+``training.channels_last``  NHWC memory for the convolution weights and the backbone's input (U-Nets).
+``training.fp8``         the Linear layers of the repeated blocks train in float8 (torchao's dynamic tensorwise
+                         scaling; the weights stay in their dtype); needs a GPU of compute capability >= 8.9
+                         and pays with ``training.compile``.
+
+Nothing here changes the backbone's parameter names: state dicts, checkpoints and EMA read the same keys
+with any combination (a compiled whole backbone is kept outside the module tree by ``DiffusionModule``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+COMPILE_CHOICES = ("false", "true", "blocks")
+FP8_MIN_CAPABILITY = (8, 9)
+FP8_SKIP = ("adaLN_modulation", "emb_proj")  # per-image (not per-token) projections: too small for float8
+
+
+def compile_choice(value: Any) -> str:
+    """``training.compile`` as one of ``false``, ``true``, ``blocks`` (booleans and their strings accepted)."""
+    choice = str(value).lower() if value is not None else "false"
+    if choice not in COMPILE_CHOICES:
+        raise ValueError(f"training.compile must be one of {', '.join(COMPILE_CHOICES)}, got {value!r}")
+    return choice
+
+
+def block_lists(backbone: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """The backbone's top-level ``nn.ModuleList``\\ s with their names (the transformer blocks of a DiT, the
+    encoder and decoder stages of a U-Net); lists nested inside them are part of their elements."""
+    found: list[tuple[str, nn.ModuleList]] = []
+    for name, m in backbone.named_modules():
+        if isinstance(m, nn.ModuleList) and not any(name.startswith(outer + ".") for outer, _ in found):
+            found.append((name, m))
+    return found
+
+
+def repeated_blocks(backbone: nn.Module) -> list[nn.Module]:
+    """The elements of :func:`block_lists`."""
+    return [block for _, blocks in block_lists(backbone) for block in blocks]
+
+
+def uniform_blocks(backbone: nn.Module) -> list[nn.Module]:
+    """The repeated blocks for regional compilation: they must be copies of one layer (one class, the same
+    parameter shapes up to a last block without some of them), else each copy would be compiled anew."""
+    blocks = repeated_blocks(backbone)
+    name = type(backbone).__name__
+    if not blocks:
+        raise ValueError(f"training.compile=blocks: {name} has no repeated blocks (an nn.ModuleList); "
+                         f"use training.compile=true")
+    shapes = {_shapes(b) for b in blocks}
+    classes = {type(b) for b in blocks}
+    if len(classes) > 1 or len(shapes) > 2:  # MMDiT's last block lacks the text stream's output layers
+        raise ValueError(f"training.compile=blocks: {name}'s repeated blocks differ ({len(shapes)} different "
+                         f"layouts), so each would be compiled separately; use training.compile=true")
+    return blocks
+
+
+def _shapes(block: nn.Module) -> tuple:
+    return tuple((n, tuple(p.shape)) for n, p in block.named_parameters())
+
+
+def fp8_filter(block_prefixes: tuple[str, ...]) -> Callable[[nn.Module, str], bool]:
+    """torchao's module filter: Linear layers inside the repeated blocks with both widths multiples of 16,
+    except the per-image modulation projections (:data:`FP8_SKIP`)."""
+    def keep(module: nn.Module, fqn: str) -> bool:
+        return (isinstance(module, nn.Linear) and fqn.startswith(block_prefixes)
+                and module.in_features % 16 == 0 and module.out_features % 16 == 0
+                and not any(part in FP8_SKIP for part in fqn.split(".")))
+    return keep
+
+
+def convert_fp8(backbone: nn.Module) -> int:
+    """Swaps the Linear layers :func:`fp8_filter` keeps for torchao's ``Float8Linear``; returns how many."""
+    try:
+        from torchao.float8 import convert_to_float8_training
+    except ImportError as e:
+        raise ImportError(f"training.fp8=true needs torchao ({e}); pip install 'diffusion-train[fp8]'") from None
+    keep = fp8_filter(tuple(name + "." for name, _ in block_lists(backbone)))
+    count = sum(keep(m, n) for n, m in backbone.named_modules())
+    if count == 0:
+        raise ValueError(f"training.fp8=true: {type(backbone).__name__} has no Linear layer inside its repeated "
+                         f"blocks with widths that are multiples of 16")
+    convert_to_float8_training(backbone, module_filter_fn=keep)
+    return count
+
+
+def check_fp8_device(device: torch.device) -> None:
+    """Float8 matrix products need compute capability >= 8.9 (Ada, Hopper, Blackwell); a CPU emulates them."""
+    if device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        if cap < FP8_MIN_CAPABILITY:
+            raise RuntimeError(f"training.fp8=true needs a GPU of compute capability >= 8.9 (H100, L40S, RTX 4090); "
+                               f"{torch.cuda.get_device_name(device)} has {cap[0]}.{cap[1]}")
+
+
+def channels_last_input(net: Callable) -> Callable:
+    """``net`` called with its image input in channels-last (NHWC) memory."""
+    def call(x: Tensor, *args, **kwargs) -> Tensor:
+        return net(x.contiguous(memory_format=torch.channels_last), *args, **kwargs)
+    return call
+
+
+def prepare_backbone(backbone: nn.Module, *, compile: Any = False, compile_options: dict | None = None,
+                     activation_checkpointing: bool = False, channels_last: bool = False,
+                     fp8: bool = False) -> Callable:
+    """Applies the speed options to ``backbone`` (in place) and returns what the training step calls:
+    the backbone itself, or a compiled / channels-last wrapper of it kept outside the module tree.
+
+    Order: float8 layers; then each repeated block's forward compiled (``blocks``) and run under
+    ``torch.utils.checkpoint`` (non-reentrant, RNG state preserved; the recomputation in the backward pass
+    runs the compiled code); then channels-last; then whole-backbone compilation around all of it.
+    """
+    choice = compile_choice(compile)
+    options = dict(compile_options or {})
+    if fp8:
+        convert_fp8(backbone)
+    blocks = uniform_blocks(backbone) if choice == "blocks" else repeated_blocks(backbone)
+    if activation_checkpointing and not blocks:
+        raise ValueError(f"training.activation_checkpointing: {type(backbone).__name__} has no repeated blocks "
+                         f"(an nn.ModuleList) to checkpoint")
+    for block in blocks if choice == "blocks" or activation_checkpointing else ():
+        forward = block.forward
+        if choice == "blocks":  # copies of one layer share the compiled code
+            forward = torch.compile(forward, **options)
+        if activation_checkpointing:
+            forward = functools.partial(checkpoint, forward, use_reentrant=False)
+        block.forward = forward  # an instance attribute: parameter names do not change
+    net: Callable = backbone
+    if channels_last:
+        backbone.to(memory_format=torch.channels_last)
+        net = channels_last_input(backbone)
+    if choice == "true":
+        net = torch.compile(net, **options)
+    return net
