@@ -282,8 +282,6 @@ class Clock:
     warnings, recorded by :func:`measure`), its own excepted."""
 
     def __init__(self, device, marks: set[int], warmup: int):
-        import torch
-
         self.cuda = device.type == "cuda"
         self.marks, self.warmup, self.times, self.done = marks, warmup, {}, 0
         self.records: list = []  # every warning of the run, in order
