@@ -277,23 +277,24 @@ def make_ema(cfg):
 
 
 class Clock:
-    """perf_counter readings after a device synchronisation, at chosen step counts only. On a GPU it also keeps
-    the host-device synchronisations that the steps after warm-up make (``torch.cuda.set_sync_debug_mode``
-    warnings, recorded by :func:`measure`), its own excepted."""
+    """perf_counter readings after a device synchronisation, at chosen step counts only. On a GPU it also
+    records the host-device synchronisations of the timed steps (``torch.cuda.set_sync_debug_mode`` warnings,
+    its own excepted), from the end of warm-up to the last mark: compilation, in warm-up, runs unwatched."""
 
     def __init__(self, device, marks: set[int], warmup: int):
         self.cuda = device.type == "cuda"
         self.marks, self.warmup, self.times, self.done = marks, warmup, {}, 0
-        self.records: list = []  # every warning of the run, in order
-        self.warm_index = 0  # where the warnings of the timed steps start
+        self.records: list = []
+        self._watch: Any = None
 
     def sync(self) -> None:
         import torch
 
         if self.cuda:
+            mode = torch.cuda.get_sync_debug_mode()
             torch.cuda.set_sync_debug_mode(0)
             torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode(1)
+            torch.cuda.set_sync_debug_mode(mode)
 
     def start(self) -> None:
         self.sync()
@@ -304,8 +305,23 @@ class Clock:
         if self.done in self.marks:
             self.sync()
             self.times[self.done] = time.perf_counter()
-        if self.done == self.warmup:
-            self.warm_index = len(self.records)
+        if self.cuda and self.done == self.warmup:
+            self.watch(True)
+        if self.done == max(self.marks):
+            self.watch(False)
+
+    def watch(self, on: bool) -> None:
+        import torch
+
+        if on and self._watch is None:
+            self._watch = warnings.catch_warnings(record=True)
+            self.records = self._watch.__enter__()
+            warnings.filterwarnings("always", message=".*synchronizing CUDA operation.*")
+            torch.cuda.set_sync_debug_mode(1)
+        elif not on and self._watch is not None:
+            torch.cuda.set_sync_debug_mode(0)
+            self._watch.__exit__(None, None, None)
+            self._watch = None
 
 
 def sync_counts(clock: Clock, steps: int) -> dict:
@@ -314,7 +330,7 @@ def sync_counts(clock: Clock, steps: int) -> dict:
         return {"host_syncs_per_step": None, "host_sync_sites": None}
     import collections
 
-    syncs = [w for w in clock.records[clock.warm_index:] if "synchronizing" in str(w.message)]
+    syncs = [w for w in clock.records if "synchronizing" in str(w.message)]
     sites = collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in syncs)
     return {"host_syncs_per_step": len(syncs) / steps, "host_sync_sites": dict(sites.most_common(5))}
 
@@ -410,15 +426,10 @@ def measure(mode: str, cfg, batch: dict, opts: dict, device, macs: int, peak: fl
         torch.cuda.reset_peak_memory_stats(device)
     oom = None
     try:
-        with warnings.catch_warnings(record=True) as clock.records:
-            warnings.filterwarnings("always", message=".*synchronizing CUDA operation.*")
-            if clock.cuda:
-                torch.cuda.set_sync_debug_mode(1)
-            try:
-                extra = (run_lightning if mode == "lightning" else run_bare)(cfg, batch, opts, device, clock)
-            finally:
-                if clock.cuda:
-                    torch.cuda.set_sync_debug_mode(0)
+        try:
+            extra = (run_lightning if mode == "lightning" else run_bare)(cfg, batch, opts, device, clock)
+        finally:
+            clock.watch(False)
     except Exception as e:  # noqa: BLE001 - only running out of memory is reported instead of raised
         if not _is_oom(e):
             raise

@@ -14,6 +14,9 @@
 
 Nothing here changes the backbone's parameter names: state dicts, checkpoints and EMA read the same keys
 with any combination (a compiled whole backbone is kept outside the module tree by ``DiffusionModule``).
+Compiled or checkpointed blocks hold their new ``forward`` as an instance attribute bound to the block:
+a deep copy of a prepared backbone would still call the original blocks, so copy the backbone before
+preparing it, never after.
 """
 
 from __future__ import annotations
@@ -39,13 +42,9 @@ def compile_choice(value: Any) -> str:
 
 
 def block_lists(backbone: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    """The backbone's top-level ``nn.ModuleList``\\ s with their names (the transformer blocks of a DiT, the
-    encoder and decoder stages of a U-Net); lists nested inside them are part of their elements."""
-    found: list[tuple[str, nn.ModuleList]] = []
-    for name, m in backbone.named_modules():
-        if isinstance(m, nn.ModuleList) and not any(name.startswith(outer + ".") for outer, _ in found):
-            found.append((name, m))
-    return found
+    """The backbone's own ``nn.ModuleList`` attributes with their names: the transformer blocks of a DiT or
+    MMDiT, the encoder and decoder stages of a U-Net (lists inside those are part of their elements)."""
+    return [(name, m) for name, m in backbone.named_children() if isinstance(m, nn.ModuleList)]
 
 
 def repeated_blocks(backbone: nn.Module) -> list[nn.Module]:
@@ -55,16 +54,17 @@ def repeated_blocks(backbone: nn.Module) -> list[nn.Module]:
 
 def uniform_blocks(backbone: nn.Module) -> list[nn.Module]:
     """The repeated blocks for regional compilation: they must be copies of one layer (one class, the same
-    parameter shapes up to a last block without some of them), else each copy would be compiled anew."""
+    parameter shapes, a last block without some of them allowed), else each copy would be compiled anew."""
     blocks = repeated_blocks(backbone)
     name = type(backbone).__name__
     if not blocks:
         raise ValueError(f"training.compile=blocks: {name} has no repeated blocks (an nn.ModuleList); "
                          f"use training.compile=true")
-    shapes = {_shapes(b) for b in blocks}
+    shapes = {_shapes(b) for b in blocks[:-1]}  # MMDiT's last block lacks the text stream's output layers
     classes = {type(b) for b in blocks}
-    if len(classes) > 1 or len(shapes) > 2:  # MMDiT's last block lacks the text stream's output layers
-        raise ValueError(f"training.compile=blocks: {name}'s repeated blocks differ ({len(shapes)} different "
+    if len(classes) > 1 or len(shapes) > 1:
+        layouts = len(shapes | {_shapes(blocks[-1])})
+        raise ValueError(f"training.compile=blocks: {name}'s repeated blocks differ ({layouts} different "
                          f"layouts), so each would be compiled separately; use training.compile=true")
     return blocks
 

@@ -1,0 +1,369 @@
+"""The speed options of the training step (training/speed.py): compile choices, repeated blocks, regional and
+whole-backbone compilation, activation checkpointing, channels-last, float8 layers, and a DiffusionModule
+built with them from a config.
+
+CPU only and fast: tiny models, and compiled code runs on the ``aot_eager`` backend (no inductor C++ builds).
+Parameters are drawn from N(0, 0.05) so that the zero-initialised layers (adaLN-Zero, output layers) do not
+hide differences.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from safetensors.torch import load_file
+from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from conftest import TINY, compose_train
+from diffusion_train.conditioning.cond import Cond
+from diffusion_train.models import DiT, MMDiT, UNet
+from diffusion_train.training.build import build_module
+from diffusion_train.training.export import export_weights
+from diffusion_train.training.speed import (
+    block_lists,
+    check_fp8_device,
+    compile_choice,
+    convert_fp8,
+    prepare_backbone,
+    repeated_blocks,
+    uniform_blocks,
+)
+
+TIGHT = dict(rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+def randomised(model: nn.Module) -> nn.Module:
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            nn.init.normal_(p, std=0.05)
+    return model
+
+
+def tiny_dit(depth: int = 3, hidden_size: int = 64, num_heads: int = 4, **kw) -> DiT:
+    return randomised(DiT(input_size=8, in_channels=3, size=None, hidden_size=hidden_size, depth=depth,
+                          num_heads=num_heads, patch_size=2, cond_dim=8, **kw))
+
+
+def tiny_unet(**kw) -> UNet:
+    return randomised(UNet(input_size=16, in_channels=3, model_channels=32, channel_mult=(1, 2),
+                           attention_resolutions=(8,), **kw))
+
+
+def dit_inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 3, 8, 8, generator=g), torch.rand(2, generator=g) * 1000,
+            Cond(vector=torch.randn(2, 8, generator=g)))
+
+
+def unet_inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 3, 16, 16, generator=g), torch.rand(2, generator=g) * 1000, None
+
+
+def run(net, model: nn.Module, inputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Output and parameter gradients of one forward/backward pass of ``net`` (``model``'s parameters)."""
+    model.zero_grad(set_to_none=True)
+    out = net(*inputs)
+    out.square().mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def assert_same(a, b, **tol) -> None:
+    (out_a, grads_a), (out_b, grads_b) = a, b
+    torch.testing.assert_close(out_b, out_a, **(tol or TIGHT))
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], **(tol or TIGHT), msg=name)
+
+
+def counter() -> CompileCounterWithBackend:
+    torch._dynamo.reset()
+    return CompileCounterWithBackend("aot_eager")
+
+
+class ConvNet(nn.Module):
+    """A backbone without repeated blocks (no nn.ModuleList)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x, t, cond=None):
+        return self.conv(x)
+
+
+# ------------------------------------------------------------------------------------------------
+# compile choice and repeated blocks
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value, choice", [
+    (False, "false"), (True, "true"), (None, "false"), ("false", "false"), ("true", "true"),
+    ("True", "true"), ("FALSE", "false"), ("blocks", "blocks"), ("Blocks", "blocks"),
+])
+def test_compile_choice_normalises(value, choice):
+    """Booleans, None and their strings (any case) map to false / true / blocks."""
+    assert compile_choice(value) == choice
+
+
+@pytest.mark.parametrize("value", ["yes", "", "block", "max-autotune", 2])
+def test_compile_choice_rejects_other_values(value):
+    """Anything else is refused, by name, before the backbone is touched."""
+    with pytest.raises(ValueError, match="training.compile"):
+        compile_choice(value)
+    with pytest.raises(ValueError, match="training.compile"):
+        prepare_backbone(tiny_dit(depth=1), compile=value)
+
+
+def test_repeated_blocks_of_dit_are_its_blocks():
+    """A DiT's repeated blocks are the elements of ``blocks``, all copies of one layer."""
+    model = tiny_dit()
+    assert [name for name, _ in block_lists(model)] == ["blocks"]
+    blocks = repeated_blocks(model)
+    assert len(blocks) == 3 and all(a is b for a, b in zip(blocks, model.blocks))
+    assert uniform_blocks(model) == blocks
+
+
+def test_repeated_blocks_of_unet_are_its_stages():
+    """The elements of ``down`` and ``up``; the transformer blocks nested in them are not listed apart."""
+    model = tiny_unet()
+    assert [name for name, _ in block_lists(model)] == ["down", "up"]
+    blocks = repeated_blocks(model)
+    assert len(blocks) == len(model.down) + len(model.up)
+    assert all(a is b for a, b in zip(blocks, [*model.down, *model.up]))
+
+    model = tiny_unet(context_dim=8)  # SpatialTransformers, with a ModuleList of their own, in down, middle, up
+    assert [name for name, _ in block_lists(model)] == ["down", "up"]  # not middle.1.blocks
+    stages, listed = [*model.down, *model.up], repeated_blocks(model)
+    assert all(any(b is s for b in listed) for s in stages)
+    nested = [m for s in stages for m in s.modules() if type(m).__name__ == "TransformerBlock"]
+    assert nested and not any(b is m for b in listed for m in nested)
+
+
+def test_uniform_blocks_refuses_unet():
+    """U-Net stages differ in shape: regional compilation is refused with a pointer to compile=true, also for a
+    one-level U-Net whose down and up stages are two layouts."""
+    for model in (tiny_unet(), UNet(input_size=16, in_channels=3, model_channels=32, channel_mult=(1,),
+                                    attention_resolutions=())):
+        with pytest.raises(ValueError, match="training.compile=true") as e:
+            uniform_blocks(model)
+        assert "UNet" in str(e.value)
+
+
+def test_uniform_blocks_accepts_mmdit_with_its_different_last_block():
+    """MMDiT's last block lacks the text stream's output layers and is still accepted."""
+    model = MMDiT(input_size=8, in_channels=3, depth=2, context_dim=16)
+    shapes = [[tuple(p.shape) for p in b.parameters()] for b in model.blocks]
+    assert shapes[0] != shapes[1]  # the last block has no text-stream output layers
+    assert uniform_blocks(model) == list(model.blocks)
+
+
+def test_no_repeated_blocks_raises():
+    """Block-wise options on a backbone without an nn.ModuleList name the option."""
+    with pytest.raises(ValueError, match="training.activation_checkpointing"):
+        prepare_backbone(ConvNet(), activation_checkpointing=True)
+    with pytest.raises(ValueError, match="training.compile=blocks"):
+        prepare_backbone(ConvNet(), compile="blocks")
+
+
+def test_no_options_leave_the_backbone_alone():
+    """All options off: the step calls the backbone itself, unchanged."""
+    model = tiny_dit()
+    assert prepare_backbone(model) is model
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+# ------------------------------------------------------------------------------------------------
+# compilation
+# ------------------------------------------------------------------------------------------------
+def test_compile_blocks_shares_one_frame_and_matches_eager():
+    """compile=blocks: one compiled frame for all blocks, eager outputs and gradients, same parameter names."""
+    eager, model = tiny_dit(), tiny_dit()
+    keys = list(model.state_dict())
+    cnt = counter()
+    net = prepare_backbone(model, compile="blocks", compile_options={"backend": cnt})
+    assert net is model
+    assert_same(run(eager, eager, dit_inputs()), run(net, model, dit_inputs()))
+    run(net, model, dit_inputs(seed=1))
+    assert cnt.frame_count == 1  # three blocks, two passes: one block's code traced once
+    assert list(model.state_dict()) == keys and not any("_orig_mod" in k for k in keys)
+
+
+def test_compile_true_wraps_the_backbone_and_matches_eager():
+    """compile=true: a compiled wrapper outside the backbone, eager results, the backbone's names unchanged."""
+    eager, model = tiny_dit(depth=2), tiny_dit(depth=2)
+    keys = list(model.state_dict())
+    cnt = counter()
+    net = prepare_backbone(model, compile=True, compile_options={"backend": cnt})
+    assert net is not model and isinstance(net, nn.Module)
+    assert_same(run(eager, eager, dit_inputs()), run(net, model, dit_inputs()))
+    frames = cnt.frame_count
+    assert frames >= 1
+    run(net, model, dit_inputs(seed=1))
+    assert cnt.frame_count == frames  # no recompilation for new values of the same shapes
+    assert list(model.state_dict()) == keys
+
+
+# ------------------------------------------------------------------------------------------------
+# activation checkpointing
+# ------------------------------------------------------------------------------------------------
+def _count_calls(module: nn.Module) -> list[int]:
+    calls = [0]  # a pre-hook: the recomputation stops once it has what the backward pass needs
+    module.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("make, inputs, inner", [
+    (tiny_dit, dit_inputs, lambda m: m.blocks[0].mlp),
+    (lambda: tiny_unet(dropout=0.5), unet_inputs, lambda m: m.down[0][0]),  # RNG state preserved
+], ids=["dit", "unet"])
+def test_activation_checkpointing_recomputes_with_same_gradients(make, inputs, inner):
+    """Blocks are recomputed in the backward pass, with the outputs and gradients of the plain model."""
+    eager, model = make(), make()
+    keys = list(model.state_dict())
+    net = prepare_backbone(model, activation_checkpointing=True)
+    calls_eager, calls = _count_calls(inner(eager)), _count_calls(inner(model))
+    torch.manual_seed(3)
+    reference = run(eager, eager, inputs())
+    torch.manual_seed(3)
+    assert_same(reference, run(net, model, inputs()))
+    assert calls_eager == [1] and calls == [2]  # run again in the backward pass
+    assert list(model.state_dict()) == keys
+
+
+def test_activation_checkpointing_with_compiled_blocks():
+    """Checkpointing around compiled blocks: still one compiled frame, still the eager results."""
+    eager, model = tiny_dit(), tiny_dit()
+    cnt = counter()
+    net = prepare_backbone(model, compile="blocks", compile_options={"backend": cnt}, activation_checkpointing=True)
+    assert_same(run(eager, eager, dit_inputs()), run(net, model, dit_inputs()))
+    assert cnt.frame_count == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# channels-last
+# ------------------------------------------------------------------------------------------------
+def test_channels_last_unet(tmp_path):
+    """NHWC conv weights and input, the eager output, and weights that still export to safetensors."""
+    eager, model = tiny_unet(), tiny_unet()
+    net = prepare_backbone(model, channels_last=True)
+    convs = [p for p in model.parameters() if p.ndim == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert not all(p.is_contiguous() for p in convs)
+    seen = []
+    model.conv_in.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    out, _ = run(net, model, unet_inputs())
+    assert seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous()
+    torch.testing.assert_close(out, eager(*unet_inputs()).detach(), rtol=0, atol=1e-5)
+
+    state = model.state_dict()
+    (path,) = export_weights(state, None, tmp_path)
+    loaded = load_file(str(path))
+    assert loaded.keys() == state.keys()
+    for name, value in state.items():
+        assert torch.equal(loaded[name], value), name
+
+
+# ------------------------------------------------------------------------------------------------
+# float8
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mlp_ratio, layers", [
+    (4.0, ("attn.qkv", "attn.proj", "mlp.0", "mlp.2")),
+    (1.125, ("attn.qkv", "attn.proj")),  # the MLP is 72 wide: not a multiple of 16
+], ids=["mlp4", "mlp1.125"])
+def test_fp8_swaps_the_block_linears(mlp_ratio, layers):
+    """Exactly the block Linears 16-aligned in both widths, except adaLN; close to the float32 model."""
+    eager, model = tiny_dit(depth=2, mlp_ratio=mlp_ratio), tiny_dit(depth=2, mlp_ratio=mlp_ratio)
+    keys = list(model.state_dict())
+    assert prepare_backbone(model, fp8=True) is model
+    expected = {f"blocks.{i}.{layer}" for i in range(2) for layer in layers}
+    swapped = {n for n, m in model.named_modules() if type(m).__name__ == "Float8Linear"}
+    assert swapped == expected
+    linears = {n for n, m in model.named_modules() if type(m) is nn.Linear}
+    assert {"blocks.0.adaLN_modulation.1", "final_layer.linear", "final_layer.adaLN_modulation.1",
+            "cond_embedder.vector_proj", "cond_embedder.t_embedder.mlp.0"} <= linears
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert list(model.state_dict()) == keys
+
+    (out_ref, grads_ref), (out, grads) = run(eager, eager, dit_inputs()), run(model, model, dit_inputs())
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads.values())
+    assert (out - out_ref).norm() / out_ref.norm() < 0.1
+    flat = lambda gs: torch.cat([g.flatten() for g in gs.values()])  # noqa: E731
+    assert (flat(grads) - flat(grads_ref)).norm() / flat(grads_ref).norm() < 0.1
+
+
+def test_convert_fp8_returns_the_count():
+    """Four Linears per DiT block (qkv, proj, two MLP layers)."""
+    assert convert_fp8(tiny_dit(depth=3)) == 12
+
+
+def test_fp8_without_eligible_linear_raises():
+    """No 16-aligned Linear in the blocks: refused, and nothing swapped."""
+    model = tiny_dit(depth=2, hidden_size=36, num_heads=3)  # widths 36, 108, 144 -> 36
+    with pytest.raises(ValueError, match="training.fp8"):
+        convert_fp8(model)
+    assert not any(type(m).__name__ == "Float8Linear" for m in model.modules())
+
+
+def test_check_fp8_device(monkeypatch):
+    """A CPU passes; a GPU below compute capability 8.9 is refused, naming the card."""
+    check_fp8_device(torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "A100")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (8, 0))
+    with pytest.raises(RuntimeError, match=r"8\.9") as e:
+        check_fp8_device(torch.device("cuda"))
+    assert "A100" in str(e.value) and "8.0" in str(e.value)
+    for ok in [(8, 9), (9, 0), (10, 0)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, ok=ok, **k: ok)
+        check_fp8_device(torch.device("cuda"))
+
+
+# ------------------------------------------------------------------------------------------------
+# the DiffusionModule built from a config
+# ------------------------------------------------------------------------------------------------
+def _wrapped_blocks(module) -> bool:
+    return all("forward" in vars(b) for b in repeated_blocks(module.backbone))
+
+
+@pytest.mark.parametrize("model, options, applied", [
+    ("dit_tiny", ["training.compile=blocks", "training.compile_options={backend:aot_eager}",
+                  "training.activation_checkpointing=true"], _wrapped_blocks),
+    ("dit_tiny", ["training.compile=true", "+training.compile_options.backend=aot_eager"],
+     lambda m: isinstance(m.net, nn.Module) and m.net is not m.backbone),
+    ("unet_tiny", ["training.channels_last=true", "training.activation_checkpointing=true"],
+     lambda m: _wrapped_blocks(m) and m.backbone.conv_in.weight.is_contiguous(memory_format=torch.channels_last)),
+    ("dit_tiny", ["training.fp8=true"],
+     lambda m: any(type(x).__name__ == "Float8Linear" for x in m.backbone.modules())),
+], ids=["blocks+checkpointing", "compile", "channels_last+checkpointing", "fp8"])
+def test_module_with_speed_options(model, options, applied):
+    """The options reach the backbone; parameter names, loss and gradients are those of a plain module."""
+    fp8 = "training.fp8=true" in options
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    plain = build_module(compose_train(TINY + [f"model={model}"]))
+    torch.manual_seed(0)
+    fast = build_module(compose_train(TINY + [f"model={model}"] + options))
+    assert applied(fast) and not applied(plain)
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    assert not any("_orig_mod" in k for k in fast.state_dict())
+    fast.load_state_dict(plain.state_dict())
+    fast.on_fit_start()  # the fp8 device check passes on a CPU
+
+    batch = {"image": torch.rand(4, 3, 16, 16) * 2 - 1, "label": torch.arange(4)}
+    losses, grads = [], []
+    for module in (plain, fast):
+        loss = module.loss(batch, torch.Generator().manual_seed(0)).mean()
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in module.trainable_parameters()]))
+    assert torch.isfinite(losses[1]) and torch.isfinite(grads[1]).all()
+    if fp8:
+        torch.testing.assert_close(losses[1], losses[0], rtol=0.1, atol=0)
+        assert (grads[1] - grads[0]).norm() / grads[0].norm() < 0.1
+    else:
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
