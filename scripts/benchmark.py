@@ -516,6 +516,10 @@ def markdown(result: dict) -> str:
                      f"{row['achieved_tflops']:.1f} | {_fmt(row['peak_memory_gib'], '.1f')} | "
                      f"{row['first_step_s']:.1f} | {_fmt(row['compile_s'], '.1f')} | "
                      f"{_fmt(row.get('host_syncs_per_step'), '.2f')} |")
+    for mode, row in result["results"].items():
+        if row.get("host_sync_sites"):
+            sites = ", ".join(f"`{site}` {n / (s['steps'] * s['repeats']):.2f}" for site, n in row["host_sync_sites"].items())
+            lines += ["", f"Host syncs per step by line ({mode}): {sites}."]
     if result["lightning_overhead_pct"] is not None:
         lines += ["", f"Lightning loop over the bare loop: {result['lightning_overhead_pct']:+.1f}% step time "
                       f"(target <= {OVERHEAD_TARGET_PCT:.0f}%)."]

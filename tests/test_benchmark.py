@@ -143,6 +143,9 @@ def test_script_end_to_end_on_cpu(tmp_path):
     assert result["results"]["lightning"]["batch_on_device_unchanged"] is True
     assert isinstance(result["lightning_overhead_pct"], float)
 
+    result["results"]["lightning"]["host_sync_sites"] = {"module.py:10": 4}  # as a GPU run records them
+    assert "Host syncs per step by line (lightning): `module.py:10` 1.00." in import_script().markdown(result)
+
     text = md.read_text()
     table = text[text.index("### dit_tiny"):text.index("<!-- scripts/benchmark.py")]
     assert "| mode | images/s | ms/step | MFU |" in table and "host syncs/step |" in table
