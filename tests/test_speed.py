@@ -367,3 +367,21 @@ def test_module_with_speed_options(model, options, applied):
     else:
         torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+def test_flop_counting_leaves_compiled_blocks_to_compile():
+    """The benchmark counts FLOPs over a meta forward pass of the prepared backbone. Compiled blocks run eagerly
+    there (on torch 2.11 a first compiled call under the counting mode made dynamo skip the block's code for good,
+    so a benchmark of compile=blocks ran eager), and compile at the first real call."""
+    from diffusion_train.scaling.flops import counted_macs, flop_counter_macs
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    model = tiny_dit()
+    net = prepare_backbone(model, compile="blocks", compile_options={"backend": counter})
+    stances = []
+    model.blocks[0].register_forward_pre_hook(lambda *_: stances.append(torch._dynamo.eval_frame._stance.stance))
+    assert flop_counter_macs(model) == counted_macs(model) > 0
+    assert stances == ["force_eager", "force_eager"] and counter.frame_count == 0
+    run(net, model, dit_inputs())
+    assert counter.frame_count == 1 and stances[-1] == "default"

@@ -174,10 +174,11 @@ def _meta_inputs(backbone: nn.Module, size: tuple[int, int], context_len: int) -
 def _meta_forward(backbone: nn.Module, size: tuple[int, int], context_len: int) -> None:
     """One batch-1 forward pass of ``backbone`` with all its parameters and buffers swapped for meta
     tensors of the same shapes (``torch.func.functional_call``): no memory, no compute, and the module
-    itself (on whatever device) is left as it was."""
+    itself (on whatever device) is left as it was. Compiled parts (``training.compile=blocks``) run eagerly
+    here: a first call under a counting mode would make torch 2.11's dynamo skip their code for good."""
     state = {name: torch.empty_like(t, device="meta") for name, t in
              [*backbone.named_parameters(remove_duplicate=False), *backbone.named_buffers(remove_duplicate=False)]}
-    with torch.no_grad():
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
         functional_call(backbone, state, _meta_inputs(backbone, size, context_len))
 
 
