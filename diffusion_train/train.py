@@ -27,6 +27,7 @@ from diffusion_train.training.checkpointing import last_checkpoint, load_checkpo
 from diffusion_train.training.export import export_weights
 from diffusion_train.training.loggers import ResumableCSVLogger
 from diffusion_train.training.parallel import check_devices, global_batch, lr_scale, per_device_batch
+from diffusion_train.training.pretrained import load_pretrained
 from diffusion_train.training.preemption import after_preemption, find_preemption, slurm_identity
 from diffusion_train.training.run_dir import (
     ResumeMismatchError,
@@ -68,6 +69,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
 
     datamodule = instantiate(cfg.data, _convert_="all")
     module = build_module(cfg)
+    init = cfg.get("init") or {}
+    init_report = None
+    if init.get("path") and ckpt is None:  # a resumed run has its own weights
+        init_report = load_pretrained(module, init.path, str(init.get("weights") or "ema"),
+                                      strict=bool(init.get("strict", True)))
     if hasattr(datamodule, "check_provenance"):  # precomputed latents / text encodings
         datamodule.check_provenance(module.autoencoder, module.conditioner)
     callbacks = _instantiate_all(cfg.callbacks)
@@ -90,9 +96,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     module.run_info = run_info(config, overrides, trainer.world_size, batch, slurm=slurm_identity(),
                                per_device_batch=datamodule.batch_size, lr=float(cfg.optim.lr) * module.lr_scale)
+    if init_report is not None:
+        module.run_info["init"] = init_report.as_dict()
     if trainer.global_rank == 0:
         remove_stale_temp_files(run_dir)
         write_run_files(run_dir, module.run_info)
+        if init_report is not None:
+            log.info("%s", init_report.summary())
         log.info("run dir %s, %s, global batch %d (%d per device x %d devices x %d accumulated), lr %g", run_dir,
                  f"resuming {ckpt}" if ckpt else "fresh run", batch, datamodule.batch_size,
                  trainer.world_size, accumulate, module.run_info["lr"])

@@ -1,0 +1,127 @@
+"""Starting a run from pretrained weights (``init.*`` in the config): one of our checkpoints, a run directory
+or exported safetensors, with its EMA or raw weights, loaded whole or in part with a report of what was not.
+
+A resumed run never reads ``init``: its own checkpoint holds the weights it trained.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from diffusion_train.training.checkpointing import load_checkpoint
+
+log = logging.getLogger("diffusion_train")
+SHOWN = 5  # keys named in errors and in the log
+TRAINING_STATE = ("nonfinite_steps",)  # counters of the earlier run, not weights: a new run starts its own
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_pretrained` did; kept in ``run.json`` under ``init``."""
+
+    source: str
+    weights: str
+    loaded: int = 0
+    missing: list[str] = field(default_factory=list)  # the model's tensors the file does not have: left as built
+    unexpected: list[str] = field(default_factory=list)  # the file's tensors the model does not have: ignored
+    prefix: str = ""  # added to the file's keys (a backbone-only file: "backbone.")
+
+    def summary(self) -> str:
+        parts = [f"init from {self.source} ({self.weights} weights): {self.loaded} tensors loaded"]
+        for name, keys in (("missing", self.missing), ("unexpected", self.unexpected)):
+            if keys:
+                parts.append(f"{len(keys)} {name} (first: {', '.join(keys[:SHOWN])})")
+        if self.prefix:
+            parts.append(f"file keys read under {self.prefix!r}")
+        return "; ".join(parts)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_weights(path: str | Path, weights: str = "ema") -> tuple[dict[str, Tensor], str, str]:
+    """The tensors of ``path`` by module key, the file actually read, and which weights they are.
+
+    ``path``: a checkpoint (``.ckpt``), an exported ``.safetensors`` file, or a run directory (its
+    ``checkpoints/last.ckpt``, else its ``weights/<weights>.safetensors``). ``weights``: ``ema`` (the
+    checkpoint's sampling decay), ``ema_<decay>`` or ``raw``; an exported file holds one kind already.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"init.path: {path} does not exist")
+    if path.is_dir():
+        ckpt = path / "checkpoints" / "last.ckpt"
+        if ckpt.exists():
+            path = ckpt
+        else:
+            exported = sorted((path / "weights").glob(f"{'ema_*' if weights == 'ema' else weights}.safetensors"))
+            if not exported:
+                raise FileNotFoundError(f"init.path: {path} holds neither checkpoints/last.ckpt nor "
+                                        f"weights/{weights}.safetensors")
+            path = exported[-1]
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path)), str(path), path.stem
+    ckpt = load_checkpoint(path)
+    state = {k: v for k, v in ckpt.get("state_dict", {}).items() if isinstance(v, Tensor)}
+    if not state:
+        raise ValueError(f"init.path: {path} holds no state_dict; give a checkpoint, a run directory or a "
+                         f".safetensors file")
+    if weights == "raw":
+        return state, str(path), "raw"
+    ema = ckpt.get("ema")
+    if not ema or not ema.get("weights"):
+        raise ValueError(f"init.path: {path} holds no EMA weights; use init.weights=raw")
+    decay = weights.removeprefix("ema").removeprefix("_") or _sampling_decay(ckpt, ema)
+    if decay not in ema["weights"]:
+        raise ValueError(f"init.weights={weights}: {path} has EMA decays {sorted(ema['weights'])}")
+    state.update(ema["weights"][decay])
+    return state, str(path), f"ema_{decay}"
+
+
+def _sampling_decay(ckpt: dict, ema: dict) -> str:
+    config = (ckpt.get("diffusion_train") or {}).get("config") or {}
+    decay = ((config.get("callbacks") or {}).get("ema") or {}).get("sample_decay")
+    return str(decay) if decay is not None and str(decay) in ema["weights"] else str(ema["decays"][0])
+
+
+def load_pretrained(module: nn.Module, path: str | Path, weights: str = "ema", strict: bool = True) -> LoadReport:
+    """Copies the pretrained tensors of ``path`` (see :func:`read_weights`) into ``module`` in place.
+
+    Keys are the module's state-dict keys; a file whose keys are a bare backbone's (none starts with one
+    of the module's top-level names) is read under ``backbone.``. Every tensor both have must have the same
+    shape, else a ValueError lists the first that differ. ``strict``: the file must also hold every tensor
+    of the model and nothing else; ``strict=False`` loads what both have and reports the rest. Training
+    counters (``nonfinite_steps``) start afresh.
+    """
+    state, source, kind = read_weights(path, weights)
+    own = {k: v for k, v in module.state_dict().items() if k not in TRAINING_STATE}
+    state = {k: v for k, v in state.items() if k not in TRAINING_STATE}
+    tops = {k.split(".", 1)[0] for k in own}
+    prefix = "" if any(k.split(".", 1)[0] in tops for k in state) else "backbone."
+    state = {prefix + k: v for k, v in state.items()}
+    report = LoadReport(source=source, weights=kind, prefix=prefix,
+                        missing=[k for k in own if k not in state], unexpected=[k for k in state if k not in own])
+    common = [k for k in own if k in state]
+    if not common:
+        raise ValueError(f"init.path: none of the {len(state)} tensors of {source} has a name of this model "
+                         f"(file: {next(iter(state), '-')}, model: {next(iter(own), '-')})")
+    differ = [f"{k} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model"
+              for k in common if state[k].shape != own[k].shape]
+    if differ:
+        raise ValueError(f"init.path: {source} does not match the configured model: {len(differ)} tensors differ "
+                         f"in shape, first: {'; '.join(differ[:SHOWN])}")
+    if strict and (report.missing or report.unexpected):
+        raise ValueError(f"init.strict: {report.summary()}; set init.strict=false to load the {len(common)} "
+                         f"tensors both have")
+    with torch.no_grad():
+        for k in common:
+            own[k].copy_(state[k])
+    report.loaded = len(common)
+    return report
