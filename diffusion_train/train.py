@@ -22,7 +22,7 @@ from omegaconf.errors import MissingMandatoryValue
 from diffusion_train.data.precomputed import PrecomputedMismatchError
 from diffusion_train.data.web import BadDataError
 from diffusion_train.training import AtomicCheckpointIO, NonFiniteLossError, RunSummary
-from diffusion_train.training.build import build_module
+from diffusion_train.training.build import build_module, lora_scaling
 from diffusion_train.training.checkpointing import last_checkpoint, load_checkpoint, remove_stale_temp_files
 from diffusion_train.training.export import export_weights
 from diffusion_train.training.loggers import ResumableCSVLogger
@@ -123,7 +123,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
         if trainer.global_rank == 0:
             state = load_checkpoint(last)
             export_weights(state["state_dict"], state.get("ema"), run_dir / "weights",
-                           {"global_step": trainer.global_step, "config": config})
+                           {"global_step": trainer.global_step, "config": config}, lora_scaling=lora_scaling(cfg))
     return trainer
 
 

@@ -168,3 +168,98 @@ def test_a_run_starts_from_another_runs_weights(tiny_cfg, tmp_path):
                    run_dir=second)
     train(cfg, second)
     assert torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
+# -- LoRA ------------------------------------------------------------------------------------------
+LORA = ["finetune=lora", "finetune.rank=4", "finetune.alpha=8"]
+
+
+def test_lora_adapts_the_attention_and_mlp_layers_only(tiny_cfg):
+    from diffusion_train.finetune.lora import lora_layers
+
+    module = module_of(tiny_cfg, *LORA)
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
+    adapted = {n.split(".lora_")[0] for n in names}
+    assert adapted == {f"backbone.blocks.{i}.{layer}" for i in range(len(module.backbone.blocks))
+                       for layer in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2")}
+    assert len(lora_layers(module)) == len(adapted)
+    assert not any(p.requires_grad for p in module.conditioner.parameters())  # train_conditioner=false
+
+
+@pytest.mark.parametrize("pattern, match", [(r"['attn\.qkv$','attn\.nonexistent$']", r"'attn\\.nonexistent\$' matches no"),
+                                            (r"['(unclosed']", "not a regular expression")])
+def test_lora_pattern_matching_nothing_is_named(tiny_cfg, pattern, match):
+    with pytest.raises(ValueError, match=match) as e:
+        module_of(tiny_cfg, *LORA, f"finetune.target_modules={pattern}")
+    assert "finetune.target_modules" in str(e.value)
+
+
+def test_lora_merge_and_export_give_the_adapted_outputs(tiny_cfg, tmp_path):
+    """Random adapters: merged into the base weights (in place, or in the exported plain state dict loaded into a
+    plain model) they give the unmerged model's outputs; unmerging restores the base weights."""
+    from safetensors.torch import load_file
+
+    from diffusion_train.finetune.lora import merge_lora, unmerge_lora
+
+    module = randomised(module_of(tiny_cfg, *LORA), seed=5)  # non-zero lora_B: the adapters change the output
+    net = module.backbone.eval()
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 3, 16, 16, generator=g), torch.rand(2, generator=g) * 1000
+    cond = module.conditioner({"label": torch.tensor([1, 2])})
+    with torch.no_grad():
+        adapted = net(x, t, cond)
+        base = {k: v.clone() for k, v in net.state_dict().items() if ".base_layer.weight" in k}
+        merge_lora(net)
+        torch.testing.assert_close(net(x, t, cond), adapted, rtol=1e-4, atol=1e-5)
+        assert any(not torch.equal(net.state_dict()[k], v) for k, v in base.items())
+        unmerge_lora(net)
+        for k, v in base.items():
+            torch.testing.assert_close(net.state_dict()[k], v, rtol=0, atol=1e-6)
+
+    written = export_weights(module.state_dict(), None, tmp_path, lora_scaling=8 / 4)
+    assert sorted(p.name for p in written) == ["lora.safetensors", "raw.safetensors"]
+    adapters = load_file(str(tmp_path / "lora.safetensors"))
+    assert adapters and all(".lora_" in k for k in adapters)
+    plain = module_of(tiny_cfg)
+    assert load_pretrained(plain, tmp_path / "raw.safetensors").missing == []
+    with torch.no_grad():
+        torch.testing.assert_close(plain.backbone.eval()(x, t, cond), adapted, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_fine_tune_trains_only_the_adapters(tiny_cfg, tmp_path):
+    """A base run, then a LoRA run from its weights: the checkpoint's base weights are the base run's sampling
+    EMA exactly, the adapters moved, the EMA holds adapters only, and the exports load without peft."""
+    from safetensors.torch import load_file
+
+    from diffusion_train.training.build import load_module
+
+    base = tmp_path / "base"
+    train(tiny_cfg(*DIT, run_dir=base), base)
+    ft = tmp_path / "lora"
+    train(tiny_cfg(*DIT, *LORA, f"init.path={base}", "optim.lr=1e-2", run_dir=ft), ft)
+    info = json.loads((ft / "run.json").read_text())["init"]
+    assert info["adapters"] > 0 and not info["missing"] and not info["unexpected"]
+
+    start = load_file(str(base / "weights" / f"{info['weights']}.safetensors"))
+    ckpt = torch.load(ft / "checkpoints" / "last.ckpt", weights_only=True)
+    state = ckpt["state_dict"]
+    for key, value in state.items():
+        plain = key.replace(".base_layer.", ".")
+        if ".lora_" not in key and plain in start:
+            torch.testing.assert_close(value, start[plain], rtol=0, atol=0)
+    assert any(state[k].abs().sum() > 0 for k in state if ".lora_B." in k)  # lora_B starts at 0 and trained
+    assert set(next(iter(ckpt["ema"]["weights"].values()))) == {k for k in state if ".lora_" in k}
+
+    exported = sorted(p.name for p in (ft / "weights").iterdir())
+    assert exported == ["ema_0.999.safetensors", "ema_0.9999.safetensors", "lora.safetensors",
+                        "lora_ema_0.999.safetensors", "lora_ema_0.9999.safetensors", "raw.safetensors"]
+    lora_model = load_module(ft / "checkpoints" / "last.ckpt", weights="raw")
+    plain = module_of(tiny_cfg)
+    load_pretrained(plain, ft / "weights" / "raw.safetensors")
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 3, 16, 16, generator=g), torch.rand(2, generator=g) * 1000
+    with torch.no_grad():
+        cond = plain.conditioner({"label": torch.tensor([0, 3])})
+        torch.testing.assert_close(plain.backbone.eval()(x, t, cond), lora_model.backbone(x, t, cond),
+                                   rtol=1e-4, atol=1e-5)

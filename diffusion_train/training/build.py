@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_train.conditioning.autoencoder import Autoencoder
+from diffusion_train.finetune.lora import apply_lora
 from diffusion_train.training.checkpointing import load_checkpoint
 from diffusion_train.training.module import DiffusionModule
 
@@ -22,12 +23,27 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
     conditioner = instantiate(cfg.conditioning, _convert_="all")
     autoencoder = instantiate(cfg.autoencoder, _convert_="all") if cfg.get("autoencoder") else Autoencoder()
     backbone = build_backbone(cfg, conditioner, autoencoder)
+    finetune = cfg.get("finetune") or {}
+    method = finetune.get("method", "none")
+    if method == "lora":
+        apply_lora(backbone, rank=int(finetune.rank), alpha=float(finetune.alpha), dropout=float(finetune.dropout),
+                   target_modules=OmegaConf.to_object(finetune.target_modules))
+        if not finetune.get("train_conditioner", False):
+            conditioner.requires_grad_(False)
+    elif method != "none":
+        raise ValueError(f"finetune.method={method!r}: valid: none, lora")
     objective = instantiate(cfg.diffusion, _convert_="all")
     if not autoencoder.pixel_space:
         objective.clip_x0 = False  # [-1, 1] bounds pixels; latents are not clamped while sampling
     schedule = instantiate(cfg.lr_schedule, _convert_="all") if cfg.get("lr_schedule") else None
     return DiffusionModule(backbone, conditioner, objective, autoencoder=autoencoder, optimizer=instantiate(cfg.optim, _convert_="all"),
                            lr_schedule=schedule, seed=cfg.seed, **cfg.training)
+
+
+def lora_scaling(cfg: DictConfig | dict) -> float | None:
+    """alpha / rank of a LoRA fine-tune's config, else None."""
+    finetune = cfg.get("finetune") or {}
+    return float(finetune["alpha"]) / int(finetune["rank"]) if finetune.get("method") == "lora" else None
 
 
 def build_backbone(cfg: DictConfig, conditioner, autoencoder: Autoencoder) -> torch.nn.Module:

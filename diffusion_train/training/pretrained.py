@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from diffusion_train.finetune.lora import LORA_KEY, plain_key
 from diffusion_train.training.checkpointing import load_checkpoint
 
 log = logging.getLogger("diffusion_train")
@@ -30,6 +31,7 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)  # the model's tensors the file does not have: left as built
     unexpected: list[str] = field(default_factory=list)  # the file's tensors the model does not have: ignored
     prefix: str = ""  # added to the file's keys (a backbone-only file: "backbone.")
+    adapters: int = 0  # LoRA adapter tensors of this model, new in a fine-tune: initialised as built
 
     def summary(self) -> str:
         parts = [f"init from {self.source} ({self.weights} weights): {self.loaded} tensors loaded"]
@@ -38,6 +40,8 @@ class LoadReport:
                 parts.append(f"{len(keys)} {name} (first: {', '.join(keys[:SHOWN])})")
         if self.prefix:
             parts.append(f"file keys read under {self.prefix!r}")
+        if self.adapters:
+            parts.append(f"{self.adapters} new LoRA adapter tensors")
         return "; ".join(parts)
 
     def as_dict(self) -> dict:
@@ -106,8 +110,12 @@ def load_pretrained(module: nn.Module, path: str | Path, weights: str = "ema", s
     tops = {k.split(".", 1)[0] for k in own}
     prefix = "" if any(k.split(".", 1)[0] in tops for k in state) else "backbone."
     state = {prefix + k: v for k, v in state.items()}
-    report = LoadReport(source=source, weights=kind, prefix=prefix,
-                        missing=[k for k in own if k not in state], unexpected=[k for k in state if k not in own])
+    adapted = {plain_key(k): k for k in own if ".base_layer." in k}  # a LoRA model's base layers (finetune=lora)
+    state = {adapted.get(k, k) if k not in own else k: v for k, v in state.items()}
+    new = [k for k in own if LORA_KEY.search(k) and k not in state]  # the fine-tune's own adapters: as built
+    report = LoadReport(source=source, weights=kind, prefix=prefix, adapters=len(new),
+                        missing=[k for k in own if k not in state and k not in new],
+                        unexpected=[k for k in state if k not in own])
     common = [k for k in own if k in state]
     if not common:
         raise ValueError(f"init.path: none of the {len(state)} tensors of {source} has a name of this model "

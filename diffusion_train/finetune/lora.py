@@ -1,0 +1,118 @@
+"""LoRA adapters (through peft) on any backbone: low-rank updates ``W + (alpha / rank) * B @ A`` of chosen
+Linear layers, with everything else frozen.
+
+Layers are chosen by regular expressions searched in the backbone's module names (``blocks.3.attn.qkv``);
+every pattern must match at least one Linear layer. peft renames an adapted layer's weight
+``X.weight`` -> ``X.base_layer.weight`` and adds ``X.lora_A.default.weight`` (rank x in) and
+``X.lora_B.default.weight`` (out x rank, zero at the start, so the adapted model starts as the base model).
+:func:`merged_state` folds the adapters back into plain keys, for weights that load without peft.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+# Attention projections and MLPs of the package's backbones: DiT (attn, mlp), MMDiT (image / text streams),
+# U-Net (attention blocks, transformer blocks with cross-attention and GEGLU feed-forward).
+DEFAULT_TARGETS = (r"(attn|cross_attn|image|text)\.(qkv|q|kv|proj)$", r"^blocks\.\d+\.(.+\.)?mlp\.[02]$|ff\.0\.proj$|ff\.1$")
+ADAPTER = "default"  # peft's adapter name
+LORA_KEY = re.compile(r"\.lora_[AB]\.")
+
+
+def lora_targets(backbone: nn.Module, patterns: str | Sequence[str]) -> list[str]:
+    """Names of the Linear layers whose name any of ``patterns`` (regular expressions, ``re.search``) finds;
+    a ValueError names a pattern that finds no Linear layer."""
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    if not patterns:
+        raise ValueError("finetune.target_modules is empty: give regular expressions of Linear layer names")
+    linears = [name for name, m in backbone.named_modules() if isinstance(m, nn.Linear)]
+    found: list[str] = []
+    for pattern in patterns:
+        try:
+            regex = re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"finetune.target_modules: '{pattern}' is not a regular expression ({e})") from None
+        hits = [name for name in linears if regex.search(name)]
+        if not hits:
+            raise ValueError(f"finetune.target_modules: '{pattern}' matches no Linear layer of "
+                             f"{type(backbone).__name__} (e.g. {', '.join(linears[:4])})")
+        found += [h for h in hits if h not in found]
+    return found
+
+
+def apply_lora(backbone: nn.Module, *, rank: int = 16, alpha: float = 16.0, dropout: float = 0.0,
+               target_modules: str | Sequence[str] = DEFAULT_TARGETS) -> list[str]:
+    """Injects LoRA adapters into the matched Linear layers of ``backbone`` (in place) and freezes every other
+    parameter of it; returns the adapted layers' names."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as e:
+        raise ImportError(f"finetune=lora needs peft ({e}); pip install 'diffusion-train[finetune]'") from None
+    if rank < 1:
+        raise ValueError(f"finetune.rank must be >= 1, got {rank}")
+    targets = lora_targets(backbone, target_modules)
+    config = LoraConfig(r=int(rank), lora_alpha=float(alpha), lora_dropout=float(dropout), target_modules=targets,
+                        bias="none")
+    inject_adapter_in_model(config, backbone, adapter_name=ADAPTER)
+    for name, p in backbone.named_parameters():
+        p.requires_grad_(bool(LORA_KEY.search(name)))
+    return targets
+
+
+def lora_layers(module: nn.Module) -> list[nn.Module]:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in module.modules() if isinstance(m, LoraLayer)]
+
+
+def merge_lora(module: nn.Module) -> None:
+    """Folds every adapter into its base weight (outputs unchanged; the adapters stay, inactive)."""
+    for layer in lora_layers(module):
+        layer.merge()
+
+
+def unmerge_lora(module: nn.Module) -> None:
+    """Undoes :func:`merge_lora`."""
+    for layer in lora_layers(module):
+        layer.unmerge()
+
+
+def has_lora(state: dict[str, Tensor]) -> bool:
+    return any(LORA_KEY.search(k) for k in state)
+
+
+def lora_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The adapter tensors of a state dict (what a LoRA fine-tune trains)."""
+    return {k: v for k, v in state.items() if LORA_KEY.search(k)}
+
+
+def merged_state(state: dict[str, Tensor], scaling: float) -> dict[str, Tensor]:
+    """A LoRA model's state dict as the plain model's: each ``X.base_layer.weight`` plus
+    ``scaling * lora_B @ lora_A`` under ``X.weight``, ``X.base_layer.bias`` under ``X.bias``, adapters dropped."""
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if LORA_KEY.search(key):
+            continue
+        if ".base_layer." in key:
+            layer, param = key.rsplit(".base_layer.", 1)
+            if param == "weight":
+                a, b = state[f"{layer}.lora_A.{ADAPTER}.weight"], state[f"{layer}.lora_B.{ADAPTER}.weight"]
+                delta = (b.double() @ a.double()) * scaling
+                value = (value.double() + delta).to(value.dtype)
+            key = f"{layer}.{param}"
+        out[key] = value
+    return out
+
+
+def plain_key(key: str) -> str:
+    """The key a tensor of a LoRA model has in the plain model (``X.base_layer.weight`` -> ``X.weight``)."""
+    return key.replace(".base_layer.", ".")
+
+
+def count(module: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameter counts."""
+    params = list(module.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
