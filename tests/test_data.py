@@ -141,6 +141,19 @@ def test_to_resolution(fmnist_train):
         to_resolution(x, 32, "crop")
 
 
+def test_fashion_mnist_class_subset(fmnist_train):
+    """data.classes keeps those classes only, in training and validation, under their own labels."""
+    dm = FashionMNISTDataModule(batch_size=64, val_size=40, classes=[5, 7])
+    dm.setup()
+    labels = torch.cat([next(iter(dm.train_dataloader()))["label"], next(iter(dm.val_dataloader()))["label"]])
+    assert set(labels.tolist()) == {5, 7}
+    raw_x, raw_y = fmnist_train
+    keys = next(iter(dm.train_dataloader()))["__key__"]
+    assert all(int(raw_y[int(k.split("/")[1])]) in (5, 7) for k in keys)
+    with pytest.raises(ValueError, match="data.classes"):
+        FashionMNISTDataModule(classes=[3, 12])
+
+
 def test_fashion_mnist_datamodule_batches(fmnist_train):
     dm = FashionMNISTDataModule(batch_size=8, val_size=16)
     dm.setup()

@@ -13,14 +13,16 @@ from diffusion_train.data.samplers import InfiniteBatchSampler, ignore_preemptio
 class ImageBatches(Dataset):
     """``dataset[list_of_indices]`` -> a batch dict with the documented keys.
 
-    image: (B, C, H, W) float32 in [-1, 1]; label: (B,) int64; __key__: list of "<split>/<index>";
-    caption: list of str when ``captions`` (index -> caption) is given.
+    image: (B, C, H, W) float32 in [-1, 1]; label: (B,) int64; __key__: list of "<split>/<index>", the index
+    in the source split (``ids[i]`` when a subset is held, else ``i``); caption: list of str when ``captions``
+    ((source index, label) -> caption) is given.
     """
 
-    def __init__(self, images: Tensor, labels: Tensor, split: str, captions=None):
+    def __init__(self, images: Tensor, labels: Tensor, split: str, captions=None, ids: Tensor | None = None):
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"{split} images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         self.images, self.labels, self.split, self.captions = images, labels.long(), split, captions
+        self.ids = ids.tolist() if ids is not None else None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -28,9 +30,10 @@ class ImageBatches(Dataset):
     def __getitem__(self, indices: list[int]) -> dict:
         idx = torch.as_tensor(indices, dtype=torch.long)
         image = self.images[idx].float().div_(127.5).sub_(1.0)
-        batch = {"image": image, "label": self.labels[idx], "__key__": [f"{self.split}/{i}" for i in indices]}
+        source = indices if self.ids is None else [self.ids[i] for i in indices]
+        batch = {"image": image, "label": self.labels[idx], "__key__": [f"{self.split}/{i}" for i in source]}
         if self.captions is not None:
-            batch["caption"] = [self.captions(i, int(self.labels[i])) for i in indices]
+            batch["caption"] = [self.captions(s, int(self.labels[i])) for s, i in zip(source, indices)]
         return batch
 
 
@@ -89,6 +92,8 @@ class InMemoryImageDataModule(InMemoryDataModule):
     """Base class for image datasets: subclasses implement :meth:`load` returning uint8 train/val
     images and labels, and :meth:`captioner` when they have captions."""
 
+    subset_ids: tuple[Tensor, Tensor] | None = None  # source indices of the held train / val images, when a subset
+
     def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         raise NotImplementedError
 
@@ -102,5 +107,6 @@ class InMemoryImageDataModule(InMemoryDataModule):
         if tuple(tr_x.shape[1:]) != expected:
             raise ValueError(f"{type(self).__name__}: images are {tuple(tr_x.shape[1:])}, config says "
                              f"channels={self.channels}, resolution={self.resolution}")
-        return (ImageBatches(tr_x, tr_y, "train", self.captioner("train")),
-                ImageBatches(va_x, va_y, "val", self.captioner("val")))
+        ids = self.subset_ids or (None, None)
+        return (ImageBatches(tr_x, tr_y, "train", self.captioner("train"), ids[0]),
+                ImageBatches(va_x, va_y, "val", self.captioner("val"), ids[1]))

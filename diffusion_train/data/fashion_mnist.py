@@ -97,7 +97,9 @@ class FashionMNISTDataModule(InMemoryImageDataModule):
 
     Files come from ``root`` (a folder with the IDX files, gzipped or not), else from the Debian
     package ``dataset-fashion-mnist``; ``download=true`` fetches them with torchvision.
-    ``caption_templates`` (e.g. ``["a photo of a {name}"]``) adds a ``caption`` per image: item i
+    ``classes`` (e.g. ``[5, 7, 9]``) keeps the images of those classes only, in training and validation,
+    under their own labels (a fine-tune on a subset). ``caption_templates`` (e.g. ``["a photo of a {name}"]``)
+    adds a ``caption`` per image: item i
     uses template i mod len(templates) with its class name. ``channels=3`` repeats the grayscale
     image on three channels (a view: no extra memory), for autoencoders that take RGB.
     """
@@ -105,13 +107,16 @@ class FashionMNISTDataModule(InMemoryImageDataModule):
     def __init__(self, batch_size: int = 128, resolution: int = 32, resize: str = "pad", root: str | None = None,
                  download: bool = False, val_size: int = 1000, channels: int = 1, num_classes: int = 10,
                  num_workers: int = 0, seed: int = 0, val_batch_size: int | None = None,
-                 caption_templates: list[str] | None = None):
+                 caption_templates: list[str] | None = None, classes: list[int] | None = None):
         if channels not in (1, 3) or num_classes != 10:
             raise ValueError(f"Fashion-MNIST has num_classes=10 and channels=1 (or 3: the grayscale image on "
                              f"each channel), got num_classes={num_classes}, channels={channels}")
         super().__init__(batch_size, channels, resolution, num_classes, num_workers, seed, val_batch_size)
         self.root, self.download, self.resize, self.val_size = root, download, resize, val_size
         self.caption_templates = list(caption_templates) if caption_templates else None
+        self.classes = None if classes is None else [int(c) for c in classes]
+        if self.classes is not None and (not self.classes or any(not 0 <= c < 10 for c in self.classes)):
+            raise ValueError(f"data.classes: give Fashion-MNIST class indices 0..9, got {classes}")
         for template in self.caption_templates or []:
             if "{name}" not in template:
                 raise ValueError(f"data.caption_templates: {template!r} has no {{name}} placeholder")
@@ -124,6 +129,11 @@ class FashionMNISTDataModule(InMemoryImageDataModule):
     def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         tr_x, tr_y = load_split("train", self.root, self.download)
         te_x, te_y = load_split("test", self.root, self.download)
+        if self.classes is not None:
+            wanted = torch.tensor(self.classes)
+            tr_ids, te_ids = (torch.isin(y, wanted).nonzero().flatten() for y in (tr_y, te_y))
+            (tr_x, tr_y), (te_x, te_y) = (tr_x[tr_ids], tr_y[tr_ids]), (te_x[te_ids], te_y[te_ids])
+            self.subset_ids = (tr_ids, te_ids[: self.val_size])
         te_x, te_y = te_x[: self.val_size], te_y[: self.val_size]
         tr_x, te_x = (to_resolution(x, self.resolution, self.resize).expand(-1, self.channels, -1, -1)
                       for x in (tr_x, te_x))
