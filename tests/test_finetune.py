@@ -187,6 +187,20 @@ def test_lora_adapts_the_attention_and_mlp_layers_only(tiny_cfg):
     assert not any(p.requires_grad for p in module.conditioner.parameters())  # train_conditioner=false
 
 
+@pytest.mark.parametrize("model, extra, layers", [
+    ("unet_small", [], {"attn.qkv", "attn.proj", "emb_proj.1"}),
+    ("unet_tiny", ["conditioning=t5_tiny"], {"attn.qkv", "attn.proj", "cross_attn.q", "cross_attn.kv",
+                                              "cross_attn.proj", "ff.0.proj", "ff.1", "emb_proj.1"}),
+    ("mmdit_tiny", [], {"image.qkv", "image.proj", "mlp.0", "mlp.2"}),
+])
+def test_the_default_targets_fit_every_backbone(tiny_cfg, model, extra, layers):
+    """One default expression: attention, MLP / feed-forward and embedding projections of each backbone."""
+    module = build_module(tiny_cfg(f"model={model}", "finetune=lora", *extra))
+    adapted = {n.split(".lora_")[0] for n, p in module.named_parameters() if p.requires_grad}
+    assert all(any(a.endswith("." + layer) for layer in layers) for a in adapted)
+    assert all(any(a.endswith("." + layer) for a in adapted) for layer in layers)
+
+
 @pytest.mark.parametrize("pattern, match", [(r"['attn\.qkv$','attn\.nonexistent$']", r"'attn\\.nonexistent\$' matches no"),
                                             (r"['(unclosed']", "not a regular expression")])
 def test_lora_pattern_matching_nothing_is_named(tiny_cfg, pattern, match):

@@ -15,9 +15,11 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-# Attention projections and MLPs of the package's backbones: DiT (attn, mlp), MMDiT (image / text streams),
-# U-Net (attention blocks, transformer blocks with cross-attention and GEGLU feed-forward).
-DEFAULT_TARGETS = (r"(attn|cross_attn|image|text)\.(qkv|q|kv|proj)$", r"^blocks\.\d+\.(.+\.)?mlp\.[02]$|ff\.0\.proj$|ff\.1$")
+# One expression for every backbone here: attention projections (DiT, MMDiT image / text streams, U-Net
+# attention and transformer blocks), DiT / MMDiT block MLPs, U-Net feed-forwards and the U-Net residual blocks'
+# embedding projections (conf/finetune/lora.yaml).
+DEFAULT_TARGETS = (r"(attn|cross_attn|image|text)\.(qkv|q|kv|proj)$|^blocks\.\d+\.(.+\.)?mlp\.[02]$|ff\.0\.proj$"
+                   r"|ff\.1$|emb_proj\.1$",)
 ADAPTER = "default"  # peft's adapter name
 LORA_KEY = re.compile(r"\.lora_[AB]\.")
 
