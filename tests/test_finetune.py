@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -277,3 +278,82 @@ def test_lora_fine_tune_trains_only_the_adapters(tiny_cfg, tmp_path):
         cond = plain.conditioner({"label": torch.tensor([0, 3])})
         torch.testing.assert_close(plain.backbone.eval()(x, t, cond), lora_model.backbone(x, t, cond),
                                    rtol=1e-4, atol=1e-5)
+
+
+# -- inpainting ------------------------------------------------------------------------------------
+def masks_of(kind: str, n: int = 64, size: int = 32, seed: int = 0) -> torch.Tensor:
+    from diffusion_train.finetune.masks import random_masks
+
+    return random_masks(n, size, size, {kind: 1.0}, torch.Generator().manual_seed(seed))
+
+
+def test_mask_kinds():
+    box, stroke, border, full = (masks_of(k) for k in ("box", "stroke", "border", "full"))
+    for m in (box, stroke, border, full):
+        assert m.shape == (64, 1, 32, 32) and set(m.unique().tolist()) <= {0.0, 1.0}
+    rows, cols = box.amax(dim=3), box.amax(dim=2)  # a box is the product of its row and column extents
+    assert torch.equal(box, rows[..., :, None] * cols[..., None, :])
+    area = box.mean(dim=(1, 2, 3))
+    assert area.min() >= 0.2 ** 2 and area.max() <= 0.65 ** 2
+    assert (stroke.mean(dim=(1, 2, 3)) > 0).all() and (stroke.mean(dim=(1, 2, 3)) < 0.9).all()
+    edges = torch.cat([border[..., 0, :], border[..., -1, :], border[..., :, 0], border[..., :, -1]], dim=-1)
+    assert (edges.amax(dim=(1, 2)) == 1).all() and (border.mean(dim=(1, 2, 3)) <= 0.6).all()
+    assert full.all()
+    assert torch.equal(masks_of("stroke", seed=3), masks_of("stroke", seed=3))
+    assert not torch.equal(masks_of("stroke", seed=3), masks_of("stroke", seed=4))
+
+
+def test_mask_weights_are_checked():
+    from diffusion_train.finetune.masks import random_masks
+
+    for bad in ({"circle": 1.0}, {"box": 0.0}, {"box": -1.0, "full": 2.0}, {}):
+        with pytest.raises(ValueError, match="task.masks"):
+            random_masks(2, 8, 8, bad)
+
+
+@pytest.mark.parametrize("extra", [[], ["autoencoder=tiny_vae", "autoencoder.weights=null"]],
+                         ids=["pixels", "latents"])
+def test_inpainting_keeps_known_pixels_exactly(tiny_cfg, extra):
+    """An (untrained, random) inpainting model: every known pixel comes back bit for bit, the rest is new."""
+    from hydra.utils import instantiate
+
+    cfg = tiny_cfg("task=inpainting", *extra)
+    module = randomised(build_module(cfg), seed=6).eval()
+    assert module.backbone.in_channels == 2 * module.backbone.out_channels + 1
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 3, 16, 16, generator=g) * 2 - 1
+    masks = torch.cat([masks_of("box", 1, 16, 1), masks_of("stroke", 1, 16, 2), masks_of("border", 1, 16, 3)])
+    out = module.inpaint(images, masks, {"label": torch.tensor([0, 1, 2])}, instantiate(cfg.sampler),
+                         guidance_scale=2.0)
+    known = (masks < 0.5).expand_as(images)
+    assert torch.equal(out[known], images[known])
+    assert (out[~known] - images[~known]).abs().mean() > 0.1
+    assert torch.equal(out, module.inpaint(images, masks, {"label": torch.tensor([0, 1, 2])},
+                                           instantiate(cfg.sampler), guidance_scale=2.0))
+
+
+def test_inpainting_model_from_a_plain_one_starts_as_it(tiny_cfg, tmp_path):
+    """init.path of a plain model: the input convolution takes its weights for the first channels and zeros for
+    the masked image and mask, so the inpainting model's output ignores them at the start."""
+    plain = randomised(module_of(tiny_cfg), seed=7)
+    save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(tmp_path / "plain.safetensors"))
+    inpaint = module_of(tiny_cfg, "task=inpainting")
+    report = load_pretrained(inpaint, tmp_path / "plain.safetensors")
+    assert report.expanded == ["backbone.x_embedder.weight"] and not report.missing
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 3, 16, 16, generator=g), torch.rand(2, generator=g) * 1000
+    cond = plain.conditioner({"label": torch.tensor([3, 4])})
+    with torch.no_grad():
+        reference = plain.backbone(x, t, cond)
+        for image in (torch.zeros(2, 4, 16, 16), torch.randn(2, 4, 16, 16, generator=g)):
+            torch.testing.assert_close(inpaint.backbone(x, t, replace(cond, image=image)), reference)
+
+
+def test_inpainting_trains_and_draws_its_masks_from_the_step_generator(tiny_cfg, tmp_path):
+    module = module_of(tiny_cfg, "task=inpainting")
+    batch = {"image": torch.rand(4, 3, 16, 16) * 2 - 1, "label": torch.arange(4)}
+    losses = [module.loss(batch, torch.Generator().manual_seed(s)) for s in (0, 0, 1)]
+    assert torch.equal(losses[0], losses[1]) and not torch.equal(losses[0], losses[2])
+    run = tmp_path / "inpaint"
+    train(tiny_cfg(*DIT, "task=inpainting", "callbacks.sample_grid.every_n_steps=2", run_dir=run), run)
+    assert (run / "weights" / "raw.safetensors").exists() and list((run / "samples").glob("*.png"))

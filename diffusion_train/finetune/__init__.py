@@ -1,1 +1,1 @@
-"""Fine-tuning methods: LoRA adapters (``lora``)."""
+"""Fine-tuning methods and tasks: LoRA adapters (``lora``), inpainting (``inpainting``, with ``masks``)."""

@@ -11,6 +11,7 @@ from diffusion_train.models.layers import (
     CondEmbedder,
     CrossAttention,
     context_from_cond,
+    input_with_image,
     sincos_pos_embed_2d,
 )
 
@@ -223,7 +224,7 @@ class DiT(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
         """Predict (B, out_channels, H, W) from noisy x (B, in_channels, H, W) and timesteps t (B,)."""
-        h, grid = embed_patches(self, x)
+        h, grid = embed_patches(self, input_with_image(x, cond, self.in_channels, "DiT"))
         c = self.cond_embedder(t, cond)
         context, mask = context_from_cond(cond, self.context_dim, x.shape[0])
         for block in self.blocks:

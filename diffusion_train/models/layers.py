@@ -96,6 +96,18 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
+def input_with_image(x: Tensor, cond: Cond | None, in_channels: int, name: str) -> Tensor:
+    """``x`` with ``cond.image``'s channels appended (inpainting, editing), checked against ``in_channels``."""
+    if cond is not None and cond.image is not None:
+        if cond.image.shape[0] != x.shape[0] or cond.image.shape[-2:] != x.shape[-2:]:
+            raise ValueError(f"cond.image of shape {tuple(cond.image.shape)} does not fit the input {tuple(x.shape)}")
+        x = torch.cat([x, cond.image.to(x.dtype)], dim=1)
+    if x.shape[1] != in_channels:
+        extra = "" if cond is None or cond.image is None else f" (with cond.image's {cond.image.shape[1]})"
+        raise ValueError(f"{name} was built for {in_channels} input channels but got {x.shape[1]}{extra}")
+    return x
+
+
 def context_from_cond(
     cond: Cond | None, context_dim: int, batch_size: int | None = None
 ) -> tuple[Tensor | None, Tensor | None]:

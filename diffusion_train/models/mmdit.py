@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from diffusion_train.conditioning.cond import Cond
 from diffusion_train.models.dit import FinalLayer, embed_patches, init_transformer_weights, modulate, unpatchify
-from diffusion_train.models.layers import CondEmbedder, context_from_cond, sincos_pos_embed_2d
+from diffusion_train.models.layers import CondEmbedder, context_from_cond, input_with_image, sincos_pos_embed_2d
 
 
 class _Stream(nn.Module):
@@ -124,7 +124,7 @@ class MMDiT(nn.Module):
                     nn.init.zeros_(stream.adaLN_modulation[-1].bias)
 
     def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
-        h, grid = embed_patches(self, x)
+        h, grid = embed_patches(self, input_with_image(x, cond, self.in_channels, "MMDiT"))
         c = self.cond_embedder(t, cond)
         context, mask = context_from_cond(cond, self.context_dim, x.shape[0])
         ctx = key_mask = None

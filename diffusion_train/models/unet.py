@@ -9,7 +9,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_train.conditioning.cond import Cond
-from diffusion_train.models.layers import GEGLU, Attention, CondEmbedder, CrossAttention, context_from_cond
+from diffusion_train.models.layers import (
+    GEGLU,
+    Attention,
+    CondEmbedder,
+    CrossAttention,
+    context_from_cond,
+    input_with_image,
+)
 
 
 def group_norm(channels: int, num_groups: int) -> nn.GroupNorm:
@@ -260,7 +267,7 @@ class UNet(nn.Module):
                              f"(2**(len(channel_mult)-1): one 2x downsampling between levels)")
         emb = self.cond_embedder(t, cond)
         context, mask = context_from_cond(cond, self.context_dim, x.shape[0])
-        h = self.conv_in(x)
+        h = self.conv_in(input_with_image(x, cond, self.in_channels, "UNet"))
         skips = [h]
         for block in self.down:
             h = block(h, emb, context, mask)

@@ -22,7 +22,8 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
     """
     conditioner = instantiate(cfg.conditioning, _convert_="all")
     autoencoder = instantiate(cfg.autoencoder, _convert_="all") if cfg.get("autoencoder") else Autoencoder()
-    backbone = build_backbone(cfg, conditioner, autoencoder)
+    task = instantiate(cfg.task, _convert_="all") if cfg.get("task") else None
+    backbone = build_backbone(cfg, conditioner, autoencoder, task)
     finetune = cfg.get("finetune") or {}
     method = finetune.get("method", "none")
     if method == "lora":
@@ -37,7 +38,7 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
         objective.clip_x0 = False  # [-1, 1] bounds pixels; latents are not clamped while sampling
     schedule = instantiate(cfg.lr_schedule, _convert_="all") if cfg.get("lr_schedule") else None
     return DiffusionModule(backbone, conditioner, objective, autoencoder=autoencoder, optimizer=instantiate(cfg.optim, _convert_="all"),
-                           lr_schedule=schedule, seed=cfg.seed, **cfg.training)
+                           lr_schedule=schedule, seed=cfg.seed, task=task, **cfg.training)
 
 
 def lora_scaling(cfg: DictConfig | dict) -> float | None:
@@ -46,11 +47,13 @@ def lora_scaling(cfg: DictConfig | dict) -> float | None:
     return float(finetune["alpha"]) / int(finetune["rank"]) if finetune.get("method") == "lora" else None
 
 
-def build_backbone(cfg: DictConfig, conditioner, autoencoder: Autoencoder) -> torch.nn.Module:
-    """``cfg.model`` sized by the data through the autoencoder (``in_channels``, ``input_size``) and by
-    what the conditioner produces (``cond_dim``, ``context_dim``)."""
+def build_backbone(cfg: DictConfig, conditioner, autoencoder: Autoencoder, task=None) -> torch.nn.Module:
+    """``cfg.model`` sized by the data through the autoencoder (``in_channels``, ``input_size``), by
+    what the conditioner produces (``cond_dim``, ``context_dim``) and by the task's extra input channels."""
     channels, size = autoencoder.latent_shape(int(cfg.data.channels), int(cfg.data.resolution))
     dims = {"in_channels": channels, "input_size": size, "cond_dim": conditioner.vector_dim}
+    if task is not None:
+        dims.update(in_channels=channels + task.extra_channels(channels), out_channels=channels)
     if conditioner.context_dim:
         dims["context_dim"] = conditioner.context_dim
     return instantiate(cfg.model, **dims, _convert_="all")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 from typing import Any, Callable
 
 import lightning as L
@@ -15,6 +16,8 @@ from diffusion_train.conditioning import Cond, Conditioner
 from diffusion_train.conditioning.conditioner import select_inputs
 from diffusion_train.conditioning.autoencoder import Autoencoder
 from diffusion_train.data.samplers import mix_seed
+from diffusion_train.finetune.inpainting import Inpainting, KnownRegion
+from diffusion_train.finetune.masks import downsample_mask
 from diffusion_train.diffusion import GaussianDiffusion, Sampler, per_image_generators, randn
 from diffusion_train.training.parallel import full_tensor
 from diffusion_train.training.speed import check_fp8_device, prepare_backbone
@@ -52,10 +55,11 @@ class DiffusionModule(L.LightningModule):
                  autoencoder: Autoencoder | None = None, grad_clip: float | None = 1.0, accumulate_grad_batches: int = 1, max_nonfinite_steps: int = 20,
                  compile: bool | str = False, compile_options: dict | None = None,
                  activation_checkpointing: bool = False, channels_last: bool = False, fp8: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, task=None):
         super().__init__()
         self.automatic_optimization = False
         self.backbone, self.conditioner, self.objective = backbone, conditioner, objective
+        self.task = task  # e.g. finetune.inpainting.Inpainting: what cond.image the backbone also sees
         self.autoencoder = autoencoder if autoencoder is not None else Autoencoder()
         self.optimizer_factory, self.lr_schedule_factory = optimizer, lr_schedule
         self.grad_clip, self.accumulate_grad_batches = grad_clip, int(accumulate_grad_batches)
@@ -104,8 +108,12 @@ class DiffusionModule(L.LightningModule):
         """Per-sample training loss; one generator draws the posterior sample, the CFG dropout, the
         timesteps and the noise, in that order."""
         x0 = self.latents(batch, generator)
-        cond = self.conditioner(batch, generator=generator)
+        cond = self.with_task(self.conditioner(batch, generator=generator), x0, generator)
         return self.objective.loss(self.net, x0, cond, generator=generator, **objective_kwargs)
+
+    def with_task(self, cond: Cond, x0: Tensor, generator: torch.Generator | None) -> Cond:
+        """``cond`` with the task's training input (an inpainting mask and masked image) as ``cond.image``."""
+        return cond if self.task is None else replace(cond, image=self.task.training_image(x0, generator))
 
     # -- training --------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -187,7 +195,8 @@ class DiffusionModule(L.LightningModule):
         if hasattr(schedule, "num_timesteps"):
             t = t.round()
         noise = torch.randn(x0.shape, generator=g, device=self.device)
-        loss = self.objective.loss(self.net, x0, self.conditioner(batch), t=t, noise=noise).mean()
+        cond = self.with_task(self.conditioner(batch), x0, g)
+        loss = self.objective.loss(self.net, x0, cond, t=t, noise=noise).mean()
         self.log("val/loss", loss, sync_dist=True, batch_size=b)
 
     # -- sampling --------------------------------------------------------------------------------
@@ -200,25 +209,56 @@ class DiffusionModule(L.LightningModule):
         ``size``: the backbone's (height, width), default its training size."""
         net = self.backbone
         gens = per_image_generators([seed + i for i in indices], self.device)
-        noise = randn((len(indices), net.in_channels, *(size or (net.input_size, net.input_size))), gens, self.device)
+        noise = randn((len(indices), net.out_channels, *(size or (net.input_size, net.input_size))), gens, self.device)
         return self.sample(noise, select_inputs(inputs, indices), sampler, guidance_scale, generator=gens, **guidance)
 
     def sample(self, noise: Tensor, cond_inputs: dict, sampler: Sampler, guidance_scale: float = 1.0,
-               generator=None, progress: bool = False, **guidance) -> Tensor:
+               generator=None, progress: bool = False, image: Tensor | None = None,
+               known: tuple[Tensor, Tensor] | None = None, **guidance) -> Tensor:
         """Images in [-1, 1] (decoded by the autoencoder) from ``noise`` for the conditioning inputs (e.g. ``{"label": ...}``);
-        ``guidance`` takes ``guidance_interval`` and ``guidance_rescale`` (see ``CFGDenoiser``)."""
+        ``guidance`` takes ``guidance_interval`` and ``guidance_rescale`` (see ``CFGDenoiser``).
+
+        ``image``: the task's ``cond.image`` (an inpainting model without one generates from nothing: all
+        unknown); ``known``: (latents, mask) kept in every denoised estimate where the mask is 0."""
         was_training = self.training
         self.eval()
         try:
+            if image is None and self.task is not None:  # all unknown: plain generation
+                zeros = torch.zeros_like(noise, device=self.device)
+                image = self.task.image(zeros, torch.ones_like(zeros[:, :1]))
             cond = self.conditioner(cond_inputs)
             uncond = self.conditioner.uncond(noise.shape[0]) if guidance_scale != 1.0 else None
+            if image is not None:
+                cond = replace(cond, image=image.to(self.device))
+                uncond = None if uncond is None else replace(uncond, image=image.to(self.device))
             denoiser = self.objective.denoiser(self.net)
+            if known is not None:
+                denoiser = KnownRegion(denoiser, known[0].to(self.device), known[1].to(self.device))
             x = sampler(denoiser, noise.to(self.device), cond, uncond=uncond, guidance_scale=guidance_scale,
                         generator=generator, progress=progress, **guidance)
             images = self.autoencoder.decode(x)
         finally:
             self.train(was_training)
         return images.clamp(-1, 1)
+
+    @torch.no_grad()
+    def inpaint(self, images: Tensor, masks: Tensor, cond_inputs: dict, sampler: Sampler, guidance_scale: float = 1.0,
+                seed: int = 0, **guidance) -> Tensor:
+        """``images`` (B, C, H, W) in [-1, 1] completed where ``masks`` (B, 1, H, W) is 1; pixels where it is 0
+        are returned exactly as given. Image i starts from the noise of seed ``seed + i``. Needs a model
+        trained with ``task=inpainting``."""
+        if not isinstance(self.task, Inpainting):
+            raise ValueError("inpainting needs a model trained with task=inpainting")
+        images, masks = images.to(self.device).float(), masks.to(self.device).float()
+        if masks.shape != (images.shape[0], 1, *images.shape[-2:]):
+            raise ValueError(f"masks must be (B, 1, H, W) for images {tuple(images.shape)}, got {tuple(masks.shape)}")
+        x0 = self.autoencoder.encode(images, torch.Generator(self.device).manual_seed(seed))
+        mask = downsample_mask(masks, tuple(x0.shape[-2:]))
+        gens = per_image_generators([seed + i for i in range(images.shape[0])], self.device)
+        noise = randn(tuple(x0.shape), gens, self.device)
+        out = self.sample(noise, cond_inputs, sampler, guidance_scale, generator=gens,
+                          image=self.task.image(x0, mask), known=(x0, mask), **guidance)
+        return torch.where(masks > 0.5, out, images)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -32,6 +32,7 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)  # the file's tensors the model does not have: ignored
     prefix: str = ""  # added to the file's keys (a backbone-only file: "backbone.")
     adapters: int = 0  # LoRA adapter tensors of this model, new in a fine-tune: initialised as built
+    expanded: list[str] = field(default_factory=list)  # input convolutions with more channels: the new ones at 0
 
     def summary(self) -> str:
         parts = [f"init from {self.source} ({self.weights} weights): {self.loaded} tensors loaded"]
@@ -40,6 +41,8 @@ class LoadReport:
                 parts.append(f"{len(keys)} {name} (first: {', '.join(keys[:SHOWN])})")
         if self.prefix:
             parts.append(f"file keys read under {self.prefix!r}")
+        if self.expanded:
+            parts.append(f"new input channels at zero in {', '.join(self.expanded)}")
         if self.adapters:
             parts.append(f"{self.adapters} new LoRA adapter tensors")
         return "; ".join(parts)
@@ -102,7 +105,9 @@ def load_pretrained(module: nn.Module, path: str | Path, weights: str = "ema", s
     of the module's top-level names) is read under ``backbone.``. Every tensor both have must have the same
     shape, else a ValueError lists the first that differ. ``strict``: the file must also hold every tensor
     of the model and nothing else; ``strict=False`` loads what both have and reports the rest. Training
-    counters (``nonfinite_steps``) start afresh.
+    counters (``nonfinite_steps``) start afresh. An input convolution with more input channels in the model
+    than in the file (an inpainting model started from a plain one) takes the file's weights for the first
+    channels and zeros for the others.
     """
     state, source, kind = read_weights(path, weights)
     own = {k: v for k, v in module.state_dict().items() if k not in TRAINING_STATE}
@@ -120,8 +125,9 @@ def load_pretrained(module: nn.Module, path: str | Path, weights: str = "ema", s
     if not common:
         raise ValueError(f"init.path: none of the {len(state)} tensors of {source} has a name of this model "
                          f"(file: {next(iter(state), '-')}, model: {next(iter(own), '-')})")
+    expand = [k for k in common if _more_inputs(state[k], own[k])]  # e.g. an inpainting model from a plain one
     differ = [f"{k} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model"
-              for k in common if state[k].shape != own[k].shape]
+              for k in common if state[k].shape != own[k].shape and k not in expand]
     if differ:
         raise ValueError(f"init.path: {source} does not match the configured model: {len(differ)} tensors differ "
                          f"in shape, first: {'; '.join(differ[:SHOWN])}")
@@ -130,6 +136,15 @@ def load_pretrained(module: nn.Module, path: str | Path, weights: str = "ema", s
                          f"tensors both have")
     with torch.no_grad():
         for k in common:
-            own[k].copy_(state[k])
-    report.loaded = len(common)
+            if k in expand:  # the file's input channels first, the new ones at zero: the model starts as the file's
+                own[k].zero_()[:, : state[k].shape[1]].copy_(state[k])
+            else:
+                own[k].copy_(state[k])
+    report.loaded, report.expanded = len(common), expand
     return report
+
+
+def _more_inputs(file: Tensor, model: Tensor) -> bool:
+    """A convolution weight (out, in, kh, kw) the model has with more input channels than the file."""
+    return (file.ndim == model.ndim == 4 and file.shape[0] == model.shape[0] and file.shape[2:] == model.shape[2:]
+            and file.shape[1] < model.shape[1])
