@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from diffusion_train.training.export import export_weights
 from diffusion_train.training.pretrained import load_pretrained
 
 DIT = ["model=dit_tiny"]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def module_of(tiny_cfg, *overrides: str, seed: int = 0):
@@ -357,3 +359,16 @@ def test_inpainting_trains_and_draws_its_masks_from_the_step_generator(tiny_cfg,
     run = tmp_path / "inpaint"
     train(tiny_cfg(*DIT, "task=inpainting", "callbacks.sample_grid.every_n_steps=2", run_dir=run), run)
     assert (run / "weights" / "raw.safetensors").exists() and list((run / "samples").glob("*.png"))
+
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("inpaint_script", ROOT / "scripts" / "inpaint.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "grid"
+    assert script.main([f"ckpt={run / 'checkpoints' / 'last.ckpt'}", f"out={out}", "num=3", "steps=2",
+                        "device=cpu"]) == 0
+    report = json.loads((out / "inpaint.json").read_text())
+    assert set(report["kinds"]) == {"box", "stroke", "border"} and (out / "grid.png").exists()
+    assert all(k["known_max_abs_change"] == 0.0 and 0 < k["unknown_fraction"] < 1 for k in report["kinds"].values())
+    assert script.main([f"ckpt={run / 'checkpoints' / 'last.ckpt'}", f"out={out}", "masks=circle"]) == 1
