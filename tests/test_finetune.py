@@ -372,3 +372,64 @@ def test_inpainting_trains_and_draws_its_masks_from_the_step_generator(tiny_cfg,
     assert set(report["kinds"]) == {"box", "stroke", "border"} and (out / "grid.png").exists()
     assert all(k["known_max_abs_change"] == 0.0 and 0 < k["unknown_fraction"] < 1 for k in report["kinds"].values())
     assert script.main([f"ckpt={run / 'checkpoints' / 'last.ckpt'}", f"out={out}", "masks=circle"]) == 1
+
+
+# -- instruction editing ---------------------------------------------------------------------------
+def editing_denoiser(tiny_cfg):
+    module = randomised(module_of(tiny_cfg, "task=editing"), seed=8).eval()
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 3, 16, 16, generator=g), torch.full((2,), 500.0)
+    source = torch.randn(2, 3, 16, 16, generator=g)
+    cond = replace(module.conditioner({"label": torch.tensor([1, 2])}), image=source)
+    no_text = replace(module.conditioner.uncond(2), image=source)
+    neither = replace(no_text, image=torch.zeros_like(source))
+    return module, module.objective.denoiser(module.backbone), x, t, cond, no_text, neither
+
+
+def test_dual_guidance_reduces_to_single_guidance_at_image_scale_1(tiny_cfg):
+    from diffusion_train.diffusion.guidance import CFGDenoiser, DualGuidance
+
+    module, denoiser, x, t, cond, no_text, neither = editing_denoiser(tiny_cfg)
+    with torch.no_grad():
+        dual = DualGuidance(denoiser, no_text, neither, text_scale=4.0, image_scale=1.0)(x, t, cond)
+        single = CFGDenoiser(denoiser, no_text, 4.0)(x, t, cond)
+        torch.testing.assert_close(dual, single, rtol=1e-5, atol=1e-6)
+        plain = DualGuidance(denoiser, no_text, neither, text_scale=1.0, image_scale=1.0)(x, t, cond)
+        torch.testing.assert_close(plain, denoiser(x, t, cond), rtol=1e-5, atol=1e-6)
+        full, txt, none = denoiser(x, t, cond), denoiser(x, t, no_text), denoiser(x, t, neither)
+        both = DualGuidance(denoiser, no_text, neither, text_scale=3.0, image_scale=1.5)(x, t, cond)
+        torch.testing.assert_close(both, none + 1.5 * (txt - none) + 3.0 * (full - txt), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(both, single)
+
+
+def test_editing_trains_on_a_source_and_drops_it_at_its_rate(tiny_cfg):
+    from diffusion_train.finetune.editing import InstructionEditing
+
+    module = module_of(tiny_cfg, "task=editing")
+    assert module.backbone.in_channels == 2 * module.backbone.out_channels
+    batch = {"image": torch.rand(4, 3, 16, 16) * 2 - 1, "source": torch.rand(4, 3, 16, 16) * 2 - 1,
+             "label": torch.arange(4)}
+    loss = module.loss(batch, torch.Generator().manual_seed(0)).mean()
+    loss.backward()
+    assert torch.isfinite(loss)
+    with pytest.raises(KeyError, match="'source'"):
+        module.loss({"image": batch["image"], "label": batch["label"]}, torch.Generator().manual_seed(0))
+    task = InstructionEditing(image_dropout=0.5)
+    x0 = torch.randn(4000, 1, 2, 2)
+    source = task.training_image(x0, torch.Generator().manual_seed(0), batch={"source_latent": x0},
+                                 encode=lambda b: b["latent"])
+    dropped = (source == 0).flatten(1).all(dim=1)
+    assert 0.45 < dropped.float().mean() < 0.55 and torch.equal(source[~dropped], x0[~dropped])
+
+
+def test_edit_runs_with_both_scales(tiny_cfg):
+    from hydra.utils import instantiate
+
+    cfg = tiny_cfg("task=editing")
+    module = randomised(build_module(cfg), seed=9)
+    sources = torch.rand(2, 3, 16, 16) * 2 - 1
+    a = module.edit(sources, {"label": torch.tensor([0, 1])}, instantiate(cfg.sampler), text_scale=3.0, image_scale=1.5)
+    b = module.edit(sources, {"label": torch.tensor([0, 1])}, instantiate(cfg.sampler), text_scale=3.0, image_scale=1.0)
+    assert a.shape == sources.shape and a.abs().max() <= 1 and not torch.equal(a, b)
+    with pytest.raises(ValueError, match="task=editing"):
+        module_of(tiny_cfg).edit(sources, {"label": torch.tensor([0, 1])}, instantiate(cfg.sampler))

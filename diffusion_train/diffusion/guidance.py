@@ -59,3 +59,33 @@ class CFGDenoiser:
             guided = self.rescale * guided * ratio + (1 - self.rescale) * guided
         mask = active.reshape(-1, *([1] * (x.ndim - 1)))
         return torch.where(mask, guided, x0_cond)
+
+
+class DualGuidance:
+    """Separate image and text guidance (InstructPix2Pix, Brooks et al. 2023) for models that see a source image
+    in ``cond.image``::
+
+        x0 = x0(-, -) + image_scale * (x0(img, -) - x0(-, -)) + text_scale * (x0(img, txt) - x0(img, -))
+
+    ``uncond_text``: the conditioning without text but with the image; ``uncond_all``: without either. With
+    ``image_scale = 1`` it is plain guidance with the image kept in both passes (and skips the image-free pass);
+    ``text_scale = image_scale = 1`` is the conditional model alone.
+    """
+
+    def __init__(self, denoiser: Denoiser, uncond_text: Cond, uncond_all: Cond, text_scale: float, image_scale: float):
+        self.denoiser, self.uncond_text, self.uncond_all = denoiser, uncond_text, uncond_all
+        self.text_scale, self.image_scale = float(text_scale), float(image_scale)
+        self.schedule = denoiser.schedule
+
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        return self.denoiser.alpha_sigma(t)
+
+    def __call__(self, x: Tensor, t: Tensor, cond: Cond | None) -> Tensor:
+        conds = [cond, self.uncond_text] + ([self.uncond_all] if self.image_scale != 1.0 else [])
+        n = len(conds)
+        out = self.denoiser(torch.cat([x] * n), torch.cat([t] * n), Cond.cat(conds)).chunk(n)
+        full, no_text = out[0], out[1]
+        guided = no_text + self.text_scale * (full - no_text)
+        if self.image_scale != 1.0:
+            guided = guided + (self.image_scale - 1.0) * (no_text - out[2])
+        return guided

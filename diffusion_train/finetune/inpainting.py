@@ -37,7 +37,12 @@ class Inpainting:
         """``cond.image``: the known latents (zero where unknown) and the mask (1 = fill in)."""
         return torch.cat([x0 * (1 - mask), mask], dim=1)
 
-    def training_image(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def null_image(self, like: Tensor) -> Tensor:
+        """``cond.image`` with nothing known (all masked): plain generation, as the ``full`` masks teach."""
+        return self.image(torch.zeros_like(like), torch.ones_like(like[:, :1]))
+
+    def training_image(self, x0: Tensor, generator: torch.Generator | None = None, batch: dict | None = None,
+                       encode=None) -> Tensor:
         b, _, h, w = x0.shape
         mask = random_masks(b, h, w, self.masks, generator, device=x0.device).to(x0.device)
         return self.image(x0, mask.to(x0.dtype))

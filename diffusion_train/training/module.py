@@ -16,6 +16,8 @@ from diffusion_train.conditioning import Cond, Conditioner
 from diffusion_train.conditioning.conditioner import select_inputs
 from diffusion_train.conditioning.autoencoder import Autoencoder
 from diffusion_train.data.samplers import mix_seed
+from diffusion_train.diffusion.guidance import DualGuidance
+from diffusion_train.finetune.editing import InstructionEditing
 from diffusion_train.finetune.inpainting import Inpainting, KnownRegion
 from diffusion_train.finetune.masks import downsample_mask
 from diffusion_train.diffusion import GaussianDiffusion, Sampler, per_image_generators, randn
@@ -108,12 +110,16 @@ class DiffusionModule(L.LightningModule):
         """Per-sample training loss; one generator draws the posterior sample, the CFG dropout, the
         timesteps and the noise, in that order."""
         x0 = self.latents(batch, generator)
-        cond = self.with_task(self.conditioner(batch, generator=generator), x0, generator)
+        cond = self.with_task(self.conditioner(batch, generator=generator), x0, batch, generator)
         return self.objective.loss(self.net, x0, cond, generator=generator, **objective_kwargs)
 
-    def with_task(self, cond: Cond, x0: Tensor, generator: torch.Generator | None) -> Cond:
-        """``cond`` with the task's training input (an inpainting mask and masked image) as ``cond.image``."""
-        return cond if self.task is None else replace(cond, image=self.task.training_image(x0, generator))
+    def with_task(self, cond: Cond, x0: Tensor, batch: dict, generator: torch.Generator | None) -> Cond:
+        """``cond`` with the task's training input as ``cond.image`` (an inpainting mask and masked image, an
+        editing source)."""
+        if self.task is None:
+            return cond
+        image = self.task.training_image(x0, generator, batch=batch, encode=lambda b: self.latents(b, generator))
+        return replace(cond, image=image)
 
     # -- training --------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -195,7 +201,7 @@ class DiffusionModule(L.LightningModule):
         if hasattr(schedule, "num_timesteps"):
             t = t.round()
         noise = torch.randn(x0.shape, generator=g, device=self.device)
-        cond = self.with_task(self.conditioner(batch), x0, g)
+        cond = self.with_task(self.conditioner(batch), x0, batch, g)
         loss = self.objective.loss(self.net, x0, cond, t=t, noise=noise).mean()
         self.log("val/loss", loss, sync_dist=True, batch_size=b)
 
@@ -214,26 +220,35 @@ class DiffusionModule(L.LightningModule):
 
     def sample(self, noise: Tensor, cond_inputs: dict, sampler: Sampler, guidance_scale: float = 1.0,
                generator=None, progress: bool = False, image: Tensor | None = None,
-               known: tuple[Tensor, Tensor] | None = None, **guidance) -> Tensor:
+               known: tuple[Tensor, Tensor] | None = None, image_guidance: float | None = None,
+               **guidance) -> Tensor:
         """Images in [-1, 1] (decoded by the autoencoder) from ``noise`` for the conditioning inputs (e.g. ``{"label": ...}``);
         ``guidance`` takes ``guidance_interval`` and ``guidance_rescale`` (see ``CFGDenoiser``).
 
-        ``image``: the task's ``cond.image`` (an inpainting model without one generates from nothing: all
-        unknown); ``known``: (latents, mask) kept in every denoised estimate where the mask is 0."""
+        ``image``: the task's ``cond.image`` (without one, the task's null image: an inpainting model generates
+        from nothing, an editing model without a source); ``known``: (latents, mask) kept in every denoised
+        estimate where the mask is 0; ``image_guidance``: a separate scale for ``image``
+        (:class:`DualGuidance`, ``guidance_scale`` then being the text's)."""
         was_training = self.training
         self.eval()
         try:
-            if image is None and self.task is not None:  # all unknown: plain generation
-                zeros = torch.zeros_like(noise, device=self.device)
-                image = self.task.image(zeros, torch.ones_like(zeros[:, :1]))
+            if image is None and self.task is not None:
+                image = self.task.null_image(torch.zeros_like(noise, device=self.device))
             cond = self.conditioner(cond_inputs)
-            uncond = self.conditioner.uncond(noise.shape[0]) if guidance_scale != 1.0 else None
+            uncond = self.conditioner.uncond(noise.shape[0]) if guidance_scale != 1.0 or image_guidance else None
             if image is not None:
-                cond = replace(cond, image=image.to(self.device))
-                uncond = None if uncond is None else replace(uncond, image=image.to(self.device))
+                image = image.to(self.device)
+                cond = replace(cond, image=image)
+                uncond = None if uncond is None else replace(uncond, image=image)
             denoiser = self.objective.denoiser(self.net)
             if known is not None:
                 denoiser = KnownRegion(denoiser, known[0].to(self.device), known[1].to(self.device))
+            if image_guidance is not None:
+                if image is None or self.task is None:
+                    raise ValueError("image_guidance needs a model with a task that gives cond.image (task=editing)")
+                uncond_all = replace(uncond, image=self.task.null_image(image))
+                denoiser = DualGuidance(denoiser, uncond, uncond_all, guidance_scale, image_guidance)
+                guidance_scale = 1.0
             x = sampler(denoiser, noise.to(self.device), cond, uncond=uncond, guidance_scale=guidance_scale,
                         generator=generator, progress=progress, **guidance)
             images = self.autoencoder.decode(x)
@@ -259,6 +274,19 @@ class DiffusionModule(L.LightningModule):
         out = self.sample(noise, cond_inputs, sampler, guidance_scale, generator=gens,
                           image=self.task.image(x0, mask), known=(x0, mask), **guidance)
         return torch.where(masks > 0.5, out, images)
+
+    @torch.no_grad()
+    def edit(self, sources: Tensor, cond_inputs: dict, sampler: Sampler, text_scale: float = 7.5,
+             image_scale: float = 1.5, seed: int = 0) -> Tensor:
+        """``sources`` (B, C, H, W) in [-1, 1] edited as the instructions in ``cond_inputs`` say, with separate
+        text and image guidance (:class:`DualGuidance`). Needs a model trained with ``task=editing``."""
+        if not isinstance(self.task, InstructionEditing):
+            raise ValueError("editing needs a model trained with task=editing")
+        source = self.autoencoder.encode(sources.to(self.device).float(), torch.Generator(self.device).manual_seed(seed))
+        gens = per_image_generators([seed + i for i in range(source.shape[0])], self.device)
+        noise = randn(tuple(source.shape), gens, self.device)
+        return self.sample(noise, cond_inputs, sampler, text_scale, generator=gens, image=source,
+                           image_guidance=image_scale)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
