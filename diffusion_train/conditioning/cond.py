@@ -17,12 +17,14 @@ class Cond:
     mask:    (B, L) bool, True where ``context`` holds a real token, or None.
     image:   (B, Ci, H, W) channels appended to the backbone's input (an inpainting task's masked image and
              mask, an editing task's source image), or None.
+    control: (B, Cc, H', W') a ControlNet's control image (edges, depth, ...) at image resolution, or None.
     """
 
     vector: Tensor | None = None
     context: Tensor | None = None
     mask: Tensor | None = None
     image: Tensor | None = None
+    control: Tensor | None = None
 
     def _map(self, fn) -> "Cond":
         return Cond(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))

@@ -222,11 +222,14 @@ class DiT(nn.Module):
         grid_h, grid_w = grid or (self.grid_size, self.grid_size)
         return unpatchify(x, grid_h, grid_w, self.patch_size, self.out_channels)
 
-    def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
-        """Predict (B, out_channels, H, W) from noisy x (B, in_channels, H, W) and timesteps t (B,)."""
+    def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None, residuals: list[Tensor] | None = None) -> Tensor:
+        """Predict (B, out_channels, H, W) from noisy x (B, in_channels, H, W) and timesteps t (B,).
+        ``residuals``: a ControlNet's additions to the outputs of the first blocks."""
         h, grid = embed_patches(self, input_with_image(x, cond, self.in_channels, "DiT"))
         c = self.cond_embedder(t, cond)
         context, mask = context_from_cond(cond, self.context_dim, x.shape[0])
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             h = block(h, c, context, mask)
+            if residuals is not None and i < len(residuals):
+                h = h + residuals[i]
         return self.unpatchify(self.final_layer(h, c), grid)

@@ -241,7 +241,9 @@ class UNet(nn.Module):
                 skip_channels.append(ch)
                 resolution //= 2
 
+        self.skip_channels = list(skip_channels)  # of conv_in and each down block: what a ControlNet adds to
         self.middle = EmbedSequential(res(ch, ch), attn(ch), res(ch, ch))
+        self.middle_channels = ch
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
@@ -259,8 +261,10 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
-    def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
-        """Predict (B, out_channels, H, W) from noisy x (B, in_channels, H, W) and timesteps t (B,)."""
+    def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None, residuals: list[Tensor] | None = None) -> Tensor:
+        """Predict (B, out_channels, H, W) from noisy x (B, in_channels, H, W) and timesteps t (B,).
+        ``residuals``: a ControlNet's additions to each skip (conv_in, then each down block) and, last, to the
+        middle block's output."""
         height, width = x.shape[-2:]
         if height % self.size_multiple or width % self.size_multiple:
             raise ValueError(f"UNet input of {height}x{width} is not divisible by {self.size_multiple} "
@@ -273,6 +277,9 @@ class UNet(nn.Module):
             h = block(h, emb, context, mask)
             skips.append(h)
         h = self.middle(h, emb, context, mask)
+        if residuals is not None:
+            skips = [s + r for s, r in zip(skips, residuals[:-1])]
+            h = h + residuals[-1]
         for block in self.up:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context, mask)
         return self.out(h)

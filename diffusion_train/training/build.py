@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_train.conditioning.autoencoder import Autoencoder
+from diffusion_train.finetune.controlnet import ControlSource, make_controlnet
 from diffusion_train.finetune.lora import apply_lora
 from diffusion_train.training.checkpointing import load_checkpoint
 from diffusion_train.training.module import DiffusionModule
@@ -26,19 +27,28 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
     backbone = build_backbone(cfg, conditioner, autoencoder, task)
     finetune = cfg.get("finetune") or {}
     method = finetune.get("method", "none")
+    controlnet = control = None
     if method == "lora":
         apply_lora(backbone, rank=int(finetune.rank), alpha=float(finetune.alpha), dropout=float(finetune.dropout),
                    target_modules=OmegaConf.to_object(finetune.target_modules))
         if not finetune.get("train_conditioner", False):
             conditioner.requires_grad_(False)
+    elif method == "controlnet":
+        controlnet = make_controlnet(backbone, int(finetune.control_channels), int(cfg.data.resolution),
+                                     finetune.get("depth"))
+        control = ControlSource(finetune.get("control_key"), finetune.get("detector"))
+        backbone.requires_grad_(False)
+        if not finetune.get("train_conditioner", False):
+            conditioner.requires_grad_(False)
     elif method != "none":
-        raise ValueError(f"finetune.method={method!r}: valid: none, lora")
+        raise ValueError(f"finetune.method={method!r}: valid: none, lora, controlnet")
     objective = instantiate(cfg.diffusion, _convert_="all")
     if not autoencoder.pixel_space:
         objective.clip_x0 = False  # [-1, 1] bounds pixels; latents are not clamped while sampling
     schedule = instantiate(cfg.lr_schedule, _convert_="all") if cfg.get("lr_schedule") else None
     return DiffusionModule(backbone, conditioner, objective, autoencoder=autoencoder, optimizer=instantiate(cfg.optim, _convert_="all"),
-                           lr_schedule=schedule, seed=cfg.seed, task=task, **cfg.training)
+                           lr_schedule=schedule, seed=cfg.seed, task=task, controlnet=controlnet, control=control,
+                           **cfg.training)
 
 
 def lora_scaling(cfg: DictConfig | dict) -> float | None:

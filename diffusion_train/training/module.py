@@ -17,6 +17,7 @@ from diffusion_train.conditioning.conditioner import select_inputs
 from diffusion_train.conditioning.autoencoder import Autoencoder
 from diffusion_train.data.samplers import mix_seed
 from diffusion_train.diffusion.guidance import DualGuidance
+from diffusion_train.finetune.controlnet import Controlled
 from diffusion_train.finetune.editing import InstructionEditing
 from diffusion_train.finetune.inpainting import Inpainting, KnownRegion
 from diffusion_train.finetune.masks import downsample_mask
@@ -57,7 +58,7 @@ class DiffusionModule(L.LightningModule):
                  autoencoder: Autoencoder | None = None, grad_clip: float | None = 1.0, accumulate_grad_batches: int = 1, max_nonfinite_steps: int = 20,
                  compile: bool | str = False, compile_options: dict | None = None,
                  activation_checkpointing: bool = False, channels_last: bool = False, fp8: bool = False,
-                 seed: int = 0, task=None):
+                 seed: int = 0, task=None, controlnet: nn.Module | None = None, control=None):
         super().__init__()
         self.automatic_optimization = False
         self.backbone, self.conditioner, self.objective = backbone, conditioner, objective
@@ -68,9 +69,10 @@ class DiffusionModule(L.LightningModule):
         self.max_nonfinite_steps, self.seed = max_nonfinite_steps, seed
         # What the step calls (see training/speed.py). A compiled wrapper is kept outside the module tree, so
         # state dicts never carry `_orig_mod.`.
-        self.__dict__["net"] = prepare_backbone(backbone, compile=compile, compile_options=compile_options,
-                                                activation_checkpointing=activation_checkpointing,
-                                                channels_last=channels_last, fp8=fp8)
+        net = prepare_backbone(backbone, compile=compile, compile_options=compile_options,
+                               activation_checkpointing=activation_checkpointing, channels_last=channels_last, fp8=fp8)
+        self.controlnet, self.control = controlnet, control  # a ControlNet fine-tune: the copy, the control images
+        self.__dict__["net"] = Controlled(net, controlnet) if controlnet is not None else net
         self.fp8 = fp8
         self.run_info: dict = {}
         self.lr_scale = 1.0  # set from the global batch by training.lr_scaling (see training/parallel.py)
@@ -115,7 +117,9 @@ class DiffusionModule(L.LightningModule):
 
     def with_task(self, cond: Cond, x0: Tensor, batch: dict, generator: torch.Generator | None) -> Cond:
         """``cond`` with the task's training input as ``cond.image`` (an inpainting mask and masked image, an
-        editing source)."""
+        editing source) and a ControlNet's control image as ``cond.control``."""
+        if self.control is not None:
+            cond = replace(cond, control=self.control(batch).to(self.device))
         if self.task is None:
             return cond
         image = self.task.training_image(x0, generator, batch=batch, encode=lambda b: self.latents(b, generator))
@@ -221,14 +225,15 @@ class DiffusionModule(L.LightningModule):
     def sample(self, noise: Tensor, cond_inputs: dict, sampler: Sampler, guidance_scale: float = 1.0,
                generator=None, progress: bool = False, image: Tensor | None = None,
                known: tuple[Tensor, Tensor] | None = None, image_guidance: float | None = None,
-               **guidance) -> Tensor:
+               control: Tensor | None = None, control_scale: float = 1.0, **guidance) -> Tensor:
         """Images in [-1, 1] (decoded by the autoencoder) from ``noise`` for the conditioning inputs (e.g. ``{"label": ...}``);
         ``guidance`` takes ``guidance_interval`` and ``guidance_rescale`` (see ``CFGDenoiser``).
 
         ``image``: the task's ``cond.image`` (without one, the task's null image: an inpainting model generates
         from nothing, an editing model without a source); ``known``: (latents, mask) kept in every denoised
         estimate where the mask is 0; ``image_guidance``: a separate scale for ``image``
-        (:class:`DualGuidance`, ``guidance_scale`` then being the text's)."""
+        (:class:`DualGuidance`, ``guidance_scale`` then being the text's); ``control``: a ControlNet's control
+        images (at image resolution), their residuals scaled by ``control_scale``."""
         was_training = self.training
         self.eval()
         try:
@@ -240,6 +245,13 @@ class DiffusionModule(L.LightningModule):
                 image = image.to(self.device)
                 cond = replace(cond, image=image)
                 uncond = None if uncond is None else replace(uncond, image=image)
+            if control is not None:
+                if self.controlnet is None:
+                    raise ValueError("control images need a model trained with finetune=controlnet")
+                control = control.to(self.device)
+                cond = replace(cond, control=control)
+                uncond = None if uncond is None else replace(uncond, control=control)
+                self.net.scale = float(control_scale)
             denoiser = self.objective.denoiser(self.net)
             if known is not None:
                 denoiser = KnownRegion(denoiser, known[0].to(self.device), known[1].to(self.device))
@@ -254,6 +266,8 @@ class DiffusionModule(L.LightningModule):
             images = self.autoencoder.decode(x)
         finally:
             self.train(was_training)
+            if self.controlnet is not None:
+                self.net.scale = 1.0
         return images.clamp(-1, 1)
 
     @torch.no_grad()

@@ -33,6 +33,7 @@ class LoadReport:
     prefix: str = ""  # added to the file's keys (a backbone-only file: "backbone.")
     adapters: int = 0  # LoRA adapter tensors of this model, new in a fine-tune: initialised as built
     expanded: list[str] = field(default_factory=list)  # input convolutions with more channels: the new ones at 0
+    controlnet_from_base: bool = False  # a ControlNet's copies took the loaded backbone's weights
 
     def summary(self) -> str:
         parts = [f"init from {self.source} ({self.weights} weights): {self.loaded} tensors loaded"]
@@ -45,6 +46,8 @@ class LoadReport:
             parts.append(f"new input channels at zero in {', '.join(self.expanded)}")
         if self.adapters:
             parts.append(f"{self.adapters} new LoRA adapter tensors")
+        if self.controlnet_from_base:
+            parts.append("the ControlNet copied from the loaded backbone")
         return "; ".join(parts)
 
     def as_dict(self) -> dict:
@@ -118,6 +121,10 @@ def load_pretrained(module: nn.Module, path: str | Path, weights: str = "ema", s
     adapted = {plain_key(k): k for k in own if ".base_layer." in k}  # a LoRA model's base layers (finetune=lora)
     state = {adapted.get(k, k) if k not in own else k: v for k, v in state.items()}
     new = [k for k in own if LORA_KEY.search(k) and k not in state]  # the fine-tune's own adapters: as built
+    controlnet = getattr(module, "controlnet", None)
+    copy_base = controlnet is not None and not any(k.startswith("controlnet.") for k in state)
+    if copy_base:  # a ControlNet fine-tune from a plain model: its copies take the base's weights below
+        new += [k for k in own if k.startswith("controlnet.")]
     report = LoadReport(source=source, weights=kind, prefix=prefix, adapters=len(new),
                         missing=[k for k in own if k not in state and k not in new],
                         unexpected=[k for k in state if k not in own])
@@ -141,6 +148,9 @@ def load_pretrained(module: nn.Module, path: str | Path, weights: str = "ema", s
             else:
                 own[k].copy_(state[k])
     report.loaded, report.expanded = len(common), expand
+    if copy_base:
+        controlnet.copy_base(module.backbone)
+        report.controlnet_from_base = True
     return report
 
 
