@@ -34,11 +34,9 @@ DEFAULTS = {"ckpt": "", "out": "", "num": 8, "masks": "box,stroke,border", "weig
 
 def inpaint(opts: dict) -> dict:
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
+    from diffusion_train.finetune.examples import device_of, load_run, validation_examples
     from diffusion_train.finetune.masks import KINDS, random_masks
-    from diffusion_train.training.build import load_module
-    from diffusion_train.training.checkpointing import load_checkpoint
     from diffusion_train.training.images import save_grid
 
     if not opts["ckpt"] or not opts["out"]:
@@ -48,16 +46,9 @@ def inpaint(opts: dict) -> dict:
         raise UsageError(f"masks={opts['masks']}: give kinds among {', '.join(KINDS)}")
     if opts["num"] < 1:
         raise UsageError(f"num must be >= 1, got {opts['num']}")
-    device = torch.device("cuda" if opts["device"] == "auto" and torch.cuda.is_available() else
-                          "cpu" if opts["device"] == "auto" else opts["device"])
-    config = OmegaConf.create(load_checkpoint(opts["ckpt"])["diffusion_train"]["config"])
-    module = load_module(opts["ckpt"], opts["weights"]).to(device)
-    data = instantiate(config.data, _convert_="all")
-    data.setup()
-    batch = data.val_set[list(range(min(opts["num"], len(data.val_set))))]
-    images = batch["image"].to(device)
-    keys = {e.input_key for e in module.conditioner.embedders.values()}  # what the model is conditioned on
-    inputs = {key: batch[key] for key in keys if key in batch}
+    device = device_of(opts["device"])
+    module, config = load_run(opts["ckpt"], opts["weights"], device)
+    images, inputs = validation_examples(module, config, opts["num"], device)
     sampler = instantiate(config.sampler, _convert_="all", steps=opts["steps"])
     rows, report = [images], {"ckpt": opts["ckpt"], "weights": opts["weights"], "steps": opts["steps"],
                               "guidance": opts["guidance"], "seed": opts["seed"], "images": len(images), "kinds": {}}

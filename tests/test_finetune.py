@@ -510,3 +510,23 @@ def test_sobel_edges_and_control_sources():
         ControlSource()({"latent": image})
     with pytest.raises(ValueError, match="finetune.detector"):
         ControlSource(detector="canny")
+
+
+def test_controlnet_run_and_its_grid_script(tiny_cfg, tmp_path):
+    """A ControlNet run from a base run (its copies start as the base's), then scripts/control.py on it."""
+    import importlib.util
+
+    base, run = tmp_path / "base", tmp_path / "control"
+    train(tiny_cfg(run_dir=base), base)
+    train(tiny_cfg(*CONTROL, f"init.path={base}", run_dir=run), run)
+    assert json.loads((run / "run.json").read_text())["init"]["controlnet_from_base"] is True
+    spec = importlib.util.spec_from_file_location("control_script", ROOT / "scripts" / "control.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "grid"
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert script.main([f"ckpt={ckpt}", f"out={out}", "num=3", "steps=2", "device=cpu"]) == 0
+    report = json.loads((out / "control.json").read_text())
+    assert set(report["edge_agreement"]) == {"validation_images", "without_control", "with_control"}
+    assert report["edge_agreement"]["validation_images"] > 0.5 and (out / "grid.png").exists()
+    assert script.main([f"ckpt={base / 'checkpoints' / 'last.ckpt'}", f"out={out}"]) == 1  # not a ControlNet run
