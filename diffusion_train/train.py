@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -74,6 +75,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     if init.get("path") and ckpt is None:  # a resumed run has its own weights
         init_report = load_pretrained(module, init.path, str(init.get("weights") or "ema"),
                                       strict=bool(init.get("strict", True)))
+    if hasattr(datamodule, "prepare_class_images"):  # DreamBooth's prior images, made by the model before training
+        make_class_images(datamodule, module, instantiate(cfg.sampler, _convert_="all"))
     if hasattr(datamodule, "check_provenance"):  # precomputed latents / text encodings
         datamodule.check_provenance(module.autoencoder, module.conditioner)
     callbacks = _instantiate_all(cfg.callbacks)
@@ -125,6 +128,22 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
             export_weights(state["state_dict"], state.get("ema"), run_dir / "weights",
                            {"global_step": trainer.global_step, "config": config}, lora_scaling=lora_scaling(cfg))
     return trainer
+
+
+def make_class_images(datamodule, module, sampler, timeout_s: float = 3600.0) -> None:
+    """Process 0 makes the missing class images (on its GPU when there is one); the others wait for them."""
+    if not datamodule.class_images_missing():
+        return
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
+        datamodule.prepare_class_images(module.to(device), sampler)
+        module.to("cpu")
+        return
+    deadline = time.monotonic() + timeout_s
+    while datamodule.class_images_missing():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"data.class_dir: process 0 did not make the class images in {timeout_s:.0f} s")
+        time.sleep(5)
 
 
 def cluster_plugins() -> list:

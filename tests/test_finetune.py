@@ -8,6 +8,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -530,3 +531,66 @@ def test_controlnet_run_and_its_grid_script(tiny_cfg, tmp_path):
     assert set(report["edge_agreement"]) == {"validation_images", "without_control", "with_control"}
     assert report["edge_agreement"]["validation_images"] > 0.5 and (out / "grid.png").exists()
     assert script.main([f"ckpt={base / 'checkpoints' / 'last.ckpt'}", f"out={out}"]) == 1  # not a ControlNet run
+
+
+# -- DreamBooth ------------------------------------------------------------------------------------
+def write_images(folder: Path, n: int, seed: int) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+
+
+def dreambooth_overrides(tmp_path, *extra: str) -> list[str]:
+    return ["data=dreambooth", f"data.instance_dir={tmp_path / 'subject'}", "data.instance_prompt=a photo of sks thing",
+            "data.class_prompt=a photo of a thing", "data.num_class_images=5", "data.batch_size=2",
+            "data.resolution=16", "conditioning=t5_tiny", "data.prior_loss_weight=0.5",
+            "callbacks.sample_grid.prompts=[a photo of sks thing]", *extra]
+
+
+def test_dreambooth_batches_pair_instance_and_class_images(tmp_path):
+    from diffusion_train.finetune.dreambooth import DreamBoothBatches
+
+    instance = torch.zeros(3, 1, 4, 4, dtype=torch.uint8)
+    klass = torch.full((5, 1, 4, 4), 255, dtype=torch.uint8)
+    batches = DreamBoothBatches(instance, "a sks dog", klass, "a dog", 0.25, "train")
+    assert len(batches) == 5
+    batch = batches[[1, 4]]
+    assert batch["caption"] == ["a sks dog"] * 2 + ["a dog"] * 2
+    assert batch["__key__"] == ["train/instance/1", "train/instance/1", "train/class/1", "train/class/4"]
+    assert batch["loss_weight"].tolist() == [1.0, 1.0, 0.25, 0.25]
+    assert (batch["image"][:2] == -1).all() and (batch["image"][2:] == 1).all()
+
+
+def test_dreambooth_makes_its_class_images_then_trains(tiny_cfg, tmp_path):
+    """Prior preservation: the model makes the missing class images with the class prompt before training (a
+    relaunch finds them), then batches hold the subject and the class images with their weights."""
+    write_images(tmp_path / "subject", 3, seed=0)
+    run = tmp_path / "db"
+    train(tiny_cfg(*dreambooth_overrides(tmp_path), run_dir=run), run)
+    made = sorted((run / "class_images").glob("*.png"))
+    assert [p.name for p in made] == [f"class_{i:05d}.png" for i in range(5)]
+    stamps = [p.stat().st_mtime_ns for p in made]
+    train(tiny_cfg(*dreambooth_overrides(tmp_path, "trainer.max_steps=6"), run_dir=run), run)
+    assert [p.stat().st_mtime_ns for p in sorted((run / "class_images").glob("*.png"))] == stamps
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+
+    dm = instantiate_data(tiny_cfg(*dreambooth_overrides(tmp_path), run_dir=run))
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (4, 3, 16, 16) and batch["loss_weight"].tolist() == [1.0, 1.0, 0.5, 0.5]
+
+
+def test_dreambooth_needs_its_images(tiny_cfg, tmp_path):
+    (tmp_path / "subject").mkdir()
+    dm = instantiate_data(tiny_cfg(*dreambooth_overrides(tmp_path, "data.class_prompt=null")))
+    with pytest.raises(FileNotFoundError, match="data.instance_dir"):
+        dm.setup()
+
+
+def instantiate_data(cfg):
+    from hydra.utils import instantiate
+
+    return instantiate(cfg.data, _convert_="all")

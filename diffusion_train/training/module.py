@@ -128,7 +128,9 @@ class DiffusionModule(L.LightningModule):
     # -- training --------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         g = self.step_generator(self.global_step, self._micro * self.trainer.world_size + self.global_rank)
-        loss = self.loss(batch, g).mean()
+        per_sample = self.loss(batch, g)
+        weights = batch.get("loss_weight")  # e.g. DreamBooth's prior-preservation weight of the class images
+        loss = per_sample.mean() if weights is None else (per_sample * weights.to(per_sample)).mean()
         self.manual_backward(loss / self.accumulate_grad_batches)
         self._micro += 1
         if self._micro == self.accumulate_grad_batches:
