@@ -594,3 +594,53 @@ def instantiate_data(cfg):
     from hydra.utils import instantiate
 
     return instantiate(cfg.data, _convert_="all")
+
+
+# -- diffusers backbones ---------------------------------------------------------------------------
+TINY_UNET = dict(sample_size=32, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(32, 64),
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D",
+                                                                                          "CrossAttnUpBlock2D"),
+                 cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8)
+
+
+def test_a_diffusers_unet_from_a_pipeline_folder_trains_here(tiny_cfg, tmp_path):
+    """A random tiny UNet2DConditionModel saved as a pipeline's unet/ loads with its weights, trains on our objective
+    with t5_tiny's 64-wide context, counts its FLOPs with the attention, and takes LoRA's default targets."""
+    from diffusers import UNet2DConditionModel
+
+    from diffusion_train.scaling.flops import counted_macs, flop_counter_macs, forward_macs
+
+    torch.manual_seed(0)
+    UNet2DConditionModel(**TINY_UNET).save_pretrained(tmp_path / "pipe" / "unet")
+    saved = UNet2DConditionModel.from_pretrained(tmp_path / "pipe", subfolder="unet").state_dict()
+    overrides = ["model=diffusers_unet", f"model.name_or_path={tmp_path / 'pipe'}", "conditioning=t5_tiny",
+                 "data=fashion_mnist_captions", "data.batch_size=4", "data.val_size=8"]
+    module = build_module(tiny_cfg(*overrides))
+    assert all(torch.equal(module.backbone.unet.state_dict()[k], v) for k, v in saved.items())
+    batch = {"image": torch.rand(2, 1, 32, 32) * 2 - 1, "caption": ["a red square", "a blue circle"]}
+    loss = module.loss(batch, torch.Generator().manual_seed(0)).mean()
+    loss.backward()
+    assert torch.isfinite(loss) and module.backbone.unet.conv_in.weight.grad.abs().sum() > 0
+    macs = forward_macs(module.backbone, context_len=7)
+    assert macs == flop_counter_macs(module.backbone, context_len=7) > counted_macs(module.backbone, context_len=7)
+
+    lora = build_module(tiny_cfg(*overrides, "finetune=lora"))
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in lora.named_parameters() if p.requires_grad}
+    assert {"to_q", "to_k", "to_v", "0"} <= adapted
+
+    run = tmp_path / "run"
+    train(tiny_cfg(*overrides, "callbacks.sample_grid.prompts=[a red square]", run_dir=run), run)
+    assert (run / "weights" / "raw.safetensors").exists()
+
+
+def test_diffusers_unet_config_mismatches_are_named(tiny_cfg, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    UNet2DConditionModel(**TINY_UNET).save_pretrained(tmp_path / "unet_only")
+    fmnist = ["model=diffusers_unet", f"model.name_or_path={tmp_path / 'unet_only'}", "data=fashion_mnist"]
+    from hydra.errors import InstantiationException
+
+    with pytest.raises(InstantiationException, match="cross-attends to width 64, the conditioner gives 384"):
+        build_module(tiny_cfg(*fmnist, "conditioning=text_minilm", "conditioning.embedders.caption.output=context"))
+    with pytest.raises(InstantiationException, match="takes 1 input channels, the data, autoencoder and task give 3"):
+        build_module(tiny_cfg(*fmnist, "conditioning=t5_tiny", "task=inpainting"))

@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 # One expression for every backbone here: attention projections (DiT, MMDiT image / text streams, U-Net
-# attention and transformer blocks), DiT / MMDiT block MLPs, U-Net feed-forwards and the U-Net residual blocks'
-# embedding projections (conf/finetune/lora.yaml).
+# attention and transformer blocks), DiT / MMDiT block MLPs, U-Net feed-forwards, the U-Net residual blocks'
+# embedding projections, and a diffusers U-Net's attention and feed-forward layers (conf/finetune/lora.yaml).
 DEFAULT_TARGETS = (r"(attn|cross_attn|image|text)\.(qkv|q|kv|proj)$|^blocks\.\d+\.(.+\.)?mlp\.[02]$|ff\.0\.proj$"
-                   r"|ff\.1$|emb_proj\.1$",)
+                   r"|ff\.1$|emb_proj\.1$|to_(q|k|v)$|to_out\.0$|ff\.net\.(0\.proj|2)$",)
 ADAPTER = "default"  # peft's adapter name
 LORA_KEY = re.compile(r"\.lora_[AB]\.")
 

@@ -126,8 +126,8 @@ def forward_macs(backbone: nn.Module, size: int | tuple[int, int] | None = None,
     """Forward multiply-adds per image of ``backbone`` on inputs of ``size`` (default: its training
     ``input_size``), with ``context_len`` text tokens when it cross-attends to a context (required then).
 
-    DiT and MMDiT: analytic (:func:`dit_macs`, :func:`mmdit_macs`) from the module's configuration;
-    any other backbone (the U-Net): :func:`counted_macs`.
+    DiT and MMDiT: analytic (:func:`dit_macs`, :func:`mmdit_macs`) from the module's configuration; the
+    package's U-Net: :func:`counted_macs`; any other backbone (a diffusers U-Net): :func:`flop_counter_macs`.
     """
     from diffusion_train.models import DiT, MMDiT  # the models import nothing from here
 
@@ -152,7 +152,11 @@ def forward_macs(backbone: nn.Module, size: int | tuple[int, int] | None = None,
                           mlp_ratio=stream.mlp[0].out_features / backbone.hidden_size,
                           cond_dim=backbone.cond_embedder.cond_dim, context_dim=context_dim, context_len=length,
                           out_channels=backbone.out_channels, freq_dim=backbone.cond_embedder.t_embedder.freq_dim)
-    return counted_macs(backbone, size, length)
+    from diffusion_train.models import UNet
+
+    if isinstance(backbone, UNet):
+        return counted_macs(backbone, size, length)
+    return flop_counter_macs(backbone, size, length)  # other backbones (diffusers): their attention is functional
 
 
 # ----------------------------------------------------------------------------------------------
