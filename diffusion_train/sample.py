@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from diffusion_train.diffusion import Sampler
 from diffusion_train.train import user_errors_as_one_line
+from diffusion_train.finetune.lora import apply_lora_file
 from diffusion_train.training.build import load_module
 from diffusion_train.training.images import save_grid
 from diffusion_train.training.module import DiffusionModule
@@ -46,7 +47,12 @@ def load_for_sampling(cfg: DictConfig) -> tuple[str, DiffusionModule, Sampler, d
         raise ValueError(f"sampler.steps must be >= 1, got {cfg.sampler.steps}")
     if not Path(cfg.ckpt).is_file():
         raise FileNotFoundError(f"checkpoint {cfg.ckpt} does not exist")
-    module = load_module(cfg.ckpt, cfg.weights).to(device)
+    module = load_module(cfg.ckpt, cfg.weights)
+    if cfg.get("lora"):
+        if not Path(cfg.lora).is_file():
+            raise FileNotFoundError(f"lora={cfg.lora} does not exist")
+        apply_lora_file(module, cfg.lora, float(cfg.get("lora_scale", 1.0)))
+    module = module.to(device)
     sampler = instantiate(cfg.sampler, _convert_="all")
     interval = None if cfg.guidance_interval is None else [float(v) for v in cfg.guidance_interval]
     return device, module, sampler, {"guidance_interval": interval, "guidance_rescale": float(cfg.guidance_rescale)}

@@ -250,6 +250,7 @@ def test_lora_fine_tune_trains_only_the_adapters(tiny_cfg, tmp_path):
     EMA exactly, the adapters moved, the EMA holds adapters only, and the exports load without peft."""
     from safetensors.torch import load_file
 
+    from diffusion_train.finetune.lora import apply_lora_file
     from diffusion_train.training.build import load_module
 
     base = tmp_path / "base"
@@ -279,8 +280,30 @@ def test_lora_fine_tune_trains_only_the_adapters(tiny_cfg, tmp_path):
     x, t = torch.randn(2, 3, 16, 16, generator=g), torch.rand(2, generator=g) * 1000
     with torch.no_grad():
         cond = plain.conditioner({"label": torch.tensor([0, 3])})
-        torch.testing.assert_close(plain.backbone.eval()(x, t, cond), lora_model.backbone(x, t, cond),
-                                   rtol=1e-4, atol=1e-5)
+        adapted = lora_model.backbone(x, t, cond)
+        torch.testing.assert_close(plain.backbone.eval()(x, t, cond), adapted, rtol=1e-4, atol=1e-5)
+
+    # the adapters alone, added to the base run's model at sampling time (diffusion-sample lora=... lora_scale=...)
+    from hydra import compose, initialize_config_dir
+
+    from diffusion_train.sample import load_for_sampling
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        sample_cfg = compose("sample", overrides=[f"ckpt={base / 'checkpoints' / 'last.ckpt'}", "out_dir=unused",
+                                                  f"lora={ft / 'weights' / 'lora.safetensors'}", "device=cpu"])
+    base_model = load_module(base / "checkpoints" / "last.ckpt")
+    with torch.no_grad():
+        torch.testing.assert_close(load_for_sampling(sample_cfg)[1].backbone(x, t, cond), adapted, rtol=1e-4,
+                                   atol=1e-5)
+        half = load_module(base / "checkpoints" / "last.ckpt")
+        apply_lora_file(half, ft / "weights" / "lora.safetensors", scale=0.5)
+        expected = {n: (p + q) / 2 for (n, p), q in zip(base_model.named_parameters(),
+                                                         load_for_sampling(sample_cfg)[1].parameters())}
+        for name, value in half.named_parameters():
+            torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(half.backbone(x, t, cond), adapted)
+    with pytest.raises(ValueError, match="not a LoRA export"):
+        apply_lora_file(base_model, ft / "weights" / "raw.safetensors")
 
 
 # -- inpainting ------------------------------------------------------------------------------------

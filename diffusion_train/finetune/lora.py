@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 # One expression for every backbone here: attention projections (DiT, MMDiT image / text streams, U-Net
@@ -118,3 +119,35 @@ def count(module: nn.Module) -> tuple[int, int]:
     """(trainable, all) parameter counts."""
     params = list(module.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def apply_lora_file(module: nn.Module, path: str, scale: float = 1.0) -> list[str]:
+    """Adds the adapters of an exported ``lora*.safetensors`` file (a ``finetune=lora`` run's, on the same base
+    model) to ``module``'s plain weights in place: ``W += scale * (alpha / rank) * B @ A``, alpha and rank read
+    from the file's run config. Needs no peft; returns the layers changed. ``scale`` 0 leaves the model as it was.
+    """
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads((f.metadata() or {}).get("diffusion_train") or "{}")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    finetune = (meta.get("config") or {}).get("finetune") or {}
+    if finetune.get("method") != "lora" or not has_lora(tensors):
+        raise ValueError(f"lora={path}: not a LoRA export of a finetune=lora run (lora.safetensors, lora_ema_*)")
+    scaling = float(scale) * float(finetune["alpha"]) / int(finetune["rank"])
+    params = dict(module.named_parameters())
+    layers = sorted({k.split(".lora_A.")[0] for k in tensors if ".lora_A." in k})
+    missing = [f"{layer}.weight" for layer in layers if f"{layer}.weight" not in params]
+    if missing:
+        raise ValueError(f"lora={path}: the model has no {', '.join(missing[:3])}: adapters of another base model")
+    for layer in layers:
+        weight = params[f"{layer}.weight"]
+        a, b = tensors[f"{layer}.lora_A.{ADAPTER}.weight"], tensors[f"{layer}.lora_B.{ADAPTER}.weight"]
+        if (b.shape[0], a.shape[1]) != tuple(weight.shape):
+            raise ValueError(f"lora={path}: {layer} is {tuple(weight.shape)} in the model, the adapter gives "
+                             f"{(b.shape[0], a.shape[1])}")
+        with torch.no_grad():
+            weight.add_((b.double() @ a.double() * scaling).to(weight))
+    return layers
