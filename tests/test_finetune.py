@@ -664,3 +664,33 @@ def test_diffusers_unet_config_mismatches_are_named(tiny_cfg, tmp_path):
         build_module(tiny_cfg(*fmnist, "conditioning=text_minilm", "conditioning.embedders.caption.output=context"))
     with pytest.raises(InstantiationException, match="takes 1 input channels, the data, autoencoder and task give 3"):
         build_module(tiny_cfg(*fmnist, "conditioning=t5_tiny", "task=inpainting"))
+
+
+def test_a_diffusers_pixart_transformer_learns_here(tiny_cfg, tmp_path):
+    """A random tiny PixArtTransformer2DModel saved as a pipeline's transformer/: loaded with its weights, the
+    learned-variance half of its output dropped, gradients from our objective, LoRA's default targets."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    config = dict(num_attention_heads=2, attention_head_dim=16, in_channels=1, out_channels=2, num_layers=2,
+                  sample_size=32, patch_size=2, cross_attention_dim=32, caption_channels=64, norm_num_groups=8)
+    PixArtTransformer2DModel(**config).save_pretrained(tmp_path / "pipe" / "transformer")
+    overrides = ["model=diffusers_pixart", f"model.name_or_path={tmp_path / 'pipe'}", "conditioning=t5_tiny",
+                 "data=fashion_mnist_captions"]
+    module = build_module(tiny_cfg(*overrides))
+    saved = PixArtTransformer2DModel.from_pretrained(tmp_path / "pipe", subfolder="transformer").state_dict()
+    assert all(torch.equal(module.backbone.transformer.state_dict()[k], v) for k, v in saved.items())
+    assert module.backbone.out_channels == 1
+    batch = {"image": torch.rand(2, 1, 32, 32) * 2 - 1, "caption": ["a red square", "a blue circle"]}
+    cond = module.conditioner(batch)
+    with torch.no_grad():
+        full = module.backbone.transformer(batch["image"], encoder_hidden_states=cond.context, timestep=torch.ones(2),
+                                           added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                                           encoder_attention_mask=cond.mask).sample
+        torch.testing.assert_close(module.backbone(batch["image"], torch.ones(2), cond), full[:, :1])
+    loss = module.loss(batch, torch.Generator().manual_seed(0)).mean()
+    loss.backward()
+    assert torch.isfinite(loss) and module.backbone.transformer.pos_embed.proj.weight.grad.abs().sum() > 0
+    lora = build_module(tiny_cfg(*overrides, "finetune=lora"))
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in lora.named_parameters() if p.requires_grad}
+    assert {"to_q", "to_k", "to_v"} <= adapted
