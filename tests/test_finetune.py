@@ -694,3 +694,29 @@ def test_a_diffusers_pixart_transformer_learns_here(tiny_cfg, tmp_path):
     lora = build_module(tiny_cfg(*overrides, "finetune=lora"))
     adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in lora.named_parameters() if p.requires_grad}
     assert {"to_q", "to_k", "to_v"} <= adapted
+
+
+def test_controlnet_of_a_diffusers_unet(tiny_cfg, tmp_path):
+    """diffusers' ControlNetModel made from the wrapped U-Net: the base output exactly at the start, the control
+    reaching it after a few steps of the ControlNet alone."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    UNet2DConditionModel(**TINY_UNET).save_pretrained(tmp_path / "unet")
+    module = build_module(tiny_cfg("model=diffusers_unet", f"model.name_or_path={tmp_path / 'unet'}",
+                                   "conditioning=t5_tiny", "data=fashion_mnist_captions", *CONTROL))
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.rand(2, 1, 32, 32, generator=g) * 2 - 1, "caption": ["a square", "a circle"]}
+    x, t = torch.randn(2, 1, 32, 32, generator=g), torch.full((2,), 300.0)
+    cond = replace(module.conditioner(batch), control=torch.rand(2, 1, 32, 32, generator=g) * 2 - 1)
+    with torch.no_grad():
+        base = module.backbone(x, t, replace(cond, control=None))
+        assert torch.equal(module.net(x, t, cond), base)
+    opt = torch.optim.Adam(module.trainable_parameters(), lr=1e-2)
+    assert {n.split(".")[0] for n, p in module.named_parameters() if p.requires_grad} == {"controlnet"}
+    for step in range(2):
+        module.loss(batch, torch.Generator().manual_seed(step)).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        assert not torch.allclose(module.net(x, t, cond), module.backbone(x, t, replace(cond, control=None)))

@@ -8,6 +8,7 @@ projection is zero, so the controlled model computes exactly what the base model
 * DiT: copies of the patch and conditioning embedders and of the first ``depth`` blocks (half by default). The
   control image, patch-embedded at the token grid through a zero-initialised convolution, is added to the
   copy's tokens; zero-initialised linear layers add each copy block's output to the base block's.
+* diffusers U-Net (``model=diffusers_unet``): diffusers' own ``ControlNetModel.from_unet``.
 
 The control image comes at the images' resolution (``cond.control``), whatever the latent grid.
 """
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_train.conditioning.cond import Cond
+from diffusion_train.models.diffusers_backbones import DiffusersUNet, text_inputs
 from diffusion_train.models.dit import DiT, embed_patches
 from diffusion_train.models.layers import context_from_cond, input_with_image
 from diffusion_train.models.unet import UNet
@@ -123,12 +125,48 @@ class DiTControlNet(nn.Module):
         return outs
 
 
+class DiffusersControlNet(nn.Module):
+    """diffusers' ``ControlNetModel`` made from a :class:`DiffusersUNet`'s U-Net (``from_unet``: the encoder's copy,
+    zero convolutions), its control-image encoder downsampling as many times as the latents are smaller than the
+    images. The text mask does not reach it (diffusers' ControlNet takes none)."""
+
+    COPIED = ("conv_in", "time_proj", "time_embedding", "class_embedding", "add_embedding", "down_blocks", "mid_block")
+
+    def __init__(self, base: DiffusersUNet, control_channels: int, image_size: int):
+        super().__init__()
+        from diffusers import ControlNetModel
+
+        halvings = int(math.log2(_factor(image_size, base.input_size)))
+        widths = (16, 32, 96, 256, 256, 256, 256)[: halvings + 1]
+        self.net = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=widths,
+                                             conditioning_channels=control_channels)
+        self.in_channels, self.context_dim = base.in_channels, base.context_dim
+
+    @torch.no_grad()
+    def copy_base(self, base: DiffusersUNet) -> None:
+        for name in self.COPIED:
+            mine, theirs = getattr(self.net, name, None), getattr(base.unet, name, None)
+            if isinstance(mine, nn.Module) and isinstance(theirs, nn.Module):
+                mine.load_state_dict(theirs.state_dict())
+
+    def forward(self, x: Tensor, t: Tensor, cond: Cond) -> list[Tensor]:
+        """The residuals of :meth:`DiffusersUNet.forward`: one per down-block output, then the middle's."""
+        x = input_with_image(x, cond, self.in_channels, "ControlNet")
+        context, _ = text_inputs(cond, x, self.context_dim)
+        down, middle = self.net(x, t, encoder_hidden_states=context, controlnet_cond=cond.control.to(x),
+                                return_dict=False)
+        return [*down, middle]
+
+
 def make_controlnet(backbone: nn.Module, control_channels: int, image_size: int, depth: int | None = None) -> nn.Module:
     if isinstance(backbone, UNet):
         return UNetControlNet(backbone, control_channels, image_size)
     if isinstance(backbone, DiT):
         return DiTControlNet(backbone, control_channels, image_size, depth)
-    raise ValueError(f"finetune=controlnet supports the UNet and DiT backbones, not {type(backbone).__name__}")
+    if isinstance(backbone, DiffusersUNet):
+        return DiffusersControlNet(backbone, control_channels, image_size)
+    raise ValueError(f"finetune=controlnet supports the UNet, DiT and diffusers U-Net backbones, not "
+                     f"{type(backbone).__name__}")
 
 
 class Controlled:

@@ -78,13 +78,14 @@ class DiffusersUNet(nn.Module):
                              f"(text-only conditioning: conditioning.embedders.<name>.output=context)")
 
     def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None, residuals: list[Tensor] | None = None) -> Tensor:
-        if residuals is not None:
-            raise ValueError("finetune=controlnet does not support model=diffusers_unet yet")
+        """``residuals``: a ControlNet's additions to each down-block output, then to the middle block's."""
         x = input_with_image(x, cond, self.in_channels, "DiffusersUNet")
         context, mask = text_inputs(cond, x, self.context_dim)
         labels = cond.vector if self.uses_vector and cond is not None else None
+        control = {} if residuals is None else {"down_block_additional_residuals": tuple(residuals[:-1]),
+                                                "mid_block_additional_residual": residuals[-1]}
         return self.unet(x, t, encoder_hidden_states=context, class_labels=labels, encoder_attention_mask=mask,
-                         return_dict=False)[0]
+                         return_dict=False, **control)[0]
 
 
 class DiffusersPixArt(nn.Module):
