@@ -6,6 +6,8 @@
 #   bash scripts/gpu_checks.sh                    # everything
 #   CHECKS=train bash scripts/gpu_checks.sh       # only the trainer checks (CHECKS=bench: only benchmarks)
 #   CHECKS=levers bash scripts/gpu_checks.sh      # the speed options (docs/performance.md) against eager, same card
+#   CHECKS=fp8 FMNIST=dir bash scripts/gpu_checks.sh  # bf16 against fp8 loss curves: DiT-B/2 on Fashion-MNIST (the
+#                                                 # IDX files in dir), 1500 steps each, compiled blocks
 #
 # Each step has its own time limit and a failure does not stop the others; the summary at the end lists
 # each step's exit status.
@@ -91,5 +93,28 @@ if [[ $CHECKS == *levers* ]]; then
     step s2_graphs 150 "${L[@]}" config="model=dit_s2 training.compile_options={mode:reduce-overhead}" batch=256 \
         compile=true out="$OUT/s2_graphs.json"
     step s2_full 120 "${L[@]}" "${S2[@]}" compile=true out="$OUT/s2_full.json"
+fi
+if [[ $CHECKS == *fp8* ]]; then
+    # Same data, seed and steps; only training.fp8 differs. Loss curves from each run's metrics.csv.
+    F=(experiment=fmnist model=dit_b2 model.patch_size=2 trainer=gpu data.root="${FMNIST:-/usr/share/datasets/fashion-mnist}"
+       data.batch_size=256 trainer.max_steps=1500 trainer.val_check_interval=250 trainer.log_every_n_steps=25 logger=csv
+       training.compile=blocks callbacks.sample_grid.every_n_steps=100000 callbacks.checkpoint.every_n_train_steps=100000)
+    step fp8_bf16 280 $PY -m diffusion_train.train "${F[@]}" training.fp8=false hydra.run.dir="$RUNS/fp8_bf16"
+    step fp8_fp8 280 $PY -m diffusion_train.train "${F[@]}" training.fp8=true hydra.run.dir="$RUNS/fp8_fp8"
+    $PY - "$RUNS" <<'PYEOF' | tee "$OUT/fp8_curves.md"
+import csv, sys
+from pathlib import Path
+def curve(run, key):
+    rows = list(csv.DictReader(open(Path(sys.argv[1]) / run / "metrics.csv")))
+    return {int(r["step"]): float(r[key]) for r in rows if r.get(key)}
+print("| step | train/loss bf16 | train/loss fp8 | val/loss bf16 | val/loss fp8 | images/s bf16 | images/s fp8 |")
+print("|---|---|---|---|---|---|---|")
+runs = {k: {m: curve(f"fp8_{k}", m) for m in ("train/loss", "val/loss", "perf/images_per_sec")} for k in ("bf16", "fp8")}
+for s in sorted(set(runs["bf16"]["train/loss"]) | set(runs["bf16"]["val/loss"])):
+    cell = lambda k, m: f"{runs[k][m][s]:.5g}" if s in runs[k][m] else ""
+    if s % 250 == 249 or s in runs["bf16"]["val/loss"]:
+        print(f"| {s} | " + " | ".join(cell(k, m) for m in ("train/loss", "val/loss", "perf/images_per_sec")
+                                     for k in ("bf16", "fp8")) + " |")
+PYEOF
 fi
 printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
