@@ -720,3 +720,35 @@ def test_controlnet_of_a_diffusers_unet(tiny_cfg, tmp_path):
         opt.zero_grad()
     with torch.no_grad():
         assert not torch.allclose(module.net(x, t, cond), module.backbone(x, t, replace(cond, control=None)))
+
+
+def test_fashion_mnist_edit_pairs_are_exact():
+    from diffusion_train.data.fashion_mnist import EDITS, FashionMNISTEditsDataModule
+
+    dm = FashionMNISTEditsDataModule(batch_size=8, val_size=8)
+    dm.setup()
+    batch = dm.val_set[list(range(8))]
+    assert batch["caption"] == list(EDITS) * 2
+    src, out = batch["source"], batch["image"]
+    assert torch.equal(out[0], src[0].flip(-1)) and torch.equal(out[1], src[1].flip(-2))
+    assert torch.equal(out[2], -src[2]) and torch.equal(out[3], src[3].rot90(1, dims=(-2, -1)))
+    assert not torch.equal(out, src)
+
+
+def test_the_editing_preset_trains_a_step(tmp_path):
+    """experiment=fmnist_edit (with the tiny T5 and U-Net): a batch of edit pairs trains, and edit() samples."""
+    from hydra.utils import instantiate
+
+    from conftest import TINY, compose_train
+
+    cfg = compose_train([o for o in TINY if not o.startswith("data=")] + [
+        "experiment=fmnist_edit", "conditioning=t5_tiny", "data.batch_size=4", "data.val_size=4"], tmp_path)
+    module = build_module(cfg)
+    dm = instantiate_data(cfg)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    loss = module.loss(batch, torch.Generator().manual_seed(0)).mean()
+    loss.backward()
+    assert torch.isfinite(loss) and module.backbone.in_channels == 2
+    edited = module.edit(batch["source"][:2], {"caption": batch["caption"][:2]}, instantiate(cfg.sampler))
+    assert edited.shape == (2, 1, 32, 32)

@@ -138,3 +138,40 @@ class FashionMNISTDataModule(InMemoryImageDataModule):
         tr_x, te_x = (to_resolution(x, self.resolution, self.resize).expand(-1, self.channels, -1, -1)
                       for x in (tr_x, te_x))
         return tr_x, tr_y, te_x, te_y
+
+
+EDITS = {  # instruction -> the edit, on (B, C, H, W) images
+    "flip it left to right": lambda x: x.flip(-1),
+    "turn it upside down": lambda x: x.flip(-2),
+    "invert the colors": lambda x: -x,
+    "rotate it a quarter turn": lambda x: x.rot90(1, dims=(-2, -1)),
+}
+
+
+class EditBatches:
+    """Instruction-editing pairs from image batches: image i's source is the image, its target (``image``) the
+    source edited by instruction ``i mod len(EDITS)``, given as its ``caption``."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, indices: list[int]) -> dict:
+        batch = self.images[indices]
+        names = list(EDITS)
+        ops = [i % len(names) for i in indices]
+        source = batch["image"]
+        target = torch.stack([EDITS[names[op]](img[None])[0] for op, img in zip(ops, source)])
+        return {**batch, "image": target, "source": source, "caption": [names[op] for op in ops]}
+
+
+class FashionMNISTEditsDataModule(FashionMNISTDataModule):
+    """Fashion-MNIST as an instruction-editing dataset (``task=editing``): each image is the source, the target is it
+    flipped left to right, turned upside down, colour-inverted or rotated a quarter turn, and the caption says which
+    (:data:`EDITS`). The edits are exact, so a model's edit can be checked against the right answer."""
+
+    def make_sets(self):
+        train, val = super().make_sets()
+        return EditBatches(train), EditBatches(val)
