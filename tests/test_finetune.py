@@ -752,3 +752,30 @@ def test_the_editing_preset_trains_a_step(tmp_path):
     assert torch.isfinite(loss) and module.backbone.in_channels == 2
     edited = module.edit(batch["source"][:2], {"caption": batch["caption"][:2]}, instantiate(cfg.sampler))
     assert edited.shape == (2, 1, 32, 32)
+
+
+def test_dreambooth_eval_script(tmp_path):
+    """scripts/dreambooth_eval.py on a tiny text-conditioned Fashion-MNIST run and a stand-in classifier file."""
+    import importlib.util
+
+    from conftest import TINY, compose_train
+    from diffusion_train.metrics.fmnist_net import FMNISTNet
+
+    run = tmp_path / "text"
+    cfg = compose_train([o for o in TINY if not o.startswith("data=")] + [
+        "data=fashion_mnist_captions", "conditioning=t5_tiny", "data.batch_size=4", "data.val_size=4",
+        "trainer.max_steps=2", "callbacks.sample_grid.prompts=[a photo of a bag]"], run)
+    train(cfg, run)
+    write_images(tmp_path / "subject", 2, seed=1)
+    FMNISTNet(channels=(8, 16), feature_dim=16).save(tmp_path / "net.safetensors")
+    spec = importlib.util.spec_from_file_location("db_eval", ROOT / "scripts" / "dreambooth_eval.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "eval"
+    args = [f"ckpt={run / 'checkpoints' / 'last.ckpt'}", f"out={out}", f"instance_dir={tmp_path / 'subject'}",
+            "instance_prompt=a photo of sks thing", f"classifier={tmp_path / 'net.safetensors'}", "num=3",
+            "per_class=1", "steps=2", "device=cpu"]
+    assert script.main(args) == 0
+    report = json.loads((out / "dreambooth.json").read_text())
+    assert report["subject_distance"] > 0 and 0 <= report["class_accuracy"] <= 1 and (out / "grid.png").exists()
+    assert script.main(args[:2]) == 1  # instance_dir, instance_prompt and classifier missing
