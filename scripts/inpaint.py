@@ -10,8 +10,9 @@ The images are the first ``num`` of the run's validation set (its own data confi
 their labels or captions when the model is conditioned on them. ``grid.png`` has the originals in its first row,
 then for each mask kind (masks drawn from ``seed``) the masked images (unknown pixels grey) and the inpainted
 images. ``inpaint.json`` records, per kind,
-the unknown fraction, the largest change of a known pixel (0: kept exactly) and the mean squared error of the
-filled pixels against the originals (a rough measure: any plausible completion is a right answer).
+the unknown fraction, the largest change of a known pixel (0: kept exactly), the mean squared error of the
+filled pixels against the originals (a rough measure: any plausible completion is a right answer) and, for
+scale, the same error of filling with grey (0).
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def inpaint(opts: dict) -> dict:
         report["kinds"][kind] = {
             "unknown_fraction": float(masks.mean()),
             "known_max_abs_change": float((out - images).abs()[known].max()) if known.any() else 0.0,
-            "filled_mse": float(((out - images) ** 2)[~known].mean()) if (~known).any() else None}
+            "filled_mse": float(((out - images) ** 2)[~known].mean()) if (~known).any() else None,
+            "grey_fill_mse": float((images ** 2)[~known].mean()) if (~known).any() else None}
         rows += [torch.where(known, images, torch.zeros_like(images)), out]
     out_dir = Path(opts["out"])
     save_grid(torch.cat(rows), out_dir / "grid.png", ncol=len(images))
