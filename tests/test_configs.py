@@ -30,15 +30,18 @@ def test_groups_are_the_documented_ones():
 # Options that point at the user's data: they must name the missing key until it is given.
 NEEDS_DATA = {"data=image_folder": "data.root", "data=precomputed": "data.path", "data=webdataset": "data.sources",
               "experiment=sd": "data.root",
-              "experiment=pixart": "data.root"}
+              "experiment=pixart": "data.root",
+              "data=dreambooth": ("data.instance_dir", "data.instance_prompt"),
+              "experiment=dreambooth": ("data.instance_dir", "data.instance_prompt"),
+              "model=diffusers_unet": "model.name_or_path", "model=diffusers_pixart": "model.name_or_path"}
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_resolves(group, option, tmp_path):
     adds = group == "sweep"  # sweeps are not in train.yaml's defaults: +sweep=NAME adds one
     cfg = compose_train([f"{'+' if adds else ''}{group}={option}"], tmp_path)
-    required = NEEDS_DATA.get(f"{group}={option}")
-    if required:
+    needed = NEEDS_DATA.get(f"{group}={option}") or ()
+    for required in (needed,) if isinstance(needed, str) else needed:
         with pytest.raises(MissingMandatoryValue, match=rf"full_key: {required}"):
             OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         OmegaConf.update(cfg, required, str(tmp_path))
@@ -53,10 +56,22 @@ def test_every_option_composes_and_resolves(group, option, tmp_path):
 
 @pytest.mark.parametrize("option", sorted(f.stem for f in (Path(CONFIG_DIR) / "model").glob("*.yaml")))
 def test_every_model_preset_builds(option, tmp_path):
-    """Presets are built on the meta device: every constructor argument is checked, no memory is used."""
+    """Presets are built on the meta device: every constructor argument is checked, no memory is used. The
+    diffusers wrappers, which load weights, are built from a tiny config instead."""
     cfg = compose_train([f"model={option}"], tmp_path)
+    dims = {"input_size": 32, "in_channels": 1, "cond_dim": 256}
+    if option.startswith("diffusers_"):
+        tiny = (dict(sample_size=32, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(32, 64),
+                     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                     attention_head_dim=8, norm_num_groups=8) if option == "diffusers_unet"
+                else dict(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=2, num_layers=1,
+                          sample_size=32, caption_channels=16, cross_attention_dim=16))
+        OmegaConf.update(cfg, "model.name_or_path", None)
+        OmegaConf.update(cfg, "model.config", tiny, force_add=True)
+        dims.update(cond_dim=0, context_dim=16)
     with torch.device("meta"):
-        net = instantiate(cfg.model, input_size=32, in_channels=1, cond_dim=256, _convert_="all")
+        net = instantiate(cfg.model, **dims, _convert_="all")
     assert sum(p.numel() for p in net.parameters()) > 0
 
 
