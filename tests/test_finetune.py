@@ -472,7 +472,7 @@ def test_zero_initialised_controlnet_leaves_the_base_output_unchanged(tiny_cfg, 
     save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(tmp_path / "plain.safetensors"))
     module = build_module(tiny_cfg(f"model={model}", *CONTROL))
     report = load_pretrained(module, tmp_path / "plain.safetensors")
-    assert report.controlnet_from_base and not report.missing and not report.unexpected
+    assert report.controlnet_from_base and report.adapters == 0 and not report.missing and not report.unexpected
     trainable = {n.split(".")[0] for n, p in module.named_parameters() if p.requires_grad}
     assert trainable == {"controlnet"}
     g = torch.Generator().manual_seed(0)

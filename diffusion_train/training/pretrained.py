@@ -120,12 +120,12 @@ def load_pretrained(module: nn.Module, path: str | Path, weights: str = "ema", s
     state = {prefix + k: v for k, v in state.items()}
     adapted = {plain_key(k): k for k in own if ".base_layer." in k}  # a LoRA model's base layers (finetune=lora)
     state = {adapted.get(k, k) if k not in own else k: v for k, v in state.items()}
-    new = [k for k in own if LORA_KEY.search(k) and k not in state]  # the fine-tune's own adapters: as built
+    adapters = [k for k in own if LORA_KEY.search(k) and k not in state]  # the fine-tune's own adapters: as built
     controlnet = getattr(module, "controlnet", None)
     copy_base = controlnet is not None and not any(k.startswith("controlnet.") for k in state)
-    if copy_base:  # a ControlNet fine-tune from a plain model: its copies take the base's weights below
-        new += [k for k in own if k.startswith("controlnet.")]
-    report = LoadReport(source=source, weights=kind, prefix=prefix, adapters=len(new),
+    # a ControlNet fine-tune from a plain model: its copies take the base's weights below
+    new = adapters + ([k for k in own if k.startswith("controlnet.")] if copy_base else [])
+    report = LoadReport(source=source, weights=kind, prefix=prefix, adapters=len(adapters),
                         missing=[k for k in own if k not in state and k not in new],
                         unexpected=[k for k in state if k not in own])
     common = [k for k in own if k in state]
