@@ -39,7 +39,7 @@ def randomised(module, seed: int):
 def fake_checkpoint(module, path, decays=("0.999", "0.9999"), sample_decay=0.9999):
     """A checkpoint as the trainer writes it: state dict, EMA of two decays (raw weights + decay-specific
     offsets, so each choice is recognisable) and the run's config."""
-    state = {k: v.clone() for k, v in module.state_dict().items()}
+    state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in module.state_dict().items()}
     ema = {"decays": [float(d) for d in decays], "num_updates": 10,
            "weights": {d: {n: p.detach() + i + 1 for n, p in module.named_parameters()}
                        for i, d in enumerate(decays)}}
@@ -779,3 +779,17 @@ def test_dreambooth_eval_script(tmp_path):
     report = json.loads((out / "dreambooth.json").read_text())
     assert report["subject_distance"] > 0 and 0 <= report["class_accuracy"] <= 1 and (out / "grid.png").exists()
     assert script.main(args[:2]) == 1  # instance_dir, instance_prompt and classifier missing
+
+
+def test_a_frozen_text_encoders_extra_state_is_not_a_missing_weight(tiny_cfg, tmp_path):
+    """A text model's checkpoint (the frozen MiniLM keeps its provenance as extra state, not as weights) loads
+    strictly into the same model."""
+    from conftest import TINY, compose_train
+
+    cfg = compose_train([o for o in TINY if not o.startswith("data=")] + ["data=fashion_mnist_captions",
+                                                                         "conditioning=text_minilm"], tmp_path)
+    source = build_module(cfg)
+    assert any(not isinstance(v, torch.Tensor) for v in source.state_dict().values())
+    fake_checkpoint(source, tmp_path / "text.ckpt")
+    report = load_pretrained(build_module(cfg), tmp_path / "text.ckpt", "raw")
+    assert report.loaded > 0 and not report.missing and not report.unexpected

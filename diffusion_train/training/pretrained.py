@@ -113,7 +113,8 @@ def load_pretrained(module: nn.Module, path: str | Path, weights: str = "ema", s
     channels and zeros for the others.
     """
     state, source, kind = read_weights(path, weights)
-    own = {k: v for k, v in module.state_dict().items() if k not in TRAINING_STATE}
+    # tensors only: extra states (a frozen text encoder's provenance) are not weights and checkpoints keep them apart
+    own = {k: v for k, v in module.state_dict().items() if isinstance(v, Tensor) and k not in TRAINING_STATE}
     state = {k: v for k, v in state.items() if k not in TRAINING_STATE}
     tops = {k.split(".", 1)[0] for k in own}
     prefix = "" if any(k.split(".", 1)[0] in tops for k in state) else "backbone."
@@ -139,8 +140,10 @@ def load_pretrained(module: nn.Module, path: str | Path, weights: str = "ema", s
         raise ValueError(f"init.path: {source} does not match the configured model: {len(differ)} tensors differ "
                          f"in shape, first: {'; '.join(differ[:SHOWN])}")
     if strict and (report.missing or report.unexpected):
-        raise ValueError(f"init.strict: {report.summary()}; set init.strict=false to load the {len(common)} "
-                         f"tensors both have")
+        gaps = "; ".join(f"{len(keys)} {name} (first: {', '.join(keys[:SHOWN])})" for name, keys in
+                         (("missing", report.missing), ("unexpected", report.unexpected)) if keys)
+        raise ValueError(f"init.strict: {source} and the model differ: {gaps}; set init.strict=false to load the "
+                         f"{len(common)} tensors both have")
     with torch.no_grad():
         for k in common:
             if k in expand:  # the file's input channels first, the new ones at zero: the model starts as the file's
