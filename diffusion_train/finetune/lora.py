@@ -115,12 +115,6 @@ def plain_key(key: str) -> str:
     return key.replace(".base_layer.", ".")
 
 
-def count(module: nn.Module) -> tuple[int, int]:
-    """(trainable, all) parameter counts."""
-    params = list(module.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
 def apply_lora_file(module: nn.Module, path: str, scale: float = 1.0) -> list[str]:
     """Adds the adapters of an exported ``lora*.safetensors`` file (a ``finetune=lora`` run's, on the same base
     model) to ``module``'s plain weights in place: ``W += scale * (alpha / rank) * B @ A``, alpha and rank read
