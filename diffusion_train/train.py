@@ -16,7 +16,6 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
@@ -26,7 +25,7 @@ from diffusion_train.training import AtomicCheckpointIO, NonFiniteLossError, Run
 from diffusion_train.training.build import build_module, lora_scaling
 from diffusion_train.training.checkpointing import last_checkpoint, load_checkpoint, remove_stale_temp_files
 from diffusion_train.training.export import export_weights
-from diffusion_train.training.loggers import ResumableCSVLogger
+from diffusion_train.training.loggers import LossProgressBar, ResumableCSVLogger
 from diffusion_train.training.parallel import check_devices, global_batch, lr_scale, per_device_batch
 from diffusion_train.training.pretrained import load_pretrained
 from diffusion_train.training.preemption import after_preemption, find_preemption, slurm_identity
@@ -82,7 +81,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     callbacks = _instantiate_all(cfg.callbacks)
     callbacks.sort(key=lambda c: isinstance(c, RunSummary))  # last: it records what the others logged this step
     if cfg.trainer.get("enable_progress_bar", True):  # a refresh reads the loss (a device sync): once per log interval
-        callbacks.append(TQDMProgressBar(refresh_rate=max(1, int(cfg.trainer.get("log_every_n_steps") or 50))))
+        callbacks.append(LossProgressBar(refresh_rate=max(1, int(cfg.trainer.get("log_every_n_steps") or 50))))
     loggers = _instantiate_all(cfg.logger)
     for lg in loggers:
         if isinstance(lg, ResumableCSVLogger):

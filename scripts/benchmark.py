@@ -59,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 
 from diffusion_train.cli import UsageError, parse_key_values, run_main  # noqa: E402
 from diffusion_train.training.speed import compile_choice  # noqa: E402
+from diffusion_train.training.syncs import SyncWatch  # noqa: E402
 
 MODES = ("lightning", "bare")
 PRECISIONS = ("bf16-mixed", "32-true")
@@ -277,24 +278,22 @@ def make_ema(cfg):
 
 
 class Clock:
-    """perf_counter readings after a device synchronisation, at chosen step counts only. On a GPU it also
-    records the host-device synchronisations of the timed steps (``torch.cuda.set_sync_debug_mode`` warnings,
-    its own excepted), from the end of warm-up to the last mark: compilation, in warm-up, runs unwatched."""
+    """perf_counter readings after a device synchronisation, at chosen step counts only. It also counts the
+    host-device synchronisations of the timed steps (``diffusion_train.training.syncs.SyncWatch``: on a GPU
+    ``torch.cuda.set_sync_debug_mode``, its own synchronisations excepted; on a CPU the operations that would
+    synchronise on a GPU), from the end of warm-up to the last mark: compilation, in warm-up, runs unwatched."""
 
     def __init__(self, device, marks: set[int], warmup: int):
         self.cuda = device.type == "cuda"
         self.marks, self.warmup, self.times, self.done = marks, warmup, {}, 0
-        self.records: list = []
-        self._watch: Any = None
+        self.watch = SyncWatch(device)
 
     def sync(self) -> None:
         import torch
 
         if self.cuda:
-            mode = torch.cuda.get_sync_debug_mode()
-            torch.cuda.set_sync_debug_mode(0)
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode(mode)
+            with self.watch.paused():
+                torch.cuda.synchronize()
 
     def start(self) -> None:
         self.sync()
@@ -305,34 +304,16 @@ class Clock:
         if self.done in self.marks:
             self.sync()
             self.times[self.done] = time.perf_counter()
-        if self.cuda and self.done == self.warmup:
-            self.watch(True)
+        if self.done == self.warmup:
+            self.watch.start()
         if self.done == max(self.marks):
-            self.watch(False)
-
-    def watch(self, on: bool) -> None:
-        import torch
-
-        if on and self._watch is None:
-            self._watch = warnings.catch_warnings(record=True)
-            self.records = self._watch.__enter__()
-            warnings.filterwarnings("always", message=".*synchronizing CUDA operation.*")
-            torch.cuda.set_sync_debug_mode(1)
-        elif not on and self._watch is not None:
-            torch.cuda.set_sync_debug_mode(0)
-            self._watch.__exit__(None, None, None)
-            self._watch = None
+            self.watch.stop()
 
 
 def sync_counts(clock: Clock, steps: int) -> dict:
     """Host-device synchronisations per timed step and the five lines that made the most."""
-    if not clock.cuda:
-        return {"host_syncs_per_step": None, "host_sync_sites": None}
-    import collections
-
-    syncs = [w for w in clock.records if "synchronizing" in str(w.message)]
-    sites = collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in syncs)
-    return {"host_syncs_per_step": len(syncs) / steps, "host_sync_sites": dict(sites.most_common(5))}
+    return {"host_syncs_per_step": clock.watch.total / steps,
+            "host_sync_sites": {site: n for (_, site), n in clock.watch.sites.most_common(5)}}
 
 
 def run_lightning(cfg, batch: dict, opts: dict, device, clock: Clock) -> dict:
@@ -429,7 +410,7 @@ def measure(mode: str, cfg, batch: dict, opts: dict, device, macs: int, peak: fl
         try:
             extra = (run_lightning if mode == "lightning" else run_bare)(cfg, batch, opts, device, clock)
         finally:
-            clock.watch(False)
+            clock.watch.stop()
     except Exception as e:  # noqa: BLE001 - only running out of memory is reported instead of raised
         if not _is_oom(e):
             raise

@@ -261,6 +261,12 @@ class _HFTokenizing(TextEmbedder):
     tokenizer: Any
 
     def _tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        from diffusion_train.training.syncs import host_side  # here: training imports this module
+
+        with host_side():  # host tensors, copied to the device by the caller
+            return self._tokenize_on_host(texts)
+
+    def _tokenize_on_host(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_length,
                              return_tensors="pt")
         ids, attn = enc["input_ids"], enc["attention_mask"].bool()

@@ -126,9 +126,7 @@ class DiscreteSchedule(NoiseSchedule):
         hi = (lo + 1).clamp(max=self.num_timesteps - 1)
         w = tf - lo
         a_tab, s_tab = self._table(t.device)
-        frac = w > 0
-        if not bool(frac.any()):
-            return a_tab[lo].float(), s_tab[lo].float()
+        frac = w > 0  # both branches are computed: a test of any(frac) would make the host wait for the device
         lam_hi = self._lam(a_tab[hi], s_tab[hi])
         lam = torch.lerp(self._lam(a_tab[lo], s_tab[lo]), lam_hi.clamp(min=-1e30), w)
         alpha, sigma = torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()

@@ -58,13 +58,25 @@ def border_masks(n: int, h: int, w: int, generator: torch.Generator, device) -> 
     sides = torch.rand(n, 4, generator=generator, device=device) < 0.5  # top, bottom, left, right
     none = ~sides.any(dim=1)
     pick = torch.randint(0, 4, (n,), generator=generator, device=device)
-    sides[none, pick[none]] = True  # at least one side
+    sides |= none[:, None] & (torch.arange(4, device=device) == pick[:, None])  # at least one side (no mask index:
+    # that would make the host wait for the device)
     width = _uniform(n, 0.2, 0.5, generator, device) / sides.sum(dim=1)  # the bands together: 20-50% across
     ys, xs = _grid(h, w, device)
     wb = width[:, None, None]
     masked = ((sides[:, 0, None, None] & (ys < wb)) | (sides[:, 1, None, None] & (ys > 1 - wb))
               | (sides[:, 2, None, None] & (xs < wb)) | (sides[:, 3, None, None] & (xs > 1 - wb)))
     return masked.float()[:, None]
+
+
+_WEIGHTS: dict[tuple, Tensor] = {}
+
+
+def _on_device(values: tuple[float, ...], device) -> Tensor:
+    """``values`` as a tensor on ``device``, copied there once (each copy from the host is a device sync)."""
+    key = (values, str(device))
+    if key not in _WEIGHTS:
+        _WEIGHTS[key] = torch.tensor(values, device=device)
+    return _WEIGHTS[key]
 
 
 def random_masks(n: int, h: int, w: int, kinds: dict[str, float], generator: torch.Generator | None = None,
@@ -77,7 +89,7 @@ def random_masks(n: int, h: int, w: int, kinds: dict[str, float], generator: tor
         generator = torch.Generator(device).manual_seed(0)
     device = generator.device
     names = list(kinds)
-    weights = torch.tensor([float(kinds[k]) for k in names], device=device)
+    weights = _on_device(tuple(float(kinds[k]) for k in names), device)
     choice = torch.multinomial(weights, n, replacement=True, generator=generator)
     drawn = {"box": box_masks(n, h, w, generator, device), "stroke": stroke_masks(n, h, w, generator, device),
              "border": border_masks(n, h, w, generator, device), "full": torch.ones(n, 1, h, w, device=device)}

@@ -8,8 +8,8 @@ from diffusion_train.training.module import DiffusionModule, NonFiniteLossError
 from diffusion_train.training.preemption import Preemption
 from diffusion_train.training.samples import SampleGrid
 from diffusion_train.training.summary import RunSummary
+from diffusion_train.training.syncs import HostSyncReport
 from diffusion_train.training.throughput import Throughput
 
-__all__ = ["AtomicCheckpointIO", "DiffusionModule", "EMA", "FrechetDistance", "NonFiniteLossError", "Preemption", "RunSummary",
-           "SampleGrid",
-           "Throughput", "atomic_torch_save"]
+__all__ = ["AtomicCheckpointIO", "DiffusionModule", "EMA", "FrechetDistance", "HostSyncReport", "NonFiniteLossError",
+           "Preemption", "RunSummary", "SampleGrid", "Throughput", "atomic_torch_save"]

@@ -1,4 +1,4 @@
-"""Loggers that continue, rather than restart, when a run resumes."""
+"""Loggers that continue, rather than restart, when a run resumes; the console progress bar."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import secrets
 from pathlib import Path
 
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
@@ -97,3 +98,16 @@ def wandb_logger(save_dir: str, name: str, project: str = "diffusion_train", mod
     return WandbLogger(save_dir=save_dir, name=name, project=project, id=persistent_run_id(save_dir),
                        resume="allow", offline=mode == "offline", mode=mode, entity=entity,
                        tags=list(tags or []), group=group)
+
+
+class LossProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, showing ``train/loss`` read from the device at each refresh only. Logging the
+    loss with ``prog_bar=True`` instead would make Lightning read it to the host after every batch (a device
+    sync per step), whatever the refresh rate."""
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            metrics["train/loss"] = f"{float(loss):.4g}"
+        return metrics

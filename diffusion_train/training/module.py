@@ -136,7 +136,7 @@ class DiffusionModule(L.LightningModule):
         if self._micro == self.accumulate_grad_batches:
             self._micro = 0
             self._optimizer_step()
-        self.log("train/loss", loss.detach(), prog_bar=True)
+        self.log("train/loss", loss.detach())  # shown by LossProgressBar at its refreshes only
         return loss.detach()
 
     def _optimizer_step(self) -> None:

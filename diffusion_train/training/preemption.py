@@ -28,6 +28,8 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
+from diffusion_train.training.syncs import host_side
+
 log = logging.getLogger("diffusion_train")
 
 _NONE, _EXIT, _REQUEUE = 0, 1, 2  # agreed across ranks with a MAX all-reduce: a requeue wins
@@ -122,9 +124,10 @@ class Preemption(L.Callback):
     def _agree(self, local: int) -> int:
         if self._group is None:
             return local
-        flag = torch.tensor([local], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-        return int(flag.item())
+        with host_side():  # a CPU tensor on a CPU process group: no device involved
+            flag = torch.tensor([local], dtype=torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+            return int(flag.item())
 
 
 def _signum(name: str, key: str) -> int:

@@ -5,7 +5,8 @@ seen``, see ``diffusion_train/scaling/flops.py``), logs ``perf/images_seen`` and
 with every logged step (so any metric can be plotted against them, in metrics.csv or W&B), records each
 evaluation (validation loss, Fréchet distances, class accuracy, ...) with the step, images and FLOPs it
 was taken at, and writes ``<run dir>/summary.json`` (format ``diffusion_train.summary/1``, documented in
-docs/scaling.md) after every evaluation and when the fit ends; ``scripts/scaling_report.py`` reads it.
+docs/scaling.md) after every validation, at the first logging step after any other evaluation, and when
+the fit ends; ``scripts/scaling_report.py`` reads it.
 A resumed run continues the summary: entries after the resumed step are dropped and logged again.
 """
 
@@ -59,6 +60,8 @@ class RunSummary(L.Callback):
         self.global_batch = 0
         self.history: dict[str, list[dict]] = {}
         self._seen: dict[str, float] = {}
+        self._seen_objects: dict[str, object] = {}  # the last value object of each metric, read or not
+        self._pending: list[tuple[str, object, int]] = []  # (name, value, step) noted, not read yet
         self._wall0 = 0.0
         self._wall_before = 0.0
         self._last_step = -1
@@ -105,24 +108,37 @@ class RunSummary(L.Callback):
         if step == self._last_step:
             return
         self._last_step = step
-        if step % max(1, trainer.log_every_n_steps) == 0:
+        logging_step = step % max(1, trainer.log_every_n_steps) == 0
+        if logging_step:
             pl_module.log_dict({"perf/images_seen": float(self.images(step)), "perf/train_flops": self.flops(step)})
-        if self._record(trainer):  # evaluations logged by callbacks at this step (they run before this one)
+        self._note(trainer)  # evaluations logged at this step by the callbacks that ran before this one
+        if logging_step and self._record():
             self.write(trainer, pl_module)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
-        if not trainer.sanity_checking and self._record(trainer):
-            self.write(trainer, pl_module)
+        if not trainer.sanity_checking:
+            self._note(trainer)
+            if self._record():
+                self.write(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        self._note(trainer)
+        self._record()
         self.write(trainer, pl_module)
 
-    def _record(self, trainer: L.Trainer) -> bool:
-        """Adds the evaluation metrics whose value changed since last seen; True if any did."""
-        step, added = trainer.global_step, False
+    def _note(self, trainer: L.Trainer) -> None:
+        """Keeps, unread, each evaluation metric logged since last seen (a new value object) with its step:
+        reading a device tensor after every step would make the host wait for the device each time."""
         for name, value in trainer.callback_metrics.items():
-            if not name.startswith(EVAL_PREFIXES) or not isinstance(value, (torch.Tensor, float, int)):
-                continue
+            if name.startswith(EVAL_PREFIXES) and isinstance(value, (torch.Tensor, float, int)) \
+                    and self._seen_objects.get(name) is not value:
+                self._seen_objects[name] = value
+                self._pending.append((name, value, trainer.global_step))
+
+    def _record(self) -> bool:
+        """Adds the noted metrics whose value changed since last recorded; True if any did."""
+        added, pending, self._pending = False, self._pending, []
+        for name, value, step in pending:
             value = float(value)
             if self._seen.get(name) == value or not math.isfinite(value):
                 continue

@@ -1,0 +1,139 @@
+"""Host-device synchronisations: the CPU audit finds what would make the host wait for a GPU, and the training
+step (module, Lightning loop and callbacks) makes none between logging steps."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+
+import pytest
+import torch
+
+from diffusion_train.train import train
+from diffusion_train.training.syncs import HostSyncAudit, SyncWatch, host_side, would_sync
+
+x = torch.randn(6)
+
+
+@pytest.mark.parametrize("name, run, reason", [
+    ("item", lambda: x.sum().item(), "value read"),
+    ("float", lambda: float(x[0]), "value read"),
+    ("if tensor", lambda: bool(x.sum() > 0), "value read"),
+    ("equal", lambda: torch.equal(x, x), "value read"),
+    ("nonzero", lambda: torch.nonzero(x > 0), "data-dependent size"),
+    ("mask index", lambda: x[x > 0], "data-dependent size"),
+    ("mask assignment", lambda: x.clone().__setitem__(x > 0, 0.0), "data-dependent size"),
+    ("masked_select", lambda: torch.masked_select(x, x > 0), "data-dependent size"),
+    ("unique", lambda: x.unique(), "data-dependent size"),
+    ("repeat_interleave", lambda: torch.repeat_interleave(x, (x > 0).long()), "data-dependent size"),
+    ("torch.tensor", lambda: torch.tensor([1.0, 2.0]), "host data"),
+    ("as_tensor of a number", lambda: torch.as_tensor(3), "host data"),
+])
+def test_audit_counts_what_would_wait_for_a_gpu(name, run, reason):
+    with HostSyncAudit() as audit:
+        run()
+    assert reason in {r for r, _ in audit.sites}, (name, audit.sites)
+
+
+def test_audit_counts_nothing_in_device_math_and_the_optimizer_step():
+    """Arithmetic, generators, constants, clipping, the fused AdamW step with its found_inf, foreach EMA lerp."""
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU(), torch.nn.Linear(8, 6))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, fused=True)  # as optim=adamw
+    ema = [p.detach().clone() for p in net.parameters()]
+    g = torch.Generator().manual_seed(0)
+    net(torch.randn(2, 6)).sum().backward()
+    opt.step()  # lazy state initialisation outside the audit
+    with HostSyncAudit() as audit:
+        noise = torch.randn(4, 6, generator=g)
+        t = torch.randint(0, 1000, (4,), generator=g).float()
+        loss = (net(noise * t[:, None].sqrt()) - noise).square().mean() + torch.full((), 0.5)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(list(net.parameters()), 1.0, foreach=True)
+        torch.where(torch.isfinite(norm), norm, torch.zeros_like(norm))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch._foreach_lerp_(ema, [p.detach() for p in net.parameters()], 0.01)
+        x[torch.arange(2)]  # an integer index: a gather
+    assert not audit.sites, audit.sites
+
+
+def test_site_is_the_calling_line_and_host_side_is_skipped():
+    with HostSyncAudit(depth=1) as audit:
+        line = inspect.currentframe().f_lineno + 1
+        x.sum().item()
+        with host_side():
+            torch.tensor([1]).item()
+    assert [(reason, site.rsplit("/", 1)[-1]) for reason, site in audit.sites] == [("value read", f"test_syncs.py:{line}")]
+
+
+def test_data_loading_is_host_side():
+    """Batches are made on the host by design; the DataLoader's fetch is not counted."""
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return {"label": torch.tensor(i), "value": float(torch.tensor(i * 1.0))}
+
+    with HostSyncAudit() as audit:
+        batches = list(torch.utils.data.DataLoader(Data(), batch_size=2))
+    assert len(batches) == 2 and not audit.sites
+
+
+def test_would_sync_sees_blocking_copies_between_devices():
+    cpu = torch.zeros(3)
+    meta = torch.empty(3, device="meta")
+    assert would_sync(torch.ops.aten._to_copy.default, (cpu,), {"device": torch.device("cuda")}) == "blocking copy"
+    assert would_sync(torch.ops.aten._to_copy.default, (cpu,), {"device": torch.device("cuda"),
+                                                                "non_blocking": True}) is None
+    assert would_sync(torch.ops.aten._to_copy.default, (cpu,), {"dtype": torch.float16}) is None
+    assert would_sync(torch.ops.aten._to_copy.default, (meta,), {"device": torch.device("cpu")}) is None
+
+
+def test_sync_watch_on_cpu_counts_between_start_and_stop():
+    watch = SyncWatch("cpu")
+    x.sum().item()
+    watch.start()
+    x.sum().item()
+    with watch.paused():
+        x.sum().item()
+    bool(x.sum() > 0)
+    watch.stop()
+    x.sum().item()
+    assert watch.total == 2  # one read on each of two lines
+    assert [(e["count"], e["per_step"]) for e in watch.table(steps=2)] == [(1, 0.5), (1, 0.5)]
+
+
+STEPS = ["trainer.max_steps=14", "trainer.log_every_n_steps=4", "trainer.val_check_interval=4",
+         "callbacks.checkpoint.every_n_train_steps=4", "callbacks.sample_grid.every_n_steps=8",
+         "callbacks.host_syncs.steps=12", "callbacks.host_syncs.start=1"]
+
+
+@pytest.mark.parametrize("extra", [
+    ["model=unet_tiny"],
+    ["model=dit_tiny", "training.accumulate_grad_batches=2"],
+    ["model=mmdit_tiny", "task=inpainting"],
+])
+def test_training_steps_do_not_wait_for_the_device(extra, tiny_cfg, tmp_path):
+    """The real trainer with its callbacks (EMA, checkpoints, samples, validation, summary, throughput,
+    preemption, CSV logging): no synchronisation outside logging steps; the logging steps read what they
+    log (the audit is live: it finds the module's check of the non-finite streak there)."""
+    cfg = tiny_cfg(*STEPS, *extra)
+    train(cfg, tmp_path / "run")
+    report = json.loads((tmp_path / "run" / "host_syncs.json").read_text())
+    accumulate = 2 if "training.accumulate_grad_batches=2" in extra else 1
+    assert report["watched"]["batches"] == {"other_steps": 9 * accumulate, "logging_steps": 3 * accumulate}
+    assert report["syncs_per_step"]["other_steps"] == 0, report["sites"]["other_steps"]
+    logging_sites = [e["site"] for e in report["sites"]["logging_steps"]]
+    assert any(s.startswith("diffusion_train/training/module.py") for s in logging_sites), logging_sites
+    assert math.isfinite(report["syncs_per_step"]["logging_steps"]) and report["device"] == "cpu"
+
+
+def test_progress_bar_shows_the_loss(tiny_cfg, tmp_path, capfd):
+    """train/loss is logged without prog_bar (Lightning would read it after every batch); the bar reads it at
+    its refreshes."""
+    train(tiny_cfg("trainer.max_steps=4", "trainer.log_every_n_steps=2", "trainer.enable_progress_bar=true"),
+          tmp_path / "run")
+    out = capfd.readouterr().out  # Lightning's tqdm bars write to stdout
+    assert "train/loss=" in out, out[-2000:]
