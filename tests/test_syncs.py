@@ -6,12 +6,13 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import warnings
 
 import pytest
 import torch
 
 from diffusion_train.train import train
-from diffusion_train.training.syncs import HostSyncAudit, SyncWatch, host_side, would_sync
+from diffusion_train.training.syncs import CUDA_MESSAGE, HostSyncAudit, SyncWatch, host_side, would_sync
 
 x = torch.randn(6)
 
@@ -103,6 +104,26 @@ def test_sync_watch_on_cpu_counts_between_start_and_stop():
     x.sum().item()
     assert watch.total == 2  # one read on each of two lines
     assert [(e["count"], e["per_step"]) for e in watch.table(steps=2)] == [(1, 0.5), (1, 0.5)]
+
+
+def test_sync_watch_on_gpu_takes_the_warnings_of_the_sync_debug_mode(monkeypatch):
+    """On a GPU each synchronisation is a warning of torch.cuda's sync debug mode; the watch counts each by the
+    Python line that made it, as it is raised, and leaves other warnings alone."""
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: modes[-1])
+    watch = SyncWatch("cuda")
+    watch.start()
+    line = inspect.currentframe().f_lineno + 1
+    warnings.warn(CUDA_MESSAGE)
+    with watch.paused():
+        assert modes[-1] == 0
+    with pytest.warns(UserWarning, match="something else"):
+        warnings.warn("something else")
+    watch.stop()
+    assert modes == [1, 0, 1, 0]
+    assert [(r, s.split(" < ")[0].rsplit("/", 1)[-1], n) for (r, s), n in watch.sites.items()] == \
+        [("cuda sync", f"test_syncs.py:{line}", 1)]
 
 
 STEPS = ["trainer.max_steps=14", "trainer.log_every_n_steps=4", "trainer.val_check_interval=4",

@@ -44,7 +44,8 @@ _READS = {aten._local_scalar_dense: "value read", aten.equal: "value read", aten
           aten.nonzero: "data-dependent size", aten.masked_select: "data-dependent size",
           aten._unique2: "data-dependent size", aten.unique_dim: "data-dependent size",
           aten.unique_consecutive: "data-dependent size", aten.lift_fresh: "host data"}
-_SKIP_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep + "syncs.py")
+_SKIP_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep + "syncs.py",
+              warnings.__file__)
 _DATA_LOADING = os.path.join(os.path.dirname(torch.__file__), "utils", "data") + os.sep
 _state = threading.local()
 CUDA_MESSAGE = "called a synchronizing CUDA operation"
@@ -61,14 +62,14 @@ def host_side() -> Iterator[None]:
         _state.host_side = depth
 
 
-def source_line(depth: int = 3) -> str | None:
+def source_line(depth: int = 3, data_loading: bool = False) -> str | None:
     """``path:line`` of the innermost caller outside torch and this module, then up to ``depth - 1`` of its
-    callers (``a < b``), paths relative to site-packages or the working directory. None inside a DataLoader's
-    fetch: batches are made on the host by design (in worker processes, usually), and their copy to the
-    device is counted where it happens."""
+    callers (``a < b``), paths relative to site-packages or the working directory. Inside a DataLoader's fetch
+    None unless ``data_loading``: batches are made on the host by design (in worker processes, usually), and
+    their copy to the device is counted where it happens."""
     frame, lines = sys._getframe(1), []
     outer = frame
-    while outer is not None:
+    while outer is not None and not data_loading:
         if outer.f_code.co_filename.startswith(_DATA_LOADING):
             return None
         outer = outer.f_back
@@ -141,17 +142,25 @@ class SyncWatch:
         self.sites: collections.Counter = collections.Counter()
         self._audit: HostSyncAudit | None = None
         self._warnings = None
-        self._records: list = []
         self.running = False
 
     def start(self) -> None:
         if self.running:
             return
         self.running = True
-        if self.cuda:
-            self._warnings = warnings.catch_warnings(record=True)
-            self._records = self._warnings.__enter__()
+        if self.cuda:  # each warning is taken as it is raised, so the Python stack of the op is still there
+            self._warnings = warnings.catch_warnings()
+            self._warnings.__enter__()
             warnings.filterwarnings("always", message=f".*{CUDA_MESSAGE}.*")
+            show = warnings.showwarning
+
+            def record(message, category, filename, lineno, file=None, line=None):
+                if CUDA_MESSAGE not in str(message):
+                    return show(message, category, filename, lineno, file, line)
+                site = source_line(data_loading=True)
+                self.sites[("cuda sync", f"{_short(filename)}:{lineno}" if site in (None, "?") else site)] += 1
+
+            warnings.showwarning = record
             torch.cuda.set_sync_debug_mode(1)
         else:
             self._audit = HostSyncAudit()
@@ -164,10 +173,6 @@ class SyncWatch:
         if self.cuda:
             torch.cuda.set_sync_debug_mode(0)
             self._warnings.__exit__(None, None, None)
-            for w in self._records:
-                if CUDA_MESSAGE in str(w.message):
-                    self.sites[("cuda sync", f"{_short(w.filename)}:{w.lineno}")] += 1
-            self._records = []
         else:
             self._audit.__exit__(None, None, None)
             self.sites.update(self._audit.sites)
