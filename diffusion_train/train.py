@@ -97,7 +97,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     module.lr_scale = lr_scale(scale.get("lr_scaling"), batch, int(scale.get("lr_base_batch", 256)))
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     module.run_info = run_info(config, overrides, trainer.world_size, batch, slurm=slurm_identity(),
-                               per_device_batch=datamodule.batch_size, lr=float(cfg.optim.lr) * module.lr_scale)
+                               per_device_batch=datamodule.batch_size, lr=float(cfg.optim.lr) * module.lr_scale,
+                               compile=module.compile)
     if init_report is not None:
         module.run_info["init"] = init_report.as_dict()
     if trainer.global_rank == 0:
@@ -105,9 +106,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
         write_run_files(run_dir, module.run_info)
         if init_report is not None:
             log.info("%s", init_report.summary())
-        log.info("run dir %s, %s, global batch %d (%d per device x %d devices x %d accumulated), lr %g", run_dir,
-                 f"resuming {ckpt}" if ckpt else "fresh run", batch, datamodule.batch_size,
-                 trainer.world_size, accumulate, module.run_info["lr"])
+        log.info("run dir %s, %s, global batch %d (%d per device x %d devices x %d accumulated), lr %g, "
+                 "compile %s", run_dir, f"resuming {ckpt}" if ckpt else "fresh run", batch, datamodule.batch_size,
+                 trainer.world_size, accumulate, module.run_info["lr"], module.compile)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
 

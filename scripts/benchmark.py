@@ -11,8 +11,9 @@ Every argument is ``key=value``:
     steps       timed steps per repeat (20)
     warmup      untimed steps before the first repeat (5; >= 1; compilation happens here)
     repeats     timed repeats; numbers are medians over them (3)
-    compile     false | true | blocks: the config's training.compile (default: the config's; see
-                docs/performance.md for the other speed options, given in config=)
+    compile     false | true | blocks | auto: the config's training.compile (default: the config's, auto: blocks
+                for DiTs and MMDiTs, true for U-Nets on a GPU, false on a CPU; see docs/performance.md for the
+                other speed options, given in config=)
     precision   bf16-mixed | 32-true (bf16-mixed)
     modes       lightning, bare or both, comma separated (both)
     latent      CxHxW the backbone sees (4x32x32: 256 px through an 8x VAE), or config (see below)
@@ -480,7 +481,7 @@ def markdown(result: dict) -> str:
         f"`{result['command']}`", "",
         f"torch {env['torch']}, lightning {env['lightning']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, "
         f"driver {env['driver']}, python {env['python']}; git {sha}. {s['precision']}, "
-        f"{speed_options(result['config']['training'])}; batch {inp['batch']} of {'x'.join(map(str, inp['latent']))} latents "
+        f"{speed_options({**result['config']['training'], 'compile': s['compile']})}; batch {inp['batch']} of {'x'.join(map(str, inp['latent']))} latents "
         f"({cond or 'unconditional'}); {result['params']['trainable'] / 1e6:.1f}M trainable parameters; forward "
         f"{fl['forward_macs_per_image'] / 1e9:.4g} GMACs/image ({fl['counting']}; flop_counter "
         f"{fl['forward_macs_flop_counter'] / 1e9:.4g}); {steps}, medians; EMA decays {s['ema_decays']}; MFU "
@@ -550,9 +551,9 @@ def benchmark(opts: dict, argv: list[str]) -> dict:
     overrides = stand_in_overrides(opts) + opts["config"]
     if opts["compile"] is not None:
         overrides.append(f"training.compile={opts['compile']}")
+    overrides.append(f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}")  # resolves compile=auto
     cfg = compose(overrides)
     choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
-    opts["compile"] = compile_choice(cfg.training.compile)
     quiet_known_warnings()
     for pattern in (".*infer the `batch_size`.*", ".*validation_step. but have no .val_dataloader.*",
                     ".*srun. command is available.*"):
@@ -568,6 +569,7 @@ def benchmark(opts: dict, argv: list[str]) -> dict:
         if msg is None or isinstance(e, UsageError) or (opts["text"] and opts["latent"] != "config"):
             raise
         raise UsageError(f"{msg} [benchmark: text=LxD and latent=CxHxW build weight-free stand-ins]") from None
+    opts["compile"] = module.compile  # auto resolved for the device
     batch_size = opts["batch"] or int(cfg.data.batch_size)
     batch, inputs = make_batch(module, batch_size, device)
     size, tokens = inputs["latent"][1:], inputs["text_tokens"] or 0

@@ -35,9 +35,9 @@ $PY -c "import torch, lightning; print('torch', torch.__version__, 'cuda', torch
 
 RUNS="$OUT/runs"
 T=(experiment=smoke data=synthetic ~data.val_size logger=csv trainer.max_steps=20 trainer.val_check_interval=10
-   callbacks.sample_grid.every_n_steps=10 callbacks.checkpoint.every_n_train_steps=10)
+   callbacks.sample_grid.every_n_steps=10 callbacks.checkpoint.every_n_train_steps=10 training.compile=false)
 if [[ $CHECKS == *train* ]]; then
-    step bf16 120 $PY -m diffusion_train.train "${T[@]}" trainer=gpu hydra.run.dir="$RUNS/bf16" \
+    step bf16 180 $PY -m diffusion_train.train "${T[@]}" trainer=gpu hydra.run.dir="$RUNS/bf16" training.compile=auto \
         trainer.log_every_n_steps=10 callbacks.host_syncs.start=3 callbacks.host_syncs.steps=14
     cp "$RUNS/bf16/host_syncs.json" "$OUT/host_syncs_bf16.json" 2>/dev/null
     step compile 240 $PY -m diffusion_train.train "${T[@]}" trainer=gpu training.compile=true model=dit_tiny \

@@ -28,7 +28,9 @@ from diffusion_train.training.speed import (
     convert_fp8,
     prepare_backbone,
     repeated_blocks,
+    resolve_compile,
     uniform_blocks,
+    uses_cuda,
 )
 
 TIGHT = dict(rtol=1e-5, atol=1e-6)
@@ -103,11 +105,41 @@ class ConvNet(nn.Module):
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("value, choice", [
     (False, "false"), (True, "true"), (None, "false"), ("false", "false"), ("true", "true"),
-    ("True", "true"), ("FALSE", "false"), ("blocks", "blocks"), ("Blocks", "blocks"),
+    ("True", "true"), ("FALSE", "false"), ("blocks", "blocks"), ("Blocks", "blocks"), ("auto", "auto"),
 ])
 def test_compile_choice_normalises(value, choice):
-    """Booleans, None and their strings (any case) map to false / true / blocks."""
+    """Booleans, None and their strings (any case) map to false / true / blocks; auto stays auto."""
     assert compile_choice(value) == choice
+
+
+@pytest.mark.parametrize("value, on_gpu, dit, unet", [
+    ("auto", True, "blocks", "true"), ("auto", False, "false", "false"),
+    ("true", False, "true", "true"), (False, True, "false", "false"), ("blocks", True, "blocks", "blocks"),
+])
+def test_resolve_compile(value, on_gpu, dit, unet):
+    """auto: regional compilation for backbones of identical blocks, whole-model for U-Nets, on GPUs only."""
+    assert resolve_compile(value, tiny_dit(depth=2), on_gpu) == dit
+    assert resolve_compile(value, tiny_unet(), on_gpu) == unet
+
+
+def test_uses_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert uses_cuda("gpu") and uses_cuda("cuda") and not uses_cuda("cpu") and not uses_cuda("auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert uses_cuda("auto") and uses_cuda(None) and not uses_cuda("cpu")
+
+
+@pytest.mark.parametrize("model, accelerator, choice", [
+    ("dit_tiny", "gpu", "blocks"), ("unet_tiny", "gpu", "true"), ("dit_tiny", None, "false"),
+])
+def test_compile_auto_is_the_default_and_follows_the_accelerator(model, accelerator, choice):
+    """The default config compiles on GPUs only: the trainer's accelerator decides (TINY's is the CPU)."""
+    cfg = compose_train(TINY + [f"model={model}"])
+    assert cfg.training.compile == "auto"
+    module = build_module(cfg, accelerator=accelerator)
+    assert module.compile == choice
+    assert _wrapped_blocks(module) == (choice == "blocks")
+    assert (module.net is not module.backbone) == (choice == "true")
 
 
 @pytest.mark.parametrize("value", ["yes", "", "block", "max-autotune", 2])

@@ -13,13 +13,15 @@ from diffusion_train.finetune.controlnet import ControlSource, make_controlnet
 from diffusion_train.finetune.lora import apply_lora
 from diffusion_train.training.checkpointing import load_checkpoint
 from diffusion_train.training.module import DiffusionModule
+from diffusion_train.training.speed import resolve_compile, uses_cuda
 
 
-def build_module(cfg: DictConfig) -> DiffusionModule:
+def build_module(cfg: DictConfig, accelerator: str | None = None) -> DiffusionModule:
     """Backbone + conditioner + autoencoder + objective + optimizer factory, as the config names them.
 
     What the autoencoder makes of the data's images sizes the backbone's input (``in_channels``,
-    ``input_size``), and what the conditioner produces sizes its conditioning inputs.
+    ``input_size``), and what the conditioner produces sizes its conditioning inputs. ``training.compile=auto``
+    is resolved for ``accelerator`` (default: the config's ``trainer.accelerator``).
     """
     conditioner = instantiate(cfg.conditioning, _convert_="all")
     autoencoder = instantiate(cfg.autoencoder, _convert_="all") if cfg.get("autoencoder") else Autoencoder()
@@ -46,9 +48,13 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
     if not autoencoder.pixel_space:
         objective.clip_x0 = False  # [-1, 1] bounds pixels; latents are not clamped while sampling
     schedule = instantiate(cfg.lr_schedule, _convert_="all") if cfg.get("lr_schedule") else None
+    training = dict(cfg.training)
+    if accelerator is None:
+        accelerator = (cfg.get("trainer") or {}).get("accelerator")
+    training["compile"] = resolve_compile(training.get("compile"), backbone, uses_cuda(accelerator))
     return DiffusionModule(backbone, conditioner, objective, autoencoder=autoencoder, optimizer=instantiate(cfg.optim, _convert_="all"),
                            lr_schedule=schedule, seed=cfg.seed, task=task, controlnet=controlnet, control=control,
-                           **cfg.training)
+                           **training)
 
 
 def lora_scaling(cfg: DictConfig | dict) -> float | None:
@@ -76,7 +82,7 @@ def load_module(ckpt_path: str | os.PathLike, weights: str = "ema", map_location
     meta = ckpt.get("diffusion_train", {})
     if "config" not in meta:
         raise ValueError(f"{ckpt_path} holds no diffusion_train run metadata; cannot rebuild its model")
-    module = build_module(OmegaConf.create(meta["config"]))
+    module = build_module(OmegaConf.create(meta["config"]), accelerator="cpu")  # compile=auto: not for sampling
     module.load_state_dict(ckpt["state_dict"])
     if weights != "raw":
         ema = ckpt.get("ema")

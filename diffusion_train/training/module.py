@@ -23,7 +23,7 @@ from diffusion_train.finetune.inpainting import Inpainting, KnownRegion
 from diffusion_train.finetune.masks import downsample_mask
 from diffusion_train.diffusion import GaussianDiffusion, Sampler, per_image_generators, randn
 from diffusion_train.training.parallel import full_tensor
-from diffusion_train.training.speed import check_fp8_device, prepare_backbone
+from diffusion_train.training.speed import check_fp8_device, prepare_backbone, resolve_compile
 
 
 class NonFiniteLossError(RuntimeError):
@@ -69,7 +69,8 @@ class DiffusionModule(L.LightningModule):
         self.max_nonfinite_steps, self.seed = max_nonfinite_steps, seed
         # What the step calls (see training/speed.py). A compiled wrapper is kept outside the module tree, so
         # state dicts never carry `_orig_mod.`.
-        net = prepare_backbone(backbone, compile=compile, compile_options=compile_options,
+        self.compile = resolve_compile(compile, backbone, torch.cuda.is_available())  # auto made concrete
+        net = prepare_backbone(backbone, compile=self.compile, compile_options=compile_options,
                                activation_checkpointing=activation_checkpointing, channels_last=channels_last, fp8=fp8)
         self.controlnet, self.control = controlnet, control  # a ControlNet fine-tune: the copy, the control images
         self.__dict__["net"] = Controlled(net, controlnet) if controlnet is not None else net

@@ -2,7 +2,9 @@
 
 ``training.compile``     ``false``; ``true``: ``torch.compile`` of the whole backbone; ``blocks``: each of its
                          repeated blocks compiled in place (regional compilation: one block's code is traced
-                         and reused by all its copies, so compiling takes a fraction of the time).
+                         and reused by all its copies, so compiling takes a fraction of the time); ``auto``
+                         (the default): on a CUDA GPU ``blocks`` for backbones of identical blocks (DiT,
+                         MMDiT) and ``true`` for others (U-Nets), elsewhere ``false``.
 ``training.compile_options``  keyword arguments of ``torch.compile``, e.g. ``{mode: reduce-overhead}`` (CUDA
                          graphs), ``{mode: max-autotune-no-cudagraphs}``, ``{backend: aot_eager}``.
 ``training.activation_checkpointing``  recompute each repeated block's activations in the backward pass
@@ -28,17 +30,39 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-COMPILE_CHOICES = ("false", "true", "blocks")
+COMPILE_CHOICES = ("false", "true", "blocks", "auto")
 FP8_MIN_CAPABILITY = (8, 9)
 FP8_SKIP = ("adaLN_modulation", "emb_proj")  # per-image (not per-token) projections: too small for float8
 
 
 def compile_choice(value: Any) -> str:
-    """``training.compile`` as one of ``false``, ``true``, ``blocks`` (booleans and their strings accepted)."""
+    """``training.compile`` as one of ``false``, ``true``, ``blocks``, ``auto`` (booleans and their strings
+    accepted)."""
     choice = str(value).lower() if value is not None else "false"
     if choice not in COMPILE_CHOICES:
         raise ValueError(f"training.compile must be one of {', '.join(COMPILE_CHOICES)}, got {value!r}")
     return choice
+
+
+def resolve_compile(value: Any, backbone: nn.Module, on_gpu: bool) -> str:
+    """``training.compile`` made concrete: ``auto`` is ``false`` off CUDA GPUs, else ``blocks`` when the
+    backbone's repeated blocks are copies of one layer (:func:`uniform_blocks`) and ``true`` otherwise."""
+    choice = compile_choice(value)
+    if choice != "auto":
+        return choice
+    if not on_gpu:
+        return "false"
+    try:
+        uniform_blocks(backbone)
+    except ValueError:
+        return "true"
+    return "blocks"
+
+
+def uses_cuda(accelerator: Any) -> bool:
+    """Whether a trainer with this ``accelerator`` setting runs on CUDA GPUs."""
+    name = str(accelerator or "auto").lower()
+    return name in ("gpu", "cuda") or (name == "auto" and torch.cuda.is_available())
 
 
 def block_lists(backbone: nn.Module) -> list[tuple[str, nn.ModuleList]]:
@@ -124,7 +148,7 @@ def prepare_backbone(backbone: nn.Module, *, compile: Any = False, compile_optio
     ``torch.utils.checkpoint`` (non-reentrant, RNG state preserved; the recomputation in the backward pass
     runs the compiled code); then channels-last; then whole-backbone compilation around all of it.
     """
-    choice = compile_choice(compile)
+    choice = resolve_compile(compile, backbone, torch.cuda.is_available())
     options = dict(compile_options or {})
     if fp8:
         convert_fp8(backbone)
