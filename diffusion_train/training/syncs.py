@@ -17,7 +17,7 @@ the dispatcher (:class:`HostSyncAudit`):
 Code that works on host tensors on purpose (a CPU process group's flag) runs inside :func:`host_side`, which
 the audit skips. The CPU count cannot see ``.tolist()`` and ``.numpy()`` (no operation is dispatched on a CPU)
 and attributes every ``torch.tensor(...)`` to the device; the tests hold the training step to zero of these
-between logging steps (``tests/test_speed.py``), and :class:`HostSyncReport` finds them in a real run.
+between logging steps (``tests/test_syncs.py``), and :class:`HostSyncReport` finds them in a real run.
 """
 
 from __future__ import annotations
