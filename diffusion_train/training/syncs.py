@@ -241,7 +241,7 @@ class HostSyncReport(L.Callback):
         elif step > self.start:
             self._accumulate = int(getattr(pl_module, "accumulate_grad_batches", 1))
             ends_step = getattr(pl_module, "_micro", 0) == self._accumulate - 1
-            logs = trainer._logger_connector.should_update_logs or \
+            logs = getattr(trainer._logger_connector, "should_update_logs", False) or \
                 (ends_step and step % max(1, trainer.log_every_n_steps) == 0)
             kind = self.KINDS[bool(logs)]
             self.batches[kind] = self.batches.get(kind, 0) + 1
