@@ -85,9 +85,10 @@ if [[ $CHECKS == *levers* ]]; then
     UN=(config="model=unet_sd model.attention_resolutions=[32,16,8]" text=77x1024 batch=64)
     UN_CL=(config="model=unet_sd model.attention_resolutions=[32,16,8] training.channels_last=true" text=77x1024 batch=64)
     step s2_eager 60 "${L[@]}" "${S2[@]}" compile=false out="$OUT/s2_eager.json"
-    step s2_blocks 120 "${L[@]}" "${S2[@]}" compile=blocks out="$OUT/s2_blocks.json"
+    step s2_blocks 150 "${L[@]}" "${S2[@]}" compile=blocks modes=both out="$OUT/s2_blocks.json"  # + Lightning overhead
     step xl_blocks 150 "${L[@]}" "${XL[@]}" compile=blocks out="$OUT/xl_blocks.json"
     step b2_blocks 120 "${L[@]}" "${B2[@]}" compile=blocks out="$OUT/b2_blocks.json"
+    step unet_eager 90 "${L[@]}" "${UN[@]}" compile=false modes=both out="$OUT/unet_eager.json"  # Lightning overhead
     step unet_compiled 200 "${L[@]}" "${UN[@]}" compile=true out="$OUT/unet_compiled.json"
     step xl_blocks_fp8 150 "${L[@]}" config="model=dit_xl2 training.fp8=true" batch=128 compile=blocks \
         out="$OUT/xl_blocks_fp8.json"
