@@ -401,6 +401,34 @@ def test_module_with_speed_options(model, options, applied):
         torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("overrides, graphs", [
+    (["model=dit_tiny"], 1), (["model=unet_tiny"], 1), (["model=dit_tiny", "finetune=lora"], 2),
+    (["model=dit_tiny", "task=inpainting"], 1), (["model=unet_tiny", "finetune=controlnet"], 1),
+    (["model=mmdit_tiny", "conditioning=t5_tiny"], 2),
+], ids=["dit", "unet", "dit_lora", "dit_inpainting", "unet_controlnet", "mmdit_text"])
+def test_compile_auto_on_a_gpu_traces_without_graph_breaks(overrides, graphs):
+    """The default on a GPU (compile=auto) traced here with the aot_eager backend: every backbone family and
+    fine-tune compiles whole, with no graph break, and the training loss and gradients are those of eager."""
+    from torch._dynamo.utils import counters
+
+    batch = {"image": torch.rand(4, 3, 16, 16) * 2 - 1, "label": torch.arange(4),
+             "caption": ["a shoe", "a bag", "a red coat", ""]}
+    results = []
+    for accelerator, extra in ((None, []), ("gpu", ["+training.compile_options.backend=aot_eager"])):
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        module = build_module(compose_train(TINY + overrides + extra), accelerator=accelerator)
+        loss = module.loss(batch, torch.Generator().manual_seed(0)).mean()
+        loss.backward()
+        results.append((loss.detach(), torch.cat([p.grad.flatten() for p in module.trainable_parameters()])))
+    assert module.compile in ("blocks", "true")
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == graphs
+    torch.testing.assert_close(results[1][0], results[0][0], **TIGHT)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
+
+
 def test_flop_counting_leaves_compiled_blocks_to_compile():
     """The benchmark counts FLOPs over a meta forward pass of the prepared backbone. Compiled blocks run eagerly
     there (on torch 2.11 a first compiled call under the counting mode made dynamo skip the block's code for good,
