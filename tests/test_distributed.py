@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -175,21 +176,29 @@ def test_signal_checkpoints_at_a_step_boundary_and_the_relaunch_ends_as_if_unint
 
 @pytest.mark.slow
 def test_ddp_and_fsdp_train_like_one_process_accumulating_the_same_global_batch(tmp_path):
-    """2 processes x batch 4 (DDP; FSDP full shard, stopped at step 2 and resumed) = 1 process x batch 4 x 2
+    """2 processes x batch 4 (DDP; FSDP full shard, stopped at step 3 and resumed) = 1 process x batch 4 x 2
     accumulation steps: the same samples and the same noise per micro-batch, so the same weights and EMA
     up to float summation order. FSDP's checkpoint is whole: it loads in a single process."""
     from diffusion_train.training.build import load_module
 
     args = [*QUICK, "data.batch_size=4", "callbacks.checkpoint.every_n_train_steps=2"]
-    runs = {"one": ["training.accumulate_grad_batches=2"], "ddp": [*TWO_CPUS, "+trainer.strategy=ddp"],
-            "fsdp": ["trainer=fsdp", *TWO_CPUS, "trainer.precision=32-true"]}
+    # host syncs of steps 2 and 3 (FSDP: of its first launch); logging and checkpoints at step 4 only
+    watch = ["trainer.log_every_n_steps=4", "callbacks.checkpoint.every_n_train_steps=4", "callbacks.host_syncs.start=1",
+             "callbacks.host_syncs.steps=2"]
+    runs = {"one": ["training.accumulate_grad_batches=2"], "ddp": [*TWO_CPUS, "+trainer.strategy=ddp", *watch],
+            "fsdp": ["trainer=fsdp", *TWO_CPUS, "trainer.precision=32-true", *watch]}
     ckpts = {}
     for name, extra in runs.items():
-        for steps in (2, 4) if name == "fsdp" else (4,):  # FSDP resumes its sharded weights, optimizer and EMA
+        for steps in (3, 4) if name == "fsdp" else (4,):  # FSDP resumes its sharded weights, optimizer and EMA
             out = _cli([*args, *extra, f"trainer.max_steps={steps}", f"hydra.run.dir={tmp_path / name}"], tmp_path)
             assert out.returncode == 0, out.stderr[-3000:]
         ckpts[name] = load_checkpoint(tmp_path / name / "checkpoints/last.ckpt")
         assert ckpts[name]["global_step"] == 4 and ckpts[name]["diffusion_train"]["global_batch"] == 8
+
+    for name in ("ddp", "fsdp"):  # no host-device sync in steps 2 and 3 (e.g. Lightning's per-step SIGTERM broadcast)
+        syncs = json.loads((tmp_path / name / "host_syncs.json").read_text())
+        assert syncs["watched"]["batches"] == {"other_steps": 2}, syncs["watched"]
+        assert syncs["syncs_per_step"]["other_steps"] == 0, syncs["sites"]["other_steps"]
 
     moved = _max_diff(ckpts["one"]["state_dict"], load_checkpoint(tmp_path / "one/checkpoints/step_0000002.ckpt")["state_dict"])
     assert moved > 1e-5  # two steps change the weights far more than the tolerance below

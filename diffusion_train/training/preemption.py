@@ -92,6 +92,8 @@ class Preemption(L.Callback):
         # Lightning put its own SIGTERM handler in after on_fit_start: this one goes back in after it.
         self._last_step = trainer.global_step
         self.install()
+        if signal.SIGTERM in self.previous_handlers and signal.getsignal(signal.SIGTERM) == self._handle:
+            _lightning_sigterm_broadcast(trainer, enabled=False)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -117,9 +119,11 @@ class Preemption(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.uninstall()
+        _lightning_sigterm_broadcast(trainer, enabled=True)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self.uninstall()
+        _lightning_sigterm_broadcast(trainer, enabled=True)
 
     def _agree(self, local: int) -> int:
         if self._group is None:
@@ -128,6 +132,21 @@ class Preemption(L.Callback):
             flag = torch.tensor([local], dtype=torch.int32)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
             return int(flag.item())
+
+
+def _lightning_sigterm_broadcast(trainer: L.Trainer, enabled: bool) -> None:
+    """Lightning (2.5 and later) broadcasts a SIGTERM flag from rank 0 before every batch of a multi-process
+    run. That is a tensor made on the device, a broadcast and an ``.item()``, so the host waits for the GPU
+    at every step. While this callback's handler holds SIGTERM, Lightning's handler is not installed and its
+    flag is never set, so the broadcast is switched off; this callback agrees on signals itself, at step
+    boundaries, on a CPU process group."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    if loop is None or not hasattr(type(loop), "_broadcast_sigterm_tensor"):
+        return
+    if enabled:
+        loop.__dict__.pop("_broadcast_sigterm_tensor", None)
+    else:
+        loop._broadcast_sigterm_tensor = lambda: None
 
 
 def _signum(name: str, key: str) -> int:

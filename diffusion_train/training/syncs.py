@@ -209,8 +209,9 @@ class SyncWatch:
 
 
 class HostSyncReport(L.Callback):
-    """Finds the host-device synchronisations of a real run: watches the ``steps`` optimizer steps after step
-    ``start`` (past warm-up and compilation) and writes ``path`` (JSON) and one log line: synchronisations per
+    """Finds the host-device synchronisations of a real run: watches ``steps`` optimizer steps after the first
+    ``start`` steps of this launch (past warm-up, compilation and Lightning's registration of each logged
+    value; a resumed run counts from its resumed step) and writes ``path`` (JSON) and one log line: synchronisations per
     optimizer step and their source lines, split between logging batches (where Lightning logs, every
     ``trainer.log_every_n_steps`` batches, or a step ends whose number is a multiple of it: both read logged
     values on purpose) and the others. ``steps=0``: off. Rank 0 only.
@@ -228,6 +229,10 @@ class HostSyncReport(L.Callback):
         self.result: dict | None = None
         self._current: SyncWatch | None = None
         self._accumulate = 1
+        self._first = 0  # the step this launch started from
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._first = trainer.global_step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._current is not None:
@@ -236,9 +241,10 @@ class HostSyncReport(L.Callback):
         if not self.steps or self.result is not None or not trainer.is_global_zero:
             return
         step = trainer.global_step + 1  # the optimizer step this batch is part of
-        if step > self.start + self.steps:
+        start = self._first + self.start
+        if step > start + self.steps:
             self.finish(trainer)
-        elif step > self.start:
+        elif step > start:
             self._accumulate = int(getattr(pl_module, "accumulate_grad_batches", 1))
             ends_step = getattr(pl_module, "_micro", 0) == self._accumulate - 1
             logs = getattr(trainer._logger_connector, "should_update_logs", False) or \
@@ -247,6 +253,12 @@ class HostSyncReport(L.Callback):
             self.batches[kind] = self.batches.get(kind, 0) + 1
             self._current = self.watches.setdefault(kind, SyncWatch(pl_module.device))
             self._current.start()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        last = trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step
+        if self._current is not None and (last or trainer.should_stop):  # not the fit's end (samples, saving)
+            self._current.stop()
+            self._current = None
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.batches and self.result is None:
@@ -267,7 +279,7 @@ class HostSyncReport(L.Callback):
             "device": "cuda" if cuda else "cpu",
             "counted_by": "torch.cuda.set_sync_debug_mode" if cuda
             else "operations that would synchronise on a GPU (diffusion_train.training.syncs)",
-            "watched": {"from_step": self.start + 1, "batches": self.batches, "accumulate_grad_batches": self._accumulate,
+            "watched": {"from_step": self._first + self.start + 1, "batches": self.batches, "accumulate_grad_batches": self._accumulate,
                         "log_every_n_steps": trainer.log_every_n_steps},
             "syncs_per_step": {k: self.watches[k].total / steps[k] for k in steps},
             "sites": {k: self.watches[k].table(steps[k]) for k in steps},
