@@ -176,8 +176,8 @@ def test_signal_checkpoints_at_a_step_boundary_and_the_relaunch_ends_as_if_unint
 
 @pytest.mark.slow
 def test_ddp_and_fsdp_train_like_one_process_accumulating_the_same_global_batch(tmp_path):
-    """2 processes x batch 4 (DDP; FSDP full shard, stopped at step 3 and resumed) = 1 process x batch 4 x 2
-    accumulation steps: the same samples and the same noise per micro-batch, so the same weights and EMA
+    """2 processes x batch 4 (DDP; FSDP full shard, stopped at step 3 and resumed; FSDP with the backbone
+    compiled) = 1 process x batch 4 x 2 accumulation steps: the same samples and the same noise per micro-batch, so the same weights and EMA
     up to float summation order. FSDP's checkpoint is whole: it loads in a single process."""
     from diffusion_train.training.build import load_module
 
@@ -186,12 +186,16 @@ def test_ddp_and_fsdp_train_like_one_process_accumulating_the_same_global_batch(
     watch = ["trainer.log_every_n_steps=4", "callbacks.checkpoint.every_n_train_steps=4", "callbacks.host_syncs.start=1",
              "callbacks.host_syncs.steps=2"]
     runs = {"one": ["training.accumulate_grad_batches=2"], "ddp": [*TWO_CPUS, "+trainer.strategy=ddp", *watch],
-            "fsdp": ["trainer=fsdp", *TWO_CPUS, "trainer.precision=32-true", *watch]}
+            "fsdp": ["trainer=fsdp", *TWO_CPUS, "trainer.precision=32-true", *watch],
+            # the GPU default for a U-Net (compile=auto: true), traced here with the aot_eager backend
+            "fsdp_compiled": ["trainer=fsdp", *TWO_CPUS, "trainer.precision=32-true", "training.compile=true",
+                              "+training.compile_options.backend=aot_eager"]}
     ckpts = {}
     for name, extra in runs.items():
         for steps in (3, 4) if name == "fsdp" else (4,):  # FSDP resumes its sharded weights, optimizer and EMA
             out = _cli([*args, *extra, f"trainer.max_steps={steps}", f"hydra.run.dir={tmp_path / name}"], tmp_path)
             assert out.returncode == 0, out.stderr[-3000:]
+            assert "recompile_limit" not in out.stderr  # every sharded stage stays compiled
         ckpts[name] = load_checkpoint(tmp_path / name / "checkpoints/last.ckpt")
         assert ckpts[name]["global_step"] == 4 and ckpts[name]["diffusion_train"]["global_batch"] == 8
 
@@ -202,7 +206,7 @@ def test_ddp_and_fsdp_train_like_one_process_accumulating_the_same_global_batch(
 
     moved = _max_diff(ckpts["one"]["state_dict"], load_checkpoint(tmp_path / "one/checkpoints/step_0000002.ckpt")["state_dict"])
     assert moved > 1e-5  # two steps change the weights far more than the tolerance below
-    for name in ("ddp", "fsdp"):
+    for name in ("ddp", "fsdp", "fsdp_compiled"):
         assert _max_diff(ckpts["one"]["state_dict"], ckpts[name]["state_dict"]) < 1e-6, name
         assert _max_diff(ckpts["one"]["ema"]["weights"]["0.999"], ckpts[name]["ema"]["weights"]["0.999"]) < 1e-6, name
         assert ckpts[name]["ema"]["weights"]["0.999"].keys() == ckpts["one"]["ema"]["weights"]["0.999"].keys()

@@ -131,6 +131,19 @@ def check_fp8_device(device: torch.device) -> None:
                                f"{torch.cuda.get_device_name(device)} has {cap[0]}.{cap[1]}")
 
 
+RECOMPILE_LIMIT = 64
+
+
+def allow_recompiles(limit: int = RECOMPILE_LIMIT) -> None:
+    """Lets dynamo keep up to ``limit`` compiled versions of one function (its default, 8, is per code object).
+    A sharded backbone (FSDP) breaks the graph at every sharded unit, so one code object (a U-Net stage's
+    ``forward``) is compiled once per stage shape, in training and in sampling mode. Past the limit, dynamo
+    would run the remaining stages eagerly."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(int(getattr(config, name)), limit))
+
+
 def channels_last_input(net: Callable) -> Callable:
     """``net`` called with its image input in channels-last (NHWC) memory."""
     def call(x: Tensor, *args, **kwargs) -> Tensor:
@@ -163,6 +176,8 @@ def prepare_backbone(backbone: nn.Module, *, compile: Any = False, compile_optio
         if activation_checkpointing:
             forward = functools.partial(checkpoint, forward, use_reentrant=False)
         block.forward = forward  # an instance attribute: parameter names do not change
+    if choice != "false":
+        allow_recompiles()
     net: Callable = backbone
     if channels_last:
         backbone.to(memory_format=torch.channels_last)
