@@ -26,7 +26,13 @@ from diffusion_train.training.build import build_module, lora_scaling
 from diffusion_train.training.checkpointing import last_checkpoint, load_checkpoint, remove_stale_temp_files
 from diffusion_train.training.export import export_weights
 from diffusion_train.training.loggers import LossProgressBar, ResumableCSVLogger
-from diffusion_train.training.parallel import check_devices, global_batch, lr_scale, per_device_batch
+from diffusion_train.training.parallel import (
+    check_devices,
+    global_batch,
+    lightning_intervals,
+    lr_scale,
+    per_device_batch,
+)
 from diffusion_train.training.pretrained import load_pretrained
 from diffusion_train.training.preemption import after_preemption, find_preemption, slurm_identity
 from diffusion_train.training.run_dir import (
@@ -78,19 +84,21 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
         make_class_images(datamodule, module, instantiate(cfg.sampler, _convert_="all"))
     if hasattr(datamodule, "check_provenance"):  # precomputed latents / text encodings
         datamodule.check_provenance(module.autoencoder, module.conditioner)
+    accumulate = module.accumulate_grad_batches
+    intervals = lightning_intervals(cfg.trainer, accumulate)  # Lightning counts batches, the config steps
     callbacks = _instantiate_all(cfg.callbacks)
     callbacks.sort(key=lambda c: isinstance(c, RunSummary))  # last: it records what the others logged this step
     if cfg.trainer.get("enable_progress_bar", True):  # a refresh reads the loss (a device sync): once per log interval
-        callbacks.append(LossProgressBar(refresh_rate=max(1, int(cfg.trainer.get("log_every_n_steps") or 50))))
+        callbacks.append(LossProgressBar(refresh_rate=intervals["log_every_n_steps"]))
     loggers = _instantiate_all(cfg.logger)
     for lg in loggers:
         if isinstance(lg, ResumableCSVLogger):
             lg.resume_from(resume_step)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                     plugins=[AtomicCheckpointIO(), *cluster_plugins()], use_distributed_sampler=False)
+                                     plugins=[AtomicCheckpointIO(), *cluster_plugins()], use_distributed_sampler=False,
+                                     **intervals)
 
     scale = cfg.get("scale") or {}
-    accumulate = module.accumulate_grad_batches
     datamodule.batch_size = per_device_batch(datamodule.batch_size, scale.get("global_batch"), trainer.world_size,
                                              accumulate)
     batch = global_batch(datamodule.batch_size, trainer.world_size, accumulate)

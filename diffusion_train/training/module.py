@@ -22,7 +22,7 @@ from diffusion_train.finetune.editing import InstructionEditing
 from diffusion_train.finetune.inpainting import Inpainting, KnownRegion
 from diffusion_train.finetune.masks import downsample_mask
 from diffusion_train.diffusion import GaussianDiffusion, Sampler, per_image_generators, randn
-from diffusion_train.training.parallel import full_tensor
+from diffusion_train.training.parallel import full_tensor, log_every_steps
 from diffusion_train.training.speed import check_fp8_device, prepare_backbone, resolve_compile
 
 
@@ -162,7 +162,7 @@ class DiffusionModule(L.LightningModule):
         lr = torch.full((), inner.param_groups[0]["lr"], device=self.device)  # a float would be copied: a sync
         self.log_dict({"train/grad_norm": grad_norm.detach(), "train/lr": lr,
                        "train/nonfinite_steps": self.nonfinite_steps.float()})
-        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+        if self.global_step % log_every_steps(self.trainer, self) == 0:
             truncated = [e.num_truncated for e in self.conditioner.embedders.values() if hasattr(e, "num_truncated")]
             if truncated:  # captions cut to the encoder's max_length (counted when encoded), a host-side count
                 self.log("data/truncated_captions", float(sum(truncated)))

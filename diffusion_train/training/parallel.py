@@ -115,6 +115,22 @@ def trainer_global_batch(trainer, pl_module) -> int:
         if dm is not None else 0
 
 
+def lightning_intervals(trainer_cfg, accumulate: int) -> dict:
+    """``trainer.log_every_n_steps`` and an integer ``trainer.val_check_interval`` in the batches Lightning
+    counts them in. The config counts optimizer steps, as ``max_steps`` and checkpoints do; with the
+    module's own gradient accumulation, one step is ``accumulate`` batches."""
+    out = {"log_every_n_steps": max(1, int(trainer_cfg.get("log_every_n_steps") or 50)) * accumulate}
+    val = trainer_cfg.get("val_check_interval")
+    if isinstance(val, int) and not isinstance(val, bool):
+        out["val_check_interval"] = val * accumulate
+    return out
+
+
+def log_every_steps(trainer, pl_module) -> int:
+    """The logging interval in optimizer steps (``trainer.log_every_n_steps`` counts batches)."""
+    return max(1, trainer.log_every_n_steps // max(1, int(getattr(pl_module, "accumulate_grad_batches", 1))))
+
+
 def per_device_batch(batch_size: int, global_batch: int | None, world_size: int, accumulate: int) -> int:
     """The batch each device loads per micro-step: ``data.batch_size``, or ``scale.global_batch``
     split over devices x accumulation steps (which must divide it)."""

@@ -24,7 +24,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from diffusion_train.training.parallel import trainer_global_batch
+from diffusion_train.training.parallel import log_every_steps, trainer_global_batch
 
 FORMAT = "diffusion_train.summary/1"
 # Metrics recorded in the history: evaluations, not the per-step training values.
@@ -108,7 +108,7 @@ class RunSummary(L.Callback):
         if step == self._last_step:
             return
         self._last_step = step
-        logging_step = step % max(1, trainer.log_every_n_steps) == 0
+        logging_step = step % log_every_steps(trainer, pl_module) == 0
         if logging_step:
             pl_module.log_dict({"perf/images_seen": float(self.images(step)), "perf/train_flops": self.flops(step)})
         self._note(trainer)  # evaluations logged at this step by the callbacks that ran before this one

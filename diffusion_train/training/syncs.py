@@ -37,6 +37,8 @@ import lightning as L
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from diffusion_train.training.parallel import log_every_steps
+
 log = logging.getLogger("diffusion_train")
 
 aten = torch.ops.aten
@@ -212,9 +214,9 @@ class HostSyncReport(L.Callback):
     """Finds the host-device synchronisations of a real run: watches ``steps`` optimizer steps after the first
     ``start`` steps of this launch (past warm-up, compilation and Lightning's registration of each logged
     value; a resumed run counts from its resumed step) and writes ``path`` (JSON) and one log line: synchronisations per
-    optimizer step and their source lines, split between logging batches (where Lightning logs, every
-    ``trainer.log_every_n_steps`` batches, or a step ends whose number is a multiple of it: both read logged
-    values on purpose) and the others. ``steps=0``: off. Rank 0 only.
+    optimizer step and their source lines, split between logging batches (where Lightning logs, or where an
+    optimizer step ends whose number is a multiple of the logging interval: both read logged values on
+    purpose) and the others. ``steps=0``: off. Rank 0 only.
 
     A batch's window runs from its ``on_train_batch_start`` to the next one's, so it holds every callback, the
     logging at the batch's end and the fetch of the next batch."""
@@ -248,7 +250,7 @@ class HostSyncReport(L.Callback):
             self._accumulate = int(getattr(pl_module, "accumulate_grad_batches", 1))
             ends_step = getattr(pl_module, "_micro", 0) == self._accumulate - 1
             logs = getattr(trainer._logger_connector, "should_update_logs", False) or \
-                (ends_step and step % max(1, trainer.log_every_n_steps) == 0)
+                (ends_step and step % log_every_steps(trainer, pl_module) == 0)
             kind = self.KINDS[bool(logs)]
             self.batches[kind] = self.batches.get(kind, 0) + 1
             self._current = self.watches.setdefault(kind, SyncWatch(pl_module.device))
@@ -280,7 +282,7 @@ class HostSyncReport(L.Callback):
             "counted_by": "torch.cuda.set_sync_debug_mode" if cuda
             else "operations that would synchronise on a GPU (diffusion_train.training.syncs)",
             "watched": {"from_step": self._first + self.start + 1, "batches": self.batches, "accumulate_grad_batches": self._accumulate,
-                        "log_every_n_steps": trainer.log_every_n_steps},
+                        "log_every_n_steps": log_every_steps(trainer, trainer.lightning_module)},
             "syncs_per_step": {k: self.watches[k].total / steps[k] for k in steps},
             "sites": {k: self.watches[k].table(steps[k]) for k in steps},
         }
