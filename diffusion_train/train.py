@@ -25,7 +25,7 @@ from diffusion_train.training import AtomicCheckpointIO, NonFiniteLossError, Run
 from diffusion_train.training.build import build_module, lora_scaling
 from diffusion_train.training.checkpointing import last_checkpoint, load_checkpoint, remove_stale_temp_files
 from diffusion_train.training.export import export_weights
-from diffusion_train.training.loggers import LossProgressBar, ResumableCSVLogger
+from diffusion_train.training.loggers import LossProgressBar, OptimizerStepAxis, ResumableCSVLogger
 from diffusion_train.training.parallel import (
     check_devices,
     global_batch,
@@ -98,6 +98,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
                                      plugins=[AtomicCheckpointIO(), *cluster_plugins()], use_distributed_sampler=False,
                                      **intervals)
 
+    for lg in loggers:
+        if isinstance(lg, OptimizerStepAxis):
+            lg.follow(trainer)
     scale = cfg.get("scale") or {}
     datamodule.batch_size = per_device_batch(datamodule.batch_size, scale.get("global_batch"), trainer.world_size,
                                              accumulate)

@@ -59,6 +59,24 @@ def _compare_checkpoints(a: dict, b: dict) -> None:
     assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"]
 
 
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_metrics_are_logged_by_optimizer_step_across_a_resume(accumulate, tiny_cfg, tmp_path):
+    """metrics.csv's step is the optimizer step (as in checkpoints and summary.json), and logging and validation
+    intervals count optimizer steps, with gradient accumulation too; a resumed run continues the file with no
+    gap and no repeated step."""
+    import csv
+
+    common = [f"training.accumulate_grad_batches={accumulate}", "trainer.log_every_n_steps=1",
+              "trainer.val_check_interval=2"]
+    run = tmp_path / "run"
+    for steps in (4, 8):
+        train(tiny_cfg(*common, f"trainer.max_steps={steps}", run_dir=run), run)
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [int(r["step"]) for r in rows if r.get("train/loss")] == list(range(1, 9))
+    assert [int(r["step"]) for r in rows if r.get("perf/images_seen")] == list(range(1, 9))
+    assert [int(r["step"]) for r in rows if r.get("val/loss")] == [2, 4, 6, 8]
+
+
 @pytest.mark.parametrize("model", ["unet_tiny", "dit_tiny"])
 def test_resume_is_exact(model, tiny_cfg, tmp_path):
     """N steps + resume + N steps == 2N steps straight: weights, EMA, optimizer, schedule, step."""

@@ -14,7 +14,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 
 class _AppendingWriter(ExperimentWriter):
-    """Keeps an existing metrics.csv, dropping rows from ``resume_step`` on (they will be logged again)."""
+    """Keeps an existing metrics.csv, dropping rows after ``resume_step`` (they will be logged again)."""
 
     def __init__(self, log_dir: str, resume_step: int | None):
         self._resume_step = resume_step
@@ -28,7 +28,7 @@ class _AppendingWriter(ExperimentWriter):
             reader = csv.DictReader(f)
             keys, rows = list(reader.fieldnames or []), list(reader)
         if self._resume_step is not None:
-            rows = [r for r in rows if r.get("step") not in (None, "") and int(r["step"]) < self._resume_step]
+            rows = [r for r in rows if r.get("step") not in (None, "") and int(r["step"]) <= self._resume_step]
         with open(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=keys)
             writer.writeheader()
@@ -36,7 +36,24 @@ class _AppendingWriter(ExperimentWriter):
         self.metrics_keys = sorted(keys)
 
 
-class ResumableCSVLogger(CSVLogger):
+class OptimizerStepAxis:
+    """Loggers whose ``step`` is the run's optimizer step (``trainer.global_step``), as in checkpoints,
+    summary.json, sample grids and evaluations. Lightning would pass its count of batches minus one: with
+    the module's own gradient accumulation that is several batches per step, and without it one step behind.
+    ``train.py`` points the logger at the trainer (:meth:`follow`); before that, the given step is kept."""
+
+    _trainer = None
+
+    def follow(self, trainer) -> None:
+        self._trainer = trainer
+
+    def log_metrics(self, metrics, step=None) -> None:
+        if self._trainer is not None:
+            step = self._trainer.global_step
+        super().log_metrics(metrics, step=step)
+
+
+class ResumableCSVLogger(OptimizerStepAxis, CSVLogger):
     """``<save_dir>/metrics.csv``; on resume, rows up to the resumed step are kept."""
 
     def __init__(self, save_dir: str, resume_step: int | None = None, flush_logs_every_n_steps: int = 100):
@@ -44,7 +61,7 @@ class ResumableCSVLogger(CSVLogger):
         self._resume_step = resume_step
 
     def resume_from(self, step: int | None) -> None:
-        """Rows logged at ``step`` or later are dropped when the file is opened (they are logged again)."""
+        """Rows logged after ``step`` are dropped when the file is opened (they are logged again)."""
         if self._experiment is not None:
             raise RuntimeError("ResumableCSVLogger.resume_from must be called before anything is logged")
         self._resume_step = step
@@ -90,12 +107,16 @@ def persistent_run_id(run_dir: str | os.PathLike, filename: str = "wandb_id.txt"
     return path.read_text().strip()
 
 
+class RunWandbLogger(OptimizerStepAxis, WandbLogger):
+    """Lightning's W&B logger on the optimizer-step axis (``trainer/global_step``)."""
+
+
 def wandb_logger(save_dir: str, name: str, project: str = "diffusion_train", mode: str = "auto",
                  entity: str | None = None, tags: list[str] | None = None, group: str | None = None) -> WandbLogger:
     """A W&B logger that always continues the run directory's own W&B run (``resume="allow"``)."""
     mode = wandb_mode(mode)
     os.environ.setdefault("WANDB_SILENT", "true")
-    return WandbLogger(save_dir=save_dir, name=name, project=project, id=persistent_run_id(save_dir),
+    return RunWandbLogger(save_dir=save_dir, name=name, project=project, id=persistent_run_id(save_dir),
                        resume="allow", offline=mode == "offline", mode=mode, entity=entity,
                        tags=list(tags or []), group=group)
 
