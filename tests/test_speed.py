@@ -404,8 +404,8 @@ def test_module_with_speed_options(model, options, applied):
 @pytest.mark.parametrize("overrides, graphs", [
     (["model=dit_tiny"], 1), (["model=unet_tiny"], 1), (["model=dit_tiny", "finetune=lora"], 2),
     (["model=dit_tiny", "task=inpainting"], 1), (["model=unet_tiny", "finetune=controlnet"], 1),
-    (["model=mmdit_tiny", "conditioning=t5_tiny"], 2),
-], ids=["dit", "unet", "dit_lora", "dit_inpainting", "unet_controlnet", "mmdit_text"])
+    (["model=mmdit_tiny", "conditioning=t5_tiny"], 2), (["model=dit_tiny", "training.fp8=true"], 1),
+], ids=["dit", "unet", "dit_lora", "dit_inpainting", "unet_controlnet", "mmdit_text", "dit_fp8"])
 def test_compile_auto_on_a_gpu_traces_without_graph_breaks(overrides, graphs):
     """The default on a GPU (compile=auto) traced here with the aot_eager backend: every backbone family and
     fine-tune compiles whole, with no graph break, and the training loss and gradients are those of eager."""
