@@ -21,6 +21,7 @@ from diffusion_train.conditioning.cond import Cond
 from diffusion_train.models import DiT, MMDiT, UNet
 from diffusion_train.training.build import build_module
 from diffusion_train.training.export import export_weights
+from diffusion_train.training.parallel import resolve_accelerator
 from diffusion_train.training.speed import (
     block_lists,
     check_fp8_device,
@@ -30,7 +31,6 @@ from diffusion_train.training.speed import (
     repeated_blocks,
     resolve_compile,
     uniform_blocks,
-    uses_cuda,
 )
 
 TIGHT = dict(rtol=1e-5, atol=1e-6)
@@ -122,11 +122,12 @@ def test_resolve_compile(value, on_gpu, dit, unet):
     assert resolve_compile(value, tiny_unet(), on_gpu) == unet
 
 
-def test_uses_cuda(monkeypatch):
+def test_resolve_accelerator(monkeypatch):
+    """What compile=auto and the device check take the trainer's accelerator to be."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert uses_cuda("gpu") and uses_cuda("cuda") and not uses_cuda("cpu") and not uses_cuda("auto")
+    assert [resolve_accelerator(a) for a in ("gpu", "CUDA", "cpu", "auto", None)] == ["gpu", "cuda", "cpu", "cpu", "cpu"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert uses_cuda("auto") and uses_cuda(None) and not uses_cuda("cpu")
+    assert [resolve_accelerator(a) for a in ("auto", None, "cpu")] == ["gpu", "gpu", "cpu"]
 
 
 @pytest.mark.parametrize("model, accelerator, choice", [

@@ -13,7 +13,8 @@ from diffusion_train.finetune.controlnet import ControlSource, make_controlnet
 from diffusion_train.finetune.lora import apply_lora
 from diffusion_train.training.checkpointing import load_checkpoint
 from diffusion_train.training.module import DiffusionModule
-from diffusion_train.training.speed import resolve_compile, uses_cuda
+from diffusion_train.training.parallel import resolve_accelerator
+from diffusion_train.training.speed import resolve_compile
 
 
 def build_module(cfg: DictConfig, accelerator: str | None = None) -> DiffusionModule:
@@ -51,7 +52,8 @@ def build_module(cfg: DictConfig, accelerator: str | None = None) -> DiffusionMo
     training = dict(cfg.training)
     if accelerator is None:
         accelerator = (cfg.get("trainer") or {}).get("accelerator")
-    training["compile"] = resolve_compile(training.get("compile"), backbone, uses_cuda(accelerator))
+    training["compile"] = resolve_compile(training.get("compile"), backbone,
+                                          resolve_accelerator(accelerator) in ("gpu", "cuda"))
     return DiffusionModule(backbone, conditioner, objective, autoencoder=autoencoder, optimizer=instantiate(cfg.optim, _convert_="all"),
                            lr_schedule=schedule, seed=cfg.seed, task=task, controlnet=controlnet, control=control,
                            **training)

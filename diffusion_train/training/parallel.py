@@ -157,11 +157,17 @@ def lr_scale(rule: str | None, global_batch: int, base_batch: int) -> float:
     return float(LR_RULES[rule](global_batch / base_batch))
 
 
+def resolve_accelerator(accelerator: Any) -> str:
+    """``trainer.accelerator`` in lower case, ``auto`` (or unset) made ``gpu`` when CUDA is available, else ``cpu``."""
+    name = str(accelerator or "auto").lower()
+    if name == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 def check_devices(accelerator: Any, devices: Any) -> None:
     """Refuses more devices than this machine shows, before any process starts, in one line."""
-    accelerator = str(accelerator or "auto").lower()
-    if accelerator == "auto":
-        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    accelerator = resolve_accelerator(accelerator)
     if accelerator in ("gpu", "cuda"):
         visible, what = torch.cuda.device_count(), "GPU"
         where = f" (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r})" if "CUDA_VISIBLE_DEVICES" in os.environ else ""

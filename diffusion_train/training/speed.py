@@ -59,12 +59,6 @@ def resolve_compile(value: Any, backbone: nn.Module, on_gpu: bool) -> str:
     return "blocks"
 
 
-def uses_cuda(accelerator: Any) -> bool:
-    """Whether a trainer with this ``accelerator`` setting runs on CUDA GPUs."""
-    name = str(accelerator or "auto").lower()
-    return name in ("gpu", "cuda") or (name == "auto" and torch.cuda.is_available())
-
-
 def block_lists(backbone: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     """The backbone's own ``nn.ModuleList`` attributes with their names: the transformer blocks of a DiT or
     MMDiT, the encoder and decoder stages of a U-Net (lists inside those are part of their elements)."""
