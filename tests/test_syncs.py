@@ -135,6 +135,8 @@ STEPS = ["trainer.max_steps=14", "trainer.log_every_n_steps=4", "trainer.val_che
     ["model=unet_tiny"],
     ["model=dit_tiny", "training.accumulate_grad_batches=2"],
     ["model=mmdit_tiny", "task=inpainting"],
+    ["model=dit_tiny", "data=fashion_mnist_captions", "data.val_size=16", "conditioning=t5_tiny",
+     "conditioning.embedders.caption.cache_size=0", "callbacks.sample_grid.prompts=[a bag]"],  # a text encoder in the step
 ])
 def test_training_steps_do_not_wait_for_the_device(extra, tiny_cfg, tmp_path):
     """The real trainer with its callbacks (EMA, checkpoints, samples, validation, summary, throughput,

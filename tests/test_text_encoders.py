@@ -275,6 +275,25 @@ def test_minilm_default(minilm):
     assert cos(v[0], v[1], dim=0) > cos(v[0], v[2], dim=0)
 
 
+@pytest.mark.parametrize("embedder", ["minilm", "t5"])
+def test_hf_encoders_get_their_attention_mask_made_on_the_host(embedder, request):
+    """Hugging Face's mask helper reads the padding mask (``mask.all()``), a host sync in every step when the
+    mask is on a GPU. It runs on the host tensors instead, and the encodings are the same."""
+    from diffusion_train.training.syncs import HostSyncAudit
+
+    emb = request.getfixturevalue(embedder)
+    texts = ["a photo of a sneaker", "", "a pullover"]  # padded rows
+    with HostSyncAudit() as audit:
+        out = emb(texts)
+    assert not audit.sites, dict(audit.sites)
+    ids, attn = emb._tokenize(texts)
+    with torch.no_grad():
+        ref = emb.encoder(input_ids=ids, attention_mask=attn.long()).last_hidden_state
+    torch.testing.assert_close(out["context"], ref.float(), rtol=0, atol=0)
+    full = torch.ones(2, emb.max_length, dtype=torch.bool)
+    assert emb._host_attention_mask(full) is None  # no padding: no mask, as the model would decide itself
+
+
 def test_caption_cache_gives_the_same_encodings_and_bounds_its_size():
     from diffusion_train.conditioning.text import HFTextEmbedder
 

@@ -28,6 +28,7 @@ offline presets) has no file to be rebuilt from, so its weights are kept in the 
 from __future__ import annotations
 
 import os
+import sys
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping
@@ -261,9 +262,7 @@ class _HFTokenizing(TextEmbedder):
     tokenizer: Any
 
     def _tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
-        from diffusion_train.training.syncs import host_side  # here: training imports this module
-
-        with host_side():  # host tensors, copied to the device by the caller
+        with _host_side():  # host tensors, copied to the device by the caller
             return self._tokenize_on_host(texts)
 
     def _tokenize_on_host(self, texts: list[str]) -> tuple[Tensor, Tensor]:
@@ -280,10 +279,46 @@ class _HFTokenizing(TextEmbedder):
 
     def _encode(self, texts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
         ids, attn = self._tokenize(texts)
+        bias = self._host_attention_mask(attn)
         device = self._device()
-        ids, attn = ids.to(device), attn.to(device)
-        hidden = self.encoder(input_ids=ids, attention_mask=attn.long()).last_hidden_state
+        ids, attn, bias = (_to_device(t, device) for t in (ids, attn, bias))
+        hidden = self.encoder(input_ids=ids, attention_mask=bias).last_hidden_state
         return hidden, attn, _masked_mean(hidden, attn)
+
+    def _host_attention_mask(self, attn: Tensor) -> Tensor | None:
+        """The mask the encoder is given. Hugging Face models that build their attention mask with
+        ``masking_utils.create_bidirectional_mask`` look at a 2D padding mask on the device (``mask.all()``
+        decides whether a mask is needed: a host sync in every step) and take a prepared 4D mask as it is. So
+        the same function runs here, on the host tensors, and its result (None without padding) is copied
+        over. Other models get the 2D mask."""
+        if not _builds_masks_with(self.encoder, "create_bidirectional_mask"):
+            return attn.long()
+        from transformers.masking_utils import create_bidirectional_mask
+
+        with _host_side():
+            shape = torch.empty(attn.shape[0], attn.shape[1], 0, dtype=self.encoder.dtype)  # read for sizes only
+            mask = create_bidirectional_mask(config=self.encoder.config, inputs_embeds=shape, attention_mask=attn)
+        return mask if mask is None or (isinstance(mask, Tensor) and mask.ndim == 4) else attn.long()
+
+
+def _builds_masks_with(model: nn.Module, helper: str) -> bool:
+    """Whether ``model``'s Hugging Face modelling code calls ``transformers.masking_utils.<helper>``."""
+    return helper in vars(sys.modules.get(type(model).__module__, object()))
+
+
+def _host_side():
+    from diffusion_train.training.syncs import host_side  # here: training imports this module
+
+    return host_side()
+
+
+def _to_device(t: Tensor | None, device: torch.device) -> Tensor | None:
+    """``t`` on ``device``; a host tensor goes to a GPU from pinned memory, so the copy does not wait."""
+    if t is None or t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _check_positions(cls_name: str, config, max_length: int) -> None:
