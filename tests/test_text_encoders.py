@@ -275,6 +275,16 @@ def test_minilm_default(minilm):
     assert cos(v[0], v[1], dim=0) > cos(v[0], v[2], dim=0)
 
 
+def test_clip_tokenizes_on_the_host_without_a_sync(clip_ckpt):
+    from diffusion_train.training.syncs import HostSyncAudit
+
+    emb = CLIPTextEmbedder(model_name=TINY_CLIP, pretrained=str(clip_ckpt), max_length=8)
+    with HostSyncAudit() as audit:
+        out = emb(["a photo of a cat " * 4, "a dog"])  # the first is truncated: counted on the host
+    assert not audit.sites, dict(audit.sites)
+    assert emb.num_truncated == 1 and out["mask"].sum(1).tolist() == [8, 4]
+
+
 @pytest.mark.parametrize("embedder", ["minilm", "t5"])
 def test_hf_encoders_get_their_attention_mask_made_on_the_host(embedder, request):
     """Hugging Face's mask helper reads the padding mask (``mask.all()``), a host sync in every step when the

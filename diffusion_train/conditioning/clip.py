@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from diffusion_train.conditioning.text import TextEmbedder
+from diffusion_train.conditioning.text import TextEmbedder, host_side, to_device
 from diffusion_train.conditioning.weights import LOAD_ERRORS, looks_like_path, one_line, sha256_files
 
 __all__ = ["CLIPTextEmbedder", "load_open_clip", "register_open_clip_config"]
@@ -177,9 +177,10 @@ class CLIPTextEmbedder(TextEmbedder):
         return ids, mask
 
     def _encode(self, texts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
-        ids, mask = self._tokenize(texts)
+        with host_side():
+            ids, mask = self._tokenize(texts)
         device = self._device()
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = to_device(ids, device), to_device(mask, device)
         transformer, ln_final = self._text_parts()
         captured: list[Tensor] = []
         handle = transformer.resblocks[self.layer_index].register_forward_hook(

@@ -262,7 +262,7 @@ class _HFTokenizing(TextEmbedder):
     tokenizer: Any
 
     def _tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
-        with _host_side():  # host tensors, copied to the device by the caller
+        with host_side():  # host tensors, copied to the device by the caller
             return self._tokenize_on_host(texts)
 
     def _tokenize_on_host(self, texts: list[str]) -> tuple[Tensor, Tensor]:
@@ -281,7 +281,7 @@ class _HFTokenizing(TextEmbedder):
         ids, attn = self._tokenize(texts)
         bias = self._host_attention_mask(attn)
         device = self._device()
-        ids, attn, bias = (_to_device(t, device) for t in (ids, attn, bias))
+        ids, attn, bias = (to_device(t, device) for t in (ids, attn, bias))
         hidden = self.encoder(input_ids=ids, attention_mask=bias).last_hidden_state
         return hidden, attn, _masked_mean(hidden, attn)
 
@@ -295,7 +295,7 @@ class _HFTokenizing(TextEmbedder):
             return attn.long()
         from transformers.masking_utils import create_bidirectional_mask
 
-        with _host_side():
+        with host_side():
             shape = torch.empty(attn.shape[0], attn.shape[1], 0, dtype=self.encoder.dtype)  # read for sizes only
             mask = create_bidirectional_mask(config=self.encoder.config, inputs_embeds=shape, attention_mask=attn)
         return mask if mask is None or (isinstance(mask, Tensor) and mask.ndim == 4) else attn.long()
@@ -306,13 +306,14 @@ def _builds_masks_with(model: nn.Module, helper: str) -> bool:
     return helper in vars(sys.modules.get(type(model).__module__, object()))
 
 
-def _host_side():
-    from diffusion_train.training.syncs import host_side  # here: training imports this module
+def host_side():
+    """``training.syncs.host_side()``: host work on purpose (imported here: training imports this module)."""
+    from diffusion_train.training import syncs
 
-    return host_side()
+    return syncs.host_side()
 
 
-def _to_device(t: Tensor | None, device: torch.device) -> Tensor | None:
+def to_device(t: Tensor | None, device: torch.device) -> Tensor | None:
     """``t`` on ``device``; a host tensor goes to a GPU from pinned memory, so the copy does not wait."""
     if t is None or t.device == device:
         return t
