@@ -43,7 +43,6 @@ import datetime as dt
 import gc
 import json
 import logging
-import math
 import platform
 import shlex
 import statistics
@@ -352,40 +351,25 @@ def run_lightning(cfg, batch: dict, opts: dict, device, clock: Clock) -> dict:
 
 
 def run_bare(cfg, batch: dict, opts: dict, device, clock: Clock) -> dict:
+    """The step of ``DiffusionModule.training_step`` (its loss and optimizer update) in a plain loop."""
     import contextlib
 
     import torch
 
     module = opts["get_module"]().to(device).train()
     ema = make_ema(cfg)
-    opt = module.optimizer_factory(module.trainable_parameters())
-    sched = module.lr_schedule_factory(opt) if module.lr_schedule_factory is not None else None
-    fused = getattr(opt, "_step_supports_amp_scaling", False)
+    setup = module.configure_optimizers()  # the optimizer with the scaled learning rate, and its schedule
+    opt, schedulers = (setup["optimizer"], [setup["lr_scheduler"]["scheduler"]]) if isinstance(setup, dict) \
+        else (setup, [])
     log_every = max(1, int(cfg.trainer.log_every_n_steps))
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if opts["precision"] == "bf16-mixed"
                 else contextlib.nullcontext())
-    max_norm = module.grad_clip if module.grad_clip else math.inf
     clock.start()
     for step in range(total_steps(opts)):
         g = module.step_generator(step, 0)  # (global step, global micro-batch 0), as training_step seeds it
         with autocast:  # Lightning's precision context wraps the whole training_step, optimizer step included
-            loss = module.loss(batch, g).mean()
-            loss.backward()
-            params = module.trainable_parameters()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-            nonfinite = ~torch.isfinite(grad_norm)
-            if fused:
-                opt.found_inf = nonfinite.float()  # the fused kernel skips a non-finite step on device
-                opt.step()
-            else:
-                if bool(nonfinite):
-                    opt.zero_grad(set_to_none=True)
-                opt.step()
-            opt.zero_grad(set_to_none=True)
-            if sched is not None:
-                sched.step()
-            module.nonfinite_steps += nonfinite.long()
-            module.nonfinite_streak.mul_(nonfinite.long()).add_(nonfinite.long())
+            module.batch_loss(batch, g).backward()
+            module.optimizer_update(opt, schedulers)
             if (step + 1) % log_every == 0:
                 int(module.nonfinite_streak)  # the trainer's host check of the non-finite streak
         if ema is not None:

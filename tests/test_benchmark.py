@@ -169,6 +169,27 @@ def test_text_conditioned_inputs(tmp_path):
     assert loss.shape == (2,) and torch.isfinite(loss).all()
 
 
+def test_bare_loop_makes_the_trainers_step():
+    """The bare loop, the baseline of the Lightning overhead, runs the module's own loss and optimizer update:
+    after the same steps on the same batch both modes hold the same weights."""
+    benchmark = import_script()
+    opts = benchmark.parse_args(["config=model=dit_tiny optim.lr=1e-3 lr_schedule.warmup_steps=2", "latent=4x8x8",
+                                 "classes=3", "device=cpu", "precision=32-true", "steps=2", "warmup=1", "repeats=1"])
+    cfg = benchmark.compose(benchmark.stand_in_overrides(opts) + opts["config"])
+    modules = []
+    opts["get_module"] = lambda: modules.append(benchmark.build(cfg, 0)) or modules[-1]
+    batch, _ = benchmark.make_batch(benchmark.build(cfg, 0), 4, torch.device("cpu"))
+    for mode in ("lightning", "bare"):
+        assert benchmark.measure(mode, cfg, batch, opts, torch.device("cpu"), macs=1, peak=None)["status"] == "ok"
+    lightning, bare = (m.state_dict() for m in modules)
+    assert lightning.keys() == bare.keys()
+    start = benchmark.build(cfg, 0).state_dict()
+    assert not torch.equal(lightning["backbone.final_layer.linear.weight"], start["backbone.final_layer.linear.weight"])
+    for key, value in lightning.items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(bare[key], value, rtol=0, atol=1e-6, msg=key)
+
+
 @pytest.mark.parametrize("arg", ["steps=0", "precision=fp8", "modes=fast", "latent=4x32", "text=77", "device=tpu",
                                  "nonsense", "batch=x", "compile=fast"])
 def test_bad_argument_is_one_error_line(arg, capsys):

@@ -129,9 +129,7 @@ class DiffusionModule(L.LightningModule):
     # -- training --------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         g = self.step_generator(self.global_step, self._micro * self.trainer.world_size + self.global_rank)
-        per_sample = self.loss(batch, g)
-        weights = batch.get("loss_weight")  # e.g. DreamBooth's prior-preservation weight of the class images
-        loss = per_sample.mean() if weights is None else (per_sample * weights.to(per_sample)).mean()
+        loss = self.batch_loss(batch, g)
         self.manual_backward(loss / self.accumulate_grad_batches)
         self._micro += 1
         if self._micro == self.accumulate_grad_batches:
@@ -140,13 +138,22 @@ class DiffusionModule(L.LightningModule):
         self.log("train/loss", loss.detach())  # shown by LossProgressBar at its refreshes only
         return loss.detach()
 
-    def _optimizer_step(self) -> None:
-        opt = self.optimizers()
+    def batch_loss(self, batch: dict, generator: torch.Generator | None = None) -> Tensor:
+        """The batch's mean training loss, with its per-sample ``loss_weight`` if it has one (e.g. DreamBooth's
+        prior-preservation weight of the class images)."""
+        per_sample = self.loss(batch, generator)
+        weights = batch.get("loss_weight")
+        return per_sample.mean() if weights is None else (per_sample * weights.to(per_sample)).mean()
+
+    def optimizer_update(self, opt, schedulers: list) -> Tensor:
+        """One optimizer step from the accumulated gradients: clip, step (a non-finite gradient norm skips the
+        update), zero the gradients, step the schedules, count non-finite steps. ``opt``: the optimizer or
+        Lightning's wrapper of it. Returns the gradient norm (a device tensor)."""
         params = self.trainable_parameters()
         max_norm = self.grad_clip if self.grad_clip else math.inf
         grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))  # FSDP: the global norm
         nonfinite = ~torch.isfinite(grad_norm)
-        inner = opt.optimizer
+        inner = getattr(opt, "optimizer", opt)
         if getattr(inner, "_step_supports_amp_scaling", False):
             inner.found_inf = nonfinite.float()  # the fused kernel skips the update on device
             opt.step()
@@ -155,11 +162,16 @@ class DiffusionModule(L.LightningModule):
                 opt.zero_grad(set_to_none=True)
             opt.step()
         opt.zero_grad(set_to_none=True)
-        for sched in self._schedulers():
+        for sched in schedulers:
             sched.step()
         self.nonfinite_steps += nonfinite.long()
         self.nonfinite_streak.mul_(nonfinite.long()).add_(nonfinite.long())
-        lr = torch.full((), inner.param_groups[0]["lr"], device=self.device)  # a float would be copied: a sync
+        return grad_norm
+
+    def _optimizer_step(self) -> None:
+        opt = self.optimizers()
+        grad_norm = self.optimizer_update(opt, self._schedulers())
+        lr = torch.full((), opt.optimizer.param_groups[0]["lr"], device=self.device)  # a float would be copied: a sync
         self.log_dict({"train/grad_norm": grad_norm.detach(), "train/lr": lr,
                        "train/nonfinite_steps": self.nonfinite_steps.float()})
         if self.global_step % log_every_steps(self.trainer, self) == 0:
