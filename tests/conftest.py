@@ -35,3 +35,23 @@ def tiny_cfg(tmp_path):
         return compose_train(TINY + list(overrides), run_dir or tmp_path / "run")
 
     return make
+
+
+class LossRecorder:
+    """A callback (``+callbacks.recorder._target_=conftest.LossRecorder``) that keeps each optimizer step's
+    training loss, as ``training_step`` returned it, in ``LossRecorder.losses``; with ``stop_at``, it stops the
+    fit after that step, as a preemption does."""
+
+    losses: dict[int, float] = {}
+
+    def __new__(cls, stop_at: int | None = None):
+        import lightning as L
+
+        class _Recorder(L.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+                cls.losses[trainer.global_step] = float(loss)
+                if stop_at is not None and trainer.global_step >= stop_at:
+                    trainer.should_stop = True
+
+        return _Recorder()

@@ -77,6 +77,25 @@ def test_metrics_are_logged_by_optimizer_step_across_a_resume(accumulate, tiny_c
     assert [int(r["step"]) for r in rows if r.get("val/loss")] == [2, 4, 6, 8]
 
 
+def test_logged_training_values_are_those_of_their_step(tiny_cfg, tmp_path):
+    """Training values are logged only at the batches whose logs Lightning writes: every
+    ``log_every_n_steps``-th step, and the step at which a callback stops the fit (here 7). Each row holds the
+    loss of its own step."""
+    import csv
+
+    from conftest import LossRecorder
+
+    LossRecorder.losses.clear()
+    run = tmp_path / "run"
+    train(tiny_cfg("trainer.log_every_n_steps=3", "trainer.max_steps=20", "+callbacks.recorder._target_=conftest.LossRecorder",
+                   "+callbacks.recorder.stop_at=7", run_dir=run), run)
+    rows = [r for r in csv.DictReader(open(run / "metrics.csv")) if r.get("train/loss")]
+    assert [int(r["step"]) for r in rows] == [3, 6, 7]
+    for r in rows:
+        assert float(r["train/loss"]) == pytest.approx(LossRecorder.losses[int(r["step"])], rel=1e-6)
+        assert r["train/lr"] and r["train/grad_norm"] and float(r["train/nonfinite_steps"]) == 0
+
+
 @pytest.mark.parametrize("model", ["unet_tiny", "dit_tiny"])
 def test_resume_is_exact(model, tiny_cfg, tmp_path):
     """N steps + resume + N steps == 2N steps straight: weights, EMA, optimizer, schedule, step."""

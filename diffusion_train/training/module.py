@@ -79,6 +79,7 @@ class DiffusionModule(L.LightningModule):
         self.lr_scale = 1.0  # set from the global batch by training.lr_scaling (see training/parallel.py)
         self._micro = 0
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._train_logs: dict[str, Any] = {}  # the latest training values, logged at logging batches
         self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.long), persistent=True)
         self.register_buffer("nonfinite_streak", torch.zeros((), dtype=torch.long), persistent=False)
 
@@ -135,7 +136,7 @@ class DiffusionModule(L.LightningModule):
         if self._micro == self.accumulate_grad_batches:
             self._micro = 0
             self._optimizer_step()
-        self.log("train/loss", loss.detach())  # shown by LossProgressBar at its refreshes only
+        self._train_logs["train/loss"] = loss.detach()
         return loss.detach()
 
     def batch_loss(self, batch: dict, generator: torch.Generator | None = None) -> Tensor:
@@ -168,12 +169,24 @@ class DiffusionModule(L.LightningModule):
         self.nonfinite_streak.mul_(nonfinite.long()).add_(nonfinite.long())
         return grad_norm
 
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        """Logs the training values of the batch (kept as device tensors by the step) when Lightning writes this
+        batch's logs: at its logging interval, or when a callback has just stopped the fit. Each ``self.log``
+        call costs host time, so the other batches, whose values Lightning would overwrite unwritten, skip it.
+        (This hook runs after the callbacks' and before Lightning writes the logs.)"""
+        if self._train_logs and self.trainer._logger_connector.should_update_logs:
+            logs = dict(self._train_logs)
+            if "train/lr" in logs:  # a float would be copied to the device in a blocking copy
+                logs["train/lr"] = torch.full((), logs["train/lr"], device=self.device)
+            if "train/nonfinite_steps" in logs:
+                logs["train/nonfinite_steps"] = logs["train/nonfinite_steps"].float()
+            self.log_dict(logs)  # train/loss: shown by LossProgressBar, which refreshes at logging steps
+
     def _optimizer_step(self) -> None:
         opt = self.optimizers()
         grad_norm = self.optimizer_update(opt, self._schedulers())
-        lr = torch.full((), opt.optimizer.param_groups[0]["lr"], device=self.device)  # a float would be copied: a sync
-        self.log_dict({"train/grad_norm": grad_norm.detach(), "train/lr": lr,
-                       "train/nonfinite_steps": self.nonfinite_steps.float()})
+        self._train_logs.update({"train/grad_norm": grad_norm.detach(), "train/lr": opt.optimizer.param_groups[0]["lr"],
+                                 "train/nonfinite_steps": self.nonfinite_steps})
         if self.global_step % log_every_steps(self.trainer, self) == 0:
             truncated = [e.num_truncated for e in self.conditioner.embedders.values() if hasattr(e, "num_truncated")]
             if truncated:  # captions cut to the encoder's max_length (counted when encoded), a host-side count
