@@ -79,23 +79,24 @@ if [[ $CHECKS == *bench* ]]; then
         out="$OUT/dit_xl2_compile.json"
 fi
 if [[ $CHECKS == *levers* ]]; then
-    # Each row against the eager row of the same config, on the same card in the same call (modes=lightning:
-    # the trainer's own loop). Most important first: a time limit cuts the tail.
+    # The trainer's own loop (modes=lightning) with the default compilation of each target config first, then
+    # eager and the other options against them, on the same card in the same call. Most important first: a time
+    # limit cuts the tail.
     L=($PY scripts/benchmark.py md="$OUT/benchmarks.md" modes=lightning warmup=3 steps=10 repeats=3)
     S2=(config="model=dit_s2" batch=256); B2=(config="model=dit_b2" batch=256); XL=(config="model=dit_xl2" batch=128)
     UN=(config="model=unet_sd model.attention_resolutions=[32,16,8]" text=77x1024 batch=64)
     UN_CL=(config="model=unet_sd model.attention_resolutions=[32,16,8] training.channels_last=true" text=77x1024 batch=64)
-    step s2_eager 60 "${L[@]}" "${S2[@]}" compile=false out="$OUT/s2_eager.json"
     step s2_blocks 150 "${L[@]}" "${S2[@]}" compile=blocks modes=both out="$OUT/s2_blocks.json"  # + Lightning overhead
     step xl_blocks 150 "${L[@]}" "${XL[@]}" compile=blocks out="$OUT/xl_blocks.json"
     step b2_blocks 120 "${L[@]}" "${B2[@]}" compile=blocks out="$OUT/b2_blocks.json"
-    step unet_eager 90 "${L[@]}" "${UN[@]}" compile=false modes=both out="$OUT/unet_eager.json"  # Lightning overhead
     step unet_compiled 200 "${L[@]}" "${UN[@]}" compile=true out="$OUT/unet_compiled.json"
+    step unet_eager 90 "${L[@]}" "${UN[@]}" compile=false modes=both out="$OUT/unet_eager.json"  # Lightning overhead
+    step s2_eager 60 "${L[@]}" "${S2[@]}" compile=false out="$OUT/s2_eager.json"
+    step s2_graphs 150 "${L[@]}" config="model=dit_s2 training.compile_options={mode:reduce-overhead}" batch=256 \
+        compile=true out="$OUT/s2_graphs.json"
     step xl_blocks_fp8 150 "${L[@]}" config="model=dit_xl2 training.fp8=true" batch=128 compile=blocks \
         out="$OUT/xl_blocks_fp8.json"
     step unet_compiled_cl 200 "${L[@]}" "${UN_CL[@]}" compile=true out="$OUT/unet_compiled_cl.json"
-    step s2_graphs 150 "${L[@]}" config="model=dit_s2 training.compile_options={mode:reduce-overhead}" batch=256 \
-        compile=true out="$OUT/s2_graphs.json"
     step s2_full 120 "${L[@]}" "${S2[@]}" compile=true out="$OUT/s2_full.json"
 fi
 if [[ $CHECKS == *syncs* ]]; then
