@@ -605,6 +605,8 @@ def test_dreambooth_makes_its_class_images_then_trains(tiny_cfg, tmp_path):
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (4, 3, 16, 16) and batch["loss_weight"].tolist() == [1.0, 1.0, 0.5, 0.5]
+    summary = json.loads((run / "summary.json").read_text())  # the class images count in throughput and FLOPs
+    assert summary["global_batch"] == 4 and summary["images_seen"] == 4 * summary["steps"] > 0
 
 
 def test_dreambooth_needs_its_images(tiny_cfg, tmp_path):

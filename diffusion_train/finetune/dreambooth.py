@@ -78,6 +78,12 @@ class DreamBoothDataModule(InMemoryDataModule):
         self.num_class_images, self.prior_loss_weight = int(num_class_images), float(prior_loss_weight)
         self.class_guidance_scale = float(class_guidance_scale)
 
+    @property
+    def images_per_sample(self) -> int:
+        """Each sample trains on its subject image and, with prior preservation, a class image (throughput and
+        FLOPs count both)."""
+        return 2 if self.class_prompt is not None else 1
+
     def class_images_missing(self) -> int:
         if self.class_prompt is None:
             return 0

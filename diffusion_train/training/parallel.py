@@ -109,10 +109,14 @@ def global_batch(batch_size: int, world_size: int, accumulate: int) -> int:
 
 
 def trainer_global_batch(trainer, pl_module) -> int:
-    """:func:`global_batch` of a running fit (0 without a data module)."""
+    """The images of one optimizer step in a running fit (0 without a data module): :func:`global_batch` times
+    the images each sample of the data module brings (``images_per_sample``: 2 for DreamBooth with prior
+    preservation, whose samples pair a subject image with a class image)."""
     dm = trainer.datamodule
-    return global_batch(dm.batch_size, trainer.world_size, getattr(pl_module, "accumulate_grad_batches", 1)) \
-        if dm is not None else 0
+    if dm is None:
+        return 0
+    samples = global_batch(dm.batch_size, trainer.world_size, getattr(pl_module, "accumulate_grad_batches", 1))
+    return samples * int(getattr(dm, "images_per_sample", 1))
 
 
 def lightning_intervals(trainer_cfg, accumulate: int) -> dict:
