@@ -546,6 +546,14 @@ def test_controlnet_run_and_its_grid_script(tiny_cfg, tmp_path):
     save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(base))
     train(tiny_cfg(*CONTROL, f"init.path={base}", run_dir=run), run)
     assert json.loads((run / "run.json").read_text())["init"]["controlnet_from_base"] is True
+    # FLOPs: the ControlNet's copy runs next to the base (its MACs counted by hooks here, by flop_counter there)
+    from diffusion_train.scaling import counted_macs, forward_macs
+
+    module = build_module(tiny_cfg(*CONTROL))
+    control_macs = counted_macs(module.controlnet, module.backbone.input_size)
+    summary = json.loads((run / "summary.json").read_text())
+    assert control_macs > 0
+    assert summary["forward_macs_per_image"] == forward_macs(module.backbone) + control_macs
     spec = importlib.util.spec_from_file_location("control_script", ROOT / "scripts" / "control.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
@@ -714,6 +722,9 @@ def test_controlnet_of_a_diffusers_unet(tiny_cfg, tmp_path):
     with torch.no_grad():
         base = module.backbone(x, t, replace(cond, control=None))
         assert torch.equal(module.net(x, t, cond), base)
+    from diffusion_train.scaling import flop_counter_macs
+
+    assert flop_counter_macs(module.controlnet, module.backbone.input_size, 64) > 0  # counted in the run's FLOPs
     opt = torch.optim.Adam(module.trainable_parameters(), lr=1e-2)
     assert {n.split(".")[0] for n, p in module.named_parameters() if p.requires_grad} == {"controlnet"}
     for step in range(2):

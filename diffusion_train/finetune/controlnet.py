@@ -63,6 +63,7 @@ class UNetControlNet(nn.Module):
     def __init__(self, base: UNet, control_channels: int, image_size: int):
         super().__init__()
         self.in_channels, self.context_dim = base.in_channels, base.context_dim
+        self.control_shape = (int(control_channels), int(image_size), int(image_size))
         self.cond_embedder, self.conv_in = copy.deepcopy(base.cond_embedder), copy.deepcopy(base.conv_in)
         self.down, self.middle = copy.deepcopy(base.down), copy.deepcopy(base.middle)
         self.hint = HintEncoder(control_channels, base.conv_in.out_channels, _factor(image_size, base.input_size))
@@ -96,6 +97,7 @@ class DiTControlNet(nn.Module):
             raise ValueError(f"finetune.depth must be in 1..{len(base.blocks)}, got {depth}")
         for name in ("in_channels", "context_dim", "patch_size", "grid_size", "hidden_size"):
             setattr(self, name, getattr(base, name))
+        self.control_shape = (int(control_channels), int(image_size), int(image_size))
         self.x_embedder, self.cond_embedder = copy.deepcopy(base.x_embedder), copy.deepcopy(base.cond_embedder)
         self.register_buffer("pos_embed", base.pos_embed.clone(), persistent=False)
         self._pos_embed_cache: dict[tuple, Tensor] = {}
@@ -141,6 +143,7 @@ class DiffusersControlNet(nn.Module):
         self.net = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=widths,
                                              conditioning_channels=control_channels)
         self.in_channels, self.context_dim = base.in_channels, base.context_dim
+        self.control_shape = (int(control_channels), int(image_size), int(image_size))
 
     @torch.no_grad()
     def copy_base(self, base: DiffusersUNet) -> None:

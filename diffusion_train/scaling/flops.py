@@ -27,10 +27,16 @@ package's attention modules (the two attention matmuls). :func:`flop_counter_mac
 cross-check: ``torch.utils.flop_counter.FlopCounterMode`` over the same meta forward pass (on the
 meta device ``scaled_dot_product_attention`` runs its math path, two counted ``bmm``; on a CPU its
 fused kernel is not in flop_counter's registry and would be missed).
+
+A ControlNet fine-tune runs a trainable copy of part of the backbone next to it: the run's forward MACs
+per image are the backbone's plus the copy's (:func:`flop_counter_macs` of the ControlNet, given a control
+image of its ``control_shape``). The 6 x rule is kept for both; for the frozen base, whose weights get no
+gradients, it is an upper bound.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -164,7 +170,8 @@ def forward_macs(backbone: nn.Module, size: int | tuple[int, int] | None = None,
 
 
 def _meta_inputs(backbone: nn.Module, size: tuple[int, int], context_len: int) -> tuple[Tensor, Tensor, Cond]:
-    """Batch-1 meta inputs (x, t, cond) shaped as ``backbone`` expects."""
+    """Batch-1 meta inputs (x, t, cond) shaped as ``backbone`` expects (a ControlNet: with the control image of
+    its ``control_shape``)."""
     x = torch.empty(1, int(backbone.in_channels), *size, device="meta")
     t = torch.empty(1, device="meta")
     cond_dim = int(getattr(getattr(backbone, "cond_embedder", None), "cond_dim", 0) or 0)
@@ -172,6 +179,9 @@ def _meta_inputs(backbone: nn.Module, size: tuple[int, int], context_len: int) -
     cond = Cond(vector=torch.empty(1, cond_dim, device="meta") if cond_dim else None,
                 context=torch.empty(1, context_len, context_dim, device="meta") if context_dim else None,
                 mask=torch.ones(1, context_len, dtype=torch.bool, device="meta") if context_dim else None)
+    control = getattr(backbone, "control_shape", None)
+    if control is not None:
+        cond = replace(cond, control=torch.empty(1, *control, device="meta"))
     return x, t, cond
 
 
