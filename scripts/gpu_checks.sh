@@ -8,7 +8,7 @@
 #   CHECKS=levers bash scripts/gpu_checks.sh      # the speed options (docs/performance.md) against eager, same card
 #   CHECKS=syncs bash scripts/gpu_checks.sh       # which parts of a DiT step synchronise (attention backends, ...)
 #   CHECKS=fp8 FMNIST=dir bash scripts/gpu_checks.sh  # bf16 against fp8 loss curves: DiT-B/2 on Fashion-MNIST (the
-#                                                 # IDX files in dir), 1500 steps each, compiled blocks
+#                                                 # IDX files in dir), FP8_STEPS (1500) steps each, compiled blocks
 #
 # Each step has its own time limit and a failure does not stop the others; the summary at the end lists
 # each step's exit status.
@@ -155,7 +155,7 @@ fi
 if [[ $CHECKS == *fp8* ]]; then
     # Same data, seed and steps; only training.fp8 differs. Loss curves from each run's metrics.csv.
     F=(experiment=fmnist model=dit_b2 model.patch_size=2 trainer=gpu data.root="${FMNIST:-/usr/share/datasets/fashion-mnist}"
-       data.batch_size=256 trainer.max_steps=1500 trainer.val_check_interval=250 trainer.log_every_n_steps=25 logger=csv
+       data.batch_size=256 trainer.max_steps="${FP8_STEPS:-1500}" trainer.val_check_interval=250 trainer.log_every_n_steps=25 logger=csv
        training.compile=blocks callbacks.sample_grid.every_n_steps=100000 callbacks.checkpoint.every_n_train_steps=100000)
     step fp8_bf16 280 $PY -m diffusion_train.train "${F[@]}" training.fp8=false hydra.run.dir="$RUNS/fp8_bf16"
     step fp8_fp8 280 $PY -m diffusion_train.train "${F[@]}" training.fp8=true hydra.run.dir="$RUNS/fp8_fp8"
