@@ -137,6 +137,10 @@ STEPS = ["trainer.max_steps=14", "trainer.log_every_n_steps=4", "trainer.val_che
     ["model=mmdit_tiny", "task=inpainting"],
     ["model=dit_tiny", "data=fashion_mnist_captions", "data.val_size=16", "conditioning=t5_tiny",
      "conditioning.embedders.caption.cache_size=0", "callbacks.sample_grid.prompts=[a bag]"],  # a text encoder in the step
+    ["finetune=lora"],
+    ["finetune=controlnet"],  # Sobel control images made in the step
+    ["model=dit_tiny", "task=editing", "data=fashion_mnist_edits", "data.val_size=16", "conditioning=t5_tiny",
+     "conditioning.embedders.caption.cache_size=0", "callbacks.sample_grid.prompts=[flip]"],
 ])
 def test_training_steps_do_not_wait_for_the_device(extra, tiny_cfg, tmp_path):
     """The real trainer with its callbacks (EMA, checkpoints, samples, validation, summary, throughput,

@@ -210,13 +210,19 @@ class ControlSource:
         return sobel_edges(batch["image"])
 
 
+def _sobel_kernels(device: torch.device) -> Tensor:
+    """The x and y Sobel kernels (2, 1, 3, 3), made on ``device`` from device arithmetic: a tensor made from host
+    data would be a blocking copy to a GPU in every step."""
+    diff = torch.linspace(-1.0, 1.0, 3, device=device)  # [-1, 0, 1]
+    kx = (2 - diff.abs())[:, None] * diff[None, :]  # [1, 2, 1] x [-1, 0, 1]
+    return torch.stack([kx, kx.t()])[:, None]
+
+
 def sobel_edges(images: Tensor) -> Tensor:
     """Edge maps of (B, C, H, W) images in [-1, 1]: the Sobel gradient magnitude of their grey level, each
     image scaled to its own maximum, as (B, 1, H, W) in [-1, 1] (-1: flat)."""
     grey = images.float().mean(dim=1, keepdim=True)
-    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=images.device)
-    kernels = torch.stack([kx, kx.t()])[:, None]
-    grad = F.conv2d(F.pad(grey, (1, 1, 1, 1), mode="replicate"), kernels)
+    grad = F.conv2d(F.pad(grey, (1, 1, 1, 1), mode="replicate"), _sobel_kernels(images.device))
     mag = grad.square().sum(dim=1, keepdim=True).sqrt()
     mag = mag / mag.amax(dim=(2, 3), keepdim=True).clamp(min=1e-6)
     return mag * 2 - 1
