@@ -150,6 +150,33 @@ def run_update():
     opt.step()
     torch._foreach_lerp_(ema, [p.detach() for p in net.parameters()], 1e-3)
 probe("clip + fused AdamW + EMA", run_update)
+
+# The trainer's module (scripts/benchmark.py builds it as the trainer does), part by part, eager.
+import sys
+sys.path.insert(0, "scripts")
+import benchmark
+opts = benchmark.parse_args(["config=model=dit_s2", "batch=256", "compile=false"])
+cfg = benchmark.compose(benchmark.stand_in_overrides(opts) + opts["config"] + ["training.compile=false"])
+module = benchmark.build(cfg, 0).to(dev).train()
+batch, _ = benchmark.make_batch(module, 256, dev)
+setup = module.configure_optimizers()
+opt, scheds = (setup["optimizer"], [setup["lr_scheduler"]["scheduler"]]) if isinstance(setup, dict) else (setup, [])
+ema = benchmark.make_ema(cfg)
+state = {}
+def module_loss():
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        state["loss"] = module.batch_loss(batch, module.step_generator(0, 0))
+def module_step():
+    module_loss()
+    state["loss"].backward()
+def module_update():
+    module_step()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        module.optimizer_update(opt, scheds)
+probe("module: loss (conditioner, objective, backbone)", module_loss)
+probe("module: loss + backward", module_step)
+probe("module: loss + backward + optimizer_update", module_update)
+probe("module: EMA update (2 decays)", lambda: ema.update(module))
 PYEOF
 fi
 if [[ $CHECKS == *fp8* ]]; then
