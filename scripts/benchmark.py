@@ -1,7 +1,7 @@
 """Training-step throughput of any experiment config on one GPU: images/s, MFU, peak memory, compile time::
 
     python scripts/benchmark.py config="model=dit_xl2" batch=128
-    python scripts/benchmark.py config="model=unet_sd model.attention_resolutions=[32,16,8]" text=77x1024 batch=64
+    python scripts/benchmark.py config="model=unet_sd2 model.attention_resolutions=[32,16,8]" text=77x1024 batch=64
     python scripts/benchmark.py config="experiment=smoke" device=cpu steps=2 repeats=2   # a CPU smoke run
 
 Every argument is ``key=value``:

@@ -73,7 +73,7 @@ if [[ $CHECKS == *bench* ]]; then
     step bench_dit_xl2 240 "${B[@]}" config="model=dit_xl2" batch=128 out="$OUT/dit_xl2.json"
     step bench_dit_b2 150 "${B[@]}" config="model=dit_b2" batch=256 out="$OUT/dit_b2.json"
     step bench_dit_s2 150 "${B[@]}" config="model=dit_s2" batch=256 out="$OUT/dit_s2.json"
-    step bench_unet_sd2 240 "${B[@]}" config="model=unet_sd model.attention_resolutions=[32,16,8]" text=77x1024 \
+    step bench_unet_sd2 240 "${B[@]}" config="model=unet_sd2 model.attention_resolutions=[32,16,8]" text=77x1024 \
         batch=64 out="$OUT/unet_sd2.json"
     step bench_dit_xl2_compile 300 "${B[@]}" config="model=dit_xl2" batch=128 compile=true modes=lightning \
         out="$OUT/dit_xl2_compile.json"
@@ -84,8 +84,9 @@ if [[ $CHECKS == *levers* ]]; then
     # limit cuts the tail.
     L=($PY scripts/benchmark.py md="$OUT/benchmarks.md" modes=lightning warmup=3 steps=10 repeats=3)
     S2=(config="model=dit_s2" batch=256); B2=(config="model=dit_b2" batch=256); XL=(config="model=dit_xl2" batch=128)
-    UN=(config="model=unet_sd model.attention_resolutions=[32,16,8]" text=77x1024 batch=64)
-    UN_CL=(config="model=unet_sd model.attention_resolutions=[32,16,8] training.channels_last=true" text=77x1024 batch=64)
+    UN=(config="model=unet_sd2 model.attention_resolutions=[32,16,8]" text=77x1024 batch=64)
+    UN_CL=(config="model=unet_sd2 model.attention_resolutions=[32,16,8] training.channels_last=true" text=77x1024 batch=64)
+    UN_SD1=(config="model=unet_sd model.attention_resolutions=[32,16,8]" text=77x1024 batch=64)  # 8 heads per level
     step s2_blocks 150 "${L[@]}" "${S2[@]}" compile=blocks modes=both out="$OUT/s2_blocks.json"  # + Lightning overhead
     step xl_blocks 150 "${L[@]}" "${XL[@]}" compile=blocks out="$OUT/xl_blocks.json"
     step b2_blocks 120 "${L[@]}" "${B2[@]}" compile=blocks out="$OUT/b2_blocks.json"
@@ -98,6 +99,7 @@ if [[ $CHECKS == *levers* ]]; then
         out="$OUT/xl_blocks_fp8.json"
     step unet_compiled_cl 200 "${L[@]}" "${UN_CL[@]}" compile=true out="$OUT/unet_compiled_cl.json"
     step s2_full 120 "${L[@]}" "${S2[@]}" compile=true out="$OUT/s2_full.json"
+    step unet_sd1_heads 200 "${L[@]}" "${UN_SD1[@]}" compile=true out="$OUT/unet_sd1_heads.json"
 fi
 if [[ $CHECKS == *syncs* ]]; then
     # Which parts of a DiT-S/2 step make the host wait for the GPU: each attention backend alone, one block,

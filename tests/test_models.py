@@ -168,6 +168,20 @@ def test_unet_small_group_norm_and_list_config():
     assert model(x, t).shape == (2, 3, 8, 8)
 
 
+def test_unet_heads_of_a_fixed_width():
+    """num_head_channels: each attention level gets as many heads of that width as its channels hold (SD 2's
+    layout), with the same weights as num_heads gives; a width that does not divide a level is named."""
+    kw = dict(model_channels=16, channel_mult=[1, 2], attention_resolutions=[8, 4], num_groups=8)
+    by_width, by_count = tiny_unet(num_head_channels=8, **kw), tiny_unet(num_heads=2, **kw)
+    heads = {m.qkv.in_features: m.num_heads for m in by_width.modules() if isinstance(m, Attention)}
+    assert heads == {16: 2, 32: 4}
+    assert [p.shape for p in by_width.parameters()] == [p.shape for p in by_count.parameters()]
+    x, t, _ = inputs()
+    assert by_width(x, t).shape == (2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"num_head_channels=12 does not divide the 16 channels"):
+        tiny_unet(num_head_channels=12, **kw)
+
+
 def test_timestep_and_pos_embeddings():
     t = torch.tensor([0.0, 1.5, 999.0])
     emb = timestep_embedding(t, 7)

@@ -165,8 +165,9 @@ class UNet(nn.Module):
     Each level ``i`` has ``model_channels * channel_mult[i]`` channels and ``num_res_blocks``
     ResBlocks in the encoder (``num_res_blocks + 1`` in the decoder, which consumes the
     concatenated skips); levels except the last are followed by a 2x down/upsampling.
-    Self-attention with ``num_heads`` heads follows every ResBlock of a level whose feature
-    map resolution is in ``attention_resolutions`` and always sits in the middle block.
+    Self-attention with ``num_heads`` heads (or, with ``num_head_channels``, heads of that width: as many as
+    the level's channels hold, as in SD 2 and ADM's ImageNet models) follows every ResBlock of a level whose
+    feature map resolution is in ``attention_resolutions`` and always sits in the middle block.
     The timestep (and ``cond.vector`` if ``cond_dim > 0``) embedding is 4*model_channels wide.
     ``input_size`` is the (square) training size: ``attention_resolutions`` are resolutions of its
     feature maps, and the attention stays at those levels for other input shapes.
@@ -188,6 +189,7 @@ class UNet(nn.Module):
         num_res_blocks: int = 2,
         attention_resolutions: Sequence[int] = (16,),
         num_heads: int = 4,
+        num_head_channels: int | None = None,
         dropout: float = 0.0,
         cond_dim: int = 0,
         out_channels: int | None = None,
@@ -219,9 +221,15 @@ class UNet(nn.Module):
             return ResBlock(cin, cout, emb_dim, dropout, num_groups)
 
         def attn(ch: int) -> nn.Module:
+            heads = num_heads
+            if num_head_channels:
+                if ch % num_head_channels:
+                    raise ValueError(f"num_head_channels={num_head_channels} does not divide the {ch} channels of an "
+                                     f"attention level (model_channels x channel_mult)")
+                heads = ch // num_head_channels
             if context_dim > 0:
-                return SpatialTransformer(ch, num_heads, context_dim, transformer_depth, num_groups)
-            return AttentionBlock(ch, num_heads, num_groups)
+                return SpatialTransformer(ch, heads, context_dim, transformer_depth, num_groups)
+            return AttentionBlock(ch, heads, num_groups)
 
         ch = model_channels
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
