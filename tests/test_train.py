@@ -117,6 +117,24 @@ def test_resume_is_exact(model, tiny_cfg, tmp_path):
     assert sorted(train_rows) == sorted(set(train_rows)), "a resumed run must not log a step twice"
 
 
+def test_a_checkpoint_from_before_a_new_null_option_resumes(tiny_cfg, tmp_path):
+    """A model option added later with a null default (the behaviour before it) does not block resuming a
+    checkpoint whose config lacks it; a real value the checkpoint lacks still does."""
+    from diffusion_train.training.run_dir import check_resumable, resolved
+
+    run = tmp_path / "run"
+    train(tiny_cfg("trainer.max_steps=2", run_dir=run), run)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    del state["diffusion_train"]["config"]["model"]["num_head_channels"]  # as written before the option existed
+    torch.save(state, ckpt)
+    config = resolved(tiny_cfg("trainer.max_steps=4", run_dir=run))
+    assert check_resumable(run, config) == (ckpt, 2)
+    config["model"]["num_head_channels"] = 4
+    with pytest.raises(ResumeMismatchError, match=r"model.num_head_channels: checkpoint has None, config has 4"):
+        check_resumable(run, config)
+
+
 def test_resume_of_another_model_is_refused_and_nothing_changes(tiny_cfg, tmp_path):
     run = tmp_path / "run"
     train(tiny_cfg("trainer.max_steps=2", run_dir=run), run)

@@ -43,10 +43,12 @@ def model_signature(config: dict) -> dict:
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """The differing values of two configs. A key that one side lacks counts as null there: an option added
+    to a config later, whose null default is the behaviour from before it existed, does not stop a resume."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for k in sorted(set(a) | set(b), key=str):
-            out += _diff(a.get(k, "<absent>"), b.get(k, "<absent>"), f"{prefix}.{k}" if prefix else str(k))
+            out += _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
         return out
     return [] if a == b else [f"{prefix}: checkpoint has {a!r}, config has {b!r}"]
 
