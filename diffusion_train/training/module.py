@@ -171,10 +171,12 @@ class DiffusionModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
         """Logs the training values of the batch (kept as device tensors by the step) when Lightning writes this
-        batch's logs: at its logging interval, or when a callback has just stopped the fit. Each ``self.log``
+        batch's logs: at its logging interval, when a callback has just stopped the fit, and in every batch of a
+        ``fast_dev_run``, as Lightning's ``update_train_step_metrics`` decides. Each ``self.log``
         call costs host time, so the other batches, whose values Lightning would overwrite unwritten, skip it.
         (This hook runs after the callbacks' and before Lightning writes the logs.)"""
-        if self._train_logs and self.trainer._logger_connector.should_update_logs:
+        trainer = self.trainer
+        if self._train_logs and (trainer._logger_connector.should_update_logs or trainer.fast_dev_run):
             logs = dict(self._train_logs)
             if "train/lr" in logs:  # a float would be copied to the device in a blocking copy
                 logs["train/lr"] = torch.full((), logs["train/lr"], device=self.device)
