@@ -465,7 +465,7 @@ def markdown(result: dict) -> str:
         f"`{result['command']}`", "",
         f"torch {env['torch']}, lightning {env['lightning']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, "
         f"driver {env['driver']}, python {env['python']}; git {sha}. {s['precision']}, "
-        f"{speed_options({**result['config']['training'], 'compile': s['compile']})}; batch {inp['batch']} of {'x'.join(map(str, inp['latent']))} latents "
+        f"{speed_options({**result['config']['training'], 'compile': s['compile']}, s.get('cudnn_benchmark'))}; batch {inp['batch']} of {'x'.join(map(str, inp['latent']))} latents "
         f"({cond or 'unconditional'}); {result['params']['trainable'] / 1e6:.1f}M trainable parameters; forward "
         f"{fl['forward_macs_per_image'] / 1e9:.4g} GMACs/image ({fl['counting']}; flop_counter "
         f"{fl['forward_macs_flop_counter'] / 1e9:.4g}); {steps}, medians; EMA decays {s['ema_decays']}; MFU "
@@ -492,15 +492,15 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def speed_options(training: dict) -> str:
-    """The config's speed options in words (training/speed.py)."""
+def speed_options(training: dict, cudnn_benchmark: bool = False) -> str:
+    """The config's speed options in words (training/speed.py, and cuDNN's autotuning: trainer.benchmark)."""
     compile_ = compile_choice(training.get("compile"))
     words = [{"false": "not compiled", "true": "compiled", "blocks": "blocks compiled"}[compile_]]
     if compile_ != "false" and training.get("compile_options"):
         words[0] += f" ({', '.join(f'{k}={v}' for k, v in training['compile_options'].items())})"
     words += [w for key, w in (("activation_checkpointing", "activation checkpointing"),
                                ("channels_last", "channels-last"), ("fp8", "fp8")) if training.get(key)]
-    return ", ".join(words)
+    return ", ".join(words + ["cuDNN benchmark"] * bool(cudnn_benchmark))
 
 
 def add_markdown(path: Path, text: str) -> None:
@@ -545,6 +545,8 @@ def benchmark(opts: dict, argv: list[str]) -> dict:
     for name in ("lightning.pytorch", "lightning.fabric"):  # device / precision banners and tips
         logging.getLogger(name).setLevel(logging.WARNING)
     torch.set_float32_matmul_precision("high")  # as diffusion-train: TF32 matmuls
+    if cfg.trainer.get("benchmark") is not None:  # trainer.benchmark: both loops (the Lightning one keeps it)
+        torch.backends.cudnn.benchmark = bool(cfg.trainer.benchmark)
 
     try:
         module = build(cfg, int(cfg.seed))
@@ -597,6 +599,7 @@ def benchmark(opts: dict, argv: list[str]) -> dict:
                    "training": OmegaConf.to_container(cfg.training, resolve=True)},
         "inputs": inputs,
         "settings": {"device": device.type, "precision": opts["precision"], "compile": opts["compile"],
+                     "cudnn_benchmark": torch.backends.cudnn.benchmark,
                      "steps": opts["steps"], "warmup": opts["warmup"], "repeats": opts["repeats"],
                      "modes": opts["modes"], "log_every_n_steps": int(cfg.trainer.log_every_n_steps),
                      "ema_decays": ema.decays if ema is not None else None},

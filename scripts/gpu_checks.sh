@@ -91,6 +91,8 @@ if [[ $CHECKS == *levers* ]]; then
     step xl_blocks 150 "${L[@]}" "${XL[@]}" compile=blocks out="$OUT/xl_blocks.json"
     step b2_blocks 120 "${L[@]}" "${B2[@]}" compile=blocks out="$OUT/b2_blocks.json"
     step unet_compiled 200 "${L[@]}" "${UN[@]}" compile=true out="$OUT/unet_compiled.json"
+    step unet_cudnn 150 "${L[@]}" config="model=unet_sd2 model.attention_resolutions=[32,16,8] trainer.benchmark=true" \
+        text=77x1024 batch=64 compile=true out="$OUT/unet_cudnn.json"  # cuDNN autotuning of the convolutions
     step unet_eager 90 "${L[@]}" "${UN[@]}" compile=false modes=both out="$OUT/unet_eager.json"  # Lightning overhead
     step s2_eager 60 "${L[@]}" "${S2[@]}" compile=false out="$OUT/s2_eager.json"
     step s2_graphs 150 "${L[@]}" config="model=dit_s2 training.compile_options={mode:reduce-overhead}" batch=256 \

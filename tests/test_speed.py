@@ -280,6 +280,26 @@ def test_activation_checkpointing_with_compiled_blocks():
 # ------------------------------------------------------------------------------------------------
 # channels-last
 # ------------------------------------------------------------------------------------------------
+def test_trainer_benchmark_sets_cudnn_autotuning(monkeypatch):
+    """trainer.benchmark=true reaches torch.backends.cudnn.benchmark through Lightning's Trainer; the default
+    (null) leaves it as it was; the benchmark script names it among the speed options."""
+    import importlib.util
+    from pathlib import Path
+
+    from hydra.utils import instantiate
+
+    for value, expected in (("true", True), ("null", False)):
+        monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+        cfg = compose_train([*TINY, f"trainer.benchmark={value}"])
+        instantiate(cfg.trainer, logger=False, enable_checkpointing=False, default_root_dir=None)
+        assert torch.backends.cudnn.benchmark is expected
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("benchmark_script", root / "scripts" / "benchmark.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.speed_options({"compile": "true"}, True) == "compiled, cuDNN benchmark"
+
+
 def test_channels_last_unet(tmp_path):
     """NHWC conv weights and input, the eager output, and weights that still export to safetensors."""
     eager, model = tiny_unet(), tiny_unet()
