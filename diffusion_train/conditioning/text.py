@@ -279,10 +279,10 @@ class _HFTokenizing(TextEmbedder):
 
     def _encode(self, texts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
         ids, attn = self._tokenize(texts)
-        bias = self._host_attention_mask(attn)
+        encoder_mask = self._host_attention_mask(attn)
         device = self._device()
-        ids, attn, bias = (to_device(t, device) for t in (ids, attn, bias))
-        hidden = self.encoder(input_ids=ids, attention_mask=bias).last_hidden_state
+        ids, attn, encoder_mask = (to_device(t, device) for t in (ids, attn, encoder_mask))
+        hidden = self.encoder(input_ids=ids, attention_mask=encoder_mask).last_hidden_state
         return hidden, attn, _masked_mean(hidden, attn)
 
     def _host_attention_mask(self, attn: Tensor) -> Tensor | None:
