@@ -21,7 +21,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from diffusion_train.data.precomputed import PrecomputedMismatchError
 from diffusion_train.data.web import BadDataError
-from diffusion_train.training import AtomicCheckpointIO, NonFiniteLossError, RunSummary
+from diffusion_train.training import EMA, AtomicCheckpointIO, NonFiniteLossError, RunSummary
 from diffusion_train.training.build import build_module, lora_scaling
 from diffusion_train.training.checkpointing import last_checkpoint, load_checkpoint, remove_stale_temp_files
 from diffusion_train.training.export import export_weights
@@ -34,6 +34,7 @@ from diffusion_train.training.parallel import (
     per_device_batch,
 )
 from diffusion_train.training.pretrained import load_pretrained
+from diffusion_train.training.periodic import finish_resumed_runs
 from diffusion_train.training.preemption import after_preemption, find_preemption, slurm_identity
 from diffusion_train.training.run_dir import (
     ResumeMismatchError,
@@ -87,7 +88,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     accumulate = module.accumulate_grad_batches
     intervals = lightning_intervals(cfg.trainer, accumulate)  # Lightning counts batches, the config steps
     callbacks = _instantiate_all(cfg.callbacks)
-    callbacks.sort(key=lambda c: isinstance(c, RunSummary))  # last: it records what the others logged this step
+    # The EMA first: a checkpoint that another callback's step-end hook saves holds this step's average.
+    # The run summary last: it records what the others logged this step.
+    callbacks.sort(key=lambda c: (not isinstance(c, EMA), isinstance(c, RunSummary)))
     if cfg.trainer.get("enable_progress_bar", True):  # a refresh reads the loss (a device sync): once per log interval
         callbacks.append(LossProgressBar(refresh_rate=intervals["log_every_n_steps"]))
     loggers = _instantiate_all(cfg.logger)
@@ -98,6 +101,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
                                      plugins=[AtomicCheckpointIO(), *cluster_plugins()], use_distributed_sampler=False,
                                      **intervals)
 
+    finish_resumed_runs(trainer)  # a run resumed at its last step still makes its missing end-of-fit evaluations
     for lg in loggers:
         if isinstance(lg, OptimizerStepAxis):
             lg.follow(trainer)
@@ -121,14 +125,21 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
                  "compile %s", run_dir, f"resuming {ckpt}" if ckpt else "fresh run", batch, datamodule.batch_size,
                  trainer.world_size, accumulate, module.run_info["lr"], module.compile)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
-
     preemption = find_preemption(trainer)
-    if preemption is not None:
-        preemption.uninstall()  # Lightning's teardown put its handler back
-        if preemption.stopped_by:  # checkpointed at a step boundary; requeue or exit
-            after_preemption(preemption, trainer.is_global_zero)
-            return trainer
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+        if preemption is None or not preemption.stopped_by:
+            save_and_export(trainer, run_dir, config, lora_scaling(cfg))
+    finally:
+        if preemption is not None:  # its handler covered the end-of-fit work and the export
+            preemption.uninstall()
+    if preemption is not None and preemption.stopped_by:  # checkpointed at a step boundary; requeue or exit
+        after_preemption(preemption, trainer.is_global_zero)
+    return trainer
+
+
+def save_and_export(trainer: L.Trainer, run_dir: Path, config: dict, lora_scale: float | None) -> None:
+    """After a fit that ended by itself (not by a signal): ``last.ckpt`` at the last step, and the exported weights."""
     last = run_dir / "checkpoints" / "last.ckpt"
     if trainer.state.finished and not trainer.interrupted:
         stale = last_checkpoint(run_dir) is None or load_checkpoint(last)["global_step"] != trainer.global_step
@@ -137,8 +148,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
         if trainer.global_rank == 0:
             state = load_checkpoint(last)
             export_weights(state["state_dict"], state.get("ema"), run_dir / "weights",
-                           {"global_step": trainer.global_step, "config": config}, lora_scaling=lora_scaling(cfg))
-    return trainer
+                           {"global_step": trainer.global_step, "config": config}, lora_scaling=lora_scale)
 
 
 def make_class_images(datamodule, module, sampler, timeout_s: float = 3600.0) -> None:

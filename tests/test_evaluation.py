@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from diffusion_train.metrics.fmnist_net import FMNISTNet
 from diffusion_train.metrics.generated import evaluate_generated
 from diffusion_train.train import train
 from diffusion_train.training.build import build_module
+from diffusion_train.training.checkpointing import load_checkpoint
 
 FMNIST = [o for o in TINY if not o.startswith("data=")] + ["data=fashion_mnist", "data.batch_size=8",
                                                            "data.val_size=8"]
@@ -90,6 +93,138 @@ def test_the_callback_logs_fd_and_class_accuracy_during_training(extractor_files
                                   "trainer.max_steps=6"], run), run)
     steps = [json.loads(line)["step"] for line in (run / "eval/metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6]
+
+
+def _fid_run(extractor_files, run, *extra):
+    weights, reference = extractor_files
+    return compose_train(FMNIST + ["+callbacks/fid=fmnist_net", f"callbacks.fid.weights={weights}",
+                                   f"callbacks.fid.reference={reference}", "callbacks.fid.num_samples=10",
+                                   "callbacks.fid.every_n_steps=2", "callbacks.fid.batch_size=4",
+                                   "trainer.max_steps=5", "callbacks.sample_grid.every_n_steps=1000", *extra], run)
+
+
+class _SignalAtSample:
+    """Counts ``sample_seeded`` calls (a FID batch, or a sample grid) and sends the process ``signum`` at call
+    ``at`` (1-based), as Slurm does in the middle of an evaluation."""
+
+    def __init__(self, monkeypatch, at: int | None = None, signum=signal.SIGUSR1):
+        from diffusion_train.training.module import DiffusionModule
+
+        self.calls, self.at, real = 0, at, DiffusionModule.sample_seeded
+
+        def sample_seeded(module, *args, **kw):
+            self.calls += 1
+            if self.calls == at:
+                os.kill(os.getpid(), signum)
+            return real(module, *args, **kw)
+
+        monkeypatch.setattr(DiffusionModule, "sample_seeded", sample_seeded)
+
+
+def _fid_steps(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "eval/metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_signal_during_the_end_of_fit_evaluation_checkpoints_the_last_step_and_the_relaunch_finishes(
+        extractor_files, tmp_path, monkeypatch):
+    """SIGUSR1 during the Fréchet distance at the end of the fit (step 5; evaluations at 2 and 4 before it, 3
+    batches each, then the step-5 grid): the evaluation stops between two batches, last.ckpt holds step 5, the
+    process survives and nothing is exported. The relaunch runs no step, makes only the missing evaluation and
+    exports; one more relaunch makes nothing again."""
+    from diffusion_train.training.preemption import find_preemption
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    run = tmp_path / "run"
+    handler = signal.getsignal(signal.SIGUSR1)
+    signalled = _SignalAtSample(monkeypatch, at=8)  # 1-3: FID at 2, 4-6: at 4, 7: the grid, 8-10: FID at 5
+    trainer = train(_fid_run(extractor_files, run), run)
+    assert find_preemption(trainer).stopped_by == "SIGUSR1" and signalled.calls == 8
+    assert signal.getsignal(signal.SIGUSR1) == handler  # the run's handler is gone once it returns
+    assert load_checkpoint(run / "checkpoints/last.ckpt")["global_step"] == 5
+    assert _fid_steps(run) == [2, 4] and not (run / "weights").exists()
+    grid = run / "samples/step_0000005.png"
+    made = grid.stat().st_mtime_ns
+
+    relaunched = _SignalAtSample(monkeypatch)
+    trainer = train(_fid_run(extractor_files, run), run)
+    assert find_preemption(trainer).stopped_by is None and trainer.global_step == 5
+    assert relaunched.calls == 3 and grid.stat().st_mtime_ns == made  # the FID's batches, not the grid
+    assert _fid_steps(run) == [2, 4, 5] and (run / "weights/raw.safetensors").is_file()
+
+    again = _SignalAtSample(monkeypatch)
+    train(_fid_run(extractor_files, run), run)
+    assert again.calls == 0 and _fid_steps(run) == [2, 4, 5]
+
+
+def test_a_signal_during_an_evaluation_in_training_resumes_as_if_uninterrupted(extractor_files, tmp_path, monkeypatch):
+    """SIGTERM during the evaluation at step 2: it stops there, with no end-of-fit grid or evaluation of step 2.
+    The relaunch makes the step-2 evaluation first, then trains on; metrics and weights equal an uninterrupted
+    run's."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    straight = tmp_path / "straight"
+    train(_fid_run(extractor_files, straight), straight)
+
+    run = tmp_path / "run"
+    _SignalAtSample(monkeypatch, at=2, signum=signal.SIGTERM)
+    train(_fid_run(extractor_files, run), run)
+    assert load_checkpoint(run / "checkpoints/last.ckpt")["global_step"] == 2
+    assert not (run / "eval/metrics.jsonl").exists() and not (run / "samples").exists()
+    train(_fid_run(extractor_files, run), run)
+
+    def records(r):
+        return [json.loads(line) for line in (r / "eval/metrics.jsonl").read_text().splitlines()]
+
+    assert records(run) == records(straight) and [r["step"] for r in records(run)] == [2, 4, 5]
+    a, b = (load_checkpoint(r / "checkpoints/last.ckpt") for r in (straight, run))
+    assert a["global_step"] == b["global_step"] == 5
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
+
+@pytest.mark.slow
+def test_ddp_rank0_signalled_during_the_end_of_fit_evaluation_both_stop_and_the_relaunch_finishes(
+        extractor_files, tmp_path):
+    """DDP on 2 processes: SIGUSR1 to rank 0 only, as soon as the end-of-fit grid exists (the Fréchet distance of
+    2,000 images follows it). Both ranks agree between two batches, stop with last.ckpt at step 6 and exit
+    128+10; the relaunch makes the evaluation and exports the weights."""
+    import subprocess
+    import sys
+
+    from test_distributed import _signal_when
+
+    weights, reference = extractor_files
+    run = tmp_path / "run"
+    args = ["experiment=smoke", "logger=csv", "trainer.precision=32-true", "trainer.accelerator=cpu",
+            "trainer.devices=2", "+trainer.strategy=ddp", "data.batch_size=4", "trainer.max_steps=6",
+            "+callbacks/fid=fmnist_net", f"callbacks.fid.weights={weights}", f"callbacks.fid.reference={reference}",
+            "callbacks.fid.num_samples=2000", "callbacks.fid.batch_size=4", "callbacks.fid.every_n_steps=100",
+            "callbacks.sample_grid.every_n_steps=100", "sampler.steps=2", f"hydra.run.dir={run}"]
+    cmd = [sys.executable, "-m", "diffusion_train.train", *args]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    _signal_when(proc, run / "samples/step_0000006.png", signal.SIGUSR1)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGUSR1, err[-3000:]
+    assert "SIGUSR1: saved" in out and "at step 6 and stopping" in out
+    assert load_checkpoint(run / "checkpoints/last.ckpt")["global_step"] == 6
+    assert not (run / "eval/metrics.jsonl").exists() and not (run / "weights").exists()
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _fid_steps(run) == [6] and (run / "weights/raw.safetensors").is_file()
+
+
+def test_a_rank_with_fewer_images_asks_to_stop_as_often_as_the_others(monkeypatch):
+    """10 images on 3 ranks in batches of 3: rank 0 has 4 (2 batches), rank 1 has 3 (1 batch) and still asks
+    twice, since every rank must join the same number of agreements."""
+    import diffusion_train.metrics.generated as generated
+
+    module, sampler = _module_and_sampler()
+    net = FMNISTNet(channels=(8, 16), feature_dim=16).eval()
+    for rank in (0, 1):
+        monkeypatch.setattr(generated, "rank_world", lambda rank=rank: (rank, 3))
+        asked = []
+        assert evaluate_generated(module, net, sampler, 10, batch_size=3,
+                                  stop=lambda: asked.append(1) or len(asked) == 2) is None
+        assert len(asked) == 2
 
 
 def test_a_reference_of_another_extractor_is_refused_before_training(extractor_files, tmp_path):

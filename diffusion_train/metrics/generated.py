@@ -3,7 +3,7 @@ extract features, and compare them with a reference (Fréchet distance) and with
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -25,7 +25,8 @@ def evaluate_generated(module, extractor: FeatureExtractor, sampler: Sampler, nu
                        reference: tuple[Tensor, Tensor] | None = None, *, batch_size: int = 64,
                        guidance_scale: float = 1.0, seed: int = 0, labels: Sequence[int] | None = None,
                        prompts: Sequence[str] | None = None, guidance: dict | None = None,
-                       keep: int = 0, clip=None) -> tuple[dict[str, float], Tensor | None]:
+                       keep: int = 0, clip=None,
+                       stop: Callable[[], bool] | None = None) -> tuple[dict[str, float], Tensor | None] | None:
     """Metrics of ``num_samples`` images of ``module`` (a :class:`DiffusionModule`, in its current weights).
 
     Image i starts from the noise of seed ``seed + i`` with the i-th conditioning input (classes or
@@ -37,6 +38,9 @@ def evaluate_generated(module, extractor: FeatureExtractor, sampler: Sampler, nu
     share of images classified as their requested class; with a ``clip`` (:class:`CLIPScore`) and a
     text-conditioned model, ``<clip.name>_<n>``: the mean CLIP score of the images against their
     prompts -- and, on rank 0, the first ``keep`` images.
+
+    ``stop`` is asked before each batch, as many times on every rank (a rank with fewer images asks for the
+    batches it does not have too); when it says yes, the evaluation ends there and returns None.
     """
     rank, world = rank_world()
     device = next(module.parameters()).device
@@ -49,8 +53,12 @@ def evaluate_generated(module, extractor: FeatureExtractor, sampler: Sampler, nu
         clip = clip.to(device)
     kept: list[Tensor] = []
     mine = list(range(rank, num_samples, world))
-    for start in range(0, len(mine), batch_size):
+    for start in range(0, -(-num_samples // world), batch_size):  # the most images a rank has
+        if stop is not None and stop():
+            return None
         idx = mine[start:start + batch_size]
+        if not idx:
+            continue
         batch = select_inputs(inputs, idx)
         images = module.sample_seeded(idx, inputs, sampler, guidance_scale, seed, **(guidance or {})).float()
         stats.update(extractor(images))

@@ -12,9 +12,11 @@ from diffusion_train.diffusion import Sampler
 from diffusion_train.metrics.fid import build_extractor, load_reference
 from diffusion_train.metrics.generated import evaluate_generated
 from diffusion_train.training.ema import sampling_weights
+from diffusion_train.training.periodic import PeriodicEvaluation
+from diffusion_train.training.preemption import stopping
 
 
-class FrechetDistance(L.Callback):
+class FrechetDistance(PeriodicEvaluation):
     """Every ``every_n_steps`` optimizer steps (and at the end of training), ``num_samples`` images
     with the EMA weights (the EMA callback's sampling decay; raw weights without one), compared with
     the ``reference`` statistics (``scripts/fid_reference.py``) through the ``extractor`` loaded from
@@ -27,6 +29,8 @@ class FrechetDistance(L.Callback):
     arguments: ``model_name``, ``pretrained``) text-conditioned models also get ``clip_score/<model>_2k``.
     A reference made with another extractor is refused at the start.
     The extractor is held by the callback, outside the model and its checkpoints.
+    A signal during an evaluation stops it between two batches (the step is checkpointed, nothing is logged);
+    the resumed run makes it again at its start (see :mod:`~diffusion_train.training.periodic`).
     """
 
     def __init__(self, sampler: Sampler, extractor: str, reference: str, dirpath: str, weights: str | None = None,
@@ -34,18 +38,17 @@ class FrechetDistance(L.Callback):
                  guidance_scale: float = 1.0, seed: int = 0, prompts: list[str] | None = None,
                  guidance_interval: list[float] | None = None, guidance_rescale: float = 0.0,
                  clip: dict | None = None):
-        super().__init__()
+        super().__init__(every_n_steps)
         if num_samples < 2 or every_n_steps < 1:
             raise ValueError(f"callbacks.fid: num_samples must be >= 2 and every_n_steps >= 1, got "
                              f"{num_samples} and {every_n_steps}")
         self.sampler, self.extractor_name, self.weights = sampler, extractor, weights
         self.reference_path, self.dirpath = reference, Path(dirpath)
-        self.num_samples, self.every_n_steps, self.batch_size = int(num_samples), int(every_n_steps), int(batch_size)
+        self.num_samples, self.batch_size = int(num_samples), int(batch_size)
         self.guidance_scale, self.seed, self.prompts = float(guidance_scale), int(seed), list(prompts or []) or None
         self.guidance = {"guidance_interval": guidance_interval, "guidance_rescale": guidance_rescale}
         self.extractor = self.reference = self.clip = None
         self.clip_settings = dict(clip) if clip else None
-        self._last_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
         try:  # fails before the first step: prompts missing for a text model, or given to another one
@@ -61,23 +64,43 @@ class FrechetDistance(L.Callback):
 
                 self.clip = CLIPScore(**self.clip_settings)
 
+    def records(self) -> list[dict]:
+        """The evaluations in ``metrics.jsonl``; a line that a kill cut short is left out."""
+        path = self.dirpath / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        records = []
+        for line in lines:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
+
+    def done_at(self, step: int) -> bool:
+        return any(r.get("step") == step for r in self.records())
+
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         """A resumed run forgets evaluations logged after its checkpoint (it makes them again)."""
         path = self.dirpath / "metrics.jsonl"
         if trainer.global_rank == 0 and path.is_file():
-            lines = [line for line in path.read_text().splitlines()
-                     if line.strip() and json.loads(line)["step"] <= trainer.global_step]
-            path.write_text("".join(line + "\n" for line in lines))
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records() if r["step"] <= trainer.global_step))
+            tmp.replace(path)
+        super().on_train_start(trainer, pl_module)
 
     @torch.no_grad()
-    def evaluate(self, trainer: L.Trainer, pl_module) -> dict[str, float]:
+    def evaluate(self, trainer: L.Trainer, pl_module) -> dict[str, float] | None:
+        """The metrics of this step (logged, and appended to ``metrics.jsonl`` by rank 0); None when a signal
+        stopped the evaluation."""
         reference = tuple(t.to(pl_module.device) for t in self.reference)
         with sampling_weights(trainer, pl_module):
-            metrics, _ = evaluate_generated(pl_module, self.extractor, self.sampler, self.num_samples, reference,
-                                            batch_size=self.batch_size, guidance_scale=self.guidance_scale,
-                                            seed=self.seed, prompts=self.prompts, guidance=self.guidance,
-                                            clip=self.clip)
-        self._last_step = trainer.global_step
+            result = evaluate_generated(pl_module, self.extractor, self.sampler, self.num_samples, reference,
+                                        batch_size=self.batch_size, guidance_scale=self.guidance_scale,
+                                        seed=self.seed, prompts=self.prompts, guidance=self.guidance,
+                                        clip=self.clip, stop=lambda: stopping(trainer))
+        if result is None:
+            return None
+        metrics = result[0]
         if trainer.global_rank == 0:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
@@ -85,12 +108,3 @@ class FrechetDistance(L.Callback):
             with open(self.dirpath / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": trainer.global_step, **metrics}) + "\n")
         return metrics
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self.evaluate(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.global_step != self._last_step:
-            self.evaluate(trainer, pl_module)

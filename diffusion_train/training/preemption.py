@@ -9,6 +9,13 @@ group: no device sync), and if so all of them save ``last.ckpt`` together and th
 checkpoint taken there holds everything up to that step, so the resumed run repeats nothing and loses
 only the step in flight.
 
+Work at a step boundary that can take minutes (sample grids and Fréchet distances, during training and at the
+end of the fit) asks :func:`stopping` before it starts and between its batches, so a signal that comes during
+it checkpoints that step and stops the run too. At the end of the fit the last step is checkpointed before that
+work starts (:func:`checkpoint_step`), and the handler stays installed until the run's final export is written:
+a signal there loses no training. A run resumed at its last step does the end-of-fit work that is missing
+(``training.periodic``).
+
 What happens after the stop is :func:`after_preemption`'s: a requeue signal requeues the Slurm job
 (through submitit's own handler when submitit launched the job, else ``scontrol requeue``); SIGTERM
 just exits, since Slurm requeues a preempted job itself and a cancelled one must stay cancelled.
@@ -56,6 +63,7 @@ class Preemption(L.Callback):
         self.previous_handlers: dict[int, Any] = {}
         self._group = None
         self._last_step = -1
+        self._saved_step: int | None = None  # the step last.ckpt holds, when this launch knows it
 
     # -- the handler: a flag, nothing else --------------------------------------------------------
     def _handle(self, signum: int, frame) -> None:
@@ -91,6 +99,7 @@ class Preemption(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning put its own SIGTERM handler in after on_fit_start: this one goes back in after it.
         self._last_step = trainer.global_step
+        self._saved_step = trainer.global_step if trainer.ckpt_path else None  # resumed from last.ckpt
         self.install()
         if signal.SIGTERM in self.previous_handlers and signal.getsignal(signal.SIGTERM) == self._handle:
             _lightning_sigterm_broadcast(trainer, enabled=False)
@@ -100,26 +109,47 @@ class Preemption(L.Callback):
         if step == self._last_step:  # inside a gradient accumulation: not a step boundary
             return
         self._last_step = step
+        self.stop_if_signalled(trainer)
+
+    def stop_if_signalled(self, trainer: L.Trainer) -> bool:
+        """At a step boundary: whether any rank was signalled (every rank calls this, as often as the others).
+        The first time one was, this step is checkpointed and the fit told to stop."""
+        if self.stopped_by is not None:
+            return True
         decision = self._agree(_NONE if self.received is None else
                                _REQUEUE if self.received in self.requeue_signals else _EXIT)
         if decision == _NONE:
-            return
+            return False
         self.requeue = decision == _REQUEUE
         self.signum = self.received if self.received is not None else \
             (self.requeue_signals if self.requeue else self.exit_signals)[0]  # only another rank was signalled
         self.stopped_by = name = signal.Signals(self.signum).name
-        trainer.save_checkpoint(self.dirpath / "last.ckpt")  # every rank: sharded states gather here
+        self.save(trainer)
+        trainer.should_stop = True
+        if trainer.is_global_zero:
+            log.warning("%s: saved %s at step %d and stopping%s", name, self.dirpath / "last.ckpt",
+                        trainer.global_step, "; the job will be requeued" if self.requeue else "")
+        return True
+
+    def save(self, trainer: L.Trainer) -> None:
+        """``last.ckpt`` at this step, unless it holds this step already. Every rank calls it: sharded states
+        gather here."""
+        step = trainer.global_step
+        if step == self._saved_step or any(getattr(cb, "_last_global_step_saved", None) == step and cb.save_last
+                                           for cb in trainer.checkpoint_callbacks):
+            return
+        trainer.save_checkpoint(self.dirpath / "last.ckpt")
+        self._saved_step = step
         for cb in trainer.checkpoint_callbacks:  # this step is saved: no second save as the epoch ends
             if hasattr(cb, "_last_global_step_saved"):
                 cb._last_global_step_saved = step
-        trainer.should_stop = True
-        if trainer.is_global_zero:
-            log.warning("%s: saved %s at step %d and stopping%s", name, self.dirpath / "last.ckpt", step,
-                        "; the job will be requeued" if self.requeue else "")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.uninstall()
+        # The handler stays: the end-of-fit work (evaluations, the export) is still to come, and a signal during
+        # it must neither kill the process nor be dropped. ``train`` uninstalls it when the run is over.
         _lightning_sigterm_broadcast(trainer, enabled=True)
+        if self.stopped_by is None:  # the last step, before the end-of-fit evaluations that follow
+            self.save(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self.uninstall()
@@ -158,6 +188,22 @@ def _signum(name: str, key: str) -> int:
 
 def find_preemption(trainer: L.Trainer) -> Preemption | None:
     return next((c for c in trainer.callbacks if isinstance(c, Preemption)), None)
+
+
+def stopping(trainer: L.Trainer) -> bool:
+    """For long work at a step boundary (evaluations): whether the run is stopping for a signal. Ask before the
+    work and between its batches; every rank must ask as often as the others (the ranks agree). The first yes
+    checkpoints this step and stops the fit."""
+    preemption = find_preemption(trainer)
+    return preemption is not None and preemption.stop_if_signalled(trainer)
+
+
+def checkpoint_step(trainer: L.Trainer) -> None:
+    """``last.ckpt`` at this step (every rank calls it), unless it holds it already: before the end-of-fit work,
+    so that a signal during that work loses no training. Without a ``Preemption`` callback, nothing."""
+    preemption = find_preemption(trainer)
+    if preemption is not None:
+        preemption.save(trainer)
 
 
 def slurm_job_id() -> str | None:

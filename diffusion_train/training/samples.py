@@ -10,9 +10,10 @@ import torch
 from diffusion_train.diffusion import Sampler
 from diffusion_train.training.ema import sampling_weights
 from diffusion_train.training.images import save_grid
+from diffusion_train.training.periodic import PeriodicEvaluation
 
 
-class SampleGrid(L.Callback):
+class SampleGrid(PeriodicEvaluation):
     """Every ``every_n_steps`` optimizer steps and at the end of training, samples a grid with the
     EMA weights (``sample_decay`` of the EMA callback; raw weights if there is no EMA callback).
 
@@ -20,19 +21,19 @@ class SampleGrid(L.Callback):
     row per prompt of ``prompts``; unconditional ones ``rows`` x ``per_class``. Image i always starts
     from the noise of seed ``seed + i``.
     Every rank samples (no rank waits for another); rank 0 writes ``<dirpath>/step_XXXXXXX.png``
-    and logs the grid to every logger that can show images.
+    and logs the grid to every logger that can show images. A run stopped by a signal makes the grid of the
+    step it stopped at when it resumes, if that grid was due (see :mod:`~diffusion_train.training.periodic`).
     """
 
     def __init__(self, sampler: Sampler, dirpath: str, every_n_steps: int = 1000, per_class: int = 8,
                  rows: int = 4, guidance_scale: float = 1.0, seed: int = 0,
                  guidance_interval: list[float] | None = None, guidance_rescale: float = 0.0,
                  prompts: list[str] | None = None):
-        super().__init__()
-        self.sampler, self.dirpath, self.every_n_steps = sampler, Path(dirpath), int(every_n_steps)
+        super().__init__(every_n_steps)
+        self.sampler, self.dirpath = sampler, Path(dirpath)
         self.per_class, self.rows, self.guidance_scale = per_class, rows, float(guidance_scale)
         self.seed, self.prompts = seed, list(prompts or [])
         self.guidance = {"guidance_interval": guidance_interval, "guidance_rescale": guidance_rescale}
-        self._last_step = -1
 
     def cond_inputs(self, pl_module) -> tuple[int, dict]:
         """One row per class / prompt (``per_class`` columns); unconditional: ``rows`` rows."""
@@ -41,26 +42,23 @@ class SampleGrid(L.Callback):
         n = rows * self.per_class
         return n, pl_module.conditioner.sample_inputs(n, prompts=self.prompts, repeat=self.per_class)
 
+    def path(self, step: int) -> Path:
+        return self.dirpath / f"step_{step:07d}.png"
+
+    def done_at(self, step: int) -> bool:
+        return self.path(step).is_file()
+
     @torch.no_grad()
-    def render(self, trainer: L.Trainer, pl_module) -> Path | None:
+    def evaluate(self, trainer: L.Trainer, pl_module) -> Path | None:
+        """Samples the grid of this step; rank 0 saves and logs it and returns its path."""
         n, inputs = self.cond_inputs(pl_module)
         with sampling_weights(trainer, pl_module):
             images = pl_module.sample_seeded(list(range(n)), inputs, self.sampler, self.guidance_scale, self.seed,
                                              **self.guidance)
-        self._last_step = trainer.global_step
         if trainer.global_rank != 0:
             return None
-        path = save_grid(images, self.dirpath / f"step_{trainer.global_step:07d}.png", ncol=self.per_class)
+        path = save_grid(images, self.path(trainer.global_step), ncol=self.per_class)
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image(key="samples", images=[str(path)], step=trainer.global_step)
         return path
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self.render(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.global_step != self._last_step:
-            self.render(trainer, pl_module)
