@@ -212,19 +212,64 @@ def test_ddp_rank0_signalled_during_the_end_of_fit_evaluation_both_stop_and_the_
     assert _fid_steps(run) == [6] and (run / "weights/raw.safetensors").is_file()
 
 
-def test_a_rank_with_fewer_images_asks_to_stop_as_often_as_the_others(monkeypatch):
-    """10 images on 3 ranks in batches of 3: rank 0 has 4 (2 batches), rank 1 has 3 (1 batch) and still asks
-    twice, since every rank must join the same number of agreements."""
+@pytest.mark.slow
+def test_fsdp_evaluation_with_uneven_shares_finishes_and_equals_one_process(extractor_files, tmp_path):
+    """FSDP on 2 processes, 5 images in batches of 2: rank 0 has 2 batches, rank 1 one (each FSDP forward pass is
+    collective, so rank 1 samples an unused image to join rank 0's second batch; without it both wait for
+    ever). The distance equals diffusion-eval's of the final checkpoint in one process."""
+    import subprocess
+    import sys
+
+    from test_train import _run_cli
+
+    weights, reference = extractor_files
+    run = tmp_path / "run"
+    fid = [f"extractor_weights={weights}", f"reference={reference}", "num_samples=5", "batch_size=2",
+           "sampler.steps=2", "guidance_scale=2.0"]
+    args = ["experiment=smoke", "logger=csv", "trainer=fsdp", "trainer.precision=32-true", "trainer.accelerator=cpu",
+            "trainer.devices=2", "data.batch_size=4", "trainer.max_steps=2", "callbacks.sample_grid.every_n_steps=100",
+            "+callbacks/fid=fmnist_net", "callbacks.fid.every_n_steps=100", f"hydra.run.dir={run}",
+            *(f"callbacks.fid.{o.replace('extractor_weights', 'weights')}" if not o.startswith("sampler")
+              else o for o in fid)]
+    proc = subprocess.Popen([sys.executable, "-m", "diffusion_train.train", *args], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, err[-3000:]
+    [record] = [json.loads(line) for line in (run / "eval/metrics.jsonl").read_text().splitlines()]
+    one = _run_cli([f"ckpt={run / 'checkpoints/last.ckpt'}", f"out_dir={tmp_path / 'eval'}", "extractor=fmnist_net",
+                    "device=cpu", *fid], tmp_path, module="diffusion_train.evaluate")
+    assert one.returncode == 0, one.stderr[-3000:]
+    alone = json.loads((tmp_path / "eval/metrics.json").read_text())["metrics"]
+    assert record["step"] == 2 and record["fd/fmnist_net_5"] == pytest.approx(alone["fd/fmnist_net_5"], rel=1e-5)
+
+
+def test_a_rank_with_fewer_images_samples_and_asks_to_stop_as_often_as_the_others(monkeypatch):
+    """10 images on 3 ranks in batches of 3: rank 0 has 4 (2 batches), rank 1 has 3 (1 batch). Rank 1 still
+    samples twice (the second time one unused image: a sharded model's forward passes are collective) and asks
+    twice whether to stop (every rank joins the same number of agreements); its statistics hold its 3 images."""
     import diffusion_train.metrics.generated as generated
 
     module, sampler = _module_and_sampler()
     net = FMNISTNet(channels=(8, 16), feature_dim=16).eval()
-    for rank in (0, 1):
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda *a, **k: None)  # each rank's own counts
+    real_sample, real_features = module.sample_seeded, net.forward
+    for rank, images in ((0, 4), (1, 3)):
         monkeypatch.setattr(generated, "rank_world", lambda rank=rank: (rank, 3))
-        asked = []
-        assert evaluate_generated(module, net, sampler, 10, batch_size=3,
-                                  stop=lambda: asked.append(1) or len(asked) == 2) is None
-        assert len(asked) == 2
+        asked, sampled, featured = [], [], []
+        monkeypatch.setattr(module, "sample_seeded",
+                            lambda idx, *a, **k: sampled.append(list(idx)) or real_sample(idx, *a, **k))
+        monkeypatch.setattr(net, "forward", lambda x: featured.append(len(x)) or real_features(x))
+        evaluate_generated(module, net, sampler, 10, batch_size=3, stop=lambda: asked.append(1) or False)
+        assert len(asked) == 2 and len(sampled) == 2
+        assert [i for idx in sampled for i in idx][:images] == list(range(rank, 10, 3))
+        assert sum(featured) == images  # the unused image is not counted
+    stopped = []
+    assert evaluate_generated(module, net, sampler, 10, batch_size=3, stop=lambda: stopped.append(1) or True) is None
+    assert stopped == [1]
 
 
 def test_a_reference_of_another_extractor_is_refused_before_training(extractor_files, tmp_path):

@@ -39,8 +39,9 @@ def evaluate_generated(module, extractor: FeatureExtractor, sampler: Sampler, nu
     text-conditioned model, ``<clip.name>_<n>``: the mean CLIP score of the images against their
     prompts -- and, on rank 0, the first ``keep`` images.
 
-    ``stop`` is asked before each batch, as many times on every rank (a rank with fewer images asks for the
-    batches it does not have too); when it says yes, the evaluation ends there and returns None.
+    Every rank runs as many batches as the rank with the most images (one with fewer samples an unused image
+    for each batch it lacks), since a sharded model's forward passes are collective. ``stop`` is asked before
+    each batch; when it says yes, the evaluation ends there and returns None.
     """
     rank, world = rank_world()
     device = next(module.parameters()).device
@@ -57,10 +58,12 @@ def evaluate_generated(module, extractor: FeatureExtractor, sampler: Sampler, nu
         if stop is not None and stop():
             return None
         idx = mine[start:start + batch_size]
+        # A rank with no image left still samples one, unused: a sharded (FSDP) model's forward is collective.
+        images = module.sample_seeded(idx or mine[:1] or [0], inputs, sampler, guidance_scale, seed,
+                                      **(guidance or {})).float()
         if not idx:
             continue
         batch = select_inputs(inputs, idx)
-        images = module.sample_seeded(idx, inputs, sampler, guidance_scale, seed, **(guidance or {})).float()
         stats.update(extractor(images))
         if "label" in batch and hasattr(extractor, "logits"):
             requested = batch["label"].to(device)
