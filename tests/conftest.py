@@ -55,3 +55,20 @@ class LossRecorder:
                     trainer.should_stop = True
 
         return _Recorder()
+
+
+def signal_rank0_at_last_step(signum: str = "SIGUSR1"):
+    """A callback (``+callbacks.signal._target_=conftest.signal_rank0_at_last_step``) with which rank 0 sends
+    itself ``signum`` at the end of the fit's last step, after the step's preemption check: the signal comes
+    during the end-of-fit work, on one rank only."""
+    import os
+    import signal
+
+    import lightning as L
+
+    class _Signal(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_rank == 0 and trainer.global_step == trainer.max_steps:
+                os.kill(os.getpid(), getattr(signal, signum))
+
+    return _Signal()

@@ -181,70 +181,52 @@ def test_a_signal_during_an_evaluation_in_training_resumes_as_if_uninterrupted(e
 
 
 @pytest.mark.slow
-def test_ddp_rank0_signalled_during_the_end_of_fit_evaluation_both_stop_and_the_relaunch_finishes(
-        extractor_files, tmp_path):
-    """DDP on 2 processes: SIGUSR1 to rank 0 only, as soon as the end-of-fit grid exists (the Fréchet distance of
-    2,000 images follows it). Both ranks agree between two batches, stop with last.ckpt at step 6 and exit
-    128+10; the relaunch makes the evaluation and exports the weights."""
+def test_fsdp_rank0_signalled_at_the_end_stops_both_and_the_relaunch_evaluates_uneven_shares(extractor_files, tmp_path):
+    """FSDP on 2 processes; rank 0 alone gets SIGUSR1 at the end of the last step (step 2), before the
+    end-of-fit grid and Fréchet distance. Both ranks agree, stop with last.ckpt at step 2 and make neither; exit
+    128+10. The relaunch makes both. Its 5 images in batches of 2 give rank 0 two batches and rank 1 one. Each
+    FSDP forward pass is collective, so rank 1 samples an unused image to join rank 0's second batch; without
+    it both waited for ever. The distance equals diffusion-eval's of the final checkpoint in one process."""
     import subprocess
     import sys
 
-    from test_distributed import _signal_when
-
     weights, reference = extractor_files
     run = tmp_path / "run"
-    args = ["experiment=smoke", "logger=csv", "trainer.precision=32-true", "trainer.accelerator=cpu",
-            "trainer.devices=2", "+trainer.strategy=ddp", "data.batch_size=4", "trainer.max_steps=6",
-            "+callbacks/fid=fmnist_net", f"callbacks.fid.weights={weights}", f"callbacks.fid.reference={reference}",
-            "callbacks.fid.num_samples=2000", "callbacks.fid.batch_size=4", "callbacks.fid.every_n_steps=100",
-            "callbacks.sample_grid.every_n_steps=100", "sampler.steps=2", f"hydra.run.dir={run}"]
-    cmd = [sys.executable, "-m", "diffusion_train.train", *args]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    _signal_when(proc, run / "samples/step_0000006.png", signal.SIGUSR1)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGUSR1, err[-3000:]
-    assert "SIGUSR1: saved" in out and "at step 6 and stopping" in out
-    assert load_checkpoint(run / "checkpoints/last.ckpt")["global_step"] == 6
-    assert not (run / "eval/metrics.jsonl").exists() and not (run / "weights").exists()
-    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert _fid_steps(run) == [6] and (run / "weights/raw.safetensors").is_file()
-
-
-@pytest.mark.slow
-def test_fsdp_evaluation_with_uneven_shares_finishes_and_equals_one_process(extractor_files, tmp_path):
-    """FSDP on 2 processes, 5 images in batches of 2: rank 0 has 2 batches, rank 1 one (each FSDP forward pass is
-    collective, so rank 1 samples an unused image to join rank 0's second batch; without it both wait for
-    ever). The distance equals diffusion-eval's of the final checkpoint in one process."""
-    import subprocess
-    import sys
-
-    from test_train import _run_cli
-
-    weights, reference = extractor_files
-    run = tmp_path / "run"
-    fid = [f"extractor_weights={weights}", f"reference={reference}", "num_samples=5", "batch_size=2",
-           "sampler.steps=2", "guidance_scale=2.0"]
+    fid = ["num_samples=5", "batch_size=2", "guidance_scale=2.0"]
     args = ["experiment=smoke", "logger=csv", "trainer=fsdp", "trainer.precision=32-true", "trainer.accelerator=cpu",
-            "trainer.devices=2", "data.batch_size=4", "trainer.max_steps=2", "callbacks.sample_grid.every_n_steps=100",
-            "+callbacks/fid=fmnist_net", "callbacks.fid.every_n_steps=100", f"hydra.run.dir={run}",
-            *(f"callbacks.fid.{o.replace('extractor_weights', 'weights')}" if not o.startswith("sampler")
-              else o for o in fid)]
-    proc = subprocess.Popen([sys.executable, "-m", "diffusion_train.train", *args], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    assert proc.returncode == 0, err[-3000:]
+            "trainer.devices=2", "data.batch_size=4", "trainer.max_steps=2", "sampler.steps=2",
+            "callbacks.sample_grid.every_n_steps=100", "+callbacks/fid=fmnist_net", "callbacks.fid.every_n_steps=100",
+            f"callbacks.fid.weights={weights}", f"callbacks.fid.reference={reference}",
+            *(f"callbacks.fid.{o}" for o in fid), f"hydra.run.dir={run}"]
+    env = dict({k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
+               PYTHONPATH=str(Path(__file__).parent))
+
+    def launch(*extra: str, module: str = "diffusion_train.train") -> subprocess.CompletedProcess:
+        proc = subprocess.Popen([sys.executable, "-m", module, *extra], cwd=tmp_path, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    stopped = launch(*args, "+callbacks.signal._target_=conftest.signal_rank0_at_last_step")
+    assert stopped.returncode == 128 + signal.SIGUSR1, stopped.stderr[-3000:]
+    assert "SIGUSR1: saved" in stopped.stdout and "at step 2 and stopping" in stopped.stdout
+    assert load_checkpoint(run / "checkpoints/last.ckpt")["global_step"] == 2
+    assert not (run / "samples").exists() and not (run / "eval").exists() and not (run / "weights").exists()
+
+    done = launch(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (run / "samples/step_0000002.png").is_file() and (run / "weights/raw.safetensors").is_file()
     [record] = [json.loads(line) for line in (run / "eval/metrics.jsonl").read_text().splitlines()]
-    one = _run_cli([f"ckpt={run / 'checkpoints/last.ckpt'}", f"out_dir={tmp_path / 'eval'}", "extractor=fmnist_net",
-                    "device=cpu", *fid], tmp_path, module="diffusion_train.evaluate")
-    assert one.returncode == 0, one.stderr[-3000:]
-    alone = json.loads((tmp_path / "eval/metrics.json").read_text())["metrics"]
-    assert record["step"] == 2 and record["fd/fmnist_net_5"] == pytest.approx(alone["fd/fmnist_net_5"], rel=1e-5)
+    alone = launch(f"ckpt={run / 'checkpoints/last.ckpt'}", f"out_dir={tmp_path / 'eval'}", "extractor=fmnist_net",
+                   f"extractor_weights={weights}", f"reference={reference}", "sampler.steps=2", "device=cpu", *fid,
+                   module="diffusion_train.evaluate")
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    metrics = json.loads((tmp_path / "eval/metrics.json").read_text())["metrics"]
+    assert record["step"] == 2 and record["fd/fmnist_net_5"] == pytest.approx(metrics["fd/fmnist_net_5"], rel=1e-5)
 
 
 def test_a_rank_with_fewer_images_samples_and_asks_to_stop_as_often_as_the_others(monkeypatch):
