@@ -190,6 +190,11 @@ def test_fsdp_rank0_signalled_at_the_end_stops_both_and_the_relaunch_evaluates_u
     import subprocess
     import sys
 
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONFIG_DIR
+    from diffusion_train.evaluate import evaluate
+
     weights, reference = extractor_files
     run = tmp_path / "run"
     fid = ["num_samples=5", "batch_size=2", "guidance_scale=2.0"]
@@ -201,9 +206,9 @@ def test_fsdp_rank0_signalled_at_the_end_stops_both_and_the_relaunch_evaluates_u
     env = dict({k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
                PYTHONPATH=str(Path(__file__).parent))
 
-    def launch(*extra: str, module: str = "diffusion_train.train") -> subprocess.CompletedProcess:
-        proc = subprocess.Popen([sys.executable, "-m", module, *extra], cwd=tmp_path, env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    def launch(*extra: str) -> subprocess.CompletedProcess:
+        proc = subprocess.Popen([sys.executable, "-m", "diffusion_train.train", *args, *extra], cwd=tmp_path, env=env,
+                                text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         try:
             out, err = proc.communicate(timeout=240)
         except subprocess.TimeoutExpired:
@@ -211,22 +216,22 @@ def test_fsdp_rank0_signalled_at_the_end_stops_both_and_the_relaunch_evaluates_u
             raise
         return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
-    stopped = launch(*args, "+callbacks.signal._target_=conftest.signal_rank0_at_last_step")
+    stopped = launch("+callbacks.signal._target_=conftest.signal_rank0_at_last_step")
     assert stopped.returncode == 128 + signal.SIGUSR1, stopped.stderr[-3000:]
     assert "SIGUSR1: saved" in stopped.stdout and "at step 2 and stopping" in stopped.stdout
     assert load_checkpoint(run / "checkpoints/last.ckpt")["global_step"] == 2
     assert not (run / "samples").exists() and not (run / "eval").exists() and not (run / "weights").exists()
 
-    done = launch(*args)
+    done = launch()
     assert done.returncode == 0, done.stderr[-3000:]
     assert (run / "samples/step_0000002.png").is_file() and (run / "weights/raw.safetensors").is_file()
     [record] = [json.loads(line) for line in (run / "eval/metrics.jsonl").read_text().splitlines()]
-    alone = launch(f"ckpt={run / 'checkpoints/last.ckpt'}", f"out_dir={tmp_path / 'eval'}", "extractor=fmnist_net",
-                   f"extractor_weights={weights}", f"reference={reference}", "sampler.steps=2", "device=cpu", *fid,
-                   module="diffusion_train.evaluate")
-    assert alone.returncode == 0, alone.stderr[-3000:]
-    metrics = json.loads((tmp_path / "eval/metrics.json").read_text())["metrics"]
-    assert record["step"] == 2 and record["fd/fmnist_net_5"] == pytest.approx(metrics["fd/fmnist_net_5"], rel=1e-5)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):  # diffusion-eval, in one process
+        cfg = compose("evaluate", overrides=[f"ckpt={run / 'checkpoints/last.ckpt'}", f"out_dir={tmp_path / 'eval'}",
+                                             "extractor=fmnist_net", f"extractor_weights={weights}",
+                                             f"reference={reference}", "sampler.steps=2", "device=cpu", *fid])
+    alone = evaluate(cfg)
+    assert record["step"] == 2 and record["fd/fmnist_net_5"] == pytest.approx(alone["fd/fmnist_net_5"], rel=1e-5)
 
 
 def test_a_rank_with_fewer_images_samples_and_asks_to_stop_as_often_as_the_others(monkeypatch):
