@@ -73,7 +73,7 @@ class _ResumedEndOfFitLoop(_FitLoop):
 
     def run(self) -> None:
         self.setup_data()
-        if self.skip and self.trainer.limit_train_batches != 0 and 0 <= self.max_steps <= self.epoch_loop.global_step:
+        if self.trainer.limit_train_batches != 0 and 0 <= self.max_steps <= self.epoch_loop.global_step:
             self.on_run_start()
             self.on_run_end()
             return

@@ -146,10 +146,9 @@ class Preemption(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The handler stays: the end-of-fit work (evaluations, the export) is still to come, and a signal during
-        # it must neither kill the process nor be dropped. ``train`` uninstalls it when the run is over.
+        # it must neither kill the process nor be dropped. ``train`` uninstalls it when the run is over. The last
+        # step is saved by the first evaluation that ends the fit (``checkpoint_step``), else by ``train``.
         _lightning_sigterm_broadcast(trainer, enabled=True)
-        if self.stopped_by is None:  # the last step, before the end-of-fit evaluations that follow
-            self.save(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self.uninstall()
