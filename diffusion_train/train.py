@@ -35,7 +35,7 @@ from diffusion_train.training.parallel import (
 )
 from diffusion_train.training.pretrained import load_pretrained
 from diffusion_train.training.periodic import finish_resumed_runs
-from diffusion_train.training.preemption import after_preemption, find_preemption, slurm_identity
+from diffusion_train.training.preemption import Preemption, after_preemption, find_preemption, slurm_identity
 from diffusion_train.training.run_dir import (
     ResumeMismatchError,
     check_resumable,
@@ -81,8 +81,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     if init.get("path") and ckpt is None:  # a resumed run has its own weights
         init_report = load_pretrained(module, init.path, str(init.get("weights") or "ema"),
                                       strict=bool(init.get("strict", True)))
-    if hasattr(datamodule, "prepare_class_images"):  # DreamBooth's prior images, made by the model before training
-        make_class_images(datamodule, module, instantiate(cfg.sampler, _convert_="all"))
     if hasattr(datamodule, "check_provenance"):  # precomputed latents / text encodings
         datamodule.check_provenance(module.autoencoder, module.conditioner)
     accumulate = module.accumulate_grad_batches
@@ -127,15 +125,23 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
 
     preemption = find_preemption(trainer)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
-        if preemption is None or not preemption.stopped_by:
+        if hasattr(datamodule, "prepare_class_images"):  # DreamBooth's prior images, made by the model before training
+            make_class_images(datamodule, module, instantiate(cfg.sampler, _convert_="all"), preemption)
+        if not stopped(preemption):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+        if not stopped(preemption):
             save_and_export(trainer, run_dir, config, lora_scaling(cfg))
     finally:
-        if preemption is not None:  # its handler covered the end-of-fit work and the export
+        if preemption is not None:  # its handler covered the work before the fit, the end-of-fit work and the export
             preemption.uninstall()
-    if preemption is not None and preemption.stopped_by:  # checkpointed at a step boundary; requeue or exit
+    if stopped(preemption):  # checkpointed at a step boundary (or stopped before the fit); requeue or exit
         after_preemption(preemption, trainer.is_global_zero)
     return trainer
+
+
+def stopped(preemption: Preemption | None) -> bool:
+    """Whether the run was stopped by a signal (its ``Preemption`` callback, or None)."""
+    return preemption is not None and preemption.stopped_by is not None
 
 
 def save_and_export(trainer: L.Trainer, run_dir: Path, config: dict, lora_scale: float | None) -> None:
@@ -151,20 +157,32 @@ def save_and_export(trainer: L.Trainer, run_dir: Path, config: dict, lora_scale:
                            {"global_step": trainer.global_step, "config": config}, lora_scaling=lora_scale)
 
 
-def make_class_images(datamodule, module, sampler, timeout_s: float = 3600.0) -> None:
-    """Process 0 makes the missing class images (on its GPU when there is one); the others wait for them."""
+def make_class_images(datamodule, module, sampler, preemption: Preemption | None = None,
+                      timeout_s: float = 3600.0) -> None:
+    """Process 0 makes the missing class images (on its GPU when there is one); the others wait for them. With a
+    ``Preemption`` callback its handler is installed first: a signal stops the work between batches (the images
+    made are kept, a relaunch makes the rest) and the run stops as after a fit stopped by that signal."""
     if not datamodule.class_images_missing():
         return
-    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0:
+    stop = None
+    if preemption is not None:
+        preemption.install()
+        stop = preemption.signalled_before_fit
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+    if rank == 0:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
-        datamodule.prepare_class_images(module.to(device), sampler)
+        datamodule.prepare_class_images(module.to(device), sampler, stop=stop)
         module.to("cpu")
-        return
-    deadline = time.monotonic() + timeout_s
-    while datamodule.class_images_missing():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"data.class_dir: process 0 did not make the class images in {timeout_s:.0f} s")
-        time.sleep(5)
+    else:
+        deadline = time.monotonic() + timeout_s
+        while datamodule.class_images_missing() and not (stop and stop()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"data.class_dir: process 0 did not make the class images in {timeout_s:.0f} s")
+            time.sleep(5)
+    if stop and stop():
+        log.warning("%s while making class images (%d of %d missing): stopping before training%s",
+                    preemption.stopped_by, datamodule.class_images_missing(), datamodule.num_class_images,
+                    "; the job will be requeued" if preemption.requeue and rank == 0 else "")
 
 
 def cluster_plugins() -> list:
@@ -180,7 +198,7 @@ def main(cfg: DictConfig) -> None:
     with user_errors_as_one_line():
         trainer = train(cfg, cfg.run_dir)
     preemption = find_preemption(trainer)
-    if preemption is not None and preemption.stopped_by:
+    if stopped(preemption):
         sys.exit(128 + preemption.signum)  # stopped by a signal, checkpoint safe: the shell's convention
 
 

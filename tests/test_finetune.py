@@ -4,7 +4,9 @@ saved locally (checkpoints, exported safetensors, bare backbones) and loaded thr
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from safetensors.torch import save_file
 from diffusion_train.train import train
 from diffusion_train.training.build import build_module
 from diffusion_train.training.export import export_weights
+from diffusion_train.training.preemption import find_preemption
 from diffusion_train.training.pretrained import load_pretrained
 
 DIT = ["model=dit_tiny"]
@@ -600,12 +603,34 @@ def test_dreambooth_batches_pair_instance_and_class_images(tmp_path):
     assert (batch["image"][:2] == -1).all() and (batch["image"][2:] == 1).all()
 
 
-def test_dreambooth_makes_its_class_images_then_trains(tiny_cfg, tmp_path):
+def test_dreambooth_makes_its_class_images_then_trains(tiny_cfg, tmp_path, monkeypatch):
     """Prior preservation: the model makes the missing class images with the class prompt before training (a
-    relaunch finds them all), then batches hold the subject and the class images with their weights."""
+    relaunch finds them all), then batches hold the subject and the class images with their weights. A requeue
+    signal while they are made (the handler is installed before) stops the run between two batches of images,
+    before training; the relaunch makes the rest."""
+    from diffusion_train.training.module import DiffusionModule
+
     write_images(tmp_path / "subject", 3, seed=0)
     run = tmp_path / "db"
-    train(tiny_cfg(*dreambooth_overrides(tmp_path), run_dir=run), run)
+    sample_seeded, calls = DiffusionModule.sample_seeded, []
+
+    def signalled_during_first_batch(self, *args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return sample_seeded(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionModule, "sample_seeded", signalled_during_first_batch)
+    cfg = tiny_cfg(*dreambooth_overrides(tmp_path, "data.class_batch_size=2"), run_dir=run)
+    handler = signal.getsignal(signal.SIGUSR1)
+    trainer = train(cfg, run)
+    assert find_preemption(trainer).stopped_by == "SIGUSR1" and trainer.global_step == 0 and calls == [[0, 1]]
+    assert sorted(p.name for p in (run / "class_images").glob("*.png")) == ["class_00000.png", "class_00001.png"]
+    assert not (run / "checkpoints").exists() and not (run / "weights").exists()
+    assert signal.getsignal(signal.SIGUSR1) == handler  # the callback's handler is gone with the run
+
+    monkeypatch.undo()
+    train(cfg, run)
     made = sorted((run / "class_images").glob("*.png"))
     assert [p.name for p in made] == [f"class_{i:05d}.png" for i in range(5)]
     dm = instantiate_data(tiny_cfg(*dreambooth_overrides(tmp_path), run_dir=run))
@@ -615,6 +640,34 @@ def test_dreambooth_makes_its_class_images_then_trains(tiny_cfg, tmp_path):
     assert batch["image"].shape == (4, 3, 16, 16) and batch["loss_weight"].tolist() == [1.0, 1.0, 0.5, 0.5]
     summary = json.loads((run / "summary.json").read_text())  # the class images count in throughput and FLOPs
     assert summary["global_batch"] == 4 and summary["images_seen"] == 4 * summary["steps"] > 0
+
+
+def test_a_process_waiting_for_the_class_images_stops_when_signalled(tmp_path, monkeypatch):
+    """Processes other than 0 wait for its class images; a signal stops the wait (no time-out) and the run."""
+    from diffusion_train.train import make_class_images
+    from diffusion_train.training.preemption import Preemption
+
+    class Waiting:
+        num_class_images = 4
+
+        def class_images_missing(self):
+            return 4
+
+    monkeypatch.setenv("RANK", "1")
+    preemption = Preemption(str(tmp_path))
+    preemption.received = signal.SIGTERM
+    try:
+        make_class_images(Waiting(), None, None, preemption, timeout_s=30)
+    finally:
+        preemption.uninstall()
+    assert preemption.stopped_by == "SIGTERM" and not preemption.requeue
+    preemption = Preemption(str(tmp_path))  # not signalled: it waits until its time-out
+    try:
+        with pytest.raises(TimeoutError, match="process 0 did not make the class images"):
+            make_class_images(Waiting(), None, None, preemption, timeout_s=0)
+    finally:
+        preemption.uninstall()
+    assert preemption.stopped_by is None
 
 
 def test_dreambooth_needs_its_images(tiny_cfg, tmp_path):

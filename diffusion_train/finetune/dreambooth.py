@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -67,7 +68,7 @@ class DreamBoothDataModule(InMemoryDataModule):
     def __init__(self, instance_dir: str, instance_prompt: str, class_prompt: str | None = None,
                  class_dir: str | None = None, num_class_images: int = 100, prior_loss_weight: float = 1.0,
                  resolution: int = 32, channels: int = 3, batch_size: int = 4, num_workers: int = 0, seed: int = 0,
-                 num_classes: int = 0, class_guidance_scale: float = 2.0):
+                 num_classes: int = 0, class_guidance_scale: float = 2.0, class_batch_size: int = 16):
         super().__init__(batch_size, channels, resolution, num_classes, num_workers, seed)
         if class_prompt is not None and not class_dir:
             raise ValueError("data.class_dir: give a folder for the class images of data.class_prompt")
@@ -76,7 +77,9 @@ class DreamBoothDataModule(InMemoryDataModule):
         self.instance_dir, self.instance_prompt = instance_dir, instance_prompt
         self.class_prompt, self.class_dir = class_prompt, class_dir
         self.num_class_images, self.prior_loss_weight = int(num_class_images), float(prior_loss_weight)
-        self.class_guidance_scale = float(class_guidance_scale)
+        self.class_guidance_scale, self.class_batch_size = float(class_guidance_scale), int(class_batch_size)
+        if self.class_batch_size < 1:
+            raise ValueError(f"data.class_batch_size must be >= 1, got {class_batch_size}")
 
     @property
     def images_per_sample(self) -> int:
@@ -92,9 +95,11 @@ class DreamBoothDataModule(InMemoryDataModule):
         return max(0, self.num_class_images - have)
 
     @torch.no_grad()
-    def prepare_class_images(self, module, sampler, batch_size: int = 16) -> int:
+    def prepare_class_images(self, module, sampler, stop: Callable[[], bool] | None = None) -> int:
         """Makes the missing class images with ``module`` (image i from seed i, the class prompt, guidance
-        ``class_guidance_scale``) as PNG files in ``class_dir``; returns how many it made."""
+        ``class_guidance_scale``), ``class_batch_size`` at a time, as PNG files in ``class_dir``; returns how many
+        it made. ``stop``: asked between batches; when it says yes the work ends there (a later call makes the
+        rest)."""
         from diffusion_train.training.images import save_grid
 
         missing = self.class_images_missing()
@@ -105,12 +110,16 @@ class DreamBoothDataModule(InMemoryDataModule):
         start = self.num_class_images - missing
         log.info("making %d class images of %r in %s", missing, self.class_prompt, folder)
         inputs = module.conditioner.sample_inputs(self.num_class_images, prompts=[self.class_prompt])
-        for first in range(start, self.num_class_images, batch_size):
-            indices = list(range(first, min(first + batch_size, self.num_class_images)))
+        made = 0
+        for first in range(start, self.num_class_images, self.class_batch_size):
+            if stop is not None and stop():
+                break
+            indices = list(range(first, min(first + self.class_batch_size, self.num_class_images)))
             images = module.sample_seeded(indices, inputs, sampler, self.class_guidance_scale)
             for i, image in zip(indices, images):
                 save_grid(image[None], folder / f"class_{i:05d}.png", ncol=1, pad=0)
-        return missing
+            made += len(indices)
+        return made
 
     def make_sets(self) -> tuple[DreamBoothBatches, DreamBoothBatches]:
         instance = load_folder(self.instance_dir, self.resolution, self.channels)

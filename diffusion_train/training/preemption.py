@@ -93,7 +93,8 @@ class Preemption(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Before the data loaders fork their workers, which then inherit a handler that only sets a flag
         # (their own DataLoader worker_init_fn may also ignore the signals).
-        self.received, self.signum, self.stopped_by, self.requeue = None, None, None, False
+        if self.stopped_by is not None:  # a stop of an earlier fit; a signal received since install() is kept
+            self.received, self.signum, self.stopped_by, self.requeue = None, None, None, False
         self.install()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -120,16 +121,27 @@ class Preemption(L.Callback):
                                _REQUEUE if self.received in self.requeue_signals else _EXIT)
         if decision == _NONE:
             return False
-        self.requeue = decision == _REQUEUE
-        self.signum = self.received if self.received is not None else \
-            (self.requeue_signals if self.requeue else self.exit_signals)[0]  # only another rank was signalled
-        self.stopped_by = name = signal.Signals(self.signum).name
+        name = self._stop(decision)
         self.save(trainer)
         trainer.should_stop = True
         if trainer.is_global_zero:
             log.warning("%s: saved %s at step %d and stopping%s", name, self.dirpath / "last.ckpt",
                         trainer.global_step, "; the job will be requeued" if self.requeue else "")
         return True
+
+    def signalled_before_fit(self) -> bool:
+        """Before the fit (work that has no checkpoint to save and no process group to agree on, e.g. DreamBooth's
+        class images): whether this process was signalled. If so the run stops there, as after a fit stopped by it."""
+        if self.stopped_by is None and self.received is not None:
+            self._stop(_REQUEUE if self.received in self.requeue_signals else _EXIT)
+        return self.stopped_by is not None
+
+    def _stop(self, decision: int) -> str:
+        self.requeue = decision == _REQUEUE
+        self.signum = self.received if self.received is not None else \
+            (self.requeue_signals if self.requeue else self.exit_signals)[0]  # only another rank was signalled
+        self.stopped_by = signal.Signals(self.signum).name
+        return self.stopped_by
 
     def save(self, trainer: L.Trainer) -> None:
         """``last.ckpt`` at this step, unless it holds this step already. Every rank calls it: sharded states
