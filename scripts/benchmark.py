@@ -21,6 +21,8 @@ Every argument is ``key=value``:
     text        LxD: L precomputed text tokens of width D for a text-conditioned model (e.g. 77x1024)
     device      cuda | cpu (cuda)
     peak_tflops dense bf16 peak of the card in TFLOP/s for MFU (default: known cards, PEAK_BF16)
+    profile     N: after the timed repeats, N more steps under torch.profiler: device time per step by kernel
+                category and the longest kernels (diffusion_train/training/kernel_profile.py), per mode (0: off)
     out         also write the JSON result here (it is always printed on stdout)
     md          markdown file the result table is added to (cuda: docs/benchmarks.md; cpu: none); md= skips it
 
@@ -59,6 +61,7 @@ sys.path.insert(0, str(ROOT))
 
 from diffusion_train.cli import UsageError, parse_key_values, run_main  # noqa: E402
 from diffusion_train.training.speed import compile_choice  # noqa: E402
+from diffusion_train.training.kernel_profile import KernelProfile, describe  # noqa: E402
 from diffusion_train.training.syncs import SyncWatch  # noqa: E402
 
 MODES = ("lightning", "bare")
@@ -94,12 +97,12 @@ def _dims(value: str) -> tuple[int, ...]:
 OPTIONS: dict[str, Callable[[str], Any]] = {
     "config": str, "batch": int, "steps": int, "warmup": int, "repeats": int, "compile": str, "precision": str,
     "modes": str, "latent": str, "classes": int, "text": str, "device": str, "peak_tflops": float, "out": str,
-    "md": str,
+    "md": str, "profile": int,
 }
 DEFAULTS: dict[str, Any] = {
     "config": "", "batch": None, "steps": 20, "warmup": 5, "repeats": 3, "compile": None, "precision": "bf16-mixed",
     "modes": "lightning,bare", "latent": "4x32x32", "classes": 1000, "text": "", "device": "cuda",
-    "peak_tflops": None, "out": "", "md": None,
+    "peak_tflops": None, "out": "", "md": None, "profile": 0,
 }
 
 
@@ -108,6 +111,8 @@ def parse_args(argv: list[str]) -> dict[str, Any]:
     for key in ("steps", "warmup", "repeats", "classes"):
         if opts[key] < 1:
             raise UsageError(f"{key} must be >= 1, got {opts[key]}")
+    if opts["profile"] < 0:
+        raise UsageError(f"profile must be >= 0, got {opts['profile']}")
     if opts["batch"] is not None and opts["batch"] < 1:
         raise UsageError(f"batch must be >= 1, got {opts['batch']}")
     if opts["compile"] is not None:
@@ -281,12 +286,14 @@ class Clock:
     """perf_counter readings after a device synchronisation, at chosen step counts only. It also counts the
     host-device synchronisations of the timed steps (``diffusion_train.training.syncs.SyncWatch``: on a GPU
     ``torch.cuda.set_sync_debug_mode``, its own synchronisations excepted; on a CPU the operations that would
-    synchronise on a GPU), from the end of warm-up to the last mark: compilation, in warm-up, runs unwatched."""
+    synchronise on a GPU), from the end of warm-up to the last mark: compilation, in warm-up, runs unwatched.
+    With ``profile`` steps, those steps after the last mark run under a ``KernelProfile``."""
 
-    def __init__(self, device, marks: set[int], warmup: int):
+    def __init__(self, device, marks: set[int], warmup: int, profile: int = 0):
         self.cuda = device.type == "cuda"
         self.marks, self.warmup, self.times, self.done = marks, warmup, {}, 0
         self.watch = SyncWatch(device)
+        self.profile = KernelProfile(device, profile) if profile else None
 
     def sync(self) -> None:
         import torch
@@ -308,6 +315,11 @@ class Clock:
             self.watch.start()
         if self.done == max(self.marks):
             self.watch.stop()
+            if self.profile is not None:
+                self.profile.start()
+        if self.profile is not None and self.done == max(self.marks) + self.profile.steps:
+            self.sync()
+            self.profile.stop()
 
 
 def sync_counts(clock: Clock, steps: int) -> dict:
@@ -379,7 +391,7 @@ def run_bare(cfg, batch: dict, opts: dict, device, clock: Clock) -> dict:
 
 
 def total_steps(opts: dict) -> int:
-    return opts["warmup"] + opts["steps"] * opts["repeats"]
+    return opts["warmup"] + opts["steps"] * opts["repeats"] + opts.get("profile", 0)
 
 
 def measure(mode: str, cfg, batch: dict, opts: dict, device, macs: int, peak: float | None) -> dict:
@@ -387,7 +399,7 @@ def measure(mode: str, cfg, batch: dict, opts: dict, device, macs: int, peak: fl
 
     warm, steps, repeats, b = opts["warmup"], opts["steps"], opts["repeats"], int(batch["latent"].shape[0])
     marks = {1, warm, *(warm + steps * r for r in range(1, repeats + 1))}
-    clock = Clock(device, marks, warm)
+    clock = Clock(device, marks, warm, opts.get("profile", 0))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     oom = None
@@ -396,6 +408,8 @@ def measure(mode: str, cfg, batch: dict, opts: dict, device, macs: int, peak: fl
             extra = (run_lightning if mode == "lightning" else run_bare)(cfg, batch, opts, device, clock)
         finally:
             clock.watch.stop()
+            if clock.profile is not None and clock.profile.running:
+                clock.profile.stop()
     except Exception as e:  # noqa: BLE001 - only running out of memory is reported instead of raised
         if not _is_oom(e):
             raise
@@ -421,6 +435,8 @@ def measure(mode: str, cfg, batch: dict, opts: dict, device, macs: int, peak: fl
         "first_step_s": t[1] - t[0], "warmup_s": t[warm] - t[0],
         "compile_s": (t[1] - t[0]) - median if opts["compile"] != "false" else None,
         **sync_counts(clock, steps * repeats), **extra})
+    if clock.profile is not None:
+        row["profile"] = clock.profile.summary(step_ms=median * 1e3)
     return row
 
 
@@ -486,6 +502,9 @@ def markdown(result: dict) -> str:
         if row.get("host_sync_sites"):
             sites = ", ".join(f"`{site}` {n / (s['steps'] * s['repeats']):.2f}" for site, n in row["host_sync_sites"].items())
             lines += ["", f"Host syncs per step by line ({mode}): {sites}."]
+    for mode, row in result["results"].items():
+        if row.get("profile"):
+            lines += ["", describe(row["profile"], mode)]
     if result["lightning_overhead_pct"] is not None:
         lines += ["", f"Lightning loop over the bare loop: {result['lightning_overhead_pct']:+.1f}% step time "
                       f"(target <= {OVERHEAD_TARGET_PCT:.0f}%)."]
@@ -601,6 +620,7 @@ def benchmark(opts: dict, argv: list[str]) -> dict:
         "settings": {"device": device.type, "precision": opts["precision"], "compile": opts["compile"],
                      "cudnn_benchmark": torch.backends.cudnn.benchmark,
                      "steps": opts["steps"], "warmup": opts["warmup"], "repeats": opts["repeats"],
+                     "profile_steps": opts["profile"],
                      "modes": opts["modes"], "log_every_n_steps": int(cfg.trainer.log_every_n_steps),
                      "ema_decays": ema.decays if ema is not None else None},
         "params": params,

@@ -82,7 +82,7 @@ if [[ $CHECKS == *levers* ]]; then
     # The trainer's own loop (modes=lightning) with the default compilation of each target config first, then
     # eager and the other options against them, on the same card in the same call. Most important first: a time
     # limit cuts the tail.
-    L=($PY scripts/benchmark.py md="$OUT/benchmarks.md" modes=lightning warmup=3 steps=10 repeats=3)
+    L=($PY scripts/benchmark.py md="$OUT/benchmarks.md" modes=lightning warmup=3 steps=10 repeats=3 profile=3)
     S2=(config="model=dit_s2" batch=256); B2=(config="model=dit_b2" batch=256); XL=(config="model=dit_xl2" batch=128)
     UN=(config="model=unet_sd2 model.attention_resolutions=[32,16,8]" text=77x1024 batch=64)
     UN_CL=(config="model=unet_sd2 model.attention_resolutions=[32,16,8] training.channels_last=true" text=77x1024 batch=64)
@@ -95,6 +95,8 @@ if [[ $CHECKS == *levers* ]]; then
         text=77x1024 batch=64 compile=true out="$OUT/unet_cudnn.json"  # cuDNN autotuning of the convolutions
     step unet_eager 90 "${L[@]}" "${UN[@]}" compile=false modes=both out="$OUT/unet_eager.json"  # Lightning overhead
     step s2_eager 60 "${L[@]}" "${S2[@]}" compile=false out="$OUT/s2_eager.json"
+    step s2_autotune 240 "${L[@]}" config="model=dit_s2 training.compile_options={mode:max-autotune-no-cudagraphs}" \
+        batch=256 compile=blocks out="$OUT/s2_autotune.json"  # Triton matmul templates with fused epilogues
     step s2_graphs 150 "${L[@]}" config="model=dit_s2 training.compile_options={mode:reduce-overhead}" batch=256 \
         compile=true out="$OUT/s2_graphs.json"
     step xl_blocks_fp8 150 "${L[@]}" config="model=dit_xl2 training.fp8=true" batch=128 compile=blocks \

@@ -119,7 +119,7 @@ def test_script_end_to_end_on_cpu(tmp_path):
     md.write_text("# Benchmarks\n\nintro\n\n<!-- scripts/benchmark.py adds result tables above this line -->\n\n"
                   "## Later section\n")
     proc = run_script("config=model=dit_tiny data.batch_size=3", "latent=4x16x16", "classes=10", "device=cpu",
-                      "steps=2", "warmup=1", "repeats=2", "modes=both", f"out={out}", f"md={md}")
+                      "steps=2", "warmup=1", "repeats=2", "modes=both", "profile=2", f"out={out}", f"md={md}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert json.loads(proc.stdout) == result
@@ -140,6 +140,13 @@ def test_script_end_to_end_on_cpu(tmp_path):
         assert row["mfu"] is None and row["peak_memory_gib"] is None and row["compile_s"] is None
         assert row["host_syncs_per_step"] == 0 and row["host_sync_sites"] == {}  # on a CPU: what would wait for a GPU
         assert row["first_step_s"] > 0 and row["warmup_s"] >= row["first_step_s"]
+        prof = row["profile"]  # 2 more steps under the profiler: on a CPU its operators stand in for kernels
+        assert prof["steps"] == 2 and prof["device"] == "cpu"
+        assert 0 < prof["busy_ms_per_step"] <= prof["profiled_wall_ms_per_step"]
+        assert prof["wall_ms_per_step"] == row["step_ms"]  # the idle share is taken against the unprofiled step
+        assert {"matmul", "optimizer, clipping, EMA", "attention"} <= set(prof["categories"])
+        assert sum(c["pct"] for c in prof["categories"].values()) == pytest.approx(100)
+        assert prof["top"][0]["ms_per_step"] >= prof["top"][-1]["ms_per_step"] > 0
     assert result["results"]["lightning"]["batch_on_device_unchanged"] is True
     assert isinstance(result["lightning_overhead_pct"], float)
 
@@ -151,7 +158,29 @@ def test_script_end_to_end_on_cpu(tmp_path):
     assert "| mode | images/s | ms/step | MFU |" in table and "host syncs/step |" in table
     assert "bf16-mixed, not compiled; batch 3" in table
     assert table.count("\n| lightning |") == 1 and table.count("\n| bare |") == 1
+    assert "Profile (lightning), 2 steps: CPU operator time" in table and "Longest operators per step: `aten::" in table
     assert result["command"] in table and text.endswith("## Later section\n")
+
+
+def test_kernel_categories_and_busy_time():
+    """Kernel names as cuBLAS, cuDNN, FlashAttention, Inductor and PyTorch's fused optimizer name them; busy time
+    is the union of the kernels' intervals (overlaps count once, gaps not at all)."""
+    from diffusion_train.training.kernel_profile import busy_us, category
+
+    names = {"sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "matmul",
+             "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT": "matmul",
+             "triton_tem_fused_addmm_gelu_0": "matmul",
+             "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>": "attention",
+             "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc": "convolution",
+             "triton_red_fused_native_layer_norm_mul_add_3": "compiled fusions",
+             "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer, clipping, EMA",
+             "void at::native::vectorized_layer_norm_kernel<c10::BFloat16, float>": "normalization",
+             "Memcpy DtoD (Device -> Device)": "copies and fills",
+             "void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernelImpl>": "elementwise and reductions",
+             "aten::addmm": "matmul", "aten::_foreach_lerp_": "optimizer, clipping, EMA", "cudaLaunchKernel": "other"}
+    assert {n: category(n) for n in names} == names
+    assert busy_us([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17
+    assert busy_us([]) == 0
 
 
 def test_text_conditioned_inputs(tmp_path):
