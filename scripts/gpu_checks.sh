@@ -82,7 +82,7 @@ if [[ $CHECKS == *levers* ]]; then
     # The trainer's own loop (modes=lightning) with the default compilation of each target config first, then
     # eager and the other options against them, on the same card in the same call. Most important first: a time
     # limit cuts the tail.
-    L=($PY scripts/benchmark.py md="$OUT/benchmarks.md" modes=lightning warmup=3 steps=10 repeats=3 profile=3)
+    L=($PY scripts/benchmark.py md="$OUT/benchmarks.md" modes=lightning warmup=3 steps=10 repeats=3 profile=2)
     S2=(config="model=dit_s2" batch=256); B2=(config="model=dit_b2" batch=256); XL=(config="model=dit_xl2" batch=128)
     UN=(config="model=unet_sd2 model.attention_resolutions=[32,16,8]" text=77x1024 batch=64)
     UN_CL=(config="model=unet_sd2 model.attention_resolutions=[32,16,8] training.channels_last=true" text=77x1024 batch=64)
