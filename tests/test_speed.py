@@ -268,6 +268,41 @@ def test_activation_checkpointing_recomputes_with_same_gradients(make, inputs, i
     assert list(model.state_dict()) == keys
 
 
+def _saved_bytes(net, inputs) -> int:
+    """Bytes the autograd graph keeps for the backward pass during one forward pass of ``net``."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = net(*inputs)
+    out.square().mean().backward()
+    return sum(saved)
+
+
+def test_checkpointing_the_first_n_blocks():
+    """activation_checkpointing=N: the first N blocks are recomputed, the others keep their activations; the
+    more blocks, the less the forward pass keeps, with the gradients of the plain model every time."""
+    eager = tiny_dit(depth=4)
+    reference = run(eager, eager, dit_inputs())
+    kept = []
+    for n in (0, 1, 3, 4):
+        model = tiny_dit(depth=4)
+        net = prepare_backbone(model, activation_checkpointing=n)
+        calls = [_count_calls(block.mlp) for block in model.blocks]
+        assert_same(reference, run(net, model, dit_inputs()))
+        assert [c[0] for c in calls] == [2] * n + [1] * (4 - n)
+        kept.append(_saved_bytes(net, dit_inputs()))
+    assert kept == sorted(kept, reverse=True) and len(set(kept)) == 4
+    with pytest.raises(ValueError, match=r"activation_checkpointing=5: the backbone has 4 repeated blocks"):
+        prepare_backbone(tiny_dit(depth=4), activation_checkpointing=5)
+    for bad in (-1, 2.5, "some"):
+        with pytest.raises(ValueError, match="must be true, false or a number of blocks"):
+            prepare_backbone(tiny_dit(depth=4), activation_checkpointing=bad)
+
+
 def test_activation_checkpointing_with_compiled_blocks():
     """Checkpointing around compiled blocks: still one compiled frame, still the eager results."""
     eager, model = tiny_dit(), tiny_dit()
@@ -298,6 +333,8 @@ def test_trainer_benchmark_sets_cudnn_autotuning(monkeypatch):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     assert script.speed_options({"compile": "true"}, True) == "compiled, cuDNN benchmark"
+    assert script.speed_options({"compile": "blocks", "activation_checkpointing": 14, "fp8": True}) == \
+        "blocks compiled, activation checkpointing of the first 14 blocks, fp8"
 
 
 def test_channels_last_unet(tmp_path):
@@ -387,8 +424,9 @@ def _wrapped_blocks(module) -> bool:
                   "training.activation_checkpointing=true"], _wrapped_blocks),
     ("dit_tiny", ["training.compile=true", "+training.compile_options.backend=aot_eager"],
      lambda m: isinstance(m.net, nn.Module) and m.net is not m.backbone),
-    ("unet_tiny", ["training.channels_last=true", "training.activation_checkpointing=true"],
-     lambda m: _wrapped_blocks(m) and m.backbone.conv_in.weight.is_contiguous(memory_format=torch.channels_last)),
+    ("unet_tiny", ["training.channels_last=true", "training.activation_checkpointing=2"],  # the first 2 stages
+     lambda m: [("forward" in vars(b)) for b in repeated_blocks(m.backbone)][:3] == [True, True, False]
+     and m.backbone.conv_in.weight.is_contiguous(memory_format=torch.channels_last)),
     ("dit_tiny", ["training.fp8=true"],
      lambda m: any(type(x).__name__ == "Float8Linear" for x in m.backbone.modules())),
 ], ids=["blocks+checkpointing", "compile", "channels_last+checkpointing", "fp8"])

@@ -55,9 +55,10 @@ class DiffusionModule(L.LightningModule):
     def __init__(self, backbone: nn.Module, conditioner: Conditioner, objective: GaussianDiffusion,
                  optimizer: Callable[..., torch.optim.Optimizer],
                  lr_schedule: Callable[[torch.optim.Optimizer], Any] | None = None, *,
-                 autoencoder: Autoencoder | None = None, grad_clip: float | None = 1.0, accumulate_grad_batches: int = 1, max_nonfinite_steps: int = 20,
+                 autoencoder: Autoencoder | None = None, grad_clip: float | None = 1.0,
+                 accumulate_grad_batches: int = 1, max_nonfinite_steps: int = 20,
                  compile: bool | str = False, compile_options: dict | None = None,
-                 activation_checkpointing: bool = False, channels_last: bool = False, fp8: bool = False,
+                 activation_checkpointing: bool | int = False, channels_last: bool = False, fp8: bool = False,
                  seed: int = 0, task=None, controlnet: nn.Module | None = None, control=None):
         super().__init__()
         self.automatic_optimization = False

@@ -8,7 +8,8 @@
 ``training.compile_options``  keyword arguments of ``torch.compile``, e.g. ``{mode: reduce-overhead}`` (CUDA
                          graphs), ``{mode: max-autotune-no-cudagraphs}``, ``{backend: aot_eager}``.
 ``training.activation_checkpointing``  recompute each repeated block's activations in the backward pass
-                         instead of keeping them (less memory, about one more forward pass of compute).
+                         instead of keeping them (less memory, about one more forward pass of compute); an
+                         integer N: only the first N repeated blocks (less memory saved, less recomputed).
 ``training.channels_last``  NHWC memory for the convolution weights and the backbone's input (U-Nets).
 ``training.fp8``         the Linear layers of the repeated blocks train in float8 (torchao's dynamic tensorwise
                          scaling; the weights stay in their dtype); needs a GPU of compute capability >= 8.9
@@ -116,6 +117,24 @@ def convert_fp8(backbone: nn.Module) -> int:
     return count
 
 
+def checkpointed_blocks(value: Any, count: int) -> int:
+    """How many of ``count`` repeated blocks ``training.activation_checkpointing`` recomputes: ``false`` none,
+    ``true`` all, an integer N the first N (N <= ``count``)."""
+    if value is None or isinstance(value, bool):
+        return count if value else 0
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return count if value.lower() == "true" else 0
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = -1
+    if n < 0 or str(n) != str(value).strip():
+        raise ValueError(f"training.activation_checkpointing must be true, false or a number of blocks, got {value!r}")
+    if n > count:
+        raise ValueError(f"training.activation_checkpointing={n}: the backbone has {count} repeated blocks")
+    return n
+
+
 def check_fp8_device(device: torch.device) -> None:
     """Float8 matrix products need compute capability >= 8.9 (Ada, Hopper, Blackwell); a CPU emulates them."""
     if device.type == "cuda":
@@ -146,14 +165,15 @@ def channels_last_input(net: Callable) -> Callable:
 
 
 def prepare_backbone(backbone: nn.Module, *, compile: Any = False, compile_options: dict | None = None,
-                     activation_checkpointing: bool = False, channels_last: bool = False,
+                     activation_checkpointing: bool | int = False, channels_last: bool = False,
                      fp8: bool = False) -> Callable:
     """Applies the speed options to ``backbone`` (in place) and returns what the training step calls:
     the backbone itself, or a compiled / channels-last wrapper of it kept outside the module tree.
 
     Order: float8 layers; then each repeated block's forward compiled (``blocks``) and run under
     ``torch.utils.checkpoint`` (non-reentrant, RNG state preserved; the recomputation in the backward pass
-    runs the compiled code); then channels-last; then whole-backbone compilation around all of it.
+    runs the compiled code; ``activation_checkpointing=N``: the first N blocks only); then channels-last; then
+    whole-backbone compilation around all of it.
     """
     choice = resolve_compile(compile, backbone, torch.cuda.is_available())
     options = dict(compile_options or {})
@@ -163,11 +183,12 @@ def prepare_backbone(backbone: nn.Module, *, compile: Any = False, compile_optio
     if activation_checkpointing and not blocks:
         raise ValueError(f"training.activation_checkpointing: {type(backbone).__name__} has no repeated blocks "
                          f"(an nn.ModuleList) to checkpoint")
-    for block in blocks if choice == "blocks" or activation_checkpointing else ():
+    recompute = checkpointed_blocks(activation_checkpointing, len(blocks))
+    for i, block in enumerate(blocks if choice == "blocks" else blocks[:recompute]):
         forward = block.forward
         if choice == "blocks":  # copies of one layer share the compiled code
             forward = torch.compile(forward, **options)
-        if activation_checkpointing:
+        if i < recompute:
             forward = functools.partial(checkpoint, forward, use_reentrant=False)
         block.forward = forward  # an instance attribute: parameter names do not change
     if choice != "false":
