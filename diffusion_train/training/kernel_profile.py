@@ -115,6 +115,7 @@ def describe(summary: dict, label: str = "") -> str:
                      for k in summary["top"][:5])
     what, units = ("device", "kernels") if summary["device"] == "cuda" else ("CPU operator", "operators")
     idle = f", idle {summary['idle_pct']:.0f}%" if summary["idle_pct"] is not None else ""
-    return (f"Profile{f' ({label})' if label else ''}, {summary['steps']} steps: {what} time "
+    steps = f"{summary['steps']} step" + "s" * (summary["steps"] != 1)
+    return (f"Profile{f' ({label})' if label else ''}, {steps}: {what} time "
             f"{summary['busy_ms_per_step']:.2f} of {summary['wall_ms_per_step']:.2f} ms per step{idle}, "
             f"{summary['kernels_per_step']:.0f} {units} per step: {cats}.\n\nLongest {units} per step: {tops}.")
