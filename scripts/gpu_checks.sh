@@ -11,7 +11,8 @@
 #                                                 # IDX files in dir), FP8_STEPS (1500) steps each, compiled blocks
 #
 # Each step has its own time limit and a failure does not stop the others; the summary at the end lists
-# each step's exit status.
+# each step's exit status. The benchmark rows' JSON files make one table, on any machine:
+#   python scripts/bench_summary.py "$OUT"/*.json
 set -uo pipefail
 OUT="${OUT:-gpu_checks}"
 CHECKS="${CHECKS:-train,bench}"

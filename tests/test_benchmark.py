@@ -99,13 +99,14 @@ def test_cross_attention_model_needs_the_context_length():
         forward_macs(backbone("dit_tiny", context_dim=24))
 
 
-def import_script():
+def import_script(name: str = "benchmark"):
+    import importlib
+
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
-        import benchmark
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(ROOT / "scripts"))
-    return benchmark
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
@@ -114,7 +115,7 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
                           timeout=240)
 
 
-def test_script_end_to_end_on_cpu(tmp_path):
+def test_script_end_to_end_on_cpu(tmp_path, capsys):
     out, md = tmp_path / "result.json", tmp_path / "bench.md"
     md.write_text("# Benchmarks\n\nintro\n\n<!-- scripts/benchmark.py adds result tables above this line -->\n\n"
                   "## Later section\n")
@@ -160,6 +161,31 @@ def test_script_end_to_end_on_cpu(tmp_path):
     assert table.count("\n| lightning |") == 1 and table.count("\n| bare |") == 1
     assert "Profile (lightning), 2 steps: CPU operator time" in table and "Longest operators per step: `aten::" in table
     assert result["command"] in table and text.endswith("## Later section\n")
+
+    # bench_summary.py: one table of results against the targets (which count on an H100 only)
+    h100 = json.loads(json.dumps(result))  # the same result as if it came from the S/2 target run on an H100
+    h100["environment"]["device_name"] = "NVIDIA H100 80GB HBM3"
+    h100["config"]["choices"]["model"], h100["inputs"]["batch"], h100["inputs"]["latent"] = "dit_s2", 256, [4, 32, 32]
+    h100["results"]["lightning"]["images_per_s"], h100["results"]["bare"]["images_per_s"] = 7100.0, 6900.0
+    h200 = json.loads(json.dumps(h100))
+    h200["environment"]["device_name"] = "NVIDIA H200"
+    for name, value in (("h100.json", h100), ("h200.json", h200), ("other.json", {"a": 1})):
+        (tmp_path / name).write_text(json.dumps(value))
+    summary = import_script("bench_summary")
+    assert summary.main([str(out), *(str(tmp_path / n) for n in ("h100.json", "h200.json", "other.json")),
+                         f"md={tmp_path / 'summary.md'}"]) == 0
+    captured = capsys.readouterr()
+    assert "other.json: left out (not a diffusion_train.benchmark/1 result)" in captured.err
+    rows = [ln.split(" | ") for ln in captured.out.splitlines() if ln.startswith("| dit_tiny")]
+    assert [r[2:6] for r in rows] == [
+        ["lightning", f"{result['results']['lightning']['images_per_s']:,.0f}", "-", "-"],
+        ["bare", f"{result['results']['bare']['images_per_s']:,.0f}", "-", "-"],
+        ["lightning", "7,100", "7,000", "yes (1.01x)"], ["bare", "6,900", "7,000", "no (0.99x)"],
+        ["lightning", "7,100", "7,000", "not an H100"], ["bare", "6,900", "7,000", "not an H100"]]
+    assert rows[0][1] == "not compiled" and rows[0][-1] == f"{result['lightning_overhead_pct']:+.1f} |"
+    assert (tmp_path / "summary.md").read_text() == captured.out
+    assert summary.main([str(tmp_path / "other.json")]) == 1
+    assert capsys.readouterr().err.strip().endswith("error: none of the files is a benchmark.py result")
 
 
 def test_kernel_categories_and_busy_time():
