@@ -19,9 +19,13 @@ Every argument is ``key=value``:
     min_steps   points with fewer steps are left out (20)
     name        the sweep's name: written to conf/sweep/<name>.yaml (isoflop)
     out         write the sweep config here instead
+    mfu         the model FLOPs utilisation to expect (e.g. 0.4, as scripts/benchmark.py measures it): adds
+                each run's GPU-hours and the plan's total (none by default)
+    peak_tflops the GPU's dense bf16 peak for mfu, in TFLOP/s (989: an H100 SXM)
 
-Prints the grid (parameters, MACs per image, steps, LR, the compute each run lands on) and what was
-left out; the runs' summary.json files are what ``scripts/scaling_report.py`` fits.
+Prints the grid (parameters, MACs per image, steps, LR, the compute each run lands on, with ``mfu`` its
+GPU-hours), the plan's total compute and what was left out; the runs' summary.json files are what
+``scripts/scaling_report.py`` fits.
 """
 
 from __future__ import annotations
@@ -36,15 +40,15 @@ sys.path.insert(0, str(ROOT))
 from diffusion_train.cli import UsageError, parse_key_values, run_main  # noqa: E402
 
 OPTIONS = {"budgets": str, "family": str, "sizes": str, "batch": int, "lr": float, "lr_rule": str, "base": str,
-           "evals": int, "min_steps": int, "name": str, "out": str}
+           "evals": int, "min_steps": int, "name": str, "out": str, "mfu": float, "peak_tflops": float}
 DEFAULTS = {"budgets": None, "family": "dit", "sizes": "", "batch": 64, "lr": None, "lr_rule": "constant",
-            "base": "", "evals": 5, "min_steps": 20, "name": "isoflop", "out": ""}
+            "base": "", "evals": 5, "min_steps": 20, "name": "isoflop", "out": "", "mfu": None, "peak_tflops": 989.0}
 
 
 def main(argv: list[str]) -> None:
     from hydra import compose, initialize_config_dir
 
-    from diffusion_train.scaling.plan import FAMILIES, isoflop_grid, size_costs, summary_line, sweep_yaml
+    from diffusion_train.scaling.plan import FAMILIES, gpu_hours, isoflop_grid, size_costs, summary_line, sweep_yaml
 
     opts = parse_key_values(argv, OPTIONS, DEFAULTS)
     if not opts["budgets"]:
@@ -53,6 +57,11 @@ def main(argv: list[str]) -> None:
         budgets = [float(b) for b in opts["budgets"].split(",")]
     except ValueError:
         raise UsageError(f"budgets={opts['budgets']}: not a comma-separated list of numbers") from None
+    mfu, peak = opts["mfu"], opts["peak_tflops"] * 1e12
+    if mfu is not None and not 0 < mfu <= 1:
+        raise UsageError(f"mfu={mfu}: a fraction in (0, 1], e.g. 0.4")
+    if peak <= 0:
+        raise UsageError(f"peak_tflops={opts['peak_tflops']}: must be positive")
     base = shlex.split(opts["base"])
     family = opts["family"]
     if family not in FAMILIES:
@@ -78,7 +87,11 @@ def main(argv: list[str]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     for p in points:
-        print(summary_line(p))
+        print(summary_line(p, mfu, peak))
+    total = sum(p.flops for p in points)
+    print(f"total: {len(points)} runs, C={total:.3e} FLOPs" + (
+        f", {gpu_hours(total, mfu, peak):.3g} GPU-hours at {mfu:.0%} MFU of {opts['peak_tflops']:g} TFLOP/s"
+        if mfu else ""))
     for s in skipped:
         print(f"left out: {s}")
     print(f"wrote {out} ({len(points)} runs); run: diffusion-train -m +sweep={out.stem} {' '.join(base)}".rstrip())

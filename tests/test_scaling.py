@@ -89,9 +89,19 @@ def test_the_isoflop_plan_lands_each_run_on_its_budget(tmp_path):
 
     base = "data=synthetic model.patch_size=4"
     out, conf = _plan(tmp_path, "budgets=2e10,6e10", "family=dit", "sizes=XS,S,M", "batch=16", f"base={base}",
-                      "lr=1e-3", "lr_rule=inverse_width", "min_steps=20")
+                      "lr=1e-3", "lr_rule=inverse_width", "min_steps=20", "mfu=0.4", "peak_tflops=1e-6")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "left out: M at 2e+10 FLOPs" in out.stdout  # too few steps: reported, not run
+    lines = {ln.split()[0]: ln for ln in out.stdout.splitlines() if ln.strip().startswith("C")}
+    spent = {label: float(ln.split("C=")[1].split()[0]) for label, ln in lines.items()}
+    for label, ln in lines.items():  # GPU-hours at 40% of a (tiny) 1e6 FLOP/s peak
+        assert float(ln.split()[-2]) == pytest.approx(spent[label] / (0.4 * 1e6) / 3600, rel=2e-3), ln
+    total = [ln for ln in out.stdout.splitlines() if ln.startswith("total: ")]
+    assert len(total) == 1 and total[0].startswith("total: 5 runs, C=") and \
+        total[0].endswith(" GPU-hours at 40% MFU of 1e-06 TFLOP/s")
+    total_flops, hours = float(total[0].split("C=")[1].split()[0]), float(total[0].split(", ")[2].split()[0])
+    assert total_flops == pytest.approx(sum(spent.values()), rel=1e-3)
+    assert hours == pytest.approx(total_flops / 0.4e6 / 3600, rel=2e-3)
     points = []
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         plan = compose("train", overrides=["+sweep=plan", *base.split()]).scaling.plan

@@ -165,9 +165,16 @@ def _family(name: str) -> dict:
     return FAMILIES[name]
 
 
-def summary_line(p: Point) -> str:
+def gpu_hours(flops: float, mfu: float, peak_flops: float) -> float:
+    """Hours of one GPU that ``flops`` training FLOPs take at ``mfu`` of a ``peak_flops`` FLOP/s card."""
+    return flops / (mfu * peak_flops) / 3600
+
+
+def summary_line(p: Point, mfu: float | None = None, peak_flops: float | None = None) -> str:
+    """The point in one line; with ``mfu`` and ``peak_flops`` also the GPU-hours it takes."""
+    hours = f"  {gpu_hours(p.flops, mfu, peak_flops):.3g} GPU-h" if mfu else ""
     return (f"{p.label:>14}  N={p.params / 1e6:8.3f}M  MACs/img={p.forward_macs / 1e6:9.2f}M  steps={p.steps:7d}  "
-            f"lr={p.lr:.3g}  C={p.flops:.3e} ({100 * (p.flops / p.budget - 1):+.2f}%)")
+            f"lr={p.lr:.3g}  C={p.flops:.3e} ({100 * (p.flops / p.budget - 1):+.2f}%){hours}")
 
 
-__all__ = ["FAMILIES", "LR_RULES", "Point", "isoflop_grid", "size_costs", "summary_line", "sweep_yaml"]
+__all__ = ["FAMILIES", "LR_RULES", "Point", "gpu_hours", "isoflop_grid", "size_costs", "summary_line", "sweep_yaml"]
