@@ -105,6 +105,10 @@ if [[ $CHECKS == *levers* ]]; then
     step unet_compiled_cl 200 "${L[@]}" "${UN_CL[@]}" compile=true out="$OUT/unet_compiled_cl.json"
     step s2_full 120 "${L[@]}" "${S2[@]}" compile=true out="$OUT/s2_full.json"
     step unet_sd1_heads 200 "${L[@]}" "${UN_SD1[@]}" compile=true out="$OUT/unet_sd1_heads.json"
+    for n in 14 28; do  # XL/2 at twice the target batch: half or all of the blocks recomputed (memory, speed)
+        step "xl_b256_ckpt$n" 200 "${L[@]}" config="model=dit_xl2 training.activation_checkpointing=$n" batch=256 \
+            compile=blocks out="$OUT/xl_b256_ckpt$n.json"
+    done
 fi
 if [[ $CHECKS == *syncs* ]]; then
     # Which parts of a DiT-S/2 step make the host wait for the GPU: each attention backend alone, one block,
