@@ -209,6 +209,21 @@ def test_kernel_categories_and_busy_time():
     assert busy_us([]) == 0
 
 
+def test_a_run_profiles_its_steps(tiny_cfg, tmp_path):
+    """callbacks.kernel_profile: steps 5-6 of a run (with gradient accumulation) under the profiler, steps 3-4
+    timed without it; the summary in kernel_profile.json."""
+    from diffusion_train.train import train
+
+    cfg = tiny_cfg("trainer.max_steps=8", "training.accumulate_grad_batches=2", "callbacks.kernel_profile.steps=2",
+                   "callbacks.kernel_profile.start=4")
+    train(cfg, tmp_path / "run")
+    report = json.loads((tmp_path / "run" / "kernel_profile.json").read_text())
+    assert report["from_step"] == 5 and report["steps"] == 2 and report["device"] == "cpu"
+    assert report["wall_ms_per_step"] != report["profiled_wall_ms_per_step"]  # the unprofiled steps 3-4
+    assert 0 < report["busy_ms_per_step"] <= report["profiled_wall_ms_per_step"]
+    assert {"matmul", "optimizer, clipping, EMA"} <= set(report["categories"]) and report["top"]
+
+
 def test_text_conditioned_inputs(tmp_path):
     """text=LxD: the module gets precomputed L x D encodings through the weight-free T5 stand-in, and the
     step runs on them (in-process, one loss, no timing)."""

@@ -15,9 +15,15 @@ matches none is ``other``. Names are cuBLAS's, cuDNN's, FlashAttention's, PyTorc
 from __future__ import annotations
 
 import collections
+import json
+import logging
 import time
+from pathlib import Path
 
+import lightning as L
 import torch
+
+log = logging.getLogger("diffusion_train")
 
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
@@ -119,3 +125,62 @@ def describe(summary: dict, label: str = "") -> str:
     return (f"Profile{f' ({label})' if label else ''}, {steps}: {what} time "
             f"{summary['busy_ms_per_step']:.2f} of {summary['wall_ms_per_step']:.2f} ms per step{idle}, "
             f"{summary['kernels_per_step']:.0f} {units} per step: {cats}.\n\nLongest {units} per step: {tops}.")
+
+
+class KernelProfileReport(L.Callback):
+    """Where a real run's step time goes (rank 0): ``steps`` optimizer steps after the first ``start`` of this
+    launch run under a :class:`KernelProfile`; ``path`` (JSON) and one log line get its summary. The window
+    holds everything between the steps too (data loading, callbacks, logging), so a data loader that cannot keep
+    up shows as idle device time. The idle share is taken against the same number of steps just before the
+    window, timed without the profiler (when ``start`` > ``steps``). ``steps=0``: off."""
+
+    def __init__(self, steps: int = 0, start: int = 10, path: str | None = None):
+        super().__init__()
+        self.steps, self.start, self.path = int(steps), int(start), Path(path) if path else None
+        self.result: dict | None = None
+        self._profile: KernelProfile | None = None
+        self._first = 0
+        self._timed: tuple[int, float] | None = None  # (step, time) where the unprofiled timing began
+        self._step_ms: float | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._first = trainer.global_step
+
+    def _sync(self, pl_module) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.steps or self.result is not None or not trainer.is_global_zero:
+            return
+        done = trainer.global_step - self._first  # optimizer steps of this launch
+        if done == self.start - self.steps and self._timed is None:
+            self._sync(pl_module)
+            self._timed = (done, time.perf_counter())
+        elif done == self.start and self._profile is None:
+            self._sync(pl_module)
+            if self._timed is not None:
+                self._step_ms = (time.perf_counter() - self._timed[1]) * 1e3 / (done - self._timed[0])
+            self._profile = KernelProfile(pl_module.device, self.steps)
+            self._profile.start()
+        elif done == self.start + self.steps and self._profile is not None and self._profile.running:
+            self.finish(pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._profile is not None and self._profile.running:
+            self._profile.steps = trainer.global_step - self._first - self.start  # the fit ended inside the window
+            self.finish(pl_module)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if self._profile is not None and self._profile.running:
+            self._profile.stop()
+
+    def finish(self, pl_module) -> dict:
+        self._sync(pl_module)
+        self._profile.stop()
+        self.result = {"from_step": self._first + self.start + 1, **self._profile.summary(step_ms=self._step_ms)}
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.result, indent=2) + "\n")
+        log.info("%s", describe(self.result).replace("\n\n", " ") + (f" ({self.path})" if self.path else ""))
+        return self.result
