@@ -20,7 +20,7 @@ Every argument is ``key=value``:
     classes     classes of a class-conditional model when latent is not config (1000)
     text        LxD: L precomputed text tokens of width D for a text-conditioned model (e.g. 77x1024)
     device      cuda | cpu (cuda)
-    peak_tflops dense bf16 peak of the card in TFLOP/s for MFU (default: known cards, PEAK_BF16)
+    peak_tflops dense bf16 peak of the card in TFLOP/s for MFU (default: known cards, scaling/flops.py PEAK_BF16)
     profile     N: after the timed repeats, N more steps under torch.profiler: device time per step by kernel
                 category and the longest kernels (diffusion_train/training/kernel_profile.py), per mode (0: off)
     out         also write the JSON result here (it is always printed on stdout)
@@ -61,15 +61,13 @@ sys.path.insert(0, str(ROOT))
 
 from diffusion_train.cli import UsageError, parse_key_values, run_main  # noqa: E402
 from diffusion_train.training.speed import compile_choice  # noqa: E402
+from diffusion_train.scaling.flops import peak_flops  # noqa: E402
 from diffusion_train.training.kernel_profile import KernelProfile, describe  # noqa: E402
 from diffusion_train.training.syncs import SyncWatch  # noqa: E402
 
 MODES = ("lightning", "bare")
 PRECISIONS = ("bf16-mixed", "32-true")
 DOWNSAMPLE = 8  # of the stand-in autoencoder, as the SD / SDXL / FLUX VAEs
-# Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, matched against torch.cuda.get_device_name().
-PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
-             ("GH200", 989e12), ("A100", 312e12))
 OVERHEAD_TARGET_PCT = 3.0
 MARKER = "<!-- scripts/benchmark.py adds result tables above this line -->"
 MFU_DEFINITION = ("MFU = images/s x training FLOPs per image / peak dense bf16 FLOP/s; training FLOPs per image = "
@@ -208,15 +206,6 @@ def make_batch(module, batch: int, device) -> tuple[dict, dict]:
             raise UsageError(f"conditioning.embedders.{name} ({type(emb).__name__}): no precomputed input for it")
     info["text_tokens"] = tokens or None
     return {k: v.to(device) for k, v in data.items()}, info
-
-
-def peak_flops(device_name: str, given_tflops: float | None) -> tuple[float | None, str]:
-    if given_tflops is not None:
-        return given_tflops * 1e12, "peak_tflops argument"
-    for key, value in PEAK_BF16:
-        if key in device_name:
-            return value, f"dense bf16 peak of {key} ({device_name})"
-    return None, f"unknown for {device_name!r}: give peak_tflops="
 
 
 def environment(device) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -88,12 +89,21 @@ def test_logged_training_values_are_those_of_their_step(tiny_cfg, tmp_path):
     LossRecorder.losses.clear()
     run = tmp_path / "run"
     train(tiny_cfg("trainer.log_every_n_steps=3", "trainer.max_steps=20", "+callbacks.recorder._target_=conftest.LossRecorder",
-                   "+callbacks.recorder.stop_at=7", run_dir=run), run)
+                   "+callbacks.recorder.stop_at=7", "callbacks.throughput.peak_tflops=1e-6", run_dir=run), run)
     rows = [r for r in csv.DictReader(open(run / "metrics.csv")) if r.get("train/loss")]
     assert [int(r["step"]) for r in rows] == [3, 6, 7]
     for r in rows:
         assert float(r["train/loss"]) == pytest.approx(LossRecorder.losses[int(r["step"])], rel=1e-6)
         assert r["train/lr"] and r["train/grad_norm"] and float(r["train/nonfinite_steps"]) == 0
+    # throughput at the logging interval: model FLOP/s per device from the run's FLOPs accounting, MFU against a
+    # given peak (1 MFLOP/s here)
+    flops_per_image = json.loads((run / "summary.json").read_text())["flops_per_image"]
+    perf = [r for r in csv.DictReader(open(run / "metrics.csv")) if r.get("perf/images_per_sec")]
+    assert [int(r["step"]) for r in perf][:2] == [3, 6]  # (the stop at 7 writes the step-6 values again)
+    for r in perf:
+        tflops = float(r["perf/images_per_sec"]) * flops_per_image / 1e12
+        assert float(r["perf/tflops_per_device"]) == pytest.approx(tflops, rel=1e-5)
+        assert float(r["perf/mfu"]) == pytest.approx(tflops / 1e-6, rel=1e-5)
 
 
 @pytest.mark.parametrize("model", ["unet_tiny", "dit_tiny"])

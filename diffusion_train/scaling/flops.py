@@ -45,10 +45,25 @@ from torch.func import functional_call
 
 from diffusion_train.conditioning.cond import Cond
 
-__all__ = ["counted_macs", "dit_macs", "flop_counter_macs", "forward_macs", "mmdit_macs", "training_flops_per_image",
-           "TRAINING_FLOPS_PER_MAC"]
+__all__ = ["counted_macs", "dit_macs", "flop_counter_macs", "forward_macs", "mmdit_macs", "peak_flops",
+           "training_flops_per_image", "PEAK_BF16", "TRAINING_FLOPS_PER_MAC"]
 
 TRAINING_FLOPS_PER_MAC = 6  # 2 FLOPs per multiply-add, x3 for forward + backward
+# Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, matched against torch.cuda.get_device_name(); the first
+# key in the name wins.
+PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+             ("GH200", 989e12), ("A100", 312e12))
+
+
+def peak_flops(device_name: str | None, given_tflops: float | None = None) -> tuple[float | None, str]:
+    """The card's dense bf16 peak in FLOP/s for MFU, and where it comes from: ``given_tflops`` when given, else
+    :data:`PEAK_BF16` by name; None for a card not in the table (or no card)."""
+    if given_tflops is not None:
+        return given_tflops * 1e12, "given (peak_tflops)"
+    for key, value in PEAK_BF16:
+        if device_name and key in device_name:
+            return value, f"dense bf16 peak of {key} ({device_name})"
+    return None, f"unknown for {device_name!r}: give peak_tflops="
 
 
 def _size(size: int | tuple[int, int]) -> tuple[int, int]:

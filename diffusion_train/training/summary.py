@@ -49,6 +49,19 @@ def context_len(conditioner) -> int:
                if getattr(e, "context_dim", 0))
 
 
+def run_forward_macs(pl_module) -> int:
+    """Forward multiply-adds per image of what a training step runs: the backbone (with its text context), and
+    a ControlNet fine-tune's copy too (``scaling/flops.py``)."""
+    from diffusion_train.scaling.flops import flop_counter_macs, forward_macs
+
+    backbone, controlnet = pl_module.backbone, getattr(pl_module, "controlnet", None)
+    length = context_len(pl_module.conditioner) if getattr(backbone, "context_dim", 0) else None
+    macs = int(forward_macs(backbone, context_len=length))
+    if controlnet is not None:
+        macs += int(flop_counter_macs(controlnet, backbone.input_size, length or 0))
+    return macs
+
+
 class RunSummary(L.Callback):
     """See the module docstring. ``path``: where summary.json goes (the run directory's)."""
 
@@ -74,15 +87,11 @@ class RunSummary(L.Callback):
         return float(self.images(step)) * self.flops_per_image
 
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
-        from diffusion_train.scaling.flops import TRAINING_FLOPS_PER_MAC, flop_counter_macs, forward_macs
+        from diffusion_train.scaling.flops import TRAINING_FLOPS_PER_MAC
 
         self.global_batch = trainer_global_batch(trainer, pl_module)
         if not self.forward_macs:
-            backbone, controlnet = pl_module.backbone, getattr(pl_module, "controlnet", None)
-            length = context_len(pl_module.conditioner) if getattr(backbone, "context_dim", 0) else None
-            self.forward_macs = int(forward_macs(backbone, context_len=length))
-            if controlnet is not None:  # a ControlNet fine-tune: its copy runs too (scaling/flops.py)
-                self.forward_macs += int(flop_counter_macs(controlnet, backbone.input_size, length or 0))
+            self.forward_macs = run_forward_macs(pl_module)
         self.flops_per_image = TRAINING_FLOPS_PER_MAC * self.forward_macs
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:  # the resumed step is known by now

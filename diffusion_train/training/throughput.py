@@ -1,25 +1,41 @@
-"""Images per second, measured between logging intervals (no per-step device sync)."""
+"""Images per second, model TFLOP/s per device and MFU, measured between logging intervals (no per-step
+device sync)."""
 
 from __future__ import annotations
 
 import time
 
 import lightning as L
+import torch
 
 from diffusion_train.training.parallel import trainer_global_batch
 
 
 class Throughput(L.Callback):
-    """Logs ``perf/images_per_sec`` (global, all ranks) every ``every_n_steps`` (images and FLOPs seen:
-    ``RunSummary``)."""
+    """Logs every ``every_n_steps`` (all ranks together): ``perf/images_per_sec``; ``perf/tflops_per_device``,
+    the model FLOPs each device does per second (images/s x training FLOPs per image / devices, the accounting
+    of ``scaling/flops.py`` that ``RunSummary`` uses); and ``perf/mfu``, that against the device's dense bf16
+    peak (``peak_tflops``, else known GPUs' by name; none on a CPU or an unknown card)."""
 
-    def __init__(self, every_n_steps: int = 50):
+    def __init__(self, every_n_steps: int = 50, peak_tflops: float | None = None):
         super().__init__()
         self.every_n_steps = int(every_n_steps)
+        self.peak_tflops = peak_tflops
+        self.flops_per_image = 0
+        self.peak: float | None = None
         self._t0: float | None = None
         self._step0 = 0
 
     def on_train_start(self, trainer, pl_module) -> None:
+        from diffusion_train.scaling.flops import TRAINING_FLOPS_PER_MAC, peak_flops
+        from diffusion_train.training.summary import RunSummary, run_forward_macs
+
+        summary = next((c for c in trainer.callbacks if isinstance(c, RunSummary) and c.flops_per_image), None)
+        self.flops_per_image = summary.flops_per_image if summary is not None else \
+            TRAINING_FLOPS_PER_MAC * run_forward_macs(pl_module)
+        device = pl_module.device
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+        self.peak = peak_flops(name, self.peak_tflops)[0]
         self._t0, self._step0 = time.perf_counter(), trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -27,6 +43,10 @@ class Throughput(L.Callback):
         if self._t0 is None or step == self._step0 or step % self.every_n_steps:
             return
         now = time.perf_counter()
-        images = (step - self._step0) * trainer_global_batch(trainer, pl_module)
-        pl_module.log("perf/images_per_sec", images / (now - self._t0))
+        images_per_sec = (step - self._step0) * trainer_global_batch(trainer, pl_module) / (now - self._t0)
+        per_device = images_per_sec * self.flops_per_image / trainer.world_size
+        logs = {"perf/images_per_sec": images_per_sec, "perf/tflops_per_device": per_device / 1e12}
+        if self.peak:
+            logs["perf/mfu"] = per_device / self.peak
+        pl_module.log_dict(logs)
         self._t0, self._step0 = now, step
