@@ -70,7 +70,7 @@ PYEOF
 fi
 
 if [[ $CHECKS == *bench* ]]; then
-    B=($PY scripts/benchmark.py md="$OUT/benchmarks.md")
+    B=($PY scripts/benchmark.py md="$OUT/benchmarks.md" profile=2)
     step bench_dit_xl2 240 "${B[@]}" config="model=dit_xl2" batch=128 out="$OUT/dit_xl2.json"
     step bench_dit_b2 150 "${B[@]}" config="model=dit_b2" batch=256 out="$OUT/dit_b2.json"
     step bench_dit_s2 150 "${B[@]}" config="model=dit_s2" batch=256 out="$OUT/dit_s2.json"
