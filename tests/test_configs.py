@@ -139,6 +139,22 @@ def test_config_and_data_errors_are_one_line(tmp_path):
     assert f"{tmp_path / 'nope'}" in out.stderr.splitlines()[-1] and "(config: data)" in out.stderr
 
 
+@pytest.mark.parametrize("override, message", [
+    ("training.activation_checkpointing=abc",
+     "training.activation_checkpointing must be true, false or a number of blocks, got 'abc'"),
+    ("training.activation_checkpointing=9", "training.activation_checkpointing=9: the backbone has 7 repeated blocks"),
+    ("callbacks.throughput.peak_tflops=-1", "callbacks.throughput.peak_tflops must be positive (TFLOP/s), got -1"),
+    ("callbacks.kernel_profile.steps=-2", "callbacks.kernel_profile: steps and start must be >= 0"),
+])
+def test_speed_and_profiling_options_are_checked_before_training(override, message, tiny_cfg, tmp_path):
+    from diffusion_train.train import one_line_error
+
+    with pytest.raises(Exception) as e:
+        train(tiny_cfg(override), tmp_path / "run")
+    assert message in one_line_error(e.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 DIFFUSIONS = sorted(f.stem for f in (Path(CONFIG_DIR) / "diffusion").glob("*.yaml"))
 SAMPLERS = sorted(f.stem for f in (Path(CONFIG_DIR) / "sampler").glob("*.yaml"))
 

@@ -137,6 +137,8 @@ class KernelProfileReport(L.Callback):
     def __init__(self, steps: int = 0, start: int = 10, path: str | None = None):
         super().__init__()
         self.steps, self.start, self.path = int(steps), int(start), Path(path) if path else None
+        if self.steps < 0 or self.start < 0:
+            raise ValueError(f"callbacks.kernel_profile: steps and start must be >= 0, got steps={steps}, start={start}")
         self.result: dict | None = None
         self._profile: KernelProfile | None = None
         self._first = 0

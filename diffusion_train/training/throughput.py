@@ -20,6 +20,8 @@ class Throughput(L.Callback):
     def __init__(self, every_n_steps: int = 50, peak_tflops: float | None = None):
         super().__init__()
         self.every_n_steps = int(every_n_steps)
+        if peak_tflops is not None and not float(peak_tflops) > 0:
+            raise ValueError(f"callbacks.throughput.peak_tflops must be positive (TFLOP/s), got {peak_tflops}")
         self.peak_tflops = peak_tflops
         self.flops_per_image = 0
         self.peak: float | None = None
