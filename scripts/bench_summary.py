@@ -5,9 +5,10 @@ targets of one H100::
     python scripts/bench_summary.py gpu_checks/*.json md=summary.md
 
 A row per file and mode: the config and its speed options, images/s, the target and whether it is met, MFU,
-step time, peak memory, compile time, host syncs per step, the idle share of the device (with ``profile=``)
-and the Lightning loop's overhead over the bare loop (when both ran). A target counts only for its config
-(model, batch, 4x32x32 latents; the U-Net with 77 text tokens) on an H100; on another card the row says so.
+step time, peak memory, compile time, host syncs per step, the idle share of the device and its three largest
+kernel categories (with ``profile=``), and the Lightning loop's overhead over the bare loop (when both ran). A
+target counts only for its config (model, batch, 4x32x32 latents; the U-Net with 77 text tokens) on an H100; on
+another card the row says so.
 Files that are not benchmark results are named on stderr and left out.
 """
 
@@ -50,7 +51,7 @@ def rows(result: dict) -> list[str]:
     for mode, row in result["results"].items():
         if row["status"] != "ok":
             out.append(f"| {result['label']} | {options} | {mode} | {row['status']} | {_fmt(target, ',')} | - "
-                       f"| - | - | {_fmt(row['peak_memory_gib'], '.1f')} | - | - | - | - |")
+                       f"| - | - | {_fmt(row['peak_memory_gib'], '.1f')} | - | - | - | - | - |")
             continue
         if target is None:
             met = "-"
@@ -59,12 +60,13 @@ def rows(result: dict) -> list[str]:
         else:
             met = f"{'yes' if row['images_per_s'] >= target else 'no'} ({row['images_per_s'] / target:.2f}x)"
         profile = row.get("profile") or {}
+        kernels = ", ".join(f"{c} {v['pct']:.0f}%" for c, v in list(profile.get("categories", {}).items())[:3])
         overhead = result.get("lightning_overhead_pct") if mode == "lightning" else None
         out.append(f"| {result['label']} | {options} | {mode} | {row['images_per_s']:,.0f} | {_fmt(target, ',')} "
                    f"| {met} | {_fmt(row['mfu'], '.1%')} | {row['step_ms']:.1f} "
                    f"| {_fmt(row['peak_memory_gib'], '.1f')} "
                    f"| {_fmt(row['compile_s'], '.0f')} | {_fmt(row.get('host_syncs_per_step'), '.1f')} "
-                   f"| {_fmt(profile.get('idle_pct'), '.0f')} | {_fmt(overhead, '+.1f')} |")
+                   f"| {_fmt(profile.get('idle_pct'), '.0f')} | {kernels or '-'} | {_fmt(overhead, '+.1f')} |")
     return out
 
 
@@ -87,11 +89,11 @@ def summary(paths: list[str]) -> str:
     cards = sorted({r["environment"]["device_name"] for r in results})
     shas = sorted({(r["git_sha"] or "unknown")[:10] for r in results})
     lines = [f"Cards: {', '.join(cards)}; code: {', '.join(shas)}. Targets: one {TARGET_CARD}; idle: the device's "
-             f"share of the timed step without kernels (`profile=`); overhead: Lightning over the bare loop "
-             f"(target <= {OVERHEAD_TARGET_PCT:.0f}%).", "",
+             f"share of the timed step without kernels; busy time: its largest kernel categories (both with "
+             f"`profile=`); overhead: Lightning over the bare loop (target <= {OVERHEAD_TARGET_PCT:.0f}%).", "",
              "| config | options | mode | images/s | target | met | MFU | ms/step | peak GiB | compile s "
-             "| syncs/step | idle % | overhead % |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| syncs/step | idle % | busy time | overhead % |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for result in results:
         lines += rows(result)
     return "\n".join(lines) + "\n"

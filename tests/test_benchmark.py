@@ -183,6 +183,8 @@ def test_script_end_to_end_on_cpu(tmp_path, capsys):
         ["lightning", "7,100", "7,000", "yes (1.01x)"], ["bare", "6,900", "7,000", "no (0.99x)"],
         ["lightning", "7,100", "7,000", "not an H100"], ["bare", "6,900", "7,000", "not an H100"]]
     assert rows[0][1] == "not compiled" and rows[0][-1] == f"{result['lightning_overhead_pct']:+.1f} |"
+    top = list(result["results"]["lightning"]["profile"]["categories"])[:3]
+    assert [part.rsplit(" ", 1)[0] for part in rows[0][-2].split(", ")] == top  # the largest device-time shares
     assert (tmp_path / "summary.md").read_text() == captured.out
     assert summary.main([str(tmp_path / "other.json")]) == 1
     assert capsys.readouterr().err.strip().endswith("error: none of the files is a benchmark.py result")
