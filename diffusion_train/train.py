@@ -164,10 +164,9 @@ def make_class_images(datamodule, module, sampler, preemption: Preemption | None
     made are kept, a relaunch makes the rest) and the run stops as after a fit stopped by that signal."""
     if not datamodule.class_images_missing():
         return
-    stop = None
     if preemption is not None:
         preemption.install()
-        stop = preemption.signalled_before_fit
+    stop = preemption.signalled_before_fit if preemption is not None else lambda: False
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
     if rank == 0:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
@@ -175,11 +174,11 @@ def make_class_images(datamodule, module, sampler, preemption: Preemption | None
         module.to("cpu")
     else:
         deadline = time.monotonic() + timeout_s
-        while datamodule.class_images_missing() and not (stop and stop()):
+        while datamodule.class_images_missing() and not stop():
             if time.monotonic() > deadline:
                 raise TimeoutError(f"data.class_dir: process 0 did not make the class images in {timeout_s:.0f} s")
             time.sleep(5)
-    if stop and stop():
+    if stop():
         log.warning("%s while making class images (%d of %d missing): stopping before training%s",
                     preemption.stopped_by, datamodule.class_images_missing(), datamodule.num_class_images,
                     "; the job will be requeued" if preemption.requeue and rank == 0 else "")

@@ -506,11 +506,11 @@ def speed_options(training: dict, cudnn_benchmark: bool = False) -> str:
     words = [{"false": "not compiled", "true": "compiled", "blocks": "blocks compiled"}[compile_]]
     if compile_ != "false" and training.get("compile_options"):
         words[0] += f" ({', '.join(f'{k}={v}' for k, v in training['compile_options'].items())})"
-    checkpointing = training.get("activation_checkpointing")
-    words += [w for key, w in (("activation_checkpointing", "activation checkpointing"),
-                               ("channels_last", "channels-last"), ("fp8", "fp8")) if training.get(key)]
-    if checkpointing and not isinstance(checkpointing, bool):  # a number of blocks
-        words[words.index("activation checkpointing")] += f" of the first {checkpointing} blocks"
+    checkpointing = training.get("activation_checkpointing")  # true, or a number of blocks
+    if checkpointing:
+        blocks = "" if checkpointing is True else f" of the first {checkpointing} blocks"
+        words.append("activation checkpointing" + blocks)
+    words += [w for key, w in (("channels_last", "channels-last"), ("fp8", "fp8")) if training.get(key)]
     return ", ".join(words + ["cuDNN benchmark"] * bool(cudnn_benchmark))
 
 
