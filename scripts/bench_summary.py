@@ -18,9 +18,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
-from benchmark import OVERHEAD_TARGET_PCT, _fmt, speed_options  # noqa: E402
+from bench_report import OVERHEAD_TARGET_PCT, fmt, speed_options  # noqa: E402
 
 from diffusion_train.cli import UsageError, run_main  # noqa: E402
 
@@ -50,8 +50,8 @@ def rows(result: dict) -> list[str]:
     out = []
     for mode, row in result["results"].items():
         if row["status"] != "ok":
-            out.append(f"| {result['label']} | {options} | {mode} | {row['status']} | {_fmt(target, ',')} | - "
-                       f"| - | - | {_fmt(row['peak_memory_gib'], '.1f')} | - | - | - | - | - |")
+            out.append(f"| {result['label']} | {options} | {mode} | {row['status']} | {fmt(target, ',')} | - "
+                       f"| - | - | {fmt(row['peak_memory_gib'], '.1f')} | - | - | - | - | - |")
             continue
         if target is None:
             met = "-"
@@ -62,11 +62,11 @@ def rows(result: dict) -> list[str]:
         profile = row.get("profile") or {}
         kernels = ", ".join(f"{c} {v['pct']:.0f}%" for c, v in list(profile.get("categories", {}).items())[:3])
         overhead = result.get("lightning_overhead_pct") if mode == "lightning" else None
-        out.append(f"| {result['label']} | {options} | {mode} | {row['images_per_s']:,.0f} | {_fmt(target, ',')} "
-                   f"| {met} | {_fmt(row['mfu'], '.1%')} | {row['step_ms']:.1f} "
-                   f"| {_fmt(row['peak_memory_gib'], '.1f')} "
-                   f"| {_fmt(row['compile_s'], '.0f')} | {_fmt(row.get('host_syncs_per_step'), '.1f')} "
-                   f"| {_fmt(profile.get('idle_pct'), '.0f')} | {kernels or '-'} | {_fmt(overhead, '+.1f')} |")
+        out.append(f"| {result['label']} | {options} | {mode} | {row['images_per_s']:,.0f} | {fmt(target, ',')} "
+                   f"| {met} | {fmt(row['mfu'], '.1%')} | {row['step_ms']:.1f} "
+                   f"| {fmt(row['peak_memory_gib'], '.1f')} "
+                   f"| {fmt(row['compile_s'], '.0f')} | {fmt(row.get('host_syncs_per_step'), '.1f')} "
+                   f"| {fmt(profile.get('idle_pct'), '.0f')} | {kernels or '-'} | {fmt(overhead, '+.1f')} |")
     return out
 
 

@@ -59,17 +59,16 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_report import OVERHEAD_TARGET_PCT, add_markdown, fmt, markdown  # noqa: E402
 from diffusion_train.cli import UsageError, parse_key_values, run_main  # noqa: E402
-from diffusion_train.training.speed import compile_choice  # noqa: E402
 from diffusion_train.scaling.flops import peak_flops  # noqa: E402
-from diffusion_train.training.kernel_profile import KernelProfile, describe  # noqa: E402
+from diffusion_train.training.speed import compile_choice  # noqa: E402
+from diffusion_train.training.kernel_profile import KernelProfile  # noqa: E402
 from diffusion_train.training.syncs import SyncWatch  # noqa: E402
 
 MODES = ("lightning", "bare")
 PRECISIONS = ("bf16-mixed", "32-true")
 DOWNSAMPLE = 8  # of the stand-in autoencoder, as the SD / SDXL / FLUX VAEs
-OVERHEAD_TARGET_PCT = 3.0
-MARKER = "<!-- scripts/benchmark.py adds result tables above this line -->"
 MFU_DEFINITION = ("MFU = images/s x training FLOPs per image / peak dense bf16 FLOP/s; training FLOPs per image = "
                   "6 x forward multiply-adds (2 FLOPs per multiply-add, x3 for forward + backward)")
 
@@ -451,80 +450,6 @@ def free_memory(device) -> None:
         pass
 
 
-# ----------------------------------------------------------------------------------------------
-# report
-
-
-def _fmt(value, spec: str, missing: str = "-") -> str:
-    return missing if value is None else format(value, spec)
-
-
-def markdown(result: dict) -> str:
-    env, inp, fl, s = result["environment"], result["inputs"], result["flops"], result["settings"]
-    sha = (result["git_sha"] or "unknown")[:10] + (" (uncommitted changes)" if result["git_dirty"] else "")
-    cond = ", ".join(x for x in (f"{inp['classes']} classes" if inp["classes"] else "",
-                                 f"text {inp['text_tokens']}x{inp['text_width']}" if inp["text_tokens"] else "") if x)
-    steps = f"{s['repeats']} repeats x {s['steps']} steps after {s['warmup']} warm-up step" + "s" * (s["warmup"] > 1)
-    lines = [
-        f"### {result['label']}: {result['date'][:10]}, {env['device_name']}", "",
-        f"`{result['command']}`", "",
-        f"torch {env['torch']}, lightning {env['lightning']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, "
-        f"driver {env['driver']}, python {env['python']}; git {sha}. {s['precision']}, "
-        f"{speed_options({**result['config']['training'], 'compile': s['compile']}, s.get('cudnn_benchmark'))}; batch {inp['batch']} of {'x'.join(map(str, inp['latent']))} latents "
-        f"({cond or 'unconditional'}); {result['params']['trainable'] / 1e6:.1f}M trainable parameters; forward "
-        f"{fl['forward_macs_per_image'] / 1e9:.4g} GMACs/image ({fl['counting']}; flop_counter "
-        f"{fl['forward_macs_flop_counter'] / 1e9:.4g}); {steps}, medians; EMA decays {s['ema_decays']}; MFU "
-        f"against {_fmt(result['peak_flops'] and result['peak_flops'] / 1e12, '.0f')} TFLOP/s.", "",
-        "| mode | images/s | ms/step | MFU | TFLOP/s | peak memory (GiB) | first step (s) | compile (s) "
-        "| host syncs/step |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for mode, row in result["results"].items():
-        if row["status"] != "ok":
-            lines.append(f"| {mode} | {row['status']} | - | - | - | {_fmt(row['peak_memory_gib'], '.1f')} | - | - | - |")
-            continue
-        lines.append(f"| {mode} | {row['images_per_s']:,.1f} | {row['step_ms']:.1f} | {_fmt(row['mfu'], '.1%')} | "
-                     f"{row['achieved_tflops']:.1f} | {_fmt(row['peak_memory_gib'], '.1f')} | "
-                     f"{row['first_step_s']:.1f} | {_fmt(row['compile_s'], '.1f')} | "
-                     f"{_fmt(row.get('host_syncs_per_step'), '.2f')} |")
-    for mode, row in result["results"].items():
-        if row.get("host_sync_sites"):
-            sites = ", ".join(f"`{site}` {n / (s['steps'] * s['repeats']):.2f}" for site, n in row["host_sync_sites"].items())
-            lines += ["", f"Host syncs per step by line ({mode}): {sites}."]
-    for mode, row in result["results"].items():
-        if row.get("profile"):
-            lines += ["", describe(row["profile"], mode)]
-    if result["lightning_overhead_pct"] is not None:
-        lines += ["", f"Lightning loop over the bare loop: {result['lightning_overhead_pct']:+.1f}% step time "
-                      f"(target <= {OVERHEAD_TARGET_PCT:.0f}%)."]
-    return "\n".join(lines) + "\n"
-
-
-def speed_options(training: dict, cudnn_benchmark: bool = False) -> str:
-    """The config's speed options in words (training/speed.py, and cuDNN's autotuning: trainer.benchmark)."""
-    compile_ = compile_choice(training.get("compile"))
-    words = [{"false": "not compiled", "true": "compiled", "blocks": "blocks compiled"}[compile_]]
-    if compile_ != "false" and training.get("compile_options"):
-        words[0] += f" ({', '.join(f'{k}={v}' for k, v in training['compile_options'].items())})"
-    checkpointing = training.get("activation_checkpointing")  # true, or a number of blocks
-    if checkpointing:
-        blocks = "" if checkpointing is True else f" of the first {checkpointing} blocks"
-        words.append("activation checkpointing" + blocks)
-    words += [w for key, w in (("channels_last", "channels-last"), ("fp8", "fp8")) if training.get(key)]
-    return ", ".join(words + ["cuDNN benchmark"] * bool(cudnn_benchmark))
-
-
-def add_markdown(path: Path, text: str) -> None:
-    old = path.read_text() if path.exists() else ""
-    if MARKER in old:
-        head, tail = old.split(MARKER, 1)
-        new = head + text + "\n" + MARKER + tail
-    else:
-        new = old + ("\n" if old and not old.endswith("\n\n") else "") + text
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new)
-
-
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -593,7 +518,7 @@ def benchmark(opts: dict, argv: list[str]) -> dict:
         results[mode] = row = measure(mode, cfg, batch, opts, device, macs, peak)
         if row["status"] == "ok":
             log(f"{mode}: {row['images_per_s']:,.1f} images/s, {row['step_ms']:.1f} ms/step, MFU "
-                f"{_fmt(row['mfu'], '.1%')}, peak memory {_fmt(row['peak_memory_gib'], '.1f')} GiB, first step "
+                f"{fmt(row['mfu'], '.1%')}, peak memory {fmt(row['peak_memory_gib'], '.1f')} GiB, first step "
                 f"{row['first_step_s']:.1f} s")
         else:
             log(f"{mode}: {row['status']} ({row['error']})")

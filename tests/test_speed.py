@@ -329,7 +329,7 @@ def test_trainer_benchmark_sets_cudnn_autotuning(monkeypatch):
         instantiate(cfg.trainer, logger=False, enable_checkpointing=False, default_root_dir=None)
         assert torch.backends.cudnn.benchmark is expected
     root = Path(__file__).resolve().parent.parent
-    spec = importlib.util.spec_from_file_location("benchmark_script", root / "scripts" / "benchmark.py")
+    spec = importlib.util.spec_from_file_location("bench_report", root / "scripts" / "bench_report.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     assert script.speed_options({"compile": "true"}, True) == "compiled, cuDNN benchmark"
