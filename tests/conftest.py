@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -72,3 +73,34 @@ def signal_rank0_at_last_step(signum: str = "SIGUSR1"):
                 os.kill(os.getpid(), getattr(signal, signum))
 
     return _Signal()
+
+
+# -- tiny modules for the fine-tuning tests -------------------------------------------------------------
+DIT = ["model=dit_tiny"]
+
+
+def module_of(tiny_cfg, *overrides: str, seed: int = 0):
+    """The training module of the tiny config with a tiny DiT and ``overrides``, built after seeding ``seed``."""
+    from diffusion_train.training.build import build_module
+
+    torch.manual_seed(seed)
+    return build_module(tiny_cfg(*DIT, *overrides))
+
+
+def randomised(module, seed: int):
+    """``module`` with every parameter drawn anew (N(0, 0.05^2)), so zero-initialised layers matter too."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return module
+
+
+def params(module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def instantiate_data(cfg):
+    from hydra.utils import instantiate
+
+    return instantiate(cfg.data, _convert_="all")

@@ -1,0 +1,117 @@
+"""diffusers backbones (models/diffusers_backbones.py): a UNet2DConditionModel and a PixArt transformer loaded
+from local files train with this package's objective; a ControlNet of a diffusers U-Net."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from diffusion_train.training.build import build_module
+
+CONTROL = ["finetune=controlnet"]
+
+
+TINY_UNET = dict(sample_size=32, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(32, 64),
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D",
+                                                                                          "CrossAttnUpBlock2D"),
+                 cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8)
+
+
+def test_a_diffusers_unet_from_a_pipeline_folder_learns_here(tiny_cfg, tmp_path):
+    """A random tiny UNet2DConditionModel saved as a pipeline's unet/ loads with its weights, takes gradients from our
+    objective with t5_tiny's 64-wide context, counts its FLOPs with the attention, and takes LoRA's default targets."""
+    from diffusers import UNet2DConditionModel
+
+    from diffusion_train.scaling.flops import counted_macs, flop_counter_macs, forward_macs
+
+    torch.manual_seed(0)
+    UNet2DConditionModel(**TINY_UNET).save_pretrained(tmp_path / "pipe" / "unet")
+    saved = UNet2DConditionModel.from_pretrained(tmp_path / "pipe", subfolder="unet").state_dict()
+    overrides = ["model=diffusers_unet", f"model.name_or_path={tmp_path / 'pipe'}", "conditioning=t5_tiny",
+                 "data=fashion_mnist_captions", "data.batch_size=4", "data.val_size=8"]
+    module = build_module(tiny_cfg(*overrides))
+    assert all(torch.equal(module.backbone.unet.state_dict()[k], v) for k, v in saved.items())
+    batch = {"image": torch.rand(2, 1, 32, 32) * 2 - 1, "caption": ["a red square", "a blue circle"]}
+    loss = module.loss(batch, torch.Generator().manual_seed(0)).mean()
+    loss.backward()
+    assert torch.isfinite(loss) and module.backbone.unet.conv_in.weight.grad.abs().sum() > 0
+    macs = forward_macs(module.backbone, context_len=7)
+    assert macs == flop_counter_macs(module.backbone, context_len=7) > counted_macs(module.backbone, context_len=7)
+
+    lora = build_module(tiny_cfg(*overrides, "finetune=lora"))
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in lora.named_parameters() if p.requires_grad}
+    assert {"to_q", "to_k", "to_v", "0"} <= adapted
+
+
+def test_diffusers_unet_config_mismatches_are_named(tiny_cfg, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    UNet2DConditionModel(**TINY_UNET).save_pretrained(tmp_path / "unet_only")
+    fmnist = ["model=diffusers_unet", f"model.name_or_path={tmp_path / 'unet_only'}", "data=fashion_mnist"]
+    from hydra.errors import InstantiationException
+
+    with pytest.raises(InstantiationException, match="cross-attends to width 64, the conditioner gives 384"):
+        build_module(tiny_cfg(*fmnist, "conditioning=text_minilm", "conditioning.embedders.caption.output=context"))
+    with pytest.raises(InstantiationException, match="takes 1 input channels, the data, autoencoder and task give 3"):
+        build_module(tiny_cfg(*fmnist, "conditioning=t5_tiny", "task=inpainting"))
+
+
+def test_a_diffusers_pixart_transformer_learns_here(tiny_cfg, tmp_path):
+    """A random tiny PixArtTransformer2DModel saved as a pipeline's transformer/: loaded with its weights, the
+    learned-variance half of its output dropped, gradients from our objective, LoRA's default targets."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    config = dict(num_attention_heads=2, attention_head_dim=16, in_channels=1, out_channels=2, num_layers=2,
+                  sample_size=32, patch_size=2, cross_attention_dim=32, caption_channels=64, norm_num_groups=8)
+    PixArtTransformer2DModel(**config).save_pretrained(tmp_path / "pipe" / "transformer")
+    overrides = ["model=diffusers_pixart", f"model.name_or_path={tmp_path / 'pipe'}", "conditioning=t5_tiny",
+                 "data=fashion_mnist_captions"]
+    module = build_module(tiny_cfg(*overrides))
+    saved = PixArtTransformer2DModel.from_pretrained(tmp_path / "pipe", subfolder="transformer").state_dict()
+    assert all(torch.equal(module.backbone.transformer.state_dict()[k], v) for k, v in saved.items())
+    assert module.backbone.out_channels == 1
+    batch = {"image": torch.rand(2, 1, 32, 32) * 2 - 1, "caption": ["a red square", "a blue circle"]}
+    cond = module.conditioner(batch)
+    with torch.no_grad():
+        full = module.backbone.transformer(batch["image"], encoder_hidden_states=cond.context, timestep=torch.ones(2),
+                                           added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                                           encoder_attention_mask=cond.mask).sample
+        torch.testing.assert_close(module.backbone(batch["image"], torch.ones(2), cond), full[:, :1])
+    loss = module.loss(batch, torch.Generator().manual_seed(0)).mean()
+    loss.backward()
+    assert torch.isfinite(loss) and module.backbone.transformer.pos_embed.proj.weight.grad.abs().sum() > 0
+    lora = build_module(tiny_cfg(*overrides, "finetune=lora"))
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in lora.named_parameters() if p.requires_grad}
+    assert {"to_q", "to_k", "to_v"} <= adapted
+
+
+def test_controlnet_of_a_diffusers_unet(tiny_cfg, tmp_path):
+    """diffusers' ControlNetModel made from the wrapped U-Net: the base output exactly at the start, the control
+    reaching it after a few steps of the ControlNet alone."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    UNet2DConditionModel(**TINY_UNET).save_pretrained(tmp_path / "unet")
+    module = build_module(tiny_cfg("model=diffusers_unet", f"model.name_or_path={tmp_path / 'unet'}",
+                                   "conditioning=t5_tiny", "data=fashion_mnist_captions", *CONTROL))
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.rand(2, 1, 32, 32, generator=g) * 2 - 1, "caption": ["a square", "a circle"]}
+    x, t = torch.randn(2, 1, 32, 32, generator=g), torch.full((2,), 300.0)
+    cond = replace(module.conditioner(batch), control=torch.rand(2, 1, 32, 32, generator=g) * 2 - 1)
+    with torch.no_grad():
+        base = module.backbone(x, t, replace(cond, control=None))
+        assert torch.equal(module.net(x, t, cond), base)
+    from diffusion_train.scaling import flop_counter_macs
+
+    assert flop_counter_macs(module.controlnet, module.backbone.input_size, 64) > 0  # counted in the run's FLOPs
+    opt = torch.optim.Adam(module.trainable_parameters(), lr=1e-2)
+    assert {n.split(".")[0] for n, p in module.named_parameters() if p.requires_grad} == {"controlnet"}
+    for step in range(2):
+        module.loss(batch, torch.Generator().manual_seed(step)).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        assert not torch.allclose(module.net(x, t, cond), module.backbone(x, t, replace(cond, control=None)))

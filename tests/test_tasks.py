@@ -1,0 +1,204 @@
+"""Inpainting and instruction editing (finetune/inpainting.py, finetune/editing.py, finetune/masks.py): masks,
+known pixels kept exactly, dual guidance, and training on edit pairs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import DIT, instantiate_data, module_of, randomised
+from diffusion_train.train import train
+from diffusion_train.training.build import build_module
+from diffusion_train.training.pretrained import load_pretrained
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- inpainting ------------------------------------------------------------------------------------
+def masks_of(kind: str, n: int = 64, size: int = 32, seed: int = 0) -> torch.Tensor:
+    from diffusion_train.finetune.masks import random_masks
+
+    return random_masks(n, size, size, {kind: 1.0}, torch.Generator().manual_seed(seed))
+
+
+def test_mask_kinds():
+    box, stroke, border, full = (masks_of(k) for k in ("box", "stroke", "border", "full"))
+    for m in (box, stroke, border, full):
+        assert m.shape == (64, 1, 32, 32) and set(m.unique().tolist()) <= {0.0, 1.0}
+    rows, cols = box.amax(dim=3), box.amax(dim=2)  # a box is the product of its row and column extents
+    assert torch.equal(box, rows[..., :, None] * cols[..., None, :])
+    area = box.mean(dim=(1, 2, 3))
+    assert area.min() >= 0.2 ** 2 and area.max() <= 0.65 ** 2
+    assert (stroke.mean(dim=(1, 2, 3)) > 0).all() and (stroke.mean(dim=(1, 2, 3)) < 0.9).all()
+    edges = torch.cat([border[..., 0, :], border[..., -1, :], border[..., :, 0], border[..., :, -1]], dim=-1)
+    assert (edges.amax(dim=(1, 2)) == 1).all() and (border.mean(dim=(1, 2, 3)) <= 0.6).all()
+    assert full.all()
+    assert torch.equal(masks_of("stroke", seed=3), masks_of("stroke", seed=3))
+    assert not torch.equal(masks_of("stroke", seed=3), masks_of("stroke", seed=4))
+
+
+def test_mask_weights_are_checked():
+    from diffusion_train.finetune.masks import random_masks
+
+    for bad in ({"circle": 1.0}, {"box": 0.0}, {"box": -1.0, "full": 2.0}, {}):
+        with pytest.raises(ValueError, match="task.masks"):
+            random_masks(2, 8, 8, bad)
+
+
+@pytest.mark.parametrize("extra", [[], ["autoencoder=tiny_vae", "autoencoder.weights=null"]],
+                         ids=["pixels", "latents"])
+def test_inpainting_keeps_known_pixels_exactly(tiny_cfg, extra):
+    """An (untrained, random) inpainting model: every known pixel comes back bit for bit, the rest is new."""
+    from hydra.utils import instantiate
+
+    cfg = tiny_cfg("task=inpainting", *extra)
+    module = randomised(build_module(cfg), seed=6).eval()
+    assert module.backbone.in_channels == 2 * module.backbone.out_channels + 1
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 3, 16, 16, generator=g) * 2 - 1
+    masks = torch.cat([masks_of("box", 1, 16, 1), masks_of("stroke", 1, 16, 2), masks_of("border", 1, 16, 3)])
+    out = module.inpaint(images, masks, {"label": torch.tensor([0, 1, 2])}, instantiate(cfg.sampler),
+                         guidance_scale=2.0)
+    known = (masks < 0.5).expand_as(images)
+    assert torch.equal(out[known], images[known])
+    assert (out[~known] - images[~known]).abs().mean() > 0.1
+    assert torch.equal(out, module.inpaint(images, masks, {"label": torch.tensor([0, 1, 2])},
+                                           instantiate(cfg.sampler), guidance_scale=2.0))
+
+
+def test_inpainting_model_from_a_plain_one_starts_as_it(tiny_cfg, tmp_path):
+    """init.path of a plain model: the input convolution takes its weights for the first channels and zeros for
+    the masked image and mask, so the inpainting model's output ignores them at the start."""
+    plain = randomised(module_of(tiny_cfg), seed=7)
+    save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(tmp_path / "plain.safetensors"))
+    inpaint = module_of(tiny_cfg, "task=inpainting")
+    report = load_pretrained(inpaint, tmp_path / "plain.safetensors")
+    assert report.expanded == ["backbone.x_embedder.weight"] and not report.missing
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 3, 16, 16, generator=g), torch.rand(2, generator=g) * 1000
+    cond = plain.conditioner({"label": torch.tensor([3, 4])})
+    with torch.no_grad():
+        reference = plain.backbone(x, t, cond)
+        for image in (torch.zeros(2, 4, 16, 16), torch.randn(2, 4, 16, 16, generator=g)):
+            torch.testing.assert_close(inpaint.backbone(x, t, replace(cond, image=image)), reference)
+
+
+def test_inpainting_trains_and_draws_its_masks_from_the_step_generator(tiny_cfg, tmp_path):
+    module = module_of(tiny_cfg, "task=inpainting")
+    batch = {"image": torch.rand(4, 3, 16, 16) * 2 - 1, "label": torch.arange(4)}
+    losses = [module.loss(batch, torch.Generator().manual_seed(s)) for s in (0, 0, 1)]
+    assert torch.equal(losses[0], losses[1]) and not torch.equal(losses[0], losses[2])
+    run = tmp_path / "inpaint"
+    train(tiny_cfg(*DIT, "task=inpainting", "callbacks.sample_grid.every_n_steps=2", run_dir=run), run)
+    assert (run / "weights" / "raw.safetensors").exists() and list((run / "samples").glob("*.png"))
+
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("inpaint_script", ROOT / "scripts" / "inpaint.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "grid"
+    assert script.main([f"ckpt={run / 'checkpoints' / 'last.ckpt'}", f"out={out}", "num=3", "steps=2",
+                        "device=cpu"]) == 0
+    report = json.loads((out / "inpaint.json").read_text())
+    assert set(report["kinds"]) == {"box", "stroke", "border"} and (out / "grid.png").exists()
+    assert all(k["known_max_abs_change"] == 0.0 and 0 < k["unknown_fraction"] < 1 for k in report["kinds"].values())
+    assert script.main([f"ckpt={run / 'checkpoints' / 'last.ckpt'}", f"out={out}", "masks=circle"]) == 1
+
+
+# -- instruction editing ---------------------------------------------------------------------------
+def editing_denoiser(tiny_cfg):
+    module = randomised(module_of(tiny_cfg, "task=editing"), seed=8).eval()
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 3, 16, 16, generator=g), torch.full((2,), 500.0)
+    source = torch.randn(2, 3, 16, 16, generator=g)
+    cond = replace(module.conditioner({"label": torch.tensor([1, 2])}), image=source)
+    no_text = replace(module.conditioner.uncond(2), image=source)
+    neither = replace(no_text, image=torch.zeros_like(source))
+    return module, module.objective.denoiser(module.backbone), x, t, cond, no_text, neither
+
+
+def test_dual_guidance_reduces_to_single_guidance_at_image_scale_1(tiny_cfg):
+    from diffusion_train.diffusion.guidance import CFGDenoiser, DualGuidance
+
+    module, denoiser, x, t, cond, no_text, neither = editing_denoiser(tiny_cfg)
+    with torch.no_grad():
+        dual = DualGuidance(denoiser, no_text, neither, text_scale=4.0, image_scale=1.0)(x, t, cond)
+        single = CFGDenoiser(denoiser, no_text, 4.0)(x, t, cond)
+        torch.testing.assert_close(dual, single, rtol=1e-5, atol=1e-6)
+        plain = DualGuidance(denoiser, no_text, neither, text_scale=1.0, image_scale=1.0)(x, t, cond)
+        torch.testing.assert_close(plain, denoiser(x, t, cond), rtol=1e-5, atol=1e-6)
+        full, txt, none = denoiser(x, t, cond), denoiser(x, t, no_text), denoiser(x, t, neither)
+        both = DualGuidance(denoiser, no_text, neither, text_scale=3.0, image_scale=1.5)(x, t, cond)
+        torch.testing.assert_close(both, none + 1.5 * (txt - none) + 3.0 * (full - txt), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(both, single)
+
+
+def test_editing_trains_on_a_source_and_drops_it_at_its_rate(tiny_cfg):
+    from diffusion_train.finetune.editing import InstructionEditing
+
+    module = module_of(tiny_cfg, "task=editing")
+    assert module.backbone.in_channels == 2 * module.backbone.out_channels
+    batch = {"image": torch.rand(4, 3, 16, 16) * 2 - 1, "source": torch.rand(4, 3, 16, 16) * 2 - 1,
+             "label": torch.arange(4)}
+    loss = module.loss(batch, torch.Generator().manual_seed(0)).mean()
+    loss.backward()
+    assert torch.isfinite(loss)
+    with pytest.raises(KeyError, match="'source'"):
+        module.loss({"image": batch["image"], "label": batch["label"]}, torch.Generator().manual_seed(0))
+    task = InstructionEditing(image_dropout=0.5)
+    x0 = torch.randn(4000, 1, 2, 2)
+    source = task.training_image(x0, torch.Generator().manual_seed(0), batch={"source_latent": x0},
+                                 encode=lambda b: b["latent"])
+    dropped = (source == 0).flatten(1).all(dim=1)
+    assert 0.45 < dropped.float().mean() < 0.55 and torch.equal(source[~dropped], x0[~dropped])
+
+
+def test_edit_runs_with_both_scales(tiny_cfg):
+    from hydra.utils import instantiate
+
+    cfg = tiny_cfg("task=editing")
+    module = randomised(build_module(cfg), seed=9)
+    sources = torch.rand(2, 3, 16, 16) * 2 - 1
+    a = module.edit(sources, {"label": torch.tensor([0, 1])}, instantiate(cfg.sampler), text_scale=3.0, image_scale=1.5)
+    b = module.edit(sources, {"label": torch.tensor([0, 1])}, instantiate(cfg.sampler), text_scale=3.0, image_scale=1.0)
+    assert a.shape == sources.shape and a.abs().max() <= 1 and not torch.equal(a, b)
+    with pytest.raises(ValueError, match="task=editing"):
+        module_of(tiny_cfg).edit(sources, {"label": torch.tensor([0, 1])}, instantiate(cfg.sampler))
+
+
+def test_fashion_mnist_edit_pairs_are_exact():
+    from diffusion_train.data.fashion_mnist import EDITS, FashionMNISTEditsDataModule
+
+    dm = FashionMNISTEditsDataModule(batch_size=8, val_size=8)
+    dm.setup()
+    batch = dm.val_set[list(range(8))]
+    assert batch["caption"] == list(EDITS) * 2
+    src, out = batch["source"], batch["image"]
+    assert torch.equal(out[0], src[0].flip(-1)) and torch.equal(out[1], src[1].flip(-2))
+    assert torch.equal(out[2], -src[2]) and torch.equal(out[3], src[3].rot90(1, dims=(-2, -1)))
+    assert not torch.equal(out, src)
+
+
+def test_the_editing_preset_trains_a_step(tmp_path):
+    """experiment=fmnist_edit (with the tiny T5 and U-Net): a batch of edit pairs trains, and edit() samples."""
+    from hydra.utils import instantiate
+
+    from conftest import TINY, compose_train
+
+    cfg = compose_train([o for o in TINY if not o.startswith("data=")] + [
+        "experiment=fmnist_edit", "conditioning=t5_tiny", "data.batch_size=4", "data.val_size=4"], tmp_path)
+    module = build_module(cfg)
+    dm = instantiate_data(cfg)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    loss = module.loss(batch, torch.Generator().manual_seed(0)).mean()
+    loss.backward()
+    assert torch.isfinite(loss) and module.backbone.in_channels == 2
+    edited = module.edit(batch["source"][:2], {"caption": batch["caption"][:2]}, instantiate(cfg.sampler))
+    assert edited.shape == (2, 1, 32, 32)
