@@ -6,7 +6,7 @@
 #   bash scripts/gpu_checks.sh                    # everything
 #   CHECKS=train bash scripts/gpu_checks.sh       # only the trainer checks (CHECKS=bench: only benchmarks)
 #   CHECKS=levers bash scripts/gpu_checks.sh      # the speed options (docs/performance.md) against eager, same card
-#   CHECKS=syncs bash scripts/gpu_checks.sh       # which parts of a DiT step synchronise (attention backends, ...)
+#   CHECKS=syncs bash scripts/gpu_checks.sh       # which parts of the step synchronise (scripts/sync_probe.py)
 #   CHECKS=fp8 FMNIST=dir bash scripts/gpu_checks.sh  # bf16 against fp8 loss curves: DiT-B/2 on Fashion-MNIST (the
 #                                                 # IDX files in dir), FP8_STEPS (1500) steps each, compiled blocks
 #
@@ -111,84 +111,15 @@ if [[ $CHECKS == *levers* ]]; then
     done
 fi
 if [[ $CHECKS == *syncs* ]]; then
-    # Which parts of a DiT-S/2 step make the host wait for the GPU: each attention backend alone, one block,
-    # the backbone, then clipping + fused AdamW + EMA (forward and backward under bf16 autocast, batch 256).
-    step syncs 120 $PY - <<'PYEOF'
-import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from diffusion_train.models import DiT
-from diffusion_train.training.syncs import SyncWatch
-
-dev = torch.device("cuda")
-def probe(name, fn, repeats=3):
-    fn()  # warm-up (lazy initialisation, cuBLAS handles, kernel selection)
-    torch.cuda.synchronize()
-    watch = SyncWatch(dev)
-    watch.start()
-    for _ in range(repeats):
-        fn()
-    watch.stop()
-    torch.cuda.synchronize()
-    sites = "; ".join(f"{e['site']} x{e['per_step']:.1f}" for e in watch.table(repeats, top=3))
-    print(f"| {name} | {watch.total / repeats:.1f} | {sites} |", flush=True)
-
-print("| part | syncs per call | sites |\n|---|---|---|")
-q, k, v = (torch.randn(256, 6, 256, 64, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):
-    def attend(backend=backend):
-        with sdpa_kernel([backend]):
-            torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward()
-    try:
-        probe(f"SDPA {backend.name}", attend)
-    except RuntimeError as e:
-        print(f"| SDPA {backend.name} | - | not available: {str(e).splitlines()[0][:120]} |")
-net = DiT(input_size=32, in_channels=4, size="S", patch_size=2).to(dev)
-x, t = torch.randn(256, 4, 32, 32, device=dev), torch.rand(256, device=dev) * 999
-block, h, c = net.blocks[0], torch.randn(256, 256, 384, device=dev), torch.randn(256, 384, device=dev)
-def run_block():
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        block(h, c).float().square().mean().backward()
-def run_net():
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        net(x, t, None).float().square().mean().backward()
-probe("one DiT block", run_block)
-probe("DiT-S/2 backbone", run_net)
-opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
-ema = [p.detach().clone() for p in net.parameters()]
-def run_update():
-    norm = torch.nn.utils.clip_grad_norm_(list(net.parameters()), 1.0, foreach=True)
-    opt.found_inf = (~torch.isfinite(norm)).float()
-    opt.step()
-    torch._foreach_lerp_(ema, [p.detach() for p in net.parameters()], 1e-3)
-probe("clip + fused AdamW + EMA", run_update)
-
-# The trainer's module (scripts/benchmark.py builds it as the trainer does), part by part, eager.
-import sys
-sys.path.insert(0, "scripts")
-import benchmark
-opts = benchmark.parse_args(["config=model=dit_s2", "batch=256", "compile=false"])
-cfg = benchmark.compose(benchmark.stand_in_overrides(opts) + opts["config"] + ["training.compile=false"])
-module = benchmark.build(cfg, 0).to(dev).train()
-batch, _ = benchmark.make_batch(module, 256, dev)
-setup = module.configure_optimizers()
-opt, scheds = (setup["optimizer"], [setup["lr_scheduler"]["scheduler"]]) if isinstance(setup, dict) else (setup, [])
-ema = benchmark.make_ema(cfg)
-state = {}
-def module_loss():
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        state["loss"] = module.batch_loss(batch, module.step_generator(0, 0))
-def module_step():
-    module_loss()
-    state["loss"].backward()
-def module_update():
-    module_step()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        module.optimizer_update(opt, scheds)
-probe("module: loss (conditioner, objective, backbone)", module_loss)
-probe("module: loss + backward", module_step)
-probe("module: loss + backward + optimizer_update", module_update)
-probe("module: EMA update (2 decays)", lambda: ema.update(module))
-PYEOF
+    # Which parts of the step make the host wait for the GPU (scripts/sync_probe.py: each SDPA backend, one block,
+    # the backbone, the conditioner, the loss, its backward, clipping + AdamW + schedule, EMA, the whole step),
+    # then the Lightning loop against the bare loop with the lines that synchronise in each.
+    step syncs_s2 120 $PY scripts/sync_probe.py config="model=dit_s2" batch=256 out="$OUT/probes/syncs_s2.json"
+    step syncs_unet 150 $PY scripts/sync_probe.py config="model=unet_sd2 model.attention_resolutions=[32,16,8]" \
+        text=77x1024 batch=64 out="$OUT/probes/syncs_unet.json"
+    step syncs_s2_loops 120 $PY scripts/benchmark.py md="$OUT/benchmarks.md" config="model=dit_s2" batch=256 \
+        compile=false modes=both warmup=2 steps=5 repeats=1 out="$OUT/syncs_s2_loops.json"
+    cat "$OUT"/syncs_s2.log "$OUT"/syncs_unet.log > "$OUT/syncs.md" 2>/dev/null
 fi
 if [[ $CHECKS == *fp8* ]]; then
     # Same data, seed and steps; only training.fp8 differs. Loss curves from each run's metrics.csv.

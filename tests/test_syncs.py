@@ -165,3 +165,46 @@ def test_progress_bar_shows_the_loss(tiny_cfg, tmp_path, capfd):
           tmp_path / "run")
     out = capfd.readouterr().out  # Lightning's tqdm bars write to stdout
     assert "train/loss=" in out, out[-2000:]
+
+
+def test_sync_probe_finds_a_sync_in_the_part_that_makes_it(monkeypatch, tmp_path, capsys):
+    """scripts/sync_probe.py on a CPU: a tiny DiT's parts make no synchronisation; a value read added to its
+    block's forward is counted once per block call in the block, depth times in the backbone and the loss, and
+    not in the optimizer update or the EMA, with the added line as its site."""
+    import sys
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from diffusion_train.models.dit import DiTBlock
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    try:
+        import sync_probe
+    finally:
+        sys.path.pop(0)
+    args = ["config=model=dit_tiny", "latent=4x8x8", "classes=10", "batch=2", "device=cpu", "repeats=2",
+            f"out={tmp_path / 'probe.json'}"]
+    assert sync_probe.main(args) == 0
+    clean = json.loads((tmp_path / "probe.json").read_text())
+    expected = ["attention", "block", "backbone", "conditioner", "loss", "loss+backward", "update", "ema", "step"]
+    assert list(clean["parts"]) == expected
+    assert all(p["syncs_per_call"] == 0 for p in clean["parts"].values()), clean["parts"]
+    assert "| loss+backward | 0.0 |" in capsys.readouterr().out
+
+    forward = DiTBlock.forward
+
+    def reading(self, x, *args, **kwargs):
+        float(x[0, 0, 0])  # a value read: the host would wait here
+        return forward(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(DiTBlock, "forward", reading)
+    assert sync_probe.main(args) == 0
+    parts = json.loads((tmp_path / "probe.json").read_text())["parts"]
+    depth = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "model" / "dit_tiny.yaml").depth
+    n = {name: p["syncs_per_call"] for name, p in parts.items()}
+    assert n["block"] == 1 and n["backbone"] == n["loss"] == n["loss+backward"] == n["step"] == depth >= 2, n
+    assert n["attention"] == n["conditioner"] == n["update"] == n["ema"] == 0, n
+    assert parts["block"]["sites"][0]["site"].startswith("tests/test_syncs.py:"), parts["block"]["sites"]
+    assert sync_probe.main([*args, "repeats=0"]) == 1
+    assert capsys.readouterr().err.strip().endswith("error: repeats must be >= 1, got 0")
