@@ -128,21 +128,8 @@ if [[ $CHECKS == *fp8* ]]; then
        training.compile=blocks callbacks.sample_grid.every_n_steps=100000 callbacks.checkpoint.every_n_train_steps=100000)
     step fp8_bf16 280 $PY -m diffusion_train.train "${F[@]}" training.fp8=false hydra.run.dir="$RUNS/fp8_bf16"
     step fp8_fp8 280 $PY -m diffusion_train.train "${F[@]}" training.fp8=true hydra.run.dir="$RUNS/fp8_fp8"
-    $PY - "$RUNS" <<'PYEOF' | tee "$OUT/fp8_curves.md"
-import csv, sys
-from pathlib import Path
-def curve(run, key):
-    rows = list(csv.DictReader(open(Path(sys.argv[1]) / run / "metrics.csv")))
-    return {int(r["step"]): float(r[key]) for r in rows if r.get(key)}
-print("| step | train/loss bf16 | train/loss fp8 | val/loss bf16 | val/loss fp8 | images/s bf16 | images/s fp8 |")
-print("|---|---|---|---|---|---|---|")
-runs = {k: {m: curve(f"fp8_{k}", m) for m in ("train/loss", "val/loss", "perf/images_per_sec")} for k in ("bf16", "fp8")}
-for s in sorted(set(runs["bf16"]["train/loss"]) | set(runs["bf16"]["val/loss"])):
-    cell = lambda k, m: f"{runs[k][m][s]:.5g}" if s in runs[k][m] else ""
-    if s % 250 == 0:  # metrics.csv steps are optimizer steps; validation every 250
-        print(f"| {s} | " + " | ".join(cell(k, m) for m in ("train/loss", "val/loss", "perf/images_per_sec")
-                                     for k in ("bf16", "fp8")) + " |")
-PYEOF
+    $PY scripts/compare_runs.py "$RUNS/fp8_bf16" "$RUNS/fp8_fp8" metrics=train/loss,val/loss,perf/images_per_sec \
+        rows=13 out="$OUT/fp8_curves.md" plot="$OUT/fp8_curves.png"
 fi
 printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
 # The benchmark rows against the targets in one table (other JSON files are named and left out)
