@@ -101,8 +101,8 @@ def capture(module, batch: dict, autocast) -> dict:
         return sdpa(*args, **kwargs)
 
     F.scaled_dot_product_attention = recording
-    try:
-        with autocast, torch.no_grad():
+    try:  # eager: the hooks and the recording run as Python (a compiled backbone would trace them)
+        with autocast, torch.no_grad(), torch.compiler.set_stance("force_eager"):
             module.batch_loss(batch, module.step_generator(0, 0))
     finally:
         F.scaled_dot_product_attention = sdpa
