@@ -79,6 +79,17 @@ if [[ $CHECKS == *bench* ]]; then
     step bench_dit_xl2_compile 300 "${B[@]}" config="model=dit_xl2" batch=128 compile=true modes=lightning \
         out="$OUT/dit_xl2_compile.json"
 fi
+if [[ $CHECKS == *syncs* ]]; then
+    # Which parts of the step make the host wait for the GPU (scripts/sync_probe.py: each SDPA backend, one block,
+    # the backbone, the conditioner, the loss, its backward, clipping + AdamW + schedule, EMA, the whole step),
+    # then the Lightning loop against the bare loop with the lines that synchronise in each.
+    step syncs_s2 120 $PY scripts/sync_probe.py config="model=dit_s2" batch=256 out="$OUT/probes/syncs_s2.json"
+    step syncs_unet 150 $PY scripts/sync_probe.py config="model=unet_sd2 model.attention_resolutions=[32,16,8]" \
+        text=77x1024 batch=64 out="$OUT/probes/syncs_unet.json"
+    step syncs_s2_loops 120 $PY scripts/benchmark.py md="$OUT/benchmarks.md" config="model=dit_s2" batch=256 \
+        compile=false modes=both warmup=2 steps=5 repeats=1 out="$OUT/syncs_s2_loops.json"
+    cat "$OUT"/syncs_s2.log "$OUT"/syncs_unet.log > "$OUT/syncs.md" 2>/dev/null
+fi
 if [[ $CHECKS == *levers* ]]; then
     # The trainer's own loop (modes=lightning) with the default compilation of each target config first, then
     # eager and the other options against them, on the same card in the same call. Most important first: a time
@@ -90,6 +101,8 @@ if [[ $CHECKS == *levers* ]]; then
     UN_SD1=(config="model=unet_sd model.attention_resolutions=[32,16,8]" text=77x1024 batch=64)  # 8 heads per level
     step s2_blocks 150 "${L[@]}" "${S2[@]}" compile=blocks modes=both out="$OUT/s2_blocks.json"  # + Lightning overhead
     step xl_blocks 150 "${L[@]}" "${XL[@]}" compile=blocks out="$OUT/xl_blocks.json"
+    step xl_blocks_fp8 150 "${L[@]}" config="model=dit_xl2 training.fp8=true" batch=128 compile=blocks \
+        out="$OUT/xl_blocks_fp8.json"
     step b2_blocks 120 "${L[@]}" "${B2[@]}" compile=blocks out="$OUT/b2_blocks.json"
     step unet_compiled 200 "${L[@]}" "${UN[@]}" compile=true out="$OUT/unet_compiled.json"
     step unet_cudnn 150 "${L[@]}" config="model=unet_sd2 model.attention_resolutions=[32,16,8] trainer.benchmark=true" \
@@ -100,8 +113,6 @@ if [[ $CHECKS == *levers* ]]; then
         batch=256 compile=blocks out="$OUT/s2_autotune.json"  # Triton matmul templates with fused epilogues
     step s2_graphs 150 "${L[@]}" config="model=dit_s2 training.compile_options={mode:reduce-overhead}" batch=256 \
         compile=true out="$OUT/s2_graphs.json"
-    step xl_blocks_fp8 150 "${L[@]}" config="model=dit_xl2 training.fp8=true" batch=128 compile=blocks \
-        out="$OUT/xl_blocks_fp8.json"
     step unet_compiled_cl 200 "${L[@]}" "${UN_CL[@]}" compile=true out="$OUT/unet_compiled_cl.json"
     step s2_full 120 "${L[@]}" "${S2[@]}" compile=true out="$OUT/s2_full.json"
     step unet_sd1_heads 200 "${L[@]}" "${UN_SD1[@]}" compile=true out="$OUT/unet_sd1_heads.json"
@@ -109,17 +120,6 @@ if [[ $CHECKS == *levers* ]]; then
         step "xl_b256_ckpt$n" 200 "${L[@]}" config="model=dit_xl2 training.activation_checkpointing=$n" batch=256 \
             compile=blocks out="$OUT/xl_b256_ckpt$n.json"
     done
-fi
-if [[ $CHECKS == *syncs* ]]; then
-    # Which parts of the step make the host wait for the GPU (scripts/sync_probe.py: each SDPA backend, one block,
-    # the backbone, the conditioner, the loss, its backward, clipping + AdamW + schedule, EMA, the whole step),
-    # then the Lightning loop against the bare loop with the lines that synchronise in each.
-    step syncs_s2 120 $PY scripts/sync_probe.py config="model=dit_s2" batch=256 out="$OUT/probes/syncs_s2.json"
-    step syncs_unet 150 $PY scripts/sync_probe.py config="model=unet_sd2 model.attention_resolutions=[32,16,8]" \
-        text=77x1024 batch=64 out="$OUT/probes/syncs_unet.json"
-    step syncs_s2_loops 120 $PY scripts/benchmark.py md="$OUT/benchmarks.md" config="model=dit_s2" batch=256 \
-        compile=false modes=both warmup=2 steps=5 repeats=1 out="$OUT/syncs_s2_loops.json"
-    cat "$OUT"/syncs_s2.log "$OUT"/syncs_unet.log > "$OUT/syncs.md" 2>/dev/null
 fi
 if [[ $CHECKS == *fp8* ]]; then
     # Same data, seed and steps; only training.fp8 differs. Loss curves from each run's metrics.csv.
