@@ -276,3 +276,42 @@ def test_bad_config_is_one_error_line(capsys):
     assert benchmark.main(["config=model=dit_huge", "device=cpu", "md="]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: config:") and "dit_huge" in err and "\n" not in err
+
+
+def test_every_command_of_gpu_checks_parses(tmp_path):
+    """scripts/gpu_checks.sh run with a Python that only records its arguments (and a stand-in nvidia-smi): every
+    script call's arguments parse and its config composes, and every training run's overrides compose, so a
+    GPU call is not lost to a misspelt option."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls.jsonl"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 81559 MiB, 580.00'\n")
+    (bin_dir / "record").write_text(f"#!{sys.executable}\nimport json, sys\n"
+                                    f"open({str(calls)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHON": str(bin_dir / "record"),
+           "OUT": str(tmp_path / "out"), "CHECKS": "bench,syncs,levers,fp8"}
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_checks.sh")], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    argvs = [json.loads(line) for line in calls.read_text().splitlines()]
+    scripts = {name: import_script(name) for name in ("benchmark", "sync_probe", "compare_runs")}
+    seen: dict[str, int] = {}
+    for argv in argvs:
+        head = argv[0] if argv[0] != "-m" else argv[1]
+        if head in ("-c", "-"):  # the inline version print and checkpoint listing
+            continue
+        name = Path(head).stem if head.endswith(".py") else head
+        seen[name] = seen.get(name, 0) + 1
+        if name in ("benchmark", "sync_probe"):
+            opts = scripts[name].parse_args(argv[1:])
+            scripts["benchmark"].compose(scripts["benchmark"].stand_in_overrides(opts) + opts["config"])
+        elif name == "compare_runs":
+            runs, opts = scripts[name].parse_args(argv[1:])
+            assert len(runs) == 2 and "train/loss" in opts["metrics"]
+        elif name == "diffusion_train.train":
+            compose_train(argv[2:])
+        else:
+            raise AssertionError(f"gpu_checks.sh calls {argv} that this test does not check")
+    assert seen["benchmark"] >= 20 and seen["sync_probe"] == 2 and seen["compare_runs"] == 1, seen
+    assert seen["diffusion_train.train"] == 2, seen  # the fp8 pair
