@@ -10,8 +10,9 @@ The module, its inputs and its options are ``scripts/benchmark.py``'s (``config`
 256, not compiled). ``repeats`` (3): calls counted per part, after one uncounted call. ``out``: also write the
 JSON here. The parts, from the smallest up:
 
-    attention       the first attention call of the step alone (its own inputs), forward and backward, with
-                    each SDPA backend on a GPU (flash, memory-efficient, cuDNN, math); the default on a CPU
+    attention       the step's first self-attention call alone (its own inputs), forward and backward, with
+                    each SDPA backend on a GPU (flash, memory-efficient, cuDNN, math; the default on a CPU);
+                    likewise its first cross-attention call, and the first of each with a mask
     block           the backbone's first repeated block alone, forward and backward, on the inputs it gets in
                     the step
     backbone        the backbone (as the step calls it: compiled when compile= says so), forward and backward
@@ -80,25 +81,38 @@ def backward_of(out) -> None:
 
 
 def capture(module, batch: dict, autocast) -> dict:
-    """The inputs the step gives the backbone, its first repeated block and its first attention call, from one
-    forward pass of the module's loss."""
+    """The inputs the step gives the backbone, its first repeated block and its first attention call of each kind,
+    from one forward pass of the module's loss (attention calls outside the backbone, such as a text encoder's,
+    are left out)."""
     import torch
     import torch.nn.functional as F
 
     from diffusion_train.training.speed import repeated_blocks
 
     seen: dict[str, Any] = {}
+    inside = [False]
+
+    def entering(m, args, kwargs):
+        inside[0] = True
+        seen.setdefault("backbone", (args, kwargs))
+
+    def leaving(m, args, out):
+        inside[0] = False
+
     blocks = repeated_blocks(module.backbone)
-    hooks = [module.backbone.register_forward_pre_hook(
-        lambda m, args, kwargs: seen.setdefault("backbone", (args, kwargs)), with_kwargs=True)]
+    hooks = [module.backbone.register_forward_pre_hook(entering, with_kwargs=True),
+             module.backbone.register_forward_hook(leaving)]
     if blocks:
         hooks.append(blocks[0].register_forward_pre_hook(
             lambda m, args, kwargs: seen.setdefault("block", (args, kwargs)), with_kwargs=True))
     sdpa = F.scaled_dot_product_attention
 
-    def recording(*args, **kwargs):
-        seen.setdefault("attention", (args, kwargs))
-        return sdpa(*args, **kwargs)
+    def recording(q, k, v, *args, **kwargs):
+        if inside[0]:
+            kind = "self-attention" if k.shape[-2] == q.shape[-2] else "cross-attention"
+            masked = kwargs.get("attn_mask", args[0] if args else None) is not None
+            seen.setdefault(kind + (" (masked)" if masked else ""), ((q, k, v, *args), kwargs))
+        return sdpa(q, k, v, *args, **kwargs)
 
     F.scaled_dot_product_attention = recording
     try:  # eager: the hooks and the recording run as Python (a compiled backbone would trace them)
@@ -175,14 +189,14 @@ def probe(opts: dict) -> dict:
         args, kwargs = seen[key]
         return lambda: backward_of(fn(*args, **kwargs))
 
-    if "attention" in seen:
-        import torch.nn.functional as F
+    import torch.nn.functional as F
 
-        backends = ([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
-                     SDPBackend.MATH] if device.type == "cuda" else [None])
+    backends = ([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                 SDPBackend.MATH] if device.type == "cuda" else [None])
+    for kind in [k for k in seen if "attention" in k]:
         for backend in backends:
-            name = "attention" + (f" ({backend.name.lower()})" if backend is not None else "")
-            attend = called("attention", F.scaled_dot_product_attention)
+            name = kind + (f", {backend.name.lower()}" if backend is not None else "")
+            attend = called(kind, F.scaled_dot_product_attention)
             fn = attend if backend is None else (lambda attend=attend, b=backend: _with_backend(sdpa_kernel, b, attend))
             try:
                 part(name, fn)

@@ -187,7 +187,7 @@ def test_sync_probe_finds_a_sync_in_the_part_that_makes_it(monkeypatch, tmp_path
             f"out={tmp_path / 'probe.json'}"]
     assert sync_probe.main(args) == 0
     clean = json.loads((tmp_path / "probe.json").read_text())
-    expected = ["attention", "block", "backbone", "conditioner", "loss", "loss+backward", "update", "ema", "step"]
+    expected = ["self-attention", "block", "backbone", "conditioner", "loss", "loss+backward", "update", "ema", "step"]
     assert list(clean["parts"]) == expected
     assert all(p["syncs_per_call"] == 0 for p in clean["parts"].values()), clean["parts"]
     assert "| loss+backward | 0.0 |" in capsys.readouterr().out
@@ -204,7 +204,7 @@ def test_sync_probe_finds_a_sync_in_the_part_that_makes_it(monkeypatch, tmp_path
     depth = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "model" / "dit_tiny.yaml").depth
     n = {name: p["syncs_per_call"] for name, p in parts.items()}
     assert n["block"] == 1 and n["backbone"] == n["loss"] == n["loss+backward"] == n["step"] == depth >= 2, n
-    assert n["attention"] == n["conditioner"] == n["update"] == n["ema"] == 0, n
+    assert n["self-attention"] == n["conditioner"] == n["update"] == n["ema"] == 0, n
     assert parts["block"]["sites"][0]["site"].startswith("tests/test_syncs.py:"), parts["block"]["sites"]
     assert sync_probe.main([*args, "repeats=0"]) == 1
     assert capsys.readouterr().err.strip().endswith("error: repeats must be >= 1, got 0")
