@@ -122,7 +122,8 @@ def markdown(result: dict) -> str:
     for s in result["steps"]:
         cells = [f"{c[s]:.5g}" if s in c else "" for m in metrics for c in result["curves"][m]]
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
-    lines += ["", f"Mean over the last {result['tail']:.0%} of each run's logged steps (difference from {runs[0]}):", ""]
+    tail = f"Mean over the last {result['tail']:.0%} of each run's logged steps (difference from {runs[0]}):"
+    lines += ["", tail, ""]
     for m in metrics:
         words = []
         for e in result["summary"][m]:

@@ -42,6 +42,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 import benchmark  # noqa: E402
 
 from diffusion_train.cli import UsageError, parse_key_values, run_main  # noqa: E402
+from diffusion_train.training.benchmark import build, environment, make_batch, make_ema  # noqa: E402
 
 SHARED = ("config", "batch", "latent", "classes", "text", "device", "precision", "compile")
 OPTIONS = {**{k: benchmark.OPTIONS[k] for k in SHARED}, "repeats": int, "out": str}
@@ -161,11 +162,11 @@ def probe(opts: dict) -> dict:
     device = torch.device(opts["device"])
     quiet_known_warnings()
     torch.set_float32_matmul_precision("high")
-    cfg = benchmark.compose(benchmark.stand_in_overrides(opts) + opts["config"] + [
+    cfg = benchmark.compose(benchmark.stand_in_args(opts) + opts["config"] + [
         f"training.compile={opts['compile']}", f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}"])
-    module = benchmark.build(cfg, int(cfg.seed)).to(device).train()
-    batch, inputs = benchmark.make_batch(module, opts["batch"], device)
-    ema = benchmark.make_ema(cfg)
+    module = build(cfg, int(cfg.seed)).to(device).train()
+    batch, inputs = make_batch(module, opts["batch"], device)
+    ema = make_ema(cfg)
     setup = module.configure_optimizers()
     opt, schedulers = (setup["optimizer"], [setup["lr_scheduler"]["scheduler"]]) if isinstance(setup, dict) \
         else (setup, [])
@@ -227,7 +228,7 @@ def probe(opts: dict) -> dict:
             ema.update(module)
     part("step", step)
     return {"schema": "diffusion_train.sync_probe/1", "config": opts["config"], "inputs": inputs,
-            "device": benchmark.environment(device)["device_name"], "precision": opts["precision"],
+            "device": environment(device)["device_name"], "precision": opts["precision"],
             "compile": module.compile, "repeats": repeats,
             "counted_by": "torch.cuda.set_sync_debug_mode" if device.type == "cuda"
             else "operations that would synchronise on a GPU (diffusion_train.training.syncs)",

@@ -13,6 +13,7 @@ import torch
 from hydra.utils import instantiate
 
 from diffusion_train.models import DiT
+from diffusion_train.training import benchmark as step_benchmark
 from diffusion_train.scaling import (
     counted_macs,
     dit_macs,
@@ -231,9 +232,9 @@ def test_text_conditioned_inputs(tmp_path):
     step runs on them (in-process, one loss, no timing)."""
     benchmark = import_script()
     opts = benchmark.parse_args(["config=model=unet_tiny", "text=9x40", "latent=4x16x16", "device=cpu"])
-    cfg = benchmark.compose(benchmark.stand_in_overrides(opts) + opts["config"])
-    module = benchmark.build(cfg, 0)
-    batch, info = benchmark.make_batch(module, 2, torch.device("cpu"))
+    cfg = benchmark.compose(benchmark.stand_in_args(opts) + opts["config"])
+    module = step_benchmark.build(cfg, 0)
+    batch, info = step_benchmark.make_batch(module, 2, torch.device("cpu"))
     assert info["text_tokens"] == 9 and info["text_width"] == 40 and info["classes"] is None
     assert batch["caption.context"].shape == (2, 9, 40) and batch["caption.mask"].dtype == torch.bool
     assert module.backbone.context_dim == 40 and batch["latent"].shape == (2, 8, 16, 16)
@@ -247,15 +248,15 @@ def test_bare_loop_makes_the_trainers_step():
     benchmark = import_script()
     opts = benchmark.parse_args(["config=model=dit_tiny optim.lr=1e-3 lr_schedule.warmup_steps=2", "latent=4x8x8",
                                  "classes=3", "device=cpu", "precision=32-true", "steps=2", "warmup=1", "repeats=1"])
-    cfg = benchmark.compose(benchmark.stand_in_overrides(opts) + opts["config"])
+    cfg = benchmark.compose(benchmark.stand_in_args(opts) + opts["config"])
     modules = []
-    opts["get_module"] = lambda: modules.append(benchmark.build(cfg, 0)) or modules[-1]
-    batch, _ = benchmark.make_batch(benchmark.build(cfg, 0), 4, torch.device("cpu"))
+    opts["get_module"] = lambda: modules.append(step_benchmark.build(cfg, 0)) or modules[-1]
+    batch, _ = step_benchmark.make_batch(step_benchmark.build(cfg, 0), 4, torch.device("cpu"))
     for mode in ("lightning", "bare"):
-        assert benchmark.measure(mode, cfg, batch, opts, torch.device("cpu"), macs=1, peak=None)["status"] == "ok"
+        assert step_benchmark.measure(mode, cfg, batch, opts, torch.device("cpu"), macs=1, peak=None)["status"] == "ok"
     lightning, bare = (m.state_dict() for m in modules)
     assert lightning.keys() == bare.keys()
-    start = benchmark.build(cfg, 0).state_dict()
+    start = step_benchmark.build(cfg, 0).state_dict()
     assert not torch.equal(lightning["backbone.final_layer.linear.weight"], start["backbone.final_layer.linear.weight"])
     for key, value in lightning.items():
         if isinstance(value, torch.Tensor):
@@ -305,7 +306,7 @@ def test_every_command_of_gpu_checks_parses(tmp_path):
         seen[name] = seen.get(name, 0) + 1
         if name in ("benchmark", "sync_probe"):
             opts = scripts[name].parse_args(argv[1:])
-            scripts["benchmark"].compose(scripts["benchmark"].stand_in_overrides(opts) + opts["config"])
+            scripts["benchmark"].compose(scripts["benchmark"].stand_in_args(opts) + opts["config"])
         elif name == "compare_runs":
             runs, opts = scripts[name].parse_args(argv[1:])
             assert len(runs) == 2 and "train/loss" in opts["metrics"]
