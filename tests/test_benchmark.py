@@ -286,12 +286,19 @@ def test_every_command_of_gpu_checks_parses(tmp_path):
     bin_dir, calls = tmp_path / "bin", tmp_path / "calls.jsonl"
     bin_dir.mkdir()
     (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 81559 MiB, 580.00'\n")
-    (bin_dir / "record").write_text(f"#!{sys.executable}\nimport json, sys\n"
-                                    f"open({str(calls)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    # The preemption check waits for the run's step-10 checkpoint before it signals the run: the recorder makes it.
+    (bin_dir / "record").write_text(
+        f"#!{sys.executable}\nimport json, pathlib, sys\n"
+        f"open({str(calls)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+        "for a in sys.argv[1:]:\n"
+        "    if a.startswith('hydra.run.dir=') and a.endswith('/preempt'):\n"
+        "        ckpt = pathlib.Path(a.split('=', 1)[1]) / 'checkpoints' / 'step_0000010.ckpt'\n"
+        "        ckpt.parent.mkdir(parents=True, exist_ok=True)\n"
+        "        ckpt.touch()\n")
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHON": str(bin_dir / "record"),
-           "OUT": str(tmp_path / "out"), "CHECKS": "bench,syncs,levers,fp8"}
+           "OUT": str(tmp_path / "out"), "CHECKS": "train,bench,syncs,levers,fp8"}
     out = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_checks.sh")], env=env, cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -315,4 +322,4 @@ def test_every_command_of_gpu_checks_parses(tmp_path):
         else:
             raise AssertionError(f"gpu_checks.sh calls {argv} that this test does not check")
     assert seen["benchmark"] >= 20 and seen["sync_probe"] == 2 and seen["compare_runs"] == 1, seen
-    assert seen["diffusion_train.train"] == 2, seen  # the fp8 pair
+    assert seen["diffusion_train.train"] == 8, seen  # bf16, compile, DDP, FSDP, preemption and its relaunch, fp8 pair
