@@ -58,7 +58,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_report import OVERHEAD_TARGET_PCT, add_markdown, fmt, markdown  # noqa: E402
 from diffusion_train.cli import UsageError, parse_key_values, run_main  # noqa: E402
-from diffusion_train.scaling.flops import peak_flops  # noqa: E402
+from diffusion_train.scaling.flops import TRAINING_FLOPS_PER_MAC, peak_flops  # noqa: E402
 from diffusion_train.training.benchmark import (  # noqa: E402
     build, environment, make_batch, make_ema, measure, stand_in_overrides)
 from diffusion_train.training.speed import compile_choice  # noqa: E402
@@ -258,7 +258,7 @@ def benchmark(opts: dict, argv: list[str]) -> dict:
         "params": params,
         "flops": {"forward_macs_per_image": macs, "forward_macs_flop_counter": counted,
                   "flop_counter_rel_diff": (macs - counted) / counted if counted else None,
-                  "counting": counting, "training_flops_per_image": 6 * macs,
+                  "counting": counting, "training_flops_per_image": TRAINING_FLOPS_PER_MAC * macs,
                   "definition": "forward multiply-adds per image (diffusion_train.scaling.flops.forward_macs); "
                                 "training FLOPs per image = 6 x forward multiply-adds"},
         "peak_flops": peak, "peak_flops_source": peak_source, "mfu_definition": MFU_DEFINITION,

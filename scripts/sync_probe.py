@@ -31,7 +31,6 @@ trainer runs its step. Exits with status 1 and one ``error:`` line on a bad argu
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -42,7 +41,8 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 import benchmark  # noqa: E402
 
 from diffusion_train.cli import UsageError, parse_key_values, run_main  # noqa: E402
-from diffusion_train.training.benchmark import build, environment, make_batch, make_ema  # noqa: E402
+from diffusion_train.training.benchmark import (  # noqa: E402
+    build, environment, make_batch, make_ema, optimizer_and_schedules, step_autocast)
 
 SHARED = ("config", "batch", "latent", "classes", "text", "device", "precision", "compile")
 OPTIONS = {**{k: benchmark.OPTIONS[k] for k in SHARED}, "repeats": int, "out": str}
@@ -167,13 +167,10 @@ def probe(opts: dict) -> dict:
     module = build(cfg, int(cfg.seed)).to(device).train()
     batch, inputs = make_batch(module, opts["batch"], device)
     ema = make_ema(cfg)
-    setup = module.configure_optimizers()
-    opt, schedulers = (setup["optimizer"], [setup["lr_scheduler"]["scheduler"]]) if isinstance(setup, dict) \
-        else (setup, [])
+    opt, schedulers = optimizer_and_schedules(module)
 
     def autocast():
-        return (torch.autocast(device.type, dtype=torch.bfloat16) if opts["precision"] == "bf16-mixed"
-                else contextlib.nullcontext())
+        return step_autocast(device, opts["precision"])
 
     seen = capture(module, batch, autocast())
     repeats, results = opts["repeats"], {}

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusion_train.cli import UsageError
+from diffusion_train.scaling.flops import TRAINING_FLOPS_PER_MAC
 from diffusion_train.training.kernel_profile import KernelProfile
 from diffusion_train.training.syncs import SyncWatch
 
@@ -41,7 +42,6 @@ def stand_in_overrides(latent: tuple[int, int, int] | None, classes: int, text: 
         out += ["conditioning=t5_tiny", f"{key}.config.d_model={width}", f"{key}.max_length={length}",
                 f"{key}.output=context"]
     return out
-
 
 
 # -- inputs, module, environment -------------------------------------------------------------------
@@ -107,7 +107,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
 
 
 def build(cfg, seed: int):
@@ -212,24 +211,34 @@ def run_lightning(cfg, batch: dict, opts: dict, device, clock: Clock) -> dict:
     return {"batch_on_device_unchanged": seen.get("unchanged")}
 
 
-def run_bare(cfg, batch: dict, opts: dict, device, clock: Clock) -> dict:
-    """The step of ``DiffusionModule.training_step`` (its loss and optimizer update) in a plain loop."""
+def optimizer_and_schedules(module) -> tuple[Any, list]:
+    """The module's optimizer (with its scaled learning rate) and LR schedules, as ``configure_optimizers`` gives
+    them to Lightning."""
+    setup = module.configure_optimizers()
+    return (setup["optimizer"], [setup["lr_scheduler"]["scheduler"]]) if isinstance(setup, dict) else (setup, [])
+
+
+def step_autocast(device, precision: str):
+    """The autocast context of Lightning's ``precision`` for a step run outside Lightning (a new one per use)."""
     import contextlib
 
     import torch
 
+    return (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed"
+            else contextlib.nullcontext())
+
+
+def run_bare(cfg, batch: dict, opts: dict, device, clock: Clock) -> dict:
+    """The step of ``DiffusionModule.training_step`` (its loss and optimizer update) in a plain loop."""
     module = opts["get_module"]().to(device).train()
     ema = make_ema(cfg)
-    setup = module.configure_optimizers()  # the optimizer with the scaled learning rate, and its schedule
-    opt, schedulers = (setup["optimizer"], [setup["lr_scheduler"]["scheduler"]]) if isinstance(setup, dict) \
-        else (setup, [])
+    opt, schedulers = optimizer_and_schedules(module)
     log_every = max(1, int(cfg.trainer.log_every_n_steps))
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if opts["precision"] == "bf16-mixed"
-                else contextlib.nullcontext())
     clock.start()
     for step in range(total_steps(opts)):
         g = module.step_generator(step, 0)  # (global step, global micro-batch 0), as training_step seeds it
-        with autocast:  # Lightning's precision context wraps the whole training_step, optimizer step included
+        # Lightning's precision context wraps the whole training_step, optimizer step included
+        with step_autocast(device, opts["precision"]):
             module.batch_loss(batch, g).backward()
             module.optimizer_update(opt, schedulers)
             if (step + 1) % log_every == 0:
@@ -280,8 +289,8 @@ def measure(mode: str, cfg, batch: dict, opts: dict, device, macs: int, peak: fl
     row.update({
         "images_per_s": statistics.median(ips), "images_per_s_repeats": ips,
         "step_ms": median * 1e3, "step_ms_repeats": [s * 1e3 for s in step_s],
-        "achieved_tflops": statistics.median(ips) * 6 * macs / 1e12,
-        "mfu": statistics.median(ips) * 6 * macs / peak if peak else None,
+        "achieved_tflops": statistics.median(ips) * TRAINING_FLOPS_PER_MAC * macs / 1e12,
+        "mfu": statistics.median(ips) * TRAINING_FLOPS_PER_MAC * macs / peak if peak else None,
         "first_step_s": t[1] - t[0], "warmup_s": t[warm] - t[0],
         "compile_s": (t[1] - t[0]) - median if opts["compile"] != "false" else None,
         **sync_counts(clock, steps * repeats), **extra})
