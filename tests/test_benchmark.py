@@ -228,15 +228,17 @@ def test_a_run_profiles_its_steps(tiny_cfg, tmp_path):
 
 
 def test_text_conditioned_inputs(tmp_path):
-    """text=LxD: the module gets precomputed L x D encodings through the weight-free T5 stand-in, and the
-    step runs on them (in-process, one loss, no timing)."""
+    """text=LxD: the module gets precomputed L x D encodings through the weight-free T5 stand-in, all L tokens
+    attended to without a mask (as Stable Diffusion's U-Nets), and the step runs on them (in-process, one loss,
+    no timing)."""
     benchmark = import_script()
     opts = benchmark.parse_args(["config=model=unet_tiny", "text=9x40", "latent=4x16x16", "device=cpu"])
     cfg = benchmark.compose(benchmark.stand_in_args(opts) + opts["config"])
     module = step_benchmark.build(cfg, 0)
     batch, info = step_benchmark.make_batch(module, 2, torch.device("cpu"))
     assert info["text_tokens"] == 9 and info["text_width"] == 40 and info["classes"] is None
-    assert batch["caption.context"].shape == (2, 9, 40) and batch["caption.mask"].dtype == torch.bool
+    assert batch["caption.context"].shape == (2, 9, 40) and "caption.mask" not in batch
+    assert module.conditioner(batch).mask is None
     assert module.backbone.context_dim == 40 and batch["latent"].shape == (2, 8, 16, 16)
     loss = module.train().loss(batch, torch.Generator().manual_seed(0))
     assert loss.shape == (2,) and torch.isfinite(loss).all()

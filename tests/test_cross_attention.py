@@ -237,3 +237,60 @@ def test_mmdit_joint_attention_streams():
     assert not any(isinstance(m, CrossAttention) for m in model.modules())
     assert tiny_mmdit(context_dim=0).context_embedder is None
     assert all(b.text is None for b in tiny_mmdit(context_dim=0).blocks)
+
+
+# ----------------------------------------------------------------------------- no mask (attend_padding)
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_no_mask_equals_an_all_true_mask_and_attention_runs_unmasked(name, monkeypatch):
+    """``Cond.mask=None`` (every token attended to, as Stable Diffusion) gives what an all-True mask gives, and
+    no attention call gets a mask, so a GPU can run flash attention."""
+    import torch.nn.functional as F
+
+    model = perturb(FACTORIES[name]()).eval()
+    x, t, cond = inputs()
+    full = with_context(cond, cond.context, torch.ones(cond.mask.shape, dtype=torch.bool))
+    with torch.no_grad():
+        ref = model(x, t, full)
+    masks = []
+    sdpa = F.scaled_dot_product_attention
+
+    def record(*args, **kwargs):
+        masks.append(kwargs.get("attn_mask"))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", record)
+    with torch.no_grad():
+        out = model(x, t, with_context(cond, cond.context, None))
+    torch.testing.assert_close(out, ref)
+    assert masks and all(m is None for m in masks)
+
+
+def test_conditioner_mask_is_none_only_when_no_embedder_masks():
+    from diffusion_train.conditioning.conditioner import Conditioner
+
+    class Tokens(nn.Module):
+        context_dim, vector_dim, dropout, input_key = CTX, 0, 0.0, "caption"
+
+        def __init__(self, mask: bool):
+            super().__init__()
+            self.mask = mask
+
+        def forward(self, values, drop=None):
+            out = {"context": torch.ones(len(values), 2, CTX)}
+            return {**out, "mask": torch.tensor([[True, False]] * len(values))} if self.mask else out
+
+    batch = {"caption": ["a", "b"]}
+    assert Conditioner({"a": Tokens(False), "b": Tokens(False)})(batch).mask is None
+    mixed = Conditioner({"a": Tokens(False), "b": Tokens(True)})(batch)
+    assert mixed.context.shape == (2, 4, CTX)
+    assert mixed.mask.tolist() == [[True, True, True, False]] * 2
+
+
+def test_cond_cat_of_unmasked_sequences_of_different_lengths_masks_the_padding():
+    a, b = Cond(context=torch.randn(2, 3, CTX)), Cond(context=torch.randn(1, 5, CTX))
+    assert Cond.cat([a, a]).mask is None
+    both = Cond.cat([a, b])
+    assert both.context.shape == (3, 5, CTX)
+    assert both.mask.tolist() == [[True] * 3 + [False] * 2] * 2 + [[True] * 5]

@@ -317,3 +317,57 @@ def test_caption_cache_gives_the_same_encodings_and_bounds_its_size():
     assert len(cached._cache) == 2 and list(cached._cache) == ["a photo of a bag", "a dress"]
     again = cached(["a dress"])
     assert torch.equal(again["context"][0], b["context"][3])  # served from the cache: bit-identical
+
+
+def test_clip_attend_padding_gives_no_mask_and_the_same_encodings(clip_ckpt):
+    """``attend_padding``: the backbone attends to all tokens (Stable Diffusion's way), so no mask is given;
+    the encodings are the masked embedder's."""
+    texts = ["a cat", "a photo of a dog", ""]
+    masked = CLIPTextEmbedder(model_name=TINY_CLIP, pretrained=str(clip_ckpt), max_length=8)
+    emb = CLIPTextEmbedder(model_name=TINY_CLIP, pretrained=str(clip_ckpt), max_length=8, attend_padding=True)
+    assert emb.output_keys == ("context", "vector") and "attend_padding=True" in repr(emb)
+    ref, out = masked(texts), emb(texts, drop=torch.tensor([False, True, False]))
+    assert set(out) == {"context", "vector"}
+    for k in out:  # the dropped row is the empty caption's
+        torch.testing.assert_close(out[k], ref[k][[0, 2, 2]])
+
+
+def test_clip_pad_token_id_pads_after_eot(clip_ckpt):
+    """Stable Diffusion 1.x's tokenizer pads with EOT (49407); open_clip's with 0. The padding tokens' features
+    change, the real tokens' (a causal encoder) and the pooled EOT feature do not."""
+    import open_clip
+
+    texts, eot = ["a cat", "a photo of a dog"], 49407
+    base = CLIPTextEmbedder(model_name=TINY_CLIP, pretrained=str(clip_ckpt), max_length=8, attend_padding=True)
+    emb = CLIPTextEmbedder(model_name=TINY_CLIP, pretrained=str(clip_ckpt), max_length=8, attend_padding=True,
+                           pad_token_id=eot)
+    ids = open_clip.get_tokenizer(TINY_CLIP)(texts)
+    real = ids != 0
+    ids[~real] = eot
+    m = emb.encoder
+    with torch.no_grad():
+        x = m.ln_final(m.transformer(m.token_embedding(ids) + m.positional_embedding, attn_mask=m.attn_mask))
+        pooled = m.encode_text(ids)
+    out, zero_padded = emb(texts), base(texts)
+    torch.testing.assert_close(out["context"], x[:, :8])
+    torch.testing.assert_close(out["vector"], pooled)
+    torch.testing.assert_close(out["vector"], zero_padded["vector"])
+    real = real[:, :8]
+    torch.testing.assert_close(out["context"][real], zero_padded["context"][real])
+    assert not torch.allclose(out["context"][~real], zero_padded["context"][~real])
+    with pytest.raises(ValueError, match="pad_token_id=49408 is not a token"):
+        CLIPTextEmbedder(model_name=TINY_CLIP, pretrained=str(clip_ckpt), pad_token_id=49408)
+
+
+def test_t5_attend_padding_keeps_the_encoders_own_mask(t5_dir, t5):
+    """The encoder still masks padding (its outputs and the pooled mean are unchanged); only the mask handed to
+    the backbone is left out. Precomputed encodings with a mask are taken, without it."""
+    emb = T5Embedder(name_or_path=t5_dir, tokenizer="byt5", max_length=16, attend_padding=True)
+    texts = ["a sneaker", "a much longer caption"]
+    ref, out = t5(texts), emb(texts)
+    assert set(out) == {"context", "vector"}
+    for k in out:
+        torch.testing.assert_close(out[k], ref[k])
+    torch.testing.assert_close(emb(ref)["context"], ref["context"])
+    with pytest.raises(KeyError, match=r"lack \['mask'\]"):
+        t5(out)

@@ -89,8 +89,15 @@ class CLIPTextEmbedder(TextEmbedder):
             For a tag trained with QuickGELU (``"openai"``) it is set automatically; for a local
             file of OpenAI weights use ``model_name="ViT-L-14-quickgelu"`` (or
             ``create_kwargs={"force_quick_gelu": True}``).
+        attend_padding: see :class:`~diffusion_train.conditioning.text.TextEmbedder`; ``True`` as Stable
+            Diffusion, whose U-Nets attend to all 77 tokens.
+        pad_token_id: the token after each caption's EOT, up to ``max_length``; ``None``: the tokenizer's
+            (0 for open_clip's). With ``attend_padding`` the backbone sees these tokens' features, so
+            fine-tuning needs the id the weights were trained with: 49407 (EOT itself) for Stable Diffusion
+            1.x, whose Hugging Face tokenizer pads with it, 0 for 2.x.
 
-    context = per-token features (width = text width), mask = tokens up to and including EOT;
+    context = per-token features (width = text width), mask = tokens up to and including EOT (none with
+    ``attend_padding``);
     vector = ``encode_text`` (projected EOT feature, width = embed dim, not normalized).
     """
 
@@ -98,8 +105,9 @@ class CLIPTextEmbedder(TextEmbedder):
                  layer: str | int = "last", input_key: str = "caption", dropout: float = 0.1, max_length: int = 77,
                  output: str = "both", trainable: bool = False, dtype: str | torch.dtype = "float32",
                  create_kwargs: Mapping[str, Any] | None = None, cache_size: int = 0,
-                 model_cfg: Mapping[str, Any] | None = None):
-        super().__init__(input_key, dropout, max_length, output, trainable, dtype, cache_size)
+                 model_cfg: Mapping[str, Any] | None = None, attend_padding: bool = False,
+                 pad_token_id: int | None = None):
+        super().__init__(input_key, dropout, max_length, output, trainable, dtype, cache_size, attend_padding)
         cls = type(self).__name__
         model, self.tokenizer, prov = load_open_clip(model_name, pretrained, model_cfg, create_kwargs, cls)
         if hasattr(model, "text_decoder"):
@@ -126,6 +134,12 @@ class CLIPTextEmbedder(TextEmbedder):
         self.layer = layer
         tower = getattr(model, "text", model)
         self.model_context_length = int(tower.context_length)
+        embedding = getattr(tower, "token_embedding", None)
+        vocab = embedding.num_embeddings if isinstance(embedding, nn.Embedding) else None
+        if pad_token_id is not None and (int(pad_token_id) < 0 or vocab is not None and int(pad_token_id) >= vocab):
+            raise ValueError(f"{cls}: pad_token_id={pad_token_id} is not a token of {model_name!r} "
+                             f"(vocabulary of {vocab})")
+        self.pad_token_id = None if pad_token_id is None else int(pad_token_id)
         if self.max_length > self.model_context_length:
             raise ValueError(f"{cls}: max_length={self.max_length} exceeds {model_name!r}'s text context "
                              f"length {self.model_context_length}")
@@ -159,21 +173,23 @@ class CLIPTextEmbedder(TextEmbedder):
     def _tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         tok = self.tokenizer
         ids = tok(texts, context_length=self.max_length)  # truncates, keeping EOT last
+        own_pad = getattr(getattr(tok, "tokenizer", None), "pad_token_id", None) or 0
         eot = getattr(tok, "eot_token_id", None)
         if eot is not None:
             is_eot = ids == eot
             last = torch.where(is_eot.any(1), is_eot.int().argmax(1), torch.full_like(ids[:, 0], ids.shape[1] - 1))
             mask = torch.arange(ids.shape[1]).unsqueeze(0) <= last.unsqueeze(1)
         else:
-            pad = getattr(getattr(tok, "tokenizer", None), "pad_token_id", None) or 0
-            mask = ids != pad
+            mask = ids != own_pad
         full = mask[:, -1].nonzero().flatten().tolist()  # only rows filling max_length may be truncated
         for i in full:
             n = self._token_count(texts[i])
             self.num_truncated += int(n is not None and n > self.max_length)
+        pad = own_pad if self.pad_token_id is None else self.pad_token_id
+        if self.pad_token_id is not None:
+            ids = ids.masked_fill(~mask, pad)
         if ids.shape[1] < self.model_context_length:  # positional embeddings / causal mask are fixed size
-            ids = torch.nn.functional.pad(ids, (0, self.model_context_length - ids.shape[1]),
-                                          value=getattr(getattr(tok, "tokenizer", None), "pad_token_id", None) or 0)
+            ids = torch.nn.functional.pad(ids, (0, self.model_context_length - ids.shape[1]), value=pad)
         return ids, mask
 
     def _encode(self, texts: list[str]) -> tuple[Tensor, Tensor, Tensor]:

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from diffusion_train.conditioning.cond import Cond
+from diffusion_train.conditioning.cond import Cond, joint_mask
 
 
 class ClassEmbedder(nn.Module):
@@ -96,14 +96,10 @@ class Conditioner(nn.Module):
             if "vector" in out:
                 vectors.append(out["vector"])
             if "context" in out:
-                ctx = out["context"]
-                contexts.append(ctx)
-                mask = out.get("mask")
-                masks.append(mask if mask is not None else torch.ones(ctx.shape[:2], dtype=torch.bool,
-                                                                       device=ctx.device))
+                contexts.append(out["context"])
+                masks.append(out.get("mask"))
         return Cond(vector=torch.cat(vectors, dim=-1) if vectors else None,
-                    context=torch.cat(contexts, dim=1) if contexts else None,
-                    mask=torch.cat(masks, dim=1) if masks else None)
+                    context=torch.cat(contexts, dim=1) if contexts else None, mask=joint_mask(contexts, masks))
 
     @staticmethod
     def _precomputed(batch: Mapping[str, Any], name: str) -> dict[str, Any] | None:

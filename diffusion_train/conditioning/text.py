@@ -16,7 +16,8 @@ Embedder contract (see :mod:`diffusion_train.conditioning.conditioner`)::
 ``values`` is a list of captions, or their precomputed encodings (a dict with the same keys, see
 ``scripts/precompute.py``). Dropped rows (CFG) get the encoding of the empty caption. ``L`` is always
 ``max_length`` (captions are padded to it), so conditional and unconditional encodings of a batch
-can be concatenated for CFG.
+can be concatenated for CFG. With ``attend_padding=True`` there is no ``"mask"``: the backbone attends to
+all ``max_length`` tokens, padding included, as Stable Diffusion does with its CLIP encodings.
 
 By default the encoder is *frozen*: no gradients, always in eval mode, and pretrained weights are
 left out of the state dict (checkpoints stay small). Which encoder / weights file was used is
@@ -88,11 +89,16 @@ class TextEmbedder(nn.Module):
         cache_size: a frozen encoder is deterministic, so up to this many distinct captions keep their
             encodings (least recently used dropped first): datasets with templated or repeated captions
             encode each once. 0 turns caching off. Truncation is counted when a caption is encoded.
+        attend_padding: ``False`` (default): the token sequence comes with its mask, and the backbone never
+            attends to padding. ``True``: no mask; the backbone attends to every one of the ``max_length``
+            tokens, as Stable Diffusion 1.x and 2.x were trained on CLIP's (fine-tuning their weights needs
+            it), and attention runs without a mask (flash attention on GPUs). The encoder itself still masks
+            padding as it was trained to, and the pooled vector still averages only real tokens.
     """
 
     def __init__(self, input_key: str = "caption", dropout: float = 0.1, max_length: int = 77,
                  output: str = "both", trainable: bool = False, dtype: str | torch.dtype = "float32",
-                 cache_size: int = 0):
+                 cache_size: int = 0, attend_padding: bool = False):
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"{type(self).__name__} dropout must be in [0, 1), got {dropout}")
@@ -102,6 +108,7 @@ class TextEmbedder(nn.Module):
             raise ValueError(f"{type(self).__name__} max_length must be >= 1, got {max_length}")
         self.input_key, self.dropout, self.max_length = input_key, float(dropout), int(max_length)
         self.output, self.trainable, self.dtype = output, bool(trainable), resolve_dtype(dtype)
+        self.attend_padding = bool(attend_padding)
         self.num_truncated = 0
         self.cache_size = int(cache_size)
         self._cache: OrderedDict[str, tuple[Tensor, Tensor, Tensor]] = OrderedDict()
@@ -131,7 +138,7 @@ class TextEmbedder(nn.Module):
     @property
     def output_keys(self) -> tuple[str, ...]:
         """What :meth:`forward` returns (and what a precomputed encoding must hold)."""
-        return _OUTPUTS[self.output]
+        return tuple(k for k in _OUTPUTS[self.output] if k != "mask" or not self.attend_padding)
 
     def _finish_init(self, context_width: int, vector_width: int, provenance: Mapping[str, str],
                      pretrained: bool = True) -> None:
@@ -180,7 +187,8 @@ class TextEmbedder(nn.Module):
         return list(values)
 
     def encode(self, texts: list[str]) -> dict[str, Tensor]:
-        """Captions -> ``{"context", "mask", "vector"}`` as selected by ``output`` (float32, bool mask)."""
+        """Captions -> ``{"context", "mask", "vector"}`` as selected by ``output`` and ``attend_padding``
+        (float32, bool mask)."""
         if self.cache_size > 0 and not self.trainable:
             context, mask, pooled = self._encode_cached(texts)
         else:
@@ -248,7 +256,7 @@ class TextEmbedder(nn.Module):
     def extra_repr(self) -> str:
         return (f"input_key={self.input_key!r}, output={self.output!r}, max_length={self.max_length}, "
                 f"vector_dim={self.vector_dim}, context_dim={self.context_dim}, trainable={self.trainable}, "
-                f"name={self.provenance['name']!r}")
+                f"attend_padding={self.attend_padding}, name={self.provenance['name']!r}")
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -340,8 +348,8 @@ class HFTextEmbedder(_HFTokenizing):
 
     def __init__(self, name_or_path: str | os.PathLike | None = None, input_key: str = "caption",
                  dropout: float = 0.1, max_length: int = 77, output: str = "both", trainable: bool = False,
-                 dtype: str | torch.dtype = "float32", cache_size: int = 0):
-        super().__init__(input_key, dropout, max_length, output, trainable, dtype, cache_size)
+                 dtype: str | torch.dtype = "float32", cache_size: int = 0, attend_padding: bool = False):
+        super().__init__(input_key, dropout, max_length, output, trainable, dtype, cache_size, attend_padding)
         from transformers import AutoModel, AutoTokenizer
 
         display = None
@@ -381,8 +389,8 @@ class T5Embedder(_HFTokenizing):
     def __init__(self, name_or_path: str | os.PathLike | None = "google/t5-v1_1-xxl", tokenizer: str | None = None,
                  input_key: str = "caption", dropout: float = 0.1, max_length: int = 77, output: str = "both",
                  trainable: bool = False, dtype: str | torch.dtype = "float32", cache_size: int = 0,
-                 config: Mapping[str, Any] | None = None):
-        super().__init__(input_key, dropout, max_length, output, trainable, dtype, cache_size)
+                 config: Mapping[str, Any] | None = None, attend_padding: bool = False):
+        super().__init__(input_key, dropout, max_length, output, trainable, dtype, cache_size, attend_padding)
         import transformers
         from transformers import AutoTokenizer, T5Config, T5EncoderModel
 

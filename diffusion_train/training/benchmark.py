@@ -27,7 +27,8 @@ DOWNSAMPLE = 8  # of the stand-in autoencoder, as the SD / SDXL / FLUX VAEs
 def stand_in_overrides(latent: tuple[int, int, int] | None, classes: int, text: tuple[int, int] | None) -> list[str]:
     """Overrides that give the backbone ``latent`` (C, H, W) inputs of ``classes`` classes and ``text`` (L, D)
     encodings without pretrained weights: synthetic data, a random 8x ``tiny_vae`` that is never run, a random
-    tiny T5 of width D. ``None``: the config's own data and autoencoder, or its own conditioning."""
+    tiny T5 of width D whose L tokens are all attended to, without a mask (as Stable Diffusion's U-Nets attend to
+    CLIP's). ``None``: the config's own data and autoencoder, or its own conditioning."""
     out: list[str] = []
     if latent:
         c, h, w = latent
@@ -40,7 +41,7 @@ def stand_in_overrides(latent: tuple[int, int, int] | None, classes: int, text: 
         length, width = text
         key = "conditioning.embedders.caption"
         out += ["conditioning=t5_tiny", f"{key}.config.d_model={width}", f"{key}.max_length={length}",
-                f"{key}.output=context"]
+                f"{key}.output=context", f"{key}.attend_padding=true"]
     return out
 
 
