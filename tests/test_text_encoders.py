@@ -14,6 +14,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import compose_train
+
 from diffusion_train.conditioning.clip import CLIPTextEmbedder
 from diffusion_train.conditioning.text import HFTextEmbedder, T5Embedder, TextEmbedder
 
@@ -371,3 +373,23 @@ def test_t5_attend_padding_keeps_the_encoders_own_mask(t5_dir, t5):
     torch.testing.assert_close(emb(ref)["context"], ref["context"])
     with pytest.raises(KeyError, match=r"lack \['mask'\]"):
         t5(out)
+
+
+@pytest.mark.parametrize("preset, layer, pad", [("clip_sd1", "last", 49407), ("clip_sd2", "penultimate", 0)])
+def test_stable_diffusion_presets_condition_as_its_u_nets_were_trained(preset, layer, pad, clip_ckpt):
+    """``conditioning=clip_sd1`` / ``clip_sd2`` (here with the tiny test tower in place of the real weights):
+    the layer and padding SD used, all tokens attended to, token features only."""
+    from hydra.utils import instantiate
+
+    node = compose_train([f"conditioning={preset}"]).conditioning.embedders.caption
+    node.model_name, node.pretrained = TINY_CLIP, str(clip_ckpt)
+    emb = instantiate(node)
+    assert (emb.layer, emb.pad_token_id, emb.output_keys) == (layer, pad, ("context",))
+    import open_clip
+
+    texts = ["a photo of a cat", ""]
+    ids, mask = emb._tokenize(texts)
+    assert mask.sum(1).tolist() == [7, 2]
+    assert (ids[~mask] == pad).all()
+    assert torch.equal(ids[mask], open_clip.get_tokenizer(TINY_CLIP)(texts)[mask])
+    assert set(emb(["a photo of a cat"])) == {"context"}
