@@ -244,6 +244,21 @@ def test_text_conditioned_inputs(tmp_path):
     assert loss.shape == (2,) and torch.isfinite(loss).all()
 
 
+def test_bare_loop_autocasts_as_the_trainer():
+    """The bare loop runs its step under the trainer's own autocast (Lightning's bf16-mixed plugin turns the
+    weight-cast cache off), so the overhead the two loops measure is the loop's alone."""
+    import lightning as L
+
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False, enable_checkpointing=False)
+    want = trainer.precision_plugin.autocast_context_manager()
+    got = step_benchmark.step_autocast(torch.device("cpu"), "bf16-mixed")
+    assert (got.device, got.fast_dtype, got._cache_enabled) == (want.device, want.fast_dtype, want._cache_enabled)
+    assert not got._cache_enabled
+    assert not torch.is_autocast_enabled("cpu")
+    with step_benchmark.step_autocast(torch.device("cpu"), "32-true"):
+        assert not torch.is_autocast_enabled("cpu")
+
+
 def test_bare_loop_makes_the_trainers_step():
     """The bare loop, the baseline of the Lightning overhead, runs the module's own loss and optimizer update:
     after the same steps on the same batch both modes hold the same weights."""

@@ -220,12 +220,13 @@ def optimizer_and_schedules(module) -> tuple[Any, list]:
 
 
 def step_autocast(device, precision: str):
-    """The autocast context of Lightning's ``precision`` for a step run outside Lightning (a new one per use)."""
+    """The autocast context of Lightning's ``precision`` for a step run outside Lightning (a new one per use):
+    its precision plugin's own (for ``bf16-mixed``, autocast without its weight-cast cache)."""
     import contextlib
 
-    import torch
+    from lightning.pytorch.plugins.precision import MixedPrecision
 
-    return (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed"
+    return (MixedPrecision(precision, device.type).autocast_context_manager() if precision == "bf16-mixed"
             else contextlib.nullcontext())
 
 
