@@ -371,7 +371,7 @@ def test_t5_attend_padding_keeps_the_encoders_own_mask(t5_dir, t5):
     for k in out:
         torch.testing.assert_close(out[k], ref[k])
     torch.testing.assert_close(emb(ref)["context"], ref["context"])
-    with pytest.raises(KeyError, match=r"lack \['mask'\]"):
+    with pytest.raises(KeyError, match=r"lack \['mask'\] \(output='both' with attend_padding=False needs"):
         t5(out)
 
 

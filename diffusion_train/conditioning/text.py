@@ -226,7 +226,8 @@ class TextEmbedder(nn.Module):
         missing = [k for k in self.output_keys if k not in parts]
         if missing:
             raise KeyError(f"{type(self).__name__}: precomputed encodings of {self.input_key!r} lack {missing} "
-                           f"(output={self.output!r} needs {list(self.output_keys)})")
+                           f"(output={self.output!r} with attend_padding={self.attend_padding} needs "
+                           f"{list(self.output_keys)})")
         device = self._device()
         out = {k: parts[k].to(device, non_blocking=True) for k in self.output_keys}
         out = {k: v.bool() if k == "mask" else v.float() for k, v in out.items()}
