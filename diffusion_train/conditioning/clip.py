@@ -136,7 +136,7 @@ class CLIPTextEmbedder(TextEmbedder):
         self.model_context_length = int(tower.context_length)
         embedding = getattr(tower, "token_embedding", None)
         vocab = embedding.num_embeddings if isinstance(embedding, nn.Embedding) else None
-        if pad_token_id is not None and (int(pad_token_id) < 0 or vocab is not None and int(pad_token_id) >= vocab):
+        if pad_token_id is not None and not 0 <= int(pad_token_id) < (vocab or float("inf")):
             raise ValueError(f"{cls}: pad_token_id={pad_token_id} is not a token of {model_name!r} "
                              f"(vocabulary of {vocab})")
         self.pad_token_id = None if pad_token_id is None else int(pad_token_id)
@@ -185,8 +185,9 @@ class CLIPTextEmbedder(TextEmbedder):
         for i in full:
             n = self._token_count(texts[i])
             self.num_truncated += int(n is not None and n > self.max_length)
-        pad = own_pad if self.pad_token_id is None else self.pad_token_id
+        pad = own_pad
         if self.pad_token_id is not None:
+            pad = self.pad_token_id
             ids = ids.masked_fill(~mask, pad)
         if ids.shape[1] < self.model_context_length:  # positional embeddings / causal mask are fixed size
             ids = torch.nn.functional.pad(ids, (0, self.model_context_length - ids.shape[1]), value=pad)
