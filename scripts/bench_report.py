@@ -69,7 +69,8 @@ def speed_options(training: dict, cudnn_benchmark: bool = False) -> str:
     if checkpointing:
         blocks = "" if checkpointing is True else f" of the first {checkpointing} blocks"
         words.append("activation checkpointing" + blocks)
-    words += [w for key, w in (("channels_last", "channels-last"), ("fp8", "fp8")) if training.get(key)]
+    words += [w for key, w in (("channels_last", "channels-last"), ("fp8", "fp8"), ("bf16_residual", "bf16 residual"))
+              if training.get(key)]
     return ", ".join(words + ["cuDNN benchmark"] * bool(cudnn_benchmark))
 
 

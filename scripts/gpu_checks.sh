@@ -114,6 +114,10 @@ if [[ $CHECKS == *levers* ]]; then
     step s2_graphs 150 "${L[@]}" config="model=dit_s2 training.compile_options={mode:reduce-overhead}" batch=256 \
         compile=true out="$OUT/s2_graphs.json"
     step unet_compiled_cl 200 "${L[@]}" "${UN_CL[@]}" compile=true out="$OUT/unet_compiled_cl.json"
+    step s2_bf16res 120 "${L[@]}" config="model=dit_s2 training.bf16_residual=true" batch=256 compile=blocks \
+        out="$OUT/s2_bf16res.json"  # the blocks' token streams in bf16: less memory traffic
+    step b2_bf16res 120 "${L[@]}" config="model=dit_b2 training.bf16_residual=true" batch=256 compile=blocks \
+        out="$OUT/b2_bf16res.json"
     step s2_full 120 "${L[@]}" "${S2[@]}" compile=true out="$OUT/s2_full.json"
     step unet_sd1_heads 200 "${L[@]}" "${UN_SD1[@]}" compile=true out="$OUT/unet_sd1_heads.json"
     for n in 14 28; do  # XL/2 at twice the target batch: half or all of the blocks recomputed (memory, speed)

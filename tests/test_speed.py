@@ -1,6 +1,6 @@
 """The speed options of the training step (training/speed.py): compile choices, repeated blocks, regional and
-whole-backbone compilation, activation checkpointing, channels-last, float8 layers, and a DiffusionModule
-built with them from a config.
+whole-backbone compilation, activation checkpointing, channels-last, float8 layers, the bf16 residual stream,
+and a DiffusionModule built with them from a config.
 
 CPU only and fast: tiny models, and compiled code runs on the ``aot_eager`` backend (no inductor C++ builds).
 Parameters are drawn from N(0, 0.05) so that the zero-initialised layers (adaLN-Zero, output layers) do not
@@ -313,6 +313,59 @@ def test_activation_checkpointing_with_compiled_blocks():
 
 
 # ------------------------------------------------------------------------------------------------
+# bf16 residual stream
+# ------------------------------------------------------------------------------------------------
+def tiny_mmdit() -> MMDiT:
+    return randomised(MMDiT(input_size=8, in_channels=3, depth=3, hidden_size=64, num_heads=4, context_dim=16))
+
+
+def mmdit_inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 3, 8, 8, generator=g), torch.rand(2, generator=g) * 1000,
+            Cond(context=torch.randn(2, 5, 16, generator=g), mask=torch.tensor([[True] * 5, [True] * 3 + [False] * 2])))
+
+
+def _stream_dtypes(model: nn.Module) -> list[set]:
+    """The dtypes of each block's token outputs, recorded on the next forward pass."""
+    seen: list[set] = [set() for _ in model.blocks]
+    for i, block in enumerate(model.blocks):
+        def hook(module, args, out, i=i):
+            seen[i].update(t.dtype for t in (out if isinstance(out, tuple) else (out,)) if isinstance(t, torch.Tensor))
+        block.register_forward_hook(hook)
+    return seen
+
+
+@pytest.mark.parametrize("make, inputs", [(tiny_dit, dit_inputs), (tiny_mmdit, mmdit_inputs)], ids=["dit", "mmdit"])
+def test_bf16_residual_keeps_the_token_streams_in_bf16(make, inputs):
+    """Under bf16 autocast every token stream between the blocks is bf16 (without the option the image stream is
+    fp32), the output is the fp32 stream's within bf16 rounding and every gradient is finite; without autocast
+    nothing changes."""
+    eager, model = make(), make()
+    net = prepare_backbone(model, bf16_residual=True)
+    assert_same(run(eager, eager, inputs()), run(net, model, inputs()))  # 32-true: a no-op
+    plain_dtypes, dtypes = _stream_dtypes(eager), _stream_dtypes(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (ref, _), (out, grads) = run(eager, eager, inputs()), run(net, model, inputs())
+    assert all(torch.float32 in d for d in plain_dtypes) and all(d == {torch.bfloat16} for d in dtypes)
+    assert (out.float() - ref.float()).abs().max() <= 0.05 * ref.float().abs().max()
+    assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_bf16_residual_with_compiled_checkpointed_blocks_and_its_errors():
+    eager, model = tiny_dit(), tiny_dit()
+    cnt = counter()
+    net = prepare_backbone(model, compile="blocks", compile_options={"backend": cnt}, activation_checkpointing=True,
+                           bf16_residual=True)
+    dtypes = _stream_dtypes(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (ref, _), (out, _) = run(eager, eager, dit_inputs()), run(net, model, dit_inputs())
+    assert cnt.frame_count == 1 and all(d == {torch.bfloat16} for d in dtypes)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=0.05 * ref.float().abs().max().item())
+    with pytest.raises(ValueError, match="training.bf16_residual: UNet has no transformer blocks"):
+        prepare_backbone(tiny_unet(), bf16_residual=True)
+
+
+# ------------------------------------------------------------------------------------------------
 # channels-last
 # ------------------------------------------------------------------------------------------------
 def test_trainer_benchmark_sets_cudnn_autotuning(monkeypatch):
@@ -335,6 +388,7 @@ def test_trainer_benchmark_sets_cudnn_autotuning(monkeypatch):
     assert script.speed_options({"compile": "true"}, True) == "compiled, cuDNN benchmark"
     assert script.speed_options({"compile": "blocks", "activation_checkpointing": 14, "fp8": True}) == \
         "blocks compiled, activation checkpointing of the first 14 blocks, fp8"
+    assert script.speed_options({"compile": "blocks", "bf16_residual": True}) == "blocks compiled, bf16 residual"
 
 
 def test_channels_last_unet(tmp_path):
@@ -429,7 +483,8 @@ def _wrapped_blocks(module) -> bool:
      and m.backbone.conv_in.weight.is_contiguous(memory_format=torch.channels_last)),
     ("dit_tiny", ["training.fp8=true"],
      lambda m: any(type(x).__name__ == "Float8Linear" for x in m.backbone.modules())),
-], ids=["blocks+checkpointing", "compile", "channels_last+checkpointing", "fp8"])
+    ("dit_tiny", ["training.bf16_residual=true"], _wrapped_blocks),  # a no-op without autocast
+], ids=["blocks+checkpointing", "compile", "channels_last+checkpointing", "fp8", "bf16_residual"])
 def test_module_with_speed_options(model, options, applied):
     """The options reach the backbone; parameter names, loss and gradients are those of a plain module."""
     fp8 = "training.fp8=true" in options

@@ -59,7 +59,7 @@ class DiffusionModule(L.LightningModule):
                  accumulate_grad_batches: int = 1, max_nonfinite_steps: int = 20,
                  compile: bool | str = False, compile_options: dict | None = None,
                  activation_checkpointing: bool | int = False, channels_last: bool = False, fp8: bool = False,
-                 seed: int = 0, task=None, controlnet: nn.Module | None = None, control=None):
+                 bf16_residual: bool = False, seed: int = 0, task=None, controlnet: nn.Module | None = None, control=None):
         super().__init__()
         self.automatic_optimization = False
         self.backbone, self.conditioner, self.objective = backbone, conditioner, objective
@@ -72,7 +72,8 @@ class DiffusionModule(L.LightningModule):
         # state dicts never carry `_orig_mod.`.
         self.compile = resolve_compile(compile, backbone, torch.cuda.is_available())  # auto made concrete
         net = prepare_backbone(backbone, compile=self.compile, compile_options=compile_options,
-                               activation_checkpointing=activation_checkpointing, channels_last=channels_last, fp8=fp8)
+                               activation_checkpointing=activation_checkpointing, channels_last=channels_last, fp8=fp8,
+                               bf16_residual=bf16_residual)
         self.controlnet, self.control = controlnet, control  # a ControlNet fine-tune: the copy, the control images
         self.__dict__["net"] = Controlled(net, controlnet) if controlnet is not None else net
         self.fp8 = fp8

@@ -14,6 +14,11 @@
 ``training.fp8``         the Linear layers of the repeated blocks train in float8 (torchao's dynamic tensorwise
                          scaling; the weights stay in their dtype); needs a GPU of compute capability >= 8.9
                          and pays with ``training.compile``.
+``training.bf16_residual``  under bf16 autocast, the token streams between the transformer blocks (DiT, MMDiT)
+                         in bf16 instead of fp32: each block's token inputs are cast to the autocast dtype, so
+                         its residual additions, their gradients and what the backward keeps are half as
+                         wide. Less memory traffic in blocks that are bound by it (small widths); the
+                         residual sums round to bf16. No effect without autocast (``32-true``).
 
 Nothing here changes the backbone's parameter names: state dicts, checkpoints and EMA read the same keys
 with any combination (a compiled whole backbone is kept outside the module tree by ``DiffusionModule``).
@@ -164,13 +169,27 @@ def channels_last_input(net: Callable) -> Callable:
     return call
 
 
+def autocast_tokens(forward: Callable) -> Callable:
+    """``forward`` with its token-sequence arguments ((B, L, C) floating-point tensors) in the autocast dtype
+    while autocast is on for their device (``training.bf16_residual``)."""
+    def call(*args, **kwargs):
+        def cast(a):
+            if isinstance(a, Tensor) and a.ndim == 3 and a.is_floating_point() \
+                    and torch.is_autocast_enabled(a.device.type):
+                return a.to(torch.get_autocast_dtype(a.device.type))
+            return a
+        return forward(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
+    return call
+
+
 def prepare_backbone(backbone: nn.Module, *, compile: Any = False, compile_options: dict | None = None,
                      activation_checkpointing: bool | int = False, channels_last: bool = False,
-                     fp8: bool = False) -> Callable:
+                     fp8: bool = False, bf16_residual: bool = False) -> Callable:
     """Applies the speed options to ``backbone`` (in place) and returns what the training step calls:
     the backbone itself, or a compiled / channels-last wrapper of it kept outside the module tree.
 
-    Order: float8 layers; then each repeated block's forward compiled (``blocks``) and run under
+    Order: float8 layers; then each repeated block's forward compiled (``blocks``), its token inputs cast to the
+    autocast dtype before it (``bf16_residual``), and the two run under
     ``torch.utils.checkpoint`` (non-reentrant, RNG state preserved; the recomputation in the backward pass
     runs the compiled code; ``activation_checkpointing=N``: the first N blocks only); then channels-last; then
     whole-backbone compilation around all of it.
@@ -179,15 +198,24 @@ def prepare_backbone(backbone: nn.Module, *, compile: Any = False, compile_optio
     options = dict(compile_options or {})
     if fp8:
         convert_fp8(backbone)
-    blocks = uniform_blocks(backbone) if choice == "blocks" else repeated_blocks(backbone)
+    wrapped = choice == "blocks" or bf16_residual  # every block gets a new forward
+    try:
+        blocks = uniform_blocks(backbone) if wrapped else repeated_blocks(backbone)
+    except ValueError:
+        if choice == "blocks":
+            raise
+        raise ValueError(f"training.bf16_residual: {type(backbone).__name__} has no transformer blocks (copies of "
+                         f"one layer, as in DiT and MMDiT) whose token streams could be cast") from None
     if activation_checkpointing and not blocks:
         raise ValueError(f"training.activation_checkpointing: {type(backbone).__name__} has no repeated blocks "
                          f"(an nn.ModuleList) to checkpoint")
     recompute = checkpointed_blocks(activation_checkpointing, len(blocks))
-    for i, block in enumerate(blocks if choice == "blocks" else blocks[:recompute]):
+    for i, block in enumerate(blocks if wrapped else blocks[:recompute]):
         forward = block.forward
         if choice == "blocks":  # copies of one layer share the compiled code
             forward = torch.compile(forward, **options)
+        if bf16_residual:  # outside the compiled code, which then sees one dtype in every block
+            forward = autocast_tokens(forward)
         if i < recompute:
             forward = functools.partial(checkpoint, forward, use_reentrant=False)
         block.forward = forward  # an instance attribute: parameter names do not change
