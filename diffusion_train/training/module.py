@@ -59,7 +59,8 @@ class DiffusionModule(L.LightningModule):
                  accumulate_grad_batches: int = 1, max_nonfinite_steps: int = 20,
                  compile: bool | str = False, compile_options: dict | None = None,
                  activation_checkpointing: bool | int = False, channels_last: bool = False, fp8: bool = False,
-                 bf16_residual: bool = False, seed: int = 0, task=None, controlnet: nn.Module | None = None, control=None):
+                 bf16_residual: bool = False, seed: int = 0, task=None, controlnet: nn.Module | None = None,
+                 control=None):
         super().__init__()
         self.automatic_optimization = False
         self.backbone, self.conditioner, self.objective = backbone, conditioner, objective
