@@ -19,6 +19,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from conftest import TINY, compose_train
 from diffusion_train.conditioning.cond import Cond
 from diffusion_train.models import DiT, MMDiT, UNet
+from diffusion_train.scaling.flops import flop_counter_macs
 from diffusion_train.training.build import build_module
 from diffusion_train.training.export import export_weights
 from diffusion_train.training.parallel import resolve_accelerator
@@ -365,6 +366,14 @@ def test_bf16_residual_with_compiled_checkpointed_blocks_and_its_errors():
         prepare_backbone(tiny_unet(), bf16_residual=True)
 
 
+def test_bf16_residual_backbone_counts_its_flops_on_the_meta_device():
+    """The benchmark's FLOP cross-check runs the prepared backbone on the meta device, where autocast is undefined:
+    the cast wrapper leaves meta tensors alone and the count equals the plain backbone's."""
+    plain, model = tiny_dit(), tiny_dit()
+    net = prepare_backbone(model, bf16_residual=True)
+    assert flop_counter_macs(net, size=8) == flop_counter_macs(plain, size=8) > 0
+
+
 # ------------------------------------------------------------------------------------------------
 # channels-last
 # ------------------------------------------------------------------------------------------------
@@ -547,7 +556,7 @@ def test_flop_counting_leaves_compiled_blocks_to_compile():
     """The benchmark counts FLOPs over a meta forward pass of the prepared backbone. Compiled blocks run eagerly
     there (on torch 2.11 a first compiled call under the counting mode made dynamo skip the block's code for good,
     so a benchmark of compile=blocks ran eager), and compile at the first real call."""
-    from diffusion_train.scaling.flops import counted_macs, flop_counter_macs
+    from diffusion_train.scaling.flops import counted_macs
 
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")

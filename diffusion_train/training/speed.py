@@ -174,7 +174,7 @@ def autocast_tokens(forward: Callable) -> Callable:
     while autocast is on for their device (``training.bf16_residual``)."""
     def call(*args, **kwargs):
         def cast(a):
-            if isinstance(a, Tensor) and a.ndim == 3 and a.is_floating_point() \
+            if isinstance(a, Tensor) and a.ndim == 3 and a.is_floating_point() and not a.is_meta \
                     and torch.is_autocast_enabled(a.device.type):
                 return a.to(torch.get_autocast_dtype(a.device.type))
             return a
