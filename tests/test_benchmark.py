@@ -212,6 +212,31 @@ def test_kernel_categories_and_busy_time():
     assert busy_us([]) == 0
 
 
+def test_device_ranges_marked_by_record_function_are_not_kernels():
+    """On a GPU the profiler also puts the optimizer's ``record_function`` range on the device timeline; it spans
+    the optimizer's kernels and would count their time twice."""
+    from types import SimpleNamespace
+
+    from diffusion_train.training.kernel_profile import KernelProfile
+
+    def event(name, start, end, annotation=False):
+        return SimpleNamespace(name=name, device_type=torch.autograd.DeviceType.CUDA, is_user_annotation=annotation,
+                               time_range=SimpleNamespace(start=start, end=end))
+
+    profile = KernelProfile("cpu", steps=1)
+    profile.cuda, profile.wall_s = True, 0.001
+    profile._profiler = SimpleNamespace(events=lambda: [
+        event("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT", 0, 300),
+        event("Optimizer.step#AdamW.step", 300, 500, annotation=True),
+        event("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", 310, 490),
+        SimpleNamespace(name="aten::mm", device_type=torch.autograd.DeviceType.CPU, is_user_annotation=False,
+                        time_range=SimpleNamespace(start=0, end=290))])
+    summary = profile.summary()
+    assert summary["kernels_per_step"] == 2 and summary["busy_ms_per_step"] == pytest.approx(0.48)
+    assert {c: v["ms_per_step"] for c, v in summary["categories"].items()} == pytest.approx(
+        {"matmul": 0.3, "optimizer, clipping, EMA": 0.18})
+
+
 def test_a_run_profiles_its_steps(tiny_cfg, tmp_path):
     """callbacks.kernel_profile: steps 5-6 of a run (with gradient accumulation) under the profiler, steps 3-4
     timed without it; the summary in kernel_profile.json."""

@@ -1,7 +1,8 @@
 """Where a training step's device time goes: the kernels of a few steps under ``torch.profiler``, by category.
 
 On a GPU the device's kernels, copies and fills are recorded (CUPTI), with the host's operators (without them
-some versions record no kernels). Busy time is the union of the kernels' intervals. The profiler slows the host
+some versions record no kernels); the ranges that ``record_function`` marks on the device's timeline (the
+optimizer's ``Optimizer.step#AdamW.step``) are not kernels and are left out. Busy time is the union of the kernels' intervals. The profiler slows the host
 but not the kernels, so the idle share is taken against the step time measured without it when one is given: a
 step whose busy time is well under it waits for the host (launches, Python, synchronisations), not for the GPU.
 On a CPU the operators' own times stand in for kernels.
@@ -78,9 +79,9 @@ class KernelProfile:
 
     def records(self) -> list[tuple[str, float, float]]:
         """``(name, start_us, end_us)`` of each kernel (on a CPU: operator self time, as a pseudo-interval)."""
-        if self.cuda:
+        if self.cuda:  # the device's kernels, not the ranges that record_function marks on its timeline
             return [(e.name, e.time_range.start, e.time_range.end) for e in self._profiler.events()
-                    if e.device_type == torch.autograd.DeviceType.CUDA]
+                    if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
         out, clock = [], 0.0
         for e in self._profiler.events():
             if e.name.startswith("aten::") and e.self_cpu_time_total > 0:
