@@ -23,6 +23,7 @@ def markdown(result: dict) -> str:
                                  f"text {inp['text_tokens']}x{inp['text_width']}" if inp["text_tokens"] else "") if x)
     options = speed_options({**result['config']['training'], 'compile': s['compile']}, s.get('cudnn_benchmark'))
     steps = f"{s['repeats']} repeats x {s['steps']} steps after {s['warmup']} warm-up step" + "s" * (s["warmup"] > 1)
+    steps += ", each mode in its own process" if s.get("isolated") else ""
     lines = [
         f"### {result['label']}: {result['date'][:10]}, {env['device_name']}", "",
         f"`{result['command']}`", "",

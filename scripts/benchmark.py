@@ -16,6 +16,8 @@ Every argument is ``key=value``:
                 other speed options, given in config=)
     precision   bf16-mixed | 32-true (bf16-mixed)
     modes       lightning, bare or both, comma separated (both)
+    isolate     true | false: with several modes, time each in its own fresh Python process (true); false times
+                them one after the other in this one
     latent      CxHxW the backbone sees (4x32x32: 256 px through an 8x VAE), or config (see below)
     classes     classes of a class-conditional model when latent is not config (1000)
     text        LxD: L precomputed text tokens of width D for a text-conditioned model (e.g. 77x1024)
@@ -29,8 +31,10 @@ Every argument is ``key=value``:
 The step is the trainer's (forward, backward, clipping, fused AdamW, LR schedule, EMA of every configured
 decay) on the module ``build_module`` makes, fed one fixed batch of precomputed latents already on the
 device. ``lightning`` times it in a real ``lightning.Trainer`` with the EMA callback; ``bare`` in a plain
-loop doing what ``DiffusionModule.training_step`` does; each mode builds the module afresh (same seed),
-and the device is synchronised only at the boundaries of the warm-up and of each repeat.
+loop doing what ``DiffusionModule.training_step`` does; each mode builds the module afresh (same seed), in
+its own process unless ``isolate=false`` (in one process the mode timed second ran with more idle device time,
+either mode: docs/benchmarks.md), and the device is synchronised only at the boundaries of the warm-up and of
+each repeat.
 ``compile_s`` = first step - median step (with compile=true). ``latent=CxHxW`` swaps the config's data
 and autoencoder for synthetic data and a random 8x ``tiny_vae`` that is never run (the batch holds the
 2C x H x W posterior moments); ``text=LxD`` swaps the conditioning for a random tiny T5 of width D whose
@@ -49,6 +53,7 @@ import logging
 import shlex
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -90,12 +95,12 @@ def _dims(value: str) -> tuple[int, ...]:
 OPTIONS: dict[str, Callable[[str], Any]] = {
     "config": str, "batch": int, "steps": int, "warmup": int, "repeats": int, "compile": str, "precision": str,
     "modes": str, "latent": str, "classes": int, "text": str, "device": str, "peak_tflops": float, "out": str,
-    "md": str, "profile": int,
+    "md": str, "profile": int, "isolate": str,
 }
 DEFAULTS: dict[str, Any] = {
     "config": "", "batch": None, "steps": 20, "warmup": 5, "repeats": 3, "compile": None, "precision": "bf16-mixed",
     "modes": "lightning,bare", "latent": "4x32x32", "classes": 1000, "text": "", "device": "cuda",
-    "peak_tflops": None, "out": "", "md": None, "profile": 0,
+    "peak_tflops": None, "out": "", "md": None, "profile": 0, "isolate": "true",
 }
 
 
@@ -119,6 +124,9 @@ def parse_args(argv: list[str]) -> dict[str, Any]:
     if not modes or any(m not in MODES for m in modes):
         raise UsageError(f"modes={opts['modes']}: give lightning, bare or both (comma separated)")
     opts["modes"] = list(dict.fromkeys(modes))
+    if opts["isolate"] not in ("true", "false"):
+        raise UsageError(f"isolate={opts['isolate']}: give true or false")
+    opts["isolate"] = opts["isolate"] == "true"
     if opts["device"] not in ("cuda", "cpu"):
         raise UsageError(f"device={opts['device']}: valid: cuda, cpu")
     if opts["latent"] != "config":
@@ -140,6 +148,15 @@ def stand_in_args(opts: dict) -> list[str]:
     """``stand_in_overrides`` for the parsed ``latent``, ``classes`` and ``text`` arguments."""
     return stand_in_overrides(None if opts["latent"] == "config" else opts["latent"], opts["classes"],
                               opts["text"] or None)
+
+
+def config_overrides(opts: dict, device_type: str) -> list[str]:
+    """The stand-ins, then ``config``'s overrides, then ``compile`` and the accelerator (which resolves
+    ``training.compile=auto``)."""
+    overrides = stand_in_args(opts) + opts["config"]
+    if opts["compile"] is not None:
+        overrides.append(f"training.compile={opts['compile']}")
+    return overrides + [f"trainer.accelerator={'gpu' if device_type == 'cuda' else 'cpu'}"]
 
 
 def compose(overrides: list[str]):
@@ -183,11 +200,10 @@ def benchmark(opts: dict, argv: list[str]) -> dict:
     if opts["device"] == "cuda" and not torch.cuda.is_available():
         raise UsageError("device=cuda but no CUDA device is available (device=cpu runs on the CPU)")
     device = torch.device(opts["device"])
-    overrides = stand_in_args(opts) + opts["config"]
-    if opts["compile"] is not None:
-        overrides.append(f"training.compile={opts['compile']}")
-    overrides.append(f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}")  # resolves compile=auto
+    overrides = config_overrides(opts, device.type)
     cfg = compose(overrides)
+    if opts["isolate"] and len(opts["modes"]) > 1:
+        return each_mode_in_its_own_process(opts, argv)
     choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
     quiet_known_warnings()
     for pattern in (".*infer the `batch_size`.*", ".*validation_step. but have no .val_dataloader.*",
@@ -237,13 +253,11 @@ def benchmark(opts: dict, argv: list[str]) -> dict:
                 f"{row['first_step_s']:.1f} s")
         else:
             log(f"{mode}: {row['status']} ({row['error']})")
-    ok = {m: r for m, r in results.items() if r["status"] == "ok"}
-    overhead = (ok["lightning"]["step_ms"] / ok["bare"]["step_ms"] - 1) * 100 if len(ok) == 2 else None
     result = {
         "schema": "diffusion_train.benchmark/1",
         "label": label,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", "scripts/benchmark.py", *map(_quote, argv)]),
+        "command": command(argv),
         "git_sha": sha, "git_dirty": dirty,
         "config": {"overrides": overrides, "choices": choices,
                    "model": OmegaConf.to_container(cfg.model, resolve=True),
@@ -253,7 +267,8 @@ def benchmark(opts: dict, argv: list[str]) -> dict:
                      "cudnn_benchmark": torch.backends.cudnn.benchmark,
                      "steps": opts["steps"], "warmup": opts["warmup"], "repeats": opts["repeats"],
                      "profile_steps": opts["profile"],
-                     "modes": opts["modes"], "log_every_n_steps": int(cfg.trainer.log_every_n_steps),
+                     "modes": opts["modes"], "isolated": False,
+                     "log_every_n_steps": int(cfg.trainer.log_every_n_steps),
                      "ema_decays": ema.decays if ema is not None else None},
         "params": params,
         "flops": {"forward_macs_per_image": macs, "forward_macs_flop_counter": counted,
@@ -264,8 +279,55 @@ def benchmark(opts: dict, argv: list[str]) -> dict:
         "peak_flops": peak, "peak_flops_source": peak_source, "mfu_definition": MFU_DEFINITION,
         "environment": env,
         "results": results,
-        "lightning_overhead_pct": overhead, "lightning_overhead_target_pct": OVERHEAD_TARGET_PCT,
+        "lightning_overhead_pct": lightning_overhead(results), "lightning_overhead_target_pct": OVERHEAD_TARGET_PCT,
     }
+    return report(result, opts)
+
+
+def each_mode_in_its_own_process(opts: dict, argv: list[str]) -> dict:
+    """Each mode timed by this script in a fresh Python process (``modes=<one>``), its JSON merged into one
+    result: no mode runs on the heap, caches and allocator state that another left behind."""
+    own = ("modes", "out", "md", "isolate")
+    passed = [a for a in argv if a.partition("=")[0] not in own]
+    results, first = {}, None
+    with tempfile.TemporaryDirectory(prefix="benchmark_") as tmp:
+        for mode in opts["modes"]:
+            out = Path(tmp) / f"{mode}.json"
+            log(f"{mode}: in its own process")
+            error = run_child([sys.executable, str(Path(__file__).resolve()), *passed, f"modes={mode}", f"out={out}",
+                               "md=", "isolate=false"])
+            if error is not None or not out.is_file():
+                raise UsageError(f"modes={mode}: {error or 'its process wrote no result'}")
+            child = json.loads(out.read_text())
+            first = first or child
+            results[mode] = child["results"][mode]
+    result = {**first, "command": command(argv), "results": results,
+              "settings": {**first["settings"], "modes": opts["modes"], "isolated": True},
+              "lightning_overhead_pct": lightning_overhead(results)}
+    return report(result, opts)
+
+
+def run_child(cmd: list[str]) -> str | None:
+    """Runs ``cmd`` with its stderr passed on, but for its ``error:`` line: None when it succeeds, else that error
+    (or its exit status)."""
+    error = None
+    with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
+        for line in proc.stderr:
+            if line.startswith("error: "):
+                error = line[len("error: "):].rstrip("\n")
+            else:
+                print(line, end="", file=sys.stderr, flush=True)
+    return None if proc.returncode == 0 else error or f"exited with status {proc.returncode}"
+
+
+def lightning_overhead(results: dict) -> float | None:
+    """The Lightning loop's step time over the bare loop's, in percent, when both ran."""
+    ok = {m: r for m, r in results.items() if r["status"] == "ok"}
+    return (ok["lightning"]["step_ms"] / ok["bare"]["step_ms"] - 1) * 100 if len(ok) == 2 else None
+
+
+def report(result: dict, opts: dict) -> dict:
+    """``result`` as JSON on stdout and in ``out``, and as a table in ``md``."""
     text = json.dumps(result, indent=2, default=str)
     if opts["out"]:
         Path(opts["out"]).parent.mkdir(parents=True, exist_ok=True)
@@ -274,6 +336,10 @@ def benchmark(opts: dict, argv: list[str]) -> dict:
         add_markdown(Path(opts["md"]), markdown(result))
     print(text)
     return result
+
+
+def command(argv: list[str]) -> str:
+    return " ".join(["python", "scripts/benchmark.py", *map(_quote, argv)])
 
 
 def _quote(arg: str) -> str:

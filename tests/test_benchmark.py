@@ -135,7 +135,9 @@ def test_script_end_to_end_on_cpu(tmp_path, capsys):
     assert result["peak_flops"] is None and "6 x forward multiply-adds" in result["mfu_definition"]
     assert result["environment"]["torch"] == torch.__version__
     assert "config='model=dit_tiny data.batch_size=3'" in result["command"]
-    assert set(result["results"]) == {"lightning", "bare"}
+    assert set(result["results"]) == {"lightning", "bare"} and result["settings"]["isolated"] is True
+    pids = {row["pid"] for row in result["results"].values()}  # each mode timed in its own fresh process
+    assert len(pids) == 2
     for mode, row in result["results"].items():
         assert row["status"] == "ok", row
         assert len(row["images_per_s_repeats"]) == 2 and row["images_per_s"] > 0 and row["step_ms"] > 0
@@ -159,6 +161,7 @@ def test_script_end_to_end_on_cpu(tmp_path, capsys):
     table = text[text.index("### dit_tiny"):text.index("<!-- scripts/benchmark.py")]
     assert "| mode | images/s | ms/step | MFU |" in table and "host syncs/step |" in table
     assert "bf16-mixed, not compiled; batch 3" in table
+    assert "1 warm-up step, each mode in its own process, medians" in table
     assert table.count("\n| lightning |") == 1 and table.count("\n| bare |") == 1
     assert "Profile (lightning), 2 steps: CPU operator time" in table and "Longest operators per step: `aten::" in table
     assert result["command"] in table and text.endswith("## Later section\n")
@@ -305,7 +308,7 @@ def test_bare_loop_makes_the_trainers_step():
 
 
 @pytest.mark.parametrize("arg", ["steps=0", "precision=fp8", "modes=fast", "latent=4x32", "text=77", "device=tpu",
-                                 "nonsense", "batch=x", "compile=fast"])
+                                 "nonsense", "batch=x", "compile=fast", "isolate=maybe"])
 def test_bad_argument_is_one_error_line(arg, capsys):
     benchmark = import_script()
     assert benchmark.main([arg]) == 1
@@ -318,6 +321,17 @@ def test_bad_config_is_one_error_line(capsys):
     assert benchmark.main(["config=model=dit_huge", "device=cpu", "md="]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: config:") and "dit_huge" in err and "\n" not in err
+
+
+def test_an_error_in_a_modes_own_process_is_one_error_line(capsys):
+    """A config that composes but cannot be built fails in the process timing the first mode: its error is the
+    script's one error line, naming the mode."""
+    benchmark = import_script()
+    assert benchmark.main(["config=model=dit_tiny model.num_heads=5", "latent=4x8x8", "classes=3", "device=cpu",
+                           "md="]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: modes=lightning: hidden_size=32 is not divisible by num_heads=5")
+    assert sum(line.startswith("error:") for line in err) == 1
 
 
 def test_every_command_of_gpu_checks_parses(tmp_path):

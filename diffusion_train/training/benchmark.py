@@ -8,6 +8,7 @@ steps profiled (``training/kernel_profile.py``)."""
 from __future__ import annotations
 
 import gc
+import os
 import platform
 import statistics
 import subprocess
@@ -275,7 +276,7 @@ def measure(mode: str, cfg, batch: dict, opts: dict, device, macs: int, peak: fl
         if not _is_oom(e):
             raise
         oom = " ".join(str(e).split())[:300]
-    row: dict[str, Any] = {"status": "ok" if oom is None else "OOM", "error": oom}
+    row: dict[str, Any] = {"status": "ok" if oom is None else "OOM", "error": oom, "pid": os.getpid()}
     if device.type == "cuda":
         row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
