@@ -2,9 +2,10 @@
 
 On a GPU the device's kernels, copies and fills are recorded (CUPTI), with the host's operators (without them
 some versions record no kernels); the ranges that ``record_function`` marks on the device's timeline (the
-optimizer's ``Optimizer.step#AdamW.step``) are not kernels and are left out. Busy time is the union of the kernels' intervals. The profiler slows the host
-but not the kernels, so the idle share is taken against the step time measured without it when one is given: a
-step whose busy time is well under it waits for the host (launches, Python, synchronisations), not for the GPU.
+optimizer's ``Optimizer.step#AdamW.step``) are not kernels and are left out. Busy time is the union of the
+kernels' intervals. The profiler slows the host but not the kernels, so the idle share is taken against the step
+time measured without it when one is given: a step whose busy time is well under it waits for the host
+(launches, Python, synchronisations), not for the GPU.
 On a CPU the operators' own times stand in for kernels.
 
 Categories come from kernel (or operator) names, the first match in :data:`CATEGORIES` winning; a name that
