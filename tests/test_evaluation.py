@@ -68,7 +68,7 @@ def test_generated_metrics_do_not_depend_on_the_batch_size(extractor_files):
     feats = net(images)
     stats = FeatureStats(net.feature_dim).update(feats)
     expected = frechet_distance(stats.mean(), stats.covariance(), mu, sigma)
-    assert math.isclose(a["fd/fmnist_net_12"], expected, rel_tol=1e-9)
+    assert math.isclose(a["fd/fmnist_net_12"], expected, rel_tol=1e-6)  # batches of 5 vs 12: float32 rounding
     hits = (net.logits(images).argmax(1) == inputs["label"]).sum().item() / 12
     assert math.isclose(a["class_accuracy/fmnist_net_12"], hits, rel_tol=1e-12)
 
