@@ -91,32 +91,37 @@ if [[ $CHECKS == *syncs* ]]; then
     cat "$OUT"/syncs_s2.log "$OUT"/syncs_unet.log > "$OUT/syncs.md" 2>/dev/null
 fi
 if [[ $CHECKS == *levers* ]]; then
-    # The trainer's own loop (modes=lightning) with the default compilation of each target config first, then
-    # eager and the other options against them, on the same card in the same call. Most important first: a time
-    # limit cuts the tail.
+    # The trainer's own loop (modes=lightning) with the default compilation of the target configs, each followed
+    # by the speed options not yet measured on it, on the same card in the same call; then the rows measured once
+    # already. Most important first: a time limit cuts the tail.
     L=($PY scripts/benchmark.py md="$OUT/benchmarks.md" modes=lightning warmup=3 steps=10 repeats=3 profile=2)
     S2=(config="model=dit_s2" batch=256); B2=(config="model=dit_b2" batch=256); XL=(config="model=dit_xl2" batch=128)
-    UN=(config="model=unet_sd2 model.attention_resolutions=[32,16,8]" text=77x1024 batch=64)
-    UN_CL=(config="model=unet_sd2 model.attention_resolutions=[32,16,8] training.channels_last=true" text=77x1024 batch=64)
+    UNC="model=unet_sd2 model.attention_resolutions=[32,16,8]"
+    UN=(config="$UNC" text=77x1024 batch=64)
+    UN_CL=(config="$UNC training.channels_last=true" text=77x1024 batch=64)
+    UN_EMA4=(config="$UNC callbacks.ema.update_every=4" text=77x1024 batch=64)  # a quarter of the EMA's traffic
     UN_SD1=(config="model=unet_sd model.attention_resolutions=[32,16,8]" text=77x1024 batch=64)  # 8 heads per level
     step s2_blocks 150 "${L[@]}" "${S2[@]}" compile=blocks modes=both out="$OUT/s2_blocks.json"  # + Lightning overhead
-    step xl_blocks 150 "${L[@]}" "${XL[@]}" compile=blocks out="$OUT/xl_blocks.json"
-    step b2_blocks 120 "${L[@]}" "${B2[@]}" compile=blocks out="$OUT/b2_blocks.json"
     step unet_compiled 200 "${L[@]}" "${UN[@]}" compile=true out="$OUT/unet_compiled.json"
-    step unet_eager 90 "${L[@]}" "${UN[@]}" compile=false modes=both out="$OUT/unet_eager.json"  # Lightning overhead
-    step s2_bf16res 120 "${L[@]}" config="model=dit_s2 training.bf16_residual=true" batch=256 compile=blocks \
-        out="$OUT/s2_bf16res.json"  # the blocks' token streams in bf16: less memory traffic
-    step b2_bf16res 120 "${L[@]}" config="model=dit_b2 training.bf16_residual=true" batch=256 compile=blocks \
-        out="$OUT/b2_bf16res.json"
-    step xl_blocks_fp8 150 "${L[@]}" config="model=dit_xl2 training.fp8=true" batch=128 compile=blocks \
-        out="$OUT/xl_blocks_fp8.json"
+    step unet_ema4 200 "${L[@]}" "${UN_EMA4[@]}" compile=true out="$OUT/unet_ema4.json"
+    step unet_compiled_cl 200 "${L[@]}" "${UN_CL[@]}" compile=true out="$OUT/unet_compiled_cl.json"
+    step xl_blocks 150 "${L[@]}" "${XL[@]}" compile=blocks out="$OUT/xl_blocks.json"
+    step xl_bf16res 150 "${L[@]}" config="model=dit_xl2 training.bf16_residual=true" batch=128 compile=blocks \
+        out="$OUT/xl_bf16res.json"
     step s2_graphs 150 "${L[@]}" config="model=dit_s2 training.compile_options={mode:reduce-overhead}" batch=256 \
         compile=true out="$OUT/s2_graphs.json"
     step s2_autotune 240 "${L[@]}" config="model=dit_s2 training.compile_options={mode:max-autotune-no-cudagraphs}" \
         batch=256 compile=blocks out="$OUT/s2_autotune.json"  # Triton matmul templates with fused epilogues
+    step unet_eager 90 "${L[@]}" "${UN[@]}" compile=false modes=both out="$OUT/unet_eager.json"  # Lightning overhead
+    step b2_blocks 120 "${L[@]}" "${B2[@]}" compile=blocks out="$OUT/b2_blocks.json"
+    step b2_bf16res 120 "${L[@]}" config="model=dit_b2 training.bf16_residual=true" batch=256 compile=blocks \
+        out="$OUT/b2_bf16res.json"
+    step s2_bf16res 120 "${L[@]}" config="model=dit_s2 training.bf16_residual=true" batch=256 compile=blocks \
+        out="$OUT/s2_bf16res.json"  # the blocks' token streams in bf16: less memory traffic
     step unet_cudnn 150 "${L[@]}" config="model=unet_sd2 model.attention_resolutions=[32,16,8] trainer.benchmark=true" \
         text=77x1024 batch=64 compile=true out="$OUT/unet_cudnn.json"  # cuDNN autotuning of the convolutions
-    step unet_compiled_cl 200 "${L[@]}" "${UN_CL[@]}" compile=true out="$OUT/unet_compiled_cl.json"
+    step xl_blocks_fp8 150 "${L[@]}" config="model=dit_xl2 training.fp8=true" batch=128 compile=blocks \
+        out="$OUT/xl_blocks_fp8.json"
     step s2_eager 60 "${L[@]}" "${S2[@]}" compile=false out="$OUT/s2_eager.json"
     step s2_full 120 "${L[@]}" "${S2[@]}" compile=true out="$OUT/s2_full.json"
     step unet_sd1_heads 200 "${L[@]}" "${UN_SD1[@]}" compile=true out="$OUT/unet_sd1_heads.json"

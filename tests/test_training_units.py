@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from types import SimpleNamespace
@@ -109,6 +110,8 @@ def test_ema_warmup_matches_python_recursion():
 
 
 def test_ema_lightning_hooks_update_after_optimizer_steps():
+    """update_every=2: updates after steps 2 and 4 only, each standing for two steps (the old average keeps
+    0.5 x 0.5); a repeated global step (gradient accumulation) is no step."""
     torch.manual_seed(0)
     module = nn.Linear(2, 2)
     ema = EMA(decays=[0.5], warmup=False, update_every=2)
@@ -119,11 +122,68 @@ def test_ema_lightning_hooks_update_after_optimizer_steps():
     for step, p in zip([1, 2, 2, 3, 4], [ps[0], ps[1], ps[1], ps[2], ps[3]]):
         _set(module, p.float())
         ema.on_train_batch_end(SimpleNamespace(global_step=step), module, None, None, 0)
-    # updates only at steps 2 and 4
-    assert ema.num_updates == 2
-    e = 0.5 * p0 + 0.5 * ps[1].float().double()
-    e = 0.5 * e + 0.5 * ps[3].float().double()
+        assert ema.covered_step == step // 2 * 2 or (step == 1 and ema.covered_step is None)
+    assert ema.num_updates == 4  # optimizer steps averaged in
+    e = 0.25 * p0 + 0.75 * ps[1].float().double()
+    e = 0.25 * e + 0.75 * ps[3].float().double()
     torch.testing.assert_close(_ema_flat(ema, 0.5), e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_ema_update_every_keeps_the_per_step_horizon(every):
+    """With the weights held for update_every steps at a time, updating every k-th step gives exactly the average
+    of updating after every step, warm-up decays included: the decays are per optimizer step for any k."""
+    torch.manual_seed(0)
+    module, dense_module = nn.Linear(3, 2), nn.Linear(3, 2)
+    _set(dense_module, _flat(module).float())
+    sparse, dense = EMA(decays=[0.9, 0.99], update_every=every), EMA(decays=[0.9, 0.99])
+    _fit_start(sparse, module)
+    _fit_start(dense, dense_module)
+    blocks = _param_sequence(module, 4, seed=7)
+    for step in range(1, 4 * every + 1):
+        for m, ema in ((module, sparse), (dense_module, dense)):
+            _set(m, blocks[(step - 1) // every].float())
+            ema.on_train_batch_end(SimpleNamespace(global_step=step), m, None, None, 0)
+    assert sparse.num_updates == dense.num_updates == 4 * every
+    for d in (0.9, 0.99):
+        torch.testing.assert_close(_ema_flat(sparse, d), _ema_flat(dense, d), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="callbacks.ema.update_every must be >= 1, got 0"):
+        EMA(update_every=0)
+
+
+def test_ema_update_every_resumes_exactly_from_a_step_between_updates():
+    """Saved at step 5 with update_every=2 (the averages cover through step 4), the resumed EMA's update at step 6
+    stands for steps 5 and 6, as in the run that was not interrupted."""
+    torch.manual_seed(0)
+    module = nn.Linear(3, 2)
+    start = _flat(module)
+    ps = _param_sequence(module, 8, seed=9)
+
+    def run(ema, steps, resume_from=None):
+        if resume_from is not None:
+            ema.on_load_checkpoint(None, None, {"ema": resume_from})
+        _set(module, ps[steps[0] - 2].float() if steps[0] > 1 else start.float())
+        _fit_start(ema, module)  # the trainer's global step is not restored yet when on_fit_start runs
+        for step in steps:
+            _set(module, ps[step - 1].float())
+            ema.on_train_batch_end(SimpleNamespace(global_step=step), module, None, None, 0)
+        return ema
+
+    whole = run(EMA(decays=[0.9], update_every=2), range(1, 9))
+    first = run(EMA(decays=[0.9], update_every=2), range(1, 6))
+    state = first.state()
+    assert state["step"] == 4 and state["num_updates"] == 4
+    older = copy.deepcopy({k: v for k, v in state.items() if k != "step"})  # before "step": the last multiple
+    # resumed with update_every=3: the update at step 6 stands for steps 5 and 6, those after the saved "step"
+    e4 = torch.cat([w.reshape(-1) for w in state["weights"]["0.9"].values()]).double()
+    changed = run(EMA(decays=[0.9], update_every=3), range(6, 7), resume_from=copy.deepcopy(state))
+    keep = EMA(decays=[0.9]).decay_at(0.9, 5) * EMA(decays=[0.9]).decay_at(0.9, 6)
+    torch.testing.assert_close(_ema_flat(changed, 0.9), keep * e4 + (1 - keep) * ps[5].float().double())
+    resumed = run(EMA(decays=[0.9], update_every=2), range(6, 9), resume_from=state)
+    assert resumed.num_updates == whole.num_updates == 8 and resumed.covered_step == 8
+    torch.testing.assert_close(_ema_flat(resumed, 0.9), _ema_flat(whole, 0.9), rtol=0, atol=0)
+    legacy = run(EMA(decays=[0.9], update_every=2), range(6, 9), resume_from=older)
+    torch.testing.assert_close(_ema_flat(legacy, 0.9), _ema_flat(whole, 0.9), rtol=0, atol=0)
 
 
 def test_ema_swapped_loads_and_restores():

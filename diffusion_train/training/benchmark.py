@@ -247,7 +247,7 @@ def run_bare(cfg, batch: dict, opts: dict, device, clock: Clock) -> dict:
             if (step + 1) % log_every == 0:
                 int(module.nonfinite_streak)  # the trainer's host check of the non-finite streak
         if ema is not None:
-            ema.update(module)
+            ema.step_done(module, step + 1)  # as the EMA callback after optimizer step step + 1
         clock.step_done()
     return {}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator, Sequence
 
 import lightning as L
@@ -18,11 +19,16 @@ class EMA(L.Callback):
     After each optimizer step n (counting from 1), for each decay d:
         ema <- ema + (1 - d_n) * (param - ema),   d_n = min(d, (1 + n) / (10 + n)) with ``warmup``
     (the warm-up keeps early averages from being dominated by the random init), else d_n = d.
-    Updates use ``torch._foreach_lerp_`` over all tensors at once, every ``update_every`` steps.
+    Updates use ``torch._foreach_lerp_`` over all tensors at once. With ``update_every`` = k > 1 they run after
+    every k-th optimizer step only, and one update stands for the k steps since the last: the old average keeps
+    the product of their k decays and the current weights stand in for the k - 1 skipped ones. The decays stay
+    per optimizer step (the same horizon for any k) while the EMA's memory traffic falls k-fold; the steps after
+    the last multiple of k are not averaged in.
 
-    The averages live in ``checkpoint["ema"]`` = {"decays", "num_updates", "weights": {str(decay): {name:
-    tensor}}}, next to (never instead of) the raw weights in ``checkpoint["state_dict"]``.
-    ``sample_decay`` (default: the first decay) is the average used for sample grids and export.
+    The averages live in ``checkpoint["ema"]`` = {"decays", "num_updates" (optimizer steps averaged in),
+    "step" (the global step they cover through), "weights": {str(decay): {name: tensor}}}, next to (never
+    instead of) the raw weights in ``checkpoint["state_dict"]``. ``sample_decay`` (default: the first decay) is
+    the average used for sample grids and export.
     """
 
     def __init__(self, decays: Sequence[float] = (0.9999,), warmup: bool = True, update_every: int = 1,
@@ -35,7 +41,10 @@ class EMA(L.Callback):
         if self.sample_decay not in self.decays:
             raise ValueError(f"callbacks.ema.sample_decay {sample_decay} is not one of decays {self.decays}")
         self.warmup, self.update_every = warmup, int(update_every)
+        if self.update_every < 1:
+            raise ValueError(f"callbacks.ema.update_every must be >= 1, got {update_every}")
         self.num_updates = 0
+        self.covered_step: int | None = None  # the global step the averages cover through (None: not known)
         self.names: list[str] = []
         self.weights: dict[float, list[Tensor]] = {}
         self._loaded: dict | None = None
@@ -63,14 +72,25 @@ class EMA(L.Callback):
             self.weights = {d: [p.detach().float().clone() for _, p in named] for d in self.decays}
 
     @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
+    def update(self, module: nn.Module, steps: int = 1) -> None:
+        """Averages in ``module``'s weights as the last ``steps`` optimizer steps' (see the class docstring)."""
         if not self.weights:
             self._init(module)
         params = [local(p.detach()) for _, p in self._named_params(module)]
         params = [p.float() if p.dtype != torch.float32 else p for p in params]
-        self.num_updates += 1
+        first, self.num_updates = self.num_updates + 1, self.num_updates + steps
         for d, ema in self.weights.items():
-            torch._foreach_lerp_([local(w) for w in ema], params, 1.0 - self.decay_at(d, self.num_updates))
+            keep = math.prod(self.decay_at(d, n) for n in range(first, self.num_updates + 1))
+            torch._foreach_lerp_([local(w) for w in ema], params, 1.0 - keep)
+
+    def step_done(self, module: nn.Module, step: int) -> None:
+        """After optimizer step ``step`` (global, from 1): the update, when ``step`` is a multiple of
+        ``update_every``, for the steps since the last (since the multiple before when that is not known)."""
+        if step % self.update_every == 0:
+            covered = self.covered_step if self.covered_step is not None else step - self.update_every
+            if step > covered:
+                self.update(module, steps=step - covered)
+            self.covered_step = step
 
     # -- Lightning hooks ---------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -82,12 +102,11 @@ class EMA(L.Callback):
         step = trainer.global_step
         if step != self._last_step:  # an optimizer step happened in this batch
             self._last_step = step
-            if step % self.update_every == 0:
-                self.update(pl_module)
+            self.step_done(pl_module, step)
 
     def state(self) -> dict:
         """Whole fp32 tensors on the CPU; with a sharded model (FSDP) a collective call: every rank calls it."""
-        return {"decays": self.decays, "num_updates": self.num_updates,
+        return {"decays": self.decays, "num_updates": self.num_updates, "step": self.covered_step,
                 "weights": {str(d): {n: full_tensor(w.detach()).cpu() for n, w in zip(self.names, ws)}
                             for d, ws in self.weights.items()}}
 
@@ -98,6 +117,7 @@ class EMA(L.Callback):
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         if "ema" in checkpoint:
             self._loaded, self.weights = checkpoint["ema"], {}
+            self.covered_step = checkpoint["ema"].get("step")  # older checkpoints: not known
 
     # -- using the averages ------------------------------------------------------------------------
     @contextlib.contextmanager
