@@ -25,6 +25,20 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def test_fp16_with_a_gradient_scaler_is_refused(tiny_cfg):
+    """A gradient scaler's step would set the fused optimizer's grad_scale and found_inf, replacing the step's own
+    clipping and non-finite skip: the fit refuses it at its start, naming the setting."""
+    from types import SimpleNamespace
+
+    module = build_module(tiny_cfg("model=dit_tiny"))
+    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=torch.amp.GradScaler("cpu")),
+                                      precision="16-mixed")
+    with pytest.raises(ValueError, match="trainer.precision=16-mixed: fp16 with a gradient scaler is not supported"):
+        module.on_fit_start()
+    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(), precision="bf16-mixed")
+    module.on_fit_start()
+
+
 def test_loss_falls_when_overfitting_a_tiny_batch(tiny_cfg):
     torch.manual_seed(0)
     module = build_module(tiny_cfg("model=dit_tiny", "optim.lr=3e-3"))

@@ -536,3 +536,41 @@ def test_sample_inputs_repeat_and_cycle_the_pools():
         cond.sample_inputs(2, labels=[3])
     with pytest.raises(ValueError, match="unconditional"):
         Conditioner({}).sample_inputs(2, prompts=["a bag"])
+
+
+# ------------------------------------------------------------------------------------------------
+# The optimizer step
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("grad_clip", [0.05, 1e3, None], ids=["clipping", "under_the_limit", "off"])
+def test_fused_optimizer_clips_inside_its_kernel_as_clip_grad_norm_does(grad_clip):
+    """With fused AdamW the clipping is the kernel's grad_scale divisor: the weights after three steps are those of
+    clip_grad_norm_ followed by the unfused AdamW, the gradient norm returned is the unclipped one, and a
+    non-finite gradient skips the step on the device and is counted."""
+    from diffusion_train.training.module import DiffusionModule
+
+    torch.manual_seed(0)
+    fused_net, plain_net = nn.Linear(6, 4), nn.Linear(6, 4)
+    plain_net.load_state_dict(fused_net.state_dict())
+    fused = torch.optim.AdamW(fused_net.parameters(), lr=0.1, fused=True)
+    plain = torch.optim.AdamW(plain_net.parameters(), lr=0.1, foreach=False)
+    state = SimpleNamespace(trainable_parameters=lambda: list(fused_net.parameters()), grad_clip=grad_clip,
+                            nonfinite_steps=torch.zeros((), dtype=torch.long),
+                            nonfinite_streak=torch.zeros((), dtype=torch.long))
+    norms = []
+    for step in range(4):
+        x = torch.randn(8, 6, generator=torch.Generator().manual_seed(step))
+        for net in (fused_net, plain_net):
+            net(x).pow(2).mean().mul(float("nan") if step == 2 else 1.0).backward()
+        norm = DiffusionModule.optimizer_update(state, fused, [])
+        norms.append(norm)
+        want = torch.nn.utils.clip_grad_norm_(list(plain_net.parameters()), grad_clip or math.inf)
+        if step != 2:
+            plain.step()
+        plain.zero_grad(set_to_none=True)
+        torch.testing.assert_close(norm, want, equal_nan=True)
+        for a, b in zip(fused_net.parameters(), plain_net.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert all(p.grad is None for p in fused_net.parameters())
+    assert int(state.nonfinite_steps) == 1 and int(state.nonfinite_streak) == 0
+    clipped = [float(n) > 0.05 for n in norms if torch.isfinite(n)]
+    assert all(clipped) if grad_clip == 0.05 else True  # every finite step was over the small limit
