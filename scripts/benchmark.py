@@ -150,15 +150,6 @@ def stand_in_args(opts: dict) -> list[str]:
                               opts["text"] or None)
 
 
-def config_overrides(opts: dict, device_type: str) -> list[str]:
-    """The stand-ins, then ``config``'s overrides, then ``compile`` and the accelerator (which resolves
-    ``training.compile=auto``)."""
-    overrides = stand_in_args(opts) + opts["config"]
-    if opts["compile"] is not None:
-        overrides.append(f"training.compile={opts['compile']}")
-    return overrides + [f"trainer.accelerator={'gpu' if device_type == 'cuda' else 'cpu'}"]
-
-
 def compose(overrides: list[str]):
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.errors import HydraException
@@ -200,8 +191,11 @@ def benchmark(opts: dict, argv: list[str]) -> dict:
     if opts["device"] == "cuda" and not torch.cuda.is_available():
         raise UsageError("device=cuda but no CUDA device is available (device=cpu runs on the CPU)")
     device = torch.device(opts["device"])
-    overrides = config_overrides(opts, device.type)
-    cfg = compose(overrides)
+    overrides = stand_in_args(opts) + opts["config"]
+    if opts["compile"] is not None:
+        overrides.append(f"training.compile={opts['compile']}")
+    overrides.append(f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}")  # resolves compile=auto
+    cfg = compose(overrides)  # a bad config fails here, before any mode's process starts
     if opts["isolate"] and len(opts["modes"]) > 1:
         return each_mode_in_its_own_process(opts, argv)
     choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
