@@ -208,6 +208,7 @@ def test_kernel_categories_and_busy_time():
              "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer, clipping, EMA",
              "void at::native::vectorized_layer_norm_kernel<c10::BFloat16, float>": "normalization",
              "Memcpy DtoD (Device -> Device)": "copies and fills",
+             "void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16, float>": "copies and fills",
              "void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernelImpl>": "elementwise and reductions",
              "aten::addmm": "matmul", "aten::_foreach_lerp_": "optimizer, clipping, EMA", "cudaLaunchKernel": "other"}
     assert {n: category(n) for n in names} == names

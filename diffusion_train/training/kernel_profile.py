@@ -35,7 +35,7 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("compiled fusions", ("triton",)),
     ("optimizer, clipping, EMA", ("adam", "multi_tensor", "foreach", "lerp")),
     ("normalization", ("norm",)),
-    ("copies and fills", ("memcpy", "memset", "copy", "fill", "aten::cat")),
+    ("copies and fills", ("memcpy", "memset", "copy", "fill", "aten::cat", "nchwtonhwc", "nhwctonchw")),
     ("elementwise and reductions", ("elementwise", "reduce", "vectorized", "aten::")),
 )
 
