@@ -222,9 +222,10 @@ class DiffusionModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.fp8:
             check_fp8_device(self.device)
-        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:  # its step would replace ours
-            raise ValueError(f"trainer.precision={self.trainer.precision}: fp16 with a gradient scaler is not "
-                             f"supported (the step clips and skips non-finite updates itself); use bf16-mixed")
+        trainer = self._trainer  # None when called outside a fit
+        if trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None:
+            raise ValueError(f"trainer.precision={trainer.precision}: fp16 with a gradient scaler is not supported "
+                             f"(its step would replace this step's own clipping and non-finite skip); use bf16-mixed")
 
     def configure_model(self) -> None:
         """Strategies that shard the model (``training.parallel.FSDP``) do it here; others have nothing to do."""
