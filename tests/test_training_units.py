@@ -572,5 +572,5 @@ def test_fused_optimizer_clips_inside_its_kernel_as_clip_grad_norm_does(grad_cli
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         assert all(p.grad is None for p in fused_net.parameters())
     assert int(state.nonfinite_steps) == 1 and int(state.nonfinite_streak) == 0
-    clipped = [float(n) > 0.05 for n in norms if torch.isfinite(n)]
-    assert all(clipped) if grad_clip == 0.05 else True  # every finite step was over the small limit
+    finite = [float(n) for n in norms if torch.isfinite(n)]  # "clipping" clipped every step, "under_the_limit" none
+    assert len(finite) == 3 and 0.05 < min(finite) and max(finite) < 1e3

@@ -82,7 +82,8 @@ class KernelProfile:
         """``(name, start_us, end_us)`` of each kernel (on a CPU: operator self time, as a pseudo-interval)."""
         if self.cuda:  # the device's kernels, not the ranges that record_function marks on its timeline
             return [(e.name, e.time_range.start, e.time_range.end) for e in self._profiler.events()
-                    if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+                    if e.device_type == torch.autograd.DeviceType.CUDA
+                    and not getattr(e, "is_user_annotation", False)]
         out, clock = [], 0.0
         for e in self._profiler.events():
             if e.name.startswith("aten::") and e.self_cpu_time_total > 0:
