@@ -1,0 +1,247 @@
+"""The EMA callback: the closed form, the warm-up, update_every, checkpoint state and exact resume, swapping."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from diffusion_train.training.checkpointing import atomic_torch_save, load_checkpoint
+from diffusion_train.training.ema import EMA
+
+def _flat(module: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()]).double()
+
+
+def _set(module: nn.Module, flat: torch.Tensor) -> None:
+    with torch.no_grad():
+        i = 0
+        for p in module.parameters():
+            p.copy_(flat[i:i + p.numel()].reshape(p.shape))
+            i += p.numel()
+
+
+def _ema_flat(ema: EMA, decay: float) -> torch.Tensor:
+    return torch.cat([w.reshape(-1) for w in ema.weights[decay]]).double()
+
+
+def _param_sequence(module, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(_flat(module).numel(), generator=g, dtype=torch.float64) for _ in range(n)]
+
+
+def _fit_start(ema, module, step=0):
+    ema.on_fit_start(SimpleNamespace(global_step=step), module)
+
+
+def test_ema_closed_form_without_warmup():
+    torch.manual_seed(0)
+    module = nn.Linear(3, 2)
+    decays = [0.9, 0.5]
+    ema = EMA(decays=decays, warmup=False)
+    p0 = _flat(module)
+    _fit_start(ema, module)  # the averages start at the initial weights p_0
+    ps = _param_sequence(module, 6)
+    for p in ps:
+        _set(module, p.float())
+        ema.update(module)
+    n = len(ps)
+    ps_f = [p.float().double() for p in ps]  # the module holds float32 copies
+    for d in decays:
+        expected = d**n * p0 + sum((1 - d) * d ** (n - k) * ps_f[k - 1] for k in range(1, n + 1))
+        torch.testing.assert_close(_ema_flat(ema, d), expected, rtol=1e-5, atol=1e-6)
+    assert ema.num_updates == n
+    assert all(w.dtype == torch.float32 for ws in ema.weights.values() for w in ws)
+
+
+def test_ema_first_update_without_init_starts_from_current_weights():
+    torch.manual_seed(0)
+    module = nn.Linear(3, 2)
+    ema = EMA(decays=[0.9], warmup=False)
+    ps = _param_sequence(module, 3, seed=1)
+    for p in ps:
+        _set(module, p.float())
+        ema.update(module)
+    d, pf = 0.9, [p.float().double() for p in ps]
+    e = pf[0]
+    for p in pf:
+        e = d * e + (1 - d) * p
+    torch.testing.assert_close(_ema_flat(ema, 0.9), e, rtol=1e-5, atol=1e-6)
+
+
+def test_ema_warmup_matches_python_recursion():
+    torch.manual_seed(0)
+    module = nn.Linear(4, 3)
+    decays = [0.9999, 0.9, 0.5]
+    ema = EMA(decays=decays, warmup=True)
+    p0 = _flat(module)
+    _fit_start(ema, module)
+    ps = _param_sequence(module, 25, seed=2)
+    for p in ps:
+        _set(module, p.float())
+        ema.update(module)
+    for d in decays:
+        e = p0.clone()
+        for n, p in enumerate(ps, start=1):
+            dn = min(d, (1 + n) / (10 + n))
+            e = dn * e + (1 - dn) * p.float().double()
+        torch.testing.assert_close(_ema_flat(ema, d), e, rtol=1e-5, atol=1e-6)
+    # the per-step decay itself
+    assert ema.decay_at(0.9999, 1) == pytest.approx(2 / 11)
+    assert ema.decay_at(0.5, 1) == pytest.approx(2 / 11)
+    assert ema.decay_at(0.5, 20) == 0.5  # (1 + 20) / (10 + 20) = 0.7 > 0.5
+    assert EMA(decays=[0.9999], warmup=False).decay_at(0.9999, 1) == 0.9999
+
+
+def test_ema_lightning_hooks_update_after_optimizer_steps():
+    """update_every=2: updates after steps 2 and 4 only, each standing for two steps (the old average keeps
+    0.5 x 0.5); a repeated global step (gradient accumulation) is no step."""
+    torch.manual_seed(0)
+    module = nn.Linear(2, 2)
+    ema = EMA(decays=[0.5], warmup=False, update_every=2)
+    p0 = _flat(module)
+    _fit_start(ema, module, step=0)
+    ps = _param_sequence(module, 4, seed=3)
+    # steps 1..4; batch 2 of step 2 repeats the global step (gradient accumulation): no update
+    for step, p in zip([1, 2, 2, 3, 4], [ps[0], ps[1], ps[1], ps[2], ps[3]]):
+        _set(module, p.float())
+        ema.on_train_batch_end(SimpleNamespace(global_step=step), module, None, None, 0)
+        assert ema.covered_step == step // 2 * 2 or (step == 1 and ema.covered_step is None)
+    assert ema.num_updates == 4  # optimizer steps averaged in
+    e = 0.25 * p0 + 0.75 * ps[1].float().double()
+    e = 0.25 * e + 0.75 * ps[3].float().double()
+    torch.testing.assert_close(_ema_flat(ema, 0.5), e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_ema_update_every_keeps_the_per_step_horizon(every):
+    """With the weights held for update_every steps at a time, updating every k-th step gives exactly the average
+    of updating after every step, warm-up decays included: the decays are per optimizer step for any k."""
+    torch.manual_seed(0)
+    module, dense_module = nn.Linear(3, 2), nn.Linear(3, 2)
+    _set(dense_module, _flat(module).float())
+    sparse, dense = EMA(decays=[0.9, 0.99], update_every=every), EMA(decays=[0.9, 0.99])
+    _fit_start(sparse, module)
+    _fit_start(dense, dense_module)
+    blocks = _param_sequence(module, 4, seed=7)
+    for step in range(1, 4 * every + 1):
+        for m, ema in ((module, sparse), (dense_module, dense)):
+            _set(m, blocks[(step - 1) // every].float())
+            ema.on_train_batch_end(SimpleNamespace(global_step=step), m, None, None, 0)
+    assert sparse.num_updates == dense.num_updates == 4 * every
+    for d in (0.9, 0.99):
+        torch.testing.assert_close(_ema_flat(sparse, d), _ema_flat(dense, d), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="callbacks.ema.update_every must be >= 1, got 0"):
+        EMA(update_every=0)
+
+
+def test_ema_update_every_resumes_exactly_from_a_step_between_updates():
+    """Saved at step 5 with update_every=2 (the averages cover through step 4), the resumed EMA's update at step 6
+    stands for steps 5 and 6, as in the run that was not interrupted."""
+    torch.manual_seed(0)
+    module = nn.Linear(3, 2)
+    start = _flat(module)
+    ps = _param_sequence(module, 8, seed=9)
+
+    def run(ema, steps, resume_from=None):
+        if resume_from is not None:
+            ema.on_load_checkpoint(None, None, {"ema": resume_from})
+        _set(module, ps[steps[0] - 2].float() if steps[0] > 1 else start.float())
+        _fit_start(ema, module)  # the trainer's global step is not restored yet when on_fit_start runs
+        for step in steps:
+            _set(module, ps[step - 1].float())
+            ema.on_train_batch_end(SimpleNamespace(global_step=step), module, None, None, 0)
+        return ema
+
+    whole = run(EMA(decays=[0.9], update_every=2), range(1, 9))
+    first = run(EMA(decays=[0.9], update_every=2), range(1, 6))
+    state = first.state()
+    assert state["step"] == 4 and state["num_updates"] == 4
+    older = copy.deepcopy({k: v for k, v in state.items() if k != "step"})  # before "step": the last multiple
+    # resumed with update_every=3: the update at step 6 stands for steps 5 and 6, those after the saved "step"
+    e4 = torch.cat([w.reshape(-1) for w in state["weights"]["0.9"].values()]).double()
+    changed = run(EMA(decays=[0.9], update_every=3), range(6, 7), resume_from=copy.deepcopy(state))
+    keep = EMA(decays=[0.9]).decay_at(0.9, 5) * EMA(decays=[0.9]).decay_at(0.9, 6)
+    torch.testing.assert_close(_ema_flat(changed, 0.9), keep * e4 + (1 - keep) * ps[5].float().double())
+    resumed = run(EMA(decays=[0.9], update_every=2), range(6, 9), resume_from=state)
+    assert resumed.num_updates == whole.num_updates == 8 and resumed.covered_step == 8
+    torch.testing.assert_close(_ema_flat(resumed, 0.9), _ema_flat(whole, 0.9), rtol=0, atol=0)
+    legacy = run(EMA(decays=[0.9], update_every=2), range(6, 9), resume_from=older)
+    torch.testing.assert_close(_ema_flat(legacy, 0.9), _ema_flat(whole, 0.9), rtol=0, atol=0)
+
+
+def test_ema_swapped_loads_and_restores():
+    torch.manual_seed(0)
+    module = nn.Linear(3, 2)
+    ema = EMA(decays=[0.9, 0.5], warmup=False)
+    _fit_start(ema, module)
+    for p in _param_sequence(module, 3, seed=4):
+        _set(module, p.float())
+        ema.update(module)
+    raw = _flat(module).clone()
+    with ema.swapped(module):  # default: the first decay
+        torch.testing.assert_close(_flat(module), _ema_flat(ema, 0.9))
+    torch.testing.assert_close(_flat(module), raw, rtol=0, atol=0)
+    with ema.swapped(module, 0.5):
+        torch.testing.assert_close(_flat(module), _ema_flat(ema, 0.5))
+        assert not torch.equal(_flat(module), raw)
+    torch.testing.assert_close(_flat(module), raw, rtol=0, atol=0)
+    # raw weights are restored even when the body raises
+    with pytest.raises(RuntimeError):
+        with ema.swapped(module, 0.5):
+            raise RuntimeError("boom")
+    torch.testing.assert_close(_flat(module), raw, rtol=0, atol=0)
+
+
+def test_ema_state_round_trip(tmp_path):
+    torch.manual_seed(0)
+    module = nn.Linear(3, 2)
+    ema = EMA(decays=[0.9, 0.5], warmup=True)
+    _fit_start(ema, module)
+    for p in _param_sequence(module, 4, seed=5):
+        _set(module, p.float())
+        ema.update(module)
+    state = ema.state()
+    assert state["num_updates"] == 4 and [float(d) for d in state["decays"]] == [0.9, 0.5]
+    assert set(state["weights"]) == {"0.9", "0.5"}
+    assert set(state["weights"]["0.9"]) == {"weight", "bias"}
+    # through a real file as well
+    atomic_torch_save({"ema": state}, tmp_path / "e.ckpt")
+    ckpt = load_checkpoint(tmp_path / "e.ckpt")
+
+    ema2 = EMA(decays=[0.9, 0.5], warmup=True)
+    ema2.on_load_checkpoint(None, None, ckpt)
+    other = nn.Linear(3, 2)
+    _set(other, _flat(module).float())
+    for d in (0.9, 0.5):
+        with ema2.swapped(other, d):
+            torch.testing.assert_close(_flat(other), _ema_flat(ema, d), rtol=0, atol=0)
+    assert ema2.num_updates == 4
+    # the restored EMA keeps averaging from where it stopped
+    _set(module, torch.ones(8))
+    _set(other, torch.ones(8))
+    ema.update(module)
+    ema2.update(other)
+    for d in (0.9, 0.5):
+        torch.testing.assert_close(_ema_flat(ema2, d), _ema_flat(ema, d), rtol=0, atol=0)
+
+    # a checkpoint with other decays is refused
+    ema3 = EMA(decays=[0.99], warmup=True)
+    ema3.on_load_checkpoint(None, None, {"ema": state})
+    with pytest.raises(ValueError):
+        ema3.update(other)
+
+
+@pytest.mark.parametrize("decays", [[], [1.0], [0.0], [-0.5], [0.9, 1.5]])
+def test_ema_invalid_decays(decays):
+    with pytest.raises(ValueError):
+        EMA(decays=decays)
+
+
+def test_ema_invalid_sample_decay():
+    with pytest.raises(ValueError):
+        EMA(decays=[0.9, 0.99], sample_decay=0.5)
+    assert EMA(decays=[0.9, 0.99], sample_decay=0.99).sample_decay == 0.99
