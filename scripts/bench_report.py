@@ -72,6 +72,8 @@ def speed_options(training: dict, cudnn_benchmark: bool = False) -> str:
         words.append("activation checkpointing" + blocks)
     words += [w for key, w in (("channels_last", "channels-last"), ("fp8", "fp8"), ("bf16_residual", "bf16 residual"))
               if training.get(key)]
+    if training.get("attention") not in (None, "auto"):
+        words.append(f"{training['attention']} attention")
     return ", ".join(words + ["cuDNN benchmark"] * bool(cudnn_benchmark))
 
 

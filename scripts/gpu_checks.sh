@@ -100,17 +100,25 @@ if [[ $CHECKS == *levers* ]]; then
     UN=(config="$UNC" text=77x1024 batch=64)
     UN_CL=(config="$UNC training.channels_last=true" text=77x1024 batch=64)
     UN_EMA4=(config="$UNC callbacks.ema.update_every=4" text=77x1024 batch=64)  # a quarter of the EMA's traffic
+    UN_CL_EMA4=(config="$UNC training.channels_last=true callbacks.ema.update_every=4" text=77x1024 batch=64)
     UN_SD1=(config="model=unet_sd model.attention_resolutions=[32,16,8]" text=77x1024 batch=64)  # 8 heads per level
     step s2_blocks 150 "${L[@]}" "${S2[@]}" compile=blocks modes=both out="$OUT/s2_blocks.json"  # + Lightning overhead
+    step unet_compiled_cl 240 "${L[@]}" "${UN_CL[@]}" compile=true out="$OUT/unet_compiled_cl.json"
+    step unet_cl_ema4 200 "${L[@]}" "${UN_CL_EMA4[@]}" compile=true out="$OUT/unet_cl_ema4.json"
+    step xl_blocks 150 "${L[@]}" "${XL[@]}" compile=blocks out="$OUT/xl_blocks.json"
+    step xl_flash 150 "${L[@]}" config="model=dit_xl2 training.attention=flash" batch=128 compile=blocks \
+        out="$OUT/xl_flash.json"  # FlashAttention-2 instead of torch's choice (cuDNN's on an H100)
+    step xl_bf16res 150 "${L[@]}" config="model=dit_xl2 training.bf16_residual=true" batch=128 compile=blocks \
+        out="$OUT/xl_bf16res.json"
     step s2_graphs 150 "${L[@]}" config="model=dit_s2 training.compile_options={mode:reduce-overhead}" batch=256 \
         compile=true out="$OUT/s2_graphs.json"
     step s2_full 120 "${L[@]}" "${S2[@]}" compile=true out="$OUT/s2_full.json"  # s2_graphs without CUDA graphs
+    step s2_flash 120 "${L[@]}" config="model=dit_s2 training.attention=flash" batch=256 compile=blocks \
+        out="$OUT/s2_flash.json"
+    step xl_ema4 150 "${L[@]}" config="model=dit_xl2 callbacks.ema.update_every=4" batch=128 compile=blocks \
+        out="$OUT/xl_ema4.json"
     step unet_compiled 200 "${L[@]}" "${UN[@]}" compile=true out="$OUT/unet_compiled.json"
     step unet_ema4 200 "${L[@]}" "${UN_EMA4[@]}" compile=true out="$OUT/unet_ema4.json"
-    step unet_compiled_cl 200 "${L[@]}" "${UN_CL[@]}" compile=true out="$OUT/unet_compiled_cl.json"
-    step xl_blocks 150 "${L[@]}" "${XL[@]}" compile=blocks out="$OUT/xl_blocks.json"
-    step xl_bf16res 150 "${L[@]}" config="model=dit_xl2 training.bf16_residual=true" batch=128 compile=blocks \
-        out="$OUT/xl_bf16res.json"
     step s2_autotune 240 "${L[@]}" config="model=dit_s2 training.compile_options={mode:max-autotune-no-cudagraphs}" \
         batch=256 compile=blocks out="$OUT/s2_autotune.json"  # Triton matmul templates with fused epilogues
     step unet_eager 90 "${L[@]}" "${UN[@]}" compile=false modes=both out="$OUT/unet_eager.json"  # Lightning overhead

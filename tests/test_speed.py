@@ -24,7 +24,9 @@ from diffusion_train.training.build import build_module
 from diffusion_train.training.export import export_weights
 from diffusion_train.training.parallel import resolve_accelerator
 from diffusion_train.training.speed import (
+    attention_choice,
     block_lists,
+    check_attention_device,
     check_fp8_device,
     compile_choice,
     convert_fp8,
@@ -375,6 +377,72 @@ def test_bf16_residual_backbone_counts_its_flops_on_the_meta_device():
 
 
 # ------------------------------------------------------------------------------------------------
+# attention kernel
+# ------------------------------------------------------------------------------------------------
+SDPA_OPS = {"math": "aten::_scaled_dot_product_attention_math", "flash": "aten::_scaled_dot_product_flash_attention_for_cpu"}
+
+
+def sdpa_ops(fn) -> dict[str, int]:
+    """How many times each CPU attention kernel of :data:`SDPA_OPS` ran in ``fn()``."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    names = [e.name for e in prof.events()]
+    return {kernel: names.count(op) for kernel, op in SDPA_OPS.items()}
+
+
+@pytest.mark.parametrize("value, choice", [(None, "auto"), ("auto", "auto"), ("Flash", "flash"), ("cudnn", "cudnn")])
+def test_attention_choice(value, choice):
+    assert attention_choice(value) == choice
+
+
+def test_attention_choice_rejects_other_values():
+    with pytest.raises(ValueError, match="training.attention must be one of auto, flash, cudnn, efficient, math, "
+                                         "got 'fa3'"):
+        attention_choice("fa3")
+
+
+@pytest.mark.parametrize("choice, other", [("math", "flash"), ("flash", "math")])
+@pytest.mark.parametrize("compile_", ["false", "blocks"])
+def test_attention_kernel_runs_in_every_block_and_in_the_recomputation(choice, other, compile_):
+    """Only the chosen kernel runs: in each block's forward, and again when the checkpointed blocks are
+    recomputed in the backward pass (outside the step's call); output and gradients are the default's.
+    Compiled blocks keep the kernel chosen when they were traced (the math kernel is decomposed there, so
+    only the other kernel's absence is seen)."""
+    eager, model = tiny_dit(), tiny_dit()
+    options = {"compile_options": {"backend": "aot_eager"}} if compile_ == "blocks" else {}
+    torch._dynamo.reset()
+    net = prepare_backbone(model, compile=compile_, activation_checkpointing=True, attention=choice, **options)
+    run(net, model, dit_inputs(1))  # compiles outside the profiled calls
+    ref, ref_grads = run(eager, eager, dit_inputs())
+    model.zero_grad(set_to_none=True)
+    holder = {}
+    forward = sdpa_ops(lambda: holder.update(out=net(*dit_inputs())))
+    backward = sdpa_ops(lambda: holder["out"].square().mean().backward())
+    if compile_ == "false" or choice == "flash":
+        assert forward == backward == {choice: 3, other: 0}  # 3 blocks, each checkpointed block recomputed
+    assert forward[other] == backward[other] == 0
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert_same((ref, ref_grads), (holder["out"].detach(), grads), rtol=1e-4, atol=1e-6)
+
+
+def test_attention_auto_leaves_torch_to_choose():
+    model = tiny_dit()
+    assert prepare_backbone(model, attention="auto") is model
+    assert sdpa_ops(lambda: model(*dit_inputs())) == {"math": 0, "flash": 3}  # torch's CPU choice
+
+
+def test_cuda_only_attention_kernels_refuse_the_cpu():
+    check_attention_device("flash", torch.device("cpu"))
+    check_attention_device("math", torch.device("cpu"))
+    for choice in ("cudnn", "efficient"):
+        with pytest.raises(RuntimeError, match=f"training.attention={choice} needs a CUDA GPU, but the model is on cpu"):
+            check_attention_device(choice, torch.device("cpu"))
+    module = build_module(compose_train(TINY + ["model=dit_tiny", "training.attention=cudnn"]))
+    with pytest.raises(RuntimeError, match="training.attention=cudnn needs a CUDA GPU"):
+        module.on_fit_start()
+
+
+# ------------------------------------------------------------------------------------------------
 # channels-last
 # ------------------------------------------------------------------------------------------------
 def test_trainer_benchmark_sets_cudnn_autotuning(monkeypatch):
@@ -398,6 +466,8 @@ def test_trainer_benchmark_sets_cudnn_autotuning(monkeypatch):
     assert script.speed_options({"compile": "blocks", "activation_checkpointing": 14, "fp8": True}) == \
         "blocks compiled, activation checkpointing of the first 14 blocks, fp8"
     assert script.speed_options({"compile": "blocks", "bf16_residual": True}) == "blocks compiled, bf16 residual"
+    assert script.speed_options({"compile": "blocks", "attention": "flash"}) == "blocks compiled, flash attention"
+    assert script.speed_options({"compile": "blocks", "attention": "auto"}) == "blocks compiled"
 
 
 def test_channels_last_unet(tmp_path):
@@ -493,7 +563,8 @@ def _wrapped_blocks(module) -> bool:
     ("dit_tiny", ["training.fp8=true"],
      lambda m: any(type(x).__name__ == "Float8Linear" for x in m.backbone.modules())),
     ("dit_tiny", ["training.bf16_residual=true"], _wrapped_blocks),  # a no-op without autocast
-], ids=["blocks+checkpointing", "compile", "channels_last+checkpointing", "fp8", "bf16_residual"])
+    ("dit_tiny", ["training.attention=math"], lambda m: m.net is not m.backbone),
+], ids=["blocks+checkpointing", "compile", "channels_last+checkpointing", "fp8", "bf16_residual", "attention"])
 def test_module_with_speed_options(model, options, applied):
     """The options reach the backbone; parameter names, loss and gradients are those of a plain module."""
     fp8 = "training.fp8=true" in options

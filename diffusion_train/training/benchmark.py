@@ -23,6 +23,7 @@ from diffusion_train.training.kernel_profile import KernelProfile
 from diffusion_train.training.syncs import SyncWatch
 
 DOWNSAMPLE = 8  # of the stand-in autoencoder, as the SD / SDXL / FLUX VAEs
+PROFILE_TOP = 40  # kernels listed in a row's JSON profile (its markdown names the first 5)
 
 
 def stand_in_overrides(latent: tuple[int, int, int] | None, classes: int, text: tuple[int, int] | None) -> list[str]:
@@ -298,7 +299,7 @@ def measure(mode: str, cfg, batch: dict, opts: dict, device, macs: int, peak: fl
         "compile_s": (t[1] - t[0]) - median if opts["compile"] != "false" else None,
         **sync_counts(clock, steps * repeats), **extra})
     if clock.profile is not None:
-        row["profile"] = clock.profile.summary(step_ms=median * 1e3)
+        row["profile"] = clock.profile.summary(step_ms=median * 1e3, top=PROFILE_TOP)
     return row
 
 

@@ -23,7 +23,9 @@ from diffusion_train.finetune.inpainting import Inpainting, KnownRegion
 from diffusion_train.finetune.masks import downsample_mask
 from diffusion_train.diffusion import GaussianDiffusion, Sampler, per_image_generators, randn
 from diffusion_train.training.parallel import full_tensor, log_every_steps
-from diffusion_train.training.speed import check_fp8_device, prepare_backbone, resolve_compile
+from diffusion_train.training.speed import (
+    attention_choice, check_attention_device, check_fp8_device, prepare_backbone, resolve_compile,
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -59,7 +61,7 @@ class DiffusionModule(L.LightningModule):
                  accumulate_grad_batches: int = 1, max_nonfinite_steps: int = 20,
                  compile: bool | str = False, compile_options: dict | None = None,
                  activation_checkpointing: bool | int = False, channels_last: bool = False, fp8: bool = False,
-                 bf16_residual: bool = False, seed: int = 0, task=None, controlnet: nn.Module | None = None,
+                 bf16_residual: bool = False, attention: str = "auto", seed: int = 0, task=None, controlnet: nn.Module | None = None,
                  control=None):
         super().__init__()
         self.automatic_optimization = False
@@ -74,10 +76,10 @@ class DiffusionModule(L.LightningModule):
         self.compile = resolve_compile(compile, backbone, torch.cuda.is_available())  # auto made concrete
         net = prepare_backbone(backbone, compile=self.compile, compile_options=compile_options,
                                activation_checkpointing=activation_checkpointing, channels_last=channels_last, fp8=fp8,
-                               bf16_residual=bf16_residual)
+                               bf16_residual=bf16_residual, attention=attention)
         self.controlnet, self.control = controlnet, control  # a ControlNet fine-tune: the copy, the control images
         self.__dict__["net"] = Controlled(net, controlnet) if controlnet is not None else net
-        self.fp8 = fp8
+        self.fp8, self.attention = fp8, attention_choice(attention)
         self.run_info: dict = {}
         self.lr_scale = 1.0  # set from the global batch by training.lr_scaling (see training/parallel.py)
         self._micro = 0
@@ -222,6 +224,7 @@ class DiffusionModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.fp8:
             check_fp8_device(self.device)
+        check_attention_device(self.attention, self.device)
         trainer = self._trainer  # None when called outside a fit
         if trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None:
             raise ValueError(f"trainer.precision={trainer.precision}: fp16 with a gradient scaler is not supported "

@@ -19,6 +19,10 @@
                          its residual additions, their gradients and what the backward keeps are half as
                          wide. Less memory traffic in blocks that are bound by it (small widths); the
                          residual sums round to bf16. No effect without autocast (``32-true``).
+``training.attention``   which kernel runs ``F.scaled_dot_product_attention``: ``auto`` (torch's own choice, the
+                         default), or only ``flash``, ``cudnn``, ``efficient`` (memory-efficient) or ``math``, so
+                         that a call the chosen kernel cannot run fails with torch's reason rather than falling
+                         back to a slower one. ``cudnn`` and ``efficient`` need a CUDA GPU.
 
 Nothing here changes the backbone's parameter names: state dicts, checkpoints and EMA read the same keys
 with any combination (a compiled whole backbone is kept outside the module tree by ``DiffusionModule``).
@@ -37,6 +41,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 COMPILE_CHOICES = ("false", "true", "blocks", "auto")
+ATTENTION_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                      "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}  # training.attention: SDPBackend names
+CUDA_ONLY_ATTENTION = ("cudnn", "efficient")
 FP8_MIN_CAPABILITY = (8, 9)
 FP8_SKIP = ("adaLN_modulation", "emb_proj")  # per-image (not per-token) projections: too small for float8
 
@@ -140,6 +147,35 @@ def checkpointed_blocks(value: Any, count: int) -> int:
     return n
 
 
+def attention_choice(value: Any) -> str:
+    """``training.attention`` as one of :data:`ATTENTION_BACKENDS` (``null`` is ``auto``)."""
+    choice = "auto" if value is None else str(value).lower()
+    if choice not in ATTENTION_BACKENDS:
+        raise ValueError(f"training.attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {value!r}")
+    return choice
+
+
+def with_attention(fn: Callable, choice: str) -> Callable:
+    """``fn`` run with only the ``choice`` kernel of ``F.scaled_dot_product_attention`` enabled (``auto``: ``fn``
+    itself). The kernel is picked when a call is traced or run, so a compiled ``fn`` keeps it."""
+    if choice == "auto":
+        return fn
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backend = getattr(SDPBackend, ATTENTION_BACKENDS[choice])
+
+    def call(*args, **kwargs):
+        with sdpa_kernel(backend):
+            return fn(*args, **kwargs)
+    return call
+
+
+def check_attention_device(choice: str, device: torch.device) -> None:
+    """cuDNN's and the memory-efficient attention kernels exist only for CUDA devices."""
+    if choice in CUDA_ONLY_ATTENTION and torch.device(device).type != "cuda":
+        raise RuntimeError(f"training.attention={choice} needs a CUDA GPU, but the model is on "
+                           f"{torch.device(device).type}; use auto, flash or math")
+
+
 def check_fp8_device(device: torch.device) -> None:
     """Float8 matrix products need compute capability >= 8.9 (Ada, Hopper, Blackwell); a CPU emulates them."""
     if device.type == "cuda":
@@ -184,7 +220,7 @@ def autocast_tokens(forward: Callable) -> Callable:
 
 def prepare_backbone(backbone: nn.Module, *, compile: Any = False, compile_options: dict | None = None,
                      activation_checkpointing: bool | int = False, channels_last: bool = False,
-                     fp8: bool = False, bf16_residual: bool = False) -> Callable:
+                     fp8: bool = False, bf16_residual: bool = False, attention: str = "auto") -> Callable:
     """Applies the speed options to ``backbone`` (in place) and returns what the training step calls:
     the backbone itself, or a compiled / channels-last wrapper of it kept outside the module tree.
 
@@ -192,9 +228,11 @@ def prepare_backbone(backbone: nn.Module, *, compile: Any = False, compile_optio
     autocast dtype before it (``bf16_residual``), and the two run under
     ``torch.utils.checkpoint`` (non-reentrant, RNG state preserved; the recomputation in the backward pass
     runs the compiled code; ``activation_checkpointing=N``: the first N blocks only); then channels-last; then
-    whole-backbone compilation around all of it.
+    whole-backbone compilation around all of it; then the attention kernel (``attention``) around everything,
+    and inside each checkpointed block too, so that its recomputation runs the same kernel.
     """
     choice = resolve_compile(compile, backbone, torch.cuda.is_available())
+    attention = attention_choice(attention)
     options = dict(compile_options or {})
     if fp8:
         convert_fp8(backbone)
@@ -216,8 +254,8 @@ def prepare_backbone(backbone: nn.Module, *, compile: Any = False, compile_optio
             forward = torch.compile(forward, **options)
         if bf16_residual:  # outside the compiled code, which then sees one dtype in every block
             forward = autocast_tokens(forward)
-        if i < recompute:
-            forward = functools.partial(checkpoint, forward, use_reentrant=False)
+        if i < recompute:  # the recomputation runs outside the step's call, so it enters the kernel choice itself
+            forward = functools.partial(checkpoint, with_attention(forward, attention), use_reentrant=False)
         block.forward = forward  # an instance attribute: parameter names do not change
     if choice != "false":
         allow_recompiles()
@@ -227,4 +265,4 @@ def prepare_backbone(backbone: nn.Module, *, compile: Any = False, compile_optio
         net = channels_last_input(backbone)
     if choice == "true":
         net = torch.compile(net, **options)
-    return net
+    return with_attention(net, attention)
