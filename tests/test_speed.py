@@ -34,6 +34,7 @@ from diffusion_train.training.speed import (
     repeated_blocks,
     resolve_compile,
     uniform_blocks,
+    with_attention,
 )
 
 TIGHT = dict(rtol=1e-5, atol=1e-6)
@@ -423,6 +424,17 @@ def test_attention_kernel_runs_in_every_block_and_in_the_recomputation(choice, o
     assert forward[other] == backward[other] == 0
     grads = {n: p.grad for n, p in model.named_parameters()}
     assert_same((ref, ref_grads), (holder["out"].detach(), grads), rtol=1e-4, atol=1e-6)
+
+
+def test_attention_choice_keys_the_compile_caches():
+    """Compiled code cached on disk under one kernel choice is not reused under another: the choice is in the
+    caches' key while the backbone runs (reproduced with inductor on a CPU: without it, a flash run after a
+    math run reused the math graph)."""
+    seen = []
+    net = with_attention(lambda: seen.append(torch.compiler.config.cache_key_tag), "math")
+    before = torch.compiler.config.cache_key_tag
+    net()
+    assert seen == [f"{before}|sdpa=math"] and torch.compiler.config.cache_key_tag == before
 
 
 def test_attention_auto_leaves_torch_to_choose():

@@ -33,6 +33,7 @@ preparing it, never after.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable
 
@@ -157,14 +158,20 @@ def attention_choice(value: Any) -> str:
 
 def with_attention(fn: Callable, choice: str) -> Callable:
     """``fn`` run with only the ``choice`` kernel of ``F.scaled_dot_product_attention`` enabled (``auto``: ``fn``
-    itself). The kernel is picked when a call is traced or run, so a compiled ``fn`` keeps it."""
+    itself). The kernel is picked when a call is traced or run, so a compiled ``fn`` keeps the one it was traced
+    with. Compiled code cached on disk from another choice would be reused without that (the caches' keys do not
+    see the kernel choice), so the choice is added to ``torch.compiler.config.cache_key_tag`` during the call.
+    Dynamo's in-memory code cache does not see it either: one choice per process."""
     if choice == "auto":
         return fn
     from torch.nn.attention import SDPBackend, sdpa_kernel
     backend = getattr(SDPBackend, ATTENTION_BACKENDS[choice])
+    config = torch.compiler.config
+    tagged = config.patch(cache_key_tag=f"{config.cache_key_tag}|sdpa={choice}") \
+        if hasattr(config, "cache_key_tag") else contextlib.nullcontext()
 
     def call(*args, **kwargs):
-        with sdpa_kernel(backend):
+        with sdpa_kernel(backend), tagged:
             return fn(*args, **kwargs)
     return call
 
