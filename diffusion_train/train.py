@@ -111,7 +111,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     module.run_info = run_info(config, overrides, trainer.world_size, batch, slurm=slurm_identity(),
                                per_device_batch=datamodule.batch_size, lr=float(cfg.optim.lr) * module.lr_scale,
-                               compile=module.compile)
+                               compile=module.compile, channels_last=module.channels_last)
     if init_report is not None:
         module.run_info["init"] = init_report.as_dict()
     if trainer.global_rank == 0:
@@ -120,8 +120,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
         if init_report is not None:
             log.info("%s", init_report.summary())
         log.info("run dir %s, %s, global batch %d (%d per device x %d devices x %d accumulated), lr %g, "
-                 "compile %s", run_dir, f"resuming {ckpt}" if ckpt else "fresh run", batch, datamodule.batch_size,
-                 trainer.world_size, accumulate, module.run_info["lr"], module.compile)
+                 "compile %s, channels-last %s", run_dir, f"resuming {ckpt}" if ckpt else "fresh run", batch,
+                 datamodule.batch_size, trainer.world_size, accumulate, module.run_info["lr"], module.compile,
+                 module.channels_last)
 
     preemption = find_preemption(trainer)
     try:

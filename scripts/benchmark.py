@@ -216,7 +216,7 @@ def benchmark(opts: dict, argv: list[str]) -> dict:
         if msg is None or isinstance(e, UsageError) or (opts["text"] and opts["latent"] != "config"):
             raise
         raise UsageError(f"{msg} [benchmark: text=LxD and latent=CxHxW build weight-free stand-ins]") from None
-    opts["compile"] = module.compile  # auto resolved for the device
+    opts["compile"], opts["channels_last"] = module.compile, module.channels_last  # auto resolved for the device
     batch_size = opts["batch"] or int(cfg.data.batch_size)
     batch, inputs = make_batch(module, batch_size, device)
     size, tokens = inputs["latent"][1:], inputs["text_tokens"] or 0
@@ -255,7 +255,8 @@ def benchmark(opts: dict, argv: list[str]) -> dict:
         "git_sha": sha, "git_dirty": dirty,
         "config": {"overrides": overrides, "choices": choices,
                    "model": OmegaConf.to_container(cfg.model, resolve=True),
-                   "training": OmegaConf.to_container(cfg.training, resolve=True)},
+                   "training": {**OmegaConf.to_container(cfg.training, resolve=True),
+                                "channels_last": opts["channels_last"]}},
         "inputs": inputs,
         "settings": {"device": device.type, "precision": opts["precision"], "compile": opts["compile"],
                      "cudnn_benchmark": torch.backends.cudnn.benchmark,

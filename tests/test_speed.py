@@ -32,6 +32,7 @@ from diffusion_train.training.speed import (
     convert_fp8,
     prepare_backbone,
     repeated_blocks,
+    resolve_channels_last,
     resolve_compile,
     uniform_blocks,
     with_attention,
@@ -134,17 +135,33 @@ def test_resolve_accelerator(monkeypatch):
     assert [resolve_accelerator(a) for a in ("auto", None, "cpu")] == ["gpu", "gpu", "cpu"]
 
 
-@pytest.mark.parametrize("model, accelerator, choice", [
-    ("dit_tiny", "gpu", "blocks"), ("unet_tiny", "gpu", "true"), ("dit_tiny", None, "false"),
+@pytest.mark.parametrize("model, accelerator, choice, channels_last", [
+    ("dit_tiny", "gpu", "blocks", False), ("unet_tiny", "gpu", "true", True), ("dit_tiny", None, "false", False),
+    ("unet_tiny", None, "false", False),
 ])
-def test_compile_auto_is_the_default_and_follows_the_accelerator(model, accelerator, choice):
-    """The default config compiles on GPUs only: the trainer's accelerator decides (TINY's is the CPU)."""
+def test_compile_auto_is_the_default_and_follows_the_accelerator(model, accelerator, choice, channels_last):
+    """The default config compiles on GPUs only, and puts U-Nets in channels-last memory on GPUs only: the
+    trainer's accelerator decides (TINY's is the CPU)."""
     cfg = compose_train(TINY + [f"model={model}"])
-    assert cfg.training.compile == "auto"
+    assert cfg.training.compile == cfg.training.channels_last == "auto"
     module = build_module(cfg, accelerator=accelerator)
-    assert module.compile == choice
+    assert module.compile == choice and module.channels_last is channels_last
     assert _wrapped_blocks(module) == (choice == "blocks")
     assert (module.net is not module.backbone) == (choice == "true")
+    conv = next(m for m in module.backbone.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) is channels_last
+
+
+@pytest.mark.parametrize("value, on_gpu, dit, unet", [
+    ("auto", True, False, True), ("auto", False, False, False), (None, True, False, False),
+    (True, False, True, True), ("false", True, False, False), ("TRUE", False, True, True),
+])
+def test_resolve_channels_last(value, on_gpu, dit, unet):
+    """auto: NHWC for convolutional backbones whose blocks differ (U-Nets), on GPUs only."""
+    assert resolve_channels_last(value, tiny_dit(depth=2), on_gpu) is dit
+    assert resolve_channels_last(value, tiny_unet(), on_gpu) is unet
+    with pytest.raises(ValueError, match="training.channels_last must be one of false, true, auto, got 'nhwc'"):
+        resolve_channels_last("nhwc", tiny_unet(), on_gpu)
 
 
 @pytest.mark.parametrize("value", ["yes", "", "block", "max-autotune", 2])

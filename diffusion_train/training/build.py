@@ -14,7 +14,7 @@ from diffusion_train.finetune.lora import apply_lora
 from diffusion_train.training.checkpointing import load_checkpoint
 from diffusion_train.training.module import DiffusionModule
 from diffusion_train.training.parallel import resolve_accelerator
-from diffusion_train.training.speed import resolve_compile
+from diffusion_train.training.speed import resolve_channels_last, resolve_compile
 
 
 def build_module(cfg: DictConfig, accelerator: str | None = None) -> DiffusionModule:
@@ -22,7 +22,8 @@ def build_module(cfg: DictConfig, accelerator: str | None = None) -> DiffusionMo
 
     What the autoencoder makes of the data's images sizes the backbone's input (``in_channels``,
     ``input_size``), and what the conditioner produces sizes its conditioning inputs. ``training.compile=auto``
-    is resolved for ``accelerator`` (default: the config's ``trainer.accelerator``).
+    and ``training.channels_last=auto`` are resolved for ``accelerator`` (default: the config's
+    ``trainer.accelerator``).
     """
     conditioner = instantiate(cfg.conditioning, _convert_="all")
     autoencoder = instantiate(cfg.autoencoder, _convert_="all") if cfg.get("autoencoder") else Autoencoder()
@@ -52,8 +53,9 @@ def build_module(cfg: DictConfig, accelerator: str | None = None) -> DiffusionMo
     training = dict(cfg.training)
     if accelerator is None:
         accelerator = (cfg.get("trainer") or {}).get("accelerator")
-    training["compile"] = resolve_compile(training.get("compile"), backbone,
-                                          resolve_accelerator(accelerator) in ("gpu", "cuda"))
+    on_gpu = resolve_accelerator(accelerator) in ("gpu", "cuda")
+    training["compile"] = resolve_compile(training.get("compile"), backbone, on_gpu)
+    training["channels_last"] = resolve_channels_last(training.get("channels_last"), backbone, on_gpu)
     return DiffusionModule(backbone, conditioner, objective, autoencoder=autoencoder, optimizer=instantiate(cfg.optim, _convert_="all"),
                            lr_schedule=schedule, seed=cfg.seed, task=task, controlnet=controlnet, control=control,
                            **training)

@@ -24,7 +24,8 @@ from diffusion_train.finetune.masks import downsample_mask
 from diffusion_train.diffusion import GaussianDiffusion, Sampler, per_image_generators, randn
 from diffusion_train.training.parallel import full_tensor, log_every_steps
 from diffusion_train.training.speed import (
-    attention_choice, check_attention_device, check_fp8_device, prepare_backbone, resolve_compile,
+    attention_choice, check_attention_device, check_fp8_device, prepare_backbone, resolve_channels_last,
+    resolve_compile,
 )
 
 
@@ -60,7 +61,7 @@ class DiffusionModule(L.LightningModule):
                  autoencoder: Autoencoder | None = None, grad_clip: float | None = 1.0,
                  accumulate_grad_batches: int = 1, max_nonfinite_steps: int = 20,
                  compile: bool | str = False, compile_options: dict | None = None,
-                 activation_checkpointing: bool | int = False, channels_last: bool = False, fp8: bool = False,
+                 activation_checkpointing: bool | int = False, channels_last: bool | str = False, fp8: bool = False,
                  bf16_residual: bool = False, attention: str = "auto", seed: int = 0, task=None, controlnet: nn.Module | None = None,
                  control=None):
         super().__init__()
@@ -74,8 +75,9 @@ class DiffusionModule(L.LightningModule):
         # What the step calls (see training/speed.py). A compiled wrapper is kept outside the module tree, so
         # state dicts never carry `_orig_mod.`.
         self.compile = resolve_compile(compile, backbone, torch.cuda.is_available())  # auto made concrete
+        self.channels_last = resolve_channels_last(channels_last, backbone, torch.cuda.is_available())
         net = prepare_backbone(backbone, compile=self.compile, compile_options=compile_options,
-                               activation_checkpointing=activation_checkpointing, channels_last=channels_last, fp8=fp8,
+                               activation_checkpointing=activation_checkpointing, channels_last=self.channels_last, fp8=fp8,
                                bf16_residual=bf16_residual, attention=attention)
         self.controlnet, self.control = controlnet, control  # a ControlNet fine-tune: the copy, the control images
         self.__dict__["net"] = Controlled(net, controlnet) if controlnet is not None else net

@@ -10,7 +10,8 @@
 ``training.activation_checkpointing``  recompute each repeated block's activations in the backward pass
                          instead of keeping them (less memory, about one more forward pass of compute); an
                          integer N: only the first N repeated blocks (less memory saved, less recomputed).
-``training.channels_last``  NHWC memory for the convolution weights and the backbone's input (U-Nets).
+``training.channels_last``  NHWC memory for the convolution weights and the backbone's input; ``auto`` (the
+                         default): on a CUDA GPU for convolutional backbones whose blocks differ (U-Nets), else off.
 ``training.fp8``         the Linear layers of the repeated blocks train in float8 (torchao's dynamic tensorwise
                          scaling; the weights stay in their dtype); needs a GPU of compute capability >= 8.9
                          and pays with ``training.compile``.
@@ -71,6 +72,19 @@ def resolve_compile(value: Any, backbone: nn.Module, on_gpu: bool) -> str:
     except ValueError:
         return "true"
     return "blocks"
+
+
+def resolve_channels_last(value: Any, backbone: nn.Module, on_gpu: bool) -> bool:
+    """``training.channels_last`` made concrete: ``auto`` is true on a CUDA GPU for a backbone with convolutions
+    whose repeated blocks are not copies of one layer (a U-Net, which ``compile=auto`` compiles whole), else
+    false. cuDNN runs bf16 convolutions in NHWC and converts NCHW tensors around each one otherwise."""
+    choice = str(value).lower() if value is not None else "false"
+    if choice not in ("false", "true", "auto"):
+        raise ValueError(f"training.channels_last must be one of false, true, auto, got {value!r}")
+    if choice != "auto":
+        return choice == "true"
+    return (on_gpu and resolve_compile("auto", backbone, on_gpu=True) == "true"
+            and any(isinstance(m, nn.Conv2d) for m in backbone.modules()))
 
 
 def block_lists(backbone: nn.Module) -> list[tuple[str, nn.ModuleList]]:
@@ -226,7 +240,7 @@ def autocast_tokens(forward: Callable) -> Callable:
 
 
 def prepare_backbone(backbone: nn.Module, *, compile: Any = False, compile_options: dict | None = None,
-                     activation_checkpointing: bool | int = False, channels_last: bool = False,
+                     activation_checkpointing: bool | int = False, channels_last: bool | str = False,
                      fp8: bool = False, bf16_residual: bool = False, attention: str = "auto") -> Callable:
     """Applies the speed options to ``backbone`` (in place) and returns what the training step calls:
     the backbone itself, or a compiled / channels-last wrapper of it kept outside the module tree.
@@ -239,6 +253,7 @@ def prepare_backbone(backbone: nn.Module, *, compile: Any = False, compile_optio
     and inside each checkpointed block too, so that its recomputation runs the same kernel.
     """
     choice = resolve_compile(compile, backbone, torch.cuda.is_available())
+    channels_last = resolve_channels_last(channels_last, backbone, torch.cuda.is_available())
     attention = attention_choice(attention)
     options = dict(compile_options or {})
     if fp8:
