@@ -28,7 +28,8 @@ import torch
 log = logging.getLogger("diffusion_train")
 
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "softmax",
+                   "compute_dot_do_o", "convert_dq_to_16bits")),  # cuDNN's attention backward helpers
     ("convolution", ("conv", "fprop", "dgrad", "wgrad", "winograd")),
     ("matmul", ("gemm", "matmul", "cutlass", "xmma", "nvjet", "triton_tem", "aten::mm", "aten::addmm", "aten::bmm",
                 "aten::baddbmm")),
