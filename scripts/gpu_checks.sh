@@ -8,7 +8,8 @@
 #   CHECKS=levers bash scripts/gpu_checks.sh      # the speed options (docs/performance.md) against eager, same card
 #   CHECKS=syncs bash scripts/gpu_checks.sh       # which parts of the step synchronise (scripts/sync_probe.py)
 #   CHECKS=fp8 FMNIST=dir bash scripts/gpu_checks.sh  # bf16 against fp8 loss curves: DiT-B/2 on Fashion-MNIST (the
-#                                                 # IDX files in dir), FP8_STEPS (1500) steps each, compiled blocks
+#                                                 # IDX files in dir), CURVE_STEPS (1500) steps each, compiled blocks
+#   CHECKS=bf16res FMNIST=dir bash scripts/gpu_checks.sh  # the same for training.bf16_residual
 #
 # Each step has its own time limit and a failure does not stop the others; the summary at the end lists
 # each step's exit status. The benchmark rows' JSON files make one table, on any machine:
@@ -98,37 +99,33 @@ if [[ $CHECKS == *levers* ]]; then
     S2=(config="model=dit_s2" batch=256); B2=(config="model=dit_b2" batch=256); XL=(config="model=dit_xl2" batch=128)
     UNC="model=unet_sd2 model.attention_resolutions=[32,16,8]"
     UN=(config="$UNC" text=77x1024 batch=64)
-    UN_CL=(config="$UNC training.channels_last=true" text=77x1024 batch=64)
+    UN_NCHW=(config="$UNC training.channels_last=false" text=77x1024 batch=64)  # the default before channels_last=auto
     UN_EMA4=(config="$UNC callbacks.ema.update_every=4" text=77x1024 batch=64)  # a quarter of the EMA's traffic
-    UN_CL_EMA4=(config="$UNC training.channels_last=true callbacks.ema.update_every=4" text=77x1024 batch=64)
     UN_SD1=(config="model=unet_sd model.attention_resolutions=[32,16,8]" text=77x1024 batch=64)  # 8 heads per level
-    step s2_blocks 150 "${L[@]}" "${S2[@]}" compile=blocks modes=both out="$OUT/s2_blocks.json"  # + Lightning overhead
-    step unet_compiled_cl 240 "${L[@]}" "${UN_CL[@]}" compile=true out="$OUT/unet_compiled_cl.json"
-    step unet_cl_ema4 200 "${L[@]}" "${UN_CL_EMA4[@]}" compile=true out="$OUT/unet_cl_ema4.json"
     step xl_blocks 150 "${L[@]}" "${XL[@]}" compile=blocks out="$OUT/xl_blocks.json"
     step xl_flash 150 "${L[@]}" config="model=dit_xl2 training.attention=flash" batch=128 compile=blocks \
         out="$OUT/xl_flash.json"  # FlashAttention-2 instead of torch's choice (cuDNN's on an H100)
-    step xl_bf16res 150 "${L[@]}" config="model=dit_xl2 training.bf16_residual=true" batch=128 compile=blocks \
-        out="$OUT/xl_bf16res.json"
-    step s2_graphs 150 "${L[@]}" config="model=dit_s2 training.compile_options={mode:reduce-overhead}" batch=256 \
-        compile=true out="$OUT/s2_graphs.json"
-    step s2_full 120 "${L[@]}" "${S2[@]}" compile=true out="$OUT/s2_full.json"  # s2_graphs without CUDA graphs
+    step xl_full 240 "${L[@]}" "${XL[@]}" compile=true out="$OUT/xl_full.json"  # the code outside the blocks too
+    step xl_full_bf16res 150 "${L[@]}" config="model=dit_xl2 training.bf16_residual=true" batch=128 compile=true \
+        out="$OUT/xl_full_bf16res.json"
+    step s2_blocks 150 "${L[@]}" "${S2[@]}" compile=blocks modes=both out="$OUT/s2_blocks.json"  # + Lightning overhead
     step s2_flash 120 "${L[@]}" config="model=dit_s2 training.attention=flash" batch=256 compile=blocks \
         out="$OUT/s2_flash.json"
-    step xl_ema4 150 "${L[@]}" config="model=dit_xl2 callbacks.ema.update_every=4" batch=128 compile=blocks \
-        out="$OUT/xl_ema4.json"
-    step unet_compiled 200 "${L[@]}" "${UN[@]}" compile=true out="$OUT/unet_compiled.json"
-    step unet_ema4 200 "${L[@]}" "${UN_EMA4[@]}" compile=true out="$OUT/unet_ema4.json"
+    step s2_full_bf16res 120 "${L[@]}" config="model=dit_s2 training.bf16_residual=true" batch=256 compile=true \
+        out="$OUT/s2_full_bf16res.json"
+    step unet_compiled 240 "${L[@]}" "${UN[@]}" compile=true out="$OUT/unet_compiled.json"  # channels-last (auto)
+    step unet_nchw 240 "${L[@]}" "${UN_NCHW[@]}" compile=true out="$OUT/unet_nchw.json"
     step s2_autotune 240 "${L[@]}" config="model=dit_s2 training.compile_options={mode:max-autotune-no-cudagraphs}" \
         batch=256 compile=blocks out="$OUT/s2_autotune.json"  # Triton matmul templates with fused epilogues
-    step unet_eager 90 "${L[@]}" "${UN[@]}" compile=false modes=both out="$OUT/unet_eager.json"  # Lightning overhead
     step b2_blocks 120 "${L[@]}" "${B2[@]}" compile=blocks out="$OUT/b2_blocks.json"
-    step b2_bf16res 120 "${L[@]}" config="model=dit_b2 training.bf16_residual=true" batch=256 compile=blocks \
-        out="$OUT/b2_bf16res.json"
-    step s2_bf16res 120 "${L[@]}" config="model=dit_s2 training.bf16_residual=true" batch=256 compile=blocks \
-        out="$OUT/s2_bf16res.json"  # the blocks' token streams in bf16: less memory traffic
-    step unet_cudnn 150 "${L[@]}" config="model=unet_sd2 model.attention_resolutions=[32,16,8] trainer.benchmark=true" \
-        text=77x1024 batch=64 compile=true out="$OUT/unet_cudnn.json"  # cuDNN autotuning of the convolutions
+    step b2_full_bf16res 150 "${L[@]}" config="model=dit_b2 training.bf16_residual=true" batch=256 compile=true \
+        out="$OUT/b2_full_bf16res.json"
+    step unet_eager 90 "${L[@]}" "${UN[@]}" compile=false modes=both out="$OUT/unet_eager.json"  # Lightning overhead
+    step s2_graphs 150 "${L[@]}" config="model=dit_s2 training.compile_options={mode:reduce-overhead}" batch=256 \
+        compile=true out="$OUT/s2_graphs.json"
+    step unet_ema4 200 "${L[@]}" "${UN_EMA4[@]}" compile=true out="$OUT/unet_ema4.json"
+    step unet_cudnn 150 "${L[@]}" config="$UNC trainer.benchmark=true" text=77x1024 batch=64 compile=true \
+        out="$OUT/unet_cudnn.json"  # cuDNN autotuning of the convolutions
     step xl_blocks_fp8 150 "${L[@]}" config="model=dit_xl2 training.fp8=true" batch=128 compile=blocks \
         out="$OUT/xl_blocks_fp8.json"
     step s2_eager 60 "${L[@]}" "${S2[@]}" compile=false out="$OUT/s2_eager.json"
@@ -138,16 +135,20 @@ if [[ $CHECKS == *levers* ]]; then
             compile=blocks out="$OUT/xl_b256_ckpt$n.json"
     done
 fi
-if [[ $CHECKS == *fp8* ]]; then
-    # Same data, seed and steps; only training.fp8 differs. Loss curves from each run's metrics.csv.
-    F=(experiment=fmnist model=dit_b2 model.patch_size=2 trainer=gpu data.root="${FMNIST:-/usr/share/datasets/fashion-mnist}"
-       data.batch_size=256 trainer.max_steps="${FP8_STEPS:-1500}" trainer.val_check_interval=250 trainer.log_every_n_steps=25 logger=csv
-       training.compile=blocks callbacks.sample_grid.every_n_steps=100000 callbacks.checkpoint.every_n_train_steps=100000)
-    step fp8_bf16 280 $PY -m diffusion_train.train "${F[@]}" training.fp8=false hydra.run.dir="$RUNS/fp8_bf16"
-    step fp8_fp8 280 $PY -m diffusion_train.train "${F[@]}" training.fp8=true hydra.run.dir="$RUNS/fp8_fp8"
-    $PY scripts/compare_runs.py "$RUNS/fp8_bf16" "$RUNS/fp8_fp8" metrics=train/loss,val/loss,perf/images_per_sec \
-        rows=13 out="$OUT/fp8_curves.md" plot="$OUT/fp8_curves.png"
-fi
+F=(experiment=fmnist model=dit_b2 model.patch_size=2 trainer=gpu data.root="${FMNIST:-/usr/share/datasets/fashion-mnist}"
+   data.batch_size=256 trainer.max_steps="${CURVE_STEPS:-1500}" trainer.val_check_interval=250
+   trainer.log_every_n_steps=25 logger=csv training.compile=blocks callbacks.sample_grid.every_n_steps=100000
+   callbacks.checkpoint.every_n_train_steps=100000)
+curves() {  # curves NAME OPTION: DiT-B/2 on Fashion-MNIST with OPTION false and true, loss curves side by side
+    local name=$1 option=$2
+    step "${name}_off" 280 $PY -m diffusion_train.train "${F[@]}" "$option=false" hydra.run.dir="$RUNS/${name}_off"
+    step "${name}_on" 280 $PY -m diffusion_train.train "${F[@]}" "$option=true" hydra.run.dir="$RUNS/${name}_on"
+    $PY scripts/compare_runs.py "$RUNS/${name}_off" "$RUNS/${name}_on" metrics=train/loss,val/loss,perf/images_per_sec \
+        rows=13 out="$OUT/${name}_curves.md" plot="$OUT/${name}_curves.png"
+}
+# Same data, seed and steps; only the option differs. Loss curves from each run's metrics.csv.
+[[ $CHECKS == *fp8* ]] && curves fp8 training.fp8
+[[ $CHECKS == *bf16res* ]] && curves bf16res training.bf16_residual
 printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
 # The benchmark rows against the targets in one table (other JSON files are named and left out)
 if compgen -G "$OUT/*.json" > /dev/null; then

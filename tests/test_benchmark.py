@@ -357,7 +357,7 @@ def test_every_command_of_gpu_checks_parses(tmp_path):
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHON": str(bin_dir / "record"),
-           "OUT": str(tmp_path / "out"), "CHECKS": "train,bench,syncs,levers,fp8"}
+           "OUT": str(tmp_path / "out"), "CHECKS": "train,bench,syncs,levers,fp8,bf16res"}
     out = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_checks.sh")], env=env, cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -380,5 +380,6 @@ def test_every_command_of_gpu_checks_parses(tmp_path):
             compose_train(argv[2:])
         else:
             raise AssertionError(f"gpu_checks.sh calls {argv} that this test does not check")
-    assert seen["benchmark"] >= 20 and seen["sync_probe"] == 2 and seen["compare_runs"] == 1, seen
-    assert seen["diffusion_train.train"] == 8, seen  # bf16, compile, DDP, FSDP, preemption and its relaunch, fp8 pair
+    assert seen["benchmark"] >= 20 and seen["sync_probe"] == 2 and seen["compare_runs"] == 2, seen
+    assert seen["diffusion_train.train"] == 10, seen  # bf16, compile, DDP, FSDP, preemption and its relaunch,
+    # the fp8 and bf16-residual pairs
