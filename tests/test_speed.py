@@ -235,7 +235,8 @@ def test_no_options_leave_the_backbone_alone():
 # compilation
 # ------------------------------------------------------------------------------------------------
 def test_compile_blocks_shares_one_frame_and_matches_eager():
-    """compile=blocks: one compiled frame for all blocks, eager outputs and gradients, same parameter names."""
+    """compile=blocks: one compiled frame for all blocks, one each for the code before and after them (stem, head),
+    eager outputs and gradients, same parameter names."""
     eager, model = tiny_dit(), tiny_dit()
     keys = list(model.state_dict())
     cnt = counter()
@@ -243,7 +244,8 @@ def test_compile_blocks_shares_one_frame_and_matches_eager():
     assert net is model
     assert_same(run(eager, eager, dit_inputs()), run(net, model, dit_inputs()))
     run(net, model, dit_inputs(seed=1))
-    assert cnt.frame_count == 1  # three blocks, two passes: one block's code traced once
+    assert cnt.frame_count == 3  # three blocks, two passes: one block's code traced once; the stem; the head
+    assert all(name in vars(model) for name in ("stem", "head"))
     assert list(model.state_dict()) == keys and not any("_orig_mod" in k for k in keys)
 
 
@@ -325,12 +327,13 @@ def test_checkpointing_the_first_n_blocks():
 
 
 def test_activation_checkpointing_with_compiled_blocks():
-    """Checkpointing around compiled blocks: still one compiled frame, still the eager results."""
+    """Checkpointing around compiled blocks: still one compiled frame for the blocks (and the stem's and head's),
+    still the eager results."""
     eager, model = tiny_dit(), tiny_dit()
     cnt = counter()
     net = prepare_backbone(model, compile="blocks", compile_options={"backend": cnt}, activation_checkpointing=True)
     assert_same(run(eager, eager, dit_inputs()), run(net, model, dit_inputs()))
-    assert cnt.frame_count == 1
+    assert cnt.frame_count == 3
 
 
 # ------------------------------------------------------------------------------------------------
@@ -380,7 +383,7 @@ def test_bf16_residual_with_compiled_checkpointed_blocks_and_its_errors():
     dtypes = _stream_dtypes(model)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         (ref, _), (out, _) = run(eager, eager, dit_inputs()), run(net, model, dit_inputs())
-    assert cnt.frame_count == 1 and all(d == {torch.bfloat16} for d in dtypes)
+    assert cnt.frame_count == 3 and all(d == {torch.bfloat16} for d in dtypes)  # blocks, stem, head
     torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=0.05 * ref.float().abs().max().item())
     with pytest.raises(ValueError, match="training.bf16_residual: UNet has no transformer blocks"):
         prepare_backbone(tiny_unet(), bf16_residual=True)
@@ -625,13 +628,15 @@ def test_module_with_speed_options(model, options, applied):
 
 
 @pytest.mark.parametrize("overrides, graphs", [
-    (["model=dit_tiny"], 1), (["model=unet_tiny"], 1), (["model=dit_tiny", "finetune=lora"], 2),
-    (["model=dit_tiny", "task=inpainting"], 1), (["model=unet_tiny", "finetune=controlnet"], 1),
-    (["model=mmdit_tiny", "conditioning=t5_tiny"], 2), (["model=dit_tiny", "training.fp8=true"], 1),
+    (["model=dit_tiny"], 3), (["model=unet_tiny"], 1), (["model=dit_tiny", "finetune=lora"], 4),
+    (["model=dit_tiny", "task=inpainting"], 3), (["model=unet_tiny", "finetune=controlnet"], 1),
+    (["model=mmdit_tiny", "conditioning=t5_tiny"], 4), (["model=dit_tiny", "training.fp8=true"], 3),
 ], ids=["dit", "unet", "dit_lora", "dit_inpainting", "unet_controlnet", "mmdit_text", "dit_fp8"])
 def test_compile_auto_on_a_gpu_traces_without_graph_breaks(overrides, graphs):
     """The default on a GPU (compile=auto) traced here with the aot_eager backend: every backbone family and
-    fine-tune compiles whole, with no graph break, and the training loss and gradients are those of eager."""
+    fine-tune compiles with no graph break, and the training loss and gradients are those of eager. A U-Net is one
+    graph; a DiT or MMDiT is its block's graph (two where one block differs: LoRA's first block gets an input that
+    needs no gradient, the MMDiT's last block has no text output) and its stem's and head's."""
     from torch._dynamo.utils import counters
 
     batch = {"image": torch.rand(4, 3, 16, 16) * 2 - 1, "label": torch.arange(4),
@@ -667,4 +672,4 @@ def test_flop_counting_leaves_compiled_blocks_to_compile():
     assert flop_counter_macs(model) == counted_macs(model) > 0
     assert stances == ["force_eager", "force_eager"] and counter.frame_count == 0
     run(net, model, dit_inputs())
-    assert counter.frame_count == 1 and stances[-1] == "default"
+    assert counter.frame_count == 3 and stances[-1] == "default"  # blocks, stem, head

@@ -222,14 +222,24 @@ class DiT(nn.Module):
         grid_h, grid_w = grid or (self.grid_size, self.grid_size)
         return unpatchify(x, grid_h, grid_w, self.patch_size, self.out_channels)
 
-    def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None, residuals: list[Tensor] | None = None) -> Tensor:
-        """Predict (B, out_channels, H, W) from noisy x (B, in_channels, H, W) and timesteps t (B,).
-        ``residuals``: a ControlNet's additions to the outputs of the first blocks."""
+    def stem(self, x: Tensor, t: Tensor, cond: Cond | None = None):
+        """What the blocks take: the patch tokens with their positions (B, N, hidden_size), the conditioning
+        embedding (B, hidden_size), the text context and mask (or None), and the token grid."""
         h, grid = embed_patches(self, input_with_image(x, cond, self.in_channels, "DiT"))
         c = self.cond_embedder(t, cond)
         context, mask = context_from_cond(cond, self.context_dim, x.shape[0])
+        return h, c, context, mask, grid
+
+    def head(self, h: Tensor, c: Tensor, grid: tuple[int, int]) -> Tensor:
+        """The last block's tokens -> the (B, out_channels, H, W) prediction."""
+        return self.unpatchify(self.final_layer(h, c), grid)
+
+    def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None, residuals: list[Tensor] | None = None) -> Tensor:
+        """Predict (B, out_channels, H, W) from noisy x (B, in_channels, H, W) and timesteps t (B,).
+        ``residuals``: a ControlNet's additions to the outputs of the first blocks."""
+        h, c, context, mask, grid = self.stem(x, t, cond)
         for i, block in enumerate(self.blocks):
             h = block(h, c, context, mask)
             if residuals is not None and i < len(residuals):
                 h = h + residuals[i]
-        return self.unpatchify(self.final_layer(h, c), grid)
+        return self.head(h, c, grid)

@@ -123,7 +123,9 @@ class MMDiT(nn.Module):
                     nn.init.zeros_(stream.adaLN_modulation[-1].weight)
                     nn.init.zeros_(stream.adaLN_modulation[-1].bias)
 
-    def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
+    def stem(self, x: Tensor, t: Tensor, cond: Cond | None = None):
+        """What the blocks take: the image tokens with their positions, the projected text tokens (or None), the
+        conditioning embedding, the attention's key mask (or None), and the token grid."""
         h, grid = embed_patches(self, input_with_image(x, cond, self.in_channels, "MMDiT"))
         c = self.cond_embedder(t, cond)
         context, mask = context_from_cond(cond, self.context_dim, x.shape[0])
@@ -135,6 +137,14 @@ class MMDiT(nn.Module):
                 mask = mask if mask.dtype == torch.bool else mask != 0
                 image = torch.ones(mask.shape[0], h.shape[1], dtype=torch.bool, device=h.device)
                 key_mask = torch.cat([mask, image], dim=1)[:, None, None, :]
+        return h, ctx, c, key_mask, grid
+
+    def head(self, h: Tensor, c: Tensor, grid: tuple[int, int]) -> Tensor:
+        """The last block's image tokens -> the (B, out_channels, H, W) prediction."""
+        return unpatchify(self.final_layer(h, c), *grid, self.patch_size, self.out_channels)
+
+    def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
+        h, ctx, c, key_mask, grid = self.stem(x, t, cond)
         for block in self.blocks:
             h, ctx = block(h, ctx, c, key_mask)
-        return unpatchify(self.final_layer(h, c), *grid, self.patch_size, self.out_channels)
+        return self.head(h, c, grid)

@@ -2,7 +2,8 @@
 
 ``training.compile``     ``false``; ``true``: ``torch.compile`` of the whole backbone; ``blocks``: each of its
                          repeated blocks compiled in place (regional compilation: one block's code is traced
-                         and reused by all its copies, so compiling takes a fraction of the time); ``auto``
+                         and reused by all its copies, so compiling takes a fraction of the time), and the
+                         code before and after them (a transformer's ``stem`` and ``head``) as two more regions; ``auto``
                          (the default): on a CUDA GPU ``blocks`` for backbones of identical blocks (DiT,
                          MMDiT) and ``true`` for others (U-Nets), elsewhere ``false``.
 ``training.compile_options``  keyword arguments of ``torch.compile``, e.g. ``{mode: reduce-overhead}`` (CUDA
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from typing import Any, Callable
 
 import torch
@@ -43,6 +45,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 COMPILE_CHOICES = ("false", "true", "blocks", "auto")
+OUTER_REGIONS = ("stem", "head")  # a transformer's code before and after its blocks, compiled with compile=blocks
 ATTENTION_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
                       "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}  # training.attention: SDPBackend names
 CUDA_ONLY_ATTENTION = ("cudnn", "efficient")
@@ -248,7 +251,8 @@ def prepare_backbone(backbone: nn.Module, *, compile: Any = False, compile_optio
     Order: float8 layers; then each repeated block's forward compiled (``blocks``), its token inputs cast to the
     autocast dtype before it (``bf16_residual``), and the two run under
     ``torch.utils.checkpoint`` (non-reentrant, RNG state preserved; the recomputation in the backward pass
-    runs the compiled code; ``activation_checkpointing=N``: the first N blocks only); then channels-last; then
+    runs the compiled code; ``activation_checkpointing=N``: the first N blocks only); the backbone's ``stem`` and
+    ``head`` (:data:`OUTER_REGIONS`) compiled too (``blocks``); then channels-last; then
     whole-backbone compilation around all of it; then the attention kernel (``attention``) around everything,
     and inside each checkpointed block too, so that its recomputation runs the same kernel.
     """
@@ -279,6 +283,10 @@ def prepare_backbone(backbone: nn.Module, *, compile: Any = False, compile_optio
         if i < recompute:  # the recomputation runs outside the step's call, so it enters the kernel choice itself
             forward = functools.partial(checkpoint, with_attention(forward, attention), use_reentrant=False)
         block.forward = forward  # an instance attribute: parameter names do not change
+    if choice == "blocks":  # the code around the blocks (patch embedding, conditioning, final layer), one region each
+        for name in OUTER_REGIONS:
+            if inspect.ismethod(getattr(backbone, name, None)):  # a method, not a submodule of that name
+                setattr(backbone, name, torch.compile(getattr(backbone, name), **options))
     if choice != "false":
         allow_recompiles()
     net: Callable = backbone
