@@ -135,10 +135,10 @@ if [[ $CHECKS == *levers* ]]; then
             compile=blocks out="$OUT/xl_b256_ckpt$n.json"
     done
 fi
-F=(experiment=fmnist model=dit_b2 model.patch_size=2 trainer=gpu data.root="${FMNIST:-/usr/share/datasets/fashion-mnist}"
-   data.batch_size=256 trainer.max_steps="${CURVE_STEPS:-1500}" trainer.val_check_interval=250
-   trainer.log_every_n_steps=25 logger=csv training.compile=blocks callbacks.sample_grid.every_n_steps=100000
-   callbacks.checkpoint.every_n_train_steps=100000)
+F=(experiment=fmnist model=dit_b2 model.patch_size=2 trainer=gpu
+   data.root="${FMNIST:-/usr/share/datasets/fashion-mnist}" data.batch_size=256 trainer.max_steps="${CURVE_STEPS:-1500}"
+   trainer.val_check_interval=250 trainer.log_every_n_steps=25 logger=csv training.compile=blocks
+   callbacks.sample_grid.every_n_steps=100000 callbacks.checkpoint.every_n_train_steps=100000)
 curves() {  # curves NAME OPTION: DiT-B/2 on Fashion-MNIST with OPTION false and true, loss curves side by side
     local name=$1 option=$2
     step "${name}_off" 280 $PY -m diffusion_train.train "${F[@]}" "$option=false" hydra.run.dir="$RUNS/${name}_off"

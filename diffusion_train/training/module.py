@@ -62,8 +62,8 @@ class DiffusionModule(L.LightningModule):
                  accumulate_grad_batches: int = 1, max_nonfinite_steps: int = 20,
                  compile: bool | str = False, compile_options: dict | None = None,
                  activation_checkpointing: bool | int = False, channels_last: bool | str = False, fp8: bool = False,
-                 bf16_residual: bool = False, attention: str = "auto", seed: int = 0, task=None, controlnet: nn.Module | None = None,
-                 control=None):
+                 bf16_residual: bool = False, attention: str = "auto", seed: int = 0, task=None,
+                 controlnet: nn.Module | None = None, control=None):
         super().__init__()
         self.automatic_optimization = False
         self.backbone, self.conditioner, self.objective = backbone, conditioner, objective
@@ -77,8 +77,8 @@ class DiffusionModule(L.LightningModule):
         self.compile = resolve_compile(compile, backbone, torch.cuda.is_available())  # auto made concrete
         self.channels_last = resolve_channels_last(channels_last, backbone, torch.cuda.is_available())
         net = prepare_backbone(backbone, compile=self.compile, compile_options=compile_options,
-                               activation_checkpointing=activation_checkpointing, channels_last=self.channels_last, fp8=fp8,
-                               bf16_residual=bf16_residual, attention=attention)
+                               activation_checkpointing=activation_checkpointing, channels_last=self.channels_last,
+                               fp8=fp8, bf16_residual=bf16_residual, attention=attention)
         self.controlnet, self.control = controlnet, control  # a ControlNet fine-tune: the copy, the control images
         self.__dict__["net"] = Controlled(net, controlnet) if controlnet is not None else net
         self.fp8, self.attention = fp8, attention_choice(attention)

@@ -3,9 +3,9 @@
 ``training.compile``     ``false``; ``true``: ``torch.compile`` of the whole backbone; ``blocks``: each of its
                          repeated blocks compiled in place (regional compilation: one block's code is traced
                          and reused by all its copies, so compiling takes a fraction of the time), and the
-                         code before and after them (a transformer's ``stem`` and ``head``) as two more regions; ``auto``
-                         (the default): on a CUDA GPU ``blocks`` for backbones of identical blocks (DiT,
-                         MMDiT) and ``true`` for others (U-Nets), elsewhere ``false``.
+                         code before and after them (a transformer's ``stem`` and ``head``) as two more
+                         regions; ``auto`` (the default): on a CUDA GPU ``blocks`` for backbones of identical
+                         blocks (DiT, MMDiT) and ``true`` for others (U-Nets), elsewhere ``false``.
 ``training.compile_options``  keyword arguments of ``torch.compile``, e.g. ``{mode: reduce-overhead}`` (CUDA
                          graphs), ``{mode: max-autotune-no-cudagraphs}``, ``{backend: aot_eager}``.
 ``training.activation_checkpointing``  recompute each repeated block's activations in the backward pass
