@@ -37,6 +37,18 @@ def _fit_start(ema, module, step=0):
     ema.on_fit_start(SimpleNamespace(global_step=step), module)
 
 
+def _updated_ema(warmup: bool, steps: int, seed: int) -> tuple[nn.Module, EMA]:
+    """A Linear(3, 2) and its EMA (decays 0.9 and 0.5) after ``steps`` updates along a random weight sequence."""
+    torch.manual_seed(0)
+    module = nn.Linear(3, 2)
+    ema = EMA(decays=[0.9, 0.5], warmup=warmup)
+    _fit_start(ema, module)
+    for p in _param_sequence(module, steps, seed=seed):
+        _set(module, p.float())
+        ema.update(module)
+    return module, ema
+
+
 def test_ema_closed_form_without_warmup():
     torch.manual_seed(0)
     module = nn.Linear(3, 2)
@@ -174,13 +186,7 @@ def test_ema_update_every_resumes_exactly_from_a_step_between_updates():
 
 
 def test_ema_swapped_loads_and_restores():
-    torch.manual_seed(0)
-    module = nn.Linear(3, 2)
-    ema = EMA(decays=[0.9, 0.5], warmup=False)
-    _fit_start(ema, module)
-    for p in _param_sequence(module, 3, seed=4):
-        _set(module, p.float())
-        ema.update(module)
+    module, ema = _updated_ema(warmup=False, steps=3, seed=4)
     raw = _flat(module).clone()
     with ema.swapped(module):  # default: the first decay
         torch.testing.assert_close(_flat(module), _ema_flat(ema, 0.9))
@@ -197,13 +203,7 @@ def test_ema_swapped_loads_and_restores():
 
 
 def test_ema_state_round_trip(tmp_path):
-    torch.manual_seed(0)
-    module = nn.Linear(3, 2)
-    ema = EMA(decays=[0.9, 0.5], warmup=True)
-    _fit_start(ema, module)
-    for p in _param_sequence(module, 4, seed=5):
-        _set(module, p.float())
-        ema.update(module)
+    module, ema = _updated_ema(warmup=True, steps=4, seed=5)
     state = ema.state()
     assert state["num_updates"] == 4 and [float(d) for d in state["decays"]] == [0.9, 0.5]
     assert set(state["weights"]) == {"0.9", "0.5"}
