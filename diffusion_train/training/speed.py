@@ -70,11 +70,17 @@ def resolve_compile(value: Any, backbone: nn.Module, on_gpu: bool) -> str:
         return choice
     if not on_gpu:
         return "false"
+    return "blocks" if has_uniform_blocks(backbone) else "true"
+
+
+def has_uniform_blocks(backbone: nn.Module) -> bool:
+    """Whether the backbone's repeated blocks are copies of one layer (:func:`uniform_blocks`): a DiT or MMDiT,
+    not a U-Net."""
     try:
         uniform_blocks(backbone)
     except ValueError:
-        return "true"
-    return "blocks"
+        return False
+    return True
 
 
 def resolve_channels_last(value: Any, backbone: nn.Module, on_gpu: bool) -> bool:
@@ -86,8 +92,7 @@ def resolve_channels_last(value: Any, backbone: nn.Module, on_gpu: bool) -> bool
         raise ValueError(f"training.channels_last must be one of false, true, auto, got {value!r}")
     if choice != "auto":
         return choice == "true"
-    return (on_gpu and resolve_compile("auto", backbone, on_gpu=True) == "true"
-            and any(isinstance(m, nn.Conv2d) for m in backbone.modules()))
+    return on_gpu and not has_uniform_blocks(backbone) and any(isinstance(m, nn.Conv2d) for m in backbone.modules())
 
 
 def block_lists(backbone: nn.Module) -> list[tuple[str, nn.ModuleList]]:
