@@ -116,6 +116,7 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
                           timeout=240)
 
 
+@pytest.mark.slow
 def test_script_end_to_end_on_cpu(tmp_path, capsys):
     out, md = tmp_path / "result.json", tmp_path / "bench.md"
     md.write_text("# Benchmarks\n\nintro\n\n<!-- scripts/benchmark.py adds result tables above this line -->\n\n"

@@ -193,6 +193,7 @@ def test_script_refuses_to_save_below_min_accuracy(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_script_saves_with_min_accuracy_zero_and_checks_arguments(tmp_path, script):
     out = tmp_path / "net.safetensors"
     r = _run([f"out={out}", "limit=128", "epochs=1", "batch_size=64", "min_accuracy=0", *TINY_ARCH], tmp_path)

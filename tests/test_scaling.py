@@ -81,6 +81,7 @@ def _plan(tmp_path, *args: str):
     return out, conf
 
 
+@pytest.mark.slow
 def test_the_isoflop_plan_lands_each_run_on_its_budget(tmp_path):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
@@ -125,6 +126,7 @@ def test_the_isoflop_plan_lands_each_run_on_its_budget(tmp_path):
         assert abs(landed / p["scaling"]["budget"] - 1) < 0.05
 
 
+@pytest.mark.slow
 def test_a_planned_run_spends_its_budget(tmp_path):
     """One point of a plan, trained: its summary.json total FLOPs are the budget within 5%."""
     from hydra import compose, initialize_config_dir
@@ -151,6 +153,7 @@ def test_a_plan_with_no_feasible_run_is_refused(tmp_path):
     assert out.stderr.strip().splitlines()[-1].startswith("error: no run of the plan gets 20 steps")
 
 
+@pytest.mark.slow
 def test_the_summary_reaches_the_wandb_run(tmp_path):
     """The scalar fields go into the W&B run summary and `scaling` into its config (a real offline run, in
     its own process: W&B flushes the record file when the process ends, and a W&B service started in
