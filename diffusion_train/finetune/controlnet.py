@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from diffusion_train.conditioning.cond import Cond
 from diffusion_train.models.diffusers_backbones import DiffusersUNet, text_inputs
-from diffusion_train.models.dit import DiT, embed_patches
+from diffusion_train.models.dit import DiT
 from diffusion_train.models.layers import context_from_cond, input_with_image
 from diffusion_train.models.unet import UNet
 
@@ -116,10 +116,8 @@ class DiTControlNet(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, cond: Cond) -> list[Tensor]:
         """The residuals of :meth:`DiT.forward`: one per copied block."""
-        h, _ = embed_patches(self, input_with_image(x, cond, self.in_channels, "ControlNet"))
+        h, c, context, mask, _ = DiT.stem(self, x, t, cond)  # the base's stem, on this copy's embedders
         h = h + self.control_embedder(cond.control.to(x)).flatten(2).transpose(1, 2)
-        c = self.cond_embedder(t, cond)
-        context, mask = context_from_cond(cond, self.context_dim, x.shape[0])
         outs = []
         for block, z in zip(self.blocks, self.zero_linears):
             h = block(h, c, context, mask)
