@@ -223,8 +223,8 @@ class DiT(nn.Module):
         return unpatchify(x, grid_h, grid_w, self.patch_size, self.out_channels)
 
     def stem(self, x: Tensor, t: Tensor, cond: Cond | None = None):
-        """What the blocks take: the patch tokens with their positions (B, N, hidden_size), the conditioning
-        embedding (B, hidden_size), the text context and mask (or None), and the token grid."""
+        """The blocks' arguments in their order, then the token grid: the patch tokens with their positions
+        (B, N, hidden_size), the conditioning embedding (B, hidden_size), the text context and mask (or None)."""
         h, grid = embed_patches(self, input_with_image(x, cond, self.in_channels, "DiT"))
         c = self.cond_embedder(t, cond)
         context, mask = context_from_cond(cond, self.context_dim, x.shape[0])

@@ -124,8 +124,8 @@ class MMDiT(nn.Module):
                     nn.init.zeros_(stream.adaLN_modulation[-1].bias)
 
     def stem(self, x: Tensor, t: Tensor, cond: Cond | None = None):
-        """What the blocks take: the image tokens with their positions, the projected text tokens (or None), the
-        conditioning embedding, the attention's key mask (or None), and the token grid."""
+        """The blocks' arguments in their order, then the token grid: the image tokens with their positions, the
+        projected text tokens (or None), the conditioning embedding, the attention's key mask (or None)."""
         h, grid = embed_patches(self, input_with_image(x, cond, self.in_channels, "MMDiT"))
         c = self.cond_embedder(t, cond)
         context, mask = context_from_cond(cond, self.context_dim, x.shape[0])
