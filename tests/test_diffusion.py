@@ -1,4 +1,4 @@
-"""Tests for the diffusion math: schedules, parameterizations, the objective, samplers and guidance.
+"""Tests for the diffusion math: schedules, parameterizations, the objective and samplers.
 
 Expectations are computed independently (numpy float64 references, closed forms, and a 1-D
 Gaussian data distribution whose exact denoiser E[x0 | x_t] is known in closed form).
@@ -12,14 +12,20 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_train.conditioning.cond import Cond
 from diffusion_train.diffusion import parameterization as param
-from diffusion_train.diffusion.guidance import CFGDenoiser
-from diffusion_train.diffusion.objective import GaussianDiffusion, MinSNRWeighting
+from diffusion_train.diffusion.objective import (
+    EDMWeighting,
+    GaussianDiffusion,
+    LogitNormalTime,
+    LogNormalSigma,
+    MinSNRWeighting,
+)
 from diffusion_train.diffusion.samplers import Sampler, ddim, ddpm, per_image_generators, randn
 from diffusion_train.diffusion.schedules import (
     CosineSchedule,
     DiscreteSchedule,
+    EDMSchedule,
+    FlowSchedule,
     LinearSchedule,
     ScaledLinearSchedule,
 )
@@ -290,6 +296,101 @@ def test_min_snr_weights():
     torch.testing.assert_close(GaussianDiffusion(sched, "v").loss_weight(t), torch.ones(len(t)))
 
 
+def test_edm_preconditioning_matches_karras_table_1():
+    """c_skip = sd^2/(s^2 + sd^2), c_out = s sd/sqrt(s^2 + sd^2), c_in = 1/sqrt(s^2 + sd^2), c_noise = ln(s)/4,
+    at sd = 0.5: known values, through what the network sees and what it is trained to output."""
+    sigma = torch.tensor([1.0, 2.0, 0.5])
+    c_skip = torch.tensor([0.2, 0.25 / 4.25, 0.5])
+    c_out = torch.tensor([0.5 / 1.25**0.5, 1 / 4.25**0.5, 0.25 / 0.5**0.5])
+    c_in = torch.tensor([1 / 1.25**0.5, 1 / 4.25**0.5, 1 / 0.5**0.5])
+    x0, noise = _batch(3, seed=5)
+    seen = {}
+
+    def net(x, t, cond):
+        seen["x"], seen["t"] = x, t
+        return torch.zeros_like(x)
+
+    diff = GaussianDiffusion(EDMSchedule(), "edm")
+    loss = diff.loss(net, x0, None, t=sigma, noise=noise)
+    r = (-1, 1, 1, 1)
+    x = x0 + sigma.reshape(r) * noise
+    torch.testing.assert_close(seen["x"], c_in.reshape(r) * x)
+    torch.testing.assert_close(seen["t"], 1000 * sigma.log() / 4)
+    target = (x0 - c_skip.reshape(r) * x) / c_out.reshape(r)
+    torch.testing.assert_close(loss, target.square().flatten(1).mean(1))  # uniform weight on F
+    out = torch.randn_like(x0)
+    torch.testing.assert_close(diff.denoiser(lambda *a: out)(x, sigma, None), c_skip.reshape(r) * x
+                               + c_out.reshape(r) * out)
+
+
+def test_flow_and_edm_targets_by_definition():
+    x0, eps = _batch(3, seed=6)
+    a, s = torch.tensor([0.7, 0.4, 0.9]).reshape(-1, 1, 1, 1), torch.tensor([0.3, 0.6, 0.1]).reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(param.target("flow", x0, eps, a, s), eps - x0)
+    # edm on a VP schedule: sigma_ve = s/a, x_ve = x/a, target F = (x0 - c_skip x_ve)/c_out, sd = 0.5
+    sv = s / a
+    f = (x0 - 0.25 / (sv**2 + 0.25) * (x0 + sv * eps)) / (sv * 0.5 / (sv**2 + 0.25).sqrt())
+    torch.testing.assert_close(param.target("edm", x0, eps, a, s), f)
+
+
+def test_edm_weighting():
+    """lambda = (s^2 + sd^2)/(s sd)^2 on the x0 error: the edm prediction's own loss unweighted; for v on a VP
+    schedule (MSE(v) = MSE(x0)/s^2 at alpha^2 + sigma^2 = 1) the weight is lambda s^2."""
+    t = torch.tensor([10.0, 300.0, 900.0])
+    sched = LinearSchedule()
+    a, s = sched.alpha_sigma(t)
+    sv = s.double() / a.double()
+    lam = (sv**2 + 0.25) / (sv * 0.5) ** 2
+    torch.testing.assert_close(GaussianDiffusion(sched, "edm", weighting=EDMWeighting()).loss_weight(t),
+                               torch.ones(3), rtol=1e-5, atol=0)
+    torch.testing.assert_close(GaussianDiffusion(sched, "v", weighting=EDMWeighting()).loss_weight(t).double(),
+                               lam * s.double() ** 2, rtol=1e-4, atol=0)
+
+
+def test_training_time_distributions():
+    n, g = 200000, torch.Generator().manual_seed(0)
+    # LogNormalSigma: ln(sigma/alpha) ~ N(p_mean, p_std) on any schedule, through its log-SNR
+    for sched in (EDMSchedule(), LinearSchedule()):
+        t = LogNormalSigma(-0.4, 0.8)(sched, n, "cpu", g)
+        a, s = sched.alpha_sigma(t)
+        log_sig = (s.double() / a.double()).log()
+        inside = (t > sched.t_min) & (t < sched.t_max)  # the ends clamp to the schedule's range
+        if isinstance(sched, EDMSchedule):
+            assert float(inside.double().mean()) > 0.999
+            assert abs(float(log_sig.mean()) + 0.4) < 0.01 and abs(float(log_sig.std()) - 0.8) < 0.01
+        # the map through the log-SNR is monotone: quantiles of ln(sigma) are the normal's where inside
+        q = torch.tensor([0.3, 0.5, 0.7], dtype=torch.float64)
+        want = -0.4 + 0.8 * math.sqrt(2) * torch.erfinv(2 * q - 1)
+        torch.testing.assert_close(torch.quantile(log_sig[:100000], q), want, rtol=0, atol=0.02)
+    # LogitNormalTime: logit of t ~ N(mean, std), on [t_min, t_max]
+    t = LogitNormalTime(0.5, 1.5)(FlowSchedule(), n, "cpu", g)
+    logit = (t / (1 - t)).log()
+    assert abs(float(logit.mean()) - 0.5) < 0.02 and abs(float(logit.std()) - 1.5) < 0.02
+    assert 0 < float(t.min()) and float(t.max()) < 1
+
+
+def test_uniform_time_is_never_t_min(monkeypatch):
+    """torch.rand can give exactly 0; a flow's t = 0 has no noise, where EDM's weighting divides by sigma."""
+    monkeypatch.setattr(torch, "rand", lambda n, **k: torch.zeros(n))
+    diff = GaussianDiffusion(FlowSchedule(), "flow", weighting=EDMWeighting())
+    t = diff.sample_t(4, "cpu")
+    assert bool((t > 0).all()) and float(t.max()) < 1e-6
+    x0, _ = _batch(4)
+    loss = diff.loss(lambda x, t, c: torch.zeros_like(x), x0, None, noise=torch.randn_like(x0))
+    assert bool(torch.isfinite(loss).all())
+
+
+def test_sigma_data_is_one_number():
+    """The preconditioning's sigma_data is GaussianDiffusion's; a different one on the schedule, or on the
+    weighting of an edm model, is refused."""
+    with pytest.raises(ValueError, match="diffusion.schedule.sigma_data=1.0 differs from diffusion.sigma_data=0.5"):
+        GaussianDiffusion(EDMSchedule(sigma_data=1.0), "edm")
+    with pytest.raises(ValueError, match="diffusion.weighting.sigma_data=1.0"):
+        GaussianDiffusion(EDMSchedule(), "edm", weighting=EDMWeighting(1.0))
+    GaussianDiffusion(EDMSchedule(sigma_data=1.0), "edm", weighting=EDMWeighting(1.0), sigma_data=1.0)
+    GaussianDiffusion(LinearSchedule(), "v", weighting=EDMWeighting(1.0))  # only edm preconditions
+
+
 def test_loss_is_deterministic_given_seeded_generator():
     x0, _ = _batch()
     w = torch.linspace(-1, 1, 48).reshape(1, 3, 4, 4)
@@ -435,73 +536,3 @@ def test_per_image_sampling_is_independent_of_batch_split():
     torch.testing.assert_close(full, halves, rtol=1e-6, atol=1e-6)
     single = run(seeds[4:5])
     torch.testing.assert_close(full[4:5], single, rtol=1e-6, atol=1e-6)
-
-
-# ------------------------------------------------------------------------------------------------
-# classifier-free guidance
-# ------------------------------------------------------------------------------------------------
-class CondDenoiser:
-    """A denoiser whose output depends on x, t and the conditioning vector (per row)."""
-
-    def __init__(self):
-        self.schedule = LinearSchedule()
-        self.calls: list[int] = []
-
-    def alpha_sigma(self, t):
-        return self.schedule.alpha_sigma(t)
-
-    def timesteps(self, n, spacing):
-        return self.schedule.timesteps(n, spacing)
-
-    def __call__(self, x, t, cond):
-        self.calls.append(x.shape[0])
-        a, _ = self.alpha_sigma(t)
-        out = 0.5 * a.reshape(-1, 1) * x
-        if cond is not None:
-            out = out + torch.tanh(cond.vector @ torch.linspace(-1, 1, cond.vector.shape[1] * x.shape[1])
-                                   .reshape(cond.vector.shape[1], x.shape[1]))
-        return out
-
-
-def _cfg_inputs(b=4, d=3, k=5):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(b, d, generator=g)
-    t = torch.tensor([10.0, 200.0, 500.0, 999.0])[:b]
-    cond = Cond(vector=torch.randn(b, k, generator=g))
-    uncond = Cond(vector=torch.zeros(b, k) + 0.3)
-    return x, t, cond, uncond
-
-
-def test_cfg_scale_one_is_plain_denoiser():
-    x, t, cond, uncond = _cfg_inputs()
-    inner = CondDenoiser()
-    out = CFGDenoiser(inner, uncond, 1.0)(x, t, cond)
-    assert inner.calls == [4]
-    torch.testing.assert_close(out, CondDenoiser()(x, t, cond), rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("scale", [0.0, 2.5, 7.5])
-def test_cfg_combines_cond_and_uncond_in_one_batched_call(scale):
-    x, t, cond, uncond = _cfg_inputs()
-    inner = CondDenoiser()
-    out = CFGDenoiser(inner, uncond, scale)(x, t, cond)
-    assert inner.calls == [8]  # one forward pass with cond and uncond stacked
-    ref = CondDenoiser()
-    c, u = ref(x, t, cond), ref(x, t, uncond)
-    torch.testing.assert_close(out, u + scale * (c - u), rtol=1e-5, atol=1e-6)
-
-
-def test_sampler_with_guidance_uses_cfg_and_needs_uncond():
-    x, _, cond, uncond = _cfg_inputs()
-    sampler = Sampler(ddim, 5, "trailing")
-    with pytest.raises(ValueError):
-        sampler(CondDenoiser(), x, cond, guidance_scale=3.0)
-    inner = CondDenoiser()
-    out = sampler(inner, x, cond, uncond=uncond, guidance_scale=3.0)
-    assert inner.calls == [8] * 5
-    direct = ddim(CFGDenoiser(CondDenoiser(), uncond, 3.0), x, LinearSchedule().timesteps(5, "trailing"), cond)
-    torch.testing.assert_close(out, direct)
-    # scale 1 needs no uncond and makes single-batch calls
-    inner1 = CondDenoiser()
-    sampler(inner1, x, cond, guidance_scale=1.0)
-    assert inner1.calls == [4] * 5

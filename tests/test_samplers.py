@@ -1,4 +1,4 @@
-"""Known-answer tests for schedules, parameterizations, samplers and guidance.
+"""Known-answer tests for schedules, parameterizations and samplers.
 
 The data are 2-D toy distributions whose optimal denoiser E[x0 | x_t] is known in closed form
 (``scripts/analytic.py``): a Gaussian with a different mean and std per dimension and a mixture of
@@ -17,9 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_train.conditioning.cond import Cond
 from diffusion_train.diffusion import parameterization as param
-from diffusion_train.diffusion.guidance import CFGDenoiser
 from diffusion_train.diffusion.objective import GaussianDiffusion, ModelDenoiser
 from diffusion_train.diffusion.samplers import (
     Sampler,
@@ -180,6 +178,17 @@ def test_zero_terminal_snr_alpha_sigma_is_finite_between_the_last_two_steps():
     torch.testing.assert_close(a.double() ** 2 + s.double() ** 2, torch.ones(41, dtype=torch.float64),
                                rtol=0, atol=1e-6)
     assert bool((a[1:] <= a[:-1]).all())
+
+
+@pytest.mark.parametrize("cls", [LinearSchedule, ScaledLinearSchedule, CosineSchedule])
+def test_zero_terminal_snr_t_at_inverts_between_the_last_two_steps(cls):
+    """alpha goes linearly to 0 on (T-2, T-1), where the log-SNR runs to -inf: t_at inverts that too."""
+    zt = cls(rescale_zero_terminal_snr=True)
+    t = torch.tensor([998.0, 998.1, 998.25, 998.5, 998.75, 998.9, 998.99, 999.0])
+    torch.testing.assert_close(zt.t_at(zt.log_snr(t)), t, rtol=0, atol=1e-4)
+    # the auto grid starts at the zero-SNR step (trailing), as Lin et al. sample
+    torch.testing.assert_close(zt.timesteps(10), zt.timesteps(10, "trailing"))
+    assert float(zt.timesteps(10)[0]) == 999.0 and float(cls().timesteps(10)[0]) == 900.0  # leading without
 
 
 @pytest.mark.parametrize("cls", [LinearSchedule, ScaledLinearSchedule, CosineSchedule])
@@ -487,95 +496,7 @@ def test_per_image_seeds_make_samples_independent_of_batch_size(name):
 
 
 # ------------------------------------------------------------------------------------------------
-# 6. classifier-free guidance with interval and rescale
-# ------------------------------------------------------------------------------------------------
-class CondGaussian:
-    """E[x0 | x_t] for x0 ~ N(c, tau^2 I), c = cond.vector (zeros without cond); EDM schedule, so
-    sigma/alpha = t exactly."""
-
-    def __init__(self, tau=0.5):
-        self.schedule, self.tau, self.calls = EDMSchedule(), tau, []
-
-    def alpha_sigma(self, t):
-        return self.schedule.alpha_sigma(t)
-
-    def __call__(self, x, t, cond):
-        self.calls.append(x.shape[0])
-        a, s = (v.reshape(-1, 1) for v in self.alpha_sigma(t))
-        mu = cond.vector if cond is not None else torch.zeros_like(x)
-        return mu + a * self.tau**2 / (a**2 * self.tau**2 + s**2) * (x - a * mu)
-
-
-def _cfg_batch(b=6, d=8):
-    g = torch.Generator().manual_seed(0)
-    return (torch.randn(b, d, generator=g), Cond(vector=torch.randn(b, d, generator=g)),
-            Cond(vector=torch.full((b, d), 0.25)))
-
-
-def test_cfg_interval_outside_is_conditional_with_single_calls():
-    x, cond, uncond = _cfg_batch()
-    inner = CondGaussian()
-    cfg = CFGDenoiser(inner, uncond, 4.0, interval=(1.0, 5.0))
-    for t in (0.5, 1.0, 6.0, 80.0):  # lo < sigma <= hi is inactive at exactly lo
-        inner.calls.clear()
-        out = cfg(x, torch.full((6,), t), cond)
-        assert inner.calls == [6]
-        torch.testing.assert_close(out, CondGaussian()(x, torch.full((6,), t), cond), rtol=0, atol=0)
-
-
-def test_cfg_interval_inside_is_guided_with_one_double_call():
-    x, cond, uncond = _cfg_batch()
-    for t in (1.5, 5.0):  # exactly hi is active
-        inner = CondGaussian()
-        out = CFGDenoiser(inner, uncond, 4.0, interval=(1.0, 5.0))(x, torch.full((6,), t), cond)
-        assert inner.calls == [12]
-        ref = CondGaussian()
-        c, u = ref(x, torch.full((6,), t), cond), ref(x, torch.full((6,), t), uncond)
-        torch.testing.assert_close(out, u + 4.0 * (c - u), rtol=1e-6, atol=1e-6)
-    # rows at different t: guided where active, conditional elsewhere, still one 2B call
-    t = torch.tensor([0.5, 2.0, 80.0, 3.0, 1.0, 5.0])
-    inner = CondGaussian()
-    out = CFGDenoiser(inner, uncond, 4.0, interval=(1.0, 5.0))(x, t, cond)
-    assert inner.calls == [12]
-    c, u = CondGaussian()(x, t, cond), CondGaussian()(x, t, uncond)
-    active = torch.tensor([False, True, False, True, False, True]).reshape(-1, 1)
-    torch.testing.assert_close(out, torch.where(active, u + 4.0 * (c - u), c), rtol=1e-6, atol=1e-6)
-
-
-def test_sampler_with_guidance_interval_call_pattern():
-    x, cond, uncond = _cfg_batch()
-    sampler = Sampler(dpmpp_2m, 12, "karras")
-    inner = CondGaussian()
-    sampler(inner, x, cond, uncond=uncond, guidance_scale=3.0, guidance_interval=(0.3, 10.0))
-    ts = inner.schedule.timesteps(12, "karras")
-    assert inner.calls == [12 if 0.3 < float(t) <= 10.0 else 6 for t in ts]
-    assert 6 in inner.calls and 12 in inner.calls
-
-
-def test_cfg_rescale():
-    x, cond, uncond = _cfg_batch()
-    t = torch.full((6,), 0.8)
-    c, u = CondGaussian()(x, t, cond), CondGaussian()(x, t, uncond)
-    guided = u + 6.0 * (c - u)
-    full = CFGDenoiser(CondGaussian(), uncond, 6.0, rescale=1.0)(x, t, cond)
-    torch.testing.assert_close(full.std(1), c.std(1), rtol=1e-5, atol=0)
-    torch.testing.assert_close(full, guided * c.std(1, keepdim=True) / guided.std(1, keepdim=True), rtol=1e-5,
-                               atol=1e-6)
-    half = CFGDenoiser(CondGaussian(), uncond, 6.0, rescale=0.3)(x, t, cond)
-    torch.testing.assert_close(half, 0.3 * full + 0.7 * guided, rtol=1e-5, atol=1e-6)
-    none = CFGDenoiser(CondGaussian(), uncond, 6.0, rescale=0.0)(x, t, cond)
-    torch.testing.assert_close(none, guided, rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("kwargs", [{"interval": (5.0, 1.0)}, {"interval": (2.0, 2.0)}, {"rescale": -0.1},
-                                    {"rescale": 1.5}])
-def test_cfg_invalid_arguments(kwargs):
-    with pytest.raises(ValueError):
-        CFGDenoiser(CondGaussian(), Cond(vector=torch.zeros(1, 2)), 3.0, **kwargs)
-
-
-# ------------------------------------------------------------------------------------------------
-# 7. zero terminal SNR
+# 6. zero terminal SNR
 # ------------------------------------------------------------------------------------------------
 def test_zero_terminal_snr_rejects_eps_prediction_and_karras():
     zt = ScaledLinearSchedule(rescale_zero_terminal_snr=True)
@@ -612,6 +533,51 @@ def test_zero_terminal_snr_v_prediction_samples_from_pure_noise(name):
     assert bool(((cov.diagonal().sqrt() - ref_std).abs() <= 4 * se_std + 0.01).all()), (cov, ref_std)
     if name in DETERMINISTIC:
         assert float((out - data.exact_output(noise, ts)).abs().mean()) < 0.01
+
+
+class RecordingDenoiser:
+    """Records the times it is called at and the std of its input; its estimate is 0."""
+
+    def __init__(self, schedule):
+        self.schedule, self.ts, self.stds = schedule, [], []
+
+    def alpha_sigma(self, t):
+        return self.schedule.alpha_sigma(t)
+
+    def __call__(self, x, t, cond):
+        self.ts.append(float(t.reshape(-1)[0]))
+        self.stds.append(float(x.std()))
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("schedule", [EDMSchedule(), LinearSchedule()], ids=["edm", "vp"])
+def test_heun_churn_calls_the_denoiser_at_the_noise_level_x_has(schedule):
+    """Churn raises the noise to sigma (1 + gamma) and calls the denoiser there (Karras et al. algorithm 2),
+    but never past the schedule's largest sigma/alpha, the end of the model's time range."""
+    ts = schedule.timesteps(10, "karras")
+    den = RecordingDenoiser(schedule)
+    x = scaled_noise(schedule, ts, 20000, seed=0, d=1)
+    heun(den, x, ts, s_churn=40.0, generator=torch.Generator().manual_seed(1))
+    a, s = schedule.alpha_sigma(ts)
+    sig = (s.double() / a.double()).tolist()
+    gamma, top = math.sqrt(2) - 1, schedule.ve_sigma_range()[1]
+    raised = [min(v * (1 + gamma), top) for v in sig]
+    assert raised[0] == pytest.approx(sig[0]) and raised[-1] > sig[-1] * 1.4  # both cases are exercised
+    a_c, s_c = schedule.alpha_sigma(torch.tensor(den.ts[::2]))  # the first call of each step is at the raised level
+    np.testing.assert_allclose((s_c.double() / a_c.double()).numpy(), raised, rtol=1e-3)
+    # x's own noise is at that level: the zero estimate keeps x = noise, std sigma (in VE units, times alpha)
+    np.testing.assert_allclose(np.array(den.stds[::2]) / a_c.double().numpy(), raised, rtol=0.03)
+
+
+def test_ddim_eta_above_one_keeps_the_marginal_noise_level():
+    """eta > 1 caps the added noise at the next step's sigma (as k-diffusion): x keeps the marginal std."""
+    schedule = EDMSchedule()
+    ts = torch.tensor([80.0, 40.0, 20.0])
+    for eta in (1.0, 2.0):
+        den = RecordingDenoiser(schedule)
+        ddim(den, torch.randn(20000, 1, generator=torch.Generator().manual_seed(0)) * 80, ts, eta=eta,
+             generator=torch.Generator().manual_seed(1))
+        np.testing.assert_allclose(den.stds, [80.0, 40.0, 20.0], rtol=0.03)
 
 
 def test_heun_rejects_zero_terminal_snr_and_names_flow_heun():

@@ -133,9 +133,11 @@ def test_dual_guidance_reduces_to_single_guidance_at_image_scale_1(tiny_cfg):
         torch.testing.assert_close(dual, single, rtol=1e-5, atol=1e-6)
         plain = DualGuidance(denoiser, no_text, neither, text_scale=1.0, image_scale=1.0)(x, t, cond)
         torch.testing.assert_close(plain, denoiser(x, t, cond), rtol=1e-5, atol=1e-6)
-        full, txt, none = denoiser(x, t, cond), denoiser(x, t, no_text), denoiser(x, t, neither)
+        full, txt, none = (denoiser.estimate(x, t, c) for c in (cond, no_text, neither))  # before clip_x0
         both = DualGuidance(denoiser, no_text, neither, text_scale=3.0, image_scale=1.5)(x, t, cond)
-        torch.testing.assert_close(both, none + 1.5 * (txt - none) + 3.0 * (full - txt), rtol=1e-5, atol=1e-5)
+        guided = none + 1.5 * (txt - none) + 3.0 * (full - txt)
+        torch.testing.assert_close(both, denoiser.clip(guided), rtol=1e-5, atol=1e-5)
+        assert denoiser.clip_x0 and float(guided.abs().max()) > 1  # the clipping is exercised
         assert not torch.allclose(both, single)
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from diffusion_train.conditioning.cond import Cond
-from diffusion_train.diffusion.objective import Denoiser
+from diffusion_train.diffusion.objective import Denoiser, unclipped
 
 
 class CFGDenoiser:
@@ -19,13 +19,15 @@ class CFGDenoiser:
     elsewhere the conditional estimate alone, and steps wholly outside skip the unconditional pass.
     ``rescale`` in [0, 1] (Lin et al. 2024): blend the guided estimate with a copy rescaled to the
     per-sample standard deviation of the conditional estimate, against over-exposure at high scales.
-    ``scale=1`` is the plain conditional model and skips the unconditional pass.
+    ``scale=1`` is the plain conditional model and skips the unconditional pass. A denoiser's ``clip_x0``
+    clamps the guided estimate, not the two it combines.
     """
 
     def __init__(self, denoiser: Denoiser, uncond: Cond, scale: float,
                  interval: Sequence[float] | None = None, rescale: float = 0.0):
         self.denoiser, self.uncond, self.scale = denoiser, uncond, float(scale)
         self.schedule = denoiser.schedule
+        self._estimate, self._clip = unclipped(denoiser)
         self.interval = None if interval is None else (float(interval[0]), float(interval[1]))
         if self.interval is not None and not self.interval[0] < self.interval[1]:
             raise ValueError(f"guidance_interval must be (lo, hi) with lo < hi, got {interval}")
@@ -50,7 +52,7 @@ class CFGDenoiser:
         active = self._active(t)
         if not bool(active.any()):
             return self.denoiser(x, t, cond)
-        both = self.denoiser(torch.cat([x, x]), torch.cat([t, t]), Cond.cat([cond, self.uncond]))
+        both = self._estimate(torch.cat([x, x]), torch.cat([t, t]), Cond.cat([cond, self.uncond]))
         x0_cond, x0_uncond = both.chunk(2)
         guided = x0_uncond + self.scale * (x0_cond - x0_uncond)
         if self.rescale > 0:
@@ -58,7 +60,7 @@ class CFGDenoiser:
             ratio = x0_cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp(min=1e-12)
             guided = self.rescale * guided * ratio + (1 - self.rescale) * guided
         mask = active.reshape(-1, *([1] * (x.ndim - 1)))
-        return torch.where(mask, guided, x0_cond)
+        return self._clip(torch.where(mask, guided, x0_cond))
 
 
 class DualGuidance:
@@ -69,13 +71,15 @@ class DualGuidance:
 
     ``uncond_text``: the conditioning without text but with the image; ``uncond_all``: without either. With
     ``image_scale = 1`` it is plain guidance with the image kept in both passes (and skips the image-free pass);
-    ``text_scale = image_scale = 1`` is the conditional model alone.
+    ``text_scale = image_scale = 1`` is the conditional model alone. A denoiser's ``clip_x0`` clamps the guided
+    estimate.
     """
 
     def __init__(self, denoiser: Denoiser, uncond_text: Cond, uncond_all: Cond, text_scale: float, image_scale: float):
         self.denoiser, self.uncond_text, self.uncond_all = denoiser, uncond_text, uncond_all
         self.text_scale, self.image_scale = float(text_scale), float(image_scale)
         self.schedule = denoiser.schedule
+        self._estimate, self._clip = unclipped(denoiser)
 
     def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
         return self.denoiser.alpha_sigma(t)
@@ -83,9 +87,9 @@ class DualGuidance:
     def __call__(self, x: Tensor, t: Tensor, cond: Cond | None) -> Tensor:
         conds = [cond, self.uncond_text] + ([self.uncond_all] if self.image_scale != 1.0 else [])
         n = len(conds)
-        out = self.denoiser(torch.cat([x] * n), torch.cat([t] * n), Cond.cat(conds)).chunk(n)
+        out = self._estimate(torch.cat([x] * n), torch.cat([t] * n), Cond.cat(conds)).chunk(n)
         full, no_text = out[0], out[1]
         guided = no_text + self.text_scale * (full - no_text)
         if self.image_scale != 1.0:
             guided = guided + (self.image_scale - 1.0) * (no_text - out[2])
-        return guided
+        return self._clip(guided)

@@ -91,6 +91,16 @@ class Denoiser(Protocol):
     def __call__(self, x: Tensor, t: Tensor, cond: Cond | None) -> Tensor: ...
 
 
+def unclipped(denoiser: Denoiser) -> tuple[Callable, Callable]:
+    """(the x0 estimate before the denoiser's clipping, the clipping). Denoisers that clip their estimate
+    (``clip_x0``) have ``estimate`` and ``clip`` methods; for the others the clipping is the identity.
+    Guidance combines unclipped estimates and clips the result once: clipping each estimate first would
+    leave the guided one outside [-1, 1]."""
+    if hasattr(denoiser, "estimate"):
+        return denoiser.estimate, denoiser.clip
+    return denoiser, lambda x0: x0
+
+
 class ModelDenoiser:
     """Wraps a backbone ``net(x, model_time, cond)`` and converts its prediction to x0."""
 
@@ -106,12 +116,19 @@ class ModelDenoiser:
         return self.schedule.timesteps(num_steps, spacing)
 
     def __call__(self, x: Tensor, t: Tensor, cond: Cond | None) -> Tensor:
+        return self.clip(self.estimate(x, t, cond))
+
+    def estimate(self, x: Tensor, t: Tensor, cond: Cond | None) -> Tensor:
+        """The network's x0 estimate before ``clip_x0``: guidance combines these, then clips once."""
         t = t.to(x.device).expand(x.shape[0]) if t.ndim == 0 else t.to(x.device)
         alpha, sigma = self.alpha_sigma(t)
         alpha, sigma, x = _bcast(alpha, x).float(), _bcast(sigma, x).float(), x.float()
         inp = param.net_input(self.prediction, x, alpha, sigma, self.sigma_data)
         out = self.net(inp, self.schedule.model_time(t).float(), cond).float()
-        x0 = param.to_x0(self.prediction, out, x, alpha, sigma, self.sigma_data)
+        return param.to_x0(self.prediction, out, x, alpha, sigma, self.sigma_data)
+
+    def clip(self, x0: Tensor) -> Tensor:
+        """``x0`` clamped to [-1, 1] with ``clip_x0`` (pixel space), else as it is."""
         return x0.clamp(-1, 1) if self.clip_x0 else x0
 
 
@@ -124,7 +141,8 @@ class GaussianDiffusion:
         weighting: :class:`UniformWeighting` (default), :class:`MinSNRWeighting` or :class:`EDMWeighting`.
         time_sampler: :class:`ScheduleTime` (default), :class:`LogitNormalTime` or :class:`LogNormalSigma`.
         clip_x0: clamp the denoised estimate to [-1, 1] when sampling (pixel space).
-        sigma_data: the data standard deviation assumed by ``edm`` preconditioning.
+        sigma_data: the data standard deviation assumed by ``edm`` preconditioning. A schedule's or, with
+            ``edm``, a weighting's own ``sigma_data`` must equal it.
     """
 
     def __init__(self, schedule: NoiseSchedule, prediction: str = "eps", weighting=None, time_sampler=None,
@@ -133,6 +151,12 @@ class GaussianDiffusion:
         if prediction == "eps" and getattr(schedule, "zero_terminal_snr", False):
             raise ValueError("a zero-terminal-SNR schedule cannot use eps prediction (x0 is undefined where "
                              "alpha = 0); use prediction v, x0 or flow")
+        parts = [("schedule", schedule)] + ([("weighting", weighting)] if prediction == "edm" else [])
+        for name, part in parts:
+            own = getattr(part, "sigma_data", None)
+            if own is not None and float(own) != float(sigma_data):
+                raise ValueError(f"diffusion.{name}.sigma_data={own} differs from diffusion.sigma_data={sigma_data}, "
+                                 "the one EDM's preconditioning uses: set them equal")
         self.schedule, self.prediction, self.clip_x0, self.sigma_data = schedule, prediction, clip_x0, sigma_data
         self.weighting = weighting if weighting is not None else UniformWeighting()
         self.time_sampler = time_sampler if time_sampler is not None else ScheduleTime()

@@ -75,7 +75,9 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, cond: Cond | None = N
     exponential integrator); ``eta=1`` adds the DDPM posterior noise, i.e. ancestral sampling.
 
     One step from (a, s) to (a', s'): x' = a' x0 + sqrt(s'^2 - c^2) eps + c z, with
-    c = eta * s' * sqrt(1 - (a s' / (a' s))^2) (the posterior std) and eps = (x - a x0)/s.
+    c = eta * s' * sqrt(1 - (a s' / (a' s))^2) (the posterior std at eta = 1) and eps = (x - a x0)/s.
+    With ``eta > 1``, c is capped at s' (as k-diffusion's ancestral steps): x' then keeps the marginal
+    noise level s'.
     """
     x = x.float()
     ts, alphas, sigmas, _ = _schedule(denoiser, timesteps, x.device)
@@ -86,7 +88,7 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, cond: Cond | None = N
             break
         a, s, a_next, s_next = alphas[i], sigmas[i], alphas[i + 1], sigmas[i + 1]
         eps = (x - a * x0) / s
-        c = eta * s_next * (1 - (a * s_next / (a_next * s)) ** 2).clamp(min=0).sqrt()
+        c = (eta * s_next * (1 - (a * s_next / (a_next * s)) ** 2).clamp(min=0).sqrt()).clamp(max=s_next)
         x = (a_next * x0 + (s_next**2 - c**2).clamp(min=0).sqrt() * eps).float()
         if eta > 0:
             x = x + float(c) * randn(x.shape, generator, x.device)
@@ -227,8 +229,9 @@ def heun(denoiser: Denoiser, x: Tensor, timesteps: Tensor, cond: Cond | None = N
          generator: Generator = None, progress: bool = False) -> Tensor:
     """Heun's second-order method in sigma/alpha (Karras et al. 2022, algorithm 2), with optional
     churn: at sigma in [s_tmin, s_tmax] the noise is raised to sigma (1 + gamma), gamma =
-    min(s_churn / N, sqrt(2) - 1), by adding fresh noise, before the step. Needs alpha > 0 at every
-    timestep (for flow schedules from t = 1 use ``flow_heun``)."""
+    min(s_churn / N, sqrt(2) - 1), by adding fresh noise, before the step, but never past the schedule's
+    largest sigma/alpha: the denoiser is then called at the noise level x has, a time the model was trained
+    on. Needs alpha > 0 at every timestep (for flow schedules from t = 1 use ``flow_heun``)."""
     x = x.float()
     ts, alphas, sigmas, _ = _schedule(denoiser, timesteps, x.device)
     if not bool((alphas > 0).all()):
@@ -237,6 +240,7 @@ def heun(denoiser: Denoiser, x: Tensor, timesteps: Tensor, cond: Cond | None = N
     sig = sigmas / alphas
     n = len(ts)
     gamma_max = min(s_churn / n, math.sqrt(2) - 1)
+    ve_max = denoiser.schedule.ve_sigma_range()[1]
     x_ve = x / alphas[0]
 
     def d_ve(x_ve: Tensor, t: Tensor) -> Tensor:
@@ -247,8 +251,8 @@ def heun(denoiser: Denoiser, x: Tensor, timesteps: Tensor, cond: Cond | None = N
     for i in _iter(n, progress):
         s_i, t_i = sig[i], ts[i]
         gamma = gamma_max if s_churn > 0 and s_tmin <= float(s_i) <= s_tmax else 0.0
-        if gamma > 0:
-            s_hat = s_i * (1 + gamma)
+        s_hat = (s_i * (1 + gamma)).clamp(max=ve_max)
+        if s_hat > s_i:
             x_ve = x_ve + s_noise * (s_hat**2 - s_i**2).sqrt() * randn(x.shape, generator, x.device)
             s_i, t_i = s_hat, denoiser.schedule.t_at((-2 * s_hat.log()).reshape(1)).to(x.device)[0]
         x0 = d_ve(x_ve, t_i)

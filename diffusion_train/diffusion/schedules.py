@@ -56,8 +56,10 @@ class NoiseSchedule:
         return t
 
     def sample_t(self, n: int, device, generator: torch.Generator | None = None) -> Tensor:
-        """Training times under the schedule's own default distribution (uniform in t)."""
-        u = torch.rand(n, device=device, generator=generator)
+        """Training times under the schedule's own default distribution: uniform in t, on the open interval
+        (t_min, t_max). ``torch.rand`` can give exactly 0, and t_min may have no noise (a flow's t = 0), where
+        EDM's preconditioning and weighting divide by sigma."""
+        u = torch.rand(n, device=device, generator=generator).clamp(min=2.0**-25)
         return self.t_min + u * (self.t_max - self.t_min)
 
     def timesteps(self, num_steps: int, spacing: str = "auto") -> Tensor:
@@ -98,6 +100,8 @@ class DiscreteSchedule(NoiseSchedule):
             betas = 1 - alphas_cumprod / torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
         self.betas, self.alphas_cumprod = betas, alphas_cumprod
         self.zero_terminal_snr = rescale_zero_terminal_snr
+        if rescale_zero_terminal_snr:  # the grid starts at the step with alpha = 0, as Lin et al. sample
+            self.default_spacing = "trailing"
         self.t_min, self.t_max = 0.0, float(len(betas) - 1)
         self._tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
@@ -151,6 +155,9 @@ class DiscreteSchedule(NoiseSchedule):
         idx = idx.clamp(1, len(inc) - 1)
         lo_v, hi_v = inc[idx - 1], inc[idx]
         w = ((lam - lo_v) / (hi_v - lo_v)).nan_to_num(0.0).clamp(0, 1)
+        # Next to a zero-SNR end alpha_sigma interpolates alpha linearly from 0: invert that instead.
+        w_zero = (torch.sigmoid(lam) / torch.sigmoid(hi_v)).sqrt().clamp(0, 1)
+        w = torch.where(torch.isinf(lo_v), w_zero, w)
         pos = idx - 1 + w  # position in the flipped table
         return (self.num_timesteps - 1 - pos).float()
 
@@ -160,9 +167,9 @@ class DiscreteSchedule(NoiseSchedule):
     default_spacing = "leading"
 
     def timesteps(self, num_steps: int, spacing: str = "auto") -> Tensor:
-        """auto: leading; leading: 0, k, 2k, ... (k = T // num_steps, DDIM paper); trailing: T-1, T-1-T/n, ... (reaches
-        the noisiest step; Lin et al. 2024); linspace: T-1 .. 0 rounded; karras: Karras rho=7 spacing of
-        sigma/alpha between the schedule's extremes (fractional t)."""
+        """auto: leading (trailing with zero terminal SNR); leading: 0, k, 2k, ... (k = T // num_steps, DDIM
+        paper); trailing: T-1, T-1-T/n, ... (reaches the noisiest step; Lin et al. 2024); linspace: T-1 .. 0
+        rounded; karras: Karras rho=7 spacing of sigma/alpha between the schedule's extremes (fractional t)."""
         T = self.num_timesteps
         _check_steps(num_steps, T)
         spacing = self.default_spacing if spacing == "auto" else spacing
@@ -213,11 +220,13 @@ class CosineSchedule(DiscreteSchedule):
 class EDMSchedule(NoiseSchedule):
     """Karras et al. (2022): x = x0 + sigma * eps (alpha = 1), t = sigma in [sigma_min, sigma_max].
 
-    The network sees c_noise = log(sigma) / 4 (scaled by 1000 to the DDPM embedding range);
-    ``sigma_data`` is used by the EDM preconditioning and loss weighting.
+    The network sees c_noise = log(sigma) / 4 (scaled by 1000 to the DDPM embedding range). The
+    preconditioning's ``sigma_data`` is ``GaussianDiffusion``'s; one given here (as older configs do) must
+    equal it.
     """
 
-    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5, rho: float = 7.0):
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float | None = None,
+                 rho: float = 7.0):
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"EDM needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
         self.sigma_min, self.sigma_max, self.sigma_data, self.rho = sigma_min, sigma_max, sigma_data, rho

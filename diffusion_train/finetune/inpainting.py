@@ -16,6 +16,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from diffusion_train.diffusion.objective import unclipped
 from diffusion_train.finetune.masks import random_masks
 
 DEFAULT_MASKS = {"box": 0.4, "stroke": 0.3, "border": 0.2, "full": 0.1}
@@ -64,7 +65,14 @@ class KnownRegion:
         return getattr(self.denoiser, name)
 
     def __call__(self, x: Tensor, t: Tensor, cond) -> Tensor:
-        x0 = self.denoiser(x, t, cond)
+        return self.clip(self.estimate(x, t, cond))
+
+    def estimate(self, x: Tensor, t: Tensor, cond) -> Tensor:
+        """The estimate before the wrapped denoiser's clipping (see ``unclipped``), with the known region."""
+        x0 = unclipped(self.denoiser)[0](x, t, cond)
         repeat = x.shape[0] // self.x0.shape[0]
         known, mask = self.x0.repeat(repeat, 1, 1, 1), self.mask.repeat(repeat, 1, 1, 1)
         return torch.where(mask > 0.5, x0, known.to(x0.dtype))
+
+    def clip(self, x0: Tensor) -> Tensor:
+        return unclipped(self.denoiser)[1](x0)
