@@ -75,6 +75,25 @@ def signal_rank0_at_last_step(signum: str = "SIGUSR1"):
     return _Signal()
 
 
+def signal_at_step(step: int, signum: str = "SIGUSR1"):
+    """A callback (``+callbacks.signal._target_=conftest.signal_at_step +callbacks.signal.step=N``) with which the
+    process sends itself ``signum`` during the batch that makes optimizer step ``step``, as Slurm does."""
+    import os
+    import signal
+
+    import lightning as L
+
+    class _Signal(L.Callback):
+        sent = False
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == step - 1 and not self.sent:
+                self.sent = True
+                os.kill(os.getpid(), getattr(signal, signum))
+
+    return _Signal()
+
+
 # -- tiny modules for the fine-tuning tests -------------------------------------------------------------
 DIT = ["model=dit_tiny"]
 

@@ -34,7 +34,10 @@ def _param_sequence(module, n, seed=0):
 
 
 def _fit_start(ema, module, step=0):
-    ema.on_fit_start(SimpleNamespace(global_step=step), module)
+    """As Lightning: a resumed run's step is restored after ``on_fit_start`` (which sees 0), before
+    ``on_train_start``."""
+    ema.on_fit_start(SimpleNamespace(global_step=0), module)
+    ema.on_train_start(SimpleNamespace(global_step=step), module)
 
 
 def _updated_ema(warmup: bool, steps: int, seed: int) -> tuple[nn.Module, EMA]:
@@ -183,6 +186,34 @@ def test_ema_update_every_resumes_exactly_from_a_step_between_updates():
     torch.testing.assert_close(_ema_flat(resumed, 0.9), _ema_flat(whole, 0.9), rtol=0, atol=0)
     legacy = run(EMA(decays=[0.9], update_every=2), range(6, 9), resume_from=older)
     torch.testing.assert_close(_ema_flat(legacy, 0.9), _ema_flat(whole, 0.9), rtol=0, atol=0)
+
+
+def test_a_resume_with_gradient_accumulation_adds_no_update():
+    """With gradient accumulation every optimizer step n has two micro-batches, the first at global step n - 1.
+    After a resume from step 4, that first micro-batch (step 4 again) is no step boundary: no update, with an
+    older checkpoint (no "step") too."""
+    torch.manual_seed(0)
+    module = nn.Linear(3, 2)
+    start = _flat(module)
+    ps = _param_sequence(module, 6, seed=3)
+
+    def run(ema, steps, resume_from=None):
+        restored = steps[0] - 1
+        if resume_from is not None:
+            ema.on_load_checkpoint(None, None, {"ema": resume_from})
+        _set(module, ps[restored - 1].float() if restored else start.float())
+        _fit_start(ema, module, restored)
+        for step in steps:
+            ema.on_train_batch_end(SimpleNamespace(global_step=step - 1), module, None, None, 0)  # micro-batch 1
+            _set(module, ps[step - 1].float())
+            ema.on_train_batch_end(SimpleNamespace(global_step=step), module, None, None, 1)  # the step
+        return ema
+
+    whole = run(EMA(decays=[0.9], update_every=2), range(1, 7))
+    older = {k: v for k, v in run(EMA(decays=[0.9], update_every=2), range(1, 5)).state().items() if k != "step"}
+    resumed = run(EMA(decays=[0.9], update_every=2), range(5, 7), resume_from=older)
+    assert resumed.num_updates == whole.num_updates == 6
+    torch.testing.assert_close(_ema_flat(resumed, 0.9), _ema_flat(whole, 0.9), rtol=0, atol=0)
 
 
 def test_ema_swapped_loads_and_restores():

@@ -157,19 +157,23 @@ def test_a_signal_during_the_end_of_fit_evaluation_checkpoints_the_last_step_and
 
 
 def test_a_signal_during_an_evaluation_in_training_resumes_as_if_uninterrupted(extractor_files, tmp_path, monkeypatch):
-    """SIGTERM during the evaluation at step 2: it stops there, with no end-of-fit grid or evaluation of step 2.
-    The relaunch makes the step-2 evaluation first, then trains on; metrics and weights equal an uninterrupted
-    run's."""
+    """SIGTERM during the evaluation at step 4 (the second of the launch, after a checkpoint at step 3; the EMA weights
+    are swapped in): it stops there, with last.ckpt holding step 4's trained weights, not the EMA's, and no
+    end-of-fit grid or evaluation of step 4. The relaunch makes the step-4 evaluation first, then trains on;
+    metrics and weights equal an uninterrupted run's."""
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    every_3 = "callbacks.checkpoint.every_n_train_steps=3"  # saved at step 3 in the launch, not at 4
     straight = tmp_path / "straight"
-    train(_fid_run(extractor_files, straight), straight)
+    train(_fid_run(extractor_files, straight, every_3), straight)
 
     run = tmp_path / "run"
-    _SignalAtSample(monkeypatch, at=2, signum=signal.SIGTERM)
-    train(_fid_run(extractor_files, run), run)
-    assert load_checkpoint(run / "checkpoints/last.ckpt")["global_step"] == 2
-    assert not (run / "eval/metrics.jsonl").exists() and not (run / "samples").exists()
-    train(_fid_run(extractor_files, run), run)
+    _SignalAtSample(monkeypatch, at=5, signum=signal.SIGTERM)  # 1-3: the FID's batches at step 2, 4-6: at step 4
+    train(_fid_run(extractor_files, run, every_3), run)
+    last = load_checkpoint(run / "checkpoints/last.ckpt")
+    assert last["global_step"] == 4 and _fid_steps(run) == [2] and not (run / "samples").exists()
+    ema = last["ema"]["weights"][str(last["ema"]["decays"][0])]
+    assert not all(torch.equal(last["state_dict"][k], v) for k, v in ema.items())
+    train(_fid_run(extractor_files, run, every_3), run)
 
     def records(r):
         return [json.loads(line) for line in (r / "eval/metrics.jsonl").read_text().splitlines()]

@@ -141,6 +141,28 @@ def test_resume_is_exact(model, tiny_cfg, tmp_path):
     assert sorted(train_rows) == sorted(set(train_rows)), "a resumed run must not log a step twice"
 
 
+def test_a_signal_at_a_checkpoint_step_keeps_its_periodic_checkpoint(tiny_cfg, tmp_path, monkeypatch):
+    """SIGUSR1 during step 2, a step with a periodic checkpoint: the run stops there with last.ckpt and
+    step_0000002.ckpt, and the relaunch ends as an uninterrupted run, with the same files."""
+    from diffusion_train.training.preemption import find_preemption
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    train(tiny_cfg(run_dir=straight), straight)
+    signal = ["+callbacks.signal._target_=conftest.signal_at_step", "+callbacks.signal.step=2"]
+    trainer = train(tiny_cfg(*signal, run_dir=run), run)
+    assert find_preemption(trainer).stopped_by == "SIGUSR1" and trainer.global_step == 2
+
+    def files(r):
+        return sorted(p.name for p in (r / "checkpoints").glob("*.ckpt"))
+
+    assert files(run) == ["last.ckpt", "step_0000002.ckpt"]
+    train(tiny_cfg(run_dir=run), run)
+    assert files(run) == files(straight) == ["last.ckpt", "step_0000002.ckpt", "step_0000004.ckpt"]
+    _compare_checkpoints(load_checkpoint(straight / "checkpoints/last.ckpt"),
+                         load_checkpoint(run / "checkpoints/last.ckpt"))
+
+
 def test_a_checkpoint_from_before_a_new_null_option_resumes(tiny_cfg, tmp_path):
     """A model option added later with a null default (the behaviour before it) does not block resuming a
     checkpoint whose config lacks it; a real value the checkpoint lacks still does."""

@@ -49,6 +49,7 @@ class EMA(L.Callback):
         self.weights: dict[float, list[Tensor]] = {}
         self._loaded: dict | None = None
         self._last_step = -1
+        self._swap: tuple[list[Tensor], list[Tensor], float] | None = None  # inside swapped(): params, raw, decay
 
     @staticmethod
     def _named_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -96,7 +97,9 @@ class EMA(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.weights:
             self._init(pl_module)
-        self._last_step = trainer.global_step
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_step = trainer.global_step  # a resumed run's step is restored by now (not yet at fit start)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -127,14 +130,34 @@ class EMA(L.Callback):
             self._init(module)
         params = [local(p.detach()) for _, p in self._named_params(module)]  # a sharded model: this rank's shards
         backup = [p.clone() for p in params]
-        with torch.no_grad():
-            torch._foreach_copy_(params, [local(w).to(p.dtype) for w, p in
-                                          zip(self.weights[decay or self.sample_decay], params)])
+        decay = decay or self.sample_decay
+        self._copy_average(params, decay)
+        self._swap = (params, backup, decay)
         try:
             yield
         finally:
+            self._swap = None
             with torch.no_grad():
                 torch._foreach_copy_(params, backup)
+
+    @torch.no_grad()
+    def _copy_average(self, params: list[Tensor], decay: float) -> None:
+        torch._foreach_copy_(params, [local(w).to(p.dtype) for w, p in zip(self.weights[decay], params)])
+
+    @contextlib.contextmanager
+    def unswapped(self) -> Iterator[None]:
+        """Inside :meth:`swapped`, the trained weights back in the module for the body, the average again after
+        it: a checkpoint saved during an evaluation (a signal) must hold the trained weights. Elsewhere, nothing."""
+        if self._swap is None:
+            yield
+            return
+        params, backup, decay = self._swap
+        with torch.no_grad():
+            torch._foreach_copy_(params, backup)
+        try:
+            yield
+        finally:
+            self._copy_average(params, decay)
 
 
 def find_ema(trainer: L.Trainer) -> EMA | None:

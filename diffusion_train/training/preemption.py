@@ -23,6 +23,7 @@ just exits, since Slurm requeues a preempted job itself and a cancelled one must
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -35,6 +36,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
+from diffusion_train.training.ema import find_ema
 from diffusion_train.training.syncs import host_side
 
 log = logging.getLogger("diffusion_train")
@@ -150,11 +152,14 @@ class Preemption(L.Callback):
         if step == self._saved_step or any(getattr(cb, "_last_global_step_saved", None) == step and cb.save_last
                                            for cb in trainer.checkpoint_callbacks):
             return
-        trainer.save_checkpoint(self.dirpath / "last.ckpt")
+        ema = find_ema(trainer)
+        with ema.unswapped() if ema is not None else contextlib.nullcontext():  # an evaluation may be sampling
+            trainer.save_checkpoint(self.dirpath / "last.ckpt")
         self._saved_step = step
-        for cb in trainer.checkpoint_callbacks:  # this step is saved: no second save as the epoch ends
-            if hasattr(cb, "_last_global_step_saved"):
-                cb._last_global_step_saved = step
+        for cb in trainer.checkpoint_callbacks:  # this step is saved: no second save as the epoch ends ...
+            every = getattr(cb, "_every_n_train_steps", 0)
+            if hasattr(cb, "_last_global_step_saved") and not (every and step % every == 0):
+                cb._last_global_step_saved = step  # ... unless a periodic file is due: its callback writes it
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The handler stays: the end-of-fit work (evaluations, the export) is still to come, and a signal during
