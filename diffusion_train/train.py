@@ -38,6 +38,7 @@ from diffusion_train.training.periodic import finish_resumed_runs
 from diffusion_train.training.preemption import Preemption, after_preemption, find_preemption, slurm_identity
 from diffusion_train.training.run_dir import (
     ResumeMismatchError,
+    check_global_batch,
     check_resumable,
     resolved,
     run_info,
@@ -69,7 +70,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     run_dir = Path(run_dir)
     quiet_known_warnings()
     config = resolved(cfg)  # fails on a missing value before any work starts
-    ckpt, resume_step = check_resumable(run_dir, config)  # refuses another model's checkpoint, changes nothing
+    ckpt, resume_step, resume_batch = check_resumable(run_dir, config)  # refuses another model's; changes nothing
     check_devices(cfg.trainer.get("accelerator"), cfg.trainer.get("devices"))
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -107,6 +108,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     datamodule.batch_size = per_device_batch(datamodule.batch_size, scale.get("global_batch"), trainer.world_size,
                                              accumulate)
     batch = global_batch(datamodule.batch_size, trainer.world_size, accumulate)
+    check_global_batch(ckpt, resume_batch, batch, f"{datamodule.batch_size} per device x {trainer.world_size} "
+                                                  f"devices x {accumulate} accumulated")
     module.lr_scale = lr_scale(scale.get("lr_scaling"), batch, int(scale.get("lr_base_batch", 256)))
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     module.run_info = run_info(config, overrides, trainer.world_size, batch, slurm=slurm_identity(),

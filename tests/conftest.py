@@ -40,18 +40,28 @@ def tiny_cfg(tmp_path):
 
 class LossRecorder:
     """A callback (``+callbacks.recorder._target_=conftest.LossRecorder``) that keeps each optimizer step's
-    training loss, as ``training_step`` returned it, in ``LossRecorder.losses``; with ``stop_at``, it stops the
-    fit after that step, as a preemption does."""
+    training loss, the mean of its micro-batches' as ``training_step`` returned them, in ``LossRecorder.losses``,
+    and the learning rate the step was taken with in ``LossRecorder.lrs``; with ``stop_at``, it stops the fit
+    after that step, as a preemption does."""
 
     losses: dict[int, float] = {}
+    lrs: dict[int, float] = {}
 
     def __new__(cls, stop_at: int | None = None):
         import lightning as L
 
         class _Recorder(L.Callback):
+            micro: list[float] = []
+
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                cls.lrs[trainer.global_step + 1] = trainer.optimizers[0].param_groups[0]["lr"]
+
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
                 loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-                cls.losses[trainer.global_step] = float(loss)
+                self.micro.append(float(loss))
+                if len(self.micro) == pl_module.accumulate_grad_batches:  # the step's last micro-batch
+                    cls.losses[trainer.global_step] = sum(self.micro) / len(self.micro)
+                    self.micro.clear()
                 if stop_at is not None and trainer.global_step >= stop_at:
                     trainer.should_stop = True
 

@@ -204,6 +204,13 @@ def test_ddp_and_fsdp_train_like_one_process_accumulating_the_same_global_batch(
         assert syncs["watched"]["batches"] == {"other_steps": 2}, syncs["watched"]
         assert syncs["syncs_per_step"]["other_steps"] == 0, syncs["sites"]["other_steps"]
 
+    def logged_loss(name: str) -> float:  # of step 4, rank 0's metrics.csv
+        rows = csv.DictReader(open(tmp_path / name / "metrics.csv", newline=""))
+        return next(float(r["train/loss"]) for r in rows if r.get("train/loss") and int(r["step"]) == 4)
+
+    for name in ("ddp", "fsdp"):  # the step's loss over both ranks' micro-batches, as one process accumulating them
+        assert logged_loss(name) == pytest.approx(logged_loss("one"), rel=1e-5), name
+
     moved = _max_diff(ckpts["one"]["state_dict"], load_checkpoint(tmp_path / "one/checkpoints/step_0000002.ckpt")["state_dict"])
     assert moved > 1e-5  # two steps change the weights far more than the tolerance below
     for name in ("ddp", "fsdp", "fsdp_compiled"):

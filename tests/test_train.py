@@ -92,23 +92,30 @@ def test_metrics_are_logged_by_optimizer_step_across_a_resume(accumulate, tiny_c
     assert [int(r["step"]) for r in rows if r.get("val/loss")] == [2, 4, 6, 8]
 
 
-def test_logged_training_values_are_those_of_their_step(tiny_cfg, tmp_path):
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_logged_training_values_are_those_of_their_step(accumulate, tiny_cfg, tmp_path):
     """Training values are logged only at the batches whose logs Lightning writes: every
     ``log_every_n_steps``-th step, and the step at which a callback stops the fit (here 7). Each row holds the
-    loss of its own step."""
+    loss of its own step (the mean of its micro-batches') and the learning rate the step was taken with."""
     import csv
 
     from conftest import LossRecorder
 
     LossRecorder.losses.clear()
+    LossRecorder.lrs.clear()
     run = tmp_path / "run"
-    train(tiny_cfg("trainer.log_every_n_steps=3", "trainer.max_steps=20", "+callbacks.recorder._target_=conftest.LossRecorder",
-                   "+callbacks.recorder.stop_at=7", "callbacks.throughput.peak_tflops=1e-6", run_dir=run), run)
+    train(tiny_cfg("trainer.log_every_n_steps=3", "trainer.max_steps=20",
+                   "+callbacks.recorder._target_=conftest.LossRecorder", "+callbacks.recorder.stop_at=7",
+                   "callbacks.throughput.peak_tflops=1e-6", f"training.accumulate_grad_batches={accumulate}",
+                   "lr_schedule.warmup_steps=10", run_dir=run), run)
     rows = [r for r in csv.DictReader(open(run / "metrics.csv")) if r.get("train/loss")]
     assert [int(r["step"]) for r in rows] == [3, 6, 7]
     for r in rows:
-        assert float(r["train/loss"]) == pytest.approx(LossRecorder.losses[int(r["step"])], rel=1e-6)
-        assert r["train/lr"] and r["train/grad_norm"] and float(r["train/nonfinite_steps"]) == 0
+        step = int(r["step"])
+        assert float(r["train/loss"]) == pytest.approx(LossRecorder.losses[step], rel=1e-6)
+        assert float(r["train/lr"]) == pytest.approx(LossRecorder.lrs[step], rel=1e-6)
+        assert float(r["train/lr"]) == pytest.approx(step * LossRecorder.lrs[1], rel=1e-6)  # warm-up: lr step / 10
+        assert r["train/grad_norm"] and float(r["train/nonfinite_steps"]) == 0
     # throughput at the logging interval: model FLOP/s per device from the run's FLOPs accounting, MFU against a
     # given peak (1 MFLOP/s here)
     flops_per_image = json.loads((run / "summary.json").read_text())["flops_per_image"]
@@ -120,10 +127,12 @@ def test_logged_training_values_are_those_of_their_step(tiny_cfg, tmp_path):
         assert float(r["perf/mfu"]) == pytest.approx(tflops / 1e-6, rel=1e-5)
 
 
-@pytest.mark.parametrize("model", ["unet_tiny", "dit_tiny"])
+@pytest.mark.parametrize("model", ["unet_tiny", "dit_tiny", "unet_tiny model.dropout=0.1"])
 def test_resume_is_exact(model, tiny_cfg, tmp_path):
-    """N steps + resume + N steps == 2N steps straight: weights, EMA, optimizer, schedule, step."""
-    common = [f"model={model}", "lr_schedule=cosine", "lr_schedule.warmup_steps=2", "lr_schedule.total_steps=8"]
+    """N steps + resume + N steps == 2N steps straight: weights, EMA, optimizer, schedule, step; with dropout too
+    (its generators are seeded for each micro-batch, not restored from the checkpoint)."""
+    common = [f"model={model.split()[0]}", *model.split()[1:], "lr_schedule=cosine", "lr_schedule.warmup_steps=2",
+              "lr_schedule.total_steps=8"]
     straight = tiny_cfg(*common, "trainer.max_steps=8", run_dir=tmp_path / "straight")
     train(straight, tmp_path / "straight")
 
@@ -139,6 +148,29 @@ def test_resume_is_exact(model, tiny_cfg, tmp_path):
     steps = [int(r.split(",")[csv[0].split(",").index("step")]) for r in csv[1:]]
     train_rows = [s for s, r in zip(steps, csv[1:]) if r.split(",")[csv[0].split(",").index("train/loss")]]
     assert sorted(train_rows) == sorted(set(train_rows)), "a resumed run must not log a step twice"
+
+
+def test_a_resume_takes_the_new_configs_rates_and_schedule(tiny_cfg, tmp_path):
+    """4 steps of a cosine schedule at lr 4e-4, relaunched with max_steps=8, optim.lr=1e-3 and weight decay 0.05:
+    steps 5-8 take the learning rates of an 8-step cosine at 1e-3, as a run with that config from the start, and
+    the new weight decay; the moments and the step count are the checkpoint's."""
+    from conftest import LossRecorder
+
+    cosine = ["lr_schedule=cosine", "lr_schedule.warmup_steps=1", "+callbacks.recorder._target_=conftest.LossRecorder"]
+    new = ["trainer.max_steps=8", "optim.lr=1e-3", "optim.weight_decay=0.05"]
+    LossRecorder.lrs.clear()
+    train(tiny_cfg(*cosine, *new, run_dir=tmp_path / "new"), tmp_path / "new")
+    want = dict(LossRecorder.lrs)
+    LossRecorder.lrs.clear()
+    run = tmp_path / "run"
+    train(tiny_cfg(*cosine, "trainer.max_steps=4", "optim.lr=4e-4", run_dir=run), run)
+    assert LossRecorder.lrs[4] != pytest.approx(want[4])
+    train(tiny_cfg(*cosine, *new, run_dir=run), run)
+    assert [LossRecorder.lrs[n] for n in range(5, 9)] == pytest.approx([want[n] for n in range(5, 9)], rel=1e-6)
+    ckpt = load_checkpoint(run / "checkpoints/last.ckpt")
+    group = ckpt["optimizer_states"][0]["param_groups"][0]
+    assert group["weight_decay"] == 0.05 and group["initial_lr"] == pytest.approx(1e-3)
+    assert ckpt["lr_schedulers"][0]["last_epoch"] == 8
 
 
 def test_a_signal_at_a_checkpoint_step_keeps_its_periodic_checkpoint(tiny_cfg, tmp_path, monkeypatch):
@@ -175,7 +207,7 @@ def test_a_checkpoint_from_before_a_new_null_option_resumes(tiny_cfg, tmp_path):
     del state["diffusion_train"]["config"]["model"]["num_head_channels"]  # as written before the option existed
     torch.save(state, ckpt)
     config = resolved(tiny_cfg("trainer.max_steps=4", run_dir=run))
-    assert check_resumable(run, config) == (ckpt, 2)
+    assert check_resumable(run, config) == (ckpt, 2, 16)  # the checkpoint, its step and its global batch
     config["model"]["num_head_channels"] = 4
     with pytest.raises(ResumeMismatchError, match=r"model.num_head_channels: checkpoint has None, config has 4"):
         check_resumable(run, config)
@@ -188,6 +220,33 @@ def test_resume_of_another_model_is_refused_and_nothing_changes(tiny_cfg, tmp_pa
     with pytest.raises(ResumeMismatchError, match=r"model.model_channels: checkpoint has 8, config has 16"):
         train(tiny_cfg("trainer.max_steps=4", "model.model_channels=16", run_dir=run), run)
     assert {p: _digest(p) for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_resume_with_another_global_batch_is_refused_and_the_same_one_on_other_terms_resumes(tiny_cfg, tmp_path):
+    """The data position and the images seen count the checkpoint's batches: another global batch is refused and
+    nothing changes; the same one made of half the batch accumulated twice resumes."""
+    run = tmp_path / "run"
+    train(tiny_cfg("trainer.max_steps=2", "data.batch_size=8", run_dir=run), run)
+    before = {p: _digest(p) for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(ResumeMismatchError, match=r"global batch of 8, this launch has 16 \(16 per device x 1 dev"):
+        train(tiny_cfg("trainer.max_steps=4", "data.batch_size=16", run_dir=run), run)
+    assert {p: _digest(p) for p in run.rglob("*") if p.is_file()} == before
+    train(tiny_cfg("trainer.max_steps=4", "data.batch_size=4", "training.accumulate_grad_batches=2", run_dir=run),
+          run)
+    assert load_checkpoint(run / "checkpoints/last.ckpt")["global_step"] == 4
+
+
+def test_a_relaunch_before_the_first_checkpoint_starts_metrics_csv_afresh(tiny_cfg, tmp_path):
+    """A launch killed before its first checkpoint leaves rows in metrics.csv; the relaunch starts from step 0
+    and logs those steps again, once."""
+    import csv
+    import shutil
+
+    run = tmp_path / "run"
+    train(tiny_cfg("trainer.max_steps=3", run_dir=run), run)
+    shutil.rmtree(run / "checkpoints")  # as if killed before any checkpoint was written
+    train(tiny_cfg("trainer.max_steps=3", run_dir=run), run)
+    assert [int(r["step"]) for r in csv.DictReader(open(run / "metrics.csv")) if r.get("train/loss")] == [1, 2, 3]
 
 
 class _NaNAfter(GaussianDiffusion):

@@ -14,7 +14,8 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 
 class _AppendingWriter(ExperimentWriter):
-    """Keeps an existing metrics.csv, dropping rows after ``resume_step`` (they will be logged again)."""
+    """Keeps an existing metrics.csv, dropping rows after ``resume_step`` (they will be logged again): all of
+    them when the run starts afresh (``None``: a launch stopped before its first checkpoint)."""
 
     def __init__(self, log_dir: str, resume_step: int | None):
         self._resume_step = resume_step
@@ -27,8 +28,7 @@ class _AppendingWriter(ExperimentWriter):
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
             keys, rows = list(reader.fieldnames or []), list(reader)
-        if self._resume_step is not None:
-            rows = [r for r in rows if r.get("step") not in (None, "") and int(r["step"]) <= self._resume_step]
+        rows = [r for r in rows if r.get("step") not in (None, "") and int(r["step"]) <= (self._resume_step or 0)]
         with open(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=keys)
             writer.writeheader()

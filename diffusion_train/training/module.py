@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from dataclasses import replace
@@ -11,6 +12,7 @@ import lightning as L
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from diffusion_train.conditioning import Cond, Conditioner
 from diffusion_train.conditioning.conditioner import select_inputs
@@ -22,11 +24,13 @@ from diffusion_train.finetune.editing import InstructionEditing
 from diffusion_train.finetune.inpainting import Inpainting, KnownRegion
 from diffusion_train.finetune.masks import downsample_mask
 from diffusion_train.diffusion import GaussianDiffusion, Sampler, per_image_generators, randn
-from diffusion_train.training.parallel import full_tensor, log_every_steps
+from diffusion_train.training.parallel import full_tensor, log_every_steps, mean_over_ranks
 from diffusion_train.training.speed import (
     attention_choice, check_attention_device, check_fp8_device, prepare_backbone, resolve_channels_last,
     resolve_compile,
 )
+
+log = logging.getLogger("diffusion_train")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -85,6 +89,7 @@ class DiffusionModule(L.LightningModule):
         self.run_info: dict = {}
         self.lr_scale = 1.0  # set from the global batch by training.lr_scaling (see training/parallel.py)
         self._micro = 0
+        self._loss_sum: Tensor | None = None  # the micro-batches' losses of the step in progress
         self._generators: dict[torch.device, torch.Generator] = {}
         self._train_logs: dict[str, Any] = {}  # the latest training values, logged at logging batches
         self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.long), persistent=True)
@@ -136,14 +141,19 @@ class DiffusionModule(L.LightningModule):
 
     # -- training --------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        g = self.step_generator(self.global_step, self._micro * self.trainer.world_size + self.global_rank)
+        keys = (self.global_step, self._micro * self.trainer.world_size + self.global_rank)
+        g = self.step_generator(*keys)
+        # The global generators (dropout) too: a function of the step, micro-batch and rank, so a resumed run
+        # draws what the uninterrupted one did, and the ranks draw differently.
+        torch.manual_seed(mix_seed(self.seed, *keys, 1))
         loss = self.batch_loss(batch, g)
         self.manual_backward(loss / self.accumulate_grad_batches)
+        self._loss_sum = loss.detach() if self._micro == 0 else self._loss_sum + loss.detach()
         self._micro += 1
         if self._micro == self.accumulate_grad_batches:
             self._micro = 0
+            self._train_logs["train/loss"] = self._loss_sum / self.accumulate_grad_batches  # the step's loss
             self._optimizer_step()
-        self._train_logs["train/loss"] = loss.detach()
         return loss.detach()
 
     def batch_loss(self, batch: dict, generator: torch.Generator | None = None) -> Tensor:
@@ -198,12 +208,15 @@ class DiffusionModule(L.LightningModule):
                 logs["train/lr"] = torch.full((), logs["train/lr"], device=self.device)
             if "train/nonfinite_steps" in logs:
                 logs["train/nonfinite_steps"] = logs["train/nonfinite_steps"].float()
+            if "train/loss" in logs:  # every rank's micro-batches (self.log's sync_dist would add a barrier)
+                logs["train/loss"] = mean_over_ranks(logs["train/loss"])
             self.log_dict(logs)  # train/loss: shown by LossProgressBar, which refreshes at logging steps
 
     def _optimizer_step(self) -> None:
         opt = self.optimizers()
+        lr = opt.optimizer.param_groups[0]["lr"]  # the step's (the schedule moves it on after the step)
         grad_norm = self.optimizer_update(opt, self._schedulers())
-        self._train_logs.update({"train/grad_norm": grad_norm.detach(), "train/lr": opt.optimizer.param_groups[0]["lr"],
+        self._train_logs.update({"train/grad_norm": grad_norm.detach(), "train/lr": lr,
                                  "train/nonfinite_steps": self.nonfinite_steps})
         if self.global_step % log_every_steps(self.trainer, self) == 0:
             truncated = [e.num_truncated for e in self.conditioner.embedders.values() if hasattr(e, "num_truncated")]
@@ -231,6 +244,33 @@ class DiffusionModule(L.LightningModule):
         if trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None:
             raise ValueError(f"trainer.precision={trainer.precision}: fp16 with a gradient scaler is not supported "
                              f"(its step would replace this step's own clipping and non-finite skip); use bf16-mixed")
+
+    def on_train_start(self) -> None:
+        if self.trainer.ckpt_path:  # resumed: Lightning restored the checkpoint's rates and schedule
+            self.apply_configured_rates()
+
+    def apply_configured_rates(self) -> None:
+        """The optimizer's hyperparameters (learning rate, weight decay, betas, ...) and the learning-rate schedule
+        of this launch's config, at the restored step, in place of the checkpoint's. The optimizer's moments and the
+        schedule's step count stay. With the config unchanged nothing changes."""
+        opt = self.optimizers().optimizer
+        fresh = self.configure_optimizers()
+        fresh_opt = fresh["optimizer"] if isinstance(fresh, dict) else fresh
+        for group, new in zip(opt.param_groups, fresh_opt.param_groups):
+            group.update({k: v for k, v in new.items() if k != "params"})
+        scheds = self._schedulers()
+        if not scheds:
+            return
+        sched, template = scheds[0], fresh["lr_scheduler"]["scheduler"]
+        if not isinstance(sched, LambdaLR):
+            log.warning("resumed with the checkpoint's %s state: only LambdaLR schedules take the new config's",
+                        type(sched).__name__)
+            return
+        sched.load_state_dict({**template.state_dict(), "last_epoch": sched.last_epoch,
+                               "_step_count": sched._step_count})
+        for group, base, factor in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["initial_lr"], group["lr"] = base, base * factor(sched.last_epoch)
+        sched._last_lr = [group["lr"] for group in opt.param_groups]
 
     def configure_model(self) -> None:
         """Strategies that shard the model (``training.parallel.FSDP``) do it here; others have nothing to do."""

@@ -87,6 +87,17 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if _is_dtensor(t) else t
 
 
+def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s mean over the processes of a multi-process run (one all-reduce, no barrier: on GPUs the host does not
+    wait for it), ``t`` itself in one process."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    total = t.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)  # gloo has no AVG
+    return total / dist.get_world_size()
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a sharded DTensor (sharing its storage), else the tensor itself."""
     return t.to_local() if _is_dtensor(t) else t

@@ -53,12 +53,12 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [f"{prefix}: checkpoint has {a!r}, config has {b!r}"]
 
 
-def check_resumable(run_dir: str | os.PathLike, config: dict) -> tuple[Path | None, int | None]:
-    """(checkpoint to resume from, its step), or (None, None) for a fresh run; refuses a checkpoint of
-    another model."""
+def check_resumable(run_dir: str | os.PathLike, config: dict) -> tuple[Path | None, int | None, int | None]:
+    """(checkpoint to resume from, its step, the global batch it was trained with), or (None, None, None) for a
+    fresh run; refuses a checkpoint of another model."""
     ckpt = last_checkpoint(run_dir)
     if ckpt is None:
-        return None, None
+        return None, None, None
     state = load_checkpoint(ckpt)
     saved = state.get("diffusion_train", {}).get("config")
     if saved is None:
@@ -69,7 +69,18 @@ def check_resumable(run_dir: str | os.PathLike, config: dict) -> tuple[Path | No
         raise ResumeMismatchError(
             f"refusing to resume {ckpt}: it belongs to a different model config ({shown}). Nothing was "
             f"changed; choose another run_name (or hydra.run.dir) for a new run")
-    return ckpt, int(state["global_step"])
+    batch = state["diffusion_train"].get("global_batch")
+    return ckpt, int(state["global_step"]), None if batch is None else int(batch)
+
+
+def check_global_batch(ckpt: Path | None, trained_with: int | None, batch: int, how: str) -> None:
+    """Refuses to resume ``ckpt`` with another global batch: the data position and the images seen count the
+    batches of the one it was trained with. ``how``: this launch's batch, in words."""
+    if ckpt is not None and trained_with is not None and trained_with != batch:
+        raise ResumeMismatchError(
+            f"refusing to resume {ckpt}: it was trained with a global batch of {trained_with}, this launch has "
+            f"{batch} ({how}); the data position and the images seen count its batches. Keep it "
+            f"(scale.global_batch={trained_with} holds it on any number of devices) or choose another run_name")
 
 
 def run_info(config: dict, overrides: list[str], world_size: int, global_batch: int,
