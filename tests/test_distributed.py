@@ -177,19 +177,25 @@ def test_signal_checkpoints_at_a_step_boundary_and_the_relaunch_ends_as_if_unint
 @pytest.mark.slow
 def test_ddp_and_fsdp_train_like_one_process_accumulating_the_same_global_batch(tmp_path):
     """2 processes x batch 4 (DDP; FSDP full shard, stopped at step 3 and resumed; FSDP with the backbone
-    compiled) = 1 process x batch 4 x 2 accumulation steps: the same samples and the same noise per micro-batch, so the same weights and EMA
-    up to float summation order. FSDP's checkpoint is whole: it loads in a single process."""
+    compiled) = 1 process x batch 4 x 2 accumulation steps: the same samples and the same noise per micro-batch,
+    so the same weights, EMA and logged loss up to float summation order; likewise 2 DDP processes accumulating 2
+    micro-batches of 2 (their gradients all-reduced once a step) = 1 process x batch 2 x 4. FSDP's checkpoint is
+    whole: it loads in a single process."""
     from diffusion_train.training.build import load_module
 
-    args = [*QUICK, "data.batch_size=4", "callbacks.checkpoint.every_n_train_steps=2"]
+    args = [*QUICK, "callbacks.checkpoint.every_n_train_steps=2"]
     # host syncs of steps 2 and 3 (FSDP: of its first launch); logging and checkpoints at step 4 only
     watch = ["trainer.log_every_n_steps=4", "callbacks.checkpoint.every_n_train_steps=4", "callbacks.host_syncs.start=1",
              "callbacks.host_syncs.steps=2"]
-    runs = {"one": ["training.accumulate_grad_batches=2"], "ddp": [*TWO_CPUS, "+trainer.strategy=ddp", *watch],
-            "fsdp": ["trainer=fsdp", *TWO_CPUS, "trainer.precision=32-true", *watch],
+    runs = {"one": ["data.batch_size=4", "training.accumulate_grad_batches=2"],
+            "ddp": [*TWO_CPUS, "+trainer.strategy=ddp", "data.batch_size=4", *watch],
+            "one_by_4": ["data.batch_size=2", "training.accumulate_grad_batches=4"],
+            "ddp_accumulating": [*TWO_CPUS, "+trainer.strategy=ddp", "data.batch_size=2",
+                                 "training.accumulate_grad_batches=2"],
+            "fsdp": ["trainer=fsdp", *TWO_CPUS, "trainer.precision=32-true", "data.batch_size=4", *watch],
             # the GPU default for a U-Net (compile=auto: true), traced here with the aot_eager backend
-            "fsdp_compiled": ["trainer=fsdp", *TWO_CPUS, "trainer.precision=32-true", "training.compile=true",
-                              "+training.compile_options.backend=aot_eager"]}
+            "fsdp_compiled": ["trainer=fsdp", *TWO_CPUS, "trainer.precision=32-true", "data.batch_size=4",
+                              "training.compile=true", "+training.compile_options.backend=aot_eager"]}
     ckpts = {}
     for name, extra in runs.items():
         for steps in (3, 4) if name == "fsdp" else (4,):  # FSDP resumes its sharded weights, optimizer and EMA
@@ -210,6 +216,11 @@ def test_ddp_and_fsdp_train_like_one_process_accumulating_the_same_global_batch(
 
     for name in ("ddp", "fsdp"):  # the step's loss over both ranks' micro-batches, as one process accumulating them
         assert logged_loss(name) == pytest.approx(logged_loss("one"), rel=1e-5), name
+    assert logged_loss("ddp_accumulating") == pytest.approx(logged_loss("one_by_4"), rel=1e-5)
+    for name in ("state_dict", "ema"):
+        one, ddp = (ckpts[r][name] if name == "state_dict" else ckpts[r]["ema"]["weights"]["0.999"]
+                    for r in ("one_by_4", "ddp_accumulating"))
+        assert _max_diff(one, ddp) < 1e-6, name
 
     moved = _max_diff(ckpts["one"]["state_dict"], load_checkpoint(tmp_path / "one/checkpoints/step_0000002.ckpt")["state_dict"])
     assert moved > 1e-5  # two steps change the weights far more than the tolerance below

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -146,8 +147,13 @@ class DiffusionModule(L.LightningModule):
         # The global generators (dropout) too: a function of the step, micro-batch and rank, so a resumed run
         # draws what the uninterrupted one did, and the ranks draw differently.
         torch.manual_seed(mix_seed(self.seed, *keys, 1))
-        loss = self.batch_loss(batch, g)
-        self.manual_backward(loss / self.accumulate_grad_batches)
+        # DDP all-reduces the gradients in the step's last backward pass only (FSDP reduce-scatters in each: skipping
+        # it would keep whole gradients between the micro-batches)
+        last = self._micro + 1 == self.accumulate_grad_batches
+        no_sync = getattr(self.trainer.strategy, "block_backward_sync", None)
+        with contextlib.nullcontext() if last or no_sync is None else no_sync():
+            loss = self.batch_loss(batch, g)
+            self.manual_backward(loss / self.accumulate_grad_batches)
         self._loss_sum = loss.detach() if self._micro == 0 else self._loss_sum + loss.detach()
         self._micro += 1
         if self._micro == self.accumulate_grad_batches:
