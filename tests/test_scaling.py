@@ -118,7 +118,7 @@ def test_the_isoflop_plan_lands_each_run_on_its_budget(tmp_path):
     for p in points:
         entry = p["scaling"]["plan"][p["scaling"]["point"]]
         assert p["model"]["hidden_size"] == sizes[p["scaling"]["size"]]["hidden_size"]
-        assert p["trainer"]["max_steps"] == entry["steps"] and p["data"]["batch_size"] == 16
+        assert p["trainer"]["max_steps"] == entry["steps"] and p["scale"]["global_batch"] == 16
         assert p["optim"]["lr"] == pytest.approx(1e-3 * 64 / p["model"]["hidden_size"], rel=1e-3)
         assert p["hydra"]["sweep"]["subdir"] == p["scaling"]["point"] == f"C{p['scaling']['budget']:.3g}_{p['scaling']['size']}".replace("+", "")
         assert p["hydra"]["sweeper"]["params"]["scaling.point"] == "C2e10_XS,C2e10_S,C6e10_XS,C6e10_S,C6e10_M"
@@ -144,7 +144,18 @@ def test_a_planned_run_spends_its_budget(tmp_path):
     s = _summary(tmp_path / "run")
     assert s["scaling"]["budget"] == 3e9 and s["scaling"]["size"] == "XS"
     assert abs(s["total_flops"] / 3e9 - 1) < 0.05
-    assert s["metrics"]["val/loss"]["history"]  # evaluated along the way
+    history = s["metrics"]["val/loss"]["history"]  # evaluated along the way, and at the last step
+    assert len(history) > 1 and history[-1]["step"] == s["steps"]
+
+
+def test_budgets_whose_runs_share_a_label_are_refused():
+    from diffusion_train.scaling.plan import isoflop_grid
+
+    costs = [("XS", {"hidden_size": 64}, 1000, 10**6)]
+    points, _ = isoflop_grid(costs, [1e12, 1.1e12], batch=1, lr=1e-3)
+    assert [p.label for p in points] == ["C1e12_XS", "C1p1e12_XS"]
+    with pytest.raises(ValueError, match=r"give runs the same label \(C1e12_XS\)"):
+        isoflop_grid(costs, [1e12, 1.0004e12], batch=1, lr=1e-3)
 
 
 def test_a_plan_with_no_feasible_run_is_refused(tmp_path):

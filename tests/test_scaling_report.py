@@ -128,6 +128,13 @@ def test_isoflop_parabola_flags():
     assert inside.used and inside.n_opt == pytest.approx(10 ** 6.8) and inside.loss_opt == pytest.approx(0.1)
     below = fit_isoflop_parabola(n, (np.log10(n) - 5.5) ** 2 + 0.1)
     assert "below the smallest" in below.flag and below.n_opt == pytest.approx(10 ** 5.5)
+    # a loss that only rises with N: the parabola's minimum falls inside the sizes, yet nothing brackets it
+    sizes = np.array([1.18e5, 2.72e5, 7.5e5, 1.9e6, 5.5e6])
+    rising = fit_isoflop_parabola(sizes, [0.0346, 0.0381, 0.0423, 0.0572, 0.1198])
+    assert sizes.min() < rising.n_opt < sizes.max() and rising.loss_opt < 0.0346
+    assert not rising.used and "the best run is the smallest sampled size" in rising.flag
+    falling = fit_isoflop_parabola(sizes, [0.1198, 0.0572, 0.0423, 0.0381, 0.0346])
+    assert not falling.used and "largest sampled size" in falling.flag
     result = isoflop_analysis([1e15] * 4, n, (np.log10(n) - 6.8) ** 2 + 0.1, boot=10)
     assert result.frontier is None and "1 usable budget" in result.notes[0]
 

@@ -92,6 +92,18 @@ def test_metrics_are_logged_by_optimizer_step_across_a_resume(accumulate, tiny_c
     assert [int(r["step"]) for r in rows if r.get("val/loss")] == [2, 4, 6, 8]
 
 
+def test_a_run_ends_with_a_validation_and_its_training_values(tiny_cfg, tmp_path):
+    """max_steps=5 with validation every 2 and logging every 3 steps: the last step is validated and logged too
+    (its val/loss is the run's final one, e.g. for an IsoFLOP fit)."""
+    import csv
+
+    run = tmp_path / "run"
+    train(tiny_cfg("trainer.max_steps=5", "trainer.log_every_n_steps=3", run_dir=run), run)
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [int(r["step"]) for r in rows if r.get("val/loss")] == [2, 4, 5]
+    assert [int(r["step"]) for r in rows if r.get("train/loss")] == [3, 5]
+
+
 @pytest.mark.parametrize("accumulate", [1, 3])
 def test_logged_training_values_are_those_of_their_step(accumulate, tiny_cfg, tmp_path):
     """Training values are logged only at the batches whose logs Lightning writes: every

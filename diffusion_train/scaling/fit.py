@@ -235,7 +235,9 @@ class IsoFlopBudget:
 def fit_isoflop_parabola(params, losses, budget: float = math.nan) -> IsoFlopBudget:
     """The IsoFLOP parabola of one budget: final loss against ``log10 N`` (params, losses: one entry per
     run, finite, N > 0). Flags (and keeps out of the frontier) fewer than 3 distinct sizes, a parabola
-    without a minimum, and a minimum outside the sampled sizes (then ``n_opt`` is the extrapolated one)."""
+    without a minimum, a minimum outside the sampled sizes (then ``n_opt`` is the extrapolated one), and a best
+    run at the smallest or largest sampled size (the sizes do not bracket the minimum, whatever the parabola
+    says)."""
     params, losses = np.asarray(params, dtype=float).ravel(), np.asarray(losses, dtype=float).ravel()
     if params.shape != losses.shape or not params.size:
         raise ValueError("fit_isoflop_parabola: needs as many losses as params, at least one")
@@ -260,6 +262,9 @@ def fit_isoflop_parabola(params, losses, budget: float = math.nan) -> IsoFlopBud
     if not z.min() <= z_opt <= z.max():
         side = "below the smallest" if z_opt < z.min() else "above the largest"
         flag = f"minimum {side} sampled size (N_opt extrapolated)"
+    elif params[best] in (params.min(), params.max()):
+        end = "smallest" if params[best] == params.min() else "largest"
+        flag = f"the best run is the {end} sampled size: the sizes do not bracket the minimum"
     return IsoFlopBudget(**common, coefficients=(c2, c1, c0), n_opt=n_opt, loss_opt=loss_opt, flag=flag)
 
 

@@ -119,6 +119,11 @@ def isoflop_grid(costs: list[tuple[str, dict, int, int]], budgets: list[float], 
             rate = lr * (width0 / model.get(width_key, width0) if lr_rule == "inverse_width" else 1.0)
             points.append(Point(budget=float(budget), size=size, model=model, params=params, forward_macs=macs,
                                 steps=steps, lr=float(f"{rate:.4g}"), flops=landed))
+    labels = [p.label for p in points]
+    clash = sorted({label for label in labels if labels.count(label) > 1})
+    if clash:
+        raise ValueError(f"budgets {sorted(budgets)} give runs the same label ({', '.join(clash)}): the labels keep 3 "
+                         "significant digits of the budget; choose budgets that differ in them")
     return points, skipped
 
 
@@ -143,7 +148,7 @@ def sweep_yaml(points: list[Point], family: str, batch: int, base: list[str], ev
                     "plan": plan},
         "model": {**({"size": None} if spec["model"] == "dit" else {}),
                   **{k: pick % f"model_{k}" for k in points[0].model}},
-        "data": {"batch_size": batch},
+        "scale": {"global_batch": batch},  # split over the devices and accumulation of whatever launches it
         "optim": {"lr": pick % "lr"},
         "lr_schedule": {"warmup_steps": pick % "warmup"},  # cosine to the run's own last step
         "trainer": {"max_steps": pick % "steps", "val_check_interval": pick % "eval_every",

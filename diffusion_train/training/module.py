@@ -208,6 +208,8 @@ class DiffusionModule(L.LightningModule):
         call costs host time, so the other batches, whose values Lightning would overwrite unwritten, skip it.
         (This hook runs after the callbacks' and before Lightning writes the logs.)"""
         trainer = self.trainer
+        if 0 < trainer.max_steps <= self.global_step:  # Lightning validates a fit that stops: a run ends validated
+            trainer.should_stop = True
         if self._train_logs and (trainer._logger_connector.should_update_logs or trainer.fast_dev_run):
             logs = dict(self._train_logs)
             if "train/lr" in logs:  # a float would be copied to the device in a blocking copy
