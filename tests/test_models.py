@@ -64,6 +64,35 @@ def test_output_shape_and_zero_init(name, cfg):
     assert torch.equal(out, torch.zeros_like(out))
 
 
+def test_every_residual_block_starts_as_the_identity():
+    """adaLN-Zero in the transformers and the zero-initialised last convolution or projection of every U-Net
+    block: each residual block of a fresh model returns its input (a ResBlock its skip path), so the zero output
+    of a fresh model is not the final layer's doing alone."""
+    from diffusion_train.models.unet import AttentionBlock, ResBlock
+
+    torch.manual_seed(0)
+    dit, mmdit = tiny_dit(cond_dim=5), tiny_mmdit(cond_dim=5)
+    x, c = torch.randn(2, 16, 32), torch.randn(2, 32)
+    for block in dit.blocks:
+        torch.testing.assert_close(block(x, c), x, rtol=0, atol=0)
+    for block in mmdit.blocks:
+        torch.testing.assert_close(block(x, None, c, None)[0], x, rtol=0, atol=0)
+    unet = tiny_unet(cond_dim=5)
+    seen = {ResBlock: 0, AttentionBlock: 0}
+    for block in unet.modules():
+        if isinstance(block, ResBlock):
+            h = torch.randn(2, block.conv1.in_channels, 4, 4)
+            torch.testing.assert_close(block(h, torch.randn(2, block.emb_proj[1].in_features)), block.skip(h),
+                                       rtol=0, atol=0)
+        elif isinstance(block, AttentionBlock):
+            h = torch.randn(2, block.attn.qkv.in_features, 4, 4)
+            torch.testing.assert_close(block(h), h, rtol=0, atol=0)
+        else:
+            continue
+        seen[type(block)] += 1
+    assert seen[ResBlock] >= 4 and seen[AttentionBlock] >= 1
+
+
 @pytest.mark.parametrize(
     "model",
     [lambda: tiny_dit(input_size=16, patch_size=4, in_channels=4, out_channels=8),
