@@ -386,20 +386,26 @@ def test_fid_reference_script_usage_errors(tmp_path, capsys):
 
 
 def test_fid_equals_torchmetrics_fid_with_the_same_weights_file(inception, inception_weights):
-    """torchmetrics' FrechetInceptionDistance, given the same weights file and images, sees the same
-    features (same network, same conversion of the images), and its distance agrees with ours on the
-    same statistics."""
+    """torchmetrics' FrechetInceptionDistance with ``antialias=False`` (the original FID's TF1 bilinear resize;
+    its default resizes otherwise), given the same weights file and images, sees the same features image by
+    image (same network, same conversion of the images), and its distance agrees with ours on the same
+    statistics."""
     from torchmetrics.image.fid import FrechetInceptionDistance, _compute_fid
 
     gen = torch.Generator().manual_seed(0)
     real = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=gen)
-    metric = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(inception_weights))
+    metric = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(inception_weights),
+                                      antialias=False)
     metric.update(real, real=True)
-    ours = FeatureStats(2048).update(inception(real.float() / 127.5 - 1))
+    theirs_each = metric.inception(real).double()
+    ours_each = inception(real.float() / 127.5 - 1).double()
+    ours = FeatureStats(2048).update(ours_each)
     assert int(metric.real_features_num_samples) == ours.count == 12
-    # a random network's features are ~1e-7 and fp32 rounding shows at 1e-9: compare at their scale
-    mean = metric.real_features_sum / 12
-    torch.testing.assert_close(ours.mean(), mean, rtol=0, atol=1e-2 * float(mean.abs().max()))
+    scale = float(theirs_each.abs().max())  # a random network's features are ~1e-7
+    torch.testing.assert_close(ours_each, theirs_each, rtol=0, atol=1e-6 * scale)
+    torch.testing.assert_close(ours.mean(), metric.real_features_sum.double() / 12, rtol=0, atol=1e-6 * scale)
+    for changed in (real.flip(-1), real.flip(1)):  # a flip or a channel swap is seen at this tolerance
+        assert float((inception(changed.float() / 127.5 - 1).double() - theirs_each).abs().max()) > 1e-3 * scale
     # (their spread, ~1e-16 in variance, drowns in the rounding of either covariance: not compared)
     a, b = stats_of(features(n=400, d=24, seed=1)), stats_of(features(n=400, d=24, seed=2) * 1.3 + 0.2)
     theirs = float(_compute_fid(a.mean(), a.covariance(), b.mean(), b.covariance()))

@@ -297,6 +297,8 @@ def test_sample_inputs_repeat_and_cycle_the_pools():
         cond.sample_inputs(2, labels=[3])
     with pytest.raises(ValueError, match="unconditional"):
         Conditioner({}).sample_inputs(2, prompts=["a bag"])
+    with pytest.raises(ValueError, match="prompts were given but the model is not conditioned on text"):
+        cond.sample_inputs(2, prompts=["a bag"])
 
 
 # ------------------------------------------------------------------------------------------------

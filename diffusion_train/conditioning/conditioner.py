@@ -124,6 +124,11 @@ class Conditioner(nn.Module):
             pools[emb.input_key] = pool
         if not pools and (labels is not None or prompts):
             raise ValueError("labels or prompts were given but the model is unconditional")
+        classes = [hasattr(emb, "num_classes") for emb in self.embedders.values()]
+        if pools and labels is not None and not any(classes):
+            raise ValueError("labels were given but the model has no class conditioning (give prompts=[...])")
+        if pools and prompts and all(classes):
+            raise ValueError("prompts were given but the model is not conditioned on text (give labels=[...])")
         return pools
 
     def sample_inputs(self, num_images: int, labels=None, prompts=None, repeat: int = 1) -> dict:

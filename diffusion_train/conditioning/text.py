@@ -245,7 +245,7 @@ class TextEmbedder(nn.Module):
         if missing:
             context, mask, pooled = self._encode(missing)
             for i, text in enumerate(missing):
-                self._cache[text] = (context[i], mask[i], pooled[i])
+                self._cache[text] = (context[i].clone(), mask[i].clone(), pooled[i].clone())  # not views of the batch
         rows = []
         for text in texts:
             self._cache.move_to_end(text)
