@@ -72,6 +72,7 @@ from diffusion_train.data.shards import read_manifest, write_shards  # noqa: E40
 MODES = ("jpeg", "latent")
 TARGETS = {"jpeg": 1500.0, "latent": 20000.0}  # samples/s per worker (the throughput issue)
 LATENT_SHAPE = (8, 32, 32)
+NUM_CLASSES = 1000  # labels in cls
 JPEG_QUALITY = 90
 SIZES = ((512, 384), (384, 512))
 OPTIONS: dict[str, Callable[[str], Any]] = {
@@ -177,7 +178,7 @@ def jpeg_samples(count: int, seed: int, short_side: int = 0) -> Iterator[dict]:
     def one(i: int) -> dict:
         rng = np.random.default_rng([seed, 2, i])
         return {"__key__": f"{i:07d}", "jpg": photo_like(rng, noise, SIZES[i % 2], short_side),
-                "cls": int(rng.integers(1000)), "txt": caption(rng)}
+                "cls": int(rng.integers(NUM_CLASSES)), "txt": caption(rng)}
 
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # PIL and numpy release the GIL
         yield from pool.map(one, range(count))
@@ -189,7 +190,7 @@ def latent_samples(count: int, seed: int) -> Iterator[dict]:
         moments = rng.standard_normal(LATENT_SHAPE, dtype=np.float32).astype(np.float16)
         buf = io.BytesIO()
         np.save(buf, moments, allow_pickle=False)
-        yield {"__key__": f"{i:07d}", "latent.npy": buf.getvalue(), "cls": int(rng.integers(1000))}
+        yield {"__key__": f"{i:07d}", "latent.npy": buf.getvalue(), "cls": int(rng.integers(NUM_CLASSES))}
 
 
 def ensure_shards(mode: str, folder: Path, opts: dict) -> dict:
@@ -234,7 +235,8 @@ def datamodule(mode: str, folder: Path, opts: dict, workers: int):
     from diffusion_train.data.web import WebDataModule
 
     common = dict(sources=str(folder), batch_size=opts["batch_size"], resampled=True,
-                  shuffle_buffer=opts["shuffle_buffer"], num_workers=workers, seed=opts["seed"], label_key="cls")
+                  shuffle_buffer=opts["shuffle_buffer"], num_workers=workers, seed=opts["seed"], label_key="cls",
+                  num_classes=NUM_CLASSES)
     if mode == "jpeg":
         return WebDataModule(resolution=opts["resolution"], channels=3, caption_key="txt", flip=True, **common)
     return WebDataModule(resolution=LATENT_SHAPE[-1] * 8, tensors={"latent": "latent.npy"}, caption_key=None,

@@ -4,6 +4,8 @@
     python scripts/inspect_shards.py 'shards/fmnist/train-{000000..000005}.tar' grid=grid.png n=64
     python scripts/inspect_shards.py 'shards/fmnist/*.tar'                           # a glob, or one .tar file
 
+Shards compressed with gzip (``.tar.gz``) are read as the trainer reads them.
+
 The first argument is a shard folder (its ``manifest.json`` lists the shards; counts and sizes are
 compared with it), a brace pattern (``{000000..000003}`` ranges keep their zero padding,
 ``{a,b}`` lists), a glob or one tar file; then ``key=value`` options:
@@ -34,12 +36,14 @@ the manifest), 2 with one ``error:`` line for bad arguments or when no shard can
 from __future__ import annotations
 
 import glob
+import gzip
 import io
 import json
 import math
 import re
 import sys
 import tarfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffusion_train.cli import UsageError, human_bytes  # noqa: E402
 from diffusion_train.data.shards import MANIFEST, read_manifest  # noqa: E402
+from diffusion_train.data.tar_io import GZIP_MAGIC  # noqa: E402
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 SHOW = 5  # keys shown per problem
@@ -175,9 +180,20 @@ class Scan:
             self.problem("missing shard", str(path))
             self.shards.append((name, 0, None))
             return
+        try:
+            with open(path, "rb") as raw:
+                gzipped = raw.read(len(GZIP_MAGIC)) == GZIP_MAGIC
+                raw.seek(0)
+                self._read_tar(gzip.GzipFile(fileobj=raw) if gzipped else raw, name)
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+            self.problem("tar read error", f"{name} ({type(e).__name__}: {e})")
+        self.shards.append((name, self.samples - before, path.stat().st_size))
+
+    def _read_tar(self, f, name: str) -> None:
+        """The samples of one tar stream (``f`` a seekable file, the gzip reader of a .tar.gz)."""
         current: Sample | None = None
         try:
-            with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            with tarfile.open(fileobj=f, mode="r:") as tar:
                 for info in tar:
                     if not info.isfile():
                         continue
@@ -188,7 +204,7 @@ class Scan:
                         current = Sample(key, name)
                     try:
                         data = tar.extractfile(info).read()
-                    except (tarfile.TarError, OSError, EOFError):
+                    except (tarfile.TarError, OSError, EOFError, zlib.error):
                         current.problems.add("truncated member")
                         break
                     if ext in current.members:
@@ -200,11 +216,9 @@ class Scan:
                     if len(end) < tarfile.BLOCKSIZE or end.strip(b"\0"):
                         what = "a corrupt header" if len(end) == tarfile.BLOCKSIZE else "no end-of-archive marker"
                         self.problem("tar read error", f"{name} ({what} at byte {tar.offset}; truncated?)")
-        except (tarfile.TarError, OSError, EOFError) as e:
-            self.problem("tar read error", f"{name} ({type(e).__name__}: {e})")
-        if current is not None:
-            self.finish(current)
-        self.shards.append((name, self.samples - before, path.stat().st_size))
+        finally:
+            if current is not None:
+                self.finish(current)
 
 
 def _median(counts: Counter) -> float:

@@ -366,6 +366,28 @@ def test_inspect_reports_corrupt_and_truncated_shards(tmp_path, capsys):
     assert capsys.readouterr().err.startswith(f"error: no shard manifest {tmp_path / 'empty' / 'manifest.json'}")
 
 
+def test_inspect_reads_tar_gz_shards_as_training_does(tmp_path, capsys):
+    import gzip
+    from collections import Counter
+
+    from diffusion_train.data.tar_io import tar_samples
+
+    rng = np.random.default_rng(0)
+    write_shards([{"__key__": f"{i:06d}", "png": _png(i), "cls": i % 2, "txt": "a", "json": {"n": i},
+                   "bin": rng.integers(0, 4, 3000, dtype=np.uint8).tobytes()} for i in range(5)], tmp_path / "s")
+    gz = tmp_path / "train-000000.tar.gz"
+    gz.write_bytes(gzip.compress((tmp_path / "s" / "train-000000.tar").read_bytes()))
+    assert len(list(tar_samples(str(gz), Counter()))) == 5
+    assert inspect_.main([str(gz)]) == 0
+    text = capsys.readouterr().out
+    assert "  train-000000.tar.gz         5 samples" in text and "problems: none" in text
+    corrupt = bytearray(gz.read_bytes())  # bad deflate data in the middle: reported, not raised
+    corrupt[len(corrupt) // 2: len(corrupt) // 2 + 8] = bytes(8)
+    (tmp_path / "bad.tar.gz").write_bytes(bytes(corrupt))
+    assert inspect_.main([str(tmp_path / "bad.tar.gz")]) == 1
+    assert "bad.tar.gz" in capsys.readouterr().out.split("problems:")[1]
+
+
 def _run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=120)

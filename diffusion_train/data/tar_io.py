@@ -7,6 +7,7 @@ import io
 import logging
 import math
 import tarfile
+import zlib
 from collections import Counter
 from typing import Any, Iterator
 
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 
 log = logging.getLogger(__name__)
+GZIP_MAGIC = b"\x1f\x8b"  # a .tar.gz shard starts with it; it is read through gzip
 
 
 class TarReadError(tarfile.TarError):
@@ -25,7 +27,10 @@ def _octal(field: bytes) -> int:
     if field[:1] and field[0] & 0x80:  # GNU base-256 for large numbers
         return int.from_bytes(field[1:], "big")
     text = field.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:  # not a tar header: an HTML error page from a failed download, or garbage
+        raise TarReadError(f"bad header field {text[:16]!r}") from None
 
 
 def _read_exact(stream, n: int) -> bytes:
@@ -70,7 +75,10 @@ def tar_members(stream) -> Iterator[tuple[str, bytes]]:
             raise TarReadError("unexpected end of data in a header")
         if _octal(header[148:156]) != sum(header) - sum(header[148:156]) + 256:  # the field counts as spaces
             raise TarReadError("bad header checksum")
-        size = int(pax.get("size", _octal(header[124:136])))
+        try:
+            size = int(pax.get("size", _octal(header[124:136])))
+        except ValueError:
+            raise TarReadError(f"bad PAX size {pax['size'][:16]!r}") from None
         typeflag = header[156:157]
         data = _read_exact(stream, size)
         if len(data) < size:
@@ -97,7 +105,8 @@ def tar_members(stream) -> Iterator[tuple[str, bytes]]:
 def tar_samples(url: str, skipped: Counter) -> Iterator[dict[str, Any]]:
     """Samples (``{"__key__", "__url__", ext: bytes, ...}``) of one tar, members grouped by key.
 
-    A tar that cannot be opened or ends early (truncated) counts once as ``unreadable_tar``; the
+    A tar that cannot be opened, is corrupt (a bad header, bad gzip data), ends early (truncated) or
+    holds no sample (an empty file) counts once as ``unreadable_tar`` and is logged with its url; the
     samples before the damage are kept, the partial one is dropped.
     """
     import gzip
@@ -105,11 +114,12 @@ def tar_samples(url: str, skipped: Counter) -> Iterator[dict[str, Any]]:
     import webdataset as wds
 
     current: dict[str, Any] | None = None
+    found = False
     try:
         with wds.gopen(url, bufsize=1 << 20) as raw:
             head = _read_exact(raw, 512)
             stream = _Prefixed(head, raw)
-            if head[:2] == b"\x1f\x8b":  # .tar.gz
+            if head[:2] == GZIP_MAGIC:  # .tar.gz
                 stream = gzip.GzipFile(fileobj=stream)
             for path, data in tar_members(stream):
                 directory, _, name = path.rpartition("/")
@@ -118,17 +128,21 @@ def tar_samples(url: str, skipped: Counter) -> Iterator[dict[str, Any]]:
                     continue
                 key = f"{directory}/{stem}" if directory else stem
                 if current is not None and current["__key__"] != key:
+                    found = True
                     yield current
                     current = None
                 if current is None:
                     current = {"__key__": key, "__url__": url}
                 current[ext.lower()] = data
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         skipped["unreadable_tar"] += 1
         log.warning("shard %s: %s: %s (samples before it are used)", url, type(e).__name__, e)
         return
     if current is not None:
         yield current
+    elif not found:
+        skipped["unreadable_tar"] += 1
+        log.warning("shard %s: no sample in it (an empty file or archive)", url)
 
 
 _NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...]]] = {}

@@ -16,9 +16,11 @@ shuffles the raw samples in a buffer, decodes and filters them, and yields whole
 With ``buckets`` each image is fitted to the (height, width) bucket closest to its aspect ratio, and
 each batch holds one bucket (aspect-ratio bucketing).
 
-Bad input loses nothing but the bad sample: undecodable images, samples without an image, duplicate
-keys and truncated or unreadable tars are skipped and counted by reason; the counts travel with the
-batches, are logged, and more than ``max_bad_fraction`` of bad samples stops the run with the reason.
+Bad input loses nothing but the bad sample: undecodable images, samples without an image, bad labels
+or json, duplicate keys and truncated, corrupt, empty or unreadable tars are skipped and counted by
+reason, and the first few of each reason are logged with their shard and key; the counts travel with
+the batches, are logged, and more than ``max_bad_fraction`` of bad samples (filtered ones not counted)
+stops the run with the reason, as does a reader that has no usable sample at all (see :class:`Skips`).
 A local shard path or pattern that matches nothing fails at start, naming the pattern.
 """
 
@@ -38,15 +40,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from diffusion_train.data.bad_data import DRY_SAMPLES, BadDataError, Skips, is_filtered
 from diffusion_train.data.decode import IMAGE_KEYS, SampleDecoder, aspect_buckets
 from diffusion_train.data.samplers import ignore_preemption_signals, mix_seed, padded_shard
 from diffusion_train.data.tar_io import tar_samples
 
 log = logging.getLogger(__name__)
-
-
-class BadDataError(RuntimeError):
-    """Too many samples of the stream could not be used."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,15 +250,26 @@ class ShardStream(IterableDataset):
                 for url in order:
                     yield url, epoch
 
-    def _raw_samples(self, rng: random.Random, skipped: Counter, first_pass: int) -> Iterator[tuple[int, dict]]:
-        """(pass, raw sample) out of the shuffle buffer. A key read before in the pass (exact mode) or
-        in the shard (resampled: shards are drawn with replacement, so samples recur by design) is
-        dropped as a duplicate. In exact mode each pass is emptied from the buffer before the next
-        begins, so every pass emits each sample exactly once, and its buffer draws restart from a
-        generator seeded by (seed, reader, pass)."""
+    def _skips(self) -> Skips:
+        """The bookkeeping of this reader's unusable input; it knows the reader's shards."""
+        me, total, workers = self._where()
+        if self.resampled:
+            shards = [u for urls, weight in self.sources if weight > 0 for u in urls]
+        else:
+            shards = self.assigned_shards()
+        patience = max(DRY_SAMPLES, self.shuffle_buffer) if self.resampled else None
+        return Skips(shards, f"data reader {me} of {total} (rank {me // workers})", patience)
+
+    def _raw_samples(self, rng: random.Random, skips: Skips, first_pass: int) -> Iterator[tuple[int, dict]]:
+        """(pass, raw sample) out of the shuffle buffer. A key read before in the pass from the same
+        source (exact mode) or in the shard (resampled: shards are drawn with replacement, so samples
+        recur by design) is dropped as a duplicate. In exact mode each pass is emptied from the buffer
+        before the next begins, so every pass emits each sample exactly once, and its buffer draws
+        restart from a generator seeded by (seed, reader, pass)."""
         me = self._where()[0]
+        source = {u: i for i, (urls, _) in enumerate(self.sources) for u in urls}  # sources may share key names
         buffer: list[dict] = []
-        keys: set[str] = set()
+        keys: set[tuple[int, str]] = set()
         current = first_pass
         if not self.resampled:
             rng = random.Random(mix_seed(self.seed, me, current, 1))
@@ -269,16 +279,21 @@ class ShardStream(IterableDataset):
             if epoch != current:
                 while buffer:
                     yield current, buffer.pop(rng.randrange(len(buffer)))
+                skips.pass_read()
                 keys.clear()
                 current, rng = epoch, random.Random(mix_seed(self.seed, me, epoch, 1))
-            for raw in tar_samples(url, skipped):
-                if raw["__key__"] in keys:
-                    skipped["duplicate_key"] += 1
+            skips.tried.add(url)
+            for raw in tar_samples(url, skips.counts):
+                skips.read += 1
+                key = source[url], raw["__key__"]
+                if key in keys:
+                    skips.skip("duplicate_key", raw)
                     continue
-                keys.add(raw["__key__"])
+                keys.add(key)
                 buffer.append(raw)
                 if len(buffer) >= self.shuffle_buffer:
                     yield current, buffer.pop(rng.randrange(len(buffer)))
+            skips.shard_read()
 
     def _decode(self, raw: dict, stream_seed: int, epoch: int, index: int) -> dict | str:
         rng = random.Random(f"{stream_seed}/{epoch}/{index}") if self.decoder.draws_random else None
@@ -321,30 +336,32 @@ class ShardStream(IterableDataset):
         stream_seed = mix_seed(self.seed, me, self.start_batch) if self.resampled else mix_seed(self.seed, me)
         position = None if self.resampled else self.positions.get(me)
         first_pass, skip = (position["pass"], position["emitted"]) if position else (0, 0)
-        skipped: Counter = Counter()
+        skips = self._skips()
         groups: dict[tuple, list[dict]] = {}
         for sample in self._refetch(position["pending"], stream_seed) if position else []:
             groups.setdefault(_shape_key(sample), []).append(sample)
         current, index = first_pass, -1
-        for epoch, raw in self._raw_samples(random.Random(stream_seed), skipped, first_pass):
+        for epoch, raw in self._raw_samples(random.Random(stream_seed), skips, first_pass):
             if epoch != current:
                 current, index = epoch, -1
             index += 1
             if epoch == first_pass and index < skip:  # used before the restart: not decoded again
+                skips.used()
                 if index == skip - 1:
-                    skipped.clear()  # counted before the restart (the counts are in the checkpoint)
+                    skips.counts.clear()  # counted before the restart (the counts are in the checkpoint)
                 continue
             sample = self._decode(raw, stream_seed, epoch, index)
             if isinstance(sample, str):
-                skipped[sample] += 1
+                skips.unusable_sample(sample, raw)
                 continue
+            skips.used()
             shape = _shape_key(sample)
             group = groups.setdefault(shape, [])
             group.append(sample)
             if len(group) < self.batch_size:
                 continue
             del groups[shape]
-            batch = collate(group, skipped)
+            batch = collate(group, skips.counts)
             if not self.resampled:
                 pending = sorted((s["__where__"] for g in groups.values() for s in g), key=lambda w: w[2:])
                 batch["__position__"] = {"reader": me, "pass": epoch, "emitted": index + 1, "pending": pending}
@@ -371,7 +388,8 @@ class WebDataModule(L.LightningDataModule):
         epoch_batches: batches per rank in an epoch of the resampled stream (Lightning's epochs, for
             epoch-based callbacks and logs); each epoch continues the stream. null: one endless epoch.
         max_bad_fraction: stop when more than this fraction of the samples read were unusable
-            (checked once ``min_samples_for_bad_check`` samples have been read).
+            (checked once ``min_samples_for_bad_check`` samples have been read); samples dropped by
+            the filters (``filtered_*``) are read, counted and logged, but not unusable.
         sharing_strategy: torch's way for DataLoader workers to hand over tensors. ``file_system``
             (default) passes shared-memory names; ``file_descriptor`` (torch's default) serves each
             tensor's descriptor from a thread of the worker, whose GIL hand-offs slowed latent loading
@@ -406,7 +424,7 @@ class WebDataModule(L.LightningDataModule):
             buckets = aspect_buckets(resolution, bucket_step, max_aspect)
         args = dict(resolution=resolution, channels=channels, image_keys=image_keys, label_key=label_key,
                     caption_key=caption_key, min_image_size=min_image_size, max_caption_length=max_caption_length,
-                    max_scores=max_scores, resize=resize, tensors=tensors, metadata=metadata)
+                    max_scores=max_scores, resize=resize, tensors=tensors, metadata=metadata, num_classes=num_classes)
         self.decoder = SampleDecoder(**args, flip=flip, random_crop=random_crop, buckets=buckets)
         self.val_decoder = SampleDecoder(**args)  # square, centred, never flipped: a fixed set
         self.max_bad_fraction, self.min_samples_for_bad_check = max_bad_fraction, min_samples_for_bad_check
@@ -477,10 +495,10 @@ class WebDataModule(L.LightningDataModule):
         if counts is not None:
             self.skip_counts.update(counts)
             self.samples_used += len(batch["__key__"])
-            bad = sum(self.skip_counts.values())
-            seen = bad + self.samples_used
-            if seen >= self.min_samples_for_bad_check and bad > self.max_bad_fraction * seen:
-                raise BadDataError(f"{bad} of {seen} samples read were unusable ({dict(self.skip_counts)}), more than "
+            bad = {reason: n for reason, n in self.skip_counts.items() if not is_filtered(reason)}
+            seen = sum(self.skip_counts.values()) + self.samples_used
+            if seen >= self.min_samples_for_bad_check and sum(bad.values()) > self.max_bad_fraction * seen:
+                raise BadDataError(f"{sum(bad.values())} of {seen} samples read were unusable ({bad}), more than "
                                    f"data.max_bad_fraction={self.max_bad_fraction}; check the shards "
                                    f"(scripts/inspect_shards.py) or raise the bound")
         return batch
