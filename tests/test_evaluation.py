@@ -274,6 +274,30 @@ def test_a_reference_of_another_extractor_is_refused_before_training(extractor_f
     assert not (run / "checkpoints").exists()
 
 
+def test_a_reference_of_another_resolution_is_refused_before_training(extractor_files, tmp_path):
+    """The model makes 32x32 samples; a reference recorded as made from 64x64 images is refused, one of 32x32
+    (or one that records no resolution) is taken."""
+    weights, _ = extractor_files
+    net = FMNISTNet.load(weights)
+    stats = FeatureStats(net.feature_dim).update(net(torch.rand(8, 1, 32, 32) * 2 - 1))
+    run = tmp_path / "run"
+    for resolution in (64, 32):
+        reference = save_reference(tmp_path / f"ref{resolution}.safetensors", stats,
+                                   {"dataset": "random", "split": "train", "resolution": resolution,
+                                    "extractor": net.provenance})
+        cfg = compose_train(FMNIST + ["+callbacks/fid=fmnist_net", f"callbacks.fid.weights={weights}",
+                                      f"callbacks.fid.reference={reference}", "trainer.max_steps=1",
+                                      "callbacks.fid.every_n_steps=100", "callbacks.fid.num_samples=2"], run)
+        if resolution == 64:
+            with pytest.raises(ReferenceMismatchError, match=r"computed from 64x64 images but the model makes "
+                                                             r"32x32 samples: compute a reference at resolution=32"):
+                train(cfg, run)
+            assert not (run / "checkpoints").exists()
+        else:
+            train(cfg, run)
+            assert (run / "checkpoints/last.ckpt").is_file()
+
+
 @pytest.mark.slow
 def test_diffusion_eval_writes_metrics_and_a_grid(extractor_files, tmp_path):
     from test_train import _run_cli

@@ -149,7 +149,17 @@ def frechet_distance(mu1: Tensor | np.ndarray, sigma1: Tensor | np.ndarray, mu2:
 
 
 class ReferenceMismatchError(ValueError):
-    """Reference statistics were computed with another feature extractor."""
+    """Reference statistics were computed with another feature extractor, or from images of another size."""
+
+
+def check_reference_resolution(path: str | os.PathLike, provenance: Mapping[str, Any], size: int) -> None:
+    """Refuses a reference computed from images of another resolution than the ``size`` x ``size`` samples it is
+    to be compared with (references record theirs; one that does not is taken as it is)."""
+    made = provenance.get("resolution")
+    if made is not None and int(made) != int(size):
+        raise ReferenceMismatchError(
+            f"reference statistics {path} were computed from {made}x{made} images but the model makes {size}x{size} "
+            f"samples: compute a reference at resolution={size} (scripts/fid_reference.py)")
 
 
 def _json_normal(value: Any) -> Any:

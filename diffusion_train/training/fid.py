@@ -9,7 +9,7 @@ import lightning as L
 import torch
 
 from diffusion_train.diffusion import Sampler
-from diffusion_train.metrics.fid import build_extractor, load_reference
+from diffusion_train.metrics.fid import build_extractor, check_reference_resolution, load_reference
 from diffusion_train.metrics.generated import evaluate_generated
 from diffusion_train.training.ema import sampling_weights
 from diffusion_train.training.periodic import PeriodicEvaluation
@@ -57,7 +57,8 @@ class FrechetDistance(PeriodicEvaluation):
             raise ValueError(f"callbacks.fid: {e}") from None
         if self.extractor is None:  # a missing file, another extractor's reference
             self.extractor = build_extractor(self.extractor_name, self.weights)
-            mu, sigma, _ = load_reference(self.reference_path, self.extractor.provenance)
+            mu, sigma, provenance = load_reference(self.reference_path, self.extractor.provenance)
+            check_reference_resolution(self.reference_path, provenance, pl_module.image_size)
             self.reference = (mu, sigma)
             if self.clip_settings:
                 from diffusion_train.metrics.clip_score import CLIPScore

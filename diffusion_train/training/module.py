@@ -100,6 +100,11 @@ class DiffusionModule(L.LightningModule):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    @property
+    def image_size(self) -> int:
+        """The side of the images :meth:`sample_seeded` makes at the backbone's own size, after the autoencoder."""
+        return int(self.backbone.input_size) * int(getattr(self.autoencoder, "downsample", 1))
+
     def step_generator(self, *keys: int) -> torch.Generator:
         g = self._generators.get(self.device)
         if g is None:
