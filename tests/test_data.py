@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from diffusion_train.data.fashion_mnist import FashionMNISTDataModule, load_split, to_resolution
-from diffusion_train.data.samplers import InfiniteBatchSampler, padded_shard
+from diffusion_train.data.samplers import FixedBatches, InfiniteBatchSampler, fixed_batches
 from diffusion_train.data.synthetic import SyntheticDataModule
+
+from conftest import instantiate_data, module_of
 
 
 def take(sampler, n):
@@ -86,20 +88,40 @@ def test_invalid_rank_and_empty_dataset_raise():
 
 
 # ------------------------------------------------------------------------------------------------
-# padded_shard
+# fixed_batches: the validation set's batches
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("num_samples,batch_size,world", [(16, 8, 1), (10, 3, 3), (7, 2, 4), (3, 4, 5), (100, 7, 2)])
-def test_padded_shard_balanced_and_complete(num_samples, batch_size, world):
-    shards = [padded_shard(num_samples, batch_size, r, world) for r in range(world)]
-    lengths = {len(s) for s in shards}
-    assert len(lengths) == 1, lengths
-    sizes = [[len(b) for b in s] for s in shards]
-    assert all(sz == sizes[0] for sz in sizes)
-    assert all(0 < len(b) <= batch_size for s in shards for b in s)
-    union = {i for s in shards for b in s for i in b}
-    assert union == set(range(num_samples))
-    total = sum(len(b) for s in shards for b in s)
-    assert total == world * -(-num_samples // world)  # at most world-1 padding items
+def test_fixed_batches_balanced_and_each_item_counted_once(num_samples, batch_size, world):
+    shards = [fixed_batches(num_samples, batch_size, r, world) for r in range(world)]
+    assert len({len(s) for s in shards}) == 1  # every rank runs as many batches (none waits in a collective)
+    counted = [b for s in shards for b in s if not b.padding]
+    # the same batches as one process makes, each counted on exactly one rank
+    assert sorted(counted) == fixed_batches(num_samples, batch_size, 0, 1)
+    assert [i for b in sorted(counted) for i in b.items] == list(range(num_samples))
+    assert all(0 < len(b.items) <= batch_size for s in shards for b in s)
+    assert len(shards[0]) * world - len(counted) < world  # at most one padding batch per rank
+
+
+def test_validation_loss_is_the_same_for_any_number_of_ranks(tiny_cfg):
+    """Each fixed batch draws its noise from its own stream and padding batches are not counted, so the
+    validation loss summed over the ranks' batches is that of one process (the runs of a scaling study may
+    use different numbers of GPUs)."""
+    module = module_of(tiny_cfg)
+    data = instantiate_data(tiny_cfg("data.num_val=10"))
+    data.setup()
+    val = FixedBatches(data.val_set)
+
+    def total(world: int) -> torch.Tensor:
+        module.on_validation_epoch_start()
+        for rank in range(world):
+            for batch in fixed_batches(len(data.val_set), 3, rank, world):
+                module.validation_step(val[batch], 0)
+        return module._val_total.clone()
+
+    one = total(1)
+    assert one[1] == len(data.val_set)
+    for world in (2, 3, len(data.val_set) // 3 + 2):
+        assert torch.allclose(total(world), one, rtol=1e-12, atol=0), world
 
 
 # ------------------------------------------------------------------------------------------------

@@ -210,12 +210,14 @@ def test_ddp_and_fsdp_train_like_one_process_accumulating_the_same_global_batch(
         assert syncs["watched"]["batches"] == {"other_steps": 2}, syncs["watched"]
         assert syncs["syncs_per_step"]["other_steps"] == 0, syncs["sites"]["other_steps"]
 
-    def logged_loss(name: str) -> float:  # of step 4, rank 0's metrics.csv
+    def logged_loss(name: str, key: str = "train/loss") -> float:  # of step 4, rank 0's metrics.csv
         rows = csv.DictReader(open(tmp_path / name / "metrics.csv", newline=""))
-        return next(float(r["train/loss"]) for r in rows if r.get("train/loss") and int(r["step"]) == 4)
+        return next(float(r[key]) for r in rows if r.get(key) and int(r["step"]) == 4)
 
     for name in ("ddp", "fsdp"):  # the step's loss over both ranks' micro-batches, as one process accumulating them
         assert logged_loss(name) == pytest.approx(logged_loss("one"), rel=1e-5), name
+        # the validation set's fixed batches split over two ranks: the same loss as one process's
+        assert logged_loss(name, "val/loss") == pytest.approx(logged_loss("one", "val/loss"), rel=1e-5), name
     assert logged_loss("ddp_accumulating") == pytest.approx(logged_loss("one_by_4"), rel=1e-5)
     for name in ("state_dict", "ema"):
         one, ddp = (ckpts[r][name] if name == "state_dict" else ckpts[r]["ema"]["weights"]["0.999"]

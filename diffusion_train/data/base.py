@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from diffusion_train.data.samplers import InfiniteBatchSampler, ignore_preemption_signals, padded_shard
+from diffusion_train.data.samplers import FixedBatches, InfiniteBatchSampler, fixed_batches, ignore_preemption_signals
 
 
 class ImageBatches(Dataset):
@@ -42,7 +42,7 @@ class InMemoryDataModule(L.LightningDataModule):
     val datasets indexed by a list of indices (``dataset[[i, j, ...]] -> batch dict``).
 
     Training reads an endless, seeded stream (see :class:`InfiniteBatchSampler`) that resumes at
-    the batch the restored optimizer step implies; validation is a fixed, rank-padded set.
+    the batch the restored optimizer step implies; validation is a fixed set of batches (see :func:`fixed_batches`).
     """
 
     def __init__(self, batch_size: int, channels: int, resolution: int, num_classes: int,
@@ -80,7 +80,7 @@ class InMemoryDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         self.setup()
         rank, world = self._rank_world()
-        return self._loader(self.val_set, padded_shard(len(self.val_set), self.val_batch_size, rank, world))
+        return self._loader(FixedBatches(self.val_set), fixed_batches(len(self.val_set), self.val_batch_size, rank, world))
 
     def _loader(self, dataset: Dataset, batches) -> DataLoader:
         return DataLoader(dataset, sampler=batches, batch_size=None, num_workers=self.num_workers,

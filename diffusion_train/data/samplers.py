@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import signal
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
+from torch.utils.data import Dataset
 
 
 def mix_seed(*values: int) -> int:
@@ -54,12 +55,41 @@ class InfiniteBatchSampler:
             batch += 1
 
 
-def padded_shard(num_samples: int, batch_size: int, rank: int, world_size: int) -> list[list[int]]:
-    """Fixed evaluation batches: rank r gets items r, r+W, ...; the tail is padded by repeating
-    items so every rank runs the same number of batches (no rank waits in a collective)."""
-    per_rank = -(-num_samples // world_size)
-    idx = [(rank + world_size * j) % num_samples for j in range(per_rank)]
-    return [idx[i:i + batch_size] for i in range(0, per_rank, batch_size)]
+class FixedBatch(NamedTuple):
+    """One batch of a fixed evaluation set: its place among the set's batches, its items, and whether
+    it is a repeat that only keeps the ranks in step (its loss is not counted)."""
+    index: int
+    items: list[int]
+    padding: bool = False
+
+
+def fixed_batches(num_samples: int, batch_size: int, rank: int, world_size: int) -> list[FixedBatch]:
+    """The evaluation set in consecutive batches (batch k: items [k*B, (k+1)*B)); rank r takes batches
+    r, r+W, ... A rank with one batch fewer repeats one as padding, so every rank runs the same number of
+    batches (no rank waits in a collective). The batches, and so their noise, are the same for any number
+    of ranks: each item is counted once and the validation loss does not depend on the world size."""
+    count = -(-num_samples // batch_size)
+    out = []
+    for j in range(-(-count // world_size)):
+        k = rank + world_size * j
+        index = k % count
+        out.append(FixedBatch(index, list(range(index * batch_size, min((index + 1) * batch_size, num_samples))),
+                              k >= count))
+    return out
+
+
+class FixedBatches(Dataset):
+    """A dataset indexed by lists of indices, read by :class:`FixedBatch`: each batch dict gains
+    ``__batch__`` (the batch's index) and ``__padding__``."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, batch: FixedBatch) -> dict:
+        return {**self.dataset[batch.items], "__batch__": batch.index, "__padding__": batch.padding}
 
 
 def ignore_preemption_signals(worker_id: int = 0) -> None:

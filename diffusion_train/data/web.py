@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from diffusion_train.data.bad_data import DRY_SAMPLES, BadDataError, Skips, is_filtered
 from diffusion_train.data.decode import IMAGE_KEYS, SampleDecoder, aspect_buckets
-from diffusion_train.data.samplers import ignore_preemption_signals, mix_seed, padded_shard
+from diffusion_train.data.samplers import FixedBatches, fixed_batches, ignore_preemption_signals, mix_seed
 from diffusion_train.data.tar_io import tar_samples
 
 log = logging.getLogger(__name__)
@@ -383,7 +383,7 @@ class WebDataModule(L.LightningDataModule):
         sources: a shard spec (see :func:`expand_shards`; a directory gives its ``train-*`` shards) or
             a list of ``{shards: spec, weight: w}``.
         val_shards: shard spec of the validation set (a directory gives its ``val-*`` shards); its first
-            ``val_size`` samples are decoded once and every rank evaluates the same padded share.
+            ``val_size`` samples are decoded once; the ranks share its fixed batches (``fixed_batches``).
         resampled, shuffle_buffer: see the module docstring.
         epoch_batches: batches per rank in an epoch of the resampled stream (Lightning's epochs, for
             epoch-based callbacks and logs); each epoch continues the stream. null: one endless epoch.
@@ -478,8 +478,8 @@ class WebDataModule(L.LightningDataModule):
         if self.val_set is None:
             return []
         rank, world = self._rank_world()
-        return DataLoader(self.val_set, sampler=padded_shard(len(self.val_set), self.val_batch_size, rank, world),
-                          batch_size=None, num_workers=0)
+        return DataLoader(FixedBatches(self.val_set), sampler=fixed_batches(len(self.val_set), self.val_batch_size,
+                                                                            rank, world), batch_size=None, num_workers=0)
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         return finish_batch(batch)

@@ -300,8 +300,14 @@ class DiffusionModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_schedule_factory(opt), "interval": "step"}}
 
     # -- validation: fixed noise and stratified timesteps, so the number is comparable across steps --
+    # and across runs: each fixed batch of the set (data.samplers.fixed_batches) draws from its own stream,
+    # whatever the number of ranks, and each item counts once (padding batches not at all).
+    def on_validation_epoch_start(self) -> None:
+        self._val_total = torch.zeros(2, dtype=torch.float64 if self.device.type != "mps" else torch.float32,
+                                      device=self.device)
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        g = self.step_generator(10**9, batch_idx, self.global_rank)
+        g = self.step_generator(10**9, batch.get("__batch__", batch_idx), 0)
         x0 = self.latents(batch, g)
         b, schedule = x0.shape[0], self.objective.schedule
         # timesteps spread evenly over the schedule (integer steps for discrete schedules)
@@ -310,8 +316,13 @@ class DiffusionModule(L.LightningModule):
             t = t.round()
         noise = torch.randn(x0.shape, generator=g, device=self.device)
         cond = self.with_task(self.conditioner(batch), x0, batch, g)
-        loss = self.objective.loss(self.net, x0, cond, t=t, noise=noise).mean()
-        self.log("val/loss", loss, sync_dist=True, batch_size=b)
+        loss = self.objective.loss(self.net, x0, cond, t=t, noise=noise)
+        if not batch.get("__padding__", False):
+            self._val_total += torch.stack([loss.sum(), loss.new_tensor(b)]).to(self._val_total.dtype)
+
+    def on_validation_epoch_end(self) -> None:
+        loss_sum, count = self.trainer.strategy.reduce(self._val_total, reduce_op="sum")
+        self.log("val/loss", (loss_sum / count).float())
 
     # -- sampling --------------------------------------------------------------------------------
     @torch.no_grad()
