@@ -25,6 +25,7 @@ FAMILIES: dict[str, dict] = {
     # A DiT width/depth ladder for small images (head width 24-32), about 0.4 decades apart in parameters;
     # model=dit with the config's patch size (set model.patch_size in the base overrides).
     "dit": {"model": "dit", "width_key": "hidden_size", "sizes": {
+        "XXXS": {"hidden_size": 32, "depth": 2, "num_heads": 1},
         "XXS": {"hidden_size": 48, "depth": 2, "num_heads": 2},
         "XS": {"hidden_size": 64, "depth": 3, "num_heads": 2},
         "S": {"hidden_size": 96, "depth": 4, "num_heads": 3},
