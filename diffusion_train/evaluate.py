@@ -6,12 +6,11 @@ import json
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_train.metrics.fid import build_extractor, check_reference_resolution, load_reference
 from diffusion_train.metrics.generated import evaluate_generated
-from diffusion_train.sample import load_for_sampling
+from diffusion_train.sample import load_for_sampling, sampling_autocast
 from diffusion_train.train import user_errors_as_one_line
 from diffusion_train.training.images import save_grid
 
@@ -32,7 +31,7 @@ def evaluate(cfg: DictConfig) -> dict:
         clip = CLIPScore(**OmegaConf.to_container(cfg.clip, resolve=True))
     device, module, sampler, guidance = load_for_sampling(cfg)
     check_reference_resolution(cfg.reference, reference, module.image_size)
-    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
+    with sampling_autocast(device):
         metrics, images = evaluate_generated(
             module, extractor, sampler, int(cfg.num_samples), (mu.to(device), sigma.to(device)),
             batch_size=int(cfg.batch_size), guidance_scale=float(cfg.guidance_scale), seed=int(cfg.seed),

@@ -38,11 +38,19 @@ def backbone_size(module: DiffusionModule, height: int | None, width: int | None
     return size[0], size[1]
 
 
-def load_for_sampling(cfg: DictConfig) -> tuple[str, DiffusionModule, Sampler, dict]:
+def sampling_autocast(device: torch.device):
+    """bf16 autocast on any CUDA device (``cuda:1`` too); none elsewhere."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def load_for_sampling(cfg: DictConfig) -> tuple[torch.device, DiffusionModule, Sampler, dict]:
     """(device, the checkpoint's module with the chosen weights, the sampler, the guidance options) of
-    a ``diffusion-sample`` / ``diffusion-eval`` config; one-line errors for a bad step count or a
-    missing checkpoint."""
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    a ``diffusion-sample`` / ``diffusion-eval`` config; one-line errors for a bad device, a bad step count or
+    a missing checkpoint."""
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    except RuntimeError:
+        raise ValueError(f"device={cfg.device}: not a device (auto, cpu, cuda, cuda:1, ...)") from None
     if int(cfg.sampler.steps) < 1:
         raise ValueError(f"sampler.steps must be >= 1, got {cfg.sampler.steps}")
     if not Path(cfg.ckpt).is_file():
@@ -70,7 +78,7 @@ def generate(cfg: DictConfig) -> list[Path]:
     images = []
     for start in batches:
         idx = list(range(start, min(start + cfg.batch_size, cfg.num_images)))
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        with sampling_autocast(device):
             images.append(module.sample_seeded(idx, inputs, sampler, cfg.guidance_scale, cfg.seed, size,
                                                **guidance).cpu())
     images = torch.cat(images)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import warnings
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +18,7 @@ from PIL import Image
 from conftest import TINY, compose_train
 from diffusion_train.conditioning.autoencoder import Autoencoder, TinyVAE
 from diffusion_train.models import DiT, UNet
-from diffusion_train.sample import backbone_size
+from diffusion_train.sample import backbone_size, sampling_autocast
 from diffusion_train.train import train
 
 
@@ -57,6 +58,7 @@ def test_same_seeds_give_the_same_images_for_any_batch_size(ckpt, tmp_path):
     (["ckpt={missing}"], "does not exist"),
     (["ckpt={foreign}"], "holds no diffusion_train run metadata"),
     (["ckpt={ckpt}", "sampler.steps=0"], "sampler.steps must be >= 1, got 0"),
+    (["ckpt={ckpt}", "device=gpu1"], "device=gpu1: not a device"),
     (["ckpt={ckpt}", "labels=[7]"], "outside the model's 4 classes"),
     (["ckpt={ckpt}", "height=15"], "height=15 is not a positive multiple of 2 = 1 (autoencoder downsampling) x 2"),
 ])
@@ -68,6 +70,16 @@ def test_bad_input_gets_a_one_line_error(args, expected, ckpt, tmp_path):
     assert out.returncode == 1
     errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and expected in errors[0], out.stderr[-2000:]
+
+
+def test_sampling_autocasts_to_bf16_on_any_cuda_device():
+    for device in ("cuda", "cuda:1"):  # constructed only: this machine may have no GPU
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "CUDA is not available. Disabling"
+            ctx = sampling_autocast(torch.device(device))
+        assert (ctx.device, ctx.fast_dtype) == ("cuda", torch.bfloat16), device
+    with sampling_autocast(torch.device("cpu")):
+        assert not torch.is_autocast_enabled("cpu")
 
 
 def test_unknown_sampler_lists_the_choices(ckpt, tmp_path):
