@@ -73,6 +73,32 @@ def test_generated_metrics_do_not_depend_on_the_batch_size(extractor_files):
     assert math.isclose(a["class_accuracy/fmnist_net_12"], hits, rel_tol=1e-12)
 
 
+def test_a_nonfinite_image_gives_a_nan_distance_and_is_counted(extractor_files, monkeypatch):
+    """A diverging model's NaN image must not stop a training run in its FID callback."""
+    weights, reference = extractor_files
+    from diffusion_train.metrics.fid import load_reference
+
+    net = FMNISTNet.load(weights)
+    mu, sigma, _ = load_reference(reference, net.provenance)
+    module, sampler = _module_and_sampler()
+    clean, _ = evaluate_generated(module, net, sampler, 6, (mu, sigma), batch_size=4)
+    sample_seeded = module.sample_seeded
+
+    def one_nan(indices, *args, **kwargs):  # image 4 gets a NaN pixel
+        images = sample_seeded(indices, *args, **kwargs)
+        images[[k for k, i in enumerate(indices) if i == 4], 0, 3, 5] = float("nan")
+        return images
+
+    monkeypatch.setattr(module, "sample_seeded", one_nan)
+    metrics, kept = evaluate_generated(module, net, sampler, 6, (mu, sigma), batch_size=4, keep=6)
+    assert math.isnan(metrics["fd/fmnist_net_6"]) and metrics["nonfinite_images_6"] == 1
+    assert "nonfinite_images_6" not in clean
+    # image 4 counts as a miss: the accuracy is that of the clean run without image 4's hit, if it had one
+    hit4 = net.logits(sample_seeded([4], module.conditioner.sample_inputs(6), sampler)).argmax(1).item() == 4 % 10
+    assert metrics["class_accuracy/fmnist_net_6"] * 6 == pytest.approx(clean["class_accuracy/fmnist_net_6"] * 6 - hit4)
+    assert torch.isfinite(kept).all()
+
+
 def test_the_callback_logs_fd_and_class_accuracy_during_training(extractor_files, tmp_path):
     weights, reference = extractor_files
     run = tmp_path / "run"

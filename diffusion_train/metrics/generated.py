@@ -3,6 +3,7 @@ extract features, and compare them with a reference (Fréchet distance) and with
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import torch
@@ -42,6 +43,10 @@ def evaluate_generated(module, extractor: FeatureExtractor, sampler: Sampler, nu
     Every rank runs as many batches as the rank with the most images (one with fewer samples an unused image
     for each batch it lacks), since a sharded model's forward passes are collective. ``stop`` is asked before
     each batch; when it says yes, the evaluation ends there and returns None.
+
+    An image with a NaN or inf pixel (a diverging model) does not stop a training run: it is counted
+    (``nonfinite_images_<n>``, present when not 0), the Fréchet distance is NaN, and it counts as a miss for
+    the class accuracy and as 0 for the CLIP score.
     """
     rank, world = rank_world()
     device = next(module.parameters()).device
@@ -50,6 +55,7 @@ def evaluate_generated(module, extractor: FeatureExtractor, sampler: Sampler, nu
     stats = FeatureStats(extractor.feature_dim, device=device)
     hits = torch.zeros(2, dtype=torch.float64, device=device)  # (classified as requested, labelled)
     scores = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of CLIP scores, images scored)
+    nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # images with a NaN or inf pixel
     if clip is not None:
         clip = clip.to(device)
     kept: list[Tensor] = []
@@ -64,25 +70,31 @@ def evaluate_generated(module, extractor: FeatureExtractor, sampler: Sampler, nu
         if not idx:
             continue
         batch = select_inputs(inputs, idx)
+        finite = images.flatten(1).isfinite().all(dim=1)
+        nonfinite += (~finite).sum()
+        images = torch.where(finite[:, None, None, None], images, 0.0)  # the extractors see no NaN
         stats.update(extractor(images))
         if "label" in batch and hasattr(extractor, "logits"):
             requested = batch["label"].to(device)
-            hits[0] += (extractor.logits(images).argmax(dim=1) == requested).sum()
+            hits[0] += ((extractor.logits(images).argmax(dim=1) == requested) & finite).sum()
             hits[1] += len(idx)
         texts = next((v for v in batch.values() if isinstance(v, list) and v and isinstance(v[0], str)), None)
         if clip is not None and texts is not None:
-            scores[0] += clip(images, texts).sum()
+            scores[0] += (clip(images, texts) * finite).sum()
             scores[1] += len(idx)
         if rank == 0 and sum(len(k) for k in kept) < keep:
             kept.append(images[:keep - sum(len(k) for k in kept)].cpu())
     stats.all_reduce()
     if world > 1:
-        torch.distributed.all_reduce(hits)
-        torch.distributed.all_reduce(scores)
+        for total in (hits, scores, nonfinite):
+            torch.distributed.all_reduce(total)
     metrics: dict[str, Any] = {}
-    if reference is not None:
-        metrics[metric_name(extractor.name, num_samples)] = frechet_distance(stats.mean(), stats.covariance(),
-                                                                             *reference)
+    bad = int(nonfinite)
+    if bad:
+        metrics[f"nonfinite_images_{count_label(num_samples)}"] = bad
+    if reference is not None:  # no distance of a set with a NaN image: NaN, and training goes on
+        metrics[metric_name(extractor.name, num_samples)] = (
+            math.nan if bad else frechet_distance(stats.mean(), stats.covariance(), *reference))
     if hits[1] > 0:
         metrics[f"class_accuracy/{extractor.name}_{count_label(num_samples)}"] = float(hits[0] / hits[1])
     if scores[1] > 0:
