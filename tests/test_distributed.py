@@ -17,7 +17,7 @@ import torch
 
 from diffusion_train.training.checkpointing import load_checkpoint
 from diffusion_train.training.loggers import persistent_run_id
-from diffusion_train.training.parallel import check_devices, lr_scale, per_device_batch
+from diffusion_train.training.parallel import check_devices, lr_scale, per_device_batch, sum_over_ranks
 from diffusion_train.training.preemption import Preemption, slurm_job_id
 
 QUICK = ["experiment=smoke", "logger=csv", "callbacks.sample_grid.every_n_steps=1000",
@@ -48,6 +48,25 @@ def test_lr_scaling_rules():
     assert lr_scale("sqrt", 1024, 256) == 2.0
     with pytest.raises(ValueError, match="lr_scaling must be one of"):
         lr_scale("cubic", 1024, 256)
+
+
+def _sum_worker(rank: int, world: int, init: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        mine = [{"data/skipped_bad_label": 2, "data/skipped_missing_image": 1}, {"data/skipped_bad_label": 3}][rank]
+        Path(out, f"{rank}.json").write_text(json.dumps(sum_over_ranks(mine)))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_counts_are_summed_over_ranks_whatever_names_each_rank_has(tmp_path):
+    """The data/skipped_* counts a multi-GPU run logs are those of every rank, not rank 0's."""
+    assert sum_over_ranks({"a": 1}) == {"a": 1}  # one process
+    init = f"file://{tmp_path / 'init'}"
+    torch.multiprocessing.spawn(_sum_worker, args=(2, init, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        got = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert got == {"data/skipped_bad_label": 5, "data/skipped_missing_image": 1}, rank
 
 
 def test_more_devices_than_the_machine_shows_is_refused():

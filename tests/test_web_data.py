@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import itertools
 import json
@@ -269,6 +270,7 @@ def test_precomputed_latents_in_shards_train_a_latent_model(tmp_path):
             buf = io.BytesIO()
             np.save(buf, rng.standard_normal((8, 4, 4)).astype(np.float16))  # mean and logvar of 4x4x4 latents
             samples.append({"__key__": f"{s}_{i:04d}", "latent.npy": buf.getvalue(), "cls": str(i % 4).encode()})
+        samples[5]["cls"] = b"7"  # a label outside the 4 classes: skipped and counted
         write_shard(tmp_path / f"train-{s:06d}.tar", samples)
     pattern = str(tmp_path / "train-{000000..000001}.tar")
     overrides = [o for o in TINY if not o.startswith("data=")]
@@ -280,6 +282,9 @@ def test_precomputed_latents_in_shards_train_a_latent_model(tmp_path):
     trainer = train(cfg, tmp_path / "run")
     module = trainer.lightning_module
     assert trainer.global_step == 4 and (module.backbone.in_channels, module.backbone.input_size) == (4, 4)
+    rows = list(csv.DictReader(open(tmp_path / "run/metrics.csv", newline="")))
+    skipped = [float(r["data/skipped_bad_label"]) for r in rows if r.get("data/skipped_bad_label")]
+    assert skipped and skipped[-1] >= 1 and skipped == sorted(skipped)  # a running count
     batch = next(iter(trainer.datamodule.train_stream()))
     assert "image" not in batch and batch["latent"].dtype == torch.float16  # stored dtype until on the device
     batch = finish_batch(batch)

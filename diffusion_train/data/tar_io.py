@@ -17,6 +17,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 GZIP_MAGIC = b"\x1f\x8b"  # a .tar.gz shard starts with it; it is read through gzip
+_warned_shards: set[str] = set()  # unreadable shards already logged by this process (a resampled stream redraws them)
 
 
 class TarReadError(tarfile.TarError):
@@ -106,8 +107,8 @@ def tar_samples(url: str, skipped: Counter) -> Iterator[dict[str, Any]]:
     """Samples (``{"__key__", "__url__", ext: bytes, ...}``) of one tar, members grouped by key.
 
     A tar that cannot be opened, is corrupt (a bad header, bad gzip data), ends early (truncated) or
-    holds no sample (an empty file) counts once as ``unreadable_tar`` and is logged with its url; the
-    samples before the damage are kept, the partial one is dropped.
+    holds no sample (an empty file) counts as ``unreadable_tar`` each time it is read and is logged with
+    its url the first time (per process); the samples before the damage are kept, the partial one is dropped.
     """
     import gzip
 
@@ -135,14 +136,19 @@ def tar_samples(url: str, skipped: Counter) -> Iterator[dict[str, Any]]:
                     current = {"__key__": key, "__url__": url}
                 current[ext.lower()] = data
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        skipped["unreadable_tar"] += 1
-        log.warning("shard %s: %s: %s (samples before it are used)", url, type(e).__name__, e)
+        _unreadable(url, skipped, "%s: %s (samples before it are used)", type(e).__name__, e)
         return
     if current is not None:
         yield current
     elif not found:
-        skipped["unreadable_tar"] += 1
-        log.warning("shard %s: no sample in it (an empty file or archive)", url)
+        _unreadable(url, skipped, "no sample in it (an empty file or archive)")
+
+
+def _unreadable(url: str, skipped: Counter, why: str, *args) -> None:
+    skipped["unreadable_tar"] += 1
+    if url not in _warned_shards:
+        _warned_shards.add(url)
+        log.warning("shard %s: " + why + " (logged once; each read is counted)", url, *args)
 
 
 _NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...]]] = {}

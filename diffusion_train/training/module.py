@@ -25,7 +25,7 @@ from diffusion_train.finetune.editing import InstructionEditing
 from diffusion_train.finetune.inpainting import Inpainting, KnownRegion
 from diffusion_train.finetune.masks import downsample_mask
 from diffusion_train.diffusion import GaussianDiffusion, Sampler, per_image_generators, randn
-from diffusion_train.training.parallel import full_tensor, log_every_steps, mean_over_ranks
+from diffusion_train.training.parallel import full_tensor, log_every_steps, mean_over_ranks, sum_over_ranks
 from diffusion_train.training.speed import (
     attention_choice, check_attention_device, check_fp8_device, prepare_backbone, resolve_channels_last,
     resolve_compile,
@@ -232,18 +232,26 @@ class DiffusionModule(L.LightningModule):
         self._train_logs.update({"train/grad_norm": grad_norm.detach(), "train/lr": lr,
                                  "train/nonfinite_steps": self.nonfinite_steps})
         if self.global_step % log_every_steps(self.trainer, self) == 0:
-            truncated = [e.num_truncated for e in self.conditioner.embedders.values() if hasattr(e, "num_truncated")]
-            if truncated:  # captions cut to the encoder's max_length (counted when encoded), a host-side count
-                self.log("data/truncated_captions", float(sum(truncated)))
-            skipped = getattr(self.trainer.datamodule, "skip_counts", None)  # streamed data: unusable samples by reason
-            if skipped:
-                self.log_dict({f"data/skipped_{reason}": float(n) for reason, n in skipped.items()})
+            self._log_data_counts()
             streak = int(self.nonfinite_streak)
             if streak >= self.max_nonfinite_steps:
                 raise NonFiniteLossError(
                     f"{streak} optimizer steps in a row had a non-finite loss or gradient (step "
                     f"{self.global_step}); stopping with the last checkpoint intact. Lower optim.lr, "
                     f"check the data, or raise training.max_nonfinite_steps")
+
+    def _log_data_counts(self) -> None:
+        """Host-side counts of the data, summed over the ranks (every rank calls this at the same steps): captions
+        cut to the encoder's max_length (counted when encoded) and, for streamed data, unusable samples by reason."""
+        counts = {}
+        truncated = [e.num_truncated for e in self.conditioner.embedders.values() if hasattr(e, "num_truncated")]
+        if truncated:
+            counts["data/truncated_captions"] = sum(truncated)
+        skipped = getattr(self.trainer.datamodule, "skip_counts", None)
+        if skipped is not None:
+            counts.update({f"data/skipped_{reason}": n for reason, n in skipped.items()})
+        if truncated or skipped is not None:  # the same on every rank: the model's and the data's kind
+            self.log_dict({name: float(n) for name, n in sum_over_ranks(counts).items()})
 
     def _schedulers(self) -> list:
         scheds = self.lr_schedulers()

@@ -98,6 +98,21 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
     return total / dist.get_world_size()
 
 
+def sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
+    """Named counts summed over the processes of a multi-process run (the names may differ between ranks; one
+    ``all_gather_object``, which waits for every rank: for logging steps, not every step), ``counts`` in one process."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return dict(counts)
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, dict(counts))
+    total: dict[str, int] = {}
+    for rank in gathered:
+        for name, n in rank.items():
+            total[name] = total.get(name, 0) + n
+    return total
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a sharded DTensor (sharing its storage), else the tensor itself."""
     return t.to_local() if _is_dtensor(t) else t
