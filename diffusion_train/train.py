@@ -39,6 +39,7 @@ from diffusion_train.training.preemption import Preemption, after_preemption, fi
 from diffusion_train.training.run_dir import (
     ResumeMismatchError,
     check_global_batch,
+    check_param_groups,
     check_resumable,
     resolved,
     run_info,
@@ -70,13 +71,16 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     run_dir = Path(run_dir)
     quiet_known_warnings()
     config = resolved(cfg)  # fails on a missing value before any work starts
-    ckpt, resume_step, resume_batch = check_resumable(run_dir, config)  # refuses another model's; changes nothing
+    resume = check_resumable(run_dir, config)  # refuses another model's; changes nothing
+    ckpt = resume.ckpt
     check_devices(cfg.trainer.get("accelerator"), cfg.trainer.get("devices"))
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = instantiate(cfg.data, _convert_="all")
     module = build_module(cfg)
+    check_param_groups(resume, [len(g["params"]) for g in module.parameter_groups()],
+                       f"training.no_weight_decay={module.no_weight_decay}")
     init = cfg.get("init") or {}
     init_report = None
     if init.get("path") and ckpt is None:  # a resumed run has its own weights
@@ -95,7 +99,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     loggers = _instantiate_all(cfg.logger)
     for lg in loggers:
         if isinstance(lg, ResumableCSVLogger):
-            lg.resume_from(resume_step)
+            lg.resume_from(resume.step)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      plugins=[AtomicCheckpointIO(), *cluster_plugins()], use_distributed_sampler=False,
                                      **intervals)
@@ -108,7 +112,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     datamodule.batch_size = per_device_batch(datamodule.batch_size, scale.get("global_batch"), trainer.world_size,
                                              accumulate)
     batch = global_batch(datamodule.batch_size, trainer.world_size, accumulate)
-    check_global_batch(ckpt, resume_batch, batch, f"{datamodule.batch_size} per device x {trainer.world_size} "
+    check_global_batch(ckpt, resume.global_batch, batch, f"{datamodule.batch_size} per device x {trainer.world_size} "
                                                   f"devices x {accumulate} accumulated")
     module.lr_scale = lr_scale(scale.get("lr_scaling"), batch, int(scale.get("lr_base_batch", 256)))
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []

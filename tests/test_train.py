@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import module_of
 from diffusion_train.diffusion import GaussianDiffusion
 from diffusion_train.train import train
 from diffusion_train.training import NonFiniteLossError
@@ -219,7 +220,7 @@ def test_a_checkpoint_from_before_a_new_null_option_resumes(tiny_cfg, tmp_path):
     del state["diffusion_train"]["config"]["model"]["num_head_channels"]  # as written before the option existed
     torch.save(state, ckpt)
     config = resolved(tiny_cfg("trainer.max_steps=4", run_dir=run))
-    assert check_resumable(run, config) == (ckpt, 2, 16)  # the checkpoint, its step and its global batch
+    assert check_resumable(run, config)[:3] == (ckpt, 2, 16)  # the checkpoint, its step and its global batch
     config["model"]["num_head_channels"] = 4
     with pytest.raises(ResumeMismatchError, match=r"model.num_head_channels: checkpoint has None, config has 4"):
         check_resumable(run, config)
@@ -246,6 +247,37 @@ def test_resume_with_another_global_batch_is_refused_and_the_same_one_on_other_t
     train(tiny_cfg("trainer.max_steps=4", "data.batch_size=4", "training.accumulate_grad_batches=2", run_dir=run),
           run)
     assert load_checkpoint(run / "checkpoints/last.ckpt")["global_step"] == 4
+
+
+def test_no_weight_decay_spares_the_parameters_it_names(tiny_cfg):
+    """With zero gradients AdamW only decays: the parameters of 1 dimension and those the pattern names keep
+    their values, every other one shrinks by lr x weight_decay."""
+    module = module_of(tiny_cfg, "optim.weight_decay=0.5", "optim.lr=0.1", "optim.fused=false",
+                       "training.no_weight_decay=[1d,'*label*']")
+    opt = module.configure_optimizers()
+    opt = opt["optimizer"] if isinstance(opt, dict) else opt
+    before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    for p in module.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    spared = {n for n, p in module.named_parameters() if p.requires_grad and (p.ndim < 2 or "label" in n)}
+    assert "conditioner.embedders.label.embedding.weight" in spared and any(n.endswith(".bias") for n in spared)
+    for n, p in module.named_parameters():
+        if n in before:
+            expected = before[n] if n in spared else before[n] * (1 - 0.1 * 0.5)
+            torch.testing.assert_close(p.detach(), expected, msg=n)
+    with pytest.raises(ValueError, match=r"training.no_weight_decay: \['\*pos_embed\*'\] match no trainable param"):
+        module_of(tiny_cfg, "training.no_weight_decay=['*pos_embed*']").configure_optimizers()
+
+
+def test_resume_with_other_parameter_groups_is_refused_before_anything_is_written(tiny_cfg, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg("trainer.max_steps=2", run_dir=run), run)
+    before = {p: _digest(p) for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(ResumeMismatchError, match=r"parameter groups of \[\d+\] tensors, this config makes \[\d+, "
+                                                  r"\d+\] \(training.no_weight_decay=\['1d'\]\)"):
+        train(tiny_cfg("trainer.max_steps=4", "training.no_weight_decay=[1d]", run_dir=run), run)
+    assert {p: _digest(p) for p in run.rglob("*") if p.is_file()} == before
 
 
 def test_a_relaunch_before_the_first_checkpoint_starts_metrics_csv_afresh(tiny_cfg, tmp_path):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import logging
 import math
 import random
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import lightning as L
 import numpy as np
@@ -68,13 +69,14 @@ class DiffusionModule(L.LightningModule):
                  compile: bool | str = False, compile_options: dict | None = None,
                  activation_checkpointing: bool | int = False, channels_last: bool | str = False, fp8: bool = False,
                  bf16_residual: bool = False, attention: str = "auto", seed: int = 0, task=None,
-                 controlnet: nn.Module | None = None, control=None):
+                 controlnet: nn.Module | None = None, control=None, no_weight_decay: Sequence[str] = ()):
         super().__init__()
         self.automatic_optimization = False
         self.backbone, self.conditioner, self.objective = backbone, conditioner, objective
         self.task = task  # e.g. finetune.inpainting.Inpainting: what cond.image the backbone also sees
         self.autoencoder = autoencoder if autoencoder is not None else Autoencoder()
         self.optimizer_factory, self.lr_schedule_factory = optimizer, lr_schedule
+        self.no_weight_decay = list(no_weight_decay or ())
         self.grad_clip, self.accumulate_grad_batches = grad_clip, int(accumulate_grad_batches)
         self.max_nonfinite_steps, self.seed = max_nonfinite_steps, seed
         # What the step calls (see training/speed.py). A compiled wrapper is kept outside the module tree, so
@@ -99,6 +101,26 @@ class DiffusionModule(L.LightningModule):
     # -- helpers ---------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def parameter_groups(self) -> list[dict]:
+        """The optimizer's parameter groups: the trainable parameters, and apart, with weight decay 0, those that
+        ``no_weight_decay`` names: ``1d`` (biases, norm gains: parameters of fewer than 2 dimensions) or a
+        name pattern (fnmatch, e.g. ``*pos_embed*``). A pattern that matches no parameter is an error."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        if not self.no_weight_decay:
+            return [{"params": [p for _, p in named]}]
+        patterns = [r for r in self.no_weight_decay if r != "1d"]
+        unmatched = [r for r in patterns if not any(fnmatch.fnmatchcase(n, r) for n, _ in named)]
+        if unmatched:
+            raise ValueError(f"training.no_weight_decay: {unmatched} match no trainable parameter (names look like "
+                             f"{named[0][0] if named else 'none'!r})")
+
+        def exempt(name: str, p: nn.Parameter) -> bool:
+            return ("1d" in self.no_weight_decay and p.ndim < 2) or any(fnmatch.fnmatchcase(name, r) for r in patterns)
+
+        groups = [{"params": [p for n, p in named if not exempt(n, p)]},
+                  {"params": [p for n, p in named if exempt(n, p)], "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
 
     @property
     def image_size(self) -> int:
@@ -300,7 +322,7 @@ class DiffusionModule(L.LightningModule):
             parallelize(self)
 
     def configure_optimizers(self):
-        opt = self.optimizer_factory(self.trainable_parameters())
+        opt = self.optimizer_factory(self.parameter_groups())
         for group in opt.param_groups:  # before the schedule reads its base rates
             group["lr"] *= self.lr_scale
         if self.lr_schedule_factory is None:

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import yaml
@@ -53,12 +53,20 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [f"{prefix}: checkpoint has {a!r}, config has {b!r}"]
 
 
-def check_resumable(run_dir: str | os.PathLike, config: dict) -> tuple[Path | None, int | None, int | None]:
-    """(checkpoint to resume from, its step, the global batch it was trained with), or (None, None, None) for a
-    fresh run; refuses a checkpoint of another model."""
+class Resumable(NamedTuple):
+    """The checkpoint a run resumes from (None: a fresh run), its step, the global batch it was trained with and
+    the sizes of its optimizer's parameter groups."""
+    ckpt: Path | None = None
+    step: int | None = None
+    global_batch: int | None = None
+    param_groups: list[int] | None = None
+
+
+def check_resumable(run_dir: str | os.PathLike, config: dict) -> Resumable:
+    """What the run directory resumes from (all None for a fresh run); refuses a checkpoint of another model."""
     ckpt = last_checkpoint(run_dir)
     if ckpt is None:
-        return None, None, None
+        return Resumable()
     state = load_checkpoint(ckpt)
     saved = state.get("diffusion_train", {}).get("config")
     if saved is None:
@@ -70,7 +78,8 @@ def check_resumable(run_dir: str | os.PathLike, config: dict) -> tuple[Path | No
             f"refusing to resume {ckpt}: it belongs to a different model config ({shown}). Nothing was "
             f"changed; choose another run_name (or hydra.run.dir) for a new run")
     batch = state["diffusion_train"].get("global_batch")
-    return ckpt, int(state["global_step"]), None if batch is None else int(batch)
+    groups = [len(g["params"]) for g in (state.get("optimizer_states") or [{}])[0].get("param_groups", [])]
+    return Resumable(ckpt, int(state["global_step"]), None if batch is None else int(batch), groups or None)
 
 
 def check_global_batch(ckpt: Path | None, trained_with: int | None, batch: int, how: str) -> None:
@@ -81,6 +90,15 @@ def check_global_batch(ckpt: Path | None, trained_with: int | None, batch: int, 
             f"refusing to resume {ckpt}: it was trained with a global batch of {trained_with}, this launch has "
             f"{batch} ({how}); the data position and the images seen count its batches. Keep it "
             f"(scale.global_batch={trained_with} holds it on any number of devices) or choose another run_name")
+
+
+def check_param_groups(resume: Resumable, groups: list[int], setting: str) -> None:
+    """Refuses to resume a checkpoint whose optimizer groups its parameters otherwise (``groups``: this config's
+    group sizes, ``setting`` what makes them); its moments would not fit."""
+    if resume.param_groups is not None and resume.param_groups != groups:
+        raise ResumeMismatchError(
+            f"refusing to resume {resume.ckpt}: its optimizer has parameter groups of {resume.param_groups} tensors, "
+            f"this config makes {groups} ({setting}); resume with the run's own setting or choose another run_name")
 
 
 def run_info(config: dict, overrides: list[str], world_size: int, global_batch: int,
