@@ -66,6 +66,16 @@ def _instantiate_all(node: DictConfig | None) -> list:
     return [instantiate(c, _convert_="all") for c in (node or {}).values() if c is not None]
 
 
+def _warn_of_untrained_guidance(module, callbacks: list, pretrained: bool) -> None:
+    """Guided samples need the unconditional prediction, which a fresh model learns only from CFG dropout."""
+    embedders = list(module.conditioner.embedders.values())
+    scales = sorted({c.guidance_scale for c in callbacks if getattr(c, "guidance_scale", 1.0) != 1.0})
+    if scales and embedders and not pretrained and not any(getattr(e, "dropout", 0.0) > 0 for e in embedders):
+        log.warning("callbacks sample with guidance_scale %s, but no conditioning embedder drops its input (dropout 0): "
+                    "the unconditional prediction is never trained and guided samples are not meaningful; set the "
+                    "embedder's dropout (e.g. 0.1) or the callbacks' guidance_scale=1", scales)
+
+
 def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     """Trains in ``run_dir``, resuming from ``run_dir/checkpoints/last.ckpt`` when it exists."""
     run_dir = Path(run_dir)
@@ -94,6 +104,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     # The EMA first: a checkpoint that another callback's step-end hook saves holds this step's average.
     # The run summary last: it records what the others logged this step.
     callbacks.sort(key=lambda c: (not isinstance(c, EMA), isinstance(c, RunSummary)))
+    _warn_of_untrained_guidance(module, callbacks, bool(init.get("path")))
     if cfg.trainer.get("enable_progress_bar", True):  # a refresh reads the loss (a device sync): once per log interval
         callbacks.append(LossProgressBar(refresh_rate=intervals["log_every_n_steps"]))
     loggers = _instantiate_all(cfg.logger)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -278,6 +279,16 @@ def test_resume_with_other_parameter_groups_is_refused_before_anything_is_writte
                                                   r"\d+\] \(training.no_weight_decay=\['1d'\]\)"):
         train(tiny_cfg("trainer.max_steps=4", "training.no_weight_decay=[1d]", run_dir=run), run)
     assert {p: _digest(p) for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_guided_sample_grids_of_a_model_without_cfg_dropout_are_warned_of(tiny_cfg, tmp_path, caplog):
+    for dropout, warned in ((0.0, True), (0.1, False)):
+        caplog.clear()
+        run = tmp_path / str(dropout)
+        with caplog.at_level(logging.WARNING, logger="diffusion_train"):
+            train(tiny_cfg("trainer.max_steps=1", f"conditioning.embedders.label.dropout={dropout}",
+                           "callbacks.sample_grid.guidance_scale=2", run_dir=run), run)
+        assert any("unconditional prediction is never trained" in r.getMessage() for r in caplog.records) == warned
 
 
 def test_a_relaunch_before_the_first_checkpoint_starts_metrics_csv_afresh(tiny_cfg, tmp_path):
