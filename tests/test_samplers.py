@@ -498,12 +498,16 @@ def test_per_image_seeds_make_samples_independent_of_batch_size(name):
 # ------------------------------------------------------------------------------------------------
 # 6. zero terminal SNR
 # ------------------------------------------------------------------------------------------------
-def test_zero_terminal_snr_rejects_eps_prediction_and_karras():
+def test_schedules_that_reach_alpha_0_reject_eps_and_edm_prediction_and_zero_snr_rejects_karras():
+    """eps and edm predictions divide by alpha to give x0: NaN at the schedule's end, where sampling starts."""
     zt = ScaledLinearSchedule(rescale_zero_terminal_snr=True)
-    with pytest.raises(ValueError, match="eps"):
-        GaussianDiffusion(zt, prediction="eps")
-    for prediction in ("v", "x0", "flow"):
-        GaussianDiffusion(zt, prediction=prediction)
+    for schedule in (zt, FlowSchedule()):
+        for prediction in ("eps", "edm"):
+            with pytest.raises(ValueError, match=f"reaches alpha = 0 at t = .*{prediction} prediction cannot give x0"):
+                GaussianDiffusion(schedule, prediction=prediction)
+        for prediction in ("v", "x0", "flow"):
+            GaussianDiffusion(schedule, prediction=prediction)
+    GaussianDiffusion(ScaledLinearSchedule(), prediction="edm")  # alpha > 0 everywhere
     with pytest.raises(ValueError):
         zt.timesteps(10, "karras")
 

@@ -148,9 +148,10 @@ class GaussianDiffusion:
     def __init__(self, schedule: NoiseSchedule, prediction: str = "eps", weighting=None, time_sampler=None,
                  clip_x0: bool = False, sigma_data: float = 0.5):
         param.check(prediction)
-        if prediction == "eps" and getattr(schedule, "zero_terminal_snr", False):
-            raise ValueError("a zero-terminal-SNR schedule cannot use eps prediction (x0 is undefined where "
-                             "alpha = 0); use prediction v, x0 or flow")
+        alpha_end = float(schedule.alpha_sigma(torch.tensor([float(schedule.t_max)]))[0])
+        if prediction in ("eps", "edm") and alpha_end == 0.0:
+            raise ValueError(f"{type(schedule).__name__} reaches alpha = 0 at t = {schedule.t_max:g}, where {prediction} "
+                             f"prediction cannot give x0 (it divides by alpha); use prediction v, x0 or flow")
         parts = [("schedule", schedule)] + ([("weighting", weighting)] if prediction == "edm" else [])
         for name, part in parts:
             own = getattr(part, "sigma_data", None)
