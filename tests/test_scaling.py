@@ -55,6 +55,32 @@ def test_a_resumed_run_continues_its_summary(tiny_cfg, tmp_path):
     assert s["wall_time_s"] > first["wall_time_s"] and s["steps"] == 8
 
 
+def test_a_diverged_evaluation_is_null_in_the_summary_and_the_run_is_left_out_of_fits(tiny_cfg, tmp_path, monkeypatch):
+    """A run whose last validation is NaN must not enter an IsoFLOP fit with an older, finite loss."""
+    import math
+
+    from diffusion_train.scaling.registry import load_summary
+    from diffusion_train.training.module import DiffusionModule
+    from test_scaling_report import report
+
+    end_of_validation = DiffusionModule.on_validation_epoch_end
+
+    def diverged_at_step_4(self):
+        if self.global_step == 4:
+            self._val_total[0] = float("nan")
+        end_of_validation(self)
+
+    monkeypatch.setattr(DiffusionModule, "on_validation_epoch_end", diverged_at_step_4)
+    run = tmp_path / "run"
+    train(tiny_cfg("trainer.max_steps=4", "trainer.val_check_interval=2"), run)
+    val = _summary(run)["metrics"]["val/loss"]
+    assert [h["value"] is None for h in val["history"]] == [False, True] and val["final"] is None
+    assert val["best"] == val["history"][0]["value"]
+    record = load_summary(run / "summary.json")
+    assert math.isnan(record.metrics["val/loss"].final)
+    assert "final val/loss is nan" in report.select([record], "val/loss", unfinished=False)[record.source]
+
+
 def test_the_config_hash_ignores_names_and_paths_but_not_training_settings(tiny_cfg, tmp_path):
     from diffusion_train.training.run_dir import resolved
 

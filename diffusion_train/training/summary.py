@@ -62,6 +62,11 @@ def run_forward_macs(pl_module) -> int:
     return macs
 
 
+def _lowest(entries: list[dict]) -> float | None:
+    """The lowest finite value of a metric's history (None when it has none)."""
+    return min((e["value"] for e in entries if e["value"] is not None), default=None)
+
+
 class RunSummary(L.Callback):
     """See the module docstring. ``path``: where summary.json goes (the run directory's)."""
 
@@ -151,7 +156,8 @@ class RunSummary(L.Callback):
         added, pending, self._pending = False, self._pending, []
         for name, value, step in pending:
             value = float(value)
-            if self._seen.get(name) == value or not math.isfinite(value):
+            value = value if math.isfinite(value) else None  # a diverged evaluation: null, so fits leave the run out
+            if name in self._seen and self._seen[name] == value:
                 continue
             self._seen[name] = value
             entries = self.history.setdefault(name, [])
@@ -168,7 +174,7 @@ class RunSummary(L.Callback):
         params = sum(p.numel() for p in pl_module.backbone.parameters() if p.requires_grad)
         device = (torch.cuda.get_device_name(pl_module.device) if pl_module.device.type == "cuda"
                   else pl_module.device.type)
-        metrics = {name: {"final": entries[-1]["value"], "best": min(e["value"] for e in entries), "history": entries}
+        metrics = {name: {"final": entries[-1]["value"], "best": _lowest(entries), "history": entries}
                    for name, entries in sorted(self.history.items()) if entries}
         max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         return {
