@@ -68,6 +68,15 @@ def test_analytic_dit_matches_hook_count():
     assert forward_macs(net, size=(16, 24), context_len=5) == counted_macs(net, size=(16, 24), context_len=5)
 
 
+@pytest.mark.parametrize("model", ["dit_tiny", "mmdit_tiny"])
+def test_an_mlp_width_that_is_not_a_whole_multiple_is_counted_exactly(model):
+    """hidden 352 x mlp_ratio 8/3 makes an MLP 938 wide; recovering it as out_features / hidden x hidden in
+    floating point gave 937."""
+    net = backbone(model, device="meta", overrides=("model.hidden_size=352", "model.num_heads=4",
+                                                    "model.mlp_ratio=2.6666666666666665"))
+    assert forward_macs(net) == flop_counter_macs(net)
+
+
 def test_dit_presets_reproduce_the_dit_paper():
     """DiT paper, Table 4 ("Gflops" at 256 px = 32x32x4 latents, learned sigma, class lookup table):
     6.06 / 23.01 / 80.71 / 118.64. Our multiply-add counts give the same numbers, so the paper's

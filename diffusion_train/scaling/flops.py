@@ -77,8 +77,9 @@ def _embed_macs(hidden: int, cond_dim: int, freq_dim: int = 256) -> int:
 
 def dit_macs(*, input_size: int | tuple[int, int], in_channels: int, hidden_size: int, depth: int,
              patch_size: int = 2, mlp_ratio: float = 4.0, cond_dim: int = 0, out_channels: int | None = None,
-             context_dim: int = 0, context_len: int = 0, freq_dim: int = 256) -> int:
-    """Forward MACs per image of :class:`~diffusion_train.models.DiT` on ``input_size`` inputs.
+             context_dim: int = 0, context_len: int = 0, freq_dim: int = 256, mlp_width: int | None = None) -> int:
+    """Forward MACs per image of :class:`~diffusion_train.models.DiT` on ``input_size`` inputs (MLP width
+    ``mlp_width``, default ``int(hidden_size * mlp_ratio)`` as the model makes it).
 
     Per block, for N patch tokens of width D (MLP width M): adaLN ``6 D^2``; qkv ``3 N D^2``; scores
     and values ``2 N^2 D``; output projection ``N D^2``; MLP ``2 N D M``; with cross-attention to L
@@ -89,7 +90,7 @@ def dit_macs(*, input_size: int | tuple[int, int], in_channels: int, hidden_size
     h, w = _size(input_size)
     p, d = patch_size, hidden_size
     n = (h // p) * (w // p)
-    m = int(d * mlp_ratio)
+    m = int(d * mlp_ratio) if mlp_width is None else mlp_width
     c_out = in_channels if out_channels is None else out_channels
     length = max(context_len, 1) if context_dim else 0  # an empty context attends to one masked dummy token
     block = 6 * d * d + 3 * n * d * d + 2 * n * n * d + n * d * d + 2 * n * d * m
@@ -101,9 +102,10 @@ def dit_macs(*, input_size: int | tuple[int, int], in_channels: int, hidden_size
 
 def mmdit_macs(*, input_size: int | tuple[int, int], in_channels: int, depth: int, hidden_size: int | None = None,
                patch_size: int = 2, mlp_ratio: float = 4.0, cond_dim: int = 0, context_dim: int = 0,
-               context_len: int = 0, out_channels: int | None = None, freq_dim: int = 256) -> int:
+               context_len: int = 0, out_channels: int | None = None, freq_dim: int = 256,
+               mlp_width: int | None = None) -> int:
     """Forward MACs per image of :class:`~diffusion_train.models.MMDiT` (SD3 sizing: ``hidden_size``
-    defaults to ``64 * depth``).
+    defaults to ``64 * depth``; MLP width ``mlp_width``, default ``int(hidden_size * mlp_ratio)``).
 
     Each stream (N image tokens; L text tokens when ``context_dim > 0``) has, per block, adaLN
     ``6 D^2``, qkv ``3 T D^2``, output projection ``T D^2`` and MLP ``2 T D M`` for its T tokens; the
@@ -116,7 +118,7 @@ def mmdit_macs(*, input_size: int | tuple[int, int], in_channels: int, depth: in
     p = patch_size
     d = hidden_size or 64 * depth
     n = (h // p) * (w // p)
-    m = int(d * mlp_ratio)
+    m = int(d * mlp_ratio) if mlp_width is None else mlp_width
     c_out = in_channels if out_channels is None else out_channels
     text = context_dim > 0
     length = context_len if text else 0
@@ -162,7 +164,7 @@ def forward_macs(backbone: nn.Module, size: int | tuple[int, int] | None = None,
         block = backbone.blocks[0]
         return dit_macs(input_size=size, in_channels=backbone.in_channels, hidden_size=backbone.hidden_size,
                         depth=len(backbone.blocks), patch_size=backbone.patch_size,
-                        mlp_ratio=block.mlp[0].out_features / backbone.hidden_size,
+                        mlp_width=block.mlp[0].out_features,
                         cond_dim=backbone.cond_embedder.cond_dim, out_channels=backbone.out_channels,
                         context_dim=context_dim, context_len=length,
                         freq_dim=backbone.cond_embedder.t_embedder.freq_dim)
@@ -170,7 +172,7 @@ def forward_macs(backbone: nn.Module, size: int | tuple[int, int] | None = None,
         stream = backbone.blocks[0].image
         return mmdit_macs(input_size=size, in_channels=backbone.in_channels, depth=len(backbone.blocks),
                           hidden_size=backbone.hidden_size, patch_size=backbone.patch_size,
-                          mlp_ratio=stream.mlp[0].out_features / backbone.hidden_size,
+                          mlp_width=stream.mlp[0].out_features,
                           cond_dim=backbone.cond_embedder.cond_dim, context_dim=context_dim, context_len=length,
                           out_channels=backbone.out_channels, freq_dim=backbone.cond_embedder.t_embedder.freq_dim)
     from diffusion_train.models import UNet
