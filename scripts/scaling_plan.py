@@ -11,7 +11,8 @@ Every argument is ``key=value``:
     family      dit | dit_paper | unet: the size ladder (diffusion_train/scaling/plan.py FAMILIES) (dit)
     sizes       a comma-separated subset of the family's sizes (all)
     batch       the global batch, the same for every run (64)
-    lr          the learning rate of the family's first size (the base config's optim.lr)
+    lr          the learning rate (the base config's optim.lr); with inverse_width, the rate at the family's
+                lr_width (dit 64, dit_paper 384, unet 16), scaled by lr_width / width for each size
     lr_rule     constant | inverse_width (constant)
     base        Hydra overrides the plan is made for, in one quoted string: the data, the patch size,
                 the conditioning... (they set the image size and so the FLOPs; give them to the sweep too)
@@ -74,8 +75,8 @@ def main(argv: list[str]) -> None:
     lr = opts["lr"] if opts["lr"] is not None else float(compose_with([f"model={FAMILIES[family]['model']}"]).optim.lr)
     sizes = [s for s in opts["sizes"].split(",") if s] or None
     costs = size_costs(family, compose_with, sizes)
-    points, skipped = isoflop_grid(costs, budgets, opts["batch"], lr, opts["lr_rule"],
-                                   FAMILIES[family]["width_key"], opts["min_steps"])
+    points, skipped = isoflop_grid(costs, budgets, opts["batch"], lr, opts["lr_rule"], FAMILIES[family]["width_key"],
+                                   opts["min_steps"], lr_width=FAMILIES[family]["lr_width"])
     if not points:
         raise ValueError(f"no run of the plan gets {opts['min_steps']} steps: raise the budgets or lower the batch "
                          f"({'; '.join(skipped)})")

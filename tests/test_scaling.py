@@ -145,7 +145,8 @@ def test_the_isoflop_plan_lands_each_run_on_its_budget(tmp_path):
         entry = p["scaling"]["plan"][p["scaling"]["point"]]
         assert p["model"]["hidden_size"] == sizes[p["scaling"]["size"]]["hidden_size"]
         assert p["trainer"]["max_steps"] == entry["steps"] and p["scale"]["global_batch"] == 16
-        assert p["optim"]["lr"] == pytest.approx(1e-3 * 64 / p["model"]["hidden_size"], rel=1e-3)
+        assert p["optim"]["lr"] == pytest.approx(1e-3 * FAMILIES["dit"]["lr_width"] / p["model"]["hidden_size"],
+                                                 rel=1e-3)
         assert p["hydra"]["sweep"]["subdir"] == p["scaling"]["point"] == f"C{p['scaling']['budget']:.3g}_{p['scaling']['size']}".replace("+", "")
         assert p["hydra"]["sweeper"]["params"]["scaling.point"] == "C2e10_XS,C2e10_S,C6e10_XS,C6e10_S,C6e10_M"
         landed = 6 * entry["forward_macs"] * 16 * entry["steps"]
@@ -182,6 +183,32 @@ def test_budgets_whose_runs_share_a_label_are_refused():
     assert [p.label for p in points] == ["C1e12_XS", "C1p1e12_XS"]
     with pytest.raises(ValueError, match=r"give runs the same label \(C1e12_XS\)"):
         isoflop_grid(costs, [1e12, 1.0004e12], batch=1, lr=1e-3)
+
+
+def test_inverse_width_gives_a_size_the_same_rate_whichever_sizes_a_plan_samples():
+    from diffusion_train.scaling.plan import isoflop_grid
+
+    ladder = [("XS", {"hidden_size": 64}, 1000, 10**6), ("S", {"hidden_size": 96}, 3000, 3 * 10**6),
+              ("M", {"hidden_size": 128}, 9000, 10**7)]
+
+    def rates(costs):
+        points, _ = isoflop_grid(costs, [1e12], batch=1, lr=1e-3, lr_rule="inverse_width", lr_width=64)
+        return {p.size: p.lr for p in points}
+
+    assert rates(ladder) == {"XS": 1e-3, "S": pytest.approx(1e-3 * 64 / 96, rel=1e-3), "M": 5e-4}
+    assert rates(ladder[1:]) == {size: rate for size, rate in rates(ladder).items() if size != "XS"}
+    with pytest.raises(ValueError, match="inverse_width needs lr_width"):
+        isoflop_grid(ladder, [1e12], batch=1, lr=1e-3, lr_rule="inverse_width")
+
+
+def test_a_point_left_out_says_why():
+    from diffusion_train.scaling.plan import isoflop_grid
+
+    costs = [("XS", {"hidden_size": 64}, 1000, 10**6), ("S", {"hidden_size": 96}, 3000, 10**8)]
+    _, skipped = isoflop_grid(costs, [1e8 * 6 * 1.4], batch=1, lr=1e-3, min_steps=1)
+    assert skipped == ["S at 8.4e+08 FLOPs: 1 steps spend 6e+08 FLOPs, more than 5% off"]
+    _, skipped = isoflop_grid(costs, [1e8 * 6 * 1.4], batch=1, lr=1e-3, min_steps=2)
+    assert skipped == ["S at 8.4e+08 FLOPs: 1.4 steps (min_steps=2)"]
 
 
 def test_a_plan_with_no_feasible_run_is_refused(tmp_path):

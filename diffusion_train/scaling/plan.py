@@ -7,7 +7,8 @@ run lands on its budget up to that rounding (points that would miss it by more t
 that get fewer than ``min_steps`` steps, are left out and reported).
 
 Learning rate rule (documented, one of): ``constant`` (every size at ``lr``) or ``inverse_width``
-(``lr x width_0 / width``, width_0 the family's first size: the Adam scaling of hidden weights that keeps
+(``lr x width_0 / width``, width_0 the family's ``lr_width``, the same whatever sizes a plan samples: the Adam
+scaling of hidden weights that keeps
 the per-step update size constant as width grows, the rule of muP without its other parts). The batch
 is fixed across the grid; the LR schedule is cosine with a 5% warm-up, ending at each run's own last
 step (as a compute-optimal run of that length would be trained).
@@ -20,11 +21,12 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
-# Model families: size label -> model overrides. "width" is the LR rule's width.
+# Model families: size label -> model overrides. "width_key" is the LR rule's width; "lr_width" the width at which
+# a plan's lr applies as given (inverse_width scales it by lr_width / width).
 FAMILIES: dict[str, dict] = {
     # A DiT width/depth ladder for small images (head width 24-32), about 0.4 decades apart in parameters;
     # model=dit with the config's patch size (set model.patch_size in the base overrides).
-    "dit": {"model": "dit", "width_key": "hidden_size", "sizes": {
+    "dit": {"model": "dit", "width_key": "hidden_size", "lr_width": 64, "sizes": {
         "XXXS": {"hidden_size": 32, "depth": 2, "num_heads": 1},
         "XXS": {"hidden_size": 48, "depth": 2, "num_heads": 2},
         "XS": {"hidden_size": 64, "depth": 3, "num_heads": 2},
@@ -34,13 +36,13 @@ FAMILIES: dict[str, dict] = {
         "XL": {"hidden_size": 256, "depth": 10, "num_heads": 8},
         "XXL": {"hidden_size": 384, "depth": 12, "num_heads": 12}}},
     # The DiT paper's ladder (S/B/L/XL), for ImageNet-scale budgets.
-    "dit_paper": {"model": "dit", "width_key": "hidden_size", "sizes": {
+    "dit_paper": {"model": "dit", "width_key": "hidden_size", "lr_width": 384, "sizes": {
         "S": {"hidden_size": 384, "depth": 12, "num_heads": 6},
         "B": {"hidden_size": 768, "depth": 12, "num_heads": 12},
         "L": {"hidden_size": 1024, "depth": 24, "num_heads": 16},
         "XL": {"hidden_size": 1152, "depth": 28, "num_heads": 16}}},
     # An ADM U-Net channel ladder (channel_mult and depth from the base config's model=unet).
-    "unet": {"model": "unet", "width_key": "model_channels", "sizes": {
+    "unet": {"model": "unet", "width_key": "model_channels", "lr_width": 16, "sizes": {
         "XS": {"model_channels": 16, "num_heads": 2}, "S": {"model_channels": 24, "num_heads": 2},
         "M": {"model_channels": 32, "num_heads": 4}, "L": {"model_channels": 48, "num_heads": 4},
         "XL": {"model_channels": 64, "num_heads": 4}, "XXL": {"model_channels": 96, "num_heads": 4}}},
@@ -101,23 +103,29 @@ def size_costs(family: str, compose, sizes: list[str] | None = None) -> list[tup
 
 def isoflop_grid(costs: list[tuple[str, dict, int, int]], budgets: list[float], batch: int, lr: float,
                  lr_rule: str = "constant", width_key: str = "hidden_size", min_steps: int = 20,
-                 tolerance: float = 0.05) -> tuple[list[Point], list[str]]:
-    """The grid's points (budget-major, sizes in ladder order) and what was left out, and why."""
+                 tolerance: float = 0.05, lr_width: float | None = None) -> tuple[list[Point], list[str]]:
+    """The grid's points (budget-major, sizes in ladder order) and what was left out, and why. ``lr_width``: the
+    width at which ``lr`` applies as given (needed by ``inverse_width``; see ``FAMILIES``)."""
     if lr_rule not in LR_RULES:
         raise ValueError(f"lr_rule must be one of {', '.join(LR_RULES)}, got {lr_rule!r}")
     if batch < 1 or not budgets or any(b <= 0 for b in budgets):
         raise ValueError(f"need batch >= 1 and positive budgets, got batch={batch}, budgets={budgets}")
-    width0 = costs[0][1].get(width_key) or 1
+    if lr_rule == "inverse_width" and not lr_width:
+        raise ValueError("lr_rule=inverse_width needs lr_width, the width at which lr applies as given")
     points, skipped = [], []
     for budget in sorted(budgets):
         for size, model, params, macs in costs:
             per_step = 6.0 * macs * batch
             steps = int(round(budget / per_step))
             landed = steps * per_step
-            if steps < min_steps or abs(landed - budget) > tolerance * budget:
+            if steps < min_steps:
                 skipped.append(f"{size} at {budget:.3g} FLOPs: {budget / per_step:.1f} steps (min_steps={min_steps})")
                 continue
-            rate = lr * (width0 / model.get(width_key, width0) if lr_rule == "inverse_width" else 1.0)
+            if abs(landed - budget) > tolerance * budget:
+                skipped.append(f"{size} at {budget:.3g} FLOPs: {steps} steps spend {landed:.3g} FLOPs, more than "
+                               f"{tolerance:.0%} off")
+                continue
+            rate = lr * (lr_width / model[width_key] if lr_rule == "inverse_width" else 1.0)
             points.append(Point(budget=float(budget), size=size, model=model, params=params, forward_macs=macs,
                                 steps=steps, lr=float(f"{rate:.4g}"), flops=landed))
     labels = [p.label for p in points]
