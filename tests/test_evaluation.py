@@ -110,6 +110,9 @@ def test_the_callback_logs_fd_and_class_accuracy_during_training(extractor_files
     assert [line["step"] for line in lines] == [2, 4]
     assert all(line["fd/fmnist_net_10"] > 0 and 0 <= line["class_accuracy/fmnist_net_10"] <= 1 for line in lines)
     assert "fd/fmnist_net_10" in (run / "metrics.csv").read_text().splitlines()[0]
+    summary = json.loads((run / "summary.json").read_text())["metrics"]  # what scaling_report.py fits
+    assert [h["step"] for h in summary["fd/fmnist_net_10"]["history"]] == [2, 4]
+    assert summary["fd/fmnist_net_10"]["final"] == pytest.approx(lines[-1]["fd/fmnist_net_10"], rel=1e-6)
     state = torch.load(run / "checkpoints/last.ckpt", weights_only=True, map_location="cpu")["state_dict"]
     assert not any("extractor" in k or k.startswith("head.") for k in state), "the extractor stays out of checkpoints"
     # resumed to step 6: the evaluations up to the checkpoint are kept, the new one appended
@@ -119,6 +122,8 @@ def test_the_callback_logs_fd_and_class_accuracy_during_training(extractor_files
                                   "trainer.max_steps=6"], run), run)
     steps = [json.loads(line)["step"] for line in (run / "eval/metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6]
+    summary = json.loads((run / "summary.json").read_text())["metrics"]["fd/fmnist_net_10"]
+    assert [h["step"] for h in summary["history"]] == [2, 4, 6]
 
 
 def _fid_run(extractor_files, run, *extra):

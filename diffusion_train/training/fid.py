@@ -102,6 +102,8 @@ class FrechetDistance(PeriodicEvaluation):
         if result is None:
             return None
         metrics = result[0]
+        # where the run summary (summary.json, which scaling reports fit) and checkpoint monitors read metrics
+        trainer.callback_metrics.update({name: torch.tensor(float(v)) for name, v in metrics.items()})
         if trainer.global_rank == 0:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
