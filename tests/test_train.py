@@ -291,6 +291,20 @@ def test_guided_sample_grids_of_a_model_without_cfg_dropout_are_warned_of(tiny_c
         assert any("unconditional prediction is never trained" in r.getMessage() for r in caplog.records) == warned
 
 
+def test_a_schedule_that_is_not_lambda_lr_resumes_with_the_checkpoint_rate(tiny_cfg, tmp_path):
+    """ExponentialLR moves the rate itself: a resume keeps the checkpoint's rate (and schedule) rather than the
+    config's starting one."""
+    from conftest import LossRecorder
+
+    LossRecorder.lrs.clear()
+    run = tmp_path / "run"
+    schedule = ["lr_schedule._target_=torch.optim.lr_scheduler.ExponentialLR", "~lr_schedule.warmup_steps",
+                "+lr_schedule.gamma=0.5", "+callbacks.recorder._target_=conftest.LossRecorder", "optim.lr=1e-3"]
+    train(tiny_cfg("trainer.max_steps=2", *schedule, run_dir=run), run)
+    train(tiny_cfg("trainer.max_steps=4", *schedule, run_dir=run), run)
+    assert [LossRecorder.lrs[step] for step in (1, 2, 3, 4)] == pytest.approx([1e-3, 5e-4, 2.5e-4, 1.25e-4])
+
+
 def test_a_relaunch_before_the_first_checkpoint_starts_metrics_csv_afresh(tiny_cfg, tmp_path):
     """A launch killed before its first checkpoint leaves rows in metrics.csv; the relaunch starts from step 0
     and logs those steps again, once."""

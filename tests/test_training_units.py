@@ -56,15 +56,17 @@ def test_warmup_cosine():
     def ref(step):
         if step < warm:
             return (step + 1) / warm
-        prog = min(1.0, (step - warm) / (total - warm))
+        prog = min(1.0, (step + 1 - warm) / (total - warm))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
 
     np.testing.assert_allclose(lrs, [base * ref(s) for s in range(150)], rtol=1e-12)
+    # lrs[i] is the rate of optimizer step i + 1
     assert lrs[0] == pytest.approx(base / warm)
-    assert lrs[warm - 1] == pytest.approx(base)
-    assert lrs[warm] == pytest.approx(base)
-    assert lrs[warm + 50] == pytest.approx(base * (min_ratio + (1 - min_ratio) / 2))  # halfway
-    assert lrs[total] == pytest.approx(base * min_ratio)
+    assert lrs[warm - 1] == pytest.approx(base)  # the peak, at step `warm`, once
+    assert lrs[warm] < base
+    assert lrs[warm + 49] == pytest.approx(base * (min_ratio + (1 - min_ratio) / 2))  # halfway
+    assert lrs[total - 1] == pytest.approx(base * min_ratio)  # the last step, `total`, at the minimum
+    assert lrs[total - 2] > base * min_ratio
     assert lrs[149] == pytest.approx(base * min_ratio)
     assert all(a >= b - 1e-15 for a, b in zip(lrs[warm:], lrs[warm + 1:]))  # monotone decay
     with pytest.raises(ValueError):

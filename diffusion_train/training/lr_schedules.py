@@ -9,7 +9,9 @@ from torch.optim.lr_scheduler import LambdaLR
 
 
 class _Warmup:
-    """A picklable multiplier: linear warm-up over ``warmup_steps``, then ``after(step)``."""
+    """A picklable multiplier of the rate of optimizer step ``step + 1`` (LambdaLR's count starts at 0): a linear
+    warm-up reaching the peak at step ``warmup_steps``, then constant or a cosine that reaches ``min_ratio`` at
+    step ``total_steps``, the last (the peak is used once)."""
 
     def __init__(self, warmup_steps: int, total_steps: int | None = None, min_ratio: float = 0.0,
                  cosine: bool = False):
@@ -22,7 +24,7 @@ class _Warmup:
             return (step + 1) / self.warmup_steps
         if not self.cosine:
             return 1.0
-        progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
+        progress = min(1.0, (step + 1 - self.warmup_steps) / (self.total_steps - self.warmup_steps))
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 

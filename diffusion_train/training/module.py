@@ -299,16 +299,17 @@ class DiffusionModule(L.LightningModule):
         opt = self.optimizers().optimizer
         fresh = self.configure_optimizers()
         fresh_opt = fresh["optimizer"] if isinstance(fresh, dict) else fresh
-        for group, new in zip(opt.param_groups, fresh_opt.param_groups):
-            group.update({k: v for k, v in new.items() if k != "params"})
         scheds = self._schedulers()
-        if not scheds:
+        keep = {"params"}
+        if scheds and not isinstance(scheds[0], LambdaLR):  # it moves the rate itself: keep the checkpoint's
+            log.warning("resumed with the checkpoint's %s state and learning rate: only LambdaLR schedules take "
+                        "the new config's", type(scheds[0]).__name__)
+            keep |= {"lr", "initial_lr"}
+        for group, new in zip(opt.param_groups, fresh_opt.param_groups):
+            group.update({k: v for k, v in new.items() if k not in keep})
+        if not scheds or "lr" in keep:
             return
         sched, template = scheds[0], fresh["lr_scheduler"]["scheduler"]
-        if not isinstance(sched, LambdaLR):
-            log.warning("resumed with the checkpoint's %s state: only LambdaLR schedules take the new config's",
-                        type(sched).__name__)
-            return
         sched.load_state_dict({**template.state_dict(), "last_epoch": sched.last_epoch,
                                "_step_count": sched._step_count})
         for group, base, factor in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
