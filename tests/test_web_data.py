@@ -291,6 +291,19 @@ def test_precomputed_latents_in_shards_train_a_latent_model(tmp_path):
     assert batch["latent"].dtype == torch.float32 and batch["latent"].shape == (4, 8, 4, 4)
 
 
+def test_random_crops_of_a_side_that_rounds_up_stay_inside_the_image():
+    """643 x 256/480 = 342.9 px resampled: an offset range computed from 343 put 1 crop in ~87 past the edge,
+    and the good image was skipped as undecodable."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (480, 643, 3), dtype=np.uint8)).save(buf, format="PNG")
+    decode = SampleDecoder(resolution=256, caption_key=None, label_key=None, random_crop=True,
+                           metadata={"crop": "image:crop_top_left"})
+    outs = [decode({"__key__": "a", "png": buf.getvalue()}, random.Random(seed)) for seed in range(300)]
+    assert all(isinstance(o, dict) for o in outs), [o for o in outs if not isinstance(o, dict)][:1]
+    lefts = {int(o["crop"][1]) for o in outs}
+    assert min(lefts) == 0 and max(lefts) == 342 - 256
+
+
 def test_random_crop_and_flip_keep_the_short_side_and_vary(tmp_path):
     wide = np.zeros((16, 48, 3), dtype=np.uint8)
     wide[:, :, 0] = np.arange(48, dtype=np.uint8)[None, :] * 5  # a horizontal ramp

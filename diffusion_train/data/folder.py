@@ -129,9 +129,10 @@ def _cover_crop(image: Image.Image | np.ndarray, original: tuple[int, int], heig
     crop_w, crop_h = width / scale, height / scale  # the crop in source pixels
     if rng is None:
         left, top = (w - crop_w) / 2, (h - crop_h) / 2
-    else:  # a whole-pixel offset in the resampled image
-        left = rng.randint(0, max(0, round(w * scale) - width)) / scale
-        top = rng.randint(0, max(0, round(h * scale) - height)) / scale
+    else:  # a whole-pixel offset in the resampled image, the box inside the source (math.floor: a resampled side
+        # that rounds up would put the last offset up to half a pixel outside it)
+        left = rng.randint(0, max(0, math.floor(w * scale + 1e-9) - width)) / scale
+        top = rng.randint(0, max(0, math.floor(h * scale + 1e-9) - height)) / scale
     if scale == 1:  # stored at the training size: a plain crop (whole pixels), no resampling
         left, top = round(left), round(top)
         out = (image[top:top + height, left:left + width] if is_array
