@@ -18,6 +18,7 @@ from diffusion_train.data.precomputed import (
     MANIFEST,
     PrecomputedDataModule,
     PrecomputedMismatchError,
+    _diffs,
     write_precomputed,
 )
 from diffusion_train.train import train
@@ -125,13 +126,40 @@ def test_training_on_a_precomputed_set_end_to_end(precomputed, tmp_path):
     ("autoencoder.latent_channels=2", "autoencoder.latent_channels"),
     ("seed=7", "autoencoder.sha256"),  # another random init
     ("conditioning.embedders.caption.max_length=16", "conditioning.embedders.caption.max_length"),
+    ("conditioning.embedders.caption.trainable=true", "conditioning.embedders.caption.trainable=true, but"),
 ])
 def test_a_set_made_with_other_encoders_is_refused(precomputed, tmp_path, override, key):
     out, _, _ = precomputed
     cfg = compose_train(LATENT_TEXT + ["data=precomputed", f"data.path={out}", override], tmp_path / "run")
-    with pytest.raises(PrecomputedMismatchError, match=rf"precomputed set {out} does not match .*{key}: set has"):
+    with pytest.raises(PrecomputedMismatchError, match=rf"precomputed set {out} does not match .*{key}"):
         train(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_same_weights_at_another_path_are_accepted_and_other_weights_are_not():
+    made = {"class": "TinyVAE", "name": "vae.safetensors", "path": "/a/vae.safetensors", "sha256": "abc"}
+    assert _diffs(made, {**made, "name": "copy.safetensors", "path": "/b/copy.safetensors"}, "autoencoder") == []
+    assert _diffs(made, {**made, "path": "/b/vae.safetensors", "sha256": "def"}, "autoencoder") == [
+        "autoencoder.path: set has '/a/vae.safetensors', config gives '/b/vae.safetensors'",
+        "autoencoder.sha256: set has 'abc', config gives 'def'"]
+    unknown = {**made, "sha256": ""}  # no digest: the location is all there is to compare
+    assert _diffs(unknown, {**unknown, "path": "/b/vae.safetensors"}, "autoencoder") == [
+        "autoencoder.path: set has '/a/vae.safetensors', config gives '/b/vae.safetensors'"]
+
+
+def test_unreadable_set_files_are_named(precomputed, tmp_path):
+    import shutil
+
+    out, _, _ = precomputed
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    (broken / "train.safetensors").write_bytes(b"\x00" * 12)
+    data = PrecomputedDataModule(broken, channels=1, resolution=32, num_classes=10)
+    with pytest.raises(ValueError, match=rf"{broken / 'train.safetensors'}: not a readable safetensors file"):
+        data.setup()
+    (broken / MANIFEST).write_text("{not json")
+    with pytest.raises(ValueError, match=rf"{broken / MANIFEST}: not valid JSON"):
+        PrecomputedDataModule(broken, channels=1, resolution=32, num_classes=10)
 
 
 def test_missing_set_and_trainable_encoder_errors(tmp_path):

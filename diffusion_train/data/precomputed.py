@@ -63,9 +63,14 @@ def expected_provenance(autoencoder, conditioner) -> dict[str, Any]:
             "embedders": {name: embedder_provenance(e) for name, e in _text_embedders(conditioner).items()}}
 
 
+_LOCATION = ("path", "name")  # where weights were read from: not compared when both sides know the same sha256
+
+
 def _diffs(made: dict, now: dict, where: str) -> list[str]:
+    same_weights = bool(made.get("sha256")) and made.get("sha256") == now.get("sha256")
     return [f"{where}.{k}: set has {made.get(k, '<absent>')!r}, config gives {now.get(k, '<absent>')!r}"
-            for k in sorted(set(made) | set(now)) if made.get(k) != now.get(k)]
+            for k in sorted(set(made) | set(now))
+            if made.get(k) != now.get(k) and not (same_weights and k in _LOCATION)]
 
 
 def check_provenance(manifest: dict, path: str | os.PathLike, autoencoder, conditioner) -> None:
@@ -78,6 +83,9 @@ def check_provenance(manifest: dict, path: str | os.PathLike, autoencoder, condi
     for name, prov in manifest.get("embedders", {}).items():
         if name in now["embedders"]:
             diffs += _diffs(prov, now["embedders"][name], f"conditioning.embedders.{name}")
+            if getattr(conditioner.embedders[name], "trainable", False):
+                diffs.append(f"conditioning.embedders.{name}.trainable=true, but the set's stored encodings would "
+                             f"stand in for the encoder and it would get no gradient")
     if diffs:
         raise PrecomputedMismatchError(
             f"precomputed set {path} does not match the config ({'; '.join(diffs)}); precompute it again with "
@@ -190,7 +198,10 @@ def read_manifest(path: str | os.PathLike) -> dict:
     if not manifest.is_file():
         raise FileNotFoundError(f"{path} is not a precomputed set: {manifest} does not exist (make one with "
                                 f"python scripts/precompute.py out={path} ...)")
-    data = json.loads(manifest.read_text())
+    try:
+        data = json.loads(manifest.read_text())
+    except ValueError as e:
+        raise ValueError(f"{manifest}: not valid JSON ({e})") from None
     if data.get("format") != FORMAT:
         raise ValueError(f"{manifest}: format {data.get('format')!r}, expected {FORMAT!r}")
     return data
@@ -264,7 +275,11 @@ class PrecomputedDataModule(InMemoryDataModule):
         sets = []
         keys = {name: prov["input_key"] for name, prov in self.manifest.get("embedders", {}).items()}
         for split in ("train", "val"):
-            tensors = load_file(str(self.path / f"{split}.safetensors"))
+            file = self.path / f"{split}.safetensors"
+            try:
+                tensors = load_file(str(file))
+            except Exception as e:  # safetensors' own error names no file
+                raise ValueError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
             if split == "val" and self.val_size is not None:  # validate on the first val_size items
                 per_item = {k for k in tensors if k in ("latent", "label") or k.endswith(".index")}
                 tensors = {k: v[: self.val_size] if k in per_item else v for k, v in tensors.items()}
