@@ -291,6 +291,13 @@ def test_precomputed_latents_in_shards_train_a_latent_model(tmp_path):
     assert batch["latent"].dtype == torch.float32 and batch["latent"].shape == (4, 8, 4, 4)
 
 
+def test_augmentation_of_images_with_stored_latents_is_refused():
+    """Training reads the stored latents: a flip or crop of the image would be silently lost."""
+    with pytest.raises(ValueError, match=r"data.flip and data.random_crop would change the image but not the stored"):
+        SampleDecoder(resolution=16, tensors={"latent": "latent.npy"}, flip=True, random_crop=True)
+    SampleDecoder(resolution=16, tensors={"latent": "latent.npy"})
+
+
 def test_random_crops_of_a_side_that_rounds_up_stay_inside_the_image():
     """643 x 256/480 = 342.9 px resampled: an offset range computed from 343 put 1 crop in ~87 past the edge,
     and the good image was skipped as undecodable."""

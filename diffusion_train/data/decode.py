@@ -89,6 +89,11 @@ class SampleDecoder:
             raise ValueError(f"data.resize must be crop or pad, got {resize!r}")
         if buckets and resize != "crop":
             raise ValueError("data.buckets needs data.resize=crop")
+        augment = [name for name, on in (("flip", flip), ("random_crop", random_crop)) if on]
+        if augment and "latent" in (tensors or {}):
+            raise ValueError(f"data.{' and data.'.join(augment)} would change the image but not the stored latents "
+                             f"(data.tensors.latent) that training uses; turn it off, or store latents of augmented "
+                             f"images")
         self.resize, self.tensors, self.random_crop = resize, dict(tensors or {}), random_crop
         self.resolution, self.channels, self.image_keys = resolution, channels, tuple(image_keys)
         self.label_key, self.caption_key, self.flip = label_key, caption_key, flip
