@@ -257,6 +257,16 @@ def test_torchvision_layout_is_found(tmp_path):
     assert np.array_equal(x[:, 0].numpy(), images.astype(np.uint8)) and y.tolist() == [9, 0]
 
 
+def test_a_damaged_gzip_idx_file_is_named(tmp_path):
+    images = np.zeros((5, 28, 28), dtype=np.uint8)
+    _write_split(tmp_path, ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), images,
+                 np.zeros(5, dtype=np.uint8), gz=True)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:-20])  # a download cut short
+    with pytest.raises(ValueError, match=rf"{path}: damaged gzip file \(EOFError"):
+        load_split("train", root=tmp_path)
+
+
 def test_truncated_idx_raises(tmp_path):
     images = np.zeros((5, 28, 28), dtype=np.uint8)
     _write_split(tmp_path, ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), images,
