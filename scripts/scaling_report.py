@@ -18,6 +18,7 @@ see diffusion_train/scaling/registry.py):
     skip        fraction of each run's images left out at the start of its history in the per-size
                 fits (0.1: the first steep drop of a learning curve is not a power law)
     unfinished  true: use runs that have not reached their max_steps (false: list them, fit without them)
+    window      fit each budget's parabola to the runs within this many decades of N of its best run (all)
 
 It writes, in ``out``: ``report.md`` (the runs, the per-size fits, the IsoFLOP table, the frontier with
 its 95% interval, the flagged budgets), ``loss_vs_flops.png``, ``isoflop.png``, ``frontier.png`` and
@@ -54,9 +55,9 @@ from diffusion_train.scaling.fit import (  # noqa: E402
 from diffusion_train.scaling.registry import RegistryError, Run, human_count, load_runs  # noqa: E402
 
 OPTIONS: dict[str, Callable[[str], Any]] = {"metric": str, "out": str, "boot": int, "seed": int, "skip": float,
-                                            "unfinished": parse_bool}
+                                            "unfinished": parse_bool, "window": float}
 DEFAULTS: dict[str, Any] = {"metric": "val/loss", "out": "scaling_report", "boot": 1000, "seed": 0, "skip": 0.1,
-                            "unfinished": False}
+                            "unfinished": False, "window": None}
 LEVEL = 0.95
 BUDGET_TOLERANCE = 0.2  # flag runs whose total FLOPs are this far from their nominal budget
 FORMAT = "diffusion_train.scaling_report/1"
@@ -72,6 +73,8 @@ def parse_args(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
         raise UsageError(f"boot must be >= 0, got {opts['boot']}")
     if not 0 <= opts["skip"] < 1:
         raise UsageError(f"skip must be in [0, 1), got {opts['skip']}")
+    if opts["window"] is not None and not opts["window"] > 0:
+        raise UsageError(f"window must be > 0 (decades of N), got {opts['window']}")
     if not opts["out"]:
         raise UsageError("out must name a folder")
     return sources, opts
@@ -92,6 +95,7 @@ class Analysis:
         self.budgets, self.sizes = budgets, sizes
         self.per_size: dict[int, dict] = {}
         self.isoflop: IsoFlopResult | None = None
+        self.window: float | None = None  # decades of N around each budget's best run that its parabola fits
         self.flags: list[str] = []
 
 
@@ -178,7 +182,8 @@ def analyse(runs: list[Run], opts: dict) -> Analysis:
     a.isoflop = isoflop_analysis([budgets[r.source] for r in used], [r.params for r in used],
                                  [r.metrics[metric].final for r in used],
                                  flops_per_image=[r.flops_per_image for r in used], boot=opts["boot"],
-                                 seed=opts["seed"], level=LEVEL)
+                                 seed=opts["seed"], level=LEVEL, window=opts["window"])
+    a.window = opts["window"]
     for b in a.isoflop.budgets:
         if b.flag:
             extra = f" (N_opt = {human_count(b.n_opt)})" if math.isfinite(b.n_opt) else ""
@@ -256,8 +261,9 @@ def markdown(a: Analysis, sources: list[str], opts: dict) -> str:
                          f"c = {lf.exponent:.4f} {interval(iso.loss_ci)}.")
         lines.append("")
     lines += ["![frontier](frontier.png)", "", f"## IsoFLOP: final {m} against N per budget", "",
-              f"A parabola of final {m} in log10 N per budget; its minimum is N_opt. Flagged budgets are "
-              "left out of the frontier fit.", ""]
+              f"A parabola of final {m} in log10 N per budget"
+              + (f", fitted to the runs within {a.window:g} decades of N of the budget's best run" if a.window else "")
+              + "; its minimum is N_opt. Flagged budgets are left out of the frontier fit.", ""]
     rows = []
     for b in iso.budgets:
         rows.append([sci(b.budget), str(b.params.size), str(b.sizes), human_count(b.n_opt) if math.isfinite(b.n_opt)
@@ -319,7 +325,7 @@ def fits_json(a: Analysis, sources: list[str], opts: dict) -> dict:
                              "converged": f.converged, "alpha_ci": e["alpha_ci"], "E_ci": e["E_ci"]} if f else {})})
     return clean({
         "format": FORMAT, "metric": a.metric, "sources": sources, "level": LEVEL,
-        **{k: opts[k] for k in ("boot", "seed", "skip", "unfinished")},
+        **{k: opts[k] for k in ("boot", "seed", "skip", "unfinished", "window")},
         "runs": [{"source": r.source, "run_dir": where(r), "size": r.label, "params": r.params,
                   "budget": a.budgets.get(r.source, r.budget), "total_flops": r.total_flops,
                   "images_seen": r.images_seen, "final": r.metrics[a.metric].final if a.metric in r.metrics else None,
@@ -400,6 +406,8 @@ def plot_isoflop(a: Analysis, path: Path) -> None:
         ax.plot(b.params, b.losses, "o", color=colour, label=f"C = {sci(b.budget)}{tag}")
         if math.isfinite(b.coefficients[0]):
             lo, hi = b.params.min(), b.params.max()
+            if a.window:  # the parabola only where it was fitted
+                lo, hi = max(lo, b.best_params / 10 ** a.window), min(hi, b.best_params * 10 ** a.window)
             if math.isfinite(b.n_opt):
                 lo, hi = min(lo, b.n_opt), max(hi, b.n_opt)
             ns = np.geomspace(lo / 1.2, hi * 1.2, 200)

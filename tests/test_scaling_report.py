@@ -139,6 +139,25 @@ def test_isoflop_parabola_flags():
     assert result.frontier is None and "1 usable budget" in result.notes[0]
 
 
+def test_a_window_fits_the_parabola_near_the_best_run():
+    """Losses that rise steeply for undertrained large models: the parabola over every size puts its minimum
+    below the smallest size, the one over the sizes within 0.5 decades of the best run brackets it."""
+    sizes = np.array([5.85e4, 1.18e5, 2.72e5, 7.5e5, 1.9e6])
+    losses = [0.04514, 0.04462, 0.05174, 0.1117, 0.1337]
+    wide = fit_isoflop_parabola(sizes, losses)
+    assert not wide.used and "below the smallest sampled size" in wide.flag
+    near = fit_isoflop_parabola(sizes, losses, window=0.5)
+    assert near.used and sizes[0] < near.n_opt < sizes[2]
+    z, y = np.log10(sizes[:3]), losses[:3]  # the three runs within 0.5 decades of 118k: an exact parabola
+    c2, c1, _ = np.polyfit(z, y, 2)
+    assert near.n_opt == pytest.approx(10 ** (-c1 / (2 * c2)))
+    lone = fit_isoflop_parabola(sizes, losses, window=0.2)
+    assert not lone.used and "1 model size within 0.2 decades of the best run" in lone.flag
+    result = isoflop_analysis([1e11] * 5 + [1e12] * 5, np.tile(sizes, 2), losses + [v * 0.8 for v in losses],
+                              boot=20, window=0.5)
+    assert all(b.used for b in result.budgets) and result.frontier is not None
+
+
 def test_group_budgets():
     got = group_budgets([None, None, 1e15, None, None, 5e15], [1.02e15, 0.97e15, 1.1e15, 3.1e15, 2.9e15, 4e15])
     assert got[:3].tolist() == [1e15, 1e15, 1e15]  # near the nominal 1e15: named by it
@@ -272,6 +291,7 @@ def test_bad_inputs_give_one_line_naming_the_file(tmp_path, capsys):
              ([str(write(tmp_path / "g", good, ".").parent), "metric=fd/x"],
               "error: no usable run for metric 'fd/x' among 1 runs (metrics logged: val/loss"),
              ([str(tmp_path / "g"), "boot=-1"], "error: boot must be >= 0"),
+             ([str(tmp_path / "g"), "window=0"], "error: window must be > 0 (decades of N), got 0.0"),
              ([f"out={tmp_path}"], "error: give one or more run folders")]
     (tmp_path / "j").mkdir()
     (tmp_path / "j" / "summary.json").write_text("{not json")

@@ -232,12 +232,13 @@ class IsoFlopBudget:
         return np.polyval(self.coefficients, np.log10(np.asarray(params, dtype=float)))
 
 
-def fit_isoflop_parabola(params, losses, budget: float = math.nan) -> IsoFlopBudget:
+def fit_isoflop_parabola(params, losses, budget: float = math.nan, window: float | None = None) -> IsoFlopBudget:
     """The IsoFLOP parabola of one budget: final loss against ``log10 N`` (params, losses: one entry per
-    run, finite, N > 0). Flags (and keeps out of the frontier) fewer than 3 distinct sizes, a parabola
-    without a minimum, a minimum outside the sampled sizes (then ``n_opt`` is the extrapolated one), and a best
-    run at the smallest or largest sampled size (the sizes do not bracket the minimum, whatever the parabola
-    says)."""
+    run, finite, N > 0), fitted to the runs within ``window`` decades of N of the budget's best run (None: all
+    of them; the loss is far from parabolic over a wide range, steep where large models are undertrained).
+    Flags (and keeps out of the frontier) fewer than 3 distinct sizes in the fit, a parabola without a
+    minimum, a minimum outside the fitted sizes (then ``n_opt`` is the extrapolated one), and a best run at
+    the smallest or largest sampled size (the sizes do not bracket the minimum, whatever the parabola says)."""
     params, losses = np.asarray(params, dtype=float).ravel(), np.asarray(losses, dtype=float).ravel()
     if params.shape != losses.shape or not params.size:
         raise ValueError("fit_isoflop_parabola: needs as many losses as params, at least one")
@@ -246,13 +247,16 @@ def fit_isoflop_parabola(params, losses, budget: float = math.nan) -> IsoFlopBud
     best = int(np.argmin(losses))
     common = dict(budget=float(budget), params=params, losses=losses, best_params=float(params[best]),
                   best_loss=float(losses[best]))
-    sizes = np.unique(params).size
+    z_all = np.log10(params)
+    near = np.ones(params.shape, dtype=bool) if window is None else np.abs(z_all - z_all[best]) <= window + 1e-9
+    z, fitted = z_all[near], losses[near]
+    sizes = np.unique(z).size
     nan3 = (math.nan, math.nan, math.nan)
     if sizes < MIN_SIZES:
+        within = "" if window is None else f" within {window:g} decades of the best run"
         return IsoFlopBudget(**common, coefficients=nan3, n_opt=math.nan, loss_opt=math.nan,
-                             flag=f"{sizes} model size{'s' if sizes != 1 else ''} (a parabola needs {MIN_SIZES})")
-    z = np.log10(params)
-    c2, c1, c0 = (float(c) for c in np.polyfit(z, losses, 2))
+                             flag=f"{sizes} model size{'s' if sizes != 1 else ''}{within} (a parabola needs {MIN_SIZES})")
+    c2, c1, c0 = (float(c) for c in np.polyfit(z, fitted, 2))
     if not c2 > 0:
         return IsoFlopBudget(**common, coefficients=(c2, c1, c0), n_opt=math.nan, loss_opt=math.nan,
                              flag="no minimum: the loss is not convex in log N")
@@ -261,7 +265,7 @@ def fit_isoflop_parabola(params, losses, budget: float = math.nan) -> IsoFlopBud
     flag = None
     if not z.min() <= z_opt <= z.max():
         side = "below the smallest" if z_opt < z.min() else "above the largest"
-        flag = f"minimum {side} sampled size (N_opt extrapolated)"
+        flag = f"minimum {side} {'sampled' if window is None else 'fitted'} size (N_opt extrapolated)"
     elif params[best] in (params.min(), params.max()):
         end = "smallest" if params[best] == params.min() else "largest"
         flag = f"the best run is the {end} sampled size: the sizes do not bracket the minimum"
@@ -340,17 +344,19 @@ class IsoFlopResult:
 
 
 def isoflop_analysis(budgets, params, losses, *, flops_per_image=None, boot: int = 1000, seed: int = 0,
-                     level: float = 0.95) -> IsoFlopResult:
+                     level: float = 0.95, window: float | None = None) -> IsoFlopResult:
     """IsoFLOP analysis of runs given as per-run arrays: ``budgets`` (the compute budget each run belongs
     to, e.g. from :func:`group_budgets`), ``params`` (N) and final ``losses`` (finite). Fits one parabola
-    per budget, then ``N_opt = k C^a`` (and ``L_opt = k' C^c``) over the budgets not flagged; ``boot``
-    bootstrap resamples (seed ``seed``) give the ``level`` percentile intervals."""
+    per budget (over the runs within ``window`` decades of its best, see :func:`fit_isoflop_parabola`), then
+    ``N_opt = k C^a`` (and ``L_opt = k' C^c``) over the budgets not flagged; ``boot`` bootstrap resamples
+    (seed ``seed``, each budget's runs resampled, its best run and window found again) give the ``level``
+    percentile intervals."""
     budgets = np.asarray(budgets, dtype=float).ravel()
     params = np.asarray(params, dtype=float).ravel()
     losses = np.asarray(losses, dtype=float).ravel()
     if not budgets.size == params.size == losses.size:
         raise ValueError("isoflop_analysis: budgets, params and losses differ in length")
-    fits = [fit_isoflop_parabola(params[budgets == c], losses[budgets == c], c) for c in np.unique(budgets)]
+    fits = [fit_isoflop_parabola(params[budgets == c], losses[budgets == c], c, window) for c in np.unique(budgets)]
     used = [f for f in fits if f.used]
     notes = []
     fpi_fit = None
@@ -377,7 +383,7 @@ def isoflop_analysis(budgets, params, losses, *, flops_per_image=None, boot: int
         pts = []
         for f in used:
             idx = rng.integers(0, f.params.size, f.params.size)
-            g = fit_isoflop_parabola(f.params[idx], f.losses[idx], f.budget)
+            g = fit_isoflop_parabola(f.params[idx], f.losses[idx], f.budget, window)
             if g.used:
                 pts.append((f.budget, g.n_opt, g.loss_opt))
         if len(pts) >= 2:
