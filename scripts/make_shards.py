@@ -37,7 +37,8 @@ Sources and what each sample gets (``key``, image member ``png``/``jpg``, ``cls`
   with ``captions``; the manifest has the 10 class names.
 - folder: images found by :func:`diffusion_train.data.folder.list_images` (sorted, hidden files
   skipped); key = index in that order (``000123``); txt from a same-stem ``.txt`` file (stripped;
-  empty: no txt); json ``{"path", "width", "height"}``; class names in the manifest.
+  empty: no txt); json ``{"path", "width", "height", "original_width", "original_height"}`` (the original
+  image's size after EXIF rotation); class names in the manifest.
 - csv / jsonl: one row / JSON object per image with ``path`` (relative to the list file's folder,
   or absolute), optional ``caption`` and ``label`` (integers as they are; otherwise class names,
   sorted, into the manifest); key = row index; json = ``path``, ``width``, ``height`` and every
@@ -306,7 +307,7 @@ def read_image_file(path: Path, image_format: str, short_side: int | None = None
     bytes are kept as they are, other formats are re-encoded as ``image_format`` (EXIF rotation
     applied, transparency flattened onto white, RGB or grayscale). With ``short_side``, images whose
     short side is longer are resized to it (Lanczos) and re-encoded, so training decodes fewer
-    pixels. The returned size is the original's."""
+    pixels. The returned size is the original's, as displayed (after EXIF rotation)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -316,6 +317,8 @@ def read_image_file(path: Path, image_format: str, short_side: int | None = None
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
+            if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF: stored turned by 90 degrees
+                width, height = height, width
             kept = KEPT_FORMATS.get(img.format)
             shrink = short_side is not None and min(width, height) > short_side
             if kept and not shrink:
@@ -334,7 +337,7 @@ def read_image_file(path: Path, image_format: str, short_side: int | None = None
                 img = img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
                 fmt = kept or image_format
                 return fmt, encode_image(np.asarray(img), fmt), width, height
-            return image_format, encode_image(np.asarray(img), image_format), img.width, img.height
+            return image_format, encode_image(np.asarray(img), image_format), width, height
     except Exception as e:  # corrupt files raise a zoo of types (OSError, SyntaxError, ValueError, ...)
         raise Unreadable(f"{type(e).__name__}: {e}") from None
 
@@ -345,7 +348,10 @@ def to_sample(item: Item, image_format: str, short_side: int | None = None) -> d
         ext, data, meta = image_format, encode_image(item.pixels, image_format), item.meta
     else:
         ext, data, width, height = read_image_file(item.file, image_format, short_side)
-        meta = {**(item.meta or {}), "width": width, "height": height}
+        # the original's size (also under img2dataset's names, which image:original_size reads: with short_side
+        # the stored image is smaller)
+        meta = {**(item.meta or {}), "width": width, "height": height, "original_width": width,
+                "original_height": height}
     caption = item.caption
     if item.caption_file is not None:
         try:

@@ -8,6 +8,7 @@ import importlib.util
 import io
 import json
 import os
+import random
 import subprocess
 import sys
 import tarfile
@@ -432,6 +433,31 @@ def test_short_side_shrinks_large_images_and_keeps_jpeg(tmp_path):
     assert PILImage.open(io.BytesIO(data)).size == (432, 288)
     ext, data, w, h = mod.read_image_file(small, "png", short_side=288)
     assert ext == "png" and data == small.read_bytes()  # already small: stored byte for byte
+
+
+def test_sizes_are_those_of_the_displayed_original_also_when_shrunk(tmp_path):
+    """An image stored 400x200 with EXIF orientation 6 is shown 200 wide and 400 tall: the json sizes say so
+    whether it is kept, re-encoded or shrunk, and the decoder's image:original_size is that original even
+    when the shard holds a copy shrunk by short_side."""
+    from PIL import Image as PILImage
+
+    from diffusion_train.data.decode import SampleDecoder
+
+    spec = importlib.util.spec_from_file_location("make_shards_mod", ROOT / "scripts" / "make_shards.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    exif = PILImage.Exif()
+    exif[0x0112] = 6
+    for name in ("turned.jpg", "turned.webp"):
+        PILImage.new("RGB", (400, 200), (200, 30, 30)).save(tmp_path / name, exif=exif.tobytes())
+    decode = SampleDecoder(resolution=64, caption_key=None, label_key=None, metadata={"size": "image:original_size"})
+    for name, short_side in (("turned.jpg", None), ("turned.webp", None), ("turned.jpg", 100)):
+        sample = mod.to_sample(mod.Item(key="a", file=tmp_path / name), "png", short_side)
+        meta, ext = sample["json"], next(k for k in sample if k in ("jpg", "png", "webp"))
+        assert (meta["width"], meta["height"]) == (200, 400), (name, short_side)
+        decoded = decode({"__key__": "a", ext: sample[ext], "json": json.dumps(meta).encode()}, random.Random(0))
+        assert decoded["size"].tolist() == [400, 200], (name, short_side)
 
 
 def test_inspect_resolves_brace_patterns(tmp_path):

@@ -75,7 +75,9 @@ class SampleDecoder:
     ``metadata`` maps batch keys to float32 tensors from the sample's json (``{aesthetic: aesthetic}``,
     a number or a list of numbers; ``missing_<field>`` without it, ``bad_<field>`` when it is not one)
     or from the image (``image:original_size`` and ``image:crop_top_left``, (h, w) of the original after
-    EXIF rotation and (top, left) of the crop, (0, 0) when padded: SDXL's micro-conditioning).
+    EXIF rotation -- the json's ``original_height``/``original_width`` when present, as make_shards and
+    img2dataset write them for resized copies -- and (top, left) of the crop, (0, 0) when padded: SDXL's
+    micro-conditioning).
     """
 
     def __init__(self, resolution: int, channels: int = 3, image_keys: Sequence[str] = IMAGE_KEYS,
@@ -205,8 +207,11 @@ class SampleDecoder:
             image = image.flip(1)
         out["image"] = image.permute(2, 0, 1)  # (C, H, W) in channels-last memory: collate stacks it fast
         for key, field in self.metadata.items():
-            if field == "image:original_size":
-                out[key] = torch.tensor(size, dtype=torch.float32)
+            if field == "image:original_size":  # the json's, when the shard holds a resized copy (make_shards
+                # short_side, img2dataset), else the stored image's
+                stored = (meta.get("original_height"), meta.get("original_width"))
+                known = all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in stored)
+                out[key] = torch.tensor(stored if known else size, dtype=torch.float32)
             elif field == "image:crop_top_left":
                 out[key] = torch.tensor(crop, dtype=torch.float32)
         return out
