@@ -37,8 +37,8 @@ Sources and what each sample gets (``key``, image member ``png``/``jpg``, ``cls`
   with ``captions``; the manifest has the 10 class names.
 - folder: images found by :func:`diffusion_train.data.folder.list_images` (sorted, hidden files
   skipped); key = index in that order (``000123``); txt from a same-stem ``.txt`` file (stripped;
-  empty: no txt); json ``{"path", "width", "height", "original_width", "original_height"}`` (the original
-  image's size after EXIF rotation); class names in the manifest.
+  empty: no txt); json ``{"path", "width", "height"}`` (the original's size after EXIF rotation; also as
+  ``original_width``/``original_height`` when ``short_side`` stored a shrunk copy); class names in the manifest.
 - csv / jsonl: one row / JSON object per image with ``path`` (relative to the list file's folder,
   or absolute), optional ``caption`` and ``label`` (integers as they are; otherwise class names,
   sorted, into the manifest); key = row index; json = ``path``, ``width``, ``height`` and every
@@ -348,10 +348,9 @@ def to_sample(item: Item, image_format: str, short_side: int | None = None) -> d
         ext, data, meta = image_format, encode_image(item.pixels, image_format), item.meta
     else:
         ext, data, width, height = read_image_file(item.file, image_format, short_side)
-        # the original's size (also under img2dataset's names, which image:original_size reads: with short_side
-        # the stored image is smaller)
-        meta = {**(item.meta or {}), "width": width, "height": height, "original_width": width,
-                "original_height": height}
+        meta = {**(item.meta or {}), "width": width, "height": height}
+        if short_side is not None and min(width, height) > short_side:  # a shrunk copy: the original's size also
+            meta.update(original_width=width, original_height=height)  # as img2dataset names it (image:original_size)
     caption = item.caption
     if item.caption_file is not None:
         try:

@@ -325,6 +325,17 @@ def test_random_crop_and_flip_keep_the_short_side_and_vary(tmp_path):
     flip = SampleDecoder(resolution=16, caption_key=None, flip=True)
     flips = [bool(flip(sample, random.Random(seed))["image"][0, 0, 0] > 100) for seed in range(40)]
     assert 10 < sum(flips) < 30  # mirrored about half the time
+    # the crop's left edge is that of the image as it comes out: mirrored with it (diffusers' SDXL script too)
+    both = SampleDecoder(resolution=16, caption_key=None, random_crop=True, flip=True,
+                         metadata={"crop": "image:crop_top_left"})
+    mirrored = 0
+    for seed in range(40):
+        out = both(sample, random.Random(seed))
+        row = out["image"][0, 0].long() // 5  # the source x of each pixel of the first row
+        flipped = bool(row[0] > row[1])
+        mirrored += flipped
+        assert int(out["crop"][1]) == (47 - int(row[0]) if flipped else int(row[0])), seed
+    assert 10 < mirrored < 30
 
 
 def test_pipe_urls_stream_like_files(tmp_path, monkeypatch):

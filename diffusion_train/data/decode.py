@@ -205,6 +205,9 @@ class SampleDecoder:
         image = torch.from_numpy(array if array.flags.writeable else array.copy())  # (H, W, C)
         if self.flip and rng.random() < 0.5:
             image = image.flip(1)
+            if self.resize == "crop":  # the crop's left edge as the mirrored image has it
+                resized_width = math.floor(size[1] * max(image.shape[0] / size[0], image.shape[1] / size[1]) + 1e-9)
+                crop = (crop[0], max(0, resized_width - image.shape[1] - crop[1]))
         out["image"] = image.permute(2, 0, 1)  # (C, H, W) in channels-last memory: collate stacks it fast
         for key, field in self.metadata.items():
             if field == "image:original_size":  # the json's, when the shard holds a resized copy (make_shards
