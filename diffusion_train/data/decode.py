@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffusion_train.data.folder import _normalized, fit_image
+from diffusion_train.data.folder import _normalized, fit_image, mirrored_crop
 from diffusion_train.data.tar_io import load_array
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
@@ -205,9 +205,8 @@ class SampleDecoder:
         image = torch.from_numpy(array if array.flags.writeable else array.copy())  # (H, W, C)
         if self.flip and rng.random() < 0.5:
             image = image.flip(1)
-            if self.resize == "crop":  # the crop's left edge as the mirrored image has it
-                resized_width = math.floor(size[1] * max(image.shape[0] / size[0], image.shape[1] / size[1]) + 1e-9)
-                crop = (crop[0], max(0, resized_width - image.shape[1] - crop[1]))
+            if self.resize == "crop":
+                crop = mirrored_crop(size, crop, image.shape[0], image.shape[1])
         out["image"] = image.permute(2, 0, 1)  # (C, H, W) in channels-last memory: collate stacks it fast
         for key, field in self.metadata.items():
             if field == "image:original_size":  # the json's, when the shard holds a resized copy (make_shards

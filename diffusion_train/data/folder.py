@@ -118,6 +118,18 @@ def fit_image(source: Any, height: int, width: int, channels: int = 3, rng: rand
         return _cover_crop(_normalized(img, channels), original, height, width, channels, rng, resample)
 
 
+def _resampled(side: float, scale: float) -> int:
+    """A side of an image resampled by ``scale``, in whole pixels, rounded down (so a crop box stays inside)."""
+    return math.floor(side * scale + 1e-9)
+
+
+def mirrored_crop(original: tuple[int, int], crop: tuple[int, int], height: int, width: int) -> tuple[int, int]:
+    """The (top, left) that :func:`fit_image` returns for a crop of an ``original`` (h, w) image, as the crop's
+    mirror image (flipped left to right) has it."""
+    scale = max(height / original[0], width / original[1])
+    return crop[0], max(0, _resampled(original[1], scale) - width - crop[1])
+
+
 def _cover_crop(image: Image.Image | np.ndarray, original: tuple[int, int], height: int, width: int,
                 channels: int, rng: random.Random | None, resample: Image.Resampling
                 ) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
@@ -129,10 +141,10 @@ def _cover_crop(image: Image.Image | np.ndarray, original: tuple[int, int], heig
     crop_w, crop_h = width / scale, height / scale  # the crop in source pixels
     if rng is None:
         left, top = (w - crop_w) / 2, (h - crop_h) / 2
-    else:  # a whole-pixel offset in the resampled image, the box inside the source (math.floor: a resampled side
-        # that rounds up would put the last offset up to half a pixel outside it)
-        left = rng.randint(0, max(0, math.floor(w * scale + 1e-9) - width)) / scale
-        top = rng.randint(0, max(0, math.floor(h * scale + 1e-9) - height)) / scale
+    else:  # a whole-pixel offset in the resampled image, the box inside the source (rounding a resampled side
+        # up would put the last offset up to half a pixel outside it)
+        left = rng.randint(0, max(0, _resampled(w, scale) - width)) / scale
+        top = rng.randint(0, max(0, _resampled(h, scale) - height)) / scale
     if scale == 1:  # stored at the training size: a plain crop (whole pixels), no resampling
         left, top = round(left), round(top)
         out = (image[top:top + height, left:left + width] if is_array
