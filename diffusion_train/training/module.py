@@ -106,9 +106,9 @@ class DiffusionModule(L.LightningModule):
         """The optimizer's parameter groups: the trainable parameters, and apart, with weight decay 0, those that
         ``no_weight_decay`` names: ``1d`` (biases, norm gains: parameters of fewer than 2 dimensions) or a
         name pattern (fnmatch, e.g. ``*pos_embed*``). A pattern that matches no parameter is an error."""
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         if not self.no_weight_decay:
-            return [{"params": [p for _, p in named]}]
+            return [{"params": self.trainable_parameters()}]
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         patterns = [r for r in self.no_weight_decay if r != "1d"]
         unmatched = [r for r in patterns if not any(fnmatch.fnmatchcase(n, r) for n, _ in named)]
         if unmatched:
