@@ -15,7 +15,8 @@ Every argument is ``key=value``:
     image_format  png | jpg (png; jpg at quality 95): encoding of Fashion-MNIST's pixels and of image
                   files in other formats (webp, bmp, ...); PNG and JPEG files are stored byte for byte
     val_size      fashion_mnist: the first N test images go to val-*.tar (1000);
-                  folder, csv, jsonl: the last N items (0: no validation shards)
+                  folder, csv, jsonl: N items evenly spaced through the list, so that each
+                  class folder gives its share (0: no validation shards)
     limit         only the first N items of each split, for quick trials (all)
     short_side    folder, csv, jsonl: resize images whose short side is longer to this (e.g. 288 for
                   training at 256) and re-encode them (JPEG stays JPEG), so that training decodes
@@ -160,13 +161,18 @@ def _order(items: list, opts: dict, split: str = "") -> list:
     return items
 
 
-def _split_last(items: list[Item], opts: dict) -> tuple[list[Item], list[Item]]:
+def _split_spread(items: list[Item], opts: dict) -> tuple[list[Item], list[Item]]:
+    """(train, val): ``val_size`` items evenly spaced through the (shuffled, limited) list, the rest in order.
+
+    Spacing them out gives each part of a sorted list, e.g. each class folder, its share of the validation
+    set; the last N items of a sorted folder would all be of its last class."""
     items = _order(items, opts)[: opts["limit"]]
-    n_val = opts["val_size"]
-    if n_val >= len(items):
-        raise ValueError(f"val_size={n_val} leaves no training items: there are {len(items)}"
+    n, n_val = len(items), opts["val_size"]
+    if n_val >= n:
+        raise ValueError(f"val_size={n_val} leaves no training items: there are {n}"
                          + (f" (limit={opts['limit']})" if opts["limit"] else ""))
-    return (items[: len(items) - n_val], items[len(items) - n_val:]) if n_val else (items, [])
+    picked = {(2 * i + 1) * n // (2 * n_val) for i in range(n_val)}
+    return [x for i, x in enumerate(items) if i not in picked], [x for i, x in enumerate(items) if i in picked]
 
 
 def caption_templates(value: str) -> list[str] | None:
@@ -221,7 +227,7 @@ def folder_source(opts: dict) -> Source:
     items = [Item(f"{i:0{width}d}", index[img.split("/", 1)[0]] if use_labels else None,
                   caption_file=root / cap if cap else None, file=root / img, meta={"path": img}, name=img)
              for i, (img, cap) in enumerate(entries)]
-    train, val = _split_last(items, opts)
+    train, val = _split_spread(items, opts)
     what = f"{len(class_names)} classes" if class_names else "no class folders"
     return Source(train, val, class_names, f"image folder {root} ({len(entries)} images, {what})")
 
@@ -293,7 +299,7 @@ def list_source(opts: dict) -> Source:
         items.append(Item(f"{i:0{width}d}", labels[i] if labels else None, caption or None,
                           file=path.parent / Path(image).expanduser(), meta={"path": image, **extra},
                           name=f"{path.name}:{line} {image}"))
-    train, val = _split_last(items, opts)
+    train, val = _split_spread(items, opts)
     what = f", {len(class_names)} classes" if class_names else (", integer labels" if labels else "")
     return Source(train, val, class_names, f"{opts['source']} list {path} ({len(rows)} rows{what})")
 

@@ -164,17 +164,17 @@ def test_write_shards_limits_manifest_and_rewrite(tmp_path):
 
 def test_folder_source_keeps_png_jpg_bytes(folder, tmp_path):
     out = tmp_path / "shards"
-    manifest, skipped = make.make_shards(opts(source="folder", root=folder, out=out, max_count=2, val_size=1),
+    manifest, skipped = make.make_shards(opts(source="folder", root=folder, out=out, max_count=2, val_size=2),
                                          log=lambda s: None)
     assert skipped == [("dogs/bad.png", skipped[0][1])] and "UnidentifiedImageError" in skipped[0][1]
     assert manifest["class_names"] == ["cats", "dogs"] and manifest["num_classes"] == 2
     assert manifest["keys"] == ["cls", "jpg", "json", "png", "txt"]
     assert manifest["count"] == 5
     assert [(s["path"], s["count"]) for s in manifest["shards"]] == \
-        [("train-000000.tar", 2), ("train-000001.tar", 2), ("val-000000.tar", 1)]
+        [("train-000000.tar", 2), ("train-000001.tar", 1), ("val-000000.tar", 2)]
 
     # list_images order: cats/a.png cats/b.jpg cats/c.webp dogs/bad.png dogs/d.png dogs/deep/e.bmp
-    samples = read_samples(out)
+    samples = dict(sorted(read_samples(out).items()))
     assert list(samples) == ["000000", "000001", "000002", "000004", "000005"]
     a, b, c, d, e = samples.values()
     assert a["png"] == (folder / "cats/a.png").read_bytes() and b["jpg"] == (folder / "cats/b.jpg").read_bytes()
@@ -186,12 +186,13 @@ def test_folder_source_keeps_png_jpg_bytes(folder, tmp_path):
     assert a["txt"] == b"a noisy cat" and c["txt"] == b"a small webp" and "txt" not in b and "txt" not in d
     assert json.loads(a["json"]) == {"path": "cats/a.png", "width": 20, "height": 16}
     assert json.loads(e["json"]) == {"path": "dogs/deep/e.bmp", "width": 9, "height": 7}
-    assert list(read_samples(out, "val")) == ["000005"]  # the last item
+    # val_size=2 of 6 items: the 2nd and 5th, one of each class folder (the last two would both be dogs)
+    assert list(read_samples(out, "val")) == ["000001", "000004"]
 
     wds = pytest.importorskip("webdataset")  # not a dependency of the package: the reader may be elsewhere
     ds = wds.WebDataset(str(out / "train-{000000..000001}.tar"), shardshuffle=False).decode("pil")
     got = {s["__key__"]: s for s in ds}
-    assert list(got) == ["000000", "000001", "000002", "000004"]
+    assert list(got) == ["000000", "000002", "000005"]
     for key, s in got.items():
         raw = samples[key]
         image = s.get("png") or s.get("jpg")
@@ -275,11 +276,11 @@ def test_csv_and_jsonl_sources(tmp_path):
             {"path": "img/0.png", "caption": "zero", "label": 2}]
     (data / "list.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     out = tmp_path / "jsonl_shards"
-    manifest, skipped = make.make_shards(opts(source="jsonl", path=data / "list.jsonl", out=out, val_size=1),
+    manifest, skipped = make.make_shards(opts(source="jsonl", path=data / "list.jsonl", out=out, val_size=2),
                                          log=lambda s: None)
     assert [reason for _, reason in skipped] == ["missing file"]
     assert manifest["num_classes"] == 5 and manifest["class_names"] is None  # integer labels: largest + 1
-    assert list(read_samples(out, "train")) == ["000000", "000001"] and list(read_samples(out, "val")) == ["000003"]
+    assert list(read_samples(out, "train")) == ["000000"] and list(read_samples(out, "val")) == ["000001", "000003"]
     samples = read_samples(out)
     assert json.loads(samples["000000"]["json"]) == {"path": "img/2.png", "meta": {"a": [1, 2]}, "width": 10,
                                                      "height": 8}
