@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 from diffusion_train.data.precomputed import PrecomputedMismatchError
-from diffusion_train.data.web import BadDataError
+from diffusion_train.data.bad_data import BadDataError
 from diffusion_train.training import EMA, AtomicCheckpointIO, NonFiniteLossError, RunSummary
 from diffusion_train.training.build import build_module, lora_scaling
 from diffusion_train.training.checkpointing import last_checkpoint, load_checkpoint, remove_stale_temp_files

@@ -22,10 +22,11 @@ from PIL import Image
 from test_web_data import _png, as_reader, keys_of, make_shards, stream, write_shard
 from torch.utils.data import DataLoader
 
-from diffusion_train.data.bad_data import LOGGED_PER_REASON
+from diffusion_train.data.bad_data import LOGGED_PER_REASON, BadDataError
 from diffusion_train.data.decode import SampleDecoder
+from diffusion_train.data.stream import ShardStream, unchanged
 from diffusion_train.data.tar_io import tar_samples
-from diffusion_train.data.web import BadDataError, ShardStream, WebDataModule, expand_shards, unchanged
+from diffusion_train.data.web import WebDataModule, expand_shards
 
 HTML = b"<html><head><title>403 Forbidden</title></head><body>AccessDenied</body></html>\n" * 20
 

@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from diffusion_train.data.decode import SampleDecoder, aspect_buckets
-from diffusion_train.data.web import ShardStream, WebDataModule, expand_shards, finish_batch
+from diffusion_train.data.stream import ShardStream, finish_batch
+from diffusion_train.data.web import WebDataModule, expand_shards
 
 
 def _png(value: int, size: int = 8) -> bytes:

@@ -34,7 +34,7 @@ class Skips:
     """A reader's unusable input.
 
     ``counts`` holds the skips by reason since the reader's last batch (each batch takes them along,
-    see ``web.collate``). The first ``LOGGED_PER_REASON`` bad samples of each reason are named in the log
+    see ``stream.collate``). The first ``LOGGED_PER_REASON`` bad samples of each reason are named in the log
     with what was wrong (filtered samples are only counted). A reader that has read all of its shards
     since its last usable sample raises :class:`BadDataError`, naming them and the skip counts, instead
     of reading on forever without a batch (its rank would wait for it, and the other ranks in their next
