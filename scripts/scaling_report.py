@@ -42,24 +42,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from diffusion_train.cli import UsageError, parse_bool, parse_key_values, run_main  # noqa: E402
-from diffusion_train.scaling.fit import (  # noqa: E402
-    ALPHA_BOUNDS,
-    IsoFlopResult,
-    SaturatingFit,
-    bootstrap_saturating,
-    fit_saturating_power_law,
-    group_budgets,
-    isoflop_analysis,
-    percentile_ci,
-)
-from diffusion_train.scaling.registry import RegistryError, Run, human_count, load_runs  # noqa: E402
+from diffusion_train.scaling.fit import SaturatingFit  # noqa: E402
+from diffusion_train.scaling.registry import RegistryError, human_count, load_runs  # noqa: E402
+from diffusion_train.scaling.report import LEVEL, Analysis, analyse, sci, where  # noqa: E402
 
 OPTIONS: dict[str, Callable[[str], Any]] = {"metric": str, "out": str, "boot": int, "seed": int, "skip": float,
                                             "unfinished": parse_bool, "window": float}
 DEFAULTS: dict[str, Any] = {"metric": "val/loss", "out": "scaling_report", "boot": 1000, "seed": 0, "skip": 0.1,
                             "unfinished": False, "window": None}
-LEVEL = 0.95
-BUDGET_TOLERANCE = 0.2  # flag runs whose total FLOPs are this far from their nominal budget
 FORMAT = "diffusion_train.scaling_report/1"
 
 
@@ -81,134 +71,7 @@ def parse_args(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------------
-# analysis
-
-
-class Analysis:
-    """What the report shows: the runs (all loaded; ``reasons``: why a run is left out, by source), the
-    used runs with their compute budget (by source), the sizes ``(label, N)`` by N, the per-size fits
-    (by N), the IsoFLOP result and the flags. (A plain class: the script may be loaded by file path.)"""
-
-    def __init__(self, metric: str, runs: list[Run], reasons: dict[str, str], used: list[Run],
-                 budgets: dict[str, float], sizes: list[tuple[str, int]]):
-        self.metric, self.runs, self.reasons, self.used = metric, runs, reasons, used
-        self.budgets, self.sizes = budgets, sizes
-        self.per_size: dict[int, dict] = {}
-        self.isoflop: IsoFlopResult | None = None
-        self.window: float | None = None  # decades of N around each budget's best run that its parabola fits
-        self.flags: list[str] = []
-
-
-def select(runs: list[Run], metric: str, unfinished: bool) -> dict[str, str]:
-    """Why each left-out run is left out (by source)."""
-    reasons: dict[str, str] = {}
-    for r in runs:
-        m = r.metrics.get(metric)
-        if m is None:
-            reasons[r.source] = f"no {metric}"
-        elif not math.isfinite(m.final) or m.final <= 0:
-            reasons[r.source] = f"final {metric} is {m.final} (needs a finite positive value)"
-        elif not r.finished and not unfinished:
-            reasons[r.source] = "unfinished (unfinished=true uses it)"
-    best: dict[str, Run] = {}
-    for r in runs:
-        if r.source in reasons or not r.config_hash:
-            continue
-        other = best.get(r.config_hash)
-        if other is None or r.images_seen > other.images_seen:
-            if other is not None:
-                reasons[other.source] = f"duplicate of {r.source} (same config_hash, trained further)"
-            best[r.config_hash] = r
-        else:
-            reasons[r.source] = f"duplicate of {other.source} (same config_hash)"
-    return reasons
-
-
-def curve_points(runs: list[Run], metric: str, skip: float) -> tuple[np.ndarray, np.ndarray]:
-    """(FLOPs, value) of the runs' histories past ``skip`` of their images (a run without history: its final)."""
-    xs, ys = [], []
-    for r in runs:
-        pts = [(p.flops, p.value) for p in r.metrics[metric].history
-               if p.flops > 0 and math.isfinite(p.value) and p.value > 0 and p.images >= skip * r.images_seen]
-        if not pts and r.total_flops > 0:
-            pts = [(r.total_flops, r.metrics[metric].final)]
-        for x, y in pts:
-            xs.append(x)
-            ys.append(y)
-    return np.array(xs, dtype=float), np.array(ys, dtype=float)
-
-
-def analyse(runs: list[Run], opts: dict) -> Analysis:
-    metric = opts["metric"]
-    if not runs:
-        raise RegistryError("no runs found")
-    reasons = select(runs, metric, opts["unfinished"])
-    used = [r for r in runs if r.source not in reasons]
-    if not used:
-        logged = sorted({name for r in runs for name in r.metrics})
-        raise RegistryError(f"no usable run for metric {metric!r} among {len(runs)} runs "
-                            f"(metrics logged: {', '.join(logged) or 'none'}; "
-                            f"first reason: {next(iter(reasons.values()))})")
-    groups = group_budgets([r.budget for r in used], [r.total_flops for r in used])
-    budgets = {r.source: float(c) for r, c in zip(used, groups)}
-    labels: dict[int, str] = {}
-    for r in sorted(used, key=lambda r: r.params):
-        labels.setdefault(r.params, r.label)
-    a = Analysis(metric=metric, runs=runs, reasons=reasons, used=used, budgets=budgets,
-                 sizes=sorted(((lab, n) for n, lab in labels.items()), key=lambda t: t[1]))
-
-    for label, n in a.sizes:
-        x, y = curve_points([r for r in used if r.params == n], metric, opts["skip"])
-        entry: dict[str, Any] = {"size": label, "params": n, "points": int(x.size), "x": x, "y": y}
-        if np.unique(x).size < 4:
-            entry["note"] = f"{np.unique(x).size} distinct FLOP values (the fit needs 4)"
-        else:
-            try:
-                f = fit_saturating_power_law(x, y)
-            except ValueError as e:
-                entry["note"] = f"fit failed: {e}"
-                a.flags.append(f"size {label}: the saturating fit failed ({e})")
-                a.per_size[n] = entry
-                continue
-            samples = bootstrap_saturating(x, y, f, boot=opts["boot"], seed=opts["seed"]) if opts["boot"] else None
-            entry.update(fit=f, alpha_ci=percentile_ci(samples[:, 2], LEVEL) if samples is not None else None,
-                         E_ci=percentile_ci(samples[:, 0], LEVEL) if samples is not None else None)
-            if not f.converged:
-                a.flags.append(f"size {label}: the saturating fit did not converge")
-            if np.isclose(f.alpha, ALPHA_BOUNDS[1]) or np.isclose(f.alpha, ALPHA_BOUNDS[0]):
-                a.flags.append(f"size {label}: alpha = {f.alpha:.3g} is at a bound of the fit")
-        a.per_size[n] = entry
-
-    a.isoflop = isoflop_analysis([budgets[r.source] for r in used], [r.params for r in used],
-                                 [r.metrics[metric].final for r in used],
-                                 flops_per_image=[r.flops_per_image for r in used], boot=opts["boot"],
-                                 seed=opts["seed"], level=LEVEL, window=opts["window"])
-    a.window = opts["window"]
-    for b in a.isoflop.budgets:
-        if b.flag:
-            extra = f" (N_opt = {human_count(b.n_opt)})" if math.isfinite(b.n_opt) else ""
-            a.flags.append(f"budget {sci(b.budget)}: {b.flag}{extra}; left out of the frontier fit")
-    a.flags.extend(a.isoflop.notes)
-    far = [r for r in used if r.budget and abs(r.total_flops / r.budget - 1) > BUDGET_TOLERANCE]
-    if far:
-        a.flags.append(f"{len(far)} run(s) more than {BUDGET_TOLERANCE:.0%} off their nominal budget, e.g. "
-                       f"{where(far[0])}: {sci(far[0].total_flops)} FLOPs for {sci(far[0].budget)}")
-    for what, values in (("model classes", {r.model for r in used}),
-                         ("scaling families", {r.family for r in used if r.family})):
-        if len(values) > 1:
-            a.flags.append(f"the runs mix {what} ({', '.join(sorted(values))}): the fits assume one family")
-    return a
-
-
-# ----------------------------------------------------------------------------------------------
 # formatting
-
-
-def sci(x: float | None, digits: int = 2) -> str:
-    if x is None or not math.isfinite(x):
-        return "-"
-    mant, exp = f"{x:.{digits - 1}e}".split("e")
-    return f"{mant}e{int(exp)}"
 
 
 def num(x: float | None, digits: int = 4) -> str:
@@ -227,12 +90,6 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 def images_at(a: Analysis, c: float, n: float) -> float:
     fpi = a.isoflop.flops_per_image_fit
     return c / float(fpi.predict(n)) if fpi is not None and math.isfinite(n) else math.nan
-
-
-def where(r) -> str:
-    """The run's folder as it was found (relative when given relative), else its recorded run_dir."""
-    source = Path(r.source)
-    return str(source.parent) if source.name == "summary.json" else r.run_dir
 
 
 def markdown(a: Analysis, sources: list[str], opts: dict) -> str:
@@ -458,7 +315,8 @@ def report(sources: list[str], opts: dict, log: Callable[[str], None] = print) -
     runs = load_runs(sources, metrics=[opts["metric"]])
     if not runs:
         raise RegistryError(f"no runs: no summary.json under {', '.join(sources)}")
-    a = analyse(runs, opts)
+    a = analyse(runs, opts["metric"], unfinished=opts["unfinished"], skip=opts["skip"], boot=opts["boot"],
+                seed=opts["seed"], window=opts["window"])
     out = Path(opts["out"])
     out.mkdir(parents=True, exist_ok=True)
     plot_loss_vs_flops(a, out / "loss_vs_flops.png")

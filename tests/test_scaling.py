@@ -61,7 +61,7 @@ def test_a_diverged_evaluation_is_null_in_the_summary_and_the_run_is_left_out_of
 
     from diffusion_train.scaling.registry import load_summary
     from diffusion_train.training.module import DiffusionModule
-    from test_scaling_report import report
+    from diffusion_train.scaling.report import select
 
     end_of_validation = DiffusionModule.on_validation_epoch_end
 
@@ -78,7 +78,7 @@ def test_a_diverged_evaluation_is_null_in_the_summary_and_the_run_is_left_out_of
     assert val["best"] == val["history"][0]["value"]
     record = load_summary(run / "summary.json")
     assert math.isnan(record.metrics["val/loss"].final)
-    assert "final val/loss is nan" in report.select([record], "val/loss", unfinished=False)[record.source]
+    assert "final val/loss is nan" in select([record], "val/loss", unfinished=False)[record.source]
 
 
 def test_the_config_hash_ignores_names_and_paths_but_not_training_settings(tiny_cfg, tmp_path):

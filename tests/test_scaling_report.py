@@ -251,6 +251,21 @@ def test_report_from_fixture_runs(tmp_path, capsys):
         assert text in md, text
 
 
+def test_analyse_from_the_package_as_the_report_does(tmp_path):
+    """The analysis the docs offer for notebooks gives the report's numbers and reasons without writing files."""
+    from diffusion_train.scaling.report import analyse
+
+    fixture_runs(tmp_path / "runs")
+    a = analyse(load_runs([tmp_path / "runs"]), "val/loss", boot=0)
+    assert len(a.runs) == 17 and len(a.used) == 16 and a.reasons == {
+        str(tmp_path / "runs" / "b" / "running" / "summary.json"): "unfinished (unfinished=true uses it)"}
+    assert [label for label, _ in a.sizes] == ["S", "M", "L", "XL"]
+    assert a.isoflop.frontier.exponent == pytest.approx(0.5, abs=0.1)
+    assert any("minimum above the largest sampled size" in f for f in a.flags)
+    assert len(analyse(load_runs([tmp_path / "runs"]), "val/loss", boot=0, unfinished=True).used) == 17
+    assert not list(tmp_path.glob("**/*.png"))
+
+
 def test_report_inputs_with_equals_and_metric_choice(tmp_path):
     """Sweep folders named key=value are sources; another metric; duplicates (same config_hash) count once;
     runs without scaling.budget are grouped by their total FLOPs; boot=0 gives no intervals."""
