@@ -1,11 +1,14 @@
-"""Checkpoint files: atomic writes, lookup of the run's last checkpoint, safe metadata reads."""
+"""Checkpoint files: atomic writes, lookup of the run's last checkpoint, safe metadata reads, and the random
+number generators' states a checkpoint carries."""
 
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -61,3 +64,24 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - a one-line error naming the file beats a pickle traceback
         raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+
+
+def rng_states() -> dict:
+    """The global generators' states (torch, Python's ``random``, numpy, every CUDA device's) in plain types
+    and tensors, so that a checkpoint holding them loads with ``weights_only=True``."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                      "gauss": float(gauss)},
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng_states(state: dict) -> None:
+    """Sets the generators from :func:`rng_states`; the CUDA states only where the number of devices is the same."""
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                         numpy["gauss"]))
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -6,26 +6,21 @@ import contextlib
 import fnmatch
 import logging
 import math
-import random
 from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 import lightning as L
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from diffusion_train.conditioning import Cond, Conditioner
-from diffusion_train.conditioning.conditioner import select_inputs
 from diffusion_train.conditioning.autoencoder import Autoencoder
 from diffusion_train.data.samplers import mix_seed
-from diffusion_train.diffusion.guidance import DualGuidance
+from diffusion_train.diffusion import GaussianDiffusion
 from diffusion_train.finetune.controlnet import Controlled
-from diffusion_train.finetune.editing import InstructionEditing
-from diffusion_train.finetune.inpainting import Inpainting, KnownRegion
-from diffusion_train.finetune.masks import downsample_mask
-from diffusion_train.diffusion import GaussianDiffusion, Sampler, per_image_generators, randn
+from diffusion_train.training.checkpointing import restore_rng_states, rng_states
+from diffusion_train.training.generation import Generation
 from diffusion_train.training.parallel import full_tensor, log_every_steps, mean_over_ranks, sum_over_ranks
 from diffusion_train.training.speed import (
     attention_choice, check_attention_device, check_fp8_device, prepare_backbone, resolve_channels_last,
@@ -39,13 +34,7 @@ class NonFiniteLossError(RuntimeError):
     """Raised after too many consecutive optimizer steps with a non-finite loss or gradient."""
 
 
-def _numpy_state() -> dict:
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-            "gauss": float(gauss)}
-
-
-class DiffusionModule(L.LightningModule):
+class DiffusionModule(Generation, L.LightningModule):
     """Trains ``backbone`` with ``objective`` on batches conditioned by ``conditioner``, in the latent
     space of the frozen ``autoencoder`` (identity: pixel space).
 
@@ -355,112 +344,11 @@ class DiffusionModule(L.LightningModule):
         loss_sum, count = self.trainer.strategy.reduce(self._val_total, reduce_op="sum")
         self.log("val/loss", (loss_sum / count).float())
 
-    # -- sampling --------------------------------------------------------------------------------
-    @torch.no_grad()
-    def sample_seeded(self, indices: list[int], inputs: dict, sampler: Sampler, guidance_scale: float = 1.0,
-                      seed: int = 0, size: tuple[int, int] | None = None, **guidance) -> Tensor:
-        """Images ``indices`` of a set: image i starts from the noise of seed ``seed + i`` and draws any
-        stochastic sampler noise from its own generator, with the i-th entry of ``inputs`` (see
-        ``Conditioner.sample_inputs``); so image i is the same whatever the batch it is made in.
-        ``size``: the backbone's (height, width), default its training size."""
-        net = self.backbone
-        gens = per_image_generators([seed + i for i in indices], self.device)
-        noise = randn((len(indices), net.out_channels, *(size or (net.input_size, net.input_size))), gens, self.device)
-        return self.sample(noise, select_inputs(inputs, indices), sampler, guidance_scale, generator=gens, **guidance)
-
-    def sample(self, noise: Tensor, cond_inputs: dict, sampler: Sampler, guidance_scale: float = 1.0,
-               generator=None, progress: bool = False, image: Tensor | None = None,
-               known: tuple[Tensor, Tensor] | None = None, image_guidance: float | None = None,
-               control: Tensor | None = None, control_scale: float = 1.0, **guidance) -> Tensor:
-        """Images in [-1, 1] (decoded by the autoencoder) from ``noise`` for the conditioning inputs (e.g. ``{"label": ...}``);
-        ``guidance`` takes ``guidance_interval`` and ``guidance_rescale`` (see ``CFGDenoiser``).
-
-        ``image``: the task's ``cond.image`` (without one, the task's null image: an inpainting model generates
-        from nothing, an editing model without a source); ``known``: (latents, mask) kept in every denoised
-        estimate where the mask is 0; ``image_guidance``: a separate scale for ``image``
-        (:class:`DualGuidance`, ``guidance_scale`` then being the text's); ``control``: a ControlNet's control
-        images (at image resolution), their residuals scaled by ``control_scale``."""
-        was_training = self.training
-        self.eval()
-        try:
-            if image is None and self.task is not None:
-                image = self.task.null_image(torch.zeros_like(noise, device=self.device))
-            cond = self.conditioner(cond_inputs)
-            uncond = self.conditioner.uncond(noise.shape[0]) if guidance_scale != 1.0 or image_guidance else None
-            if image is not None:
-                image = image.to(self.device)
-                cond = replace(cond, image=image)
-                uncond = None if uncond is None else replace(uncond, image=image)
-            if control is not None:
-                if self.controlnet is None:
-                    raise ValueError("control images need a model trained with finetune=controlnet")
-                control = control.to(self.device)
-                cond = replace(cond, control=control)
-                uncond = None if uncond is None else replace(uncond, control=control)
-                self.net.scale = float(control_scale)
-            denoiser = self.objective.denoiser(self.net)
-            if known is not None:
-                denoiser = KnownRegion(denoiser, known[0].to(self.device), known[1].to(self.device))
-            if image_guidance is not None:
-                if image is None or self.task is None:
-                    raise ValueError("image_guidance needs a model with a task that gives cond.image (task=editing)")
-                uncond_all = replace(uncond, image=self.task.null_image(image))
-                denoiser = DualGuidance(denoiser, uncond, uncond_all, guidance_scale, image_guidance)
-                guidance_scale = 1.0
-            x = sampler(denoiser, noise.to(self.device), cond, uncond=uncond, guidance_scale=guidance_scale,
-                        generator=generator, progress=progress, **guidance)
-            images = self.autoencoder.decode(x)
-        finally:
-            self.train(was_training)
-            if self.controlnet is not None:
-                self.net.scale = 1.0
-        return images.clamp(-1, 1)
-
-    @torch.no_grad()
-    def inpaint(self, images: Tensor, masks: Tensor, cond_inputs: dict, sampler: Sampler, guidance_scale: float = 1.0,
-                seed: int = 0, **guidance) -> Tensor:
-        """``images`` (B, C, H, W) in [-1, 1] completed where ``masks`` (B, 1, H, W) is 1; pixels where it is 0
-        are returned exactly as given. Image i starts from the noise of seed ``seed + i``. Needs a model
-        trained with ``task=inpainting``."""
-        if not isinstance(self.task, Inpainting):
-            raise ValueError("inpainting needs a model trained with task=inpainting")
-        images, masks = images.to(self.device).float(), masks.to(self.device).float()
-        if masks.shape != (images.shape[0], 1, *images.shape[-2:]):
-            raise ValueError(f"masks must be (B, 1, H, W) for images {tuple(images.shape)}, got {tuple(masks.shape)}")
-        x0 = self.autoencoder.encode(images, torch.Generator(self.device).manual_seed(seed))
-        mask = downsample_mask(masks, tuple(x0.shape[-2:]))
-        gens = per_image_generators([seed + i for i in range(images.shape[0])], self.device)
-        noise = randn(tuple(x0.shape), gens, self.device)
-        out = self.sample(noise, cond_inputs, sampler, guidance_scale, generator=gens,
-                          image=self.task.image(x0, mask), known=(x0, mask), **guidance)
-        return torch.where(masks > 0.5, out, images)
-
-    @torch.no_grad()
-    def edit(self, sources: Tensor, cond_inputs: dict, sampler: Sampler, text_scale: float = 7.5,
-             image_scale: float = 1.5, seed: int = 0) -> Tensor:
-        """``sources`` (B, C, H, W) in [-1, 1] edited as the instructions in ``cond_inputs`` say, with separate
-        text and image guidance (:class:`DualGuidance`). Needs a model trained with ``task=editing``."""
-        if not isinstance(self.task, InstructionEditing):
-            raise ValueError("editing needs a model trained with task=editing")
-        source = self.autoencoder.encode(sources.to(self.device).float(), torch.Generator(self.device).manual_seed(seed))
-        gens = per_image_generators([seed + i for i in range(source.shape[0])], self.device)
-        noise = randn(tuple(source.shape), gens, self.device)
-        return self.sample(noise, cond_inputs, sampler, text_scale, generator=gens, image=source,
-                           image_guidance=image_scale)
-
     # -- checkpoints -------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["diffusion_train"] = self.run_info
-        checkpoint["rng"] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-                             "numpy": _numpy_state(),
-                             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        checkpoint["rng"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        rng = checkpoint.get("rng")
-        if rng:
-            torch.set_rng_state(rng["torch"])
-            random.setstate((3, tuple(rng["python"]), None))
-            np.random.set_state(("MT19937", rng["numpy"]["keys"].numpy().astype(np.uint32), rng["numpy"]["pos"],
-                                 rng["numpy"]["has_gauss"], rng["numpy"]["gauss"]))
-            if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+        if checkpoint.get("rng"):
+            restore_rng_states(checkpoint["rng"])
