@@ -37,6 +37,7 @@ from diffusion_train.training.pretrained import load_pretrained
 from diffusion_train.training.periodic import finish_resumed_runs
 from diffusion_train.training.preemption import Preemption, after_preemption, find_preemption, slurm_identity
 from diffusion_train.training.run_dir import (
+    Resumable,
     ResumeMismatchError,
     check_global_batch,
     check_param_groups,
@@ -54,7 +55,8 @@ KNOWN_NOISE = (".*ModelCheckpoint with manual optimization.*", ".*isinstance.tre
                ".*does not have many workers.*", ".*Checkpoint directory .* exists and is not empty.*",
                ".*module.s. in eval mode at the start of training.*",  # frozen text encoders, on purpose
                ".*IterableDataset. has .__len__. defined.*",  # shard streams split their epoch over workers
-               ".*Total length of .list. across ranks is zero.*")  # no validation set: an empty list, on purpose
+               ".*Total length of .list. across ranks is zero.*",  # no validation set: an empty list, on purpose
+               ".*The dirpath has changed from.*")  # a branch's checkpoints go to its own folder; all are kept anyway
 
 
 def quiet_known_warnings() -> None:
@@ -77,12 +79,16 @@ def _warn_of_untrained_guidance(module, callbacks: list, pretrained: bool) -> No
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
-    """Trains in ``run_dir``, resuming from ``run_dir/checkpoints/last.ckpt`` when it exists."""
+    """Trains in ``run_dir``, resuming from ``run_dir/checkpoints/last.ckpt`` when it exists, else from
+    ``init.branch_from`` when set (a branch of another run)."""
     run_dir = Path(run_dir)
     quiet_known_warnings()
     config = resolved(cfg)  # fails on a missing value before any work starts
-    resume = check_resumable(run_dir, config)  # refuses another model's; changes nothing
+    init = cfg.get("init") or {}
+    resume = check_resumable(run_dir, config, init.get("branch_from"))  # refuses another model's; changes nothing
     ckpt = resume.ckpt
+    if resume.branched:
+        check_branch(resume, init, int(cfg.trainer.max_steps))
     check_devices(cfg.trainer.get("accelerator"), cfg.trainer.get("devices"))
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -91,7 +97,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     module = build_module(cfg)
     check_param_groups(resume, [len(g["params"]) for g in module.parameter_groups()],
                        f"training.no_weight_decay={module.no_weight_decay}")
-    init = cfg.get("init") or {}
     init_report = None
     if init.get("path") and ckpt is None:  # a resumed run has its own weights
         init_report = load_pretrained(module, init.path, str(init.get("weights") or "ema"),
@@ -132,13 +137,15 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
                                compile=module.compile, channels_last=module.channels_last)
     if init_report is not None:
         module.run_info["init"] = init_report.as_dict()
+    if resume.branched_from:
+        module.run_info["branched_from"] = resume.branched_from
     if trainer.global_rank == 0:
         remove_stale_temp_files(run_dir)
         write_run_files(run_dir, module.run_info)
         if init_report is not None:
             log.info("%s", init_report.summary())
         log.info("run dir %s, %s, global batch %d (%d per device x %d devices x %d accumulated), lr %g, "
-                 "compile %s, channels-last %s", run_dir, f"resuming {ckpt}" if ckpt else "fresh run", batch,
+                 "compile %s, channels-last %s", run_dir, f"{'branching from' if resume.branched else 'resuming'} {ckpt}" if ckpt else "fresh run", batch,
                  datamodule.batch_size, trainer.world_size, accumulate, module.run_info["lr"], module.compile,
                  module.channels_last)
 
@@ -156,6 +163,17 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     if stopped(preemption):  # checkpointed at a step boundary (or stopped before the fit); requeue or exit
         after_preemption(preemption, trainer.is_global_zero)
     return trainer
+
+
+def check_branch(resume: Resumable, init: DictConfig, max_steps: int) -> None:
+    """A branch (``init.branch_from``) continues its checkpoint's weights, so it takes no other initial weights, and
+    it needs steps left to train."""
+    if init.get("path"):
+        raise ValueError(f"init.path={init.path} and init.branch_from={init.branch_from}: a branch continues its "
+                         f"checkpoint's weights; give one of them")
+    if max_steps <= resume.step:
+        raise ValueError(f"init.branch_from: {resume.ckpt} is at step {resume.step}, and trainer.max_steps="
+                         f"{max_steps} leaves nothing to train")
 
 
 def stopped(preemption: Preemption | None) -> bool:

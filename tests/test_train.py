@@ -164,7 +164,7 @@ def test_resume_is_exact(model, tiny_cfg, tmp_path):
     assert sorted(train_rows) == sorted(set(train_rows)), "a resumed run must not log a step twice"
 
 
-def test_a_resume_takes_the_new_configs_rates_and_schedule(tiny_cfg, tmp_path):
+def test_a_resume_takes_the_new_configs_rates_and_schedule(tiny_cfg, tmp_path, caplog):
     """4 steps of a cosine schedule at lr 4e-4, relaunched with max_steps=8, optim.lr=1e-3 and weight decay 0.05:
     steps 5-8 take the learning rates of an 8-step cosine at 1e-3, as a run with that config from the start, and
     the new weight decay; the moments and the step count are the checkpoint's."""
@@ -179,12 +179,60 @@ def test_a_resume_takes_the_new_configs_rates_and_schedule(tiny_cfg, tmp_path):
     run = tmp_path / "run"
     train(tiny_cfg(*cosine, "trainer.max_steps=4", "optim.lr=4e-4", run_dir=run), run)
     assert LossRecorder.lrs[4] != pytest.approx(want[4])
-    train(tiny_cfg(*cosine, *new, run_dir=run), run)
+    with caplog.at_level(logging.INFO, logger="diffusion_train"):
+        train(tiny_cfg(*cosine, *new, run_dir=run), run)
+    assert f"resumed at step 4: learning rate {4e-4 * 0.1:.4g} (checkpoint) -> {want[5]:.4g}" in caplog.text
     assert [LossRecorder.lrs[n] for n in range(5, 9)] == pytest.approx([want[n] for n in range(5, 9)], rel=1e-6)
     ckpt = load_checkpoint(run / "checkpoints/last.ckpt")
     group = ckpt["optimizer_states"][0]["param_groups"][0]
     assert group["weight_decay"] == 0.05 and group["initial_lr"] == pytest.approx(1e-3)
     assert ckpt["lr_schedulers"][0]["last_epoch"] == 8
+
+
+def test_a_cool_down_branched_from_a_longer_wsd_run_equals_the_short_run_trained_straight(tiny_cfg, tmp_path,
+                                                                                           caplog):
+    """A 10-step WSD run decaying over its last 4 steps, trained straight, against a 40-step WSD run whose step-6
+    checkpoint (still in its stable phase) a new run branches from with the short run's schedule: the same weights,
+    EMA, optimizer and schedule at step 10. The branch keeps its own checkpoints and records where it came from."""
+    wsd = ["lr_schedule=wsd", "lr_schedule.warmup_steps=2", "callbacks.checkpoint.every_n_train_steps=3",
+           "trainer.val_check_interval=50"]
+    short = [*wsd, "trainer.max_steps=10", "lr_schedule.decay_steps=4"]
+    train(tiny_cfg(*short, run_dir=tmp_path / "straight"), tmp_path / "straight")
+
+    trunk = tmp_path / "trunk"
+    train(tiny_cfg(*wsd, "trainer.max_steps=7", "lr_schedule.total_steps=40", run_dir=trunk), trunk)
+    branch = tmp_path / "branch"
+    with caplog.at_level(logging.INFO, logger="diffusion_train"):
+        train(tiny_cfg(*short, f"init.branch_from={trunk}/checkpoints/step_0000006.ckpt", run_dir=branch), branch)
+    assert f"branching from {trunk}/checkpoints/step_0000006.ckpt" in caplog.text
+    # the checkpoint holds the rate of the trunk's next step; the branch's decay starts there (1 - sqrt(1/4))
+    assert "resumed at step 6: learning rate 0.0004 (checkpoint) -> 0.0002 (this config's schedule)" in caplog.text
+    _compare_checkpoints(load_checkpoint(tmp_path / "straight/checkpoints/last.ckpt"),
+                         load_checkpoint(branch / "checkpoints/last.ckpt"))
+    want = {"checkpoint": f"{trunk}/checkpoints/step_0000006.ckpt", "step": 6}
+    assert json.loads((branch / "run.json").read_text())["branched_from"] == want
+    assert load_checkpoint(branch / "checkpoints/last.ckpt")["diffusion_train"]["branched_from"] == want
+    assert sorted(p.name for p in (branch / "checkpoints").iterdir()) == ["last.ckpt", "step_0000009.ckpt"]
+    assert load_checkpoint(trunk / "checkpoints/last.ckpt")["global_step"] == 7  # the trunk is left as it was
+
+    # A relaunch resumes the branch's own checkpoint, not the trunk's; the lineage stays in its files
+    train(tiny_cfg(*short[:-2], "trainer.max_steps=12", "lr_schedule.total_steps=10", "lr_schedule.decay_steps=4",
+                   f"init.branch_from={trunk}", run_dir=branch), branch)
+    assert load_checkpoint(branch / "checkpoints/last.ckpt")["global_step"] == 12
+    assert json.loads((branch / "run.json").read_text())["branched_from"] == want
+
+    with pytest.raises(ValueError, match="at step 7, and trainer.max_steps=7 leaves nothing to train"):
+        train(tiny_cfg(*short[:-2], "trainer.max_steps=7", f"init.branch_from={trunk}", run_dir=tmp_path / "b2"),
+              tmp_path / "b2")
+    with pytest.raises(ValueError, match="give one of them"):
+        train(tiny_cfg(*short, f"init.branch_from={trunk}", f"init.path={trunk}", run_dir=tmp_path / "b3"),
+              tmp_path / "b3")
+    with pytest.raises(FileNotFoundError, match=f"init.branch_from={tmp_path}/none: no such checkpoint"):
+        train(tiny_cfg(*short, f"init.branch_from={tmp_path}/none", run_dir=tmp_path / "b4"), tmp_path / "b4")
+    with pytest.raises(ResumeMismatchError, match="refusing to branch from .*model.model_channels: checkpoint has 8"):
+        train(tiny_cfg(*short, f"init.branch_from={trunk}", "model.model_channels=16", run_dir=tmp_path / "b5"),
+              tmp_path / "b5")
+    assert not (tmp_path / "b2").exists() and not (tmp_path / "b5").exists()
 
 
 def test_a_signal_at_a_checkpoint_step_keeps_its_periodic_checkpoint(tiny_cfg, tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ from diffusion_train.conditioning.conditioner import ClassEmbedder, Conditioner
 from diffusion_train.training import checkpointing
 from diffusion_train.training.checkpointing import atomic_torch_save, load_checkpoint
 from diffusion_train.training.images import grid, save_grid
-from diffusion_train.training.lr_schedules import warmup_constant, warmup_cosine
+from diffusion_train.training.lr_schedules import warmup_constant, warmup_cosine, warmup_stable_decay
 
 
 # ------------------------------------------------------------------------------------------------
@@ -71,6 +71,41 @@ def test_warmup_cosine():
     assert all(a >= b - 1e-15 for a, b in zip(lrs[warm:], lrs[warm + 1:]))  # monotone decay
     with pytest.raises(ValueError):
         warmup_cosine(_opt(), total_steps=10, warmup_steps=10)
+
+
+@pytest.mark.parametrize("shape", ["sqrt", "linear", "cosine"])
+def test_warmup_stable_decay(shape):
+    base, warm, total, decay, min_ratio = 2.0, 5, 40, 10, 0.05
+    opt = _opt(base)
+    lrs = _lrs(warmup_stable_decay(opt, total_steps=total, warmup_steps=warm, decay_steps=decay, min_ratio=min_ratio,
+                                   shape=shape), opt, 45)
+    left = {"sqrt": lambda p: 1 - math.sqrt(p), "linear": lambda p: 1 - p,
+            "cosine": lambda p: 0.5 * (1 + math.cos(math.pi * p))}[shape]
+
+    def ref(step):  # the rate of optimizer step `step + 1`
+        if step < warm:
+            return (step + 1) / warm
+        prog = min(1.0, max(0.0, (step + 1 - (total - decay)) / decay))
+        return min_ratio + (1 - min_ratio) * left(prog)
+
+    np.testing.assert_allclose(lrs, [base * ref(s) for s in range(45)], rtol=1e-12)
+    assert lrs[warm - 1:total - decay] == [base] * (total - decay - warm + 1)  # stable up to the decay's start
+    assert lrs[total - decay] < base and lrs[total - 1] == pytest.approx(base * min_ratio) == lrs[44]
+    # a longer WSD run has the same rates until this one's decay starts: a branch point
+    opt2 = _opt(base)
+    longer = _lrs(warmup_stable_decay(opt2, total_steps=400, warmup_steps=warm, shape=shape), opt2, total - decay)
+    assert longer == lrs[:total - decay]
+
+
+def test_warmup_stable_decay_defaults_and_bad_settings():
+    opt = _opt(1.0)
+    lrs = _lrs(warmup_stable_decay(opt, total_steps=50), opt, 50)  # decay_fraction 0.2: the last 10 steps
+    assert lrs[:40] == [1.0] * 40 and lrs[40] < 1.0 and lrs[49] == pytest.approx(0.0)
+    for kw, match in (({"shape": "exp"}, "shape='exp'"), ({"decay_fraction": 0}, "decay_fraction=0"),
+                      ({"decay_steps": 48, "warmup_steps": 5}, "start after the warm-up"),
+                      ({"decay_steps": 0}, "at least 1 step")):
+        with pytest.raises(ValueError, match=match):
+            warmup_stable_decay(_opt(), total_steps=50, **kw)
 
 
 # ------------------------------------------------------------------------------------------------

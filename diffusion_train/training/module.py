@@ -286,6 +286,7 @@ class DiffusionModule(Generation, L.LightningModule):
         of this launch's config, at the restored step, in place of the checkpoint's. The optimizer's moments and the
         schedule's step count stay. With the config unchanged nothing changes."""
         opt = self.optimizers().optimizer
+        saved_lr = opt.param_groups[0]["lr"]
         fresh = self.configure_optimizers()
         fresh_opt = fresh["optimizer"] if isinstance(fresh, dict) else fresh
         scheds = self._schedulers()
@@ -304,6 +305,9 @@ class DiffusionModule(Generation, L.LightningModule):
         for group, base, factor in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
             group["initial_lr"], group["lr"] = base, base * factor(sched.last_epoch)
         sched._last_lr = [group["lr"] for group in opt.param_groups]
+        if not math.isclose(saved_lr, opt.param_groups[0]["lr"], rel_tol=1e-9):
+            log.info("resumed at step %d: learning rate %.4g (checkpoint) -> %.4g (this config's schedule)",
+                     sched.last_epoch, saved_lr, opt.param_groups[0]["lr"])
 
     def configure_model(self) -> None:
         """Strategies that shard the model (``training.parallel.FSDP``) do it here; others have nothing to do."""

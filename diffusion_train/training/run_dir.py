@@ -54,17 +54,42 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 class Resumable(NamedTuple):
-    """The checkpoint a run resumes from (None: a fresh run), its step, the global batch it was trained with and
-    the sizes of its optimizer's parameter groups."""
+    """The checkpoint a run resumes from (None: a fresh run), its step, the global batch it was trained with, the
+    sizes of its optimizer's parameter groups, whether it is another run's (this launch branches; see
+    ``check_resumable``), and the checkpoint and step the run branched from, in this launch or an earlier one."""
     ckpt: Path | None = None
     step: int | None = None
     global_batch: int | None = None
     param_groups: list[int] | None = None
+    branched: bool = False
+    branched_from: dict | None = None
 
 
-def check_resumable(run_dir: str | os.PathLike, config: dict) -> Resumable:
-    """What the run directory resumes from (all None for a fresh run); refuses a checkpoint of another model."""
+def branch_checkpoint(spec: str | os.PathLike) -> Path:
+    """The checkpoint ``init.branch_from`` names: a checkpoint file, or a run directory (its ``last.ckpt``)."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        found = last_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"init.branch_from={spec}: the run directory has no checkpoints/last.ckpt; name "
+                                    f"one of its checkpoints/step_*.ckpt, or train it first")
+        return found
+    if not path.is_file():
+        raise FileNotFoundError(f"init.branch_from={spec}: no such checkpoint or run directory")
+    return path
+
+
+def check_resumable(run_dir: str | os.PathLike, config: dict, branch_from: str | os.PathLike | None = None
+                    ) -> Resumable:
+    """What the run directory resumes from (all None for a fresh run); refuses a checkpoint of another model.
+
+    Without a checkpoint of its own, a run with ``branch_from`` (another run's checkpoint, or its run directory)
+    starts from that checkpoint's whole training state, as a resumed run would: a branch. Once the branch has
+    saved, its own checkpoints come first."""
     ckpt = last_checkpoint(run_dir)
+    branched = ckpt is None and bool(branch_from)
+    if branched:
+        ckpt = branch_checkpoint(branch_from)
     if ckpt is None:
         return Resumable()
     state = load_checkpoint(ckpt)
@@ -74,12 +99,16 @@ def check_resumable(run_dir: str | os.PathLike, config: dict) -> Resumable:
     diffs = _diff(model_signature(saved), model_signature(config))
     if diffs:
         shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+        fix = ("init.branch_from names another model's checkpoint" if branched else
+               "choose another run_name (or hydra.run.dir) for a new run")
         raise ResumeMismatchError(
-            f"refusing to resume {ckpt}: it belongs to a different model config ({shown}). Nothing was "
-            f"changed; choose another run_name (or hydra.run.dir) for a new run")
+            f"refusing to {'branch from' if branched else 'resume'} {ckpt}: it belongs to a different model config "
+            f"({shown}). Nothing was changed; {fix}")
     batch = state["diffusion_train"].get("global_batch")
     groups = [len(g["params"]) for g in (state.get("optimizer_states") or [{}])[0].get("param_groups", [])]
-    return Resumable(ckpt, int(state["global_step"]), None if batch is None else int(batch), groups or None)
+    step = int(state["global_step"])
+    origin = {"checkpoint": str(ckpt), "step": step} if branched else state["diffusion_train"].get("branched_from")
+    return Resumable(ckpt, step, None if batch is None else int(batch), groups or None, branched, origin)
 
 
 def check_global_batch(ckpt: Path | None, trained_with: int | None, batch: int, how: str) -> None:
