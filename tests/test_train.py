@@ -192,15 +192,19 @@ def test_a_resume_takes_the_new_configs_rates_and_schedule(tiny_cfg, tmp_path, c
 def test_a_cool_down_branched_from_a_longer_wsd_run_equals_the_short_run_trained_straight(tiny_cfg, tmp_path,
                                                                                            caplog):
     """A 10-step WSD run decaying over its last 4 steps, trained straight, against a 40-step WSD run whose step-6
-    checkpoint (still in its stable phase) a new run branches from with the short run's schedule: the same weights,
-    EMA, optimizer and schedule at step 10. The branch keeps its own checkpoints and records where it came from."""
-    wsd = ["lr_schedule=wsd", "lr_schedule.warmup_steps=2", "callbacks.checkpoint.every_n_train_steps=3",
+    checkpoint (still in its stable phase; a step_checkpoints step) a new run branches from with the short run's
+    schedule: the same weights, EMA, optimizer and schedule at step 10. The branch keeps its own checkpoints and
+    records where it came from."""
+    wsd = ["lr_schedule=wsd", "lr_schedule.warmup_steps=2", "callbacks.checkpoint.every_n_train_steps=4",
            "trainer.val_check_interval=50"]
     short = [*wsd, "trainer.max_steps=10", "lr_schedule.decay_steps=4"]
     train(tiny_cfg(*short, run_dir=tmp_path / "straight"), tmp_path / "straight")
 
     trunk = tmp_path / "trunk"
-    train(tiny_cfg(*wsd, "trainer.max_steps=7", "lr_schedule.total_steps=40", run_dir=trunk), trunk)
+    train(tiny_cfg(*wsd, "trainer.max_steps=7", "lr_schedule.total_steps=40", "callbacks.step_checkpoints.steps=[6]",
+                   run_dir=trunk), trunk)
+    assert sorted(p.name for p in (trunk / "checkpoints").iterdir()) == ["last.ckpt", "step_0000004.ckpt",
+                                                                        "step_0000006.ckpt"]
     branch = tmp_path / "branch"
     with caplog.at_level(logging.INFO, logger="diffusion_train"):
         train(tiny_cfg(*short, f"init.branch_from={trunk}/checkpoints/step_0000006.ckpt", run_dir=branch), branch)
@@ -212,7 +216,7 @@ def test_a_cool_down_branched_from_a_longer_wsd_run_equals_the_short_run_trained
     want = {"checkpoint": f"{trunk}/checkpoints/step_0000006.ckpt", "step": 6}
     assert json.loads((branch / "run.json").read_text())["branched_from"] == want
     assert load_checkpoint(branch / "checkpoints/last.ckpt")["diffusion_train"]["branched_from"] == want
-    assert sorted(p.name for p in (branch / "checkpoints").iterdir()) == ["last.ckpt", "step_0000009.ckpt"]
+    assert sorted(p.name for p in (branch / "checkpoints").iterdir()) == ["last.ckpt", "step_0000008.ckpt"]
     assert load_checkpoint(trunk / "checkpoints/last.ckpt")["global_step"] == 7  # the trunk is left as it was
 
     # A relaunch resumes the branch's own checkpoint, not the trunk's; the lineage stays in its files

@@ -1,5 +1,5 @@
-"""Checkpoint files: atomic writes, lookup of the run's last checkpoint, safe metadata reads, and the random
-number generators' states a checkpoint carries."""
+"""Checkpoint files: atomic writes, lookup of the run's last checkpoint, safe metadata reads, checkpoints at chosen
+steps, and the random number generators' states a checkpoint carries."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -85,3 +86,23 @@ def restore_rng_states(state: dict) -> None:
                          numpy["gauss"]))
     if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StepCheckpoints(L.Callback):
+    """Checkpoints at the given optimizer steps, ``step_<N>.ckpt`` in ``dirpath`` as the periodic ones are named
+    (``callbacks.step_checkpoints.steps``): e.g. the points cool-down runs branch from (``init.branch_from``). Every
+    rank saves (sharded states gather); a file already there (a relaunch, a periodic checkpoint) is kept."""
+
+    def __init__(self, dirpath: str | os.PathLike, steps: list[int] | tuple[int, ...] = ()):
+        super().__init__()
+        self.dirpath, self.steps = Path(dirpath), {int(s) for s in steps}
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self._last_step:  # inside a gradient accumulation: not a step boundary
+            return
+        self._last_step = step
+        path = self.dirpath / f"step_{step:07d}.ckpt"
+        if step in self.steps and not trainer.strategy.broadcast(path.is_file()):
+            trainer.save_checkpoint(path)
