@@ -5,6 +5,10 @@
     diffusion-train -m +sweep=isoflop_dit experiment=fmnist                          # locally, one job after another
     diffusion-train -m +sweep=isoflop_dit experiment=fmnist hydra/launcher=slurm     # a Slurm job array
 
+    python scripts/scaling_plan.py budgets=1e15,3e15,1e16 schedule=wsd name=wsd_dit ...  # trunks and cool-downs:
+    diffusion-train -m +sweep=wsd_dit experiment=fmnist                # first each size's longest run (its trunk),
+    diffusion-train -m +sweep=wsd_dit_cooldowns experiment=fmnist      # then the shorter runs, branched from it
+
 Every argument is ``key=value``:
 
     budgets     training FLOPs per run, comma separated (required)
@@ -17,6 +21,10 @@ Every argument is ``key=value``:
     base        Hydra overrides the plan is made for, in one quoted string: the data, the patch size,
                 the conditioning... (they set the image size and so the FLOPs; give them to the sweep too)
     evals       validations (and checkpoints) per run, evenly spaced (5)
+    schedule    cosine | wsd (cosine): the LR schedule; wsd: warm-up-stable-decay, each size's shorter runs are
+                cool-downs branched from its longest run's stable phase, written to a second sweep config
+                <name>_cooldowns.yaml to run after the first (diffusion_train/scaling/plan.py)
+    decay       wsd: the fraction of each run's steps its rate decays over (0.2)
     min_steps   points with fewer steps are left out (20)
     name        the sweep's name: written to conf/sweep/<name>.yaml (isoflop)
     out         write the sweep config here instead
@@ -25,7 +33,8 @@ Every argument is ``key=value``:
     peak_tflops the GPU's dense bf16 peak for mfu, in TFLOP/s (989: an H100 SXM)
 
 Prints the grid (parameters, MACs per image, steps, LR, the compute each run lands on, with ``mfu`` its
-GPU-hours), the plan's total compute and what was left out; the runs' summary.json files are what
+GPU-hours; with wsd what it trains itself), the plan's total compute (with wsd also what the trunks and cool-downs
+spend) and what was left out; the runs' summary.json files are what
 ``scripts/scaling_report.py`` fits.
 """
 
@@ -41,15 +50,19 @@ sys.path.insert(0, str(ROOT))
 from diffusion_train.cli import UsageError, parse_key_values, run_main  # noqa: E402
 
 OPTIONS = {"budgets": str, "family": str, "sizes": str, "batch": int, "lr": float, "lr_rule": str, "base": str,
-           "evals": int, "min_steps": int, "name": str, "out": str, "mfu": float, "peak_tflops": float}
+           "evals": int, "min_steps": int, "name": str, "out": str, "mfu": float, "peak_tflops": float,
+           "schedule": str, "decay": float}
 DEFAULTS = {"budgets": None, "family": "dit", "sizes": "", "batch": 64, "lr": None, "lr_rule": "constant",
-            "base": "", "evals": 5, "min_steps": 20, "name": "isoflop", "out": "", "mfu": None, "peak_tflops": 989.0}
+            "base": "", "evals": 5, "min_steps": 20, "name": "isoflop", "out": "", "mfu": None, "peak_tflops": 989.0,
+            "schedule": "cosine", "decay": 0.2}
 
 
 def main(argv: list[str]) -> None:
     from hydra import compose, initialize_config_dir
 
-    from diffusion_train.scaling.plan import FAMILIES, gpu_hours, isoflop_grid, size_costs, summary_line, sweep_yaml
+    from diffusion_train.scaling.plan import (
+        FAMILIES, SCHEDULES, cool_downs, gpu_hours, isoflop_grid, size_costs, summary_line, sweep_yaml,
+    )
 
     opts = parse_key_values(argv, OPTIONS, DEFAULTS)
     if not opts["budgets"]:
@@ -64,7 +77,11 @@ def main(argv: list[str]) -> None:
     if peak <= 0:
         raise UsageError(f"peak_tflops={opts['peak_tflops']}: must be positive")
     base = shlex.split(opts["base"])
-    family = opts["family"]
+    family, schedule = opts["family"], opts["schedule"]
+    if schedule not in SCHEDULES:
+        raise UsageError(f"schedule={schedule}: one of {', '.join(SCHEDULES)}")
+    if not 0 < opts["decay"] < 1:
+        raise UsageError(f"decay={opts['decay']}: the fraction of a run's steps its rate decays over, in (0, 1)")
     if family not in FAMILIES:
         raise UsageError(f"family={family}: one of {', '.join(FAMILIES)}")
 
@@ -82,20 +99,35 @@ def main(argv: list[str]) -> None:
                          f"({'; '.join(skipped)})")
     command = "python scripts/scaling_plan.py " + " ".join(shlex.quote(a) for a in argv)
     header = (f"# IsoFLOP plan: family {family}, budgets {', '.join(f'{b:.3g}' for b in sorted(budgets))} FLOPs, "
-              f"global batch {opts['batch']}, lr {lr:g} ({opts['lr_rule']}).\n# Made by: {command}\n")
+              f"global batch {opts['batch']}, lr {lr:g} ({opts['lr_rule']}), {schedule} schedule.\n"
+              f"# Made by: {command}\n")
     out = Path(opts["out"]) if opts["out"] else ROOT / "conf" / "sweep" / f"{opts['name']}.yaml"
-    text = sweep_yaml(points, family, opts["batch"], base, opts["evals"], header, name=out.stem)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    branched = {c.point.label: c for c in cool_downs(points, opts["decay"])[1]} if schedule == "wsd" else {}
+    files = {out: [p.label for p in points if p.label not in branched]}
+    if branched:
+        files[out.with_name(f"{out.stem}_cooldowns.yaml")] = list(branched)
+    for path, jobs in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(sweep_yaml(points, family, opts["batch"], base, opts["evals"], header, name=out.stem,
+                                   schedule=schedule, decay=opts["decay"], jobs=jobs))
+    spent = 0.0
     for p in points:
-        print(summary_line(p, mfu, peak))
+        c = branched.get(p.label)
+        own = p.flops * (p.steps - c.start) / p.steps if c else p.flops  # a cool-down trains its decay only
+        spent += own
+        print(summary_line(p, mfu, peak, own) + (f"  cool-down of {c.trunk.label} from step {c.start}: trains "
+                                            f"{p.steps - c.start} steps, C={own:.3e}" if c else ""))
     total = sum(p.flops for p in points)
     print(f"total: {len(points)} runs, C={total:.3e} FLOPs" + (
-        f", {gpu_hours(total, mfu, peak):.3g} GPU-hours at {mfu:.0%} MFU of {opts['peak_tflops']:g} TFLOP/s"
-        if mfu else ""))
+        f", {gpu_hours(spent, mfu, peak):.3g} GPU-hours at {mfu:.0%} MFU of {opts['peak_tflops']:g} TFLOP/s"
+        if mfu else "") + (f"; trained: C={spent:.3e} ({spent / total:.0%}), the trunks and cool-downs"
+                           if branched else ""))
     for s in skipped:
         print(f"left out: {s}")
-    print(f"wrote {out} ({len(points)} runs); run: diffusion-train -m +sweep={out.stem} {' '.join(base)}".rstrip())
+    for path, jobs in files.items():
+        print(f"wrote {path} ({len(jobs)} runs); run: diffusion-train -m +sweep={path.stem} {' '.join(base)}".rstrip())
+    if branched:
+        print(f"run {out.stem} first: the cool-downs of {out.stem}_cooldowns branch from its checkpoints")
 
 
 if __name__ == "__main__":

@@ -175,6 +175,43 @@ def test_a_planned_run_spends_its_budget(tmp_path):
     assert len(history) > 1 and history[-1]["step"] == s["steps"]
 
 
+@pytest.mark.slow
+def test_a_wsd_plan_trains_trunks_then_cool_downs_that_land_on_their_budgets(tmp_path):
+    """schedule=wsd: the trunk sweep trains each size's longest run and checkpoints it where the shorter runs' decays
+    start; the cool-down sweep's runs branch there, decay, and land on their own budgets."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import TINY
+
+    base = "data=synthetic model.patch_size=4"
+    out, conf = _plan(tmp_path, "budgets=3e9,9e9", "family=dit", "sizes=XS", "batch=16", f"base={base}", "min_steps=5",
+                      "schedule=wsd", "decay=0.25", "evals=2")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "cool-down of C9e09_XS from step 9: trains 3 steps" in out.stdout, out.stdout
+    assert (conf / "sweep" / "plan_cooldowns.yaml").is_file() and "run plan first" in out.stdout
+    tiny = [o for o in TINY if not o.startswith(("model=", "trainer.max_steps", "trainer.val_check_interval",
+                                                 "callbacks.checkpoint", "lr_schedule."))]
+    runs = {}
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        for sweep, label in (("plan", "C9e09_XS"), ("plan_cooldowns", "C3e09_XS")):
+            sweeper = compose("train", overrides=[f"+sweep={sweep}", *base.split()],
+                              return_hydra_config=True).hydra.sweeper.params["scaling.point"]
+            assert sweeper == label
+            runs[label] = compose("train", overrides=[*tiny, f"+sweep={sweep}", *base.split(),
+                                                      f"run_dir={tmp_path / 'runs' / label}"])
+    trunk, cool = runs["C9e09_XS"], runs["C3e09_XS"]
+    assert list(trunk.callbacks.step_checkpoints.steps) == [9] and trunk.init.branch_from is None
+    assert cool.lr_schedule.decay_steps == 3 and cool.lr_schedule.warmup_steps == trunk.lr_schedule.warmup_steps
+    train(trunk, tmp_path / "runs" / "C9e09_XS")
+    train(cool, tmp_path / "runs" / "C3e09_XS")
+    s = _summary(tmp_path / "runs" / "C3e09_XS")
+    assert s["scaling"]["budget"] == 3e9 and abs(s["total_flops"] / 3e9 - 1) < 0.05 and s["steps"] == 12
+    assert s["metrics"]["val/loss"]["history"][-1]["step"] == 12
+    run = json.loads((tmp_path / "runs" / "C3e09_XS" / "run.json").read_text())
+    assert run["branched_from"] == {"checkpoint": str(tmp_path / "runs/C9e09_XS/checkpoints/step_0000009.ckpt"),
+                                    "step": 9}
+
+
 def test_budgets_whose_runs_share_a_label_are_refused():
     from diffusion_train.scaling.plan import isoflop_grid
 

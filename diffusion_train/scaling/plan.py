@@ -10,8 +10,12 @@ Learning rate rule (documented, one of): ``constant`` (every size at ``lr``) or 
 (``lr x width_0 / width``, width_0 the family's ``lr_width``, the same whatever sizes a plan samples: the Adam
 scaling of hidden weights that keeps
 the per-step update size constant as width grows, the rule of muP without its other parts). The batch
-is fixed across the grid; the LR schedule is cosine with a 5% warm-up, ending at each run's own last
-step (as a compute-optimal run of that length would be trained).
+is fixed across the grid. The LR schedule is, with ``schedule=cosine``, a cosine with a 5% warm-up ending at each
+run's own last step (as a compute-optimal run of that length would be trained); with ``schedule=wsd``,
+warm-up-stable-decay: each size's longest run (its trunk) trains from scratch, and its shorter runs branch from the
+trunk's checkpoints in its stable phase and only decay over their last ``decay`` fraction of steps (cool-downs,
+Hägele et al. 2024), which spends a fraction of the compute of training each from scratch. A cool-down's rates and
+data are those of the same run trained straight, so it is that run (``init.branch_from``).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ FAMILIES: dict[str, dict] = {
         "XL": {"model_channels": 64, "num_heads": 4}, "XXL": {"model_channels": 96, "num_heads": 4}}},
 }
 LR_RULES = ("constant", "inverse_width")
+SCHEDULES = ("cosine", "wsd")
 
 
 @dataclass
@@ -136,35 +141,93 @@ def isoflop_grid(costs: list[tuple[str, dict, int, int]], budgets: list[float], 
     return points, skipped
 
 
+@dataclass
+class CoolDown:
+    """A run of a WSD plan that branches from its size's trunk (the size's longest run) at step ``start``, in the
+    trunk's stable phase, and decays over its remaining ``point.steps - start`` steps."""
+
+    point: Point
+    trunk: Point
+    start: int
+
+
+def cool_downs(points: list[Point], decay: float = 0.2) -> tuple[dict[str, int], list[CoolDown]]:
+    """A WSD plan's shape: each size's warm-up (5% of its shortest run, shared by its runs, so that their rates
+    agree until a cool-down starts) and the cool-downs, every run but each size's longest (its trunk), which
+    branch from the trunk where their own decay of ``decay`` x their steps starts."""
+    if not 0 < decay < 1:
+        raise ValueError(f"decay={decay}: the fraction of a run's steps its learning rate decays over, in (0, 1)")
+    by_size: dict[str, list[Point]] = {}
+    for p in points:
+        by_size.setdefault(p.size, []).append(p)
+    warmups, runs = {}, []
+    for size, pts in by_size.items():
+        pts = sorted(pts, key=lambda p: p.steps)
+        trunk = pts[-1]
+        warmups[size] = max(1, round(0.05 * pts[0].steps))
+        trunk_decay_start = trunk.steps - max(1, round(decay * trunk.steps))
+        for p in pts[:-1]:
+            start = p.steps - max(1, round(decay * p.steps))
+            if not warmups[size] <= start <= trunk_decay_start:
+                raise ValueError(f"{p.label}: its decay would start at step {start}, outside the stable phase "
+                                 f"[{warmups[size]}, {trunk_decay_start}] of {trunk.label}; use schedule=cosine")
+            runs.append(CoolDown(p, trunk, start))
+    return warmups, runs
+
+
+def plan_table(points: list[Point], evals: int, schedule: str = "cosine", decay: float = 0.2) -> dict[str, dict]:
+    """The sweep's ``scaling.plan``: by run label, what its job reads (model, steps, LR, warm-up, evaluation
+    interval; with WSD the decay's length, the trunk's branch points and a cool-down's checkpoint)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r}: one of {', '.join(SCHEDULES)}")
+    plan = {}
+    for p in points:
+        plan[p.label] = {"budget": p.budget, "size": p.size, "params": p.params, "forward_macs": p.forward_macs,
+                         "steps": p.steps, "lr": p.lr, "warmup": max(1, round(0.05 * p.steps)),
+                         "eval_every": max(1, p.steps // max(1, evals)), **{f"model_{k}": v for k, v in p.model.items()}}
+    if schedule == "wsd":
+        warmups, runs = cool_downs(points, decay)
+        for p in points:
+            plan[p.label].update(warmup=warmups[p.size], decay_steps=max(1, round(decay * p.steps)), branch_at=[],
+                                 branch_from=None)
+        for c in runs:
+            plan[c.point.label].update(decay_steps=c.point.steps - c.start, branch_from=(
+                f"${{run_dir}}/../{c.trunk.label}/checkpoints/step_{c.start:07d}.ckpt"))
+            plan[c.trunk.label]["branch_at"].append(c.start)
+    return plan
+
+
 def sweep_yaml(points: list[Point], family: str, batch: int, base: list[str], evals: int, header: str,
-               name: str = "isoflop") -> str:
-    """A ``# @package _global_`` sweep config: one job per point (``scaling.point``: its label), each taking
-    its model, steps and LR from the plan table by nested interpolation, its run dir named by the label."""
+               name: str = "isoflop", schedule: str = "cosine", decay: float = 0.2,
+               jobs: list[str] | None = None) -> str:
+    """A ``# @package _global_`` sweep config: one job per point of ``jobs`` (labels; all by default) as
+    ``scaling.point``, each taking its model, steps, LR and schedule from the plan table (all points) by nested
+    interpolation, its run dir named by the label. ``schedule``: see the module docstring."""
     import yaml
 
     spec = _family(family)
-    plan = {}
-    for p in points:
-        every = max(1, p.steps // max(1, evals))
-        plan[p.label] = {"budget": p.budget, "size": p.size, "params": p.params, "forward_macs": p.forward_macs,
-                         "steps": p.steps, "lr": p.lr, "warmup": max(1, round(0.05 * p.steps)), "eval_every": every,
-                         **{f"model_{k}": v for k, v in p.model.items()}}
+    plan = plan_table(points, evals, schedule, decay)
+    jobs = jobs or list(plan)
     pick = "${scaling.plan.${scaling.point}.%s}"
+    wsd = schedule == "wsd"
     body = {
-        "defaults": [{"override /model": spec["model"]}, {"override /lr_schedule": "cosine"}],
+        "defaults": [{"override /model": spec["model"]}, {"override /lr_schedule": schedule}],
         "run_name": name,
-        "scaling": {"family": family, "point": points[0].label, "budget": pick % "budget", "size": pick % "size",
+        "scaling": {"family": family, "point": jobs[0], "budget": pick % "budget", "size": pick % "size",
                     "plan": plan},
         "model": {**({"size": None} if spec["model"] == "dit" else {}),
                   **{k: pick % f"model_{k}" for k in points[0].model}},
         "scale": {"global_batch": batch},  # split over the devices and accumulation of whatever launches it
         "optim": {"lr": pick % "lr"},
-        "lr_schedule": {"warmup_steps": pick % "warmup"},  # cosine to the run's own last step
+        # cosine or WSD to the run's own last step
+        "lr_schedule": {"warmup_steps": pick % "warmup", **({"decay_steps": pick % "decay_steps"} if wsd else {})},
         "trainer": {"max_steps": pick % "steps", "val_check_interval": pick % "eval_every",
                     "log_every_n_steps": pick % "eval_every"},
         "callbacks": {"checkpoint": {"every_n_train_steps": pick % "eval_every"},
-                      "sample_grid": {"every_n_steps": pick % "steps"}},
-        "hydra": {"sweeper": {"params": {"scaling.point": ",".join(plan)}},
+                      "sample_grid": {"every_n_steps": pick % "steps"},
+                      **({"step_checkpoints": {"steps": pick % "branch_at"}} if wsd else {})},
+        **({"init": {"branch_from": pick % "branch_from"}} if wsd else {}),
+        "hydra": {"sweeper": {"params": {"scaling.point": ",".join(jobs)}},
                   "sweep": {"subdir": "${scaling.point}"}},
     }
     text = yaml.safe_dump(body, sort_keys=False, width=120)
@@ -184,11 +247,14 @@ def gpu_hours(flops: float, mfu: float, peak_flops: float) -> float:
     return flops / (mfu * peak_flops) / 3600
 
 
-def summary_line(p: Point, mfu: float | None = None, peak_flops: float | None = None) -> str:
-    """The point in one line; with ``mfu`` and ``peak_flops`` also the GPU-hours it takes."""
-    hours = f"  {gpu_hours(p.flops, mfu, peak_flops):.3g} GPU-h" if mfu else ""
+def summary_line(p: Point, mfu: float | None = None, peak_flops: float | None = None,
+                 trained: float | None = None) -> str:
+    """The point in one line; with ``mfu`` and ``peak_flops`` also the GPU-hours it takes to train ``trained`` FLOPs
+    (default: the whole run's)."""
+    hours = f"  {gpu_hours(p.flops if trained is None else trained, mfu, peak_flops):.3g} GPU-h" if mfu else ""
     return (f"{p.label:>14}  N={p.params / 1e6:8.3f}M  MACs/img={p.forward_macs / 1e6:9.2f}M  steps={p.steps:7d}  "
             f"lr={p.lr:.3g}  C={p.flops:.3e} ({100 * (p.flops / p.budget - 1):+.2f}%){hours}")
 
 
-__all__ = ["FAMILIES", "LR_RULES", "Point", "gpu_hours", "isoflop_grid", "size_costs", "summary_line", "sweep_yaml"]
+__all__ = ["FAMILIES", "LR_RULES", "SCHEDULES", "CoolDown", "Point", "cool_downs", "gpu_hours", "isoflop_grid",
+           "plan_table", "size_costs", "summary_line", "sweep_yaml"]

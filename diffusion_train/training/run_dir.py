@@ -67,7 +67,7 @@ class Resumable(NamedTuple):
 
 def branch_checkpoint(spec: str | os.PathLike) -> Path:
     """The checkpoint ``init.branch_from`` names: a checkpoint file, or a run directory (its ``last.ckpt``)."""
-    path = Path(spec).expanduser()
+    path = Path(os.path.normpath(Path(spec).expanduser()))  # a sweep's ${run_dir}/../<trunk>/... made plain
     if path.is_dir():
         found = last_checkpoint(path)
         if found is None:
