@@ -25,7 +25,7 @@ from diffusion_train.training import EMA, AtomicCheckpointIO, NonFiniteLossError
 from diffusion_train.training.build import build_module, lora_scaling
 from diffusion_train.training.checkpointing import last_checkpoint, load_checkpoint, remove_stale_temp_files
 from diffusion_train.training.export import export_weights
-from diffusion_train.training.loggers import LossProgressBar, OptimizerStepAxis, ResumableCSVLogger
+from diffusion_train.training.loggers import LossProgressBar, OptimizerStepAxis, ResumableCSVLogger, finish_wandb
 from diffusion_train.training.parallel import (
     check_devices,
     global_batch,
@@ -144,10 +144,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
         write_run_files(run_dir, module.run_info)
         if init_report is not None:
             log.info("%s", init_report.summary())
+        start = f"{'branching from' if resume.branched else 'resuming'} {ckpt}" if ckpt else "fresh run"
         log.info("run dir %s, %s, global batch %d (%d per device x %d devices x %d accumulated), lr %g, "
-                 "compile %s, channels-last %s", run_dir, f"{'branching from' if resume.branched else 'resuming'} {ckpt}" if ckpt else "fresh run", batch,
-                 datamodule.batch_size, trainer.world_size, accumulate, module.run_info["lr"], module.compile,
-                 module.channels_last)
+                 "compile %s, channels-last %s", run_dir, start, batch, datamodule.batch_size, trainer.world_size,
+                 accumulate, module.run_info["lr"], module.compile, module.channels_last)
 
     preemption = find_preemption(trainer)
     try:
@@ -158,6 +158,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
         if not stopped(preemption):
             save_and_export(trainer, run_dir, config, lora_scaling(cfg))
     finally:
+        finish_wandb(loggers)  # the next job of a local sweep, in this process, starts its own W&B run
         if preemption is not None:  # its handler covered the work before the fit, the end-of-fit work and the export
             preemption.uninstall()
     if stopped(preemption):  # checkpointed at a step boundary (or stopped before the fit); requeue or exit

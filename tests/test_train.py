@@ -476,14 +476,27 @@ def test_smoke_cli_leaves_its_artifacts_and_relaunch_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_local_sweep_runs_each_job_in_its_own_dir(tmp_path):
-    out = _run_cli(["-m", "experiment=smoke", "model=unet_tiny,dit_tiny", "logger=csv", "trainer.max_steps=2",
+    """Jobs of a local sweep run one after another in one process: each gets its own run directory and its own
+    (offline) W&B run; a job whose overrides make a name too long for a directory gets a shortened one."""
+    from diffusion_train import short_dirname
+
+    many = [f"callbacks.ema.decays=[{','.join(['0.99'] * 40)}]", "callbacks.ema.sample_decay=0.99"]
+    out = _run_cli(["-m", "experiment=smoke", "model=unet_tiny,dit_tiny", "trainer.max_steps=2", *many,
                     f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    for model in ("unet_tiny", "dit_tiny"):
-        job = next((tmp_path / "sweep").glob(f"*model={model}*"))
-        assert (job / "checkpoints/last.ckpt").is_file()
-        assert load_module(job / "checkpoints/last.ckpt").backbone.__class__.__name__ == \
-            {"unet_tiny": "UNet", "dit_tiny": "DiT"}[model]
+    jobs = {load_module(job / "checkpoints/last.ckpt").backbone.__class__.__name__: job
+            for job in (tmp_path / "sweep").iterdir() if job.is_dir()}
+    assert sorted(jobs) == ["DiT", "UNet"]
+    for model, job in (("dit_tiny", jobs["DiT"]), ("unet_tiny", jobs["UNet"])):
+        assert len(job.name.encode()) == 173  # 160 bytes, "-" and 12 hex digits
+        assert job.name == short_dirname(",".join(sorted([*many, f"model={model}", "experiment=smoke",
+                                                          "trainer.max_steps=2"])))
+        wandb_id = (job / "wandb_id.txt").read_text().strip()
+        records = b"".join(p.read_bytes() for p in (job / "wandb").glob(f"offline-run-*-{wandb_id}/run-*.wandb"))
+        own, other = {"dit_tiny": (b"models.DiT", b"models.UNet"),
+                      "unet_tiny": (b"models.UNet", b"models.DiT")}[model]
+        assert own in records and other not in records  # the job's resolved config, in its own W&B run
+        assert b"global_batch" in records and b"git_sha" in records
 
 
 @pytest.mark.slow

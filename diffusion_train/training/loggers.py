@@ -121,6 +121,26 @@ def wandb_logger(save_dir: str, name: str, project: str = "diffusion_train", mod
                        tags=list(tags or []), group=group)
 
 
+def log_run_config(loggers: list, run_info: dict) -> None:
+    """The run's resolved config, and under ``run`` what run.json adds (global batch, world size, learning rate,
+    git SHA, Slurm job, ...), as the W&B runs' config: W&B's filters, tables and sweeps read it."""
+    if not run_info:
+        return
+    params = {**run_info["config"], "run": {k: v for k, v in run_info.items() if k != "config"}}
+    for lg in loggers:
+        if isinstance(lg, WandbLogger):
+            lg.log_hyperparams(params)
+
+
+def finish_wandb(loggers: list) -> None:
+    """Ends the W&B runs of ``loggers`` (those this process started). W&B keeps one run per process: a run left
+    open would take the logging of the next job of a local sweep, which runs in the same process."""
+    for lg in loggers:
+        if isinstance(lg, WandbLogger) and getattr(lg, "_experiment", None) is not None:
+            lg._experiment.finish()
+            lg._experiment = None
+
+
 class LossProgressBar(TQDMProgressBar):
     """Lightning's progress bar, showing ``train/loss`` read from the device at each refresh only. Logging the
     loss with ``prog_bar=True`` instead would make Lightning read it to the host after every batch (a device

@@ -21,6 +21,7 @@ from diffusion_train.diffusion import GaussianDiffusion
 from diffusion_train.finetune.controlnet import Controlled
 from diffusion_train.training.checkpointing import restore_rng_states, rng_states
 from diffusion_train.training.generation import Generation
+from diffusion_train.training.loggers import log_run_config
 from diffusion_train.training.parallel import full_tensor, log_every_steps, mean_over_ranks, sum_over_ranks
 from diffusion_train.training.speed import (
     attention_choice, check_attention_device, check_fp8_device, prepare_backbone, resolve_channels_last,
@@ -269,6 +270,7 @@ class DiffusionModule(Generation, L.LightningModule):
         return [] if scheds is None else scheds if isinstance(scheds, list) else [scheds]
 
     def on_fit_start(self) -> None:
+        log_run_config(self.loggers, self.run_info)
         if self.fp8:
             check_fp8_device(self.device)
         check_attention_device(self.attention, self.device)
