@@ -472,6 +472,11 @@ def test_a_text_model_without_prompts_for_the_callback_is_refused_before_trainin
     cfg = compose_train([o for o in TINY if not o.startswith("data=")] + [
         "data=fashion_mnist_captions", "data.batch_size=4", "data.val_size=8", "conditioning=clip_tiny",
         "+callbacks/fid=fmnist_net", f"callbacks.fid.weights={weights}", f"callbacks.fid.reference={reference}"], run)
-    with pytest.raises(ValueError, match=r"callbacks.fid: the model is conditioned on text \('caption'\): give prompts"):
+    with pytest.raises(ValueError, match=r"callbacks.sample_grid: the model is conditioned on text \('caption'\): "
+                                         r"give callbacks.sample_grid.prompts=\[\.\.\.\]"):
+        train(cfg, run)
+    cfg.callbacks.sample_grid.prompts = ["a bag"]
+    with pytest.raises(ValueError, match=r"callbacks.fid: the model is conditioned on text \('caption'\): "
+                                         r"give callbacks.fid.prompts=\[\.\.\.\]"):
         train(cfg, run)
     assert not (run / "checkpoints").exists()

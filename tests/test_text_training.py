@@ -94,7 +94,7 @@ def test_smoke_t2i_cli_and_sampling_with_prompts(tmp_path):
     out = subprocess.run([sys.executable, "-m", "diffusion_train.sample", f"ckpt={run / 'checkpoints/last.ckpt'}",
                           f"out_dir={tmp_path / 'gen2'}", "num_images=2", "progress=false"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
-    assert out.returncode == 1 and "give prompts=[...]" in out.stderr
+    assert out.returncode == 1 and "give prompts=[...]" in out.stderr  # diffusion-sample's option
 
 
 def test_build_passes_the_context_width_to_the_backbone(tmp_path):

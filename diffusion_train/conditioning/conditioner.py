@@ -107,9 +107,10 @@ class Conditioner(nn.Module):
         parts = {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)}
         return parts or None
 
-    def input_pools(self, labels=None, prompts=None) -> dict[str, list]:
+    def input_pools(self, labels=None, prompts=None, prompts_option: str = "prompts") -> dict[str, list]:
         """Per batch key, the values to sample for: the given labels (else every class) for class
-        embedders, the given prompts for text embedders; one-line errors for what does not fit."""
+        embedders, the given prompts for text embedders; one-line errors for what does not fit, naming the
+        prompts as ``prompts_option`` (the setting that gives them)."""
         pools = {}
         for name, emb in self.embedders.items():
             if hasattr(emb, "num_classes"):
@@ -119,7 +120,8 @@ class Conditioner(nn.Module):
                     raise ValueError(f"labels {bad} are outside the model's {emb.num_classes} classes")
             else:
                 if not prompts:
-                    raise ValueError(f"the model is conditioned on text ({emb.input_key!r}): give prompts=[...]")
+                    raise ValueError(f"the model is conditioned on text ({emb.input_key!r}): give "
+                                     f"{prompts_option}=[...]")
                 pool = [str(p) for p in prompts]
             pools[emb.input_key] = pool
         if not pools and (labels is not None or prompts):

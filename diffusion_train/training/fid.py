@@ -52,7 +52,7 @@ class FrechetDistance(PeriodicEvaluation):
 
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
         try:  # fails before the first step: prompts missing for a text model, or given to another one
-            pl_module.conditioner.input_pools(prompts=self.prompts)
+            pl_module.conditioner.input_pools(prompts=self.prompts, prompts_option="callbacks.fid.prompts")
         except ValueError as e:
             raise ValueError(f"callbacks.fid: {e}") from None
         if self.extractor is None:  # a missing file, another extractor's reference

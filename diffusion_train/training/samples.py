@@ -35,6 +35,12 @@ class SampleGrid(PeriodicEvaluation):
         self.seed, self.prompts = seed, list(prompts or [])
         self.guidance = {"guidance_interval": guidance_interval, "guidance_rescale": guidance_rescale}
 
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        try:  # fails before the first step: prompts missing for a text model, or given to another one
+            pl_module.conditioner.input_pools(prompts=self.prompts, prompts_option="callbacks.sample_grid.prompts")
+        except ValueError as e:
+            raise ValueError(f"callbacks.sample_grid: {e}") from None
+
     def cond_inputs(self, pl_module) -> tuple[int, dict]:
         """One row per class / prompt (``per_class`` columns); unconditional: ``rows`` rows."""
         pools = pl_module.conditioner.input_pools(prompts=self.prompts)
