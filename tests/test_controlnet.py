@@ -107,12 +107,16 @@ def test_controlnet_run_and_its_grid_script(tiny_cfg, tmp_path):
     assert json.loads((run / "run.json").read_text())["init"]["controlnet_from_base"] is True
     # FLOPs: the ControlNet's copy runs next to the base (its MACs counted by hooks here, by flop_counter there)
     from diffusion_train.scaling import counted_macs, forward_macs
+    from diffusion_train.scaling.registry import load_summary
 
     module = build_module(tiny_cfg(*CONTROL))
     control_macs = counted_macs(module.controlnet, module.backbone.input_size)
     summary = json.loads((run / "summary.json").read_text())
     assert control_macs > 0
     assert summary["forward_macs_per_image"] == forward_macs(module.backbone) + control_macs
+    # N: what trains, the ControlNet's copy (the base is frozen), so that the run is a valid registry entry
+    assert summary["params"] == sum(p.numel() for p in module.controlnet.parameters() if p.requires_grad) > 0
+    assert load_summary(run / "summary.json").params == summary["params"]
     spec = importlib.util.spec_from_file_location("control_script", ROOT / "scripts" / "control.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)

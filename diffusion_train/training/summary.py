@@ -171,7 +171,8 @@ class RunSummary(L.Callback):
         info = getattr(pl_module, "run_info", {}) or {}
         config = info.get("config") or {}
         step = trainer.global_step
-        params = sum(p.numel() for p in pl_module.backbone.parameters() if p.requires_grad)
+        trained = [pl_module.backbone, *([pl_module.controlnet] if getattr(pl_module, "controlnet", None) else [])]
+        params = sum(p.numel() for net in trained for p in net.parameters() if p.requires_grad)
         device = (torch.cuda.get_device_name(pl_module.device) if pl_module.device.type == "cuda"
                   else pl_module.device.type)
         metrics = {name: {"final": entries[-1]["value"], "best": _lowest(entries), "history": entries}
