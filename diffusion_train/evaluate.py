@@ -8,9 +8,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from diffusion_train.cli import check_numbers
 from diffusion_train.metrics.fid import build_extractor, check_reference_resolution, load_reference
 from diffusion_train.metrics.generated import evaluate_generated
-from diffusion_train.sample import load_for_sampling, sampling_autocast
+from diffusion_train.sample import SAMPLING_NUMBERS, load_for_sampling, sampling_autocast
 from diffusion_train.train import user_errors_as_one_line
 from diffusion_train.training.images import save_grid
 
@@ -20,8 +21,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 def evaluate(cfg: DictConfig) -> dict:
     """Samples ``num_samples`` images from the checkpoint, writes ``metrics.json`` and ``grid.png`` to
     ``out_dir`` and returns the metrics."""
-    if int(cfg.num_samples) < 2:
-        raise ValueError(f"num_samples must be >= 2, got {cfg.num_samples}")
+    check_numbers(cfg, SAMPLING_NUMBERS)  # before the extractor and the reference are loaded
     extractor = build_extractor(cfg.extractor, cfg.extractor_weights)
     mu, sigma, reference = load_reference(cfg.reference, extractor.provenance)
     clip = None

@@ -10,6 +10,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from diffusion_train.cli import check_numbers
 from diffusion_train.diffusion import Sampler
 from diffusion_train.train import user_errors_as_one_line
 from diffusion_train.finetune.lora import apply_lora_file
@@ -38,6 +39,12 @@ def backbone_size(module: DiffusionModule, height: int | None, width: int | None
     return size[0], size[1]
 
 
+# The numbers of diffusion-sample's and diffusion-eval's configs: (kind, minimum), checked before any work.
+SAMPLING_NUMBERS = {"sampler.steps": (int, 1), "num_images": (int, 1), "num_samples": (int, 2), "batch_size": (int, 1),
+                    "seed": (int, 0), "guidance_scale": (float, None), "guidance_rescale": (float, 0),
+                    "lora_scale": (float, None), "ncol": (int, 1), "grid_images": (int, 0)}
+
+
 def sampling_autocast(device: torch.device):
     """bf16 autocast on any CUDA device (``cuda:1`` too); none elsewhere."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -45,14 +52,13 @@ def sampling_autocast(device: torch.device):
 
 def load_for_sampling(cfg: DictConfig) -> tuple[torch.device, DiffusionModule, Sampler, dict]:
     """(device, the checkpoint's module with the chosen weights, the sampler, the guidance options) of
-    a ``diffusion-sample`` / ``diffusion-eval`` config; one-line errors for a bad device, a bad step count or
-    a missing checkpoint."""
+    a ``diffusion-sample`` / ``diffusion-eval`` config; one-line errors for a bad device, a bad number (the key
+    named) or a missing checkpoint."""
     try:
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     except RuntimeError:
         raise ValueError(f"device={cfg.device}: not a device (auto, cpu, cuda, cuda:1, ...)") from None
-    if int(cfg.sampler.steps) < 1:
-        raise ValueError(f"sampler.steps must be >= 1, got {cfg.sampler.steps}")
+    check_numbers(cfg, SAMPLING_NUMBERS)
     if not Path(cfg.ckpt).is_file():
         raise FileNotFoundError(f"checkpoint {cfg.ckpt} does not exist")
     module = load_module(cfg.ckpt, cfg.weights)

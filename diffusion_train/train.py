@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
+from diffusion_train.cli import check_numbers
 from diffusion_train.data.precomputed import PrecomputedMismatchError
 from diffusion_train.data.bad_data import BadDataError
 from diffusion_train.training import EMA, AtomicCheckpointIO, NonFiniteLossError, RunSummary
@@ -59,6 +60,12 @@ KNOWN_NOISE = (".*ModelCheckpoint with manual optimization.*", ".*isinstance.tre
                ".*The dirpath has changed from.*")  # a branch's checkpoints go to its own folder; all are kept anyway
 
 
+# Numbers checked before any work: (kind, minimum); a bad one is a one-line error naming its key.
+TRAINING_NUMBERS = {"data.batch_size": (int, 1), "data.val_batch_size": (int, 1), "scale.global_batch": (int, 1),
+                    "optim.lr": (float, 0), "optim.weight_decay": (float, 0), "trainer.max_steps": (int, 1),
+                    "training.accumulate_grad_batches": (int, 1), "seed": (int, 0)}
+
+
 def quiet_known_warnings() -> None:
     for pattern in KNOWN_NOISE:
         warnings.filterwarnings("ignore", message=pattern)
@@ -93,6 +100,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
+    check_numbers(cfg, TRAINING_NUMBERS)  # a bad one would fail later, far from its cause, or train on nothing
     datamodule = instantiate(cfg.data, _convert_="all")
     module = build_module(cfg)
     check_param_groups(resume, [len(g["params"]) for g in module.parameter_groups()],

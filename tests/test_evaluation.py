@@ -348,7 +348,7 @@ def test_diffusion_eval_writes_metrics_and_a_grid(extractor_files, tmp_path):
     assert (out / "grid.png").is_file()
     bad = _run_cli(args[:-4] + ["num_samples=1"], tmp_path, module="diffusion_train.evaluate")
     errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
-    assert bad.returncode == 1 and errors == ["error: num_samples must be >= 2, got 1"]
+    assert bad.returncode == 1 and errors == ["error: num_samples=1: give a whole number >= 2"]
 
 
 def test_sampler_type_is_what_the_evaluation_takes():

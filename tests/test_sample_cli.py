@@ -57,7 +57,10 @@ def test_same_seeds_give_the_same_images_for_any_batch_size(ckpt, tmp_path):
 @pytest.mark.parametrize("args,expected", [
     (["ckpt={missing}"], "does not exist"),
     (["ckpt={foreign}"], "holds no diffusion_train run metadata"),
-    (["ckpt={ckpt}", "sampler.steps=0"], "sampler.steps must be >= 1, got 0"),
+    (["ckpt={ckpt}", "sampler.steps=0"], "sampler.steps=0: give a whole number >= 1"),
+    (["ckpt={ckpt}", "num_images=0"], "num_images=0: give a whole number >= 1"),
+    (["ckpt={ckpt}", "guidance_scale=abc"], "guidance_scale=abc: give a number"),
+    (["ckpt={ckpt}", "batch_size=2.5"], "batch_size=2.5: give a whole number >= 1"),
     (["ckpt={ckpt}", "device=gpu1"], "device=gpu1: not a device"),
     (["ckpt={ckpt}", "labels=[7]"], "outside the model's 4 classes"),
     (["ckpt={ckpt}", "height=15"], "height=15 is not a positive multiple of 2 = 1 (autoencoder downsampling) x 2"),

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -39,6 +40,19 @@ def test_fp16_with_a_gradient_scaler_is_refused(tiny_cfg):
         module.on_fit_start()
     module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(), precision="bf16-mixed")
     module.on_fit_start()
+
+
+@pytest.mark.parametrize("setting,expected", [
+    ("data.batch_size=0", "data.batch_size=0: give a whole number >= 1"),
+    ("data.batch_size=-1", "data.batch_size=-1: give a whole number >= 1"),
+    ("+data.val_batch_size=0", "data.val_batch_size=0: give a whole number >= 1"),
+    ("optim.lr=abc", "optim.lr=abc: give a number >= 0"),
+    ("trainer.max_steps=2.5", "trainer.max_steps=2.5: give a whole number >= 1"),
+])
+def test_a_bad_number_is_refused_naming_the_key(setting, expected, tiny_cfg, tmp_path):
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        train(tiny_cfg(setting, run_dir=tmp_path / "run"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_loss_falls_when_overfitting_a_tiny_batch(tiny_cfg):
