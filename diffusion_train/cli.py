@@ -29,15 +29,18 @@ def parse_key_values(argv: list[str], options: Mapping[str, Callable[[str], Any]
 
 def check_numbers(cfg: Any, rules: Mapping[str, tuple[type, float | None]]) -> None:
     """One-line errors naming the key for the config values of ``rules`` (dotted key -> (``int`` or ``float``, the
-    minimum or None)) that are not numbers of that kind or are below the minimum; missing or null values pass."""
+    minimum or None)) that are not finite numbers of that kind (an ``int`` key takes integers only) or are below
+    the minimum; missing or null values pass."""
+    import math
+
     from omegaconf import OmegaConf
 
     for key, (kind, minimum) in rules.items():
         value = OmegaConf.select(cfg, key)
         if value is None:
             continue
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not number or (kind is int and not float(value).is_integer()) or (minimum is not None and value < minimum):
+        number = isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or (minimum is not None and value < minimum):
             what = "a whole number" if kind is int else "a number"
             raise ValueError(f"{key}={value}: give {what}" + (f" >= {minimum:g}" if minimum is not None else ""))
 

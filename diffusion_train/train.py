@@ -91,6 +91,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     run_dir = Path(run_dir)
     quiet_known_warnings()
     config = resolved(cfg)  # fails on a missing value before any work starts
+    check_numbers(cfg, TRAINING_NUMBERS)  # a bad one would fail later, far from its cause, or train on nothing
     init = cfg.get("init") or {}
     resume = check_resumable(run_dir, config, init.get("branch_from"))  # refuses another model's; changes nothing
     ckpt = resume.ckpt
@@ -100,7 +101,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    check_numbers(cfg, TRAINING_NUMBERS)  # a bad one would fail later, far from its cause, or train on nothing
     datamodule = instantiate(cfg.data, _convert_="all")
     module = build_module(cfg)
     check_param_groups(resume, [len(g["params"]) for g in module.parameter_groups()],
@@ -158,6 +158,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
                  accumulate, module.run_info["lr"], module.compile, module.channels_last)
 
     preemption = find_preemption(trainer)
+    exit_code = 1  # until the work below returns
     try:
         if hasattr(datamodule, "prepare_class_images"):  # DreamBooth's prior images, made by the model before training
             make_class_images(datamodule, module, instantiate(cfg.sampler, _convert_="all"), preemption)
@@ -165,8 +166,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
         if not stopped(preemption):
             save_and_export(trainer, run_dir, config, lora_scaling(cfg))
+        exit_code = 128 + preemption.signum if stopped(preemption) else 0
     finally:
-        finish_wandb(loggers)  # the next job of a local sweep, in this process, starts its own W&B run
+        finish_wandb(loggers, exit_code)  # the next job of a local sweep, in this process, starts its own W&B run
         if preemption is not None:  # its handler covered the work before the fit, the end-of-fit work and the export
             preemption.uninstall()
     if stopped(preemption):  # checkpointed at a step boundary (or stopped before the fit); requeue or exit

@@ -118,10 +118,10 @@ def main(argv: list[str]) -> None:
         print(summary_line(p, mfu, peak, own) + (f"  cool-down of {c.trunk.label} from step {c.start}: trains "
                                             f"{p.steps - c.start} steps, C={own:.3e}" if c else ""))
     total = sum(p.flops for p in points)
-    print(f"total: {len(points)} runs, C={total:.3e} FLOPs" + (
-        f", {gpu_hours(spent, mfu, peak):.3g} GPU-hours at {mfu:.0%} MFU of {opts['peak_tflops']:g} TFLOP/s"
-        if mfu else "") + (f"; trained: C={spent:.3e} ({spent / total:.0%}), the trunks and cool-downs"
-                           if branched else ""))
+    print(f"total: {len(points)} runs, C={total:.3e} FLOPs"
+          + (f"; trained: C={spent:.3e} ({spent / total:.0%}), the trunks and cool-downs" if branched else "")
+          + (f", {gpu_hours(spent, mfu, peak):.3g} GPU-hours at {mfu:.0%} MFU of {opts['peak_tflops']:g} TFLOP/s"
+             if mfu else ""))
     for s in skipped:
         print(f"left out: {s}")
     for path, jobs in files.items():

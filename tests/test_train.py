@@ -48,6 +48,9 @@ def test_fp16_with_a_gradient_scaler_is_refused(tiny_cfg):
     ("+data.val_batch_size=0", "data.val_batch_size=0: give a whole number >= 1"),
     ("optim.lr=abc", "optim.lr=abc: give a number >= 0"),
     ("trainer.max_steps=2.5", "trainer.max_steps=2.5: give a whole number >= 1"),
+    ("data.batch_size=2.0", "data.batch_size=2.0: give a whole number >= 1"),
+    ("optim.lr=nan", "optim.lr=nan: give a number >= 0"),
+    ("seed=abc", "seed=abc: give a whole number >= 0"),
 ])
 def test_a_bad_number_is_refused_naming_the_key(setting, expected, tiny_cfg, tmp_path):
     with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
@@ -176,6 +179,22 @@ def test_resume_is_exact(model, tiny_cfg, tmp_path):
     steps = [int(r.split(",")[csv[0].split(",").index("step")]) for r in csv[1:]]
     train_rows = [s for s, r in zip(steps, csv[1:]) if r.split(",")[csv[0].split(",").index("train/loss")]]
     assert sorted(train_rows) == sorted(set(train_rows)), "a resumed run must not log a step twice"
+
+
+def test_a_resume_with_accumulation_saves_nothing_in_the_middle_of_its_first_step(tiny_cfg, tmp_path):
+    """Resumed at a checkpoint step with 2 micro-batches per step: the end of the first micro-batch is not the end of
+    the step, so no checkpoint is written there (it would hold half a step and resume wrongly)."""
+    common = ["training.accumulate_grad_batches=2", "callbacks.checkpoint.every_n_train_steps=2",
+              "callbacks.step_checkpoints.steps=[4]", "trainer.val_check_interval=50"]
+    run = tmp_path / "run"
+    train(tiny_cfg(*common, "trainer.max_steps=4", run_dir=run), run)
+    saved = {p.name: _digest(p) for p in (run / "checkpoints").glob("*.ckpt")}
+    assert sorted(saved) == ["last.ckpt", "step_0000002.ckpt", "step_0000004.ckpt"]
+    train(tiny_cfg(*common, "trainer.max_steps=6", run_dir=run), run)
+    assert _digest(run / "checkpoints/step_0000004.ckpt") == saved["step_0000004.ckpt"]
+    train(tiny_cfg(*common, "trainer.max_steps=6", run_dir=tmp_path / "straight"), tmp_path / "straight")
+    _compare_checkpoints(load_checkpoint(tmp_path / "straight/checkpoints/last.ckpt"),
+                         load_checkpoint(run / "checkpoints/last.ckpt"))
 
 
 def test_a_resume_takes_the_new_configs_rates_and_schedule(tiny_cfg, tmp_path, caplog):
@@ -421,7 +440,12 @@ def test_a_non_finite_step_is_skipped_and_counted(tiny_cfg, tmp_path, nan_object
     assert max(float(r.split(",")[col]) for r in rows if r.split(",")[col]) == 1.0
 
 
-def test_repeated_non_finite_steps_stop_the_run_with_the_checkpoint_intact(tiny_cfg, tmp_path, nan_objective):
+def test_repeated_non_finite_steps_stop_the_run_with_the_checkpoint_intact(tiny_cfg, tmp_path, nan_objective,
+                                                                           monkeypatch):
+    import diffusion_train.train as entry
+
+    ends = []  # the exit codes the run's W&B runs are ended with: a failure must not look like a finished run
+    monkeypatch.setattr(entry, "finish_wandb", lambda loggers, exit_code=0: ends.append(exit_code))
     run = tmp_path / "run"
     _NaNAfter.nan_steps = set()
     train(tiny_cfg(nan_objective, "trainer.max_steps=2"), run)
@@ -431,6 +455,7 @@ def test_repeated_non_finite_steps_stop_the_run_with_the_checkpoint_intact(tiny_
     with pytest.raises(NonFiniteLossError, match="3 optimizer steps in a row"):
         train(tiny_cfg(nan_objective, "trainer.max_steps=50", "training.max_nonfinite_steps=3",
                        "callbacks.checkpoint.every_n_train_steps=1"), run)
+    assert ends == [0, 1]
     ckpt = load_checkpoint(last)
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
     assert int(ckpt["state_dict"]["nonfinite_steps"]) == ckpt["global_step"] - 2  # every later step was skipped

@@ -98,6 +98,9 @@ class StepCheckpoints(L.Callback):
         self.dirpath, self.steps = Path(dirpath), {int(s) for s in steps}
         self._last_step = -1
 
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        self._last_step = trainer.global_step  # a resumed (or branched) step is the checkpoint's, not this launch's
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if step == self._last_step:  # inside a gradient accumulation: not a step boundary

@@ -132,12 +132,13 @@ def log_run_config(loggers: list, run_info: dict) -> None:
             lg.log_hyperparams(params)
 
 
-def finish_wandb(loggers: list) -> None:
-    """Ends the W&B runs of ``loggers`` (those this process started). W&B keeps one run per process: a run left
-    open would take the logging of the next job of a local sweep, which runs in the same process."""
+def finish_wandb(loggers: list, exit_code: int = 0) -> None:
+    """Ends the W&B runs of ``loggers`` (those this process started) with ``exit_code`` (W&B marks a run that ends
+    with another code than 0 as failed). W&B keeps one run per process: a run left open would take the logging of
+    the next job of a local sweep, which runs in the same process."""
     for lg in loggers:
         if isinstance(lg, WandbLogger) and getattr(lg, "_experiment", None) is not None:
-            lg._experiment.finish()
+            lg._experiment.finish(exit_code=exit_code)
             lg._experiment = None
 
 

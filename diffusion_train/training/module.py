@@ -270,7 +270,6 @@ class DiffusionModule(Generation, L.LightningModule):
         return [] if scheds is None else scheds if isinstance(scheds, list) else [scheds]
 
     def on_fit_start(self) -> None:
-        log_run_config(self.loggers, self.run_info)
         if self.fp8:
             check_fp8_device(self.device)
         check_attention_device(self.attention, self.device)
@@ -278,10 +277,16 @@ class DiffusionModule(Generation, L.LightningModule):
         if trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None:
             raise ValueError(f"trainer.precision={trainer.precision}: fp16 with a gradient scaler is not supported "
                              f"(its step would replace this step's own clipping and non-finite skip); use bf16-mixed")
+        log_run_config(getattr(trainer, "loggers", []), self.run_info)
 
     def on_train_start(self) -> None:
         if self.trainer.ckpt_path:  # resumed: Lightning restored the checkpoint's rates and schedule
             self.apply_configured_rates()
+        for cb in self.trainer.checkpoint_callbacks:
+            # Lightning's ModelCheckpoint takes the end of each batch whose step it has not saved for the end of that
+            # step: with gradient accumulation, a resumed step's first micro-batch would be saved as the whole step
+            if hasattr(cb, "_last_global_step_saved"):
+                cb._last_global_step_saved = max(cb._last_global_step_saved, self.trainer.global_step)
 
     def apply_configured_rates(self) -> None:
         """The optimizer's hyperparameters (learning rate, weight decay, betas, ...) and the learning-rate schedule

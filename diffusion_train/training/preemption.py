@@ -102,7 +102,8 @@ class Preemption(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning put its own SIGTERM handler in after on_fit_start: this one goes back in after it.
         self._last_step = trainer.global_step
-        self._saved_step = trainer.global_step if trainer.ckpt_path else None  # resumed from last.ckpt
+        own = trainer.ckpt_path and Path(trainer.ckpt_path).resolve() == (self.dirpath / "last.ckpt").resolve()
+        self._saved_step = trainer.global_step if own else None  # resumed from last.ckpt (a branch: another run's)
         self.install()
         if signal.SIGTERM in self.previous_handlers and signal.getsignal(signal.SIGTERM) == self._handle:
             _lightning_sigterm_broadcast(trainer, enabled=False)
