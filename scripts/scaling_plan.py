@@ -124,8 +124,15 @@ def main(argv: list[str]) -> None:
              if mfu else ""))
     for s in skipped:
         print(f"left out: {s}")
+    # Hydra finds sweep configs in the package's conf/sweep, or in a sweep/ folder of another search path
+    search = "" if out.parent.resolve() == (ROOT / "conf" / "sweep").resolve() else \
+        shlex.quote(f"hydra.searchpath=[file://{out.parent.parent.resolve()}]") + " "
     for path, jobs in files.items():
-        print(f"wrote {path} ({len(jobs)} runs); run: diffusion-train -m +sweep={path.stem} {' '.join(base)}".rstrip())
+        print(f"wrote {path} ({len(jobs)} runs); run: diffusion-train -m {search}+sweep={path.stem} "
+              f"{' '.join(base)}".rstrip())
+    if search and out.parent.name != "sweep":
+        print(f"to run it, put it in a folder named sweep/ (out=DIR/sweep/{out.name}): Hydra looks for sweep configs "
+              f"there")
     if branched:
         print(f"run {out.stem} first: the cool-downs of {out.stem}_cooldowns branch from its checkpoints")
 
