@@ -264,7 +264,7 @@ def benchmark(opts: dict, argv: list[str]) -> dict:
                      "profile_steps": opts["profile"],
                      "modes": opts["modes"], "isolated": False,
                      "log_every_n_steps": int(cfg.trainer.log_every_n_steps),
-                     "ema_decays": ema.decays if ema is not None else None},
+                     "ema_decays": ema.labels if ema is not None else None},
         "params": params,
         "flops": {"forward_macs_per_image": macs, "forward_macs_flop_counter": counted,
                   "flop_counter_rel_diff": (macs - counted) / counted if counted else None,

@@ -25,7 +25,7 @@ def _set(module: nn.Module, flat: torch.Tensor) -> None:
 
 
 def _ema_flat(ema: EMA, decay: float) -> torch.Tensor:
-    return torch.cat([w.reshape(-1) for w in ema.weights[decay]]).double()
+    return torch.cat([w.reshape(-1) for w in ema.weights[ema.key(decay)]]).double()
 
 
 def _param_sequence(module, n, seed=0):
@@ -275,4 +275,4 @@ def test_ema_invalid_decays(decays):
 def test_ema_invalid_sample_decay():
     with pytest.raises(ValueError):
         EMA(decays=[0.9, 0.99], sample_decay=0.5)
-    assert EMA(decays=[0.9, 0.99], sample_decay=0.99).sample_decay == 0.99
+    assert EMA(decays=[0.9, 0.99], sample_decay=0.99).sample_decay == "0.99"

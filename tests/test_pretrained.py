@@ -123,7 +123,7 @@ def test_ema_asked_of_a_checkpoint_without_one(tiny_cfg, tmp_path):
     torch.save({"state_dict": source.state_dict(), "global_step": 1}, tmp_path / "noema.ckpt")
     with pytest.raises(ValueError, match="init.weights=raw"):
         load_pretrained(module_of(tiny_cfg), tmp_path / "noema.ckpt")
-    with pytest.raises(ValueError, match="has EMA decays"):
+    with pytest.raises(ValueError, match="has EMA averages"):
         fake_checkpoint(source, tmp_path / "a.ckpt")
         load_pretrained(module_of(tiny_cfg), tmp_path / "a.ckpt", "ema_0.5")
 

@@ -128,7 +128,9 @@ def make_ema(cfg):
     from hydra.utils import instantiate
 
     node = (cfg.get("callbacks") or {}).get("ema")
-    return instantiate(node, _convert_="all") if node is not None else None
+    if node is None:
+        return None
+    return instantiate(node, _convert_="all", snapshot_every=0, snapshot_dir=None)  # the step's EMA; no run folder
 
 
 # -- the two loops ---------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from diffusion_train.conditioning.autoencoder import Autoencoder
 from diffusion_train.finetune.controlnet import ControlSource, make_controlnet
 from diffusion_train.finetune.lora import apply_lora
 from diffusion_train.training.checkpointing import load_checkpoint
+from diffusion_train.training.ema import checkpoint_average
 from diffusion_train.training.module import DiffusionModule
 from diffusion_train.training.parallel import resolve_accelerator
 from diffusion_train.training.speed import resolve_channels_last, resolve_compile
@@ -89,19 +90,8 @@ def load_module(ckpt_path: str | os.PathLike, weights: str = "ema", map_location
     module = build_module(OmegaConf.create(meta["config"]), accelerator="cpu")  # compile=auto: not for sampling
     module.load_state_dict(ckpt["state_dict"])
     if weights != "raw":
-        ema = ckpt.get("ema")
-        if ema is None:
-            raise ValueError(f"{ckpt_path} holds no EMA weights; use weights=raw")
-        decay = weights.removeprefix("ema").removeprefix("_") or str(_sample_decay(meta["config"], ema))
-        if decay not in ema["weights"]:
-            raise ValueError(f"{ckpt_path} has EMA decays {list(ema['weights'])}, not {decay}")
         params = dict(module.named_parameters())
         with torch.no_grad():
-            for name, value in ema["weights"][decay].items():
+            for name, value in checkpoint_average(ckpt, weights, str(ckpt_path))[1].items():
                 params[name].copy_(value)
     return module.eval()
-
-
-def _sample_decay(config: dict, ema: dict) -> float:
-    cb = (config.get("callbacks") or {}).get("ema") or {}
-    return cb.get("sample_decay") or ema["decays"][0]

@@ -1,9 +1,11 @@
-"""Exponential moving averages of the trainable weights, several decays at once, in fp32."""
+"""Exponential moving averages of the trainable weights, several at once, in fp32: constant decays and
+power-function averages (snapshotted for post-hoc EMA)."""
 
 from __future__ import annotations
 
 import contextlib
 import math
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import lightning as L
@@ -11,51 +13,89 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_train.training.parallel import full_tensor, like, local
+from diffusion_train.training.posthoc_ema import check_sigma_rel, label, sigma_rel_to_gamma, write_snapshot
 
 
 class EMA(L.Callback):
     """Keeps fp32 EMA copies of every trainable parameter of the LightningModule.
 
-    After each optimizer step n (counting from 1), for each decay d:
-        ema <- ema + (1 - d_n) * (param - ema),   d_n = min(d, (1 + n) / (10 + n)) with ``warmup``
-    (the warm-up keeps early averages from being dominated by the random init), else d_n = d.
-    Updates use ``torch._foreach_lerp_`` over all tensors at once. With ``update_every`` = k > 1 they run after
-    every k-th optimizer step only, and one update stands for the k steps since the last: the old average keeps
-    the product of their k decays and the current weights stand in for the k - 1 skipped ones. The decays stay
-    per optimizer step (the same horizon for any k) while the EMA's memory traffic falls k-fold; the steps after
-    the last multiple of k are not averaged in.
+    After each optimizer step n (counting from 1), for each average:
+        ema <- ema + (1 - d_n) * (param - ema)
+    For a constant decay d of ``decays``, d_n = min(d, (1 + n) / (10 + n)) with ``warmup`` (the warm-up keeps
+    early averages from being dominated by the random init), else d_n = d. For a power-function average of
+    ``sigma_rels`` (its relative width: a fixed fraction of the run, see :mod:`posthoc_ema`),
+    d_n = (1 - 1/n)^(gamma + 1). Updates use ``torch._foreach_lerp_`` over all tensors at once. With
+    ``update_every`` = k > 1 they run after every k-th optimizer step only, and one update stands for the k steps
+    since the last: the old average keeps the product of their k decays and the current weights stand in for the
+    k - 1 skipped ones. The decays stay per optimizer step (the same horizon for any k) while the EMA's memory
+    traffic falls k-fold; the steps after the last multiple of k are not averaged in.
 
-    The averages live in ``checkpoint["ema"]`` = {"decays", "num_updates" (optimizer steps averaged in),
-    "step" (the global step they cover through), "weights": {str(decay): {name: tensor}}}, next to (never
-    instead of) the raw weights in ``checkpoint["state_dict"]``. ``sample_decay`` (default: the first decay) is
-    the average used for sample grids and export.
+    The averages live in ``checkpoint["ema"]`` = {"decays", "sigma_rels", "num_updates" (optimizer steps averaged
+    in), "step" (the global step they cover through), "weights": {name of the average: {name: tensor}}}, next to
+    (never instead of) the raw weights in ``checkpoint["state_dict"]``. An average's name is ``str(decay)``
+    ("0.9999") or ``sigma_rel_<s>``. ``sample_decay`` (default: the first average) is the average used for sample
+    grids and export. With ``snapshot_every`` = m, the power-function averages are written to ``snapshot_dir``
+    after every m-th step and at the end of training, for averages of any width after training
+    (``scripts/posthoc_ema.py``).
     """
 
     def __init__(self, decays: Sequence[float] = (0.9999,), warmup: bool = True, update_every: int = 1,
-                 sample_decay: float | None = None):
+                 sample_decay: float | str | None = None, sigma_rels: Sequence[float] = (), snapshot_every: int = 0,
+                 snapshot_dir: str | None = None, snapshot_dtype: str = "float32"):
         super().__init__()
-        self.decays = [float(d) for d in decays]
-        if not self.decays or not all(0.0 < d < 1.0 for d in self.decays):
-            raise ValueError(f"callbacks.ema.decays must be a non-empty list of values in (0, 1), got {decays}")
-        self.sample_decay = float(sample_decay) if sample_decay is not None else self.decays[0]
-        if self.sample_decay not in self.decays:
-            raise ValueError(f"callbacks.ema.sample_decay {sample_decay} is not one of decays {self.decays}")
+        self.decays = [float(d) for d in decays or ()]
+        if not all(0.0 < d < 1.0 for d in self.decays):
+            raise ValueError(f"callbacks.ema.decays must be values in (0, 1), got {decays}")
+        self.sigma_rels = [check_sigma_rel(s, "callbacks.ema.sigma_rels") for s in sigma_rels or ()]
+        self._gammas = {label(s): sigma_rel_to_gamma(s) for s in self.sigma_rels}
+        self.labels = [str(d) for d in self.decays] + list(self._gammas)
+        if not self.labels:
+            raise ValueError("callbacks.ema: give at least one of decays and sigma_rels")
+        self.sample_decay = self.labels[0] if sample_decay is None else self.key(sample_decay)
+        if self.sample_decay not in self.labels:
+            raise ValueError(f"callbacks.ema.sample_decay {sample_decay} is not one of the averages {self.labels}")
         self.warmup, self.update_every = warmup, int(update_every)
         if self.update_every < 1:
             raise ValueError(f"callbacks.ema.update_every must be >= 1, got {update_every}")
+        self.snapshot_every, self.snapshot_dir = int(snapshot_every), snapshot_dir
+        self.snapshot_dtype = getattr(torch, str(snapshot_dtype), None)
+        if self.snapshot_every:
+            if not self.sigma_rels or not snapshot_dir:
+                raise ValueError("callbacks.ema.snapshot_every needs callbacks.ema.sigma_rels (the averages it "
+                                 "saves) and callbacks.ema.snapshot_dir")
+            if self.snapshot_every < 0 or self.snapshot_every % self.update_every:
+                raise ValueError(f"callbacks.ema.snapshot_every={snapshot_every} must be a positive multiple of "
+                                 f"update_every={self.update_every}")
+            if self.snapshot_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                raise ValueError(f"callbacks.ema.snapshot_dtype={snapshot_dtype}: use float32, bfloat16 or float16")
         self.num_updates = 0
         self.covered_step: int | None = None  # the global step the averages cover through (None: not known)
         self.names: list[str] = []
-        self.weights: dict[float, list[Tensor]] = {}
+        self.weights: dict[str, list[Tensor]] = {}
         self._loaded: dict | None = None
         self._last_step = -1
-        self._swap: tuple[list[Tensor], list[Tensor], float] | None = None  # inside swapped(): params, raw, decay
+        self._snapshot_updates = -1  # num_updates of the last snapshot written
+        self._swap: tuple[list[Tensor], list[Tensor], str] | None = None  # inside swapped(): params, raw, average
+
+    @staticmethod
+    def key(average: float | str) -> str:
+        """The name of an average given as a decay (0.9999, "0.9999") or ``sigma_rel_<s>``."""
+        text = str(average)
+        try:
+            return label(float(text.removeprefix("sigma_rel_"))) if text.startswith("sigma_rel_") else str(float(text))
+        except ValueError:
+            raise ValueError(f"{average!r} names no EMA average: give a decay (0.9999) or sigma_rel_<s>") from None
 
     @staticmethod
     def _named_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
 
-    def decay_at(self, decay: float, n: int) -> float:
+    def decay_at(self, average: float | str, n: int) -> float:
+        """The decay of optimizer step ``n`` (from 1) for ``average``."""
+        key = self.key(average)
+        if key in self._gammas:
+            return (1.0 - 1.0 / n) ** (self._gammas[key] + 1.0)
+        decay = float(key)
         return min(decay, (1 + n) / (10 + n)) if self.warmup else decay
 
     def _init(self, module: nn.Module) -> None:
@@ -63,14 +103,14 @@ class EMA(L.Callback):
         self.names = [n for n, _ in named]
         if self._loaded is not None:
             state, self._loaded = self._loaded, None
-            missing = [n for n in self.names if n not in state["weights"].get(str(self.decays[0]), {})]
-            if missing or [float(d) for d in state["decays"]] != self.decays:
-                raise ValueError(f"checkpoint EMA (decays {state['decays']}) does not match this run "
-                                 f"(decays {self.decays}, missing {missing[:3]})")
+            missing = [n for n in self.names if n not in state["weights"].get(self.labels[0], {})]
+            if missing or set(state["weights"]) != set(self.labels):
+                raise ValueError(f"checkpoint EMA (averages {list(state['weights'])}) does not match this run "
+                                 f"(averages {self.labels}, missing {missing[:3]})")
             self.num_updates = int(state["num_updates"])
-            self.weights = {d: [like(state["weights"][str(d)][n].float(), p) for n, p in named] for d in self.decays}
+            self.weights = {k: [like(state["weights"][k][n].float(), p) for n, p in named] for k in self.labels}
         else:
-            self.weights = {d: [p.detach().float().clone() for _, p in named] for d in self.decays}
+            self.weights = {k: [p.detach().float().clone() for _, p in named] for k in self.labels}
 
     @torch.no_grad()
     def update(self, module: nn.Module, steps: int = 1) -> None:
@@ -80,8 +120,8 @@ class EMA(L.Callback):
         params = [local(p.detach()) for _, p in self._named_params(module)]
         params = [p.float() if p.dtype != torch.float32 else p for p in params]
         first, self.num_updates = self.num_updates + 1, self.num_updates + steps
-        for d, ema in self.weights.items():
-            keep = math.prod(self.decay_at(d, n) for n in range(first, self.num_updates + 1))
+        for key, ema in self.weights.items():
+            keep = math.prod(self.decay_at(key, n) for n in range(first, self.num_updates + 1))
             torch._foreach_lerp_([local(w) for w in ema], params, 1.0 - keep)
 
     def step_done(self, module: nn.Module, step: int) -> None:
@@ -92,6 +132,22 @@ class EMA(L.Callback):
             if step > covered:
                 self.update(module, steps=step - covered)
             self.covered_step = step
+
+    def snapshot(self, write: bool) -> Path | None:
+        """Writes the power-function averages to ``snapshot_dir/step_<covered step>.safetensors`` (``write``: this
+        rank writes; with a sharded model every rank calls this, a collective). Once per number of updates."""
+        if not self.weights or self.num_updates == self._snapshot_updates or self.covered_step is None:
+            return None
+        self._snapshot_updates = self.num_updates
+        averages = {s: self._gathered(label(s)) for s in self.sigma_rels}
+        if not write:
+            return None
+        path = Path(self.snapshot_dir) / f"step_{self.covered_step:07d}.safetensors"
+        return write_snapshot(path, averages, self.covered_step, self.num_updates, self.snapshot_dtype)
+
+    def _gathered(self, key: str) -> dict[str, Tensor]:
+        """One average as whole fp32 tensors on the CPU (a collective call with a sharded model)."""
+        return {n: full_tensor(w.detach()).cpu() for n, w in zip(self.names, self.weights[key])}
 
     # -- Lightning hooks ---------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -106,12 +162,17 @@ class EMA(L.Callback):
         if step != self._last_step:  # an optimizer step happened in this batch
             self._last_step = step
             self.step_done(pl_module, step)
+            if self.snapshot_every and step % self.snapshot_every == 0:
+                self.snapshot(trainer.is_global_zero)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.snapshot_every:  # the last step's averages, also when a signal stopped the run
+            self.snapshot(trainer.is_global_zero)
 
     def state(self) -> dict:
         """Whole fp32 tensors on the CPU; with a sharded model (FSDP) a collective call: every rank calls it."""
-        return {"decays": self.decays, "num_updates": self.num_updates, "step": self.covered_step,
-                "weights": {str(d): {n: full_tensor(w.detach()).cpu() for n, w in zip(self.names, ws)}
-                            for d, ws in self.weights.items()}}
+        return {"decays": self.decays, "sigma_rels": self.sigma_rels, "num_updates": self.num_updates,
+                "step": self.covered_step, "weights": {k: self._gathered(k) for k in self.weights}}
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         if self.weights:
@@ -124,15 +185,16 @@ class EMA(L.Callback):
 
     # -- using the averages ------------------------------------------------------------------------
     @contextlib.contextmanager
-    def swapped(self, module: nn.Module, decay: float | None = None) -> Iterator[None]:
-        """Temporarily loads the EMA weights of ``decay`` into ``module`` (raw weights restored after)."""
+    def swapped(self, module: nn.Module, average: float | str | None = None) -> Iterator[None]:
+        """Temporarily loads the EMA weights of ``average`` (a decay or ``sigma_rel_<s>``; default: the sampling
+        average) into ``module`` (raw weights restored after)."""
         if not self.weights:
             self._init(module)
         params = [local(p.detach()) for _, p in self._named_params(module)]  # a sharded model: this rank's shards
         backup = [p.clone() for p in params]
-        decay = decay or self.sample_decay
-        self._copy_average(params, decay)
-        self._swap = (params, backup, decay)
+        key = self.sample_decay if average is None else self.key(average)
+        self._copy_average(params, key)
+        self._swap = (params, backup, key)
         try:
             yield
         finally:
@@ -141,8 +203,8 @@ class EMA(L.Callback):
                 torch._foreach_copy_(params, backup)
 
     @torch.no_grad()
-    def _copy_average(self, params: list[Tensor], decay: float) -> None:
-        torch._foreach_copy_(params, [local(w).to(p.dtype) for w, p in zip(self.weights[decay], params)])
+    def _copy_average(self, params: list[Tensor], key: str) -> None:
+        torch._foreach_copy_(params, [local(w).to(p.dtype) for w, p in zip(self.weights[key], params)])
 
     @contextlib.contextmanager
     def unswapped(self) -> Iterator[None]:
@@ -151,13 +213,33 @@ class EMA(L.Callback):
         if self._swap is None:
             yield
             return
-        params, backup, decay = self._swap
+        params, backup, key = self._swap
         with torch.no_grad():
             torch._foreach_copy_(params, backup)
         try:
             yield
         finally:
-            self._copy_average(params, decay)
+            self._copy_average(params, key)
+
+
+def checkpoint_average(ckpt: dict, weights: str, where: str, option: str = "weights"
+                       ) -> tuple[str, dict[str, Tensor]]:
+    """The EMA average of a checkpoint that ``weights`` names, and its tensors: ``ema`` (the run's sampling
+    average, its ``callbacks.ema.sample_decay``, else its first), ``ema_<decay>`` or ``ema_sigma_rel_<s>``.
+    ``where``: the checkpoint in errors, ``option``: the setting that chose ``weights``."""
+    averages = (ckpt.get("ema") or {}).get("weights")
+    if not averages:
+        raise ValueError(f"{where} holds no EMA weights; use {option}=raw")
+    name = weights.removeprefix("ema").removeprefix("_")
+    if name:
+        name = EMA.key(name)
+    else:
+        config = (ckpt.get("diffusion_train") or {}).get("config") or {}
+        chosen = ((config.get("callbacks") or {}).get("ema") or {}).get("sample_decay")
+        name = EMA.key(chosen) if chosen is not None and EMA.key(chosen) in averages else next(iter(averages))
+    if name not in averages:
+        raise ValueError(f"{option}={weights}: {where} has EMA averages {list(averages)}, not {name}")
+    return name, averages[name]
 
 
 def find_ema(trainer: L.Trainer) -> EMA | None:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from diffusion_train.finetune.lora import LORA_KEY, plain_key
 from diffusion_train.training.checkpointing import load_checkpoint
+from diffusion_train.training.ema import checkpoint_average
 
 log = logging.getLogger("diffusion_train")
 SHOWN = 5  # keys named in errors and in the log
@@ -85,20 +86,9 @@ def read_weights(path: str | Path, weights: str = "ema") -> tuple[dict[str, Tens
                          f".safetensors file")
     if weights == "raw":
         return state, str(path), "raw"
-    ema = ckpt.get("ema")
-    if not ema or not ema.get("weights"):
-        raise ValueError(f"init.path: {path} holds no EMA weights; use init.weights=raw")
-    decay = weights.removeprefix("ema").removeprefix("_") or _sampling_decay(ckpt, ema)
-    if decay not in ema["weights"]:
-        raise ValueError(f"init.weights={weights}: {path} has EMA decays {sorted(ema['weights'])}")
-    state.update(ema["weights"][decay])
-    return state, str(path), f"ema_{decay}"
-
-
-def _sampling_decay(ckpt: dict, ema: dict) -> str:
-    config = (ckpt.get("diffusion_train") or {}).get("config") or {}
-    decay = ((config.get("callbacks") or {}).get("ema") or {}).get("sample_decay")
-    return str(decay) if decay is not None and str(decay) in ema["weights"] else str(ema["decays"][0])
+    name, average = checkpoint_average(ckpt, weights, f"init.path: {path}", "init.weights")
+    state.update(average)
+    return state, str(path), f"ema_{name}"
 
 
 def load_pretrained(module: nn.Module, path: str | Path, weights: str = "ema", strict: bool = True) -> LoadReport:
