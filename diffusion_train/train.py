@@ -22,7 +22,7 @@ from omegaconf.errors import MissingMandatoryValue
 from diffusion_train.cli import check_numbers
 from diffusion_train.data.precomputed import PrecomputedMismatchError
 from diffusion_train.data.bad_data import BadDataError
-from diffusion_train.training import EMA, AtomicCheckpointIO, NonFiniteLossError, RunSummary
+from diffusion_train.training import EMA, AtomicCheckpointIO, NonFiniteLossError, RunSummary, StepCheckpoints
 from diffusion_train.training.build import build_module, lora_scaling
 from diffusion_train.training.checkpointing import last_checkpoint, load_checkpoint, remove_stale_temp_files
 from diffusion_train.training.export import export_weights
@@ -115,8 +115,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     intervals = lightning_intervals(cfg.trainer, accumulate)  # Lightning counts batches, the config steps
     callbacks = _instantiate_all(cfg.callbacks)
     # The EMA first: a checkpoint that another callback's step-end hook saves holds this step's average.
-    # The run summary last: it records what the others logged this step.
-    callbacks.sort(key=lambda c: (not isinstance(c, EMA), isinstance(c, RunSummary)))
+    # The run summary last: it records what the others logged this step. (Lightning then moves the checkpoint
+    # callbacks to the end, in this order: the step checkpoints after the periodic ones, which they do not repeat.)
+    callbacks.sort(key=lambda c: (not isinstance(c, EMA), isinstance(c, RunSummary), isinstance(c, StepCheckpoints)))
     _warn_of_untrained_guidance(module, callbacks, bool(init.get("path")))
     if cfg.trainer.get("enable_progress_bar", True):  # a refresh reads the loss (a device sync): once per log interval
         callbacks.append(LossProgressBar(refresh_rate=intervals["log_every_n_steps"]))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from diffusion_train.training.checkpointing import load_checkpoint
 from diffusion_train.training.loggers import persistent_run_id
@@ -206,12 +207,13 @@ def test_ddp_and_fsdp_train_like_one_process_accumulating_the_same_global_batch(
     # host syncs of steps 2 and 3 (FSDP: of its first launch); logging and checkpoints at step 4 only
     watch = ["trainer.log_every_n_steps=4", "callbacks.checkpoint.every_n_train_steps=4", "callbacks.host_syncs.start=1",
              "callbacks.host_syncs.steps=2"]
-    runs = {"one": ["data.batch_size=4", "training.accumulate_grad_batches=2"],
+    snapshots = ["callbacks.ema.sigma_rels=[0.1]", "callbacks.ema.snapshot_every=4"]  # post-hoc EMA's (syncs: at 4)
+    runs = {"one": ["data.batch_size=4", "training.accumulate_grad_batches=2", *snapshots],
             "ddp": [*TWO_CPUS, "+trainer.strategy=ddp", "data.batch_size=4", *watch],
             "one_by_4": ["data.batch_size=2", "training.accumulate_grad_batches=4"],
             "ddp_accumulating": [*TWO_CPUS, "+trainer.strategy=ddp", "data.batch_size=2",
                                  "training.accumulate_grad_batches=2"],
-            "fsdp": ["trainer=fsdp", *TWO_CPUS, "trainer.precision=32-true", "data.batch_size=4", *watch],
+            "fsdp": ["trainer=fsdp", *TWO_CPUS, "trainer.precision=32-true", "data.batch_size=4", *watch, *snapshots],
             # the GPU default for a U-Net (compile=auto: true), traced here with the aot_eager backend
             "fsdp_compiled": ["trainer=fsdp", *TWO_CPUS, "trainer.precision=32-true", "data.batch_size=4",
                               "training.compile=true", "+training.compile_options.backend=aot_eager"]}
@@ -249,6 +251,12 @@ def test_ddp_and_fsdp_train_like_one_process_accumulating_the_same_global_batch(
         assert _max_diff(ckpts["one"]["state_dict"], ckpts[name]["state_dict"]) < 1e-6, name
         assert _max_diff(ckpts["one"]["ema"]["weights"]["0.999"], ckpts[name]["ema"]["weights"]["0.999"]) < 1e-6, name
         assert ckpts[name]["ema"]["weights"]["0.999"].keys() == ckpts["one"]["ema"]["weights"]["0.999"].keys()
+
+    # FSDP's snapshots are whole (rank 0 writes the gathered averages), also the one at the end of its first launch
+    names = sorted(p.name for p in (tmp_path / "fsdp/ema_snapshots").iterdir())
+    assert names == ["step_0000003.safetensors", "step_0000004.safetensors"], names
+    one, fsdp = (load_file(tmp_path / r / "ema_snapshots/step_0000004.safetensors") for r in ("one", "fsdp"))
+    assert one.keys() == fsdp.keys() and _max_diff(one, fsdp) < 1e-6
 
     module = load_module(tmp_path / "fsdp/checkpoints/last.ckpt")  # one process, no strategy
     ema = ckpts["fsdp"]["ema"]["weights"]["0.999"]

@@ -181,15 +181,22 @@ def test_resume_is_exact(model, tiny_cfg, tmp_path):
     assert sorted(train_rows) == sorted(set(train_rows)), "a resumed run must not log a step twice"
 
 
-def test_a_resume_with_accumulation_saves_nothing_in_the_middle_of_its_first_step(tiny_cfg, tmp_path):
+def test_a_resume_with_accumulation_saves_nothing_in_the_middle_of_its_first_step(tiny_cfg, tmp_path, monkeypatch):
     """Resumed at a checkpoint step with 2 micro-batches per step: the end of the first micro-batch is not the end of
-    the step, so no checkpoint is written there (it would hold half a step and resume wrongly)."""
+    the step, so no checkpoint is written there (it would hold half a step and resume wrongly). Step 4, both a
+    periodic checkpoint and a step_checkpoints one, is written once."""
+    from diffusion_train.training import checkpointing
+
+    written, save = [], checkpointing.atomic_torch_save
+    monkeypatch.setattr(checkpointing, "atomic_torch_save", lambda obj, path: (written.append(Path(path).name),
+                                                                               save(obj, path)))
     common = ["training.accumulate_grad_batches=2", "callbacks.checkpoint.every_n_train_steps=2",
               "callbacks.step_checkpoints.steps=[4]", "trainer.val_check_interval=50"]
     run = tmp_path / "run"
     train(tiny_cfg(*common, "trainer.max_steps=4", run_dir=run), run)
     saved = {p.name: _digest(p) for p in (run / "checkpoints").glob("*.ckpt")}
     assert sorted(saved) == ["last.ckpt", "step_0000002.ckpt", "step_0000004.ckpt"]
+    assert sorted(written) == ["last.ckpt", "last.ckpt", "step_0000002.ckpt", "step_0000004.ckpt"], written
     train(tiny_cfg(*common, "trainer.max_steps=6", run_dir=run), run)
     assert _digest(run / "checkpoints/step_0000004.ckpt") == saved["step_0000004.ckpt"]
     train(tiny_cfg(*common, "trainer.max_steps=6", run_dir=tmp_path / "straight"), tmp_path / "straight")

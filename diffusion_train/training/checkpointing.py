@@ -11,7 +11,10 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from diffusion_train.training.step_end import StepEndCallback
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -88,24 +91,18 @@ def restore_rng_states(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class StepCheckpoints(L.Callback):
+class StepCheckpoints(StepEndCallback, Checkpoint):
     """Checkpoints at the given optimizer steps, ``step_<N>.ckpt`` in ``dirpath`` as the periodic ones are named
     (``callbacks.step_checkpoints.steps``): e.g. the points cool-down runs branch from (``init.branch_from``). Every
-    rank saves (sharded states gather); a file already there (a relaunch, a periodic checkpoint) is kept."""
+    rank saves (sharded states gather); a file already there (a relaunch, a periodic checkpoint) is kept. A
+    ``Checkpoint``: Lightning runs it after the other callbacks, and ``train`` puts it after the periodic
+    ``ModelCheckpoint``, so a step that is both is saved once."""
 
     def __init__(self, dirpath: str | os.PathLike, steps: list[int] | tuple[int, ...] = ()):
         super().__init__()
         self.dirpath, self.steps = Path(dirpath), {int(s) for s in steps}
-        self._last_step = -1
 
-    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
-        self._last_step = trainer.global_step  # a resumed (or branched) step is the checkpoint's, not this launch's
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step == self._last_step:  # inside a gradient accumulation: not a step boundary
-            return
-        self._last_step = step
+    def on_step_end(self, trainer: L.Trainer, pl_module, step: int) -> None:
         path = self.dirpath / f"step_{step:07d}.ckpt"
         if step in self.steps and not trainer.strategy.broadcast(path.is_file()):
             trainer.save_checkpoint(path)

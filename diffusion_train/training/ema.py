@@ -14,9 +14,10 @@ from torch import Tensor, nn
 
 from diffusion_train.training.parallel import full_tensor, like, local
 from diffusion_train.training.posthoc_ema import check_sigma_rel, label, sigma_rel_to_gamma, write_snapshot
+from diffusion_train.training.step_end import StepEndCallback
 
 
-class EMA(L.Callback):
+class EMA(StepEndCallback):
     """Keeps fp32 EMA copies of every trainable parameter of the LightningModule.
 
     After each optimizer step n (counting from 1), for each average:
@@ -73,7 +74,6 @@ class EMA(L.Callback):
         self.names: list[str] = []
         self.weights: dict[str, list[Tensor]] = {}
         self._loaded: dict | None = None
-        self._last_step = -1
         self._snapshot_updates = -1  # num_updates of the last snapshot written
         self._swap: tuple[list[Tensor], list[Tensor], str] | None = None  # inside swapped(): params, raw, average
 
@@ -154,16 +154,10 @@ class EMA(L.Callback):
         if not self.weights:
             self._init(pl_module)
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._last_step = trainer.global_step  # a resumed run's step is restored by now (not yet at fit start)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step != self._last_step:  # an optimizer step happened in this batch
-            self._last_step = step
-            self.step_done(pl_module, step)
-            if self.snapshot_every and step % self.snapshot_every == 0:
-                self.snapshot(trainer.is_global_zero)
+    def on_step_end(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
+        self.step_done(pl_module, step)
+        if self.snapshot_every and step % self.snapshot_every == 0:
+            self.snapshot(trainer.is_global_zero)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.snapshot_every:  # the last step's averages, also when a signal stopped the run

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from diffusion_train.training.ema import find_ema
+from diffusion_train.training.step_end import StepEndCallback
 from diffusion_train.training.syncs import host_side
 
 log = logging.getLogger("diffusion_train")
@@ -44,7 +45,7 @@ log = logging.getLogger("diffusion_train")
 _NONE, _EXIT, _REQUEUE = 0, 1, 2  # agreed across ranks with a MAX all-reduce: a requeue wins
 
 
-class Preemption(L.Callback):
+class Preemption(StepEndCallback):
     """Checkpoints ``<dirpath>/last.ckpt`` at the first step boundary after one of ``requeue_signals``
     or ``exit_signals`` reached any rank, then stops the fit (see the module docstring).
 
@@ -64,7 +65,6 @@ class Preemption(L.Callback):
         self.requeue = False
         self.previous_handlers: dict[int, Any] = {}
         self._group = None
-        self._last_step = -1
         self._saved_step: int | None = None  # the step last.ckpt holds, when this launch knows it
 
     # -- the handler: a flag, nothing else --------------------------------------------------------
@@ -101,18 +101,14 @@ class Preemption(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning put its own SIGTERM handler in after on_fit_start: this one goes back in after it.
-        self._last_step = trainer.global_step
+        super().on_train_start(trainer, pl_module)
         own = trainer.ckpt_path and Path(trainer.ckpt_path).resolve() == (self.dirpath / "last.ckpt").resolve()
         self._saved_step = trainer.global_step if own else None  # resumed from last.ckpt (a branch: another run's)
         self.install()
         if signal.SIGTERM in self.previous_handlers and signal.getsignal(signal.SIGTERM) == self._handle:
             _lightning_sigterm_broadcast(trainer, enabled=False)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step == self._last_step:  # inside a gradient accumulation: not a step boundary
-            return
-        self._last_step = step
+    def on_step_end(self, trainer: L.Trainer, pl_module, step: int) -> None:
         self.stop_if_signalled(trainer)
 
     def stop_if_signalled(self, trainer: L.Trainer) -> bool:

@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from diffusion_train.training.parallel import log_every_steps, trainer_global_batch
+from diffusion_train.training.step_end import StepEndCallback
 
 FORMAT = "diffusion_train.summary/1"
 # Metrics recorded in the history: evaluations, not the per-step training values.
@@ -67,7 +68,7 @@ def _lowest(entries: list[dict]) -> float | None:
     return min((e["value"] for e in entries if e["value"] is not None), default=None)
 
 
-class RunSummary(L.Callback):
+class RunSummary(StepEndCallback):
     """See the module docstring. ``path``: where summary.json goes (the run directory's)."""
 
     def __init__(self, path: str):
@@ -82,7 +83,6 @@ class RunSummary(L.Callback):
         self._pending: list[tuple[str, object, int]] = []  # (name, value, step) noted, not read yet
         self._wall0 = 0.0
         self._wall_before = 0.0
-        self._last_step = -1
 
     # -- accounting ------------------------------------------------------------------------------
     def images(self, step: int) -> int:
@@ -100,8 +100,8 @@ class RunSummary(L.Callback):
         self.flops_per_image = TRAINING_FLOPS_PER_MAC * self.forward_macs
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:  # the resumed step is known by now
+        super().on_train_start(trainer, pl_module)
         self._wall0 = time.monotonic()
-        self._last_step = trainer.global_step
         self._resume(trainer.global_step)
 
     def _resume(self, step: int) -> None:
@@ -119,11 +119,7 @@ class RunSummary(L.Callback):
             if kept:
                 self.history[name] = kept
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step == self._last_step:
-            return
-        self._last_step = step
+    def on_step_end(self, trainer: L.Trainer, pl_module, step: int) -> None:
         logging_step = step % log_every_steps(trainer, pl_module) == 0
         if logging_step:
             pl_module.log_dict({"perf/images_seen": float(self.images(step)), "perf/train_flops": self.flops(step)})
