@@ -25,6 +25,13 @@ TINY = [
 ]
 
 
+def file_digest(path: Path) -> str:
+    """The sha256 of a file's bytes: whether a checkpoint was rewritten."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def compose_train(overrides: list[str], run_dir: Path | None = None):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose("train", overrides=list(overrides) + ([f"run_dir={run_dir}"] if run_dir else []))
