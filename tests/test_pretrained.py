@@ -62,6 +62,13 @@ def test_run_directory_and_exported_safetensors(tiny_cfg, tmp_path):
     load_pretrained(target, tmp_path / "run" / "weights" / "ema_0.9999.safetensors")
     torch.testing.assert_close(params(target), {n: p + 2 for n, p in params(source).items()})
 
+    # "ema" of exported files alone: the sampling average that the export's config names (not the last by name)
+    config = {"callbacks": {"ema": {"sample_decay": 0.999}}}
+    export_weights(state, ema, tmp_path / "exported" / "weights", {"config": config})
+    report = load_pretrained(target, tmp_path / "exported", "ema")
+    assert report.source.endswith("ema_0.999.safetensors")
+    torch.testing.assert_close(params(target), {n: p + 1 for n, p in params(source).items()})
+
 
 def test_bare_backbone_file_is_read_under_backbone(tiny_cfg, tmp_path):
     """A safetensors file of the backbone alone (keys without 'backbone.'): partial by nature, so non-strict."""

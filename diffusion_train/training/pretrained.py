@@ -6,6 +6,7 @@ A resumed run never reads ``init``: its own checkpoint holds the weights it trai
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 
 from diffusion_train.finetune.lora import LORA_KEY, plain_key
 from diffusion_train.training.checkpointing import load_checkpoint
-from diffusion_train.training.ema import checkpoint_average
+from diffusion_train.training.ema import EMA, checkpoint_average
 
 log = logging.getLogger("diffusion_train")
 SHOWN = 5  # keys named in errors and in the log
@@ -74,7 +75,7 @@ def read_weights(path: str | Path, weights: str = "ema") -> tuple[dict[str, Tens
             if not exported:
                 raise FileNotFoundError(f"init.path: {path} holds neither checkpoints/last.ckpt nor "
                                         f"weights/{weights}.safetensors")
-            path = exported[-1]
+            path = _sampling_export(exported) if weights == "ema" else exported[-1]
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -89,6 +90,18 @@ def read_weights(path: str | Path, weights: str = "ema") -> tuple[dict[str, Tens
     name, average = checkpoint_average(ckpt, weights, f"init.path: {path}", "init.weights")
     state.update(average)
     return state, str(path), f"ema_{name}"
+
+
+def _sampling_export(files: list[Path]) -> Path:
+    """Of a run's exported EMA files, the one of its sampling average (``callbacks.ema.sample_decay`` of the config
+    the export records), else the last by name."""
+    from safetensors import safe_open
+
+    with safe_open(str(files[0]), "pt") as f:
+        info = json.loads((f.metadata() or {}).get("diffusion_train") or "{}")
+    chosen = (((info.get("config") or {}).get("callbacks") or {}).get("ema") or {}).get("sample_decay")
+    named = files[0].with_name(f"ema_{EMA.key(chosen)}.safetensors") if chosen is not None else None
+    return named if named in files else files[-1]
 
 
 def load_pretrained(module: nn.Module, path: str | Path, weights: str = "ema", strict: bool = True) -> LoadReport:
