@@ -36,6 +36,7 @@ def test_sigma_rel_and_gamma():
     for s in (0.01, 0.03, 0.15, 0.25):
         assert gamma_to_sigma_rel(sigma_rel_to_gamma(s)) == pytest.approx(s, rel=1e-9)
     assert sigma_rel_to_gamma(12 ** -0.5) == pytest.approx(0.0, abs=1e-9)  # the plain mean
+    assert sigma_rel_to_gamma(0.2887) == 0.0  # as it is written
     for bad in (0.0, -0.1, 0.3):
         with pytest.raises(ValueError, match="relative width"):
             sigma_rel_to_gamma(bad)
