@@ -15,7 +15,8 @@ The first argument is the run folder, then ``key=value`` options:
 It writes one checkpoint holding the averages as ``ema_sigma_rel_<s>``, with the model config and raw weights of
 the run's checkpoint at that step (else its last.ckpt): ``diffusion-sample``, ``diffusion-eval``, ``init.path``
 read it like any checkpoint. It prints, for each width, its gamma, the number of snapshot averages combined, and the
-fit's relative error (how far the combined profile is from the asked one; under a few percent is a close match).
+fit's relative error (how far the combined profile is from the asked one; under a few percent is a close match,
+and above 5% a note says that the width is far outside the tracked ones).
 Exits with status 1 and one ``error:`` line when there are no snapshots, the step has none, or an option is bad.
 """
 
@@ -34,6 +35,7 @@ from diffusion_train.training.posthoc_ema import (base_checkpoint, check_sigma_r
 
 OPTIONS = {"sigma_rels": str, "step": int, "snapshots": str, "out": str}
 DEFAULTS: dict[str, Any] = {"sigma_rels": "", "step": None, "snapshots": "", "out": ""}
+ROUGH_FIT = 0.05  # a fit error above this is worth a note
 
 
 def parse_args(argv: list[str]) -> tuple[Path, dict[str, Any]]:
@@ -69,6 +71,11 @@ def main(argv: list[str]) -> Path:
     print(f"{'average':<18} {'gamma':>8} {'terms':>6} {'fit error':>10}")
     for r in recs:
         print(f"{label(r.sigma_rel):<18} {sigma_rel_to_gamma(r.sigma_rel):>8.3f} {len(r.terms):>6} {r.error:>10.2%}")
+    rough = [label(r.sigma_rel) for r in recs if r.error > ROUGH_FIT]
+    if rough:
+        tracked = sorted({s for r in recs for _, s, _ in r.terms})
+        print(f"note: {', '.join(rough)} fit with more than {ROUGH_FIT:.0%} error: far outside the tracked widths "
+              f"{tracked}, they are only rough averages; track a width nearer them")
     print(f"wrote {out}")
     return out
 

@@ -191,6 +191,7 @@ def test_a_run_snapshots_resumes_exactly_and_the_script_makes_a_loadable_checkpo
                          text=True)
     assert out.returncode == 0, out.stderr
     assert "sigma_rel_0.2" in out.stdout and "step 8: 4 snapshots" in out.stdout
+    assert "note: sigma_rel_0.2 fit with more than 5% error" in out.stdout  # far wider than 0.05 and 0.1 at 4 steps
     made = straight / "posthoc_ema" / "step_0000008.ckpt"
     last = load_checkpoint(straight / "checkpoints" / "last.ckpt")
     module = load_module(made, "ema_sigma_rel_0.1")
