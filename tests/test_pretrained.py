@@ -70,6 +70,22 @@ def test_run_directory_and_exported_safetensors(tiny_cfg, tmp_path):
     torch.testing.assert_close(params(target), {n: p + 1 for n, p in params(source).items()})
 
 
+def test_exports_are_readable_as_the_umask_allows(tiny_cfg, tmp_path):
+    """safetensors creates files owner-only; exported weights (and every other safetensors file the package writes,
+    through the same function) get the permissions of the umask, as checkpoints do, so a team can read them."""
+    import os
+    import stat
+
+    state, ema = fake_checkpoint(module_of(tiny_cfg), tmp_path / "last.ckpt")
+    old = os.umask(0o022)
+    try:
+        written = export_weights(state, ema, tmp_path / "weights")
+    finally:
+        os.umask(old)
+    assert written and all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in written), written
+    assert not list((tmp_path / "weights").glob(".*"))  # no temporary file left
+
+
 def test_bare_backbone_file_is_read_under_backbone(tiny_cfg, tmp_path):
     """A safetensors file of the backbone alone (keys without 'backbone.'): partial by nature, so non-strict."""
     source = randomised(module_of(tiny_cfg), seed=3)

@@ -309,15 +309,11 @@ class TinyVAENet(nn.Module):
 
     def save(self, path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
         """Writes the weights with the architecture in the safetensors metadata (atomically)."""
-        from safetensors.torch import save_file
+        from diffusion_train.files import atomic_save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        meta = {"diffusion_train.tiny_vae": json.dumps(self.config), **{k: json.dumps(v) for k, v in (extra or {}).items()}}
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-        return path
+        meta = {"diffusion_train.tiny_vae": json.dumps(self.config),
+                **{k: json.dumps(v) for k, v in (extra or {}).items()}}
+        return atomic_save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, path, meta)
 
 
 def load_tiny_vae_net(path: str | os.PathLike) -> tuple[TinyVAENet, dict[str, str]]:

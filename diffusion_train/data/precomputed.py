@@ -147,7 +147,7 @@ def write_precomputed(out_dir: str | os.PathLike, datamodule, autoencoder, condi
     """Encodes the splits of ``datamodule`` (the first ``limit`` items of each, if given) into
     ``out_dir`` and writes its manifest (last, atomically: a directory without a manifest is not a
     precomputed set)."""
-    from safetensors.torch import save_file
+    from diffusion_train.files import atomic_save_file
 
     trainable = [name for name, e in _text_embedders(conditioner).items() if e.trainable]
     if trainable:
@@ -173,9 +173,8 @@ def write_precomputed(out_dir: str | os.PathLike, datamodule, autoencoder, condi
                 raise ValueError(f"unknown split {split!r}; valid: {sorted(sets)}")
             tensors, distinct = precompute_split(sets[split], autoencoder, conditioner, batch_size, torch_dtype,
                                                  device, progress, limit)
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"{split}.safetensors.tmp"))
+            atomic_save_file({k: v.contiguous() for k, v in tensors.items()}, out / f"{split}.safetensors")
             (out / f"{split}.captions.json.tmp").write_text(json.dumps(distinct))
-            os.replace(out / f"{split}.safetensors.tmp", out / f"{split}.safetensors")
             os.replace(out / f"{split}.captions.json.tmp", out / f"{split}.captions.json")
             manifest["splits"][split] = {"count": int(tensors["latent"].shape[0]),
                                          "latent_shape": list(tensors["latent"].shape[1:]),

@@ -170,7 +170,7 @@ def save_reference(path: str | os.PathLike, stats: FeatureStats, provenance: Map
     """Writes ``mu`` and ``sigma`` (float64) to a safetensors file, atomically, with ``provenance``
     (json in the metadata). ``provenance["extractor"]`` must hold the extractor's provenance;
     ``count`` is taken from ``stats``."""
-    from safetensors.torch import save_file
+    from diffusion_train.files import atomic_save_file
 
     if not isinstance(provenance.get("extractor"), Mapping):
         raise ValueError("save_reference: provenance needs 'extractor': the feature extractor's provenance")
@@ -179,16 +179,8 @@ def save_reference(path: str | os.PathLike, stats: FeatureStats, provenance: Map
         raise ValueError(f"save_reference: provenance count {provenance['count']} but the statistics hold {count}")
     record = _json_normal({**provenance, "count": count})
     tensors = {"mu": stats.mean().cpu().contiguous(), "sigma": stats.covariance().cpu().contiguous()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata={"format": REFERENCE_FORMAT, "version": REFERENCE_VERSION,
-                                               "provenance": json.dumps(record, sort_keys=True)})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_save_file(tensors, path, {"format": REFERENCE_FORMAT, "version": REFERENCE_VERSION,
+                                            "provenance": json.dumps(record, sort_keys=True)})
 
 
 def _differences(expected: Mapping[str, Any], found: Mapping[str, Any]) -> list[str]:

@@ -133,15 +133,10 @@ class FMNISTNet(FeatureExtractor):
     def save(self, path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
         """Writes the weights (atomically) with the architecture and ``extra`` (e.g. ``test_accuracy``,
         ``training``: JSON-serializable values) in the safetensors metadata; returns the path."""
-        from safetensors.torch import save_file
+        from diffusion_train.files import atomic_save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {META_KEY: json.dumps(self.config), **{str(k): json.dumps(v) for k, v in (extra or {}).items()}}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-        return path
+        return atomic_save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, path, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "FMNISTNet":

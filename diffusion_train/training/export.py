@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from diffusion_train.files import atomic_save_file
 from diffusion_train.finetune.lora import has_lora, lora_state, merged_state
 
 
@@ -52,7 +52,4 @@ def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _save(state: dict[str, torch.Tensor], path: Path, meta: dict) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    return atomic_save_file(state, path, meta)

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from diffusion_train.files import atomic_save_file
 
 SIGMA_REL_MAX = 12 ** -0.5  # gamma = 0: the plain running mean of all steps, the widest profile (0.28868)
 SNAPSHOT_GLOB = "step_*.safetensors"
@@ -93,16 +94,11 @@ def write_snapshot(path: str | os.PathLike, averages: dict[float, dict[str, torc
                    num_updates: int, dtype: torch.dtype = torch.float32) -> Path:
     """Writes the averages (sigma_rel -> {name: tensor}) as ``<label>/<name>`` tensors of one safetensors file,
     through a temporary file renamed over ``path`` (a kill never leaves a half-written snapshot)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"{label(s)}/{n}": w.detach().to("cpu", dtype).contiguous() for s, ws in averages.items()
                for n, w in ws.items()}
     meta = {"step": str(int(step)), "num_updates": str(int(num_updates)),
             "sigma_rels": json.dumps([float(s) for s in averages])}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    return atomic_save_file(tensors, path, meta)
 
 
 def read_snapshot(path: str | os.PathLike) -> Snapshot:
