@@ -144,9 +144,9 @@ def solve(snapshots: list[Snapshot], sigma_rels: list[float], step: int | None =
     times = np.array([snap.num_updates for snap, _ in profiles], float)
     gammas = np.array([sigma_rel_to_gamma(s) for _, s in profiles])
     out = []
-    for target in sigma_rels:
+    for target in dict.fromkeys(check_sigma_rel(s) for s in sigma_rels):  # each width once
         x, error = solve_coefficients(times, gammas, at[0].num_updates, sigma_rel_to_gamma(target))
-        out.append(Reconstruction(check_sigma_rel(target), step, at[0].num_updates, error,
+        out.append(Reconstruction(target, step, at[0].num_updates, error,
                                   [(snap, s, float(c)) for (snap, s), c in zip(profiles, x)]))
     return out
 
