@@ -4,23 +4,21 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
 
-def atomic_save_file(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
-                     metadata: Mapping[str, str] | None = None) -> Path:
-    """safetensors' ``save_file`` to a temporary file in the same folder, fsynced, then renamed over ``path``. The
-    file gets the permissions the process's umask gives new files (safetensors itself creates them owner-only,
-    which hides exported weights, references and snapshots from the rest of a team on a shared file system)."""
-    from safetensors.torch import save_file
-
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """``write(tmp)`` to a temporary file in ``path``'s folder (``.<name>.tmp-<pid>``), fsync, then rename over
+    ``path`` and fsync the folder: a kill at any moment leaves the old file or the new one, never a truncated one.
+    The file gets the permissions the process's umask gives new files (safetensors creates its files owner-only,
+    which hid exported weights, references and snapshots from the rest of a team on a shared file system)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file(dict(tensors), str(tmp), metadata=dict(metadata) if metadata is not None else None)
+        write(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
@@ -29,4 +27,27 @@ def atomic_save_file(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
     return path
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` through :func:`atomic_write`."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    return atomic_write(path, write)
+
+
+def atomic_save_file(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: Mapping[str, str] | None = None) -> Path:
+    """safetensors' ``save_file`` through :func:`atomic_write`."""
+    from safetensors.torch import save_file
+
+    return atomic_write(path, lambda tmp: save_file(dict(tensors), str(tmp),
+                                                    metadata=dict(metadata) if metadata is not None else None))
