@@ -47,10 +47,18 @@ def markdown(result: dict) -> str:
                      f"{row['first_step_s']:.1f} | {fmt(row['compile_s'], '.1f')} | "
                      f"{fmt(row.get('host_syncs_per_step'), '.2f')} |")
     for mode, row in result["results"].items():
+        logging = row.get("timed_logging_steps") or 0
+        other = s["steps"] * s["repeats"] - logging
         if row.get("host_sync_sites"):
-            timed = s["steps"] * s["repeats"]
-            sites = ", ".join(f"`{site}` {n / timed:.2f}" for site, n in row["host_sync_sites"].items())
+            sites = ", ".join(f"`{site}` {n / other:.2f}" for site, n in row["host_sync_sites"].items())
             lines += ["", f"Host syncs per step by line ({mode}): {sites}."]
+        if logging:
+            by_line = row.get("host_sync_sites_logging", {}).items()
+            sites = ", ".join(f"`{site}` {n / logging:.2f}" for site, n in by_line)
+            lines += ["", f"Logging steps ({mode}: step numbers that are multiples of {s.get('log_every_n_steps')}, "
+                          f"counted apart from the column): {logging} of the timed steps, "
+                          f"{fmt(row.get('host_syncs_per_logging_step'), '.2f')} host syncs each"
+                          + (f" ({sites})" if sites else "") + "."]
     for mode, row in result["results"].items():
         if row.get("profile"):
             lines += ["", describe(row["profile"], mode)]

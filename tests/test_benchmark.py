@@ -130,7 +130,9 @@ def test_script_end_to_end_on_cpu(tmp_path, capsys):
     out, md = tmp_path / "result.json", tmp_path / "bench.md"
     md.write_text("# Benchmarks\n\nintro\n\n<!-- scripts/benchmark.py adds result tables above this line -->\n\n"
                   "## Later section\n")
-    proc = run_script("config=model=dit_tiny data.batch_size=3", "latent=4x16x16", "classes=10", "device=cpu",
+    # logging every 2nd step: 2 of the 4 timed steps (2 to 5) log, and are counted apart
+    proc = run_script("config=model=dit_tiny data.batch_size=3 trainer.log_every_n_steps=2", "latent=4x16x16",
+                      "classes=10", "device=cpu",
                       "steps=2", "warmup=1", "repeats=2", "modes=both", "profile=2", f"out={out}", f"md={md}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -144,7 +146,7 @@ def test_script_end_to_end_on_cpu(tmp_path, capsys):
     assert flops["training_flops_per_image"] == 6 * flops["forward_macs_per_image"]
     assert result["peak_flops"] is None and "6 x forward multiply-adds" in result["mfu_definition"]
     assert result["environment"]["torch"] == torch.__version__
-    assert "config='model=dit_tiny data.batch_size=3'" in result["command"]
+    assert "config='model=dit_tiny data.batch_size=3 trainer.log_every_n_steps=2'" in result["command"]
     assert set(result["results"]) == {"lightning", "bare"} and result["settings"]["isolated"] is True
     pids = {row["pid"] for row in result["results"].values()}  # each mode timed in its own fresh process
     assert len(pids) == 2
@@ -153,6 +155,9 @@ def test_script_end_to_end_on_cpu(tmp_path, capsys):
         assert len(row["images_per_s_repeats"]) == 2 and row["images_per_s"] > 0 and row["step_ms"] > 0
         assert row["mfu"] is None and row["peak_memory_gib"] is None and row["compile_s"] is None
         assert row["host_syncs_per_step"] == 0 and row["host_sync_sites"] == {}  # on a CPU: what would wait for a GPU
+        # the logging steps read the logged values (the loss, the non-finite streak) on purpose
+        assert row["timed_logging_steps"] == 2 and row["host_syncs_per_logging_step"] >= 1
+        assert 0 < sum(row["host_sync_sites_logging"].values()) <= 2 * row["host_syncs_per_logging_step"]
         assert row["first_step_s"] > 0 and row["warmup_s"] >= row["first_step_s"]
         prof = row["profile"]  # 2 more steps under the profiler: on a CPU its operators stand in for kernels
         assert prof["steps"] == 2 and prof["device"] == "cpu"
@@ -165,12 +170,15 @@ def test_script_end_to_end_on_cpu(tmp_path, capsys):
     assert isinstance(result["lightning_overhead_pct"], float)
 
     result["results"]["lightning"]["host_sync_sites"] = {"module.py:10": 4}  # as a GPU run records them
-    assert "Host syncs per step by line (lightning): `module.py:10` 1.00." in import_script().markdown(result)
+    # per step of the 2 timed steps that do not log
+    assert "Host syncs per step by line (lightning): `module.py:10` 2.00." in import_script().markdown(result)
 
     text = md.read_text()
     table = text[text.index("### dit_tiny"):text.index("<!-- scripts/benchmark.py")]
     assert "| mode | images/s | ms/step | MFU |" in table and "host syncs/step |" in table
     assert "bf16-mixed, not compiled; batch 3" in table
+    assert "Logging steps (bare: step numbers that are multiples of 2, counted apart from the column): 2 of the " \
+           "timed steps, " in table
     assert "1 warm-up step, each mode in its own process, medians" in table
     assert table.count("\n| lightning |") == 1 and table.count("\n| bare |") == 1
     assert "Profile (lightning), 2 steps: CPU operator time" in table and "Longest operators per step: `aten::" in table

@@ -140,46 +140,83 @@ class Clock:
     """perf_counter readings after a device synchronisation, at chosen step counts only. It also counts the
     host-device synchronisations of the timed steps (``diffusion_train.training.syncs.SyncWatch``: on a GPU
     ``torch.cuda.set_sync_debug_mode``, its own synchronisations excepted; on a CPU the operations that would
-    synchronise on a GPU), from the end of warm-up to the last mark: compilation, in warm-up, runs unwatched.
-    With ``profile`` steps, those steps after the last mark run under a ``KernelProfile``."""
+    synchronise on a GPU), in the steps from the end of warm-up to the last mark: compilation, in warm-up, runs
+    unwatched.
+    Logging steps (each ``log_every``-th, where both loops read logged values on purpose) are counted apart from
+    the others, so a timed window that holds one does not charge its reads to every step. With ``profile`` steps,
+    those steps after the last mark run under a ``KernelProfile``."""
 
-    def __init__(self, device, marks: set[int], warmup: int, profile: int = 0):
+    KINDS = ("other_steps", "logging_steps")
+
+    def __init__(self, device, marks: set[int], warmup: int, profile: int = 0, log_every: int = 50):
         self.cuda = device.type == "cuda"
         self.marks, self.warmup, self.times, self.done = marks, warmup, {}, 0
-        self.watch = SyncWatch(device)
+        self.log_every = max(1, int(log_every))
+        self.watches = {kind: SyncWatch(device) for kind in self.KINDS}
+        self.steps = dict.fromkeys(self.KINDS, 0)  # timed steps of each kind
+        self.watch: SyncWatch | None = None  # the running one
         self.profile = KernelProfile(device, profile) if profile else None
 
+    def kind(self, step: int) -> str:
+        return self.KINDS[step % self.log_every == 0]
+
     def sync(self) -> None:
+        import contextlib
+
         import torch
 
         if self.cuda:
-            with self.watch.paused():
+            with self.watch.paused() if self.watch is not None else contextlib.nullcontext():
                 torch.cuda.synchronize()
 
     def start(self) -> None:
         self.sync()
         self.times[0] = time.perf_counter()
 
+    def watch_step(self, step: int | None) -> None:
+        """Counts into ``step``'s watch from here (None: stops counting). The watches switch only where the kind
+        changes, so a run of other steps pays no switching."""
+        watch = None if step is None else self.watches[self.kind(step)]
+        if watch is not self.watch:
+            if self.watch is not None:
+                self.watch.stop()
+            if watch is not None:
+                watch.start()
+            self.watch = watch
+        if step is not None:
+            self.steps[self.kind(step)] += 1
+
+    def stop(self) -> None:
+        self.watch_step(None)
+
+    def step_begins(self) -> None:
+        """At the start of each step. A step's synchronisations are counted from here to the next step's start (or
+        the end of the loop), so they include what the loop does after the step's end (Lightning's logging)."""
+        step = self.done + 1
+        self.watch_step(step if self.warmup < step <= max(self.marks) else None)
+
     def step_done(self) -> None:
         self.done += 1
         if self.done in self.marks:
             self.sync()
             self.times[self.done] = time.perf_counter()
-        if self.done == self.warmup:
-            self.watch.start()
-        if self.done == max(self.marks):
-            self.watch.stop()
-            if self.profile is not None:
-                self.profile.start()
+        if self.done == max(self.marks) and self.profile is not None:
+            self.profile.start()
         if self.profile is not None and self.done == max(self.marks) + self.profile.steps:
             self.sync()
             self.profile.stop()
 
 
-def sync_counts(clock: Clock, steps: int) -> dict:
-    """Host-device synchronisations per timed step and the five lines that made the most."""
-    return {"host_syncs_per_step": clock.watch.total / steps,
-            "host_sync_sites": {site: n for (_, site), n in clock.watch.sites.most_common(5)}}
+def sync_counts(clock: Clock) -> dict:
+    """Host-device synchronisations per timed step and the five lines that made the most, for the steps that do not
+    log, and apart for the logging steps among the timed ones."""
+    other, logging = (clock.watches[kind] for kind in clock.KINDS)
+    n_other, n_logging = (clock.steps[kind] for kind in clock.KINDS)
+    return {"host_syncs_per_step": other.total / n_other if n_other else None,
+            "host_sync_sites": {site: n for (_, site), n in other.sites.most_common(5)},
+            "timed_logging_steps": n_logging,
+            "host_syncs_per_logging_step": logging.total / n_logging if n_logging else None,
+            "host_sync_sites_logging": {site: n for (_, site), n in logging.sites.most_common(5)}}
 
 
 def run_lightning(cfg, batch: dict, opts: dict, device, clock: Clock) -> dict:
@@ -195,9 +232,13 @@ def run_lightning(cfg, batch: dict, opts: dict, device, clock: Clock) -> dict:
             if clock.done == 0:
                 seen["unchanged"] = b["latent"].data_ptr() == pointer and b["latent"].device == batch["latent"].device
                 clock.start()
+            clock.step_begins()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, b, batch_idx) -> None:
             clock.step_done()
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            clock.stop()  # not the fit's teardown
 
     class SameBatch:
         def __iter__(self):
@@ -242,6 +283,7 @@ def run_bare(cfg, batch: dict, opts: dict, device, clock: Clock) -> dict:
     log_every = max(1, int(cfg.trainer.log_every_n_steps))
     clock.start()
     for step in range(total_steps(opts)):
+        clock.step_begins()
         g = module.step_generator(step, 0)  # (global step, global micro-batch 0), as training_step seeds it
         # Lightning's precision context wraps the whole training_step, optimizer step included
         with step_autocast(device, opts["precision"]):
@@ -264,7 +306,7 @@ def measure(mode: str, cfg, batch: dict, opts: dict, device, macs: int, peak: fl
 
     warm, steps, repeats, b = opts["warmup"], opts["steps"], opts["repeats"], int(batch["latent"].shape[0])
     marks = {1, warm, *(warm + steps * r for r in range(1, repeats + 1))}
-    clock = Clock(device, marks, warm, opts.get("profile", 0))
+    clock = Clock(device, marks, warm, opts.get("profile", 0), int(cfg.trainer.log_every_n_steps))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     oom = None
@@ -272,7 +314,7 @@ def measure(mode: str, cfg, batch: dict, opts: dict, device, macs: int, peak: fl
         try:
             extra = (run_lightning if mode == "lightning" else run_bare)(cfg, batch, opts, device, clock)
         finally:
-            clock.watch.stop()
+            clock.stop()
             if clock.profile is not None and clock.profile.running:
                 clock.profile.stop()
     except Exception as e:  # noqa: BLE001 - only running out of memory is reported instead of raised
@@ -299,7 +341,7 @@ def measure(mode: str, cfg, batch: dict, opts: dict, device, macs: int, peak: fl
         "mfu": statistics.median(ips) * TRAINING_FLOPS_PER_MAC * macs / peak if peak else None,
         "first_step_s": t[1] - t[0], "warmup_s": t[warm] - t[0],
         "compile_s": (t[1] - t[0]) - median if opts["compile"] != "false" else None,
-        **sync_counts(clock, steps * repeats), **extra})
+        **sync_counts(clock), **extra})
     if clock.profile is not None:
         row["profile"] = clock.profile.summary(step_ms=median * 1e3, top=PROFILE_TOP)
     return row
