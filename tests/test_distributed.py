@@ -209,7 +209,7 @@ def test_ddp_and_fsdp_train_like_one_process_accumulating_the_same_global_batch(
              "callbacks.host_syncs.steps=2"]
     snapshots = ["callbacks.ema.sigma_rels=[0.1]", "callbacks.ema.snapshot_every=4"]  # post-hoc EMA's (syncs: at 4)
     runs = {"one": ["data.batch_size=4", "training.accumulate_grad_batches=2", *snapshots],
-            "ddp": [*TWO_CPUS, "+trainer.strategy=ddp", "data.batch_size=4", *watch],
+            "ddp": [*TWO_CPUS, "+trainer.strategy=ddp", "data.batch_size=4", *watch, *snapshots],
             "one_by_4": ["data.batch_size=2", "training.accumulate_grad_batches=4"],
             "ddp_accumulating": [*TWO_CPUS, "+trainer.strategy=ddp", "data.batch_size=2",
                                  "training.accumulate_grad_batches=2"],
@@ -252,11 +252,15 @@ def test_ddp_and_fsdp_train_like_one_process_accumulating_the_same_global_batch(
         assert _max_diff(ckpts["one"]["ema"]["weights"]["0.999"], ckpts[name]["ema"]["weights"]["0.999"]) < 1e-6, name
         assert ckpts[name]["ema"]["weights"]["0.999"].keys() == ckpts["one"]["ema"]["weights"]["0.999"].keys()
 
-    # FSDP's snapshots are whole (rank 0 writes the gathered averages), also the one at the end of its first launch
+    # FSDP's snapshots are whole (rank 0 writes the gathered averages), also the one at the end of its first launch;
+    # DDP's rank 0 writes its own whole averages
     names = sorted(p.name for p in (tmp_path / "fsdp/ema_snapshots").iterdir())
     assert names == ["step_0000003.safetensors", "step_0000004.safetensors"], names
-    one, fsdp = (load_file(tmp_path / r / "ema_snapshots/step_0000004.safetensors") for r in ("one", "fsdp"))
-    assert one.keys() == fsdp.keys() and _max_diff(one, fsdp) < 1e-6
+    assert sorted(p.name for p in (tmp_path / "ddp/ema_snapshots").iterdir()) == ["step_0000004.safetensors"]
+    one = load_file(tmp_path / "one/ema_snapshots/step_0000004.safetensors")
+    for name in ("ddp", "fsdp"):
+        other = load_file(tmp_path / name / "ema_snapshots/step_0000004.safetensors")
+        assert one.keys() == other.keys() and _max_diff(one, other) < 1e-6, name
 
     module = load_module(tmp_path / "fsdp/checkpoints/last.ckpt")  # one process, no strategy
     ema = ckpts["fsdp"]["ema"]["weights"]["0.999"]

@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from diffusion_train.training.parallel import full_tensor, like, local
+from diffusion_train.training.parallel import full_tensor, is_dtensor, like, local
 from diffusion_train.training.posthoc_ema import check_sigma_rel, label, sigma_rel_to_gamma, write_snapshot
 from diffusion_train.training.step_end import StepEndCallback
 
@@ -139,6 +139,9 @@ class EMA(StepEndCallback):
         if not self.weights or self.num_updates == self._snapshot_updates or self.covered_step is None:
             return None
         self._snapshot_updates = self.num_updates
+        sharded = any(is_dtensor(w) for w in self.weights[label(self.sigma_rels[0])])
+        if not (write or sharded):  # whole averages on every rank (DDP): only the writer copies them
+            return None
         averages = {s: self._gathered(label(s)) for s in self.sigma_rels}
         if not write:
             return None

@@ -61,13 +61,13 @@ class FSDP(ModelParallelStrategy):
         for embedder in getattr(module.conditioner, "embedders", {}).values():
             if any(p.requires_grad for p in embedder.parameters()):
                 fully_shard(embedder, **kw)
-        unsharded = [n for n, p in module.named_parameters() if p.requires_grad and not _is_dtensor(p)]
+        unsharded = [n for n, p in module.named_parameters() if p.requires_grad and not is_dtensor(p)]
         if unsharded:
             raise ValueError(f"FSDP shards the backbone and the conditioner's embedders, but {unsharded[:3]} are "
                              f"trainable and outside them; freeze them or train with DDP")
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
+def is_dtensor(t: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
@@ -84,7 +84,7 @@ def _dtype(name: str | None) -> torch.dtype | None:
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a (possibly sharded) DTensor; a collective call for DTensors: every rank calls it."""
-    return t.full_tensor() if _is_dtensor(t) else t
+    return t.full_tensor() if is_dtensor(t) else t
 
 
 def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
@@ -115,13 +115,13 @@ def sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
 
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a sharded DTensor (sharing its storage), else the tensor itself."""
-    return t.to_local() if _is_dtensor(t) else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 def like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """``full`` (a whole tensor, the same on every rank) as a tensor laid out like ``param``: this
     rank's shard when ``param`` is a sharded DTensor (no communication), else ``full`` itself."""
-    if _is_dtensor(param):
+    if is_dtensor(param):
         from torch.distributed.tensor import distribute_tensor
 
         return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
