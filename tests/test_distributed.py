@@ -207,7 +207,8 @@ def test_ddp_and_fsdp_train_like_one_process_accumulating_the_same_global_batch(
     # host syncs of steps 2 and 3 (FSDP: of its first launch); logging and checkpoints at step 4 only
     watch = ["trainer.log_every_n_steps=4", "callbacks.checkpoint.every_n_train_steps=4", "callbacks.host_syncs.start=1",
              "callbacks.host_syncs.steps=2"]
-    snapshots = ["callbacks.ema.sigma_rels=[0.1]", "callbacks.ema.snapshot_every=4"]  # post-hoc EMA's (syncs: at 4)
+    # post-hoc EMA's snapshots (syncs: at 4), and validation with an average too (swapped in on every rank's shards)
+    snapshots = ["callbacks.ema.sigma_rels=[0.1]", "callbacks.ema.snapshot_every=4", "callbacks.ema.validate=[0.999]"]
     runs = {"one": ["data.batch_size=4", "training.accumulate_grad_batches=2", *snapshots],
             "ddp": [*TWO_CPUS, "+trainer.strategy=ddp", "data.batch_size=4", *watch, *snapshots],
             "one_by_4": ["data.batch_size=2", "training.accumulate_grad_batches=4"],
@@ -239,6 +240,10 @@ def test_ddp_and_fsdp_train_like_one_process_accumulating_the_same_global_batch(
         assert logged_loss(name) == pytest.approx(logged_loss("one"), rel=1e-5), name
         # the validation set's fixed batches split over two ranks: the same loss as one process's
         assert logged_loss(name, "val/loss") == pytest.approx(logged_loss("one", "val/loss"), rel=1e-5), name
+        ema_loss = logged_loss(name, "val/loss_ema_0.999")
+        assert ema_loss == pytest.approx(logged_loss("one", "val/loss_ema_0.999"), rel=1e-5), name
+        raw = logged_loss(name, "val/loss")  # 4 steps in, the average is near the weights, but not within tolerance
+        assert abs(ema_loss - raw) > 2e-5 * raw, name
     assert logged_loss("ddp_accumulating") == pytest.approx(logged_loss("one_by_4"), rel=1e-5)
     for name in ("state_dict", "ema"):
         one, ddp = (ckpts[r][name] if name == "state_dict" else ckpts[r]["ema"]["weights"]["0.999"]

@@ -276,3 +276,49 @@ def test_ema_invalid_sample_decay():
     with pytest.raises(ValueError):
         EMA(decays=[0.9, 0.99], sample_decay=0.5)
     assert EMA(decays=[0.9, 0.99], sample_decay=0.99).sample_decay == "0.99"
+
+
+def test_validated_averages_are_logged_next_to_the_raw_loss_and_change_nothing(tiny_cfg, tmp_path):
+    """``callbacks.ema.validate``: each named average is validated with the validation set's noise and timesteps,
+    next to the raw weights, as ``val/loss_ema_<name>`` (kept in summary.json for scaling reports). The value is
+    the loss of that average's weights as the checkpoint holds them, and the run trains as one without it."""
+    import json
+
+    from diffusion_train.data.samplers import FixedBatches, fixed_batches
+    from diffusion_train.train import train
+    from diffusion_train.training.build import load_module
+
+    from conftest import instantiate_data
+
+    averages = ["callbacks.ema.sigma_rels=[0.1]"]
+    validated = [*averages, "callbacks.ema.validate=[0.999,sigma_rel_0.1]"]
+    train(tiny_cfg(*averages, run_dir=tmp_path / "plain"), tmp_path / "plain")
+    train(tiny_cfg(*validated, run_dir=tmp_path / "validated"), tmp_path / "validated")
+
+    def summary(run: str) -> dict:
+        return json.loads((tmp_path / run / "summary.json").read_text())["metrics"]
+
+    plain, metrics = summary("plain"), summary("validated")
+    assert set(metrics) == {"val/loss", "val/loss_ema_0.999", "val/loss_ema_sigma_rel_0.1"}
+    assert metrics["val/loss"] == plain["val/loss"]  # the raw weights' loss, and training, untouched
+    last = {run: load_checkpoint(tmp_path / run / "checkpoints/last.ckpt") for run in ("plain", "validated")}
+    assert last["plain"]["state_dict"].keys() == last["validated"]["state_dict"].keys()
+    assert all(torch.equal(v, last["validated"]["state_dict"][k]) for k, v in last["plain"]["state_dict"].items())
+
+    data = instantiate_data(tiny_cfg(*validated))
+    data.setup()
+    val = FixedBatches(data.val_set)
+    for name in ("0.999", "sigma_rel_0.1"):
+        history = metrics[f"val/loss_ema_{name}"]["history"]
+        assert [h["step"] for h in history] == [2, 4]
+        assert history[0]["value"] != history[1]["value"] != metrics["val/loss"]["history"][1]["value"]
+        module = load_module(tmp_path / "validated/checkpoints/last.ckpt", weights=f"ema_{name}")
+        module.on_validation_epoch_start()
+        with torch.no_grad():
+            for batch in fixed_batches(len(data.val_set), data.val_batch_size, 0, 1):
+                module.validation_step(val[batch], 0)
+        loss_sum, count = module._val_total[0]
+        assert history[1]["value"] == pytest.approx(float(loss_sum / count), rel=1e-6), name
+
+    with pytest.raises(ValueError, match=r"callbacks.ema.validate \[0.5\]: each must be one of the averages"):
+        EMA(decays=[0.999], validate=[0.5])

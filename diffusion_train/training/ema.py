@@ -4,6 +4,7 @@ power-function averages (snapshotted for post-hoc EMA)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -35,14 +36,15 @@ class EMA(StepEndCallback):
     in), "step" (the global step they cover through), "weights": {name of the average: {name: tensor}}}, next to
     (never instead of) the raw weights in ``checkpoint["state_dict"]``. An average's name is ``str(decay)``
     ("0.9999") or ``sigma_rel_<s>``. ``sample_decay`` (default: the first average) is the average used for sample
-    grids and export. With ``snapshot_every`` = m, the power-function averages are written to ``snapshot_dir``
-    after every m-th step and at the end of training, for averages of any width after training
-    (``scripts/posthoc_ema.py``).
+    grids and export; the averages of ``validate`` are validated too, next to the raw weights
+    (``val/loss_ema_<name>``, with the same noise and timesteps as ``val/loss``). With ``snapshot_every`` = m, the
+    power-function averages are written to ``snapshot_dir`` after every m-th step and at the end of training, for
+    averages of any width after training (``scripts/posthoc_ema.py``).
     """
 
     def __init__(self, decays: Sequence[float] = (0.9999,), warmup: bool = True, update_every: int = 1,
                  sample_decay: float | str | None = None, sigma_rels: Sequence[float] = (), snapshot_every: int = 0,
-                 snapshot_dir: str | None = None, snapshot_dtype: str = "float32"):
+                 snapshot_dir: str | None = None, snapshot_dtype: str = "float32", validate: Sequence = ()):
         super().__init__()
         self.decays = [float(d) for d in decays or ()]
         if not all(0.0 < d < 1.0 for d in self.decays):
@@ -55,6 +57,9 @@ class EMA(StepEndCallback):
         self.sample_decay = self.labels[0] if sample_decay is None else self.key(sample_decay)
         if self.sample_decay not in self.labels:
             raise ValueError(f"callbacks.ema.sample_decay {sample_decay} is not one of the averages {self.labels}")
+        self.validate = [self.key(a) for a in validate or ()]
+        if not set(self.validate) <= set(self.labels):
+            raise ValueError(f"callbacks.ema.validate {list(validate)}: each must be one of the averages {self.labels}")
         self.warmup, self.update_every = warmup, int(update_every)
         if self.update_every < 1:
             raise ValueError(f"callbacks.ema.update_every must be >= 1, got {update_every}")
@@ -156,6 +161,9 @@ class EMA(StepEndCallback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.weights:
             self._init(pl_module)
+        if hasattr(pl_module, "val_weights"):  # validation also with these averages: val/loss_ema_<name>
+            pl_module.val_weights.update({f"ema_{key}": functools.partial(self.swapped, pl_module, key)
+                                          for key in self.validate})
 
     def on_step_end(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         self.step_done(pl_module, step)

@@ -85,6 +85,9 @@ class DiffusionModule(Generation, L.LightningModule):
         self._loss_sum: Tensor | None = None  # the micro-batches' losses of the step in progress
         self._generators: dict[torch.device, torch.Generator] = {}
         self._train_logs: dict[str, Any] = {}  # the latest training values, logged at logging batches
+        # more weights to validate, next to the trained ones: name -> a context that loads them (the EMA callback's
+        # callbacks.ema.validate); each logs val/loss_<name>
+        self.val_weights: dict[str, Callable[[], contextlib.AbstractContextManager]] = {}
         self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.long), persistent=True)
         self.register_buffer("nonfinite_streak", torch.zeros((), dtype=torch.long), persistent=False)
 
@@ -334,26 +337,36 @@ class DiffusionModule(Generation, L.LightningModule):
     # and across runs: each fixed batch of the set (data.samplers.fixed_batches) draws from its own stream,
     # whatever the number of ranks, and each item counts once (padding batches not at all).
     def on_validation_epoch_start(self) -> None:
-        self._val_total = torch.zeros(2, dtype=torch.float64 if self.device.type != "mps" else torch.float32,
+        # (1 + len(val_weights), 2): each set of weights' loss sum and count
+        self._val_total = torch.zeros(1 + len(self.val_weights), 2,
+                                      dtype=torch.float64 if self.device.type != "mps" else torch.float32,
                                       device=self.device)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        for row, weights in enumerate([contextlib.nullcontext, *self.val_weights.values()]):
+            with weights():
+                loss = self.validation_loss(batch, batch_idx)
+            if not batch.get("__padding__", False):  # a padding batch only keeps the ranks' collectives in step
+                total = torch.stack([loss.sum(), loss.new_tensor(loss.shape[0])])
+                self._val_total[row] += total.to(self._val_total.dtype)
+
+    def validation_loss(self, batch: dict, batch_idx: int) -> Tensor:
+        """The per-sample loss of a fixed validation batch: its own noise stream, timesteps spread evenly over the
+        schedule (integer steps for discrete schedules). The same for any weights."""
         g = self.step_generator(10**9, batch.get("__batch__", batch_idx), 0)
         x0 = self.latents(batch, g)
         b, schedule = x0.shape[0], self.objective.schedule
-        # timesteps spread evenly over the schedule (integer steps for discrete schedules)
         t = schedule.t_min + (torch.arange(b, device=self.device) + 0.5) / b * (schedule.t_max - schedule.t_min)
         if hasattr(schedule, "num_timesteps"):
             t = t.round()
         noise = torch.randn(x0.shape, generator=g, device=self.device)
         cond = self.with_task(self.conditioner(batch), x0, batch, g)
-        loss = self.objective.loss(self.net, x0, cond, t=t, noise=noise)
-        if not batch.get("__padding__", False):
-            self._val_total += torch.stack([loss.sum(), loss.new_tensor(b)]).to(self._val_total.dtype)
+        return self.objective.loss(self.net, x0, cond, t=t, noise=noise)
 
     def on_validation_epoch_end(self) -> None:
-        loss_sum, count = self.trainer.strategy.reduce(self._val_total, reduce_op="sum")
-        self.log("val/loss", (loss_sum / count).float())
+        total = self.trainer.strategy.reduce(self._val_total, reduce_op="sum")
+        for name, (loss_sum, count) in zip(["", *self.val_weights], total):
+            self.log(f"val/loss_{name}" if name else "val/loss", (loss_sum / count).float())
 
     # -- checkpoints -------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
