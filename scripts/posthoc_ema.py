@@ -11,30 +11,39 @@ The first argument is the run folder, then ``key=value`` options:
     snapshots   the snapshot folder (default: <run>/ema_snapshots, and for a branch of another run,
                 init.branch_from, also the trunk's snapshots up to the branch step)
     out         the checkpoint to write (default: <run>/posthoc_ema/step_<step>.ckpt)
+    validate    true: also the validation loss of each made average and of the raw weights, on the run's
+                validation set as training computes val/loss (same noise and timesteps), in one pass over it
+    device      where to validate: auto (default: a GPU if there is one), cpu, cuda
 
 It writes one checkpoint holding the averages as ``ema_sigma_rel_<s>``, with the model config and raw weights of
 the run's checkpoint at that step (else its last.ckpt): ``diffusion-sample``, ``diffusion-eval``, ``init.path``
 read it like any checkpoint. It prints, for each width, its gamma, the number of snapshot averages combined, and the
 fit's relative error (how far the combined profile is from the asked one; under a few percent is a close match,
-and above 5% a note says that the width is far outside the tracked ones).
+and above 5% a note says that the width is far outside the tracked ones), and with ``validate=true`` each
+average's validation loss, the lowest marked (also kept in the checkpoint's ``diffusion_train.posthoc_ema``).
 Exits with status 1 and one ``error:`` line when there are no snapshots, the step has none, or an option is bad.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffusion_train.cli import UsageError, parse_key_values, run_main  # noqa: E402
+import torch  # noqa: E402
+
+from diffusion_train.cli import UsageError, parse_bool, parse_key_values, run_main  # noqa: E402
 from diffusion_train.training.checkpointing import atomic_torch_save, load_checkpoint  # noqa: E402
 from diffusion_train.training.posthoc_ema import (base_checkpoint, check_sigma_rel, label, reconstruct,  # noqa: E402
                                                   run_snapshots, sigma_rel_to_gamma, solve)
 
-OPTIONS = {"sigma_rels": str, "step": int, "snapshots": str, "out": str}
-DEFAULTS: dict[str, Any] = {"sigma_rels": "", "step": None, "snapshots": "", "out": ""}
+OPTIONS = {"sigma_rels": str, "step": int, "snapshots": str, "out": str, "validate": parse_bool, "device": str}
+DEFAULTS: dict[str, Any] = {"sigma_rels": "", "step": None, "snapshots": "", "out": "", "validate": False,
+                            "device": "auto"}
 ROUGH_FIT = 0.05  # a fit error above this is worth a note
 
 
@@ -46,7 +55,47 @@ def parse_args(argv: list[str]) -> tuple[Path, dict[str, Any]]:
     opts["sigma_rels"] = [check_sigma_rel(s, "sigma_rels") for s in opts["sigma_rels"].split(",") if s.strip()]
     if not opts["sigma_rels"]:
         raise UsageError("sigma_rels: give the relative widths to make, e.g. sigma_rels=0.05,0.1")
+    if opts["device"] not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"device={opts['device']}: use auto, cpu or cuda")
     return Path(runs[0]), opts
+
+
+@contextlib.contextmanager
+def loaded(module, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+    """``module`` with ``weights`` (by parameter name) copied into its parameters, and its own copied back after."""
+    params = dict(module.named_parameters())
+    names = [n for n in weights if n in params]
+    backup = [params[n].detach().clone() for n in names]
+    with torch.no_grad():
+        for n in names:
+            params[n].copy_(weights[n])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, b in zip(names, backup):
+                params[n].copy_(b)
+
+
+def validation_losses(ckpt: Path, config: dict, averages: dict[str, dict[str, torch.Tensor]],
+                      device: str) -> dict[str, float]:
+    """``val/loss`` of the checkpoint's raw weights (key ``raw``) and of each average, as training computes it (the
+    run's validation set in ``config``, its fixed noise and timesteps), in one validation pass that swaps each
+    average in per batch."""
+    import lightning as L
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from diffusion_train.training.build import load_module
+
+    module = load_module(ckpt, weights="raw")
+    datamodule = instantiate(OmegaConf.create(config).data, _convert_="all")
+    module.val_weights = {name: functools.partial(loaded, module, ws) for name, ws in averages.items()}
+    accelerator = {"auto": "gpu" if torch.cuda.is_available() else "cpu", "cuda": "gpu"}.get(device, device)
+    trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    (logged,) = trainer.validate(module, datamodule=datamodule, verbose=False)
+    return {"raw": logged["val/loss"], **{name: logged[f"val/loss_{name}"] for name in averages}}
 
 
 def main(argv: list[str]) -> Path:
@@ -65,12 +114,25 @@ def main(argv: list[str]) -> Path:
     out = Path(opts["out"] or run / "posthoc_ema" / f"step_{step:07d}.ckpt")
     ema = {"decays": [], "sigma_rels": [r.sigma_rel for r in recs], "num_updates": recs[0].num_updates, "step": step,
            "weights": {label(s): ws for s, ws in averages.items()}}
-    atomic_torch_save({"state_dict": base["state_dict"], "global_step": step, "diffusion_train": meta, "ema": ema}, out)
+    made = {"state_dict": base["state_dict"], "global_step": step, "diffusion_train": meta, "ema": ema}
+    losses = {}
+    if opts["validate"]:
+        losses = validation_losses(base_path, meta["config"], {f"ema_{k}": ws for k, ws in ema["weights"].items()},
+                                   opts["device"])
+        meta["posthoc_ema"]["raw_val_loss"] = losses["raw"]
+        for name, average in meta["posthoc_ema"]["averages"].items():
+            average["val_loss"] = losses[f"ema_{name}"]
+    atomic_torch_save(made, out)
     used = sorted({snap.step for r in recs for snap, _, _ in r.terms})
     print(f"step {step}: {len(used)} snapshots (steps {used[0]}..{used[-1]}), model and raw weights from {base_path}")
-    print(f"{'average':<18} {'gamma':>8} {'terms':>6} {'fit error':>10}")
+    print(f"{'average':<18} {'gamma':>8} {'terms':>6} {'fit error':>10}" + (f" {'val/loss':>10}" if losses else ""))
+    best = min((r.sigma_rel for r in recs), key=lambda s: losses[f"ema_{label(s)}"]) if losses else None
     for r in recs:
-        print(f"{label(r.sigma_rel):<18} {sigma_rel_to_gamma(r.sigma_rel):>8.3f} {len(r.terms):>6} {r.error:>10.2%}")
+        loss = f" {losses[f'ema_{label(r.sigma_rel)}']:>10.6f}" + " (lowest)" * (r.sigma_rel == best) if losses else ""
+        print(f"{label(r.sigma_rel):<18} {sigma_rel_to_gamma(r.sigma_rel):>8.3f} {len(r.terms):>6} {r.error:>10.2%}"
+              + loss)
+    if losses:
+        print(f"{'raw weights':<18} {'':>8} {'':>6} {'':>10} {losses['raw']:>10.6f}")
     rough = [label(r.sigma_rel) for r in recs if r.error > ROUGH_FIT]
     if rough:
         tracked = sorted({s for r in recs for _, s, _ in r.terms})

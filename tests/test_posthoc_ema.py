@@ -177,7 +177,8 @@ def test_a_run_snapshots_resumes_exactly_and_the_script_makes_a_loadable_checkpo
     """A run with power averages writes snapshots at steps 2, 4, 6, 8 (bit-identical when resumed at 4), exports
     them, and the script's checkpoint loads each made width by name; the tracked 0.1 comes back as trained."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(tiny_cfg(*SNAPSHOTS, "trainer.max_steps=8", run_dir=straight), straight)
+    validate = "callbacks.ema.validate=[sigma_rel_0.1]"  # its val/loss_ema_sigma_rel_0.1, for the script's to match
+    train(tiny_cfg(*SNAPSHOTS, validate, "trainer.max_steps=8", run_dir=straight), straight)
     train(tiny_cfg(*SNAPSHOTS, "trainer.max_steps=4", run_dir=resumed), resumed)
     train(tiny_cfg(*SNAPSHOTS, "trainer.max_steps=8", run_dir=resumed), resumed)
     names = [p.name for p in sorted((straight / "ema_snapshots").iterdir())]
@@ -187,8 +188,8 @@ def test_a_run_snapshots_resumes_exactly_and_the_script_makes_a_loadable_checkpo
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (straight / "weights" / "ema_sigma_rel_0.05.safetensors").is_file()
 
-    out = subprocess.run([sys.executable, str(SCRIPT), str(straight), "sigma_rels=0.1,0.2"], capture_output=True,
-                         text=True)
+    out = subprocess.run([sys.executable, str(SCRIPT), str(straight), "sigma_rels=0.1,0.2", "validate=true",
+                          "device=cpu"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "sigma_rel_0.2" in out.stdout and "step 8: 4 snapshots" in out.stdout
     assert "note: sigma_rel_0.2 fit with more than 5% error" in out.stdout  # far wider than 0.05 and 0.1 at 4 steps
@@ -199,6 +200,14 @@ def test_a_run_snapshots_resumes_exactly_and_the_script_makes_a_loadable_checkpo
         torch.testing.assert_close(dict(module.named_parameters())[name].detach(), value, atol=1e-5, rtol=1e-4)
     info = load_checkpoint(made)["diffusion_train"]["posthoc_ema"]
     assert info["averages"]["sigma_rel_0.2"]["terms"] == 8 and info["step"] == 8
+    # validate=true: the validation loss as training logged it at step 8, for the raw weights and the tracked width
+    logged = json.loads((straight / "summary.json").read_text())["metrics"]
+    assert info["raw_val_loss"] == pytest.approx(logged["val/loss"]["final"], rel=1e-6)
+    assert info["averages"]["sigma_rel_0.1"]["val_loss"] == pytest.approx(
+        logged["val/loss_ema_sigma_rel_0.1"]["final"], rel=1e-5)
+    assert info["averages"]["sigma_rel_0.2"]["val_loss"] != info["averages"]["sigma_rel_0.1"]["val_loss"]
+    lowest = min(("0.1", "0.2"), key=lambda s: info["averages"][f"sigma_rel_{s}"]["val_loss"])
+    assert f"sigma_rel_{lowest}" in next(line for line in out.stdout.splitlines() if "(lowest)" in line)
     load_module(made)  # "ema": the config's sample decay (0.9) is not there, so the first made average
     with pytest.raises(ValueError, match=r"has EMA averages \['sigma_rel_0.1', 'sigma_rel_0.2'\], not 0.9"):
         load_module(made, "ema_0.9")
