@@ -270,3 +270,51 @@ def test_ddp_and_fsdp_train_like_one_process_accumulating_the_same_global_batch(
     module = load_module(tmp_path / "fsdp/checkpoints/last.ckpt")  # one process, no strategy
     ema = ckpts["fsdp"]["ema"]["weights"]["0.999"]
     assert all(torch.equal(p.detach(), ema[n]) for n, p in module.named_parameters() if n in ema)
+
+
+def _swap_worker(rank: int, world: int, init: str, reshard_after_forward: bool, out: str) -> None:
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from diffusion_train.training.ema import EMA
+
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model:
+            fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        ema = EMA(decays=[0.9])
+        ema.update(model)
+        for w in ema.weights["0.9"]:
+            w.to_local().add_(1.0)  # an average unlike the weights
+        x = torch.randn(2, 4, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            raw = model(x)  # evaluation: no backward, so reshard_after_forward=False leaves the weights gathered
+            with ema.swapped(model):
+                average = model(x)
+                with ema.unswapped():  # a checkpoint saved during an evaluation
+                    inside = model(x)
+                again = model(x)
+            after = model(x)
+        Path(out, f"{rank}.json").write_text(json.dumps({
+            "average_differs": not torch.allclose(average, raw), "average_again": torch.equal(again, average),
+            "unswapped_is_raw": torch.equal(inside, raw), "raw_restored": torch.equal(after, raw)}))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("reshard_after_forward", [True, False])
+def test_ema_swaps_into_fsdp_shards_after_a_forward_without_backward(tmp_path, reshard_after_forward):
+    """Sampling and EMA validation swap an average into a sharded model after a forward pass without a backward
+    (validation), which under reshard_after_forward=False (trainer=fsdp_grad_op) leaves the gathered weights in
+    place: the swap reshards first, and again before restoring, so the raw weights come back."""
+    init = f"file://{tmp_path / 'init'}"
+    torch.multiprocessing.spawn(_swap_worker, args=(2, init, reshard_after_forward, str(tmp_path)), nprocs=2,
+                                join=True)
+    for rank in range(2):
+        assert json.loads((tmp_path / f"{rank}.json").read_text()) == {
+            "average_differs": True, "average_again": True, "unswapped_is_raw": True, "raw_restored": True}, rank

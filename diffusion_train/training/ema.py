@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from diffusion_train.training.parallel import full_tensor, is_dtensor, like, local
+from diffusion_train.training.parallel import full_tensor, is_dtensor, like, local, reshard
 from diffusion_train.training.posthoc_ema import check_sigma_rel, label, sigma_rel_to_gamma, write_snapshot
 from diffusion_train.training.step_end import StepEndCallback
 
@@ -80,7 +80,8 @@ class EMA(StepEndCallback):
         self.weights: dict[str, list[Tensor]] = {}
         self._loaded: dict | None = None
         self._snapshot_updates = -1  # num_updates of the last snapshot written
-        self._swap: tuple[list[Tensor], list[Tensor], str] | None = None  # inside swapped(): params, raw, average
+        # inside swapped(): the module, its parameters (this rank's shards), the raw weights, the average's name
+        self._swap: tuple[nn.Module, list[Tensor], list[Tensor], str] | None = None
 
     @staticmethod
     def key(average: float | str) -> str:
@@ -165,6 +166,10 @@ class EMA(StepEndCallback):
             pl_module.val_weights.update({f"ema_{key}": functools.partial(self.swapped, pl_module, key)
                                           for key in self.validate})
 
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for key in self.validate:  # the module keeps no reference to this fit's averages
+            getattr(pl_module, "val_weights", {}).pop(f"ema_{key}", None)
+
     def on_step_end(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         self.step_done(pl_module, step)
         if self.snapshot_every and step % self.snapshot_every == 0:
@@ -195,15 +200,18 @@ class EMA(StepEndCallback):
         average) into ``module`` (raw weights restored after)."""
         if not self.weights:
             self._init(module)
-        params = [local(p.detach()) for _, p in self._named_params(module)]  # a sharded model: this rank's shards
+        reshard(module)  # a sharded model: its parameters are this rank's shards again
+        params = [local(p.detach()) for _, p in self._named_params(module)]
         backup = [p.clone() for p in params]
         key = self.sample_decay if average is None else self.key(average)
-        self._copy_average(params, key)
-        self._swap = (params, backup, key)
+        outer = self._swap
         try:
+            self._copy_average(params, key)
+            self._swap = (module, params, backup, key)
             yield
         finally:
-            self._swap = None
+            self._swap = outer
+            reshard(module)  # the body's forward passes may have left the average gathered
             with torch.no_grad():
                 torch._foreach_copy_(params, backup)
 
@@ -218,12 +226,14 @@ class EMA(StepEndCallback):
         if self._swap is None:
             yield
             return
-        params, backup, key = self._swap
+        module, params, backup, key = self._swap
+        reshard(module)
         with torch.no_grad():
             torch._foreach_copy_(params, backup)
         try:
             yield
         finally:
+            reshard(module)
             self._copy_average(params, key)
 
 

@@ -113,6 +113,17 @@ def sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
     return total
 
 
+def reshard(module: nn.Module) -> None:
+    """A sharded model's FSDP units back in their sharded state, so that its parameters are this rank's shards. A
+    forward pass without a backward (evaluation, sampling) under ``reshard_after_forward=False`` leaves the gathered
+    whole weights registered until the next backward. Without FSDP units, nothing."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a sharded DTensor (sharing its storage), else the tensor itself."""
     return t.to_local() if is_dtensor(t) else t
