@@ -64,7 +64,11 @@ def parse_args(argv: list[str]) -> tuple[Path, dict[str, Any]]:
 def loaded(module, weights: dict[str, torch.Tensor]) -> Iterator[None]:
     """``module`` with ``weights`` (by parameter name) copied into its parameters, and its own copied back after."""
     params = dict(module.named_parameters())
-    names = [n for n in weights if n in params]
+    unknown = [n for n in weights if n not in params]
+    if unknown:
+        raise UsageError(f"the averages hold {unknown[:3]}, which the run's model does not have: snapshots of "
+                         f"another model?")
+    names = list(weights)
     backup = [params[n].detach().clone() for n in names]
     with torch.no_grad():
         for n in names:
@@ -92,9 +96,14 @@ def validation_losses(ckpt: Path, config: dict, averages: dict[str, dict[str, to
     datamodule = instantiate(OmegaConf.create(config).data, _convert_="all")
     module.val_weights = {name: functools.partial(loaded, module, ws) for name, ws in averages.items()}
     accelerator = {"auto": "gpu" if torch.cuda.is_available() else "cpu", "cuda": "gpu"}.get(device, device)
-    trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False)
-    (logged,) = trainer.validate(module, datamodule=datamodule, verbose=False)
+    run = config.get("trainer") or {}  # the run's precision and validation batches: its val/loss's
+    trainer = L.Trainer(accelerator=accelerator, devices=1, precision=run.get("precision", "32-true"),
+                        limit_val_batches=run.get("limit_val_batches") or 1.0, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    logged = trainer.validate(module, datamodule=datamodule, verbose=False)
+    if not logged or "val/loss" not in logged[0]:
+        raise UsageError("validate=true: the run's data has no validation set")
+    logged = logged[0]
     return {"raw": logged["val/loss"], **{name: logged[f"val/loss_{name}"] for name in averages}}
 
 

@@ -216,3 +216,21 @@ def test_a_run_snapshots_resumes_exactly_and_the_script_makes_a_loadable_checkpo
                          capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
         "error: step=3: no snapshot at that step; snapshots are at steps [2, 4, 6, 8]"]
+
+
+def test_averages_of_another_model_are_refused_and_the_weights_kept():
+    import importlib.util
+
+    from diffusion_train.cli import UsageError
+
+    spec = importlib.util.spec_from_file_location("posthoc_ema_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    model = nn.Linear(2, 2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(UsageError, match=r"the averages hold \['blocks.0.weight'\], which the run's model does not"):
+        with script.loaded(model, {"weight": torch.zeros(2, 2), "blocks.0.weight": torch.zeros(2)}):
+            pass
+    with script.loaded(model, {"weight": torch.zeros(2, 2)}):
+        assert not model.weight.any() and torch.equal(model.bias, before["bias"])
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
