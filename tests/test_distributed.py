@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import csv
 import json
 import os
@@ -214,6 +216,10 @@ def test_ddp_and_fsdp_train_like_one_process_accumulating_the_same_global_batch(
             "one_by_4": ["data.batch_size=2", "training.accumulate_grad_batches=4"],
             "ddp_accumulating": [*TWO_CPUS, "+trainer.strategy=ddp", "data.batch_size=2",
                                  "training.accumulate_grad_batches=2"],
+            # one reduce-scatter per step, in the last micro-batch's backward pass
+            "fsdp_accumulating": ["trainer=fsdp", *TWO_CPUS, "trainer.precision=32-true", "data.batch_size=2",
+                                  "training.accumulate_grad_batches=2",
+                                  "trainer.strategy.reduce_every_micro_batch=false"],
             "fsdp": ["trainer=fsdp", *TWO_CPUS, "trainer.precision=32-true", "data.batch_size=4", *watch, *snapshots],
             # the GPU default for a U-Net (compile=auto: true), traced here with the aot_eager backend
             "fsdp_compiled": ["trainer=fsdp", *TWO_CPUS, "trainer.precision=32-true", "data.batch_size=4",
@@ -244,11 +250,12 @@ def test_ddp_and_fsdp_train_like_one_process_accumulating_the_same_global_batch(
         assert ema_loss == pytest.approx(logged_loss("one", "val/loss_ema_0.999"), rel=1e-5), name
         raw = logged_loss(name, "val/loss")  # 4 steps in, the average is near the weights, but not within tolerance
         assert abs(ema_loss - raw) > 2e-5 * raw, name
-    assert logged_loss("ddp_accumulating") == pytest.approx(logged_loss("one_by_4"), rel=1e-5)
-    for name in ("state_dict", "ema"):
-        one, ddp = (ckpts[r][name] if name == "state_dict" else ckpts[r]["ema"]["weights"]["0.999"]
-                    for r in ("one_by_4", "ddp_accumulating"))
-        assert _max_diff(one, ddp) < 1e-6, name
+    for run in ("ddp_accumulating", "fsdp_accumulating"):
+        assert logged_loss(run) == pytest.approx(logged_loss("one_by_4"), rel=1e-5), run
+        for name in ("state_dict", "ema"):
+            one, other = (ckpts[r][name] if name == "state_dict" else ckpts[r]["ema"]["weights"]["0.999"]
+                          for r in ("one_by_4", run))
+            assert _max_diff(one, other) < 1e-6, (run, name)
 
     moved = _max_diff(ckpts["one"]["state_dict"], load_checkpoint(tmp_path / "one/checkpoints/step_0000002.ckpt")["state_dict"])
     assert moved > 1e-5  # two steps change the weights far more than the tolerance below
@@ -318,3 +325,60 @@ def test_ema_swaps_into_fsdp_shards_after_a_forward_without_backward(tmp_path, r
     for rank in range(2):
         assert json.loads((tmp_path / f"{rank}.json").read_text()) == {
             "average_differs": True, "average_again": True, "unswapped_is_raw": True, "raw_restored": True}, rank
+
+
+def _accumulate_worker(rank: int, world: int, init: str, sync_every: bool, out: str) -> None:
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from diffusion_train.training.parallel import full_tensor, no_gradient_sync
+
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        reference = copy.deepcopy(model)
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in (model[0], model[2]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        inputs = [torch.randn(2, 2, 4, generator=torch.Generator().manual_seed(r)) for r in range(world)]
+        with contextlib.nullcontext() if sync_every else no_gradient_sync(model):
+            model(inputs[rank][0]).sum().backward()
+        untouched = all(p.grad is None for p in model.parameters())  # nothing reduce-scattered yet
+        model(inputs[rank][1]).sum().backward()
+        for r in range(world):  # FSDP averages over ranks: the mean of each rank's summed micro-batch gradients
+            for micro in inputs[r]:
+                (reference(micro).sum() / world).backward()
+        diff = max((full_tensor(p.grad) - q.grad).abs().max().item()
+                   for p, q in zip(model.parameters(), reference.parameters()))
+        Path(out, f"{rank}.json").write_text(json.dumps({"untouched": untouched, "diff": diff}))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("sync_every", [True, False])
+def test_fsdp_accumulates_micro_batches_with_or_without_a_reduce_scatter_each(tmp_path, sync_every):
+    """trainer.strategy.reduce_every_micro_batch=false: the backward passes before a step's last keep whole
+    gradients (no sharded gradient exists after the first), and the last reduce-scatters their sum: the same
+    gradients as a reduce-scatter per micro-batch."""
+    init = f"file://{tmp_path / 'init'}"
+    torch.multiprocessing.spawn(_accumulate_worker, args=(2, init, sync_every, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        got = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert got["untouched"] is not sync_every and got["diff"] < 1e-6, (rank, got)
+
+
+def test_the_fsdp_strategy_keeps_gradients_whole_between_micro_batches_only_when_asked(monkeypatch):
+    from diffusion_train.training import parallel
+
+    entered = []
+    monkeypatch.setattr(parallel, "no_gradient_sync", lambda module: entered.append(module) or contextlib.nullcontext())
+    module = torch.nn.Linear(2, 2)
+    for every in (True, False):
+        strategy = parallel.FSDP(reduce_every_micro_batch=every)
+        strategy._lightning_module = module
+        with strategy.block_backward_sync():
+            pass
+    assert entered == [module]  # reduce_every_micro_batch=false only

@@ -167,8 +167,8 @@ class DiffusionModule(Generation, L.LightningModule):
         # The global generators (dropout) too: a function of the step, micro-batch and rank, so a resumed run
         # draws what the uninterrupted one did, and the ranks draw differently.
         torch.manual_seed(mix_seed(self.seed, *keys, 1))
-        # DDP all-reduces the gradients in the step's last backward pass only (FSDP reduce-scatters in each: skipping
-        # it would keep whole gradients between the micro-batches)
+        # DDP all-reduces the gradients in the step's last backward pass only; FSDP reduce-scatters in each, or with
+        # trainer.strategy.reduce_every_micro_batch=false in the last only (keeping whole gradients until then)
         last = self._micro + 1 == self.accumulate_grad_batches
         no_sync = getattr(self.trainer.strategy, "block_backward_sync", None)
         with contextlib.nullcontext() if last or no_sync is None else no_sync():

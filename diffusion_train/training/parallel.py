@@ -6,9 +6,10 @@ strategy's ``parallelize`` when the strategy has one (FSDP below); DDP needs not
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -28,16 +29,29 @@ class FSDP(ModelParallelStrategy):
     shard"); False keeps them until the backward (ZeRO-2-like, "shard grad op": more memory, less
     communication). ``param_dtype``: gather weights in this dtype (``bfloat16`` halves the traffic;
     gradients are reduced in fp32); None keeps fp32 weights under the trainer's autocast.
+    ``reduce_every_micro_batch``: with gradient accumulation, True reduce-scatters each micro-batch's gradients
+    into the sharded sum; False keeps whole gradients on every device until the step's last micro-batch and
+    reduce-scatters them once (1/accumulation of the gradient traffic, for one whole fp32 gradient of memory).
 
     Checkpoints are whole (``last.ckpt`` holds full tensors, gathered to rank 0 as it is written), so they
     load under any strategy and any number of devices. It also runs on CPUs with gloo.
     """
 
-    def __init__(self, reshard_after_forward: bool = True, param_dtype: str | None = None, **kwargs: Any):
+    def __init__(self, reshard_after_forward: bool = True, param_dtype: str | None = None,
+                 reduce_every_micro_batch: bool = True, **kwargs: Any):
         super().__init__(data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint=False,
                          **kwargs)
         self.reshard_after_forward = bool(reshard_after_forward)
         self.param_dtype = _dtype(param_dtype)
+        self.reduce_every_micro_batch = bool(reduce_every_micro_batch)
+
+    @contextlib.contextmanager
+    def block_backward_sync(self) -> Iterator[None]:
+        """Around the backward passes of a step's micro-batches before its last (``DiffusionModule.training_step``).
+        ``reduce_every_micro_batch=False``: :func:`no_gradient_sync`, so the step's gradients are reduce-scattered
+        once, in its last backward pass. Otherwise each backward pass reduce-scatters its own (FSDP's default)."""
+        with contextlib.nullcontext() if self.reduce_every_micro_batch else no_gradient_sync(self.lightning_module):
+            yield
 
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes  # one data-parallel dimension
@@ -113,15 +127,34 @@ def sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
     return total
 
 
+def fsdp_units(module: nn.Module) -> list:
+    """The FSDP units (``fully_shard``-ed modules) in ``module``, outermost first."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
 def reshard(module: nn.Module) -> None:
     """A sharded model's FSDP units back in their sharded state, so that its parameters are this rank's shards. A
     forward pass without a backward (evaluation, sampling) under ``reshard_after_forward=False`` leaves the gathered
     whole weights registered until the next backward. Without FSDP units, nothing."""
-    from torch.distributed.fsdp import FSDPModule
+    for unit in fsdp_units(module):
+        unit.reshard()
 
-    for m in module.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
+
+@contextlib.contextmanager
+def no_gradient_sync(module: nn.Module) -> Iterator[None]:
+    """Backward passes inside keep their gradients whole on every device and add them to those of the passes before,
+    without communication; the next backward pass outside reduce-scatters the sum into the sharded gradients (FSDP's
+    gradient accumulation without communication). Without FSDP units, nothing."""
+    units = fsdp_units(module)
+    for unit in units:
+        unit.set_requires_gradient_sync(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.set_requires_gradient_sync(True, recurse=False)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
