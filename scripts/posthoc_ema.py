@@ -4,13 +4,15 @@
     python scripts/posthoc_ema.py runs/fmnist sigma_rels=0.03,0.05,0.08,0.12,0.2
     diffusion-eval ckpt=runs/fmnist/posthoc_ema/step_0004000.ckpt weights=ema_sigma_rel_0.08 ...
 
-The first argument is the run folder, then ``key=value`` options:
+    python scripts/posthoc_ema.py runs/isoflop/*/ sigma_rels=0.03,0.05,0.08,0.12 validate=true   # several runs
+
+The run folders come first (one or more), then ``key=value`` options:
 
     sigma_rels  comma-separated relative widths to make, each in (0, 0.2887] (required)
     step        the step to make them for, one with a snapshot (default: the last snapshot's)
     snapshots   the snapshot folder (default: <run>/ema_snapshots, and for a branch of another run,
-                init.branch_from, also the trunk's snapshots up to the branch step)
-    out         the checkpoint to write (default: <run>/posthoc_ema/step_<step>.ckpt)
+                init.branch_from, also the trunk's snapshots up to the branch step; one run only)
+    out         the checkpoint to write (default: <run>/posthoc_ema/step_<step>.ckpt; one run only)
     validate    true: also the validation loss of each made average and of the raw weights, on the run's
                 validation set as training computes val/loss (same noise and timesteps), in one pass over it
     device      where to validate: auto (default: a GPU if there is one), cpu, cuda
@@ -20,7 +22,10 @@ the run's checkpoint at that step (else its last.ckpt): ``diffusion-sample``, ``
 read it like any checkpoint. It prints, for each width, its gamma, the number of snapshot averages combined, and the
 fit's relative error (how far the combined profile is from the asked one; under a few percent is a close match,
 and above 5% a note says that the width is far outside the tracked ones), and with ``validate=true`` each
-average's validation loss, the lowest marked (also kept in the checkpoint's ``diffusion_train.posthoc_ema``).
+average's validation loss, the lowest marked. The same record (the fit, the losses, ``lowest_val_loss``) is kept
+in the checkpoint's ``diffusion_train.posthoc_ema`` and written beside it as ``step_<step>.json``. With several runs
+and ``validate=true``, a last table gives each run's parameter count, its lowest width and that width's loss: how
+the best EMA length moves with model size in a scaling study.
 Exits with status 1 and one ``error:`` line when there are no snapshots, the step has none, or an option is bad.
 """
 
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from diffusion_train.cli import UsageError, parse_bool, parse_key_values, run_main  # noqa: E402
+from diffusion_train.files import atomic_write  # noqa: E402
 from diffusion_train.training.checkpointing import atomic_torch_save, load_checkpoint  # noqa: E402
 from diffusion_train.training.posthoc_ema import (base_checkpoint, check_sigma_rel, label, reconstruct,  # noqa: E402
                                                   run_snapshots, sigma_rel_to_gamma, solve)
@@ -47,17 +54,19 @@ DEFAULTS: dict[str, Any] = {"sigma_rels": "", "step": None, "snapshots": "", "ou
 ROUGH_FIT = 0.05  # a fit error above this is worth a note
 
 
-def parse_args(argv: list[str]) -> tuple[Path, dict[str, Any]]:
-    runs = [a for a in argv if a.partition("=")[0] not in OPTIONS]
-    if len(runs) != 1:
-        raise UsageError(f"give one run folder, got {runs or 'none'}")
+def parse_args(argv: list[str]) -> tuple[list[Path], dict[str, Any]]:
+    runs = [Path(a) for a in argv if a.partition("=")[0] not in OPTIONS]
+    if not runs:
+        raise UsageError("give the run folder (or several)")
     opts = parse_key_values([a for a in argv if a.partition("=")[0] in OPTIONS], OPTIONS, DEFAULTS)
+    if len(runs) > 1 and (opts["out"] or opts["snapshots"]):
+        raise UsageError("out= and snapshots= are for one run folder; give one, or leave them out")
     opts["sigma_rels"] = [check_sigma_rel(s, "sigma_rels") for s in opts["sigma_rels"].split(",") if s.strip()]
     if not opts["sigma_rels"]:
         raise UsageError("sigma_rels: give the relative widths to make, e.g. sigma_rels=0.05,0.1")
     if opts["device"] not in ("auto", "cpu", "cuda"):
         raise UsageError(f"device={opts['device']}: use auto, cpu or cuda")
-    return Path(runs[0]), opts
+    return runs, opts
 
 
 @contextlib.contextmanager
@@ -107,8 +116,9 @@ def validation_losses(ckpt: Path, config: dict, averages: dict[str, dict[str, to
     return {"raw": logged["val/loss"], **{name: logged[f"val/loss_{name}"] for name in averages}}
 
 
-def main(argv: list[str]) -> Path:
-    run, opts = parse_args(argv)
+def make(run: Path, opts: dict[str, Any]) -> dict[str, Any]:
+    """Makes the averages of one run, writes its checkpoint and the record of the fit (``.json`` beside it), prints
+    the table, and returns the record."""
     snapshots = run_snapshots(run, opts["snapshots"] or None)
     recs = solve(snapshots, opts["sigma_rels"], opts["step"])
     step = recs[0].step
@@ -116,39 +126,64 @@ def main(argv: list[str]) -> Path:
     base = load_checkpoint(base_path)
     averages = reconstruct(recs)
     meta = dict(base.get("diffusion_train") or {})
-    meta["posthoc_ema"] = {"step": step, "num_updates": recs[0].num_updates, "base_checkpoint": str(base_path),
-                           "averages": {label(r.sigma_rel): {"gamma": sigma_rel_to_gamma(r.sigma_rel),
-                                                             "fit_error": r.error, "terms": len(r.terms)}
-                                        for r in recs}}
     out = Path(opts["out"] or run / "posthoc_ema" / f"step_{step:07d}.ckpt")
+    record = meta["posthoc_ema"] = {
+        "run": str(run), "checkpoint": str(out), "step": step, "num_updates": recs[0].num_updates,
+        "base_checkpoint": str(base_path),
+        "averages": {label(r.sigma_rel): {"sigma_rel": r.sigma_rel, "gamma": sigma_rel_to_gamma(r.sigma_rel),
+                                          "fit_error": r.error, "terms": len(r.terms)} for r in recs}}
     ema = {"decays": [], "sigma_rels": [r.sigma_rel for r in recs], "num_updates": recs[0].num_updates, "step": step,
            "weights": {label(s): ws for s, ws in averages.items()}}
-    made = {"state_dict": base["state_dict"], "global_step": step, "diffusion_train": meta, "ema": ema}
-    losses = {}
     if opts["validate"]:
         losses = validation_losses(base_path, meta["config"], {f"ema_{k}": ws for k, ws in ema["weights"].items()},
                                    opts["device"])
-        meta["posthoc_ema"]["raw_val_loss"] = losses["raw"]
-        for name, average in meta["posthoc_ema"]["averages"].items():
+        record["raw_val_loss"] = losses["raw"]
+        for name, average in record["averages"].items():
             average["val_loss"] = losses[f"ema_{name}"]
-    atomic_torch_save(made, out)
+        record["lowest_val_loss"] = min(record["averages"], key=lambda name: record["averages"][name]["val_loss"])
+    atomic_torch_save({"state_dict": base["state_dict"], "global_step": step, "diffusion_train": meta, "ema": ema},
+                      out)
+    atomic_write(out.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
     used = sorted({snap.step for r in recs for snap, _, _ in r.terms})
-    print(f"step {step}: {len(used)} snapshots (steps {used[0]}..{used[-1]}), model and raw weights from {base_path}")
-    print(f"{'average':<18} {'gamma':>8} {'terms':>6} {'fit error':>10}" + (f" {'val/loss':>10}" if losses else ""))
-    best = min((r.sigma_rel for r in recs), key=lambda s: losses[f"ema_{label(s)}"]) if losses else None
-    for r in recs:
-        loss = f" {losses[f'ema_{label(r.sigma_rel)}']:>10.6f}" + " (lowest)" * (r.sigma_rel == best) if losses else ""
-        print(f"{label(r.sigma_rel):<18} {sigma_rel_to_gamma(r.sigma_rel):>8.3f} {len(r.terms):>6} {r.error:>10.2%}"
-              + loss)
-    if losses:
-        print(f"{'raw weights':<18} {'':>8} {'':>6} {'':>10} {losses['raw']:>10.6f}")
+    print(f"{run}, step {step}: {len(used)} snapshots (steps {used[0]}..{used[-1]}), model and raw weights from "
+          f"{base_path}")
+    validated = "raw_val_loss" in record
+    print(f"{'average':<18} {'gamma':>8} {'terms':>6} {'fit error':>10}" + f" {'val/loss':>10}" * validated)
+    for name, a in record["averages"].items():
+        loss = f" {a['val_loss']:>10.6f}" + " (lowest)" * (name == record["lowest_val_loss"]) if validated else ""
+        print(f"{name:<18} {a['gamma']:>8.3f} {a['terms']:>6} {a['fit_error']:>10.2%}" + loss)
+    if validated:
+        print(f"{'raw weights':<18} {'':>8} {'':>6} {'':>10} {record['raw_val_loss']:>10.6f}")
     rough = [label(r.sigma_rel) for r in recs if r.error > ROUGH_FIT]
     if rough:
         tracked = sorted({s for r in recs for _, s, _ in r.terms})
         print(f"note: {', '.join(rough)} fit with more than {ROUGH_FIT:.0%} error: far outside the tracked widths "
               f"{tracked}, they are only rough averages; track a width nearer them")
-    print(f"wrote {out}")
-    return out
+    print(f"wrote {out} and {out.with_suffix('.json').name}")
+    return record
+
+
+def main(argv: list[str]) -> list[dict[str, Any]]:
+    runs, opts = parse_args(argv)
+    records = []
+    for run in runs:
+        records.append(make(run, opts))
+        print()
+    if len(records) > 1 and opts["validate"]:  # where the best width lies across the runs (e.g. model sizes)
+        print(f"{'run':<40} {'parameters':>12} {'step':>8} {'lowest val/loss':>18} {'val/loss':>10} {'raw':>10}")
+        for run, r in zip(runs, records):
+            best = r["lowest_val_loss"]
+            print(f"{str(run):<40} {run_parameters(run):>12} {r['step']:>8} {best:>18} "
+                  f"{r['averages'][best]['val_loss']:>10.6f} {r['raw_val_loss']:>10.6f}")
+    return records
+
+
+def run_parameters(run: Path) -> str:
+    """The run's trainable parameters, from its ``summary.json`` (``-`` without one)."""
+    try:
+        return f"{json.loads((run / 'summary.json').read_text())['params']:,}"
+    except (OSError, ValueError, KeyError):
+        return "-"
 
 
 if __name__ == "__main__":

@@ -188,8 +188,8 @@ def test_a_run_snapshots_resumes_exactly_and_the_script_makes_a_loadable_checkpo
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (straight / "weights" / "ema_sigma_rel_0.05.safetensors").is_file()
 
-    out = subprocess.run([sys.executable, str(SCRIPT), str(straight), "sigma_rels=0.1,0.2", "validate=true",
-                          "device=cpu"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, str(SCRIPT), str(straight), str(resumed), "sigma_rels=0.1,0.2",
+                          "validate=true", "device=cpu"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "sigma_rel_0.2" in out.stdout and "step 8: 4 snapshots" in out.stdout
     assert "note: sigma_rel_0.2 fit with more than 5% error" in out.stdout  # far wider than 0.05 and 0.1 at 4 steps
@@ -207,7 +207,17 @@ def test_a_run_snapshots_resumes_exactly_and_the_script_makes_a_loadable_checkpo
         logged["val/loss_ema_sigma_rel_0.1"]["final"], rel=1e-5)
     assert info["averages"]["sigma_rel_0.2"]["val_loss"] != info["averages"]["sigma_rel_0.1"]["val_loss"]
     lowest = min(("0.1", "0.2"), key=lambda s: info["averages"][f"sigma_rel_{s}"]["val_loss"])
+    assert info["lowest_val_loss"] == f"sigma_rel_{lowest}"
     assert f"sigma_rel_{lowest}" in next(line for line in out.stdout.splitlines() if "(lowest)" in line)
+    record = json.loads(made.with_suffix(".json").read_text())  # beside the checkpoint, readable without torch
+    assert record == json.loads(json.dumps(info))
+    # the resumed run (the same training) in the same call, and the table of both runs' lowest widths
+    resumed_record = json.loads((resumed / "posthoc_ema" / "step_0000008.json").read_text())
+    assert resumed_record["lowest_val_loss"] == record["lowest_val_loss"]
+    table = out.stdout[out.stdout.index("lowest val/loss"):].splitlines()[1:]
+    params = f"{json.loads((straight / 'summary.json').read_text())['params']:,}"
+    assert [line.split()[:4] for line in table] == [[str(r), params, "8", record["lowest_val_loss"]]
+                                                    for r in (straight, resumed)]
     load_module(made)  # "ema": the config's sample decay (0.9) is not there, so the first made average
     with pytest.raises(ValueError, match=r"has EMA averages \['sigma_rel_0.1', 'sigma_rel_0.2'\], not 0.9"):
         load_module(made, "ema_0.9")
@@ -216,6 +226,10 @@ def test_a_run_snapshots_resumes_exactly_and_the_script_makes_a_loadable_checkpo
                          capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
         "error: step=3: no snapshot at that step; snapshots are at steps [2, 4, 6, 8]"]
+    bad = subprocess.run([sys.executable, str(SCRIPT), str(straight), str(resumed), "sigma_rels=0.1",
+                          f"out={tmp_path / 'one.ckpt'}"], capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
+        "error: out= and snapshots= are for one run folder; give one, or leave them out"]
 
 
 def test_averages_of_another_model_are_refused_and_the_weights_kept():
