@@ -237,8 +237,8 @@ def run_lightning(cfg, batch: dict, opts: dict, device, clock: Clock) -> dict:
         def on_train_batch_end(self, trainer, pl_module, outputs, b, batch_idx) -> None:
             clock.step_done()
 
-        def on_train_end(self, trainer, pl_module) -> None:
-            clock.stop()  # not the fit's teardown
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            clock.stop()  # the last step's logging is counted, the end of the fit (its only epoch) is not
 
     class SameBatch:
         def __iter__(self):
