@@ -327,47 +327,59 @@ def test_ema_swaps_into_fsdp_shards_after_a_forward_without_backward(tmp_path, r
             "average_differs": True, "average_again": True, "unswapped_is_raw": True, "raw_restored": True}, rank
 
 
-def _accumulate_worker(rank: int, world: int, init: str, sync_every: bool, out: str) -> None:
+def _accumulate_worker(rank: int, world: int, init: str, param_dtype: str | None, out: str) -> None:
     from torch import nn
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from diffusion_train.training.parallel import full_tensor, no_gradient_sync
 
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
-        reference = copy.deepcopy(model)
+        reference = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
         mesh = init_device_mesh("cpu", (world,))
-        for layer in (model[0], model[2]):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        policy = MixedPrecisionPolicy(param_dtype=getattr(torch, param_dtype) if param_dtype else None,
+                                      reduce_dtype=torch.float32)
         inputs = [torch.randn(2, 2, 4, generator=torch.Generator().manual_seed(r)) for r in range(world)]
-        with contextlib.nullcontext() if sync_every else no_gradient_sync(model):
-            model(inputs[rank][0]).sum().backward()
-        untouched = all(p.grad is None for p in model.parameters())  # nothing reduce-scattered yet
-        model(inputs[rank][1]).sum().backward()
+        grads, untouched = {}, {}
+        for mode in ("each", "once"):  # a reduce-scatter per micro-batch; whole gradients until the last
+            model = copy.deepcopy(reference)
+            for layer in (model[0], model[2]):
+                fully_shard(layer, mesh=mesh, mp_policy=policy)
+            fully_shard(model, mesh=mesh, mp_policy=policy)
+            with contextlib.nullcontext() if mode == "each" else no_gradient_sync(model):
+                model(inputs[rank][0]).sum().backward()
+            untouched[mode] = all(p.grad is None for p in model.parameters())  # nothing reduce-scattered yet
+            model(inputs[rank][1]).sum().backward()
+            grads[mode] = [full_tensor(p.grad).float() for p in model.parameters()]
         for r in range(world):  # FSDP averages over ranks: the mean of each rank's summed micro-batch gradients
             for micro in inputs[r]:
                 (reference(micro).sum() / world).backward()
-        diff = max((full_tensor(p.grad) - q.grad).abs().max().item()
-                   for p, q in zip(model.parameters(), reference.parameters()))
-        Path(out, f"{rank}.json").write_text(json.dumps({"untouched": untouched, "diff": diff}))
+
+        def diff(a, b):
+            return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+        Path(out, f"{rank}.json").write_text(json.dumps({
+            "untouched": untouched, "once_vs_each": diff(grads["once"], grads["each"]),
+            "once_vs_fp32": diff(grads["once"], [q.grad for q in reference.parameters()])}))
     finally:
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("sync_every", [True, False])
-def test_fsdp_accumulates_micro_batches_with_or_without_a_reduce_scatter_each(tmp_path, sync_every):
+@pytest.mark.parametrize("param_dtype", [None, "bfloat16"])
+def test_fsdp_accumulates_micro_batches_with_one_reduce_scatter(tmp_path, param_dtype):
     """trainer.strategy.reduce_every_micro_batch=false: the backward passes before a step's last keep whole
-    gradients (no sharded gradient exists after the first), and the last reduce-scatters their sum: the same
-    gradients as a reduce-scatter per micro-batch."""
+    gradients (no sharded gradient exists after the first), and the last reduce-scatters their sum: the gradients
+    of a reduce-scatter per micro-batch, with fp32 weights and with weights gathered in bf16 (whose sum FSDP keeps
+    in fp32)."""
     init = f"file://{tmp_path / 'init'}"
-    torch.multiprocessing.spawn(_accumulate_worker, args=(2, init, sync_every, str(tmp_path)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_accumulate_worker, args=(2, init, param_dtype, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         got = json.loads((tmp_path / f"{rank}.json").read_text())
-        assert got["untouched"] is not sync_every and got["diff"] < 1e-6, (rank, got)
+        assert got["untouched"] == {"each": False, "once": True}, (rank, got)
+        assert got["once_vs_each"] < 1e-6, (rank, got)
+        assert got["once_vs_fp32"] < (1e-6 if param_dtype is None else 3e-2), (rank, got)
 
 
 def test_the_fsdp_strategy_keeps_gradients_whole_between_micro_batches_only_when_asked(monkeypatch):
