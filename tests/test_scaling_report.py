@@ -336,3 +336,44 @@ def test_wandb_summary_from_a_stand_in_run():
         run_from_dict(wandb_summary(run, "team/proj", ["val/loss"]), "wandb:team/proj/abc123")
     with pytest.raises(RegistryError, match="expected wandb:<entity>/<project>"):
         load_runs(["wandb:justaproject"])
+
+
+def test_post_hoc_ema_records_give_the_lowest_loss_over_widths_as_a_metric(tmp_path):
+    """scripts/posthoc_ema.py validate=true writes posthoc_ema/step_<N>.json beside a run's checkpoints; the registry
+    turns them into val/loss_posthoc_ema (the lowest loss over the widths made at each step), which the report fits
+    like any logged metric. Records made without validation are skipped; a malformed one is a one-line error."""
+    from diffusion_train.scaling.registry import POSTHOC_METRIC
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "runs"
+    for budget in (1e15, 3e15, 1e16):
+        for size in SIZES:
+            d = summary(size, budget, rng=rng)
+            folder = write(root, d).parent / "posthoc_ema"
+            folder.mkdir()
+            final = d["metrics"]["val/loss"]["final"]
+            half = d["steps"] // 2
+            for step, losses in ((half, None), (d["steps"], (final * 0.99, final * 0.97, final * 0.98))):
+                averages = {}
+                for i, s in enumerate((0.05, 0.1, 0.15)):
+                    averages[f"sigma_rel_{s}"] = {"sigma_rel": s, "fit_error": 0.01}
+                    if losses:
+                        averages[f"sigma_rel_{s}"]["val_loss"] = losses[i]
+                (folder / f"step_{step:07d}.json").write_text(json.dumps({"step": step, "averages": averages}))
+    runs = load_runs([root])
+    for r in runs:
+        m = r.metrics[POSTHOC_METRIC]
+        assert [p.step for p in m.history] == [r.steps]  # the record at half the run had no validation losses
+        assert m.final == m.best == pytest.approx(r.metrics["val/loss"].final * 0.97)
+        assert m.history[0].images == r.steps * r.global_batch and m.history[0].flops == r.total_flops
+    out = tmp_path / "report"
+    assert report.main([str(root), f"metric={POSTHOC_METRIC}", f"out={out}", "boot=0"]) == 0
+    fits = json.loads((out / "fits.json").read_text())
+    assert fits["metric"] == POSTHOC_METRIC and sum(r["used"] for r in fits["runs"]) == 12
+    assert fits["frontier"]["exponent"] == pytest.approx(0.5, abs=0.15)
+
+    bad = next(root.rglob("posthoc_ema")) / "step_0000001.json"
+    bad.write_text(json.dumps({"step": 1, "averages": {"sigma_rel_0.1": {"val_loss": "low"}}}))
+    with pytest.raises(RegistryError,
+                       match=r"step_0000001.json: bad key 'averages.sigma_rel_0.1.val_loss': expected a number"):
+        load_runs([root])

@@ -6,7 +6,8 @@ section of its config (budget, size, family) and, per logged metric, the final a
 history (step, images, FLOPs, value). :func:`load_runs` collects them from folders (searched
 recursively) and, optionally, from W&B projects (``wandb:<entity>/<project>``), validates each one and
 returns :class:`Run` records; a file that is not a valid summary is a :class:`RegistryError` (a
-``ValueError``) whose one-line message names the file and the key.
+``ValueError``) whose one-line message names the file and the key. A run folder's post-hoc EMA records
+(``scripts/posthoc_ema.py validate=true``) add the metric ``val/loss_posthoc_ema``: its best width's loss.
 """
 
 from __future__ import annotations
@@ -14,17 +15,19 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-__all__ = ["FORMAT", "Metric", "Point", "RegistryError", "Run", "find_summaries", "human_count", "load_runs",
-           "load_summary", "run_from_dict", "wandb_runs", "wandb_summary"]
+__all__ = ["FORMAT", "POSTHOC_METRIC", "Metric", "Point", "RegistryError", "Run", "find_summaries", "human_count",
+           "load_runs", "load_summary", "posthoc_metric", "run_from_dict", "wandb_runs", "wandb_summary"]
 
 FORMAT = "diffusion_train.summary/1"
 SUMMARY = "summary.json"
 WANDB_PREFIX = "wandb:"
 WANDB_STEP = "trainer/global_step"  # the step key Lightning's WandbLogger logs with every row
+POSTHOC_GLOB = "posthoc_ema/step_*.json"  # scripts/posthoc_ema.py's records, beside the checkpoints it makes
+POSTHOC_METRIC = "val/loss_posthoc_ema"  # their lowest validation loss over the widths made at each step
 
 
 class RegistryError(ValueError):
@@ -180,19 +183,47 @@ def _opt_float(v: Any) -> float | None:
     return None if v is None else float(v)
 
 
-def load_summary(path: str | os.PathLike) -> Run:
-    """One ``summary.json`` as a :class:`Run`; :class:`RegistryError` naming the file when it is unreadable,
-    not JSON or not in the format."""
-    path = Path(path)
+def _read_json(path: Path) -> Any:
     try:
         text = path.read_text()
     except OSError as e:
         raise RegistryError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except ValueError as e:
         raise RegistryError(f"{path}: not valid JSON ({e})") from None
-    return run_from_dict(data, str(path))
+
+
+def load_summary(path: str | os.PathLike) -> Run:
+    """One ``summary.json`` as a :class:`Run`; :class:`RegistryError` naming the file when it is unreadable,
+    not JSON or not in the format. With post-hoc EMA records beside it (:func:`posthoc_metric`), the run also has
+    the metric :data:`POSTHOC_METRIC`."""
+    path = Path(path)
+    run = run_from_dict(_read_json(path), str(path))
+    posthoc = posthoc_metric(path.parent, run)
+    return run if posthoc is None else replace(run, metrics={**run.metrics, POSTHOC_METRIC: posthoc})
+
+
+def posthoc_metric(run_dir: Path, run: Run) -> Metric | None:
+    """The lowest validation loss over the post-hoc EMA widths made at each step (``scripts/posthoc_ema.py
+    validate=true`` writes ``<run>/posthoc_ema/step_<N>.json``), as a metric: one point per step made, ``final``
+    the latest step's. Records made without ``validate=true`` are skipped; None without any."""
+    points = []
+    for path in sorted(run_dir.glob(POSTHOC_GLOB)):
+        record = _read_json(path)
+        if not isinstance(record, dict):
+            raise RegistryError(f"{path}: not a JSON object")
+        averages = _get(record, "averages", str(path), "dict")
+        losses = [_get(a, "val_loss", str(path), "value", path=f"averages.{name}.")
+                  for name, a in averages.items() if isinstance(a, dict) and "val_loss" in a]
+        if losses:
+            step = int(_get(record, "step", str(path), "int"))
+            images = float(step * run.global_batch)
+            points.append(Point(step=step, images=images, flops=images * run.flops_per_image, value=min(losses)))
+    if not points:
+        return None
+    points.sort(key=lambda p: p.step)
+    return Metric(final=points[-1].value, best=min(p.value for p in points), history=tuple(points))
 
 
 def find_summaries(directory: str | os.PathLike) -> list[Path]:
