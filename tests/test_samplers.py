@@ -1,4 +1,4 @@
-"""Known-answer tests for schedules, parameterizations and samplers.
+"""Known-answer tests for the samplers (schedules and parameterizations: test_schedules.py).
 
 The data are 2-D toy distributions whose optimal denoiser E[x0 | x_t] is known in closed form
 (``scripts/analytic.py``): a Gaussian with a different mean and std per dimension and a mixture of
@@ -35,7 +35,6 @@ from diffusion_train.diffusion.samplers import (
     randn,
 )
 from diffusion_train.diffusion.schedules import (
-    CosineSchedule,
     EDMSchedule,
     FlowSchedule,
     LinearSchedule,
@@ -91,190 +90,7 @@ def pf_error(name, sched_name, steps, n=2000):
 
 
 # ------------------------------------------------------------------------------------------------
-# 1. schedules against their published formulas
-# ------------------------------------------------------------------------------------------------
-def test_edm_karras_sigmas_known_values():
-    sched = EDMSchedule(sigma_min=0.002, sigma_max=80.0, rho=7.0)
-    for n in (5, 11, 18):
-        ts = sched.timesteps(n)
-        assert ts.shape == (n,) and ts.dtype == torch.float32
-        assert math.isclose(float(ts[0]), 80.0, rel_tol=1e-6)
-        assert math.isclose(float(ts[-1]), 0.002, rel_tol=1e-6)
-        # Karras et al. 2022, eq. 5: sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho
-        for i in (1, (n - 1) // 2, n - 2):
-            ref = (80.0 ** (1 / 7) + i / (n - 1) * (0.002 ** (1 / 7) - 80.0 ** (1 / 7))) ** 7
-            assert math.isclose(float(ts[i]), ref, rel_tol=1e-6)
-    assert sched.timesteps(10, "auto").tolist() == sched.timesteps(10, "karras").tolist()
-    torch.testing.assert_close(sched.timesteps(5, "linspace"), torch.linspace(80.0, 0.002, 5))
-    a, s = sched.alpha_sigma(torch.tensor([0.5, 3.0]))
-    assert a.tolist() == [1.0, 1.0] and s.tolist() == [0.5, 3.0]
-    torch.testing.assert_close(sched.model_time(torch.tensor([1.0, 80.0])), 250 * torch.tensor([0.0, math.log(80)]))
-
-
-def test_vp_karras_spacing_spans_the_schedule():
-    sched = LinearSchedule()
-    ts = sched.timesteps(12, "karras")
-    assert bool((ts[1:] < ts[:-1]).all())
-    assert abs(float(ts[0]) - 999) < 1e-3 and abs(float(ts[-1])) < 1e-3
-    ac = sched.alphas_cumprod.numpy()
-    lo, hi = math.sqrt((1 - ac[0]) / ac[0]), math.sqrt((1 - ac[-1]) / ac[-1])
-    ref = (hi ** (1 / 7) + np.arange(12) / 11 * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7
-    a, s = sched.alpha_sigma(ts)
-    np.testing.assert_allclose((s.double() / a.double()).numpy(), ref, rtol=1e-4)
-
-
-def test_flow_schedule_formulas_and_shift():
-    sched = FlowSchedule()
-    t = torch.tensor([0.0, 0.25, 0.5, 0.9, 1.0])
-    a, s = sched.alpha_sigma(t)
-    assert a.tolist() == (1 - t).tolist() and s.tolist() == t.tolist()
-    assert sched.timesteps(4).tolist() == [1.0, 0.75, 0.5, 0.25]
-    assert sched.timesteps(4, "linspace").tolist() == sched.timesteps(4, "trailing").tolist()
-    torch.testing.assert_close(sched.model_time(t), 1000 * t)
-    # SD3 shift: t' = shift t / (1 + (shift - 1) t); shift 3 maps 1, .75, .5, .25 to 1, .9, .75, .5
-    shifted = FlowSchedule(shift=3.0).timesteps(4)
-    torch.testing.assert_close(shifted, torch.tensor([1.0, 0.9, 0.75, 0.5]))
-    # ... i.e. the log-SNR moves down by 2 log(shift) at every point of the grid
-    base, sh = FlowSchedule().timesteps(7)[1:], FlowSchedule(shift=3.0).timesteps(7)[1:]
-    torch.testing.assert_close(sched.log_snr(sh), sched.log_snr(base) - 2 * math.log(3.0), rtol=0, atol=1e-5)
-    # karras on a flow schedule: t/(1-t) follows the Karras sigmas of 0.002 .. 80
-    tk = sched.timesteps(6, "karras").double()
-    ref = (80 ** (1 / 7) + torch.arange(6) / 5 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
-    torch.testing.assert_close(tk / (1 - tk), ref.double(), rtol=1e-5, atol=0)
-
-
-def _lin_2024_algorithm_1(betas: np.ndarray) -> np.ndarray:
-    """Lin et al. 2024, algorithm 1 (enforce zero terminal SNR), in numpy float64: returns betas."""
-    alphas_bar_sqrt = np.sqrt(np.cumprod(1 - betas))
-    a0, at = alphas_bar_sqrt[0].copy(), alphas_bar_sqrt[-1].copy()
-    alphas_bar_sqrt = (alphas_bar_sqrt - at) * a0 / (a0 - at)
-    alphas_bar = alphas_bar_sqrt**2
-    alphas = np.concatenate([alphas_bar[0:1], alphas_bar[1:] / alphas_bar[:-1]])
-    return 1 - alphas
-
-
-@pytest.mark.parametrize("cls", [LinearSchedule, ScaledLinearSchedule, CosineSchedule])
-def test_zero_terminal_snr_rescale_matches_lin_2024(cls):
-    plain, zt = cls(), cls(rescale_zero_terminal_snr=True)
-    betas = _lin_2024_algorithm_1(plain.betas.numpy())
-    np.testing.assert_allclose(zt.betas.numpy(), betas, rtol=1e-10, atol=1e-14)
-    np.testing.assert_allclose(zt.alphas_cumprod.numpy(), np.cumprod(1 - betas), rtol=1e-10, atol=1e-14)
-    assert float(zt.alphas_cumprod[-1]) == 0.0 and float(zt.betas[-1]) == 1.0
-    np.testing.assert_allclose(float(zt.alphas_cumprod[0]), float(plain.alphas_cumprod[0]), rtol=1e-14)
-    a, s = zt.alpha_sigma(torch.tensor([999.0]))
-    assert float(a) == 0.0 and float(s) == 1.0
-    assert float(zt.log_snr(torch.tensor([999.0]))) == -math.inf
-    assert zt.zero_terminal_snr and not plain.zero_terminal_snr
-
-
-def test_zero_terminal_snr_alpha_sigma_is_finite_between_the_last_two_steps():
-    """Fractional t in (T-2, T-1) interpolates towards lambda = -inf; alpha and sigma must stay valid
-    numbers there (continuous time samplers such as LogitNormalTime produce such t)."""
-    zt = LinearSchedule(rescale_zero_terminal_snr=True)
-    t = torch.linspace(997.0, 999.0, 41)
-    a, s = zt.alpha_sigma(t)
-    assert bool(torch.isfinite(a).all() and torch.isfinite(s).all()), (
-        f"NaN alpha/sigma at t = {t[~torch.isfinite(a)].tolist()}")
-    torch.testing.assert_close(a.double() ** 2 + s.double() ** 2, torch.ones(41, dtype=torch.float64),
-                               rtol=0, atol=1e-6)
-    assert bool((a[1:] <= a[:-1]).all())
-
-
-@pytest.mark.parametrize("cls", [LinearSchedule, ScaledLinearSchedule, CosineSchedule])
-def test_zero_terminal_snr_t_at_inverts_between_the_last_two_steps(cls):
-    """alpha goes linearly to 0 on (T-2, T-1), where the log-SNR runs to -inf: t_at inverts that too."""
-    zt = cls(rescale_zero_terminal_snr=True)
-    t = torch.tensor([998.0, 998.1, 998.25, 998.5, 998.75, 998.9, 998.99, 999.0])
-    torch.testing.assert_close(zt.t_at(zt.log_snr(t)), t, rtol=0, atol=1e-4)
-    # the auto grid starts at the zero-SNR step (trailing), as Lin et al. sample
-    torch.testing.assert_close(zt.timesteps(10), zt.timesteps(10, "trailing"))
-    assert float(zt.timesteps(10)[0]) == 999.0 and float(cls().timesteps(10)[0]) == 900.0  # leading without
-
-
-@pytest.mark.parametrize("cls", [LinearSchedule, ScaledLinearSchedule, CosineSchedule])
-def test_discrete_t_at_inverts_log_snr(cls):
-    sched = cls()
-    t = torch.cat([torch.tensor([0.0, 0.5, 1.0, 998.25, 999.0]),
-                   torch.rand(300, generator=torch.Generator().manual_seed(0)) * 999])
-    back = sched.t_at(sched.log_snr(t))
-    torch.testing.assert_close(back, t, rtol=0, atol=2e-3)
-    ends = sched.log_snr(torch.tensor([999.0, 0.0])).tolist()
-    lam = torch.linspace(ends[0] + 1e-3, ends[1] - 1e-3, 50)
-    # float32 t near 999 resolves ~6e-5 of a step, and the cosine log-SNR falls ~7 per step there
-    torch.testing.assert_close(sched.log_snr(sched.t_at(lam)), lam, rtol=0, atol=1e-3)
-    # out-of-range log-SNRs clamp to the ends of the schedule
-    assert sched.t_at(torch.tensor([100.0, -100.0])).tolist() == [0.0, 999.0]
-
-
-def test_edm_and_flow_t_at_invert_log_snr():
-    edm = EDMSchedule()
-    sig = torch.tensor([0.002, 0.01, 0.5, 1.0, 7.0, 80.0])
-    torch.testing.assert_close(edm.t_at(edm.log_snr(sig)), sig, rtol=1e-5, atol=0)
-    torch.testing.assert_close(edm.log_snr(sig), -2 * sig.log(), rtol=1e-6, atol=1e-6)
-    assert edm.t_at(torch.tensor([30.0, -30.0])).tolist() == pytest.approx([0.002, 80.0])
-    flow = FlowSchedule()
-    t = torch.tensor([0.001, 0.1, 0.3, 0.5, 0.77, 0.999])
-    torch.testing.assert_close(flow.t_at(flow.log_snr(t)), t, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(flow.log_snr(t), 2 * ((1 - t) / t).log(), rtol=1e-5, atol=1e-5)
-
-
-# ------------------------------------------------------------------------------------------------
-# 2. parameterizations
-# ------------------------------------------------------------------------------------------------
-def _alpha_sigma_cases():
-    """(name, alpha, sigma) float64 columns from each schedule type, all with alpha > 0."""
-    t_vp = torch.tensor([0.0, 3.5, 100.0, 500.0, 900.0, 999.0])
-    a_vp, s_vp = LinearSchedule().alpha_sigma(t_vp)
-    s_edm = torch.tensor([0.002, 0.05, 0.5, 2.0, 20.0, 80.0], dtype=torch.float64)
-    t_fl = torch.tensor([1e-3, 0.1, 0.4, 0.6, 0.9, 0.999], dtype=torch.float64)
-    cases = [("vp", a_vp.double(), s_vp.double()), ("edm", torch.ones_like(s_edm), s_edm),
-             ("flow", 1 - t_fl, t_fl)]
-    return [(n, a.reshape(-1, 1), s.reshape(-1, 1)) for n, a, s in cases]
-
-
-@pytest.mark.parametrize("prediction", param.PREDICTIONS)
-def test_to_x0_inverts_target_for_every_schedule(prediction):
-    g = torch.Generator().manual_seed(0)
-    for _, a, s in _alpha_sigma_cases():
-        x0 = torch.randn(len(a), 5, generator=g, dtype=torch.float64)
-        eps = torch.randn(len(a), 5, generator=g, dtype=torch.float64)
-        x_t = a * x0 + s * eps
-        out = param.target(prediction, x0, eps, a, s)
-        torch.testing.assert_close(param.to_x0(prediction, out, x_t, a, s), x0, rtol=0, atol=1e-10)
-
-
-@pytest.mark.parametrize("source", param.PREDICTIONS)
-def test_convert_round_trips(source):
-    g = torch.Generator().manual_seed(1)
-    for _, a, s in _alpha_sigma_cases():
-        x0 = torch.randn(len(a), 5, generator=g, dtype=torch.float64)
-        eps = torch.randn(len(a), 5, generator=g, dtype=torch.float64)
-        x_t = a * x0 + s * eps
-        out = param.target(source, x0, eps, a, s)
-        for dest in param.PREDICTIONS:
-            there = param.convert(out, source, dest, x_t, a, s)
-            torch.testing.assert_close(there, param.target(dest, x0, eps, a, s), rtol=1e-9, atol=1e-9)
-            torch.testing.assert_close(param.convert(there, dest, source, x_t, a, s), out, rtol=1e-9, atol=1e-9)
-
-
-@pytest.mark.parametrize("prediction", param.PREDICTIONS)
-def test_x0_mse_factor_brute_force(prediction):
-    """||delta||^2 / ||x0 change||^2 when the prediction moves by delta (x_t fixed) is x0_mse_factor."""
-    g = torch.Generator().manual_seed(2)
-    for _, a, s in _alpha_sigma_cases():
-        x0 = torch.randn(len(a), 8, generator=g, dtype=torch.float64)
-        eps = torch.randn(len(a), 8, generator=g, dtype=torch.float64)
-        x_t = a * x0 + s * eps
-        out = param.target(prediction, x0, eps, a, s)
-        delta = 1e-3 * torch.randn(out.shape, generator=g, dtype=torch.float64)
-        dx0 = param.to_x0(prediction, out + delta, x_t, a, s) - param.to_x0(prediction, out, x_t, a, s)
-        ratio = delta.square().sum(1) / dx0.square().sum(1)
-        k = param.x0_mse_factor(prediction, a, s).reshape(-1)
-        torch.testing.assert_close(ratio, k, rtol=1e-6, atol=0)
-
-
-# ------------------------------------------------------------------------------------------------
-# 3. every sampler on Gaussian and mixture data
+# 1. every sampler on Gaussian and mixture data
 # ------------------------------------------------------------------------------------------------
 def test_sampler_identities():
     """euler is ddim(eta=0), flow_euler is euler, euler_ancestral(eta) is ddim(eta), ddpm is ddim(eta=1)."""
@@ -451,7 +267,7 @@ def test_higher_order_solvers_beat_first_order(sched_name):
 
 
 # ------------------------------------------------------------------------------------------------
-# 4. every prediction type with every sampler
+# 2. every prediction type with every sampler
 # ------------------------------------------------------------------------------------------------
 def _time_from_model_time(schedule, mt):
     if isinstance(schedule, EDMSchedule):
@@ -497,7 +313,7 @@ def test_every_prediction_type_with_every_sampler(sched_name, spacing, predictio
 
 
 # ------------------------------------------------------------------------------------------------
-# 5. per-image seeding
+# 3. per-image seeding
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["ddpm", "euler_ancestral", "heun_churn", "dpmpp_2m"])
 def test_per_image_seeds_make_samples_independent_of_batch_size(name):
@@ -521,7 +337,7 @@ def test_per_image_seeds_make_samples_independent_of_batch_size(name):
 
 
 # ------------------------------------------------------------------------------------------------
-# 6. zero terminal SNR
+# 4. zero terminal SNR
 # ------------------------------------------------------------------------------------------------
 def test_schedules_that_reach_alpha_0_reject_eps_and_edm_prediction_and_zero_snr_rejects_karras():
     """eps and edm predictions divide by alpha to give x0: NaN at the schedule's end, where sampling starts."""
