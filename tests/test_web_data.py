@@ -1,4 +1,5 @@
-"""Webdataset shards: exact split over ranks x workers, resume, resampling, bad samples, training."""
+"""Webdataset shards: exact split over ranks x workers, resume, resampling, bad samples, training (aspect-ratio
+buckets: test_aspect_buckets.py)."""
 
 from __future__ import annotations
 
@@ -16,27 +17,16 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_train.data.decode import SampleDecoder, aspect_buckets
+from diffusion_train.data.decode import SampleDecoder
 from diffusion_train.data.stream import ShardStream, finish_batch
 from diffusion_train.data.web import WebDataModule, expand_shards
+from web_shards import as_reader, loader_batches, positions_after, stream, write_shard
 
 
 def _png(value: int, size: int = 8) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.full((size, size), value % 256, dtype=np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def write_shard(path: Path, samples: list[dict[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for sample in samples:
-            for ext, data in sample.items():
-                if ext == "__key__":
-                    continue
-                info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def make_shards(root: Path, n_shards: int, per_shard: int, prefix: str = "train") -> str:
@@ -51,19 +41,8 @@ def make_shards(root: Path, n_shards: int, per_shard: int, prefix: str = "train"
     return str(root / f"{prefix}-{{{0:06d}..{n_shards - 1:06d}}}.tar")
 
 
-def stream(pattern, decoder=None, **kw) -> ShardStream:
-    decoder = decoder or SampleDecoder(resolution=8, channels=1, caption_key="txt")
-    args = dict(batch_size=5, seed=0, resampled=False, shuffle_buffer=1)
-    return ShardStream([(expand_shards(pattern), 1.0)], decoder, **{**args, **kw})
-
-
 def keys_of(batches) -> list[str]:
     return [k for b in batches for k in b["__key__"]]
-
-
-def as_reader(monkeypatch, rank: int, world: int, worker: int, workers: int) -> None:
-    for name, value in dict(RANK=rank, WORLD_SIZE=world, WORKER=worker, NUM_WORKERS=workers).items():
-        monkeypatch.setenv(name, str(value))
 
 
 def test_exact_mode_covers_every_sample_once_per_epoch_over_2_ranks_x_2_workers(tmp_path, monkeypatch):
@@ -97,24 +76,8 @@ def test_too_few_shards_for_the_readers_is_explained(tmp_path, monkeypatch):
         next(iter(stream(pattern)))
 
 
-def _loader_batches(pattern, monkeypatch, start: int, n: int, workers: int = 2, positions=None,
-                    decoder=None, **kw) -> list[dict]:
-    """What a rank's DataLoader yields: batch b from worker b mod workers."""
-    per_worker = []
-    for w in range(workers):  # read each worker's batches while the environment says which worker it is
-        as_reader(monkeypatch, 0, 1, w, workers)
-        s = stream(pattern, decoder, start_batch=start, positions=positions, **kw)
-        per_worker.append(iter(list(itertools.islice(iter(s), n))))
-    return [next(per_worker[b % workers]) for b in range(n)]
-
-
 def _loader_order(pattern, monkeypatch, start: int, n: int, **kw) -> list[list[str]]:
-    return [b["__key__"] for b in _loader_batches(pattern, monkeypatch, start, n, **kw)]
-
-
-def _positions_after(batches: list[dict]) -> dict[int, dict]:
-    """What WebDataModule saves in a checkpoint: each reader's position after its last used batch."""
-    return {b["__position__"]["reader"]: b["__position__"] for b in batches}
+    return [b["__key__"] for b in loader_batches(pattern, monkeypatch, start, n, **kw)]
 
 
 class CountingDecoder(SampleDecoder):
@@ -127,12 +90,12 @@ class CountingDecoder(SampleDecoder):
 
 def test_exact_mode_resume_continues_the_same_batches_without_decoding_used_samples(tmp_path, monkeypatch):
     pattern = make_shards(tmp_path, n_shards=6, per_shard=10)
-    full = _loader_batches(pattern, monkeypatch, 0, 14, shuffle_buffer=7)  # 14 batches: into the second pass
+    full = loader_batches(pattern, monkeypatch, 0, 14, shuffle_buffer=7)  # 14 batches: into the second pass
     for start in (3, 4, 12):
         CountingDecoder.calls = 0
         decoder = CountingDecoder(resolution=8, channels=1, caption_key="txt")
-        resumed = _loader_batches(pattern, monkeypatch, start, 14 - start, shuffle_buffer=7,
-                                  positions=_positions_after(full[:start]), decoder=decoder)
+        resumed = loader_batches(pattern, monkeypatch, start, 14 - start, shuffle_buffer=7,
+                                  positions=positions_after(full[:start]), decoder=decoder)
         assert [b["__key__"] for b in resumed] == [b["__key__"] for b in full[start:]], start
         assert all(torch.equal(a["image"], b["image"]) for a, b in zip(resumed, full[start:]))
         # each of the 2 readers decodes only the 14 - start batches of 5 it is asked for, none it skipped
@@ -398,61 +361,6 @@ def tar_samples_of(path) -> list[dict]:
     return out
 
 
-def _image(value: int, height: int, width: int) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.full((height, width), value % 256, dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-SHAPES = [(16, 32), (32, 16), (24, 24), (20, 44), (30, 28)]
-
-
-def make_mixed_aspect_shards(root: Path, n_shards: int, per_shard: int) -> str:
-    root.mkdir(parents=True, exist_ok=True)
-    for s in range(n_shards):
-        write_shard(root / f"train-{s:06d}.tar",
-                    [{"__key__": f"{k:06d}", "png": _image(k, *SHAPES[k % len(SHAPES)]), "cls": b"0"}
-                     for k in range(s * per_shard, (s + 1) * per_shard)])
-    return str(root / f"train-{{000000..{n_shards - 1:06d}}}.tar")
-
-
-def test_aspect_buckets_keep_the_area_and_step():
-    buckets = aspect_buckets(256, step=64, max_aspect=2.0)
-    assert (256, 256) in buckets and (192, 320) in buckets and (320, 192) in buckets
-    assert all(h % 64 == 0 and w % 64 == 0 and h * w <= 256 * 256 and max(h / w, w / h) <= 2 for h, w in buckets)
-    with pytest.raises(ValueError, match="resolution=250 is not a multiple of data.bucket_step=64"):
-        aspect_buckets(250, step=64)
-
-
-def test_bucketed_batches_hold_one_shape_each_closest_to_the_images_aspect(tmp_path, monkeypatch):
-    pattern = make_mixed_aspect_shards(tmp_path, n_shards=2, per_shard=30)
-    as_reader(monkeypatch, 0, 1, 0, 1)
-    decoder = SampleDecoder(resolution=16, channels=1, caption_key=None, buckets=[(8, 16), (16, 8), (16, 16)],
-                            metadata={"size": "image:original_size", "crop": "image:crop_top_left"})
-    batches = list(itertools.islice(iter(stream(pattern, decoder=decoder)), 10))
-    expected = {0: (8, 16), 1: (16, 8), 2: (16, 16), 3: (8, 16), 4: (16, 16)}  # from the aspects of SHAPES
-    for batch in batches:
-        shapes = {expected[int(k) % len(SHAPES)] for k in batch["__key__"]}
-        assert shapes == {tuple(batch["image"].shape[-2:])}
-        originals = {SHAPES[int(k) % len(SHAPES)] for k in batch["__key__"]}
-        assert {tuple(map(int, s)) for s in batch["size"]} <= originals
-    first = next(b for b in batches if "000003" in b["__key__"])  # 20x44 resized to 8x17.6 -> 8x18: crop at 1
-    assert first["crop"][first["__key__"].index("000003")].tolist() == [0, 1]
-
-
-def test_bucketed_exact_resume_refetches_the_samples_waiting_in_groups(tmp_path, monkeypatch):
-    pattern = make_mixed_aspect_shards(tmp_path, n_shards=4, per_shard=30)
-    buckets = dict(resolution=16, channels=1, caption_key="txt", buckets=[(8, 16), (16, 8), (16, 16)], flip=True)
-    kw = dict(shuffle_buffer=9, decoder=SampleDecoder(**{**buckets, "caption_key": None}))
-    full = _loader_batches(pattern, monkeypatch, 0, 20, **kw)
-    for start in (5, 13):
-        positions = _positions_after(full[:start])
-        assert any(p["pending"] for p in positions.values()), "samples were waiting in partly filled groups"
-        resumed = _loader_batches(pattern, monkeypatch, start, 20 - start, positions=positions, **kw)
-        assert [b["__key__"] for b in resumed] == [b["__key__"] for b in full[start:]], start
-        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(resumed, full[start:])), "same flips"
-
-
 def test_resampled_mode_drops_keys_repeated_within_a_shard(tmp_path, monkeypatch):
     samples = [{"__key__": f"{k % 7:06d}", "png": _png(k), "cls": b"0"} for k in range(14)]  # 0..6, 0..6
     write_shard(tmp_path / "d-000000.tar", samples)
@@ -504,24 +412,6 @@ def test_exact_mode_training_resumes_bit_identically_from_the_saved_data_positio
     assert a["global_step"] == b["global_step"] == 4
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert a["WebDataModule"]["positions"] == b["WebDataModule"]["positions"]
-
-
-def test_a_dit_trains_on_aspect_ratio_buckets(tmp_path, monkeypatch):
-    from conftest import TINY, compose_train
-    from diffusion_train.train import train
-
-    pattern = make_mixed_aspect_shards(tmp_path / "shards", n_shards=2, per_shard=30)
-    overrides = [o for o in TINY if not o.startswith(("data=", "model="))] + [
-        "model=dit_tiny", "data=webdataset", f"data.sources='{pattern}'", f"data.val_shards='{pattern}'",
-        "data.val_size=4", "data.resolution=16", "data.channels=1", "data.batch_size=4", "data.num_workers=0",
-        "data.shuffle_buffer=4", "data.buckets=[[8,16],[16,8],[16,16]]", "trainer.max_steps=6",
-        "trainer.val_check_interval=100"]
-    shapes = []
-    original = WebDataModule.on_after_batch_transfer
-    monkeypatch.setattr(WebDataModule, "on_after_batch_transfer",
-                        lambda self, batch, i: shapes.append(tuple(batch["image"].shape[-2:])) or original(self, batch, i))
-    trainer = train(compose_train(overrides, tmp_path / "run"), tmp_path / "run")
-    assert trainer.global_step == 6 and len(set(shapes)) >= 2 and set(shapes) <= {(8, 16), (16, 8), (16, 16)}, shapes
 
 
 def test_batches_from_workers_equal_batches_made_in_process(tmp_path, monkeypatch):

@@ -1,0 +1,52 @@
+"""Webdataset shards for tests: writing tar shards, a shard stream with small defaults, the environment of one
+reader (rank x worker), and a rank's DataLoader order (test_web_data.py, test_aspect_buckets.py)."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import tarfile
+from pathlib import Path
+
+from diffusion_train.data.decode import SampleDecoder
+from diffusion_train.data.stream import ShardStream
+from diffusion_train.data.web import expand_shards
+
+
+def write_shard(path: Path, samples: list[dict[str, bytes]]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for sample in samples:
+            for ext, data in sample.items():
+                if ext == "__key__":
+                    continue
+                info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def stream(pattern, decoder=None, **kw) -> ShardStream:
+    decoder = decoder or SampleDecoder(resolution=8, channels=1, caption_key="txt")
+    args = dict(batch_size=5, seed=0, resampled=False, shuffle_buffer=1)
+    return ShardStream([(expand_shards(pattern), 1.0)], decoder, **{**args, **kw})
+
+
+def as_reader(monkeypatch, rank: int, world: int, worker: int, workers: int) -> None:
+    for name, value in dict(RANK=rank, WORLD_SIZE=world, WORKER=worker, NUM_WORKERS=workers).items():
+        monkeypatch.setenv(name, str(value))
+
+
+def loader_batches(pattern, monkeypatch, start: int, n: int, workers: int = 2, positions=None,
+                    decoder=None, **kw) -> list[dict]:
+    """What a rank's DataLoader yields: batch b from worker b mod workers."""
+    per_worker = []
+    for w in range(workers):  # read each worker's batches while the environment says which worker it is
+        as_reader(monkeypatch, 0, 1, w, workers)
+        s = stream(pattern, decoder, start_batch=start, positions=positions, **kw)
+        per_worker.append(iter(list(itertools.islice(iter(s), n))))
+    return [next(per_worker[b % workers]) for b in range(n)]
+
+
+def positions_after(batches: list[dict]) -> dict[int, dict]:
+    """What WebDataModule saves in a checkpoint: each reader's position after its last used batch."""
+    return {b["__position__"]["reader"]: b["__position__"] for b in batches}
