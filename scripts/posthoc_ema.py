@@ -90,18 +90,18 @@ def loaded(module, weights: dict[str, torch.Tensor]) -> Iterator[None]:
                 params[n].copy_(b)
 
 
-def validation_losses(ckpt: Path, config: dict, averages: dict[str, dict[str, torch.Tensor]],
-                      device: str) -> dict[str, float]:
-    """``val/loss`` of the checkpoint's raw weights (key ``raw``) and of each average, as training computes it (the
-    run's validation set in ``config``, its fixed noise and timesteps), in one validation pass that swaps each
-    average in per batch."""
+def validation_losses(ckpt: dict, averages: dict[str, dict[str, torch.Tensor]], device: str) -> dict[str, float]:
+    """``val/loss`` of a loaded checkpoint's raw weights (key ``raw``) and of each average, as training computes it
+    (the run's validation set, its fixed noise and timesteps), in one validation pass that swaps each average in per
+    batch."""
     import lightning as L
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from diffusion_train.training.build import load_module
+    from diffusion_train.training.build import checkpoint_module
 
-    module = load_module(ckpt, weights="raw")
+    module = checkpoint_module(ckpt, weights="raw")
+    config = ckpt["diffusion_train"]["config"]
     datamodule = instantiate(OmegaConf.create(config).data, _convert_="all")
     module.val_weights = {name: functools.partial(loaded, module, ws) for name, ws in averages.items()}
     accelerator = {"auto": "gpu" if torch.cuda.is_available() else "cpu", "cuda": "gpu"}.get(device, device)
@@ -135,8 +135,7 @@ def make(run: Path, opts: dict[str, Any]) -> dict[str, Any]:
     ema = {"decays": [], "sigma_rels": [r.sigma_rel for r in recs], "num_updates": recs[0].num_updates, "step": step,
            "weights": {label(s): ws for s, ws in averages.items()}}
     if opts["validate"]:
-        losses = validation_losses(base_path, meta["config"], {f"ema_{k}": ws for k, ws in ema["weights"].items()},
-                                   opts["device"])
+        losses = validation_losses(base, {f"ema_{k}": ws for k, ws in ema["weights"].items()}, opts["device"])
         record["raw_val_loss"] = losses["raw"]
         for name, average in record["averages"].items():
             average["val_loss"] = losses[f"ema_{name}"]

@@ -83,15 +83,19 @@ def build_backbone(cfg: DictConfig, conditioner, autoencoder: Autoencoder, task=
 def load_module(ckpt_path: str | os.PathLike, weights: str = "ema", map_location="cpu") -> DiffusionModule:
     """The model of a checkpoint with its raw weights (``weights="raw"``), its sampling EMA
     (``"ema"``) or the EMA of one decay (``"ema_0.9999"``), in eval mode."""
-    ckpt = load_checkpoint(ckpt_path, map_location)
+    return checkpoint_module(load_checkpoint(ckpt_path, map_location), weights, str(ckpt_path))
+
+
+def checkpoint_module(ckpt: dict, weights: str = "ema", where: str = "the checkpoint") -> DiffusionModule:
+    """:func:`load_module` of a checkpoint already loaded (``where`` names it in errors)."""
     meta = ckpt.get("diffusion_train", {})
     if "config" not in meta:
-        raise ValueError(f"{ckpt_path} holds no diffusion_train run metadata; cannot rebuild its model")
+        raise ValueError(f"{where} holds no diffusion_train run metadata; cannot rebuild its model")
     module = build_module(OmegaConf.create(meta["config"]), accelerator="cpu")  # compile=auto: not for sampling
     module.load_state_dict(ckpt["state_dict"])
     if weights != "raw":
         params = dict(module.named_parameters())
         with torch.no_grad():
-            for name, value in checkpoint_average(ckpt, weights, str(ckpt_path))[1].items():
+            for name, value in checkpoint_average(ckpt, weights, where)[1].items():
                 params[name].copy_(value)
     return module.eval()
