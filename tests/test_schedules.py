@@ -161,13 +161,18 @@ def _alpha_sigma_cases():
     return [(n, a.reshape(-1, 1), s.reshape(-1, 1)) for n, a, s in cases]
 
 
+def _noised(a, s, g):
+    """x0 and eps (5 values per row, float64) and x_t = a x0 + s eps."""
+    x0 = torch.randn(len(a), 5, generator=g, dtype=torch.float64)
+    eps = torch.randn(len(a), 5, generator=g, dtype=torch.float64)
+    return x0, eps, a * x0 + s * eps
+
+
 @pytest.mark.parametrize("prediction", param.PREDICTIONS)
 def test_to_x0_inverts_target_for_every_schedule(prediction):
     g = torch.Generator().manual_seed(0)
     for _, a, s in _alpha_sigma_cases():
-        x0 = torch.randn(len(a), 5, generator=g, dtype=torch.float64)
-        eps = torch.randn(len(a), 5, generator=g, dtype=torch.float64)
-        x_t = a * x0 + s * eps
+        x0, eps, x_t = _noised(a, s, g)
         out = param.target(prediction, x0, eps, a, s)
         torch.testing.assert_close(param.to_x0(prediction, out, x_t, a, s), x0, rtol=0, atol=1e-10)
 
@@ -176,9 +181,7 @@ def test_to_x0_inverts_target_for_every_schedule(prediction):
 def test_convert_round_trips(source):
     g = torch.Generator().manual_seed(1)
     for _, a, s in _alpha_sigma_cases():
-        x0 = torch.randn(len(a), 5, generator=g, dtype=torch.float64)
-        eps = torch.randn(len(a), 5, generator=g, dtype=torch.float64)
-        x_t = a * x0 + s * eps
+        x0, eps, x_t = _noised(a, s, g)
         out = param.target(source, x0, eps, a, s)
         for dest in param.PREDICTIONS:
             there = param.convert(out, source, dest, x_t, a, s)

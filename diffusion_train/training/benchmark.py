@@ -7,6 +7,7 @@ steps profiled (``training/kernel_profile.py``)."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import platform
@@ -161,8 +162,6 @@ class Clock:
         return self.KINDS[step % self.log_every == 0]
 
     def sync(self) -> None:
-        import contextlib
-
         import torch
 
         if self.cuda:
