@@ -12,6 +12,8 @@ from hydra import compose, initialize_config_dir
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# a crash (e.g. a segmentation fault) in a process a test starts prints that process's Python stacks
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
