@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from diffusion_train.cli import UsageError, parse_bool, parse_key_values, run_main  # noqa: E402
 from diffusion_train.scaling.fit import SaturatingFit  # noqa: E402
-from diffusion_train.scaling.registry import RegistryError, human_count, load_runs  # noqa: E402
+from diffusion_train.scaling.registry import Metric, RegistryError, human_count, load_runs  # noqa: E402
 from diffusion_train.scaling.report import LEVEL, Analysis, analyse, sci, where  # noqa: E402
 
 OPTIONS: dict[str, Callable[[str], Any]] = {"metric": str, "out": str, "boot": int, "seed": int, "skip": float,
@@ -80,6 +80,21 @@ def num(x: float | None, digits: int = 4) -> str:
 
 def interval(ci: tuple[float, float] | None, digits: int = 3) -> str:
     return "-" if ci is None or not all(map(math.isfinite, ci)) else f"[{ci[0]:.{digits}g}, {ci[1]:.{digits}g}]"
+
+
+def point_label(m: Metric | None, best: bool) -> str:
+    """The label of a metric's final (or best) point: what gave that value (post-hoc EMA: the width), or ''."""
+    if m is None or not m.history:
+        return ""
+    return min(m.history, key=lambda p: p.value).label if best else m.history[-1].label
+
+
+def labelled(m: Metric | None, best: bool) -> str:
+    """A Runs-table cell: the final (or best) value, with the label of its point when it has one."""
+    if m is None:
+        return "-"
+    tag = point_label(m, best)
+    return num(m.best if best else m.final) + (f" ({tag})" if tag else "")
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -150,7 +165,7 @@ def markdown(a: Analysis, sources: list[str], opts: dict) -> str:
     for r in sorted(a.runs, key=lambda r: (a.budgets.get(r.source, math.inf), r.params, r.source)):
         mt = r.metrics.get(m)
         rows.append([f"`{where(r)}`", r.label, r.model, human_count(r.params), sci(a.budgets.get(r.source, r.budget)),
-                     sci(r.total_flops), sci(r.images_seen), num(mt.final) if mt else "-", num(mt.best) if mt else "-",
+                     sci(r.total_flops), sci(r.images_seen), labelled(mt, best=False), labelled(mt, best=True),
                      "yes" if r.finished else "no", r.device, f"{r.wall_time_s:.0f}",
                      a.reasons.get(r.source, "yes")])
     lines += table(["run", "size", "model", "N", "budget", "total FLOPs", "images", f"final {m}", f"best {m}",
@@ -186,7 +201,10 @@ def fits_json(a: Analysis, sources: list[str], opts: dict) -> dict:
         "runs": [{"source": r.source, "run_dir": where(r), "size": r.label, "params": r.params,
                   "budget": a.budgets.get(r.source, r.budget), "total_flops": r.total_flops,
                   "images_seen": r.images_seen, "final": r.metrics[a.metric].final if a.metric in r.metrics else None,
-                  "best": r.metrics[a.metric].best if a.metric in r.metrics else None, "finished": r.finished,
+                  "best": r.metrics[a.metric].best if a.metric in r.metrics else None,
+                  "final_label": point_label(r.metrics.get(a.metric), best=False) or None,
+                  "best_label": point_label(r.metrics.get(a.metric), best=True) or None,
+                  "finished": r.finished,
                   "used": r.source not in a.reasons, "reason": a.reasons.get(r.source)} for r in a.runs],
         "per_size": per_size,
         "isoflop": [{"budget": b.budget, "runs": int(b.params.size), "sizes": b.sizes, "params": b.params,

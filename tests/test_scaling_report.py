@@ -365,11 +365,15 @@ def test_post_hoc_ema_records_give_the_lowest_loss_over_widths_as_a_metric(tmp_p
         m = r.metrics[POSTHOC_METRIC]
         assert [p.step for p in m.history] == [r.steps]  # the record at half the run had no validation losses
         assert m.final == m.best == pytest.approx(r.metrics["val/loss"].final * 0.97)
+        assert m.history[0].label == "sigma_rel_0.1"  # the width that gave the lowest loss
         assert m.history[0].images == r.steps * r.global_batch and m.history[0].flops == r.total_flops
     out = tmp_path / "report"
     assert report.main([str(root), f"metric={POSTHOC_METRIC}", f"out={out}", "boot=0"]) == 0
     fits = json.loads((out / "fits.json").read_text())
     assert fits["metric"] == POSTHOC_METRIC and sum(r["used"] for r in fits["runs"]) == 12
+    assert {(r["final_label"], r["best_label"]) for r in fits["runs"]} == {("sigma_rel_0.1", "sigma_rel_0.1")}
+    runs_table = (out / "report.md").read_text().split("## Runs")[1]
+    assert runs_table.count(" (sigma_rel_0.1) |") == 2 * 12  # final and best of each run, with its width
     assert fits["frontier"]["exponent"] == pytest.approx(0.5, abs=0.15)
 
     bad = next(root.rglob("posthoc_ema")) / "step_0000001.json"

@@ -36,11 +36,13 @@ class RegistryError(ValueError):
 
 @dataclass(frozen=True)
 class Point:
-    """One logged value of a metric: at ``step``, after ``images`` images and ``flops`` training FLOPs."""
+    """One logged value of a metric: at ``step``, after ``images`` images and ``flops`` training FLOPs. ``label``:
+    what gave the value where several candidates could (:data:`POSTHOC_METRIC`: the winning width's name)."""
     step: int
     images: float
     flops: float
     value: float
+    label: str = ""
 
 
 @dataclass(frozen=True)
@@ -206,20 +208,23 @@ def load_summary(path: str | os.PathLike) -> Run:
 
 def posthoc_metric(run_dir: Path, run: Run) -> Metric | None:
     """The lowest validation loss over the post-hoc EMA widths made at each step (``scripts/posthoc_ema.py
-    validate=true`` writes ``<run>/posthoc_ema/step_<N>.json``), as a metric: one point per step made, ``final``
-    the latest step's. Records made without ``validate=true`` are skipped; None without any."""
+    validate=true`` writes ``<run>/posthoc_ema/step_<N>.json``), as a metric: one point per step made, labelled with
+    the width that gave it; ``final`` the latest step's. Records made without ``validate=true`` are skipped; None
+    without any."""
     points = []
     for path in sorted(run_dir.glob(POSTHOC_GLOB)):
         record = _read_json(path)
         if not isinstance(record, dict):
             raise RegistryError(f"{path}: not a JSON object")
         averages = _get(record, "averages", str(path), "dict")
-        losses = [_get(a, "val_loss", str(path), "value", path=f"averages.{name}.")
-                  for name, a in averages.items() if isinstance(a, dict) and "val_loss" in a]
+        losses = {name: _get(a, "val_loss", str(path), "value", path=f"averages.{name}.")
+                  for name, a in averages.items() if isinstance(a, dict) and "val_loss" in a}
         if losses:
             step = int(_get(record, "step", str(path), "int"))
             images = float(step * run.global_batch)
-            points.append(Point(step=step, images=images, flops=images * run.flops_per_image, value=min(losses)))
+            lowest = min(losses, key=losses.get)
+            points.append(Point(step=step, images=images, flops=images * run.flops_per_image, value=losses[lowest],
+                                label=lowest))
     if not points:
         return None
     points.sort(key=lambda p: p.step)
