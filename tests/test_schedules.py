@@ -1,5 +1,6 @@
-"""Known-answer tests for the noise schedules (against their published formulas, and their inverses t_at) and the
-parameterizations (each prediction target's conversions to x0 and back, and its loss factor)."""
+"""Known-answer tests for the noise schedules (against their published formulas and numpy float64 references,
+their invariants, and their inverses t_at) and the parameterizations (each prediction target by definition, its
+conversions to x0 and back, and its loss factor)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,29 @@ import pytest
 import torch
 
 from diffusion_train.diffusion import parameterization as param
+from diffusion_train.diffusion.objective import GaussianDiffusion
 from diffusion_train.diffusion.schedules import (
     CosineSchedule,
+    DiscreteSchedule,
     EDMSchedule,
     FlowSchedule,
     LinearSchedule,
     ScaledLinearSchedule,
 )
+
+T = 1000
+
+
+def np_linear_ac(n=T, b0=1e-4, b1=0.02):
+    return np.cumprod(1.0 - np.linspace(b0, b1, n, dtype=np.float64))
+
+
+def np_cosine_f(n=T, s=0.008):
+    u = np.arange(n + 1, dtype=np.float64) / n
+    return np.cos((u + s) / (1 + s) * np.pi / 2) ** 2
+
+
+ALL_SCHEDULES = [LinearSchedule, ScaledLinearSchedule, CosineSchedule]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -203,3 +220,188 @@ def test_x0_mse_factor_brute_force(prediction):
         ratio = delta.square().sum(1) / dx0.square().sum(1)
         k = param.x0_mse_factor(prediction, a, s).reshape(-1)
         torch.testing.assert_close(ratio, k, rtol=1e-6, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. schedules: definitions and invariants
+# ------------------------------------------------------------------------------------------------
+def test_linear_schedule_alphas_cumprod_matches_numpy():
+    sched = LinearSchedule()
+    assert sched.num_timesteps == T
+    assert sched.alphas_cumprod.dtype == torch.float64
+    np.testing.assert_allclose(sched.alphas_cumprod.numpy(), np_linear_ac(), rtol=1e-12, atol=0)
+
+
+def test_scaled_linear_schedule_from_definition():
+    sched = ScaledLinearSchedule()
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, T, dtype=np.float64) ** 2
+    np.testing.assert_allclose(sched.betas.numpy(), betas, rtol=1e-12)
+    np.testing.assert_allclose(sched.alphas_cumprod.numpy(), np.cumprod(1 - betas), rtol=1e-12)
+
+
+def test_cosine_schedule_matches_cos2_ratio_where_unclipped():
+    sched = CosineSchedule()
+    f = np_cosine_f()
+    raw_betas = 1 - f[1:] / f[:-1]
+    unclipped = raw_betas < 0.999
+    # Only the very last steps are clipped (f -> 0 at t = T).
+    assert unclipped[:-1].all()
+    assert (sched.betas.numpy() <= 0.999 + 1e-15).all()
+    np.testing.assert_allclose(sched.betas.numpy()[~unclipped], 0.999, rtol=1e-12)
+    # alpha_bar at integer step i covers betas 0..i, i.e. f((i+1)/T) / f(0).
+    expected = f[1:] / f[0]
+    np.testing.assert_allclose(sched.alphas_cumprod.numpy()[unclipped], expected[unclipped], rtol=1e-9)
+
+
+def test_cosine_schedule_clipping_value():
+    # With a tiny max_beta, every beta is clipped and alpha_bar is a pure geometric sequence.
+    sched = CosineSchedule(num_timesteps=50, max_beta=1e-3)
+    f = np_cosine_f(50)
+    betas = np.minimum(1 - f[1:] / f[:-1], 1e-3)
+    np.testing.assert_allclose(sched.alphas_cumprod.numpy(), np.cumprod(1 - betas), rtol=1e-12)
+
+
+@pytest.mark.parametrize("cls", ALL_SCHEDULES)
+def test_alpha_squared_plus_sigma_squared_is_one(cls):
+    sched = cls()
+    t = torch.cat([torch.arange(T, dtype=torch.float32), torch.rand(500) * (T - 1)])
+    a, s = sched.alpha_sigma(t)
+    assert a.dtype == torch.float32 and s.dtype == torch.float32
+    torch.testing.assert_close(a.double() ** 2 + s.double() ** 2, torch.ones_like(t, dtype=torch.float64),
+                               rtol=0, atol=1e-6)
+    # and alpha^2 is alpha_bar at integer steps
+    ac = sched.alphas_cumprod.numpy()
+    np.testing.assert_allclose(a[:T].double().numpy() ** 2, ac, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls", ALL_SCHEDULES)
+def test_log_snr_strictly_decreasing(cls):
+    sched = cls()
+    lsnr = sched.log_snr(torch.arange(T, dtype=torch.float32)).double().numpy()
+    assert np.all(np.diff(lsnr) < 0)
+    ac = sched.alphas_cumprod.numpy()
+    np.testing.assert_allclose(lsnr, np.log(ac / (1 - ac)), rtol=1e-4, atol=1e-4)
+    # also on a fine fractional grid
+    fine = sched.log_snr(torch.linspace(0, T - 1, 4 * T + 1)).double().numpy()
+    assert np.all(np.diff(fine) < 0)
+
+
+@pytest.mark.parametrize("cls", ALL_SCHEDULES)
+def test_fractional_t_interpolates_log_snr(cls):
+    sched = cls()
+    ac = sched.alphas_cumprod.numpy()
+    lam_tab = np.log(ac / (1 - ac))
+    gen = np.random.default_rng(0)
+    lo = gen.integers(0, T - 1, size=200)
+    w = gen.random(200)
+    t = torch.tensor(lo + w, dtype=torch.float64)
+    # lambda is linear in t between integers; alpha^2 = sigmoid(lambda), sigma^2 = sigmoid(-lambda)
+    lam = (1 - w) * lam_tab[lo] + w * lam_tab[lo + 1]
+    a, s = sched.alpha_sigma(t)
+    np.testing.assert_allclose(a.double().numpy(), np.sqrt(1 / (1 + np.exp(-lam))), rtol=2e-6)
+    np.testing.assert_allclose(s.double().numpy(), np.sqrt(1 / (1 + np.exp(lam))), rtol=2e-6)
+    np.testing.assert_allclose(sched.alpha_bar(t).double().numpy(), 1 / (1 + np.exp(-lam)), rtol=4e-6)
+    np.testing.assert_allclose(sched.log_snr(t).double().numpy(), lam, rtol=1e-5, atol=1e-5)
+    # midpoints: the log-SNR is the mean of the neighbours' log-SNRs
+    mid = sched.log_snr(torch.tensor([10.5, 500.5])).double().numpy()
+    np.testing.assert_allclose(mid, (lam_tab[[10, 500]] + lam_tab[[11, 501]]) / 2, rtol=1e-5, atol=1e-5)
+    # integer steps give the exact table values and out-of-range steps clamp to the ends
+    a_int, s_int = sched.alpha_sigma(torch.tensor([0, 7, 999]))
+    np.testing.assert_allclose(a_int.double().numpy(), np.float32(np.sqrt(ac[[0, 7, 999]])), rtol=0, atol=0)
+    np.testing.assert_allclose(s_int.double().numpy(), np.float32(np.sqrt(1 - ac[[0, 7, 999]])), rtol=0, atol=0)
+    # integer-valued float t (as samplers pass) also hit the table exactly
+    a_f, _ = sched.alpha_sigma(torch.tensor([0.0, 7.0, 999.0]))
+    assert torch.equal(a_f, a_int)
+    np.testing.assert_allclose(sched.alpha_bar(torch.tensor([-5.0, 2000.0])).double().numpy(), ac[[0, 999]],
+                               rtol=1e-6)
+
+
+def test_discrete_schedule_rejects_invalid_betas():
+    with pytest.raises(ValueError):
+        DiscreteSchedule(torch.tensor([0.1, 1.0]))
+    with pytest.raises(ValueError):
+        DiscreteSchedule(torch.tensor([0.0, 0.1]))
+    with pytest.raises(ValueError):
+        DiscreteSchedule(torch.full((2, 2), 0.1))
+
+
+def test_timesteps_known_values():
+    sched = LinearSchedule()
+    lead = sched.timesteps(10, "leading")
+    trail = sched.timesteps(10, "trailing")
+    lin = sched.timesteps(10, "linspace")
+    for ts in (lead, trail, lin):
+        assert ts.dtype == torch.float32
+    assert lead.tolist() == [float(v) for v in range(900, -1, -100)]
+    assert trail.tolist() == [float(v) for v in range(999, 98, -100)]
+    assert lin.tolist() == np.round(np.linspace(999, 0, 10)).tolist()
+    assert lin[0] == 999 and lin[-1] == 0
+    # every spacing with num_steps == T is the full grid
+    for spacing in ("leading", "trailing", "linspace"):
+        assert sched.timesteps(T, spacing).tolist() == [float(v) for v in range(T - 1, -1, -1)]
+    assert sched.timesteps(1, "leading").tolist() == [0.0]
+    assert sched.timesteps(1, "trailing").tolist() == [999.0]
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_timesteps_descending_unique_count_range_for_every_num_steps(spacing):
+    sched = LinearSchedule()
+    bad = []
+    for n in range(1, T + 1):
+        ts = sched.timesteps(n, spacing)
+        ok = (ts.numel() == n and bool((ts[1:] < ts[:-1]).all()) and float(ts.min()) >= 0
+              and float(ts.max()) <= T - 1 and bool((ts == ts.round()).all()))
+        if not ok:
+            bad.append((n, ts.numel(), float(ts.min())))
+    assert not bad, f"{spacing}: {len(bad)} step counts give a wrong grid (n, len, min): {bad[:5]}"
+
+
+def test_timesteps_invalid_arguments():
+    sched = LinearSchedule()
+    with pytest.raises(ValueError):
+        sched.timesteps(10, "quadratic")
+    with pytest.raises(ValueError):
+        sched.timesteps(0)
+    with pytest.raises(ValueError):
+        sched.timesteps(T + 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. parameterizations by definition
+# ------------------------------------------------------------------------------------------------
+def _alpha_sigma64(t: np.ndarray, ndim: int):
+    ac = np_linear_ac()[t]
+    shape = (-1,) + (1,) * (ndim - 1)
+    return torch.tensor(np.sqrt(ac)).reshape(shape), torch.tensor(np.sqrt(1 - ac)).reshape(shape)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_to_x0_inverts_target(prediction):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(16, 3, 4, 4, generator=g, dtype=torch.float64)
+    eps = torch.randn(16, 3, 4, 4, generator=g, dtype=torch.float64)
+    t = np.array([0, 1, 5, 50, 100, 250, 400, 500, 600, 700, 800, 900, 950, 990, 998, 999])
+    a, s = _alpha_sigma64(t, 4)
+    x_t = a * x0 + s * eps
+    out = param.target(prediction, x0, eps, a, s)
+    torch.testing.assert_close(param.to_x0(prediction, out, x_t, a, s), x0, rtol=0, atol=1e-9)
+    torch.testing.assert_close(param.x0_to_eps(x0, x_t, a, s), eps, rtol=0, atol=1e-9)
+
+
+def test_prediction_targets_by_definition():
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    a, s = torch.tensor([[0.6], [0.8], [0.1], [0.99]]), torch.tensor([[0.8], [0.6], [0.995], [0.141]])
+    torch.testing.assert_close(param.target("v", x0, eps, a, s), a * eps - s * x0)
+    assert param.target("eps", x0, eps, a, s) is eps
+    assert param.target("x0", x0, eps, a, s) is x0
+
+
+def test_invalid_prediction_raises():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError):
+        param.target("score", x, x, x, x)
+    with pytest.raises(ValueError):
+        param.to_x0("score", x, x, x, x)
+    with pytest.raises(ValueError):
+        GaussianDiffusion(LinearSchedule(), prediction="score")
