@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_web_data import _png, as_reader, keys_of, make_shards, stream, write_shard
+from web_shards import as_reader, keys_of, make_shards, png_of, stream, write_shard
 from torch.utils.data import DataLoader
 
 from diffusion_train.data.bad_data import LOGGED_PER_REASON, BadDataError
@@ -32,7 +32,7 @@ HTML = b"<html><head><title>403 Forbidden</title></head><body>AccessDenied</body
 
 
 def samples(n: int, start: int = 0, **members: bytes) -> list[dict]:
-    return [{"__key__": f"{k:06d}", "png": _png(k), "cls": str(k % 10).encode(), "txt": b"a", **members}
+    return [{"__key__": f"{k:06d}", "png": png_of(k), "cls": str(k % 10).encode(), "txt": b"a", **members}
             for k in range(start, start + n)]
 
 
@@ -74,7 +74,7 @@ def test_an_exact_mode_reader_whose_shards_give_nothing_stops_naming_them(tmp_pa
 def test_a_resampled_reader_without_labels_stops_instead_of_hanging(tmp_path, monkeypatch):
     """Caption-only shards with the default label_key=cls: every sample is missing_label."""
     for s in range(2):
-        write_shard(tmp_path / f"train-{s:06d}.tar", [{"__key__": f"{s}{i:05d}", "png": _png(i), "txt": b"a photo"}
+        write_shard(tmp_path / f"train-{s:06d}.tar", [{"__key__": f"{s}{i:05d}", "png": png_of(i), "txt": b"a photo"}
                                                       for i in range(30)])
     as_reader(monkeypatch, 0, 1, 0, 1)
     dm = WebDataModule(str(tmp_path / "train-{000000..000001}.tar"), resolution=8, channels=1, batch_size=4,
@@ -193,7 +193,7 @@ def test_a_resampled_stream_skips_a_non_tar_shard(tmp_path, monkeypatch):
 
 
 def _raw(key: str = "000000", **members) -> dict:
-    return {"__key__": key, "__url__": "s.tar", "png": _png(1), "cls": b"0", **members}
+    return {"__key__": key, "__url__": "s.tar", "png": png_of(1), "cls": b"0", **members}
 
 
 @pytest.mark.parametrize("meta, kw, reason", [
@@ -237,7 +237,7 @@ def test_a_json_glitch_in_a_shard_skips_one_sample_in_a_dataloader_worker(tmp_pa
 
 def test_labels_outside_num_classes_are_skipped(tmp_path, monkeypatch):
     labels = [b"-1", b"0", b"9", b"10", b"11", b"x", b"3"]
-    write_shard(tmp_path / "train-000000.tar", [{"__key__": f"{k:06d}", "png": _png(k), "cls": c}
+    write_shard(tmp_path / "train-000000.tar", [{"__key__": f"{k:06d}", "png": png_of(k), "cls": c}
                                                 for k, c in enumerate(labels)])
     as_reader(monkeypatch, 0, 1, 0, 1)
     dm = WebDataModule(str(tmp_path / "train-000000.tar"), resolution=8, channels=1, num_classes=10, batch_size=3,

@@ -1,12 +1,11 @@
 """Webdataset shards: exact split over ranks x workers, resume, resampling, bad samples, training (aspect-ratio
-buckets: test_aspect_buckets.py)."""
+buckets: test_aspect_buckets.py; the tar reader and sample fields: test_shard_reading.py)."""
 
 from __future__ import annotations
 
 import csv
 import io
 import itertools
-import json
 import random
 import tarfile
 from collections import Counter
@@ -20,29 +19,7 @@ from PIL import Image
 from diffusion_train.data.decode import SampleDecoder
 from diffusion_train.data.stream import ShardStream, finish_batch
 from diffusion_train.data.web import WebDataModule, expand_shards
-from web_shards import as_reader, loader_batches, positions_after, stream, write_shard
-
-
-def _png(value: int, size: int = 8) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.full((size, size), value % 256, dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def make_shards(root: Path, n_shards: int, per_shard: int, prefix: str = "train") -> str:
-    root.mkdir(parents=True, exist_ok=True)
-    for s in range(n_shards):
-        samples = []
-        for i in range(per_shard):
-            k = s * per_shard + i
-            samples.append({"__key__": f"{k:06d}", "png": _png(k), "cls": str(k % 10).encode(),
-                            "txt": f"item {k}".encode()})
-        write_shard(root / f"{prefix}-{s:06d}.tar", samples)
-    return str(root / f"{prefix}-{{{0:06d}..{n_shards - 1:06d}}}.tar")
-
-
-def keys_of(batches) -> list[str]:
-    return [k for b in batches for k in b["__key__"]]
+from web_shards import as_reader, keys_of, loader_batches, make_shards, png_of, positions_after, stream, write_shard
 
 
 def test_exact_mode_covers_every_sample_once_per_epoch_over_2_ranks_x_2_workers(tmp_path, monkeypatch):
@@ -133,10 +110,10 @@ def test_resampled_mixing_weights(tmp_path, monkeypatch):
 
 
 def test_bad_samples_are_skipped_and_counted_by_reason(tmp_path, monkeypatch):
-    good = [{"__key__": f"{k:06d}", "png": _png(k), "cls": b"1"} for k in range(6)]
+    good = [{"__key__": f"{k:06d}", "png": png_of(k), "cls": b"1"} for k in range(6)]
     bad = [{"__key__": "c00001", "png": b"not a png", "cls": b"1"},  # undecodable
            {"__key__": "c00002", "cls": b"1"},  # no image
-           {"__key__": "c00003", "png": _png(3), "cls": b"x"}]  # bad label
+           {"__key__": "c00003", "png": png_of(3), "cls": b"x"}]  # bad label
     write_shard(tmp_path / "s-000000.tar", good[:3] + bad)
     write_shard(tmp_path / "s-000001.tar", good[3:])
     with tarfile.open(tmp_path / "s-000001.tar") as tar:  # truncated inside the 3rd member's data
@@ -300,93 +277,6 @@ def test_random_crop_and_flip_keep_the_short_side_and_vary(tmp_path):
         mirrored += flipped
         assert int(out["crop"][1]) == (47 - int(row[0]) if flipped else int(row[0])), seed
     assert 10 < mirrored < 30
-
-
-def test_pipe_urls_stream_like_files(tmp_path, monkeypatch):
-    make_shards(tmp_path, n_shards=2, per_shard=10)
-    as_reader(monkeypatch, 0, 1, 0, 1)
-    piped = stream(f"pipe:cat {tmp_path}/train-{{000000..000001}}.tar")
-    local = stream(str(tmp_path / "train-{000000..000001}.tar"))
-    assert keys_of(itertools.islice(iter(piped), 4)) == keys_of(itertools.islice(iter(local), 4))
-
-
-def test_npy_members_load_like_np_load():
-    from diffusion_train.data.tar_io import _load_npy
-
-    for array in (np.arange(24, dtype=np.float16).reshape(2, 3, 4), np.ones((5,), dtype=np.int64),
-                  np.asfortranarray(np.arange(6.0).reshape(2, 3))):
-        buf = io.BytesIO()
-        np.save(buf, array)
-        for _ in range(2):  # the second read uses the cached header
-            out = _load_npy(buf.getvalue())
-            assert out.dtype == array.dtype and np.array_equal(out, array) and out.flags.writeable
-
-
-@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
-def test_tar_reader_matches_tarfile(tmp_path, fmt):
-    """The lean reader gives tarfile's members, long (PAX / GNU) names and gzip included."""
-    import gzip
-
-    from diffusion_train.data.tar_io import TarReadError, tar_members
-
-    path = tmp_path / "a.tar"
-    names = ["000001.png", "000001.cls", "d/000002.txt", "x" * 120 + ".txt" if fmt != tarfile.USTAR_FORMAT
-             else "y" * 90 + ".txt", "ü_000003.json" if fmt == tarfile.PAX_FORMAT else "000003.json"]
-    with tarfile.open(path, "w", format=fmt) as tar:
-        for i, name in enumerate(names):
-            data = bytes(range(256)) * (i * 7 + 1)
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    with tarfile.open(path) as tar:
-        expected = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
-    with open(path, "rb") as f:
-        assert list(tar_members(f)) == expected
-    gz = tmp_path / "a.tar.gz"
-    gz.write_bytes(gzip.compress(path.read_bytes()))
-    keys = list(dict.fromkeys(n.rpartition("/")[0] + "/" * ("/" in n) + n.rpartition("/")[2].split(".")[0]
-                              for n, _ in expected))
-    assert [s["__key__"] for s in tar_samples_of(gz)] == keys
-    cut = path.read_bytes()[: 512 + 100]  # inside the first member's 256 bytes of data
-    with pytest.raises(TarReadError, match="unexpected end of data"):
-        list(tar_members(io.BytesIO(cut)))
-
-
-def tar_samples_of(path) -> list[dict]:
-    from diffusion_train.data.tar_io import tar_samples
-
-    skipped = Counter()
-    out = list(tar_samples(str(path), skipped))
-    assert not skipped
-    return out
-
-
-def test_resampled_mode_drops_keys_repeated_within_a_shard(tmp_path, monkeypatch):
-    samples = [{"__key__": f"{k % 7:06d}", "png": _png(k), "cls": b"0"} for k in range(14)]  # 0..6, 0..6
-    write_shard(tmp_path / "d-000000.tar", samples)
-    as_reader(monkeypatch, 0, 1, 0, 1)
-    s = stream(str(tmp_path / "d-000000.tar"), resampled=True, shuffle_buffer=1, batch_size=7,
-               decoder=SampleDecoder(resolution=8, channels=1, caption_key=None))
-    batches = list(itertools.islice(iter(s), 4))  # each shard draw gives 7 distinct keys, one batch
-    assert all(sorted(b["__key__"]) == [f"{k:06d}" for k in range(7)] for b in batches)
-    assert sum(b["__skipped__"].get("duplicate_key", 0) for b in batches) >= 3 * 7  # counted with the next batch
-
-
-def test_json_metadata_reaches_the_batch_and_missing_fields_are_counted(tmp_path, monkeypatch):
-    samples = [{"__key__": f"{k:06d}", "png": _png(k), "cls": b"0",
-                "json": json.dumps({"aesthetic": k / 10, "size": [k, 2 * k]} if k != 3 else {}).encode()}
-               for k in range(9)]
-    write_shard(tmp_path / "m-000000.tar", samples)
-    as_reader(monkeypatch, 0, 1, 0, 1)
-    decoder = SampleDecoder(resolution=8, channels=1, caption_key=None,
-                            metadata={"aesthetic": "aesthetic", "orig": "size"})
-    batches = list(itertools.islice(iter(stream(str(tmp_path / "m-000000.tar"), decoder=decoder, batch_size=4)), 2))
-    for batch in batches:
-        ks = [int(k) for k in batch["__key__"]]
-        assert batch["aesthetic"].dtype == torch.float32
-        assert torch.allclose(batch["aesthetic"], torch.tensor([k / 10 for k in ks]))
-        assert batch["orig"].tolist() == [[k, 2 * k] for k in ks]
-    assert sum(b["__skipped__"].get("missing_aesthetic", 0) for b in batches) == 1
 
 
 def test_exact_mode_training_resumes_bit_identically_from_the_saved_data_position(tmp_path):

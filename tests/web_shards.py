@@ -1,5 +1,6 @@
 """Webdataset shards for tests: writing tar shards, a shard stream with small defaults, the environment of one
-reader (rank x worker), and a rank's DataLoader order (test_web_data.py, test_aspect_buckets.py)."""
+reader (rank x worker), and a rank's DataLoader order (test_web_data.py, test_aspect_buckets.py,
+test_shard_reading.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import io
 import itertools
 import tarfile
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 from diffusion_train.data.decode import SampleDecoder
 from diffusion_train.data.stream import ShardStream
@@ -50,3 +54,25 @@ def loader_batches(pattern, monkeypatch, start: int, n: int, workers: int = 2, p
 def positions_after(batches: list[dict]) -> dict[int, dict]:
     """What WebDataModule saves in a checkpoint: each reader's position after its last used batch."""
     return {b["__position__"]["reader"]: b["__position__"] for b in batches}
+
+
+def png_of(value: int, size: int = 8) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size, size), value % 256, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_shards(root: Path, n_shards: int, per_shard: int, prefix: str = "train") -> str:
+    root.mkdir(parents=True, exist_ok=True)
+    for s in range(n_shards):
+        samples = []
+        for i in range(per_shard):
+            k = s * per_shard + i
+            samples.append({"__key__": f"{k:06d}", "png": png_of(k), "cls": str(k % 10).encode(),
+                            "txt": f"item {k}".encode()})
+        write_shard(root / f"{prefix}-{s:06d}.tar", samples)
+    return str(root / f"{prefix}-{{{0:06d}..{n_shards - 1:06d}}}.tar")
+
+
+def keys_of(batches) -> list[str]:
+    return [k for b in batches for k in b["__key__"]]
