@@ -125,9 +125,9 @@ def test_a_cool_down_branched_from_a_longer_wsd_run_equals_the_short_run_trained
     """A 10-step WSD run decaying over its last 4 steps, trained straight, against a 40-step WSD run whose step-6
     checkpoint (still in its stable phase; a step_checkpoints step) a new run branches from with the short run's
     schedule: the same weights, EMA, optimizer and schedule at step 10. The branch keeps its own checkpoints and
-    records where it came from."""
+    records where it came from; its sample grids start after the branch step (the trunk has that one)."""
     wsd = ["lr_schedule=wsd", "lr_schedule.warmup_steps=2", "callbacks.checkpoint.every_n_train_steps=4",
-           "trainer.val_check_interval=50"]
+           "trainer.val_check_interval=50", "callbacks.sample_grid.every_n_steps=2"]
     short = [*wsd, "trainer.max_steps=10", "lr_schedule.decay_steps=4"]
     train(tiny_cfg(*short, run_dir=tmp_path / "straight"), tmp_path / "straight")
 
@@ -148,6 +148,9 @@ def test_a_cool_down_branched_from_a_longer_wsd_run_equals_the_short_run_trained
     assert json.loads((branch / "run.json").read_text())["branched_from"] == want
     assert load_checkpoint(branch / "checkpoints/last.ckpt")["diffusion_train"]["branched_from"] == want
     assert sorted(p.name for p in (branch / "checkpoints").iterdir()) == ["last.ckpt", "step_0000008.ckpt"]
+    grids = {r: sorted(p.name for p in (r / "samples").glob("step_*.png")) for r in (trunk, branch)}
+    assert grids == {trunk: ["step_0000002.png", "step_0000004.png", "step_0000006.png", "step_0000007.png"],
+                     branch: ["step_0000008.png", "step_0000010.png"]}  # the trunk's end of fit at 7
     assert load_checkpoint(trunk / "checkpoints/last.ckpt")["global_step"] == 7  # the trunk is left as it was
 
     # A relaunch resumes the branch's own checkpoint, not the trunk's; the lineage stays in its files

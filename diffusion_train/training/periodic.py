@@ -9,7 +9,8 @@ grids and the Fréchet distances):
 - at the end of the fit, checkpoints the last step before evaluating;
 - at the start of a launch, looks for its own output of the step the run resumes from: an evaluation that was
   due there and is missing (the last launch was stopped before or during it) is made then, one that is there
-  is not made again.
+  is not made again. A branch (``init.branch_from``) does not make the evaluation of its branch step: that is
+  the trunk's, which has it.
 
 Lightning ends a fit that resumes at ``max_steps`` before it starts, without calling ``on_train_start`` and
 ``on_train_end``, so a run stopped during its end-of-fit evaluations would never make them.
@@ -52,7 +53,10 @@ class PeriodicEvaluation(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         step = trainer.global_step
-        if trainer.strategy.broadcast(self.done_at(step) if trainer.is_global_zero else None):
+        origin = (getattr(pl_module, "run_info", None) or {}).get("branched_from")
+        if origin is not None and origin.get("step") == step:  # a branch at its branch step: the trunk's evaluation
+            self._last_step = step
+        elif trainer.strategy.broadcast(self.done_at(step) if trainer.is_global_zero else None):
             self._last_step = step
         elif self.due(step):  # due at the step the run resumes from, and missing
             self._evaluate_once(trainer, pl_module)
