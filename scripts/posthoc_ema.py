@@ -36,7 +36,7 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -90,6 +90,29 @@ def loaded(module, weights: dict[str, torch.Tensor]) -> Iterator[None]:
                 params[n].copy_(b)
 
 
+def one_device_limit(limit: int | float | None, world_size: int, num_batches: Callable[[], int]) -> int | float:
+    """A run's ``trainer.limit_val_batches`` for one device, so that it validates the batches the run did. Lightning
+    limits each rank's share of the fixed validation batches (rank r of W: batches r, r+W, ...), so n per rank are
+    the first n x W; a fraction f of the ceil(B / W) per rank likewise. ``num_batches``: B, asked only if needed."""
+    if limit is None:
+        return 1.0
+    if world_size <= 1:
+        return limit
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        return limit * world_size
+    if float(limit) >= 1.0:
+        return 1.0
+    total = num_batches()
+    return min(int(-(-total // world_size) * float(limit)) * world_size, total)
+
+
+def validation_batches(datamodule) -> int:
+    """The number of fixed validation batches of a data module (0 without a validation set)."""
+    datamodule.setup()
+    val_set = getattr(datamodule, "val_set", None)
+    return 0 if val_set is None else -(-len(val_set) // datamodule.val_batch_size)
+
+
 def validation_losses(ckpt: dict, averages: dict[str, dict[str, torch.Tensor]], device: str) -> dict[str, float]:
     """``val/loss`` of a loaded checkpoint's raw weights (key ``raw``) and of each average, as training computes it
     (the run's validation set, its fixed noise and timesteps), in one validation pass that swaps each average in per
@@ -106,8 +129,10 @@ def validation_losses(ckpt: dict, averages: dict[str, dict[str, torch.Tensor]], 
     module.val_weights = {name: functools.partial(loaded, module, ws) for name, ws in averages.items()}
     accelerator = {"auto": "gpu" if torch.cuda.is_available() else "cpu", "cuda": "gpu"}.get(device, device)
     run = config.get("trainer") or {}  # the run's precision and validation batches: its val/loss's
+    limit = one_device_limit(run.get("limit_val_batches"), int(ckpt["diffusion_train"].get("world_size") or 1),
+                             lambda: validation_batches(datamodule))
     trainer = L.Trainer(accelerator=accelerator, devices=1, precision=run.get("precision", "32-true"),
-                        limit_val_batches=run.get("limit_val_batches") or 1.0, logger=False,
+                        limit_val_batches=limit, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
     logged = trainer.validate(module, datamodule=datamodule, verbose=False)
     if not logged or "val/loss" not in logged[0]:

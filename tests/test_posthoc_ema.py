@@ -232,14 +232,19 @@ def test_a_run_snapshots_resumes_exactly_and_the_script_makes_a_loadable_checkpo
         "error: out= and snapshots= are for one run folder; give one, or leave them out"]
 
 
-def test_averages_of_another_model_are_refused_and_the_weights_kept():
+def _script():
     import importlib.util
-
-    from diffusion_train.cli import UsageError
 
     spec = importlib.util.spec_from_file_location("posthoc_ema_script", SCRIPT)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_averages_of_another_model_are_refused_and_the_weights_kept():
+    from diffusion_train.cli import UsageError
+
+    script = _script()
     model = nn.Linear(2, 2)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(UsageError, match=r"the averages hold \['blocks.0.weight'\], which the run's model does not"):
@@ -248,3 +253,25 @@ def test_averages_of_another_model_are_refused_and_the_weights_kept():
     with script.loaded(model, {"weight": torch.zeros(2, 2)}):
         assert not model.weight.any() and torch.equal(model.bias, before["bias"])
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("limit", [None, 1, 2, 3, 0.25, 0.5, 0.7, 1.0])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_validate_takes_the_validation_batches_the_run_took_on_its_devices(limit, world):
+    """A run on W devices with trainer.limit_val_batches validated, over its ranks, some of the fixed validation
+    batches (Lightning limits each rank's share); the script on one device takes the same ones."""
+    from diffusion_train.data.samplers import fixed_batches
+
+    total = 7  # batches of 2 over 13 items
+
+    def taken(rank_limit, ranks: int) -> set[int]:
+        out = set()
+        for rank in range(ranks):
+            share = fixed_batches(13, 2, rank, ranks)
+            n = len(share) if rank_limit is None else rank_limit if isinstance(rank_limit, int) \
+                else int(len(share) * rank_limit)
+            out |= {b.index for b in share[:n] if not b.padding}
+        return out
+
+    one = _script().one_device_limit(limit, world, lambda: total)
+    assert taken(one, 1) == taken(limit, world)
