@@ -322,3 +322,42 @@ def test_validated_averages_are_logged_next_to_the_raw_loss_and_change_nothing(t
 
     with pytest.raises(ValueError, match=r"callbacks.ema.validate \[0.5\]: each must be one of the averages"):
         EMA(decays=[0.999], validate=[0.5])
+
+
+def test_validated_weights_share_a_batch_s_inputs_and_remake_only_a_trained_condition(tiny_cfg):
+    """With averages validated, a validation batch's latents, noise and timesteps are made once for every set of
+    weights, and its condition too unless the conditioner has trained weights (here a class embedding): then once
+    per set. The losses are the same either way."""
+    import contextlib
+
+    from diffusion_train.data.samplers import FixedBatches, fixed_batches
+
+    from conftest import instantiate_data, module_of, randomised
+
+    module = randomised(module_of(tiny_cfg), 0).eval()
+    data = instantiate_data(tiny_cfg())
+    data.setup()
+    batch = FixedBatches(data.val_set)[fixed_batches(len(data.val_set), data.val_batch_size, 0, 1)[0]]
+    calls = {"conditioner": 0, "latents": 0}
+
+    def counted(name, fn):
+        def call(*args):
+            calls[name] += 1
+            return fn(*args)
+        return call
+
+    module.conditioner.forward = counted("conditioner", module.conditioner.forward)
+    module.latents = counted("latents", module.latents)
+    module.val_weights = {"a": contextlib.nullcontext, "b": contextlib.nullcontext}  # the same weights, 3 times
+
+    def rows() -> list[float]:
+        calls.update(conditioner=0, latents=0)
+        module.on_validation_epoch_start()
+        with torch.no_grad():
+            module.validation_step(batch, 0)
+        return [float(total / count) for total, count in module._val_total]
+
+    trained = rows()
+    assert calls == {"conditioner": 3, "latents": 1} and trained[0] == trained[1] == trained[2]
+    module.conditioner.requires_grad_(False)  # a frozen conditioner: one condition for all
+    assert rows() == trained and calls == {"conditioner": 1, "latents": 1}

@@ -343,16 +343,23 @@ class DiffusionModule(Generation, L.LightningModule):
                                       device=self.device)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # Each set of weights (the trained ones, then each of val_weights) sees the same latents, noise and
+        # timesteps, made once; the condition is made again for each when the conditioner has trained weights
+        # (a class embedding, a text encoder trained with the network).
+        x0, t, noise, cond = self.validation_inputs(batch, batch_idx)
+        remake = bool(self.val_weights) and any(p.requires_grad for p in self.conditioner.parameters())
         for row, weights in enumerate([contextlib.nullcontext, *self.val_weights.values()]):
             with weights():
-                loss = self.validation_loss(batch, batch_idx)
+                if row and remake:
+                    cond = replace(self.conditioner(batch), image=cond.image, control=cond.control)
+                loss = self.objective.loss(self.net, x0, cond, t=t, noise=noise)
             if not batch.get("__padding__", False):  # a padding batch only keeps the ranks' collectives in step
                 total = torch.stack([loss.sum(), loss.new_tensor(loss.shape[0])])
                 self._val_total[row] += total.to(self._val_total.dtype)
 
-    def validation_loss(self, batch: dict, batch_idx: int) -> Tensor:
-        """The per-sample loss of a fixed validation batch: its own noise stream, timesteps spread evenly over the
-        schedule (integer steps for discrete schedules). The same for any weights."""
+    def validation_inputs(self, batch: dict, batch_idx: int) -> tuple[Tensor, Tensor, Tensor, Cond]:
+        """``x0, t, noise, cond`` of a fixed validation batch: its own noise stream, timesteps spread evenly over the
+        schedule (integer steps for discrete schedules). The same for any weights but the conditioner's."""
         g = self.step_generator(10**9, batch.get("__batch__", batch_idx), 0)
         x0 = self.latents(batch, g)
         b, schedule = x0.shape[0], self.objective.schedule
@@ -360,8 +367,7 @@ class DiffusionModule(Generation, L.LightningModule):
         if hasattr(schedule, "num_timesteps"):
             t = t.round()
         noise = torch.randn(x0.shape, generator=g, device=self.device)
-        cond = self.with_task(self.conditioner(batch), x0, batch, g)
-        return self.objective.loss(self.net, x0, cond, t=t, noise=noise)
+        return x0, t, noise, self.with_task(self.conditioner(batch), x0, batch, g)
 
     def on_validation_epoch_end(self) -> None:
         total = self.trainer.strategy.reduce(self._val_total, reduce_op="sum")
