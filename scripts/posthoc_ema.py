@@ -154,7 +154,7 @@ def make(run: Path, opts: dict[str, Any]) -> dict[str, Any]:
     out = Path(opts["out"] or run / "posthoc_ema" / f"step_{step:07d}.ckpt")
     record = meta["posthoc_ema"] = {
         "run": str(run), "checkpoint": str(out), "step": step, "num_updates": recs[0].num_updates,
-        "base_checkpoint": str(base_path),
+        "base_checkpoint": str(base_path), "raw_weights_step": int(base.get("global_step", step)),
         "averages": {label(r.sigma_rel): {"sigma_rel": r.sigma_rel, "gamma": sigma_rel_to_gamma(r.sigma_rel),
                                           "fit_error": r.error, "terms": len(r.terms)} for r in recs}}
     ema = {"decays": [], "sigma_rels": [r.sigma_rel for r in recs], "num_updates": recs[0].num_updates, "step": step,
@@ -170,14 +170,16 @@ def make(run: Path, opts: dict[str, Any]) -> dict[str, Any]:
     atomic_write(out.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
     used = sorted({snap.step for r in recs for snap, _, _ in r.terms})
     print(f"{run}, step {step}: {len(used)} snapshots (steps {used[0]}..{used[-1]}), model and raw weights from "
-          f"{base_path}")
+          f"{base_path}" + (f" (step {record['raw_weights_step']})" if record["raw_weights_step"] != step else ""))
     validated = "raw_val_loss" in record
     print(f"{'average':<18} {'gamma':>8} {'terms':>6} {'fit error':>10}" + f" {'val/loss':>10}" * validated)
     for name, a in record["averages"].items():
         loss = f" {a['val_loss']:>10.6f}" + " (lowest)" * (name == record["lowest_val_loss"]) if validated else ""
         print(f"{name:<18} {a['gamma']:>8.3f} {a['terms']:>6} {a['fit_error']:>10.2%}" + loss)
     if validated:
-        print(f"{'raw weights':<18} {'':>8} {'':>6} {'':>10} {record['raw_val_loss']:>10.6f}")
+        raw = record["raw_weights_step"]  # another step's raw weights when the run has no checkpoint at this one
+        print(f"{'raw weights' + (f' ({raw})' if raw != step else ''):<18} {'':>8} {'':>6} {'':>10} "
+              f"{record['raw_val_loss']:>10.6f}")
     rough = [label(r.sigma_rel) for r in recs if r.error > ROUGH_FIT]
     if rough:
         tracked = sorted({s for r in recs for _, s, _ in r.terms})

@@ -199,7 +199,7 @@ def test_a_run_snapshots_resumes_exactly_and_the_script_makes_a_loadable_checkpo
     for name, value in last["ema"]["weights"]["sigma_rel_0.1"].items():
         torch.testing.assert_close(dict(module.named_parameters())[name].detach(), value, atol=1e-5, rtol=1e-4)
     info = load_checkpoint(made)["diffusion_train"]["posthoc_ema"]
-    assert info["averages"]["sigma_rel_0.2"]["terms"] == 8 and info["step"] == 8
+    assert info["averages"]["sigma_rel_0.2"]["terms"] == 8 and info["step"] == 8 and info["raw_weights_step"] == 8
     # validate=true: the validation loss as training logged it at step 8, for the raw weights and the tracked width
     logged = json.loads((straight / "summary.json").read_text())["metrics"]
     assert info["raw_val_loss"] == pytest.approx(logged["val/loss"]["final"], rel=1e-6)
@@ -221,6 +221,13 @@ def test_a_run_snapshots_resumes_exactly_and_the_script_makes_a_loadable_checkpo
     load_module(made)  # "ema": the config's sample decay (0.9) is not there, so the first made average
     with pytest.raises(ValueError, match=r"has EMA averages \['sigma_rel_0.1', 'sigma_rel_0.2'\], not 0.9"):
         load_module(made, "ema_0.9")
+
+    (straight / "checkpoints" / "step_0000006.ckpt").unlink()  # step 6's averages with the last raw weights
+    six = subprocess.run([sys.executable, str(SCRIPT), str(straight), "step=6", "sigma_rels=0.1"], capture_output=True,
+                         text=True)
+    assert six.returncode == 0, six.stderr
+    assert f"model and raw weights from {straight / 'checkpoints' / 'last.ckpt'} (step 8)" in six.stdout
+    assert json.loads((straight / "posthoc_ema" / "step_0000006.json").read_text())["raw_weights_step"] == 8
 
     bad = subprocess.run([sys.executable, str(SCRIPT), str(straight), "step=3", "sigma_rels=0.1"],
                          capture_output=True, text=True)
