@@ -169,7 +169,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
         if not stopped(preemption):
             save_and_export(trainer, run_dir, config, lora_scaling(cfg))
         exit_code = 128 + preemption.signum if stopped(preemption) else 0
-        close_process_groups(trainer)
+        close_process_groups(trainer)  # a run stopped by a signal (one that finished has closed them)
     finally:
         finish_wandb(loggers, exit_code)  # the next job of a local sweep, in this process, starts its own W&B run
         if preemption is not None:  # its handler covered the work before the fit, the end-of-fit work and the export
@@ -202,6 +202,7 @@ def save_and_export(trainer: L.Trainer, run_dir: Path, config: dict, lora_scale:
         stale = last_checkpoint(run_dir) is None or load_checkpoint(last)["global_step"] != trainer.global_step
         if trainer.strategy.broadcast(stale):  # rank 0 decides (the file changes as it is saved); all ranks save
             trainer.save_checkpoint(last)
+        close_process_groups(trainer)  # the last collective: a failing export below leaves no rank waiting
         if trainer.global_rank == 0:
             state = load_checkpoint(last)
             export_weights(state["state_dict"], state.get("ema"), run_dir / "weights",
@@ -209,9 +210,10 @@ def save_and_export(trainer: L.Trainer, run_dir: Path, config: dict, lora_scale:
 
 
 def close_process_groups(trainer: L.Trainer) -> None:
-    """The orderly end of a multi-process run: every rank waits for the others (rank 0's export), then the process
-    groups are destroyed. Left alive, a process's gloo groups can crash it at exit (a segmentation fault in their
-    threads) once its peers are gone. Not after an error: a failed peer may never arrive."""
+    """The orderly end of a multi-process run, after its last collective: every rank waits for the others, then the
+    process groups are destroyed. Left alive, a process's gloo groups can crash it at exit (a segmentation fault in
+    their threads) once its peers are gone. Not after an error: a failed peer may never arrive. Once closed, or in
+    one process, nothing."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         trainer.strategy.barrier("end of the run")
         torch.distributed.destroy_process_group()

@@ -72,20 +72,22 @@ def _close_worker(rank: int, init: str, out: str) -> None:
 
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     torch.distributed.new_group(backend="gloo")  # as the Preemption callback's
-    if rank == 0:  # rank 0's export, after the other rank is done
+    if rank == 0:  # rank 0 still busy (e.g. writing the last checkpoint) when the other rank is done
         time.sleep(0.5)
-        Path(out, "exported").touch()
-    close_process_groups(SimpleNamespace(strategy=DDPStrategy(process_group_backend="gloo")))
-    Path(out, f"{rank}.json").write_text(json.dumps({"export_seen": Path(out, "exported").exists(),
+        Path(out, "written").touch()
+    trainer = SimpleNamespace(strategy=DDPStrategy(process_group_backend="gloo"))
+    close_process_groups(trainer)
+    close_process_groups(trainer)  # again: nothing
+    Path(out, f"{rank}.json").write_text(json.dumps({"waited": Path(out, "written").exists(),
                                                      "initialized": torch.distributed.is_initialized()}))
 
 
 def test_a_run_ends_by_waiting_for_every_rank_then_destroying_its_process_groups(tmp_path):
-    """At the end of an orderly multi-process run every rank waits for rank 0's export, then the gloo groups are
-    destroyed (left alive, they can crash a process at exit once its peers are gone)."""
+    """At the end of an orderly multi-process run every rank waits for the others, then the gloo groups are destroyed
+    (left alive, they can crash a process at exit once its peers are gone)."""
     torch.multiprocessing.spawn(_close_worker, args=(f"file://{tmp_path / 'init'}", str(tmp_path)), nprocs=2)
     for rank in range(2):
-        assert json.loads((tmp_path / f"{rank}.json").read_text()) == {"export_seen": True, "initialized": False}
+        assert json.loads((tmp_path / f"{rank}.json").read_text()) == {"waited": True, "initialized": False}
 
 
 def test_counts_are_summed_over_ranks_whatever_names_each_rank_has(tmp_path):
