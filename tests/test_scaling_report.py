@@ -376,7 +376,19 @@ def test_post_hoc_ema_records_give_the_lowest_loss_over_widths_as_a_metric(tmp_p
     assert runs_table.count(" (sigma_rel_0.1) |") == 2 * 12  # final and best of each run, with its width
     assert fits["frontier"]["exponent"] == pytest.approx(0.5, abs=0.15)
 
-    bad = next(root.rglob("posthoc_ema")) / "step_0000001.json"
+    folder = next(root.rglob("posthoc_ema"))  # one run's last record remade without validation: its metric is older
+    steps = sorted(int(p.stem.split("_")[1]) for p in folder.glob("step_*.json"))
+    half, last = (json.loads((folder / f"step_{s:07d}.json").read_text()) for s in steps)
+    assert "val_loss" not in str(half) and "val_loss" in str(last)
+    (folder / f"step_{steps[0]:07d}.json").write_text(json.dumps({**last, "step": steps[0]}))
+    (folder / f"step_{steps[-1]:07d}.json").write_text(json.dumps(half | {"step": steps[-1]}))
+    assert report.main([str(root), f"metric={POSTHOC_METRIC}", f"out={out}", "boot=0"]) == 0
+    flags = json.loads((out / "fits.json").read_text())["flags"]
+    assert [f for f in flags if "from before their last step" in f] == [
+        f"1 run(s) with {POSTHOC_METRIC} from before their last step, e.g. {folder.parent}: step {steps[0]} of "
+        f"{steps[-1]} (run scripts/posthoc_ema.py validate=true on the last)"]
+
+    bad = folder / "step_0000001.json"
     bad.write_text(json.dumps({"step": 1, "averages": {"sigma_rel_0.1": {"val_loss": "low"}}}))
     with pytest.raises(RegistryError,
                        match=r"step_0000001.json: bad key 'averages.sigma_rel_0.1.val_loss': expected a number"):

@@ -14,7 +14,7 @@ from diffusion_train.scaling.fit import (
     ALPHA_BOUNDS, IsoFlopResult, bootstrap_saturating, fit_saturating_power_law, group_budgets, isoflop_analysis,
     percentile_ci,
 )
-from diffusion_train.scaling.registry import RegistryError, Run, human_count
+from diffusion_train.scaling.registry import POSTHOC_METRIC, RegistryError, Run, human_count
 
 LEVEL = 0.95  # of the bootstrap intervals
 BUDGET_TOLERANCE = 0.2  # flag runs whose total FLOPs are this far from their nominal budget
@@ -137,6 +137,12 @@ def analyse(runs: list[Run], metric: str = "val/loss", *, unfinished: bool = Fal
     if far:
         a.flags.append(f"{len(far)} run(s) more than {BUDGET_TOLERANCE:.0%} off their nominal budget, e.g. "
                        f"{where(far[0])}: {sci(far[0].total_flops)} FLOPs for {sci(far[0].budget)}")
+    early = [r for r in used if metric == POSTHOC_METRIC and r.metrics[metric].history
+             and r.metrics[metric].history[-1].step < r.steps]
+    if early:  # the script ran before the run's end, or its last record was remade without validate=true
+        step = early[0].metrics[metric].history[-1].step
+        a.flags.append(f"{len(early)} run(s) with {metric} from before their last step, e.g. {where(early[0])}: "
+                       f"step {step} of {early[0].steps} (run scripts/posthoc_ema.py validate=true on the last)")
     for what, values in (("model classes", {r.model for r in used}),
                          ("scaling families", {r.family for r in used if r.family})):
         if len(values) > 1:
