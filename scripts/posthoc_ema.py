@@ -108,9 +108,11 @@ def one_device_limit(limit: int | float | None, world_size: int, num_batches: Ca
 
 def validation_batches(datamodule) -> int:
     """The number of fixed validation batches of a data module (0 without a validation set)."""
+    from diffusion_train.data.samplers import fixed_batches
+
     datamodule.setup()
     val_set = getattr(datamodule, "val_set", None)
-    return 0 if val_set is None else -(-len(val_set) // datamodule.val_batch_size)
+    return 0 if val_set is None else len(fixed_batches(len(val_set), datamodule.val_batch_size, 0, 1))
 
 
 def validation_losses(ckpt: dict, averages: dict[str, dict[str, torch.Tensor]], device: str) -> dict[str, float]:

@@ -282,3 +282,11 @@ def test_validate_takes_the_validation_batches_the_run_took_on_its_devices(limit
 
     one = _script().one_device_limit(limit, world, lambda: total)
     assert taken(one, 1) == taken(limit, world)
+
+
+def test_validation_batches_count_the_data_module_s_fixed_batches(tiny_cfg):
+    from conftest import instantiate_data
+
+    for size in (3, 4):
+        data = instantiate_data(tiny_cfg(f"data.batch_size={size}"))
+        assert _script().validation_batches(data) == len(data.val_dataloader()) > 1

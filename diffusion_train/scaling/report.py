@@ -137,8 +137,8 @@ def analyse(runs: list[Run], metric: str = "val/loss", *, unfinished: bool = Fal
     if far:
         a.flags.append(f"{len(far)} run(s) more than {BUDGET_TOLERANCE:.0%} off their nominal budget, e.g. "
                        f"{where(far[0])}: {sci(far[0].total_flops)} FLOPs for {sci(far[0].budget)}")
-    early = [r for r in used if metric == POSTHOC_METRIC and r.metrics[metric].history
-             and r.metrics[metric].history[-1].step < r.steps]
+    early = [r for r in used if r.metrics[metric].history and r.metrics[metric].history[-1].step < r.steps] \
+        if metric == POSTHOC_METRIC else []
     if early:  # the script ran before the run's end, or its last record was remade without validate=true
         step = early[0].metrics[metric].history[-1].step
         a.flags.append(f"{len(early)} run(s) with {metric} from before their last step, e.g. {where(early[0])}: "
