@@ -26,6 +26,7 @@ average's validation loss, the lowest marked. The same record (the fit, the loss
 in the checkpoint's ``diffusion_train.posthoc_ema`` and written beside it as ``step_<step>.json``. With several runs
 and ``validate=true``, a last table gives each run's parameter count, its lowest width and that width's loss: how
 the best EMA length moves with model size in a scaling study.
+Without ``validate=true`` it will not replace a record that has validation losses (give ``validate=true`` or ``out=``).
 Exits with status 1 and one ``error:`` line when there are no snapshots, the step has none, or an option is bad.
 """
 
@@ -143,17 +144,31 @@ def validation_losses(ckpt: dict, averages: dict[str, dict[str, torch.Tensor]], 
     return {"raw": logged["val/loss"], **{name: logged[f"val/loss_{name}"] for name in averages}}
 
 
+def keep_validated(record: Path) -> None:
+    """Refuses to replace a record that holds validation losses by one without (the scaling registry reads them as
+    ``val/loss_posthoc_ema``)."""
+    try:
+        validated = "raw_val_loss" in json.loads(record.read_text())
+    except (OSError, ValueError, TypeError):  # none yet, or not a record: nothing to keep
+        return
+    if validated:
+        raise UsageError(f"{record} holds validation losses; remaking it without them would lose them: add "
+                         "validate=true, or write elsewhere with out=")
+
+
 def make(run: Path, opts: dict[str, Any]) -> dict[str, Any]:
     """Makes the averages of one run, writes its checkpoint and the record of the fit (``.json`` beside it), prints
     the table, and returns the record."""
     snapshots = run_snapshots(run, opts["snapshots"] or None)
     recs = solve(snapshots, opts["sigma_rels"], opts["step"])
     step = recs[0].step
+    out = Path(opts["out"] or run / "posthoc_ema" / f"step_{step:07d}.ckpt")
+    if not opts["validate"]:
+        keep_validated(out.with_suffix(".json"))
     base_path = base_checkpoint(run, step)
     base = load_checkpoint(base_path)
     averages = reconstruct(recs)
     meta = dict(base.get("diffusion_train") or {})
-    out = Path(opts["out"] or run / "posthoc_ema" / f"step_{step:07d}.ckpt")
     record = meta["posthoc_ema"] = {
         "run": str(run), "checkpoint": str(out), "step": step, "num_updates": recs[0].num_updates,
         "base_checkpoint": str(base_path), "raw_weights_step": int(base.get("global_step", step)),

@@ -211,6 +211,12 @@ def test_a_run_snapshots_resumes_exactly_and_the_script_makes_a_loadable_checkpo
     assert f"sigma_rel_{lowest}" in next(line for line in out.stdout.splitlines() if "(lowest)" in line)
     record = json.loads(made.with_suffix(".json").read_text())  # beside the checkpoint, readable without torch
     assert record == json.loads(json.dumps(info))
+    again = subprocess.run([sys.executable, str(SCRIPT), str(straight), "sigma_rels=0.1"], capture_output=True,
+                           text=True)  # without validate=true, the validated record is kept
+    assert again.returncode == 1 and again.stderr.strip().splitlines() == [
+        f"error: {made.with_suffix('.json')} holds validation losses; remaking it without them would lose them: "
+        "add validate=true, or write elsewhere with out="]
+    assert json.loads(made.with_suffix(".json").read_text()) == record
     # the resumed run (the same training) in the same call, and the table of both runs' lowest widths
     resumed_record = json.loads((resumed / "posthoc_ema" / "step_0000008.json").read_text())
     assert resumed_record["lowest_val_loss"] == record["lowest_val_loss"]
