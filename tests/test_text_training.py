@@ -19,6 +19,26 @@ TEXT = TINY + ["data=fashion_mnist_captions", "data.batch_size=4", "data.val_siz
                "callbacks.sample_grid.prompts=[a photo of a sneaker,a bag]", "callbacks.sample_grid.per_class=2"]
 
 
+def test_truncated_captions_count_the_training_batches_and_go_on_after_a_resume(tmp_path):
+    """Every caption is longer than 3 tokens, so each one encoded for training counts: 4 captions a step. The
+    validation captions (encoded twice at each validation: the encoder is trained, so the EMA's validation encodes
+    them again) and the sample grid's prompts do not count, and a resumed run goes on from the checkpoint's count."""
+    import csv
+
+    caption = "conditioning.embedders.caption."
+    text = TEXT + [f"{caption}max_length=3", f"{caption}dropout=0", f"{caption}cache_size=0", f"{caption}trainable=true",
+                   "callbacks.ema.validate=[0.999]", "callbacks.sample_grid.every_n_steps=2"]
+    run = tmp_path / "run"
+    train(compose_train(text + ["trainer.max_steps=3"], run), run)  # validates and samples at step 2
+    train(compose_train(text + ["trainer.max_steps=4"], run), run)
+    with (run / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    counts = [(int(r["step"]), float(r["data/truncated_captions"])) for r in rows if r["data/truncated_captions"]]
+    assert counts == [(s, 4.0 * s) for s in (1, 2, 3, 4)]
+    assert any(r["val/loss_ema_0.999"] for r in rows) and (run / "samples/step_0000002.png").is_file()
+    assert load_checkpoint(run / "checkpoints/last.ckpt")["truncated_captions"] == {"caption": 16}
+
+
 def test_cfg_dropout_rate_is_right():
     cond = Conditioner({"label": ClassEmbedder(10, 8, dropout=0.3)}).train()
     g = torch.Generator().manual_seed(0)

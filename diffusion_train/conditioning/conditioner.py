@@ -13,7 +13,8 @@ Text embedders also take precomputed encodings: when the batch holds ``<name>.co
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import contextlib
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -100,6 +101,18 @@ class Conditioner(nn.Module):
                 masks.append(out.get("mask"))
         return Cond(vector=torch.cat(vectors, dim=-1) if vectors else None,
                     context=torch.cat(contexts, dim=1) if contexts else None, mask=joint_mask(contexts, masks))
+
+    @contextlib.contextmanager
+    def uncounted(self) -> Iterator[None]:
+        """Captions encoded inside are not added to the text embedders' ``num_truncated``: a training run counts the
+        captions of its training batches (``data/truncated_captions``), not those of validation or sampling."""
+        counted = [e for e in self.embedders.values() if hasattr(e, "num_truncated")]
+        before = [e.num_truncated for e in counted]
+        try:
+            yield
+        finally:
+            for e, n in zip(counted, before):
+                e.num_truncated = n
 
     @staticmethod
     def _precomputed(batch: Mapping[str, Any], name: str) -> dict[str, Any] | None:

@@ -51,8 +51,9 @@ class Generation:
         try:
             if image is None and self.task is not None:
                 image = self.task.null_image(torch.zeros_like(noise, device=self.device))
-            cond = self.conditioner(cond_inputs)
-            uncond = self.conditioner.uncond(noise.shape[0]) if guidance_scale != 1.0 or image_guidance else None
+            with self.conditioner.uncounted():  # prompts are not training data
+                cond = self.conditioner(cond_inputs)
+                uncond = self.conditioner.uncond(noise.shape[0]) if guidance_scale != 1.0 or image_guidance else None
             if image is not None:
                 image = image.to(self.device)
                 cond = replace(cond, image=image)

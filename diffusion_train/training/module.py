@@ -259,14 +259,18 @@ class DiffusionModule(Generation, L.LightningModule):
         """Host-side counts of the data, summed over the ranks (every rank calls this at the same steps): captions
         cut to the encoder's max_length (counted when encoded) and, for streamed data, unusable samples by reason."""
         counts = {}
-        truncated = [e.num_truncated for e in self.conditioner.embedders.values() if hasattr(e, "num_truncated")]
+        truncated = self._truncated_captions()
         if truncated:
-            counts["data/truncated_captions"] = sum(truncated)
+            counts["data/truncated_captions"] = sum(truncated.values())
         skipped = getattr(self.trainer.datamodule, "skip_counts", None)
         if skipped is not None:
             counts.update({f"data/skipped_{reason}": n for reason, n in skipped.items()})
         if truncated or skipped is not None:  # the same on every rank: the model's and the data's kind
             self.log_dict({name: float(n) for name, n in sum_over_ranks(counts).items()})
+
+    def _truncated_captions(self) -> dict[str, int]:
+        """Each text embedder's count of training captions cut to its max_length, in this process."""
+        return {name: e.num_truncated for name, e in self.conditioner.embedders.items() if hasattr(e, "num_truncated")}
 
     def _schedulers(self) -> list:
         scheds = self.lr_schedulers()
@@ -346,12 +350,14 @@ class DiffusionModule(Generation, L.LightningModule):
         # Each set of weights (the trained ones, then each of val_weights) sees the same latents, noise and
         # timesteps, made once; the condition is made again for each when the conditioner has trained weights
         # (a class embedding, a text encoder trained with the network).
-        x0, t, noise, cond = self.validation_inputs(batch, batch_idx)
+        with self.conditioner.uncounted():  # data/truncated_captions counts the training batches' captions
+            x0, t, noise, cond = self.validation_inputs(batch, batch_idx)
         remake = bool(self.val_weights) and any(p.requires_grad for p in self.conditioner.parameters())
         for row, weights in enumerate([contextlib.nullcontext, *self.val_weights.values()]):
             with weights():
                 if row and remake:
-                    cond = replace(self.conditioner(batch), image=cond.image, control=cond.control)
+                    with self.conditioner.uncounted():
+                        cond = replace(self.conditioner(batch), image=cond.image, control=cond.control)
                 loss = self.objective.loss(self.net, x0, cond, t=t, noise=noise)
             if not batch.get("__padding__", False):  # a padding batch only keeps the ranks' collectives in step
                 total = torch.stack([loss.sum(), loss.new_tensor(loss.shape[0])])
@@ -378,7 +384,13 @@ class DiffusionModule(Generation, L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["diffusion_train"] = self.run_info
         checkpoint["rng"] = rng_states()
+        truncated = self._truncated_captions()
+        if truncated:  # every rank saves (a gather); summed, so a resume on any number of ranks goes on counting
+            checkpoint["truncated_captions"] = sum_over_ranks(truncated)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if checkpoint.get("rng"):
             restore_rng_states(checkpoint["rng"])
+        for name, count in checkpoint.get("truncated_captions", {}).items():  # the sum goes on in rank 0's count
+            if name in self.conditioner.embedders:
+                self.conditioner.embedders[name].num_truncated = count if self.global_rank == 0 else 0
