@@ -26,6 +26,29 @@ TINY = [
     "sampler.steps=2", "lr_schedule.warmup_steps=0",
 ]
 
+# TINY on real Fashion-MNIST
+FMNIST = [o for o in TINY if not o.startswith("data=")] + ["data=fashion_mnist", "data.batch_size=8",
+                                                           "data.val_size=8"]
+
+
+@pytest.fixture(scope="module")
+def extractor_files(tmp_path_factory) -> tuple[Path, Path]:
+    """An (untrained) FMNISTNet weights file and a reference of 64 random images made with it (for the Fréchet
+    distance of generated images)."""
+    from diffusion_train.metrics.fid import FeatureStats, save_reference
+    from diffusion_train.metrics.fmnist_net import FMNISTNet
+
+    root = tmp_path_factory.mktemp("extractor")
+    torch.manual_seed(0)
+    net = FMNISTNet(channels=(8, 16), feature_dim=16)
+    net(torch.rand(8, 1, 28, 28) * 2 - 1)  # a train-mode pass gives the BatchNorm statistics some data
+    weights = net.save(root / "net.safetensors")
+    net = FMNISTNet.load(weights)
+    stats = FeatureStats(net.feature_dim).update(net(torch.rand(64, 1, 32, 32) * 2 - 1))
+    reference = save_reference(root / "ref.safetensors", stats, {"dataset": "random", "split": "train",
+                                                                 "extractor": net.provenance})
+    return weights, reference
+
 
 def file_digest(path: Path) -> str:
     """The sha256 of a file's bytes: whether a checkpoint was rewritten."""
