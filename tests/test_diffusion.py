@@ -138,6 +138,15 @@ def test_edm_weighting():
                                torch.ones(3), rtol=1e-5, atol=0)
     torch.testing.assert_close(GaussianDiffusion(sched, "v", weighting=EDMWeighting()).loss_weight(t).double(),
                                lam * s.double() ** 2, rtol=1e-4, atol=0)
+    # zero terminal SNR: at the last step (alpha = 0) the weight is 1/sd^2, the loss finite
+    zt = LinearSchedule(rescale_zero_terminal_snr=True)
+    t = torch.tensor([500.0, 999.0])
+    diff = GaussianDiffusion(zt, "v", weighting=EDMWeighting())
+    a, s = zt.alpha_sigma(t)
+    assert float(a[1]) == 0.0 and float(diff.loss_weight(t)[1]) == pytest.approx(4.0 * float(s[1]) ** 2)
+    x0, _ = _batch(2)
+    loss = diff.loss(lambda x, t, c: torch.zeros_like(x), x0, None, t=t, noise=torch.randn_like(x0))
+    assert bool(torch.isfinite(loss).all())
 
 
 def test_training_time_distributions():

@@ -41,14 +41,15 @@ class MinSNRWeighting:
 
 class EDMWeighting:
     """lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 on the x0 error (Karras et al. 2022), with
-    sigma = sigma/alpha; it makes the EDM network's F-loss unweighted."""
+    sigma = sigma/alpha; it makes the EDM network's F-loss unweighted. Computed as 1/sd^2 + (alpha/sigma)^2,
+    which stays finite at zero SNR (alpha = 0: a zero-terminal-SNR schedule's last step), where the
+    quotient would be inf/inf."""
 
     def __init__(self, sigma_data: float = 0.5):
         self.sigma_data = float(sigma_data)
 
     def x0_weight(self, alpha: Tensor, sigma: Tensor) -> Tensor:
-        s = sigma / alpha
-        return (s.square() + self.sigma_data**2) / (s * self.sigma_data).square()
+        return (alpha / sigma).square() + 1.0 / self.sigma_data**2
 
 
 # -- training-time distributions ------------------------------------------------------------------
