@@ -91,8 +91,8 @@ class CondGaussian:
     """E[x0 | x_t] for x0 ~ N(c, tau^2 I), c = cond.vector (zeros without cond); EDM schedule, so
     sigma/alpha = t exactly."""
 
-    def __init__(self, tau=0.5):
-        self.schedule, self.tau, self.calls = EDMSchedule(), tau, []
+    def __init__(self, tau=0.5, schedule=None):
+        self.schedule, self.tau, self.calls = schedule or EDMSchedule(), tau, []
 
     def alpha_sigma(self, t):
         return self.schedule.alpha_sigma(t)
@@ -150,19 +150,31 @@ def test_sampler_with_guidance_interval_call_pattern():
     assert 6 in inner.calls and 12 in inner.calls
 
 
-def test_cfg_rescale():
+@pytest.mark.parametrize("schedule, time", [(EDMSchedule(), 0.8), (LinearSchedule(), 200.0),
+                                            (LinearSchedule(rescale_zero_terminal_snr=True), 999.0)])
+def test_cfg_rescale_matches_the_std_of_the_conditional_v_prediction(schedule, time):
+    """Lin et al.'s rescale on v = alpha eps - sigma x0 (their model's output), for any model: written out here
+    with eps = (x - alpha x0) / sigma and x0 = (alpha x - sigma v) / (alpha^2 + sigma^2); at zero SNR too."""
     x, cond, uncond = _cfg_batch()
-    t = torch.full((6,), 0.8)
-    c, u = CondGaussian()(x, t, cond), CondGaussian()(x, t, uncond)
+    t = torch.full((6,), time)
+    a, s = (v.reshape(-1, 1) for v in schedule.alpha_sigma(t))
+
+    def v_of(x0):
+        return a * (x - a * x0) / s - s * x0
+
+    c, u = CondGaussian(schedule=schedule)(x, t, cond), CondGaussian(schedule=schedule)(x, t, uncond)
     guided = u + 6.0 * (c - u)
-    full = CFGDenoiser(CondGaussian(), uncond, 6.0, rescale=1.0)(x, t, cond)
-    torch.testing.assert_close(full.std(1), c.std(1), rtol=1e-5, atol=0)
-    torch.testing.assert_close(full, guided * c.std(1, keepdim=True) / guided.std(1, keepdim=True), rtol=1e-5,
-                               atol=1e-6)
-    half = CFGDenoiser(CondGaussian(), uncond, 6.0, rescale=0.3)(x, t, cond)
-    torch.testing.assert_close(half, 0.3 * full + 0.7 * guided, rtol=1e-5, atol=1e-6)
-    none = CFGDenoiser(CondGaussian(), uncond, 6.0, rescale=0.0)(x, t, cond)
+    v_c, v_g = v_of(c), v_of(guided)
+    v_full = v_g * v_c.std(1, keepdim=True) / v_g.std(1, keepdim=True)
+    full = CFGDenoiser(CondGaussian(schedule=schedule), uncond, 6.0, rescale=1.0)(x, t, cond)
+    torch.testing.assert_close(v_of(full).std(1), v_c.std(1), rtol=1e-4, atol=0)
+    torch.testing.assert_close(full, (a * x - s * v_full) / (a**2 + s**2), rtol=1e-4, atol=1e-5)
+    half = CFGDenoiser(CondGaussian(schedule=schedule), uncond, 6.0, rescale=0.3)(x, t, cond)
+    torch.testing.assert_close(half, 0.3 * full + 0.7 * guided, rtol=1e-4, atol=1e-5)  # affine: blends alike
+    none = CFGDenoiser(CondGaussian(schedule=schedule), uncond, 6.0, rescale=0.0)(x, t, cond)
     torch.testing.assert_close(none, guided, rtol=1e-6, atol=1e-6)
+    if float(a[0]) > 0:  # not the std of the x0 estimate (the two agree only at alpha = 0)
+        assert not torch.allclose(full.std(1), c.std(1), rtol=1e-2)
 
 
 @pytest.mark.parametrize("kwargs", [{"interval": (5.0, 1.0)}, {"interval": (2.0, 2.0)}, {"rescale": -0.1},

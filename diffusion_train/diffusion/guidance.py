@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from diffusion_train.conditioning.cond import Cond
+from diffusion_train.diffusion import parameterization as param
 from diffusion_train.diffusion.objective import Denoiser, unclipped
 
 
@@ -17,8 +18,9 @@ class CFGDenoiser:
     Guidance is linear, so combining x0 estimates equals combining eps or v predictions.
     ``interval = (lo, hi)``: guidance only where lo < sigma/alpha <= hi (Kynkaanniemi et al. 2024);
     elsewhere the conditional estimate alone, and steps wholly outside skip the unconditional pass.
-    ``rescale`` in [0, 1] (Lin et al. 2024): blend the guided estimate with a copy rescaled to the
-    per-sample standard deviation of the conditional estimate, against over-exposure at high scales.
+    ``rescale`` in [0, 1] (Lin et al. 2024): blend the guided prediction with a copy rescaled to the
+    per-sample standard deviation of the conditional one, against over-exposure at high scales. As in the paper
+    (whose model predicts v), this is done on v = alpha eps - sigma x0, whatever the model predicts.
     ``scale=1`` is the plain conditional model and skips the unconditional pass. A denoiser's ``clip_x0``
     clamps the guided estimate, not the two it combines.
     """
@@ -56,11 +58,19 @@ class CFGDenoiser:
         x0_cond, x0_uncond = both.chunk(2)
         guided = x0_uncond + self.scale * (x0_cond - x0_uncond)
         if self.rescale > 0:
-            dims = tuple(range(1, x.ndim))
-            ratio = x0_cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp(min=1e-12)
-            guided = self.rescale * guided * ratio + (1 - self.rescale) * guided
+            guided = self._rescaled(x, t, guided, x0_cond)
         mask = active.reshape(-1, *([1] * (x.ndim - 1)))
         return self._clip(torch.where(mask, guided, x0_cond))
+
+    def _rescaled(self, x: Tensor, t: Tensor, guided: Tensor, x0_cond: Tensor) -> Tensor:
+        """The guided x0 estimate with its v prediction rescaled. The std is per sample; v and x0 are affine in
+        each other at fixed x_t, so this is exact. Where sigma = 0, x0 is x_t itself and is left as it is."""
+        alpha, sigma = (v.reshape(-1, *([1] * (x.ndim - 1))).to(guided.dtype) for v in self.alpha_sigma(t))
+        v_guided, v_cond = (param.convert(e, "x0", "v", x, alpha, sigma) for e in (guided, x0_cond))
+        dims = tuple(range(1, x.ndim))
+        ratio = v_cond.std(dim=dims, keepdim=True) / v_guided.std(dim=dims, keepdim=True).clamp(min=1e-12)
+        v = self.rescale * v_guided * ratio + (1 - self.rescale) * v_guided
+        return torch.where(sigma > 0, param.to_x0("v", v, x, alpha, sigma), guided)
 
 
 class DualGuidance:
