@@ -233,6 +233,25 @@ def test_ema_swapped_loads_and_restores():
     torch.testing.assert_close(_flat(module), raw, rtol=0, atol=0)
 
 
+def test_a_checkpoint_restored_after_fit_start_is_saved_before_its_first_update():
+    """FSDP restores the checkpoint after on_fit_start (the fresh weights' averages are dropped then). A checkpoint
+    saved before the next update (a relaunch of a finished run rewrites last.ckpt; a signal within update_every
+    steps) holds the restored averages, not none."""
+    module, ema = _updated_ema(warmup=True, steps=4, seed=5)
+    state = ema.state()
+    other = nn.Linear(3, 2)
+    resumed = EMA(decays=[0.9, 0.5], warmup=True, update_every=2)
+    resumed.on_fit_start(SimpleNamespace(global_step=0), other)  # FSDP's order: on_fit_start, the restore, then
+    resumed.on_load_checkpoint(None, other, {"ema": copy.deepcopy(state)})  # on_train_start
+    resumed.on_train_start(SimpleNamespace(global_step=4), other)
+    resumed.on_train_batch_end(SimpleNamespace(global_step=5), other, None, None, 0)  # no update at step 5
+    saved = {}
+    resumed.on_save_checkpoint(None, other, saved)
+    assert saved["ema"]["num_updates"] == 4
+    for d in ("0.9", "0.5"):
+        assert all(torch.equal(saved["ema"]["weights"][d][n], w) for n, w in state["weights"][d].items())
+
+
 def test_ema_state_round_trip(tmp_path):
     module, ema = _updated_ema(warmup=True, steps=4, seed=5)
     state = ema.state()

@@ -111,7 +111,8 @@ def test_fsdp_rank0_signalled_at_the_end_stops_both_and_the_relaunch_evaluates_u
     end-of-fit grid and Fréchet distance. Both ranks agree, stop with last.ckpt at step 2 and make neither; exit
     128+10. The relaunch makes both. Its 5 images in batches of 2 give rank 0 two batches and rank 1 one. Each
     FSDP forward pass is collective, so rank 1 samples an unused image to join rank 0's second batch; without
-    it both waited for ever. The distance equals diffusion-eval's of the final checkpoint in one process."""
+    it both waited for ever. The distance equals diffusion-eval's of the final checkpoint in one process. A third
+    launch, of the finished run, keeps the EMA in last.ckpt."""
     import subprocess
     import sys
 
@@ -157,4 +158,14 @@ def test_fsdp_rank0_signalled_at_the_end_stops_both_and_the_relaunch_evaluates_u
                                              f"reference={reference}", "sampler.steps=2", "device=cpu", *fid])
     alone = evaluate(cfg)
     assert record["step"] == 2 and record["fd/fmnist_net_5"] == pytest.approx(alone["fd/fmnist_net_5"], rel=1e-5)
+
+    # A relaunch of the finished run rewrites last.ckpt before any EMA update or swap (FSDP restores the checkpoint
+    # after on_fit_start): the restored averages are saved, and exported again.
+    ema = load_checkpoint(run / "checkpoints/last.ckpt")["ema"]
+    again = launch()
+    assert again.returncode == 0, again.stderr[-3000:]
+    kept = load_checkpoint(run / "checkpoints/last.ckpt")["ema"]
+    assert kept["num_updates"] == ema["num_updates"] == 2
+    assert all(torch.equal(kept["weights"][k][n], w) for k in ema["weights"] for n, w in ema["weights"][k].items())
+    assert (run / "weights/ema_0.999.safetensors").is_file()
 

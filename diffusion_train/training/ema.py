@@ -185,6 +185,8 @@ class EMA(StepEndCallback):
                 "step": self.covered_step, "weights": {k: self._gathered(k) for k in self.weights}}
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if self._loaded is not None:  # restored after on_fit_start (FSDP restores after setup) and not used yet
+            self._init(pl_module)
         if self.weights:
             checkpoint["ema"] = self.state()
 
