@@ -189,8 +189,38 @@ def test_a_signal_at_a_checkpoint_step_keeps_its_periodic_checkpoint(tiny_cfg, t
         return sorted(p.name for p in (r / "checkpoints").glob("*.ckpt"))
 
     assert files(run) == ["last.ckpt", "step_0000002.ckpt"]
+    assert _validated_steps(run) == [2]  # due at step 2 (val_check_interval=2): made before the stop
     train(tiny_cfg(run_dir=run), run)
     assert files(run) == files(straight) == ["last.ckpt", "step_0000002.ckpt", "step_0000004.ckpt"]
+    _compare_checkpoints(load_checkpoint(straight / "checkpoints/last.ckpt"),
+                         load_checkpoint(run / "checkpoints/last.ckpt"))
+    assert _validated_steps(run) == _validated_steps(straight) == [2, 4]
+
+
+def _validated_steps(run: Path) -> list[int]:
+    import csv
+
+    with (run / "metrics.csv").open() as f:
+        return [int(r["step"]) for r in csv.DictReader(f) if r.get("val/loss")]
+
+
+def test_a_signal_between_validations_saves_once_and_validates_nothing_more(tiny_cfg, tmp_path, monkeypatch):
+    """SIGUSR1 during step 1 (no checkpoint or validation due): last.ckpt is written once (not again as the fit
+    ends), with no validation before the stop (Lightning validates after a step that stops the fit), and the
+    relaunch's logs and weights are an uninterrupted run's."""
+    import lightning as L
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    train(tiny_cfg(run_dir=straight), straight)
+    saved, save = [], L.Trainer.save_checkpoint
+    monkeypatch.setattr(L.Trainer, "save_checkpoint",
+                        lambda trainer, path, *a, **k: saved.append((trainer.global_step, Path(path).name))
+                        or save(trainer, path, *a, **k))
+    train(tiny_cfg("+callbacks.signal._target_=conftest.signal_at_step", "+callbacks.signal.step=1", run_dir=run), run)
+    assert saved == [(1, "last.ckpt")] and not _validated_steps(run)
+    train(tiny_cfg(run_dir=run), run)
+    assert _validated_steps(run) == _validated_steps(straight) == [2, 4]
     _compare_checkpoints(load_checkpoint(straight / "checkpoints/last.ckpt"),
                          load_checkpoint(run / "checkpoints/last.ckpt"))
 

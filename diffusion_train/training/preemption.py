@@ -123,6 +123,7 @@ class Preemption(StepEndCallback):
         name = self._stop(decision)
         self.save(trainer)
         trainer.should_stop = True
+        _no_validation_for_the_stop(trainer)
         if trainer.is_global_zero:
             log.warning("%s: saved %s at step %d and stopping%s", name, self.dirpath / "last.ckpt",
                         trainer.global_step, "; the job will be requeued" if self.requeue else "")
@@ -145,18 +146,20 @@ class Preemption(StepEndCallback):
     def save(self, trainer: L.Trainer) -> None:
         """``last.ckpt`` at this step, unless it holds this step already. Every rank calls it: sharded states
         gather here."""
-        step = trainer.global_step
-        if step == self._saved_step or any(getattr(cb, "_last_global_step_saved", None) == step and cb.save_last
-                                           for cb in trainer.checkpoint_callbacks):
-            return
-        ema = find_ema(trainer)
-        with ema.unswapped() if ema is not None else contextlib.nullcontext():  # an evaluation may be sampling
-            trainer.save_checkpoint(self.dirpath / "last.ckpt")
-        self._saved_step = step
-        for cb in trainer.checkpoint_callbacks:  # this step is saved: no second save as the epoch ends ...
-            every = getattr(cb, "_every_n_train_steps", 0)
-            if hasattr(cb, "_last_global_step_saved") and not (every and step % every == 0):
-                cb._last_global_step_saved = step  # ... unless a periodic file is due: its callback writes it
+        step, last = trainer.global_step, self.dirpath / "last.ckpt"
+        if not (step == self._saved_step or any(getattr(cb, "_last_global_step_saved", None) == step and cb.save_last
+                                                for cb in trainer.checkpoint_callbacks)):
+            ema = find_ema(trainer)
+            with ema.unswapped() if ema is not None else contextlib.nullcontext():  # an evaluation may be sampling
+                trainer.save_checkpoint(last)
+            self._saved_step = step
+            for cb in trainer.checkpoint_callbacks:  # this step is saved: no second save as the epoch ends ...
+                every = getattr(cb, "_every_n_train_steps", 0)
+                if hasattr(cb, "_last_global_step_saved") and not (every and step % every == 0):
+                    cb._last_global_step_saved = step  # ... unless a periodic file is due: its callback writes it
+        for cb in trainer.checkpoint_callbacks:  # nor as the fit ends (ModelCheckpoint.on_train_end writes last.ckpt
+            if getattr(cb, "save_last", False) and not getattr(cb, "_last_checkpoint_saved", True):  # once a launch)
+                cb._last_checkpoint_saved = str(last)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The handler stays: the end-of-fit work (evaluations, the export) is still to come, and a signal during
@@ -175,6 +178,22 @@ class Preemption(StepEndCallback):
             flag = torch.tensor([local], dtype=torch.int32)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
             return int(flag.item())
+
+
+def _no_validation_for_the_stop(trainer: L.Trainer) -> None:
+    """Lightning validates after a step that sets ``should_stop`` even when no validation is due. A stop for a signal
+    skips that one: the job's last seconds go to the requeue, and the logs stay those of an uninterrupted run. A
+    validation due at this step still runs (the resumed run takes it as done)."""
+    loop, fetcher = trainer.fit_loop.epoch_loop, getattr(trainer.fit_loop, "_data_fetcher", None)
+    if fetcher is None or not hasattr(loop, "_skip_next_val") or not trainer.training:
+        return
+    trainer.should_stop = False
+    try:
+        due = loop._should_check_val_fx(fetcher)
+    finally:
+        trainer.should_stop = True
+    if not due:
+        loop._skip_next_val = True
 
 
 def _lightning_sigterm_broadcast(trainer: L.Trainer, enabled: bool) -> None:
