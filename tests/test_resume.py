@@ -301,3 +301,24 @@ def test_a_relaunch_before_the_first_checkpoint_starts_metrics_csv_afresh(tiny_c
     shutil.rmtree(run / "checkpoints")  # as if killed before any checkpoint was written
     train(tiny_cfg("trainer.max_steps=3", run_dir=run), run)
     assert [int(r["step"]) for r in csv.DictReader(open(run / "metrics.csv")) if r.get("train/loss")] == [1, 2, 3]
+
+
+def test_metrics_csv_is_cut_to_the_resumed_step_in_one_rename(tmp_path, monkeypatch):
+    """On resume the rows after the resumed step are dropped by writing a new file and renaming it over the old:
+    a kill before the rename leaves the whole history."""
+    from diffusion_train.training.loggers import _AppendingWriter
+
+    path = tmp_path / "metrics.csv"
+    path.write_text("step,train/loss\n" + "".join(f"{s},{s / 10}\n" for s in range(1, 5)))
+    before = path.read_text()
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr("os.replace", killed)
+        with pytest.raises(KeyboardInterrupt):
+            _AppendingWriter(str(tmp_path), resume_step=2)
+    assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]
+    _AppendingWriter(str(tmp_path), resume_step=2)
+    assert path.read_text().splitlines() == ["step,train/loss", "1,0.1", "2,0.2"]

@@ -12,6 +12,8 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
+from diffusion_train.files import atomic_write
+
 
 class _AppendingWriter(ExperimentWriter):
     """Keeps an existing metrics.csv, dropping rows after ``resume_step`` (they will be logged again): all of
@@ -29,10 +31,14 @@ class _AppendingWriter(ExperimentWriter):
             reader = csv.DictReader(f)
             keys, rows = list(reader.fieldnames or []), list(reader)
         rows = [r for r in rows if r.get("step") not in (None, "") and int(r["step"]) <= (self._resume_step or 0)]
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(rows)
+
+        def write(tmp: Path) -> None:  # a kill while it is rewritten leaves the whole history, never a part
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=keys)
+                writer.writeheader()
+                writer.writerows(rows)
+
+        atomic_write(path, write)
         self.metrics_keys = sorted(keys)
 
 
