@@ -153,7 +153,7 @@ def _corrupt_gzip(path: Path) -> Path:
 
 
 @pytest.mark.parametrize("case", ["html", "bad_checksum_field", "bad_size_field", "corrupt_gzip", "empty_file",
-                                  "empty_archive"])
+                                  "empty_archive", "cut_at_a_member"])
 def test_corrupt_or_empty_tars_are_counted_and_logged_not_raised(tmp_path, caplog, case):
     path = tmp_path / "s.tar"
     write_shard(path, samples(3) if case not in ("empty_archive", "corrupt_gzip") else [])
@@ -169,6 +169,9 @@ def test_corrupt_or_empty_tars_are_counted_and_logged_not_raised(tmp_path, caplo
         path = _corrupt_gzip(path)
     elif case == "empty_file":
         path.write_bytes(b"")
+    elif case == "cut_at_a_member":  # before the last member's header: no partial data, no end-of-archive marker
+        with tarfile.open(path) as tar:
+            path.write_bytes(path.read_bytes()[:tar.getmembers()[-1].offset])
     skipped = Counter()
     with caplog.at_level(logging.WARNING, logger="diffusion_train.data.tar_io"):
         got = [s["__key__"] for s in tar_samples(str(path), skipped)]
@@ -178,6 +181,8 @@ def test_corrupt_or_empty_tars_are_counted_and_logged_not_raised(tmp_path, caplo
     assert len(warnings) == 1, "the warning names the shard, once"
     if case == "bad_size_field":
         assert got == ["000000"], "the samples before the damage are kept"
+    if case == "cut_at_a_member":
+        assert got == ["000000", "000001"], "the cut sample is dropped"
 
 
 def test_a_resampled_stream_skips_a_non_tar_shard(tmp_path, monkeypatch):

@@ -70,7 +70,9 @@ def tar_members(stream) -> Iterator[tuple[str, bytes]]:
     pax: dict[str, str] = {}
     while True:
         header = _read_exact(stream, 512)
-        if not header or header.count(0) == 512:
+        if not header:  # tar writers end with zero blocks: a file ending after a member was cut short there
+            raise TarReadError("no end-of-archive marker (cut short at a member boundary?)")
+        if header.count(0) == 512:
             return
         if len(header) < 512:
             raise TarReadError("unexpected end of data in a header")
