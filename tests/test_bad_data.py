@@ -215,6 +215,8 @@ def _raw(key: str = "000000", **members) -> dict:
     ({"aesthetic": "high"}, dict(metadata={"a": "aesthetic"}), "bad_aesthetic"),
     ({"aesthetic": {"v": 1}}, dict(metadata={"a": "aesthetic"}), "bad_aesthetic"),
     ({"aesthetic": None}, dict(metadata={"a": "aesthetic"}), "missing_aesthetic"),
+    ({"aesthetic": math.nan}, dict(metadata={"a": "aesthetic"}), "bad_aesthetic"),  # JSON's NaN parses
+    ({"aesthetic": [1.0, math.inf]}, dict(metadata={"a": "aesthetic"}), "bad_aesthetic"),
 ])
 def test_json_of_unexpected_types_is_a_skip_reason(meta, kw, reason):
     decoder = SampleDecoder(resolution=8, channels=1, **{"caption_key": None, **kw})
@@ -222,6 +224,17 @@ def test_json_of_unexpected_types_is_a_skip_reason(meta, kw, reason):
     assert out == reason
     if reason.startswith("bad_"):
         assert out.detail, "the reason says what was wrong"
+
+
+def test_min_image_size_filters_on_the_original_short_side():
+    """An 8x8 stored copy of a 400x600 original passes min_image_size=300; without the json's original size, or
+    with an original whose short side is smaller, it is filtered."""
+    decoder = SampleDecoder(resolution=8, channels=1, caption_key=None, min_image_size=300)
+    resized = {"original_height": 400, "original_width": 600}
+    assert decoder(_raw(json=json.dumps(resized).encode()))["image"].shape == (1, 8, 8)
+    assert decoder(_raw()) == "filtered_image_size"
+    assert decoder(_raw(json=json.dumps({"original_height": 200, "original_width": 600}).encode())) == \
+        "filtered_image_size"
 
 
 def test_json_captions_are_stripped_strings():

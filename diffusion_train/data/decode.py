@@ -34,6 +34,14 @@ def _error(e: Exception) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+def original_size(meta: dict, stored: tuple[int, int]) -> tuple:
+    """(h, w) of the original image: the json's ``original_height``/``original_width`` when the shard holds a resized
+    copy (make_shards ``short_side``, img2dataset), else the stored image's ``stored``."""
+    given = (meta.get("original_height"), meta.get("original_width"))
+    known = all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in given)
+    return given if known else stored
+
+
 def _is_number(value: Any) -> bool:
     """A JSON number other than NaN (or a boolean flag: 0 or 1)."""
     return isinstance(value, (int, float)) and not math.isnan(value)
@@ -66,14 +74,14 @@ class SampleDecoder:
     ``txt`` or ``json:<field>`` (a string; both are stripped); ``label_key`` (``cls``) is required unless
     null, and its label must be an integer in [0, ``num_classes``) (``bad_label`` otherwise; any
     non-negative integer when ``num_classes`` is None). The json member must be an object
-    (``bad_json``). Filters (reasons ``filtered_*``): ``min_image_size`` (short side of the original),
-    ``max_caption_length`` (characters) and ``max_scores`` (``{"punsafe": 0.5}``: the sample's json
+    (``bad_json``). Filters (reasons ``filtered_*``): ``min_image_size`` (short side of the original, as
+    ``image:original_size`` gives it), ``max_caption_length`` (characters) and ``max_scores`` (``{"punsafe": 0.5}``: the sample's json
     field must be <= the bound, when present; ``bad_punsafe`` when it is not a number).
     ``tensors`` maps batch keys to members holding precomputed arrays (``.npy``, or ``.pth`` read with
     ``weights_only``), e.g. ``{latent: latent.npy, caption.context: t5.npy, caption.mask: t5mask.npy}``
     (see ``scripts/precompute.py`` for what the keys mean); with a ``latent`` the image is optional.
     ``metadata`` maps batch keys to float32 tensors from the sample's json (``{aesthetic: aesthetic}``,
-    a number or a list of numbers; ``missing_<field>`` without it, ``bad_<field>`` when it is not one)
+    a finite number or a list of them; ``missing_<field>`` without it, ``bad_<field>`` when it is not one)
     or from the image (``image:original_size`` and ``image:crop_top_left``, (h, w) of the original after
     EXIF rotation -- the json's ``original_height``/``original_width`` when present, as make_shards and
     img2dataset write them for resized copies -- and (top, left) of the crop, (0, 0) when padded: SDXL's
@@ -154,6 +162,8 @@ class SampleDecoder:
                 arrays[key] = torch.tensor(meta[field], dtype=torch.float32)
             except (TypeError, ValueError, RuntimeError) as e:
                 return Skip(f"bad_{field}", f"json {field}={meta[field]!r:.40} is not a number or a list of them ({e})")
+            if not bool(torch.isfinite(arrays[key]).all()):  # JSON's NaN and Infinity parse: not a condition
+                return Skip(f"bad_{field}", f"json {field}={meta[field]!r:.40} is not finite")
         caption = None
         if self.caption_key:
             if self.caption_key.startswith("json:"):
@@ -189,7 +199,7 @@ class SampleDecoder:
                     width, height = img.size
                     if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF: stored rotated by 90 degrees
                         width, height = height, width
-                if min(width, height) < self.min_image_size:
+                if min(original_size(meta, (height, width))) < self.min_image_size:
                     return "filtered_image_size"
             if self.resize == "pad":
                 (array, size), crop = self._pad(sample[ext]), (0, 0)
@@ -209,11 +219,8 @@ class SampleDecoder:
                 crop = mirrored_crop(size, crop, image.shape[0], image.shape[1])
         out["image"] = image.permute(2, 0, 1)  # (C, H, W) in channels-last memory: collate stacks it fast
         for key, field in self.metadata.items():
-            if field == "image:original_size":  # the json's, when the shard holds a resized copy (make_shards
-                # short_side, img2dataset), else the stored image's
-                stored = (meta.get("original_height"), meta.get("original_width"))
-                known = all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in stored)
-                out[key] = torch.tensor(stored if known else size, dtype=torch.float32)
+            if field == "image:original_size":
+                out[key] = torch.tensor(original_size(meta, size), dtype=torch.float32)
             elif field == "image:crop_top_left":
                 out[key] = torch.tensor(crop, dtype=torch.float32)
         return out
