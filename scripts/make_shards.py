@@ -43,7 +43,7 @@ Sources and what each sample gets (``key``, image member ``png``/``jpg``, ``cls`
 - csv / jsonl: one row / JSON object per image with ``path`` (relative to the list file's folder,
   or absolute), optional ``caption`` and ``label`` (integers as they are; otherwise class names,
   sorted, into the manifest); key = row index; json = ``path``, ``width``, ``height`` and every
-  other column / field.
+  other column / field (a CSV cell written as a number as a JSON number; an empty cell left out).
 
 Images are decoded once to check them: a missing or unreadable file is skipped and counted (the
 list of skipped files is printed). The script prints each shard as it is closed and a summary.
@@ -279,6 +279,19 @@ def _labels(rows: list[tuple[int, dict]], path: Path) -> tuple[list[int] | None,
     return [index[str(v)] for v in raw], names
 
 
+_NUMBER = re.compile(r"[+-]?(?:(?:0|[1-9]\d*)(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+_INTEGER = re.compile(r"[+-]?(?:0|[1-9]\d*)")
+
+
+def _cell(text: str) -> Any:
+    """A CSV cell as JSON would hold it: an int or a float when it is written as one (``007`` keeps its zeros as
+    text), else the text."""
+    value = text.strip()
+    if _INTEGER.fullmatch(value):
+        return int(value)
+    return float(value) if _NUMBER.fullmatch(value) else text
+
+
 def list_source(opts: dict) -> Source:
     path = Path(opts["path"]).expanduser()
     if not path.is_file():
@@ -296,6 +309,8 @@ def list_source(opts: dict) -> Source:
         caption = row.get("caption")
         caption = str(caption).strip() if caption is not None else None
         extra = {k: v for k, v in row.items() if k not in ("path", "caption", "label")}
+        if opts["source"] == "csv":  # cells are text: numbers as JSON numbers (filters and metadata read them)
+            extra = {k: _cell(v) for k, v in extra.items() if v.strip()}
         items.append(Item(f"{i:0{width}d}", labels[i] if labels else None, caption or None,
                           file=path.parent / Path(image).expanduser(), meta={"path": image, **extra},
                           name=f"{path.name}:{line} {image}"))

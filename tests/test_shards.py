@@ -252,11 +252,11 @@ def test_csv_and_jsonl_sources(tmp_path):
     absolute = tmp_path / "elsewhere.jpg"
     rgb_noise(6, 5, 7).save(absolute, quality=95)
     (data / "list.csv").write_text(
-        "path,caption,label,source\n"
-        'img/0.png,"a caption, with a comma",dog,web\n'
-        f"{absolute},second,cat,camera\n"
-        "img/missing.png,gone,cat,web\n"
-        "img/1.png,,dog,\n", encoding="utf-8")
+        "path,caption,label,source,aesthetic,zip\n"
+        'img/0.png,"a caption, with a comma",dog,web,6.5,007\n'
+        f"{absolute},second,cat,camera,7,1e3\n"
+        "img/missing.png,gone,cat,web,,\n"
+        "img/1.png,,dog,,-.25,12\n", encoding="utf-8")
     out = tmp_path / "csv_shards"
     manifest, skipped = make.make_shards(opts(source="csv", path=data / "list.csv", out=out), log=lambda s: None)
     assert skipped == [("list.csv:4 img/missing.png", "missing file")]
@@ -267,8 +267,11 @@ def test_csv_and_jsonl_sources(tmp_path):
     assert first["png"] == (data / "img/0.png").read_bytes() and second["jpg"] == absolute.read_bytes()
     assert (first["txt"], second["txt"], "txt" in fourth) == ("a caption, with a comma".encode(), b"second", False)
     assert [s["cls"] for s in samples.values()] == [b"1", b"0", b"1"]
-    assert json.loads(first["json"]) == {"path": "img/0.png", "source": "web", "width": 8, "height": 8}
-    assert json.loads(fourth["json"])["source"] == ""
+    # cells written as numbers are JSON numbers (max_scores and metadata read them); empty cells are left out
+    assert json.loads(first["json"]) == {"path": "img/0.png", "source": "web", "aesthetic": 6.5, "zip": "007",
+                                         "width": 8, "height": 8}
+    assert [json.loads(s["json"]).get(k) for s in (second, fourth) for k in ("source", "aesthetic", "zip")] == [
+        "camera", 7, 1000.0, None, -0.25, 12]
 
     rows = [{"path": "img/2.png", "caption": "two", "label": 4, "meta": {"a": [1, 2]}},
             {"path": "img/3.png", "label": 1},
