@@ -72,6 +72,32 @@ def test_bucketed_exact_resume_refetches_the_samples_waiting_in_groups(tmp_path,
         assert all(torch.equal(a["image"], b["image"]) for a, b in zip(resumed, full[start:])), "same flips"
 
 
+def test_a_rare_shape_waiting_over_several_passes_resumes_with_each_pass_s_copy(tmp_path, monkeypatch):
+    """One wide image among 10 in the only shard: its group of 5 fills over 5 passes, so a resume finds several
+    copies of it waiting, one from each pass, each flipped (or not) by its own pass's draw. Each is read back as
+    it was, and the batches go on as without the resume."""
+    gradient = np.tile(np.arange(0, 256, 8, dtype=np.uint8), (16, 1))  # 16 x 32: mirroring changes it
+    square = [_image(k, 16, 16) for k in range(10)]
+    buf = io.BytesIO()
+    Image.fromarray(gradient).save(buf, format="PNG")
+    write_shard(tmp_path / "train-000000.tar", [{"__key__": f"{k:06d}", "png": buf.getvalue() if k == 3 else
+                                                 square[k], "cls": b"0"} for k in range(10)])
+    pattern = str(tmp_path / "train-000000.tar")
+    kw = dict(workers=1, decoder=SampleDecoder(resolution=16, channels=1, caption_key=None, flip=True,
+                                                buckets=[(8, 16), (16, 16)]))
+    full = loader_batches(pattern, monkeypatch, 0, 12, **kw)
+    wide = [b for b in full if b["image"].shape[-1] == 16 and b["image"].shape[-2] == 8]
+    assert len(wide) == 1 and len({b.flatten().tolist()[0] for b in wide[0]["image"]}) == 2, "copies flip apart"
+    waited = 0
+    for start in range(1, 10):
+        positions = positions_after(full[:start])
+        waited = max(waited, sum(key == "000003" for _, key, _, _ in positions[0]["pending"]))
+        resumed = loader_batches(pattern, monkeypatch, start, 12 - start, positions=positions, **kw)
+        assert [b["__key__"] for b in resumed] == [b["__key__"] for b in full[start:]], start
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(resumed, full[start:])), start
+    assert waited >= 3
+
+
 def test_a_dit_trains_on_aspect_ratio_buckets(tmp_path, monkeypatch):
     from conftest import TINY, compose_train
     from diffusion_train.train import train

@@ -249,21 +249,23 @@ class ShardStream(IterableDataset):
     def _refetch(self, pending: list[list], stream_seed: int) -> list[dict]:
         """The samples that waited in partly filled groups at the saved position, read by key from
         their shards and decoded as they were."""
-        wanted: dict[str, dict[str, list]] = {}
-        for url, key, epoch, index in pending:
-            wanted.setdefault(url, {})[key] = [epoch, index]
-        found: dict[tuple[str, str], dict] = {}
+        wanted: dict[str, dict[str, list[int]]] = {}  # url -> key -> its places in pending: a sample of a rare
+        for place, (url, key, _, _) in enumerate(pending):  # shape can wait once from each of several passes
+            wanted.setdefault(url, {}).setdefault(key, []).append(place)
+        found: dict[int, dict] = {}
         for url, keys in wanted.items():
             for raw in tar_samples(url, Counter()):
-                if raw["__key__"] in keys:
-                    sample = self._decode(raw, stream_seed, *keys[raw["__key__"]])
+                for place in keys.pop(raw["__key__"], ()):  # a key's first copy in the shard, as the stream kept
+                    sample = self._decode(raw, stream_seed, *pending[place][2:])
                     if not isinstance(sample, str):
-                        found[url, raw["__key__"]] = sample
+                        found[place] = sample
+                if not keys:
+                    break
         missing = len(pending) - len(found)
         if missing:
             log.warning("resume: %d of %d samples waiting for a batch are no longer in their shards; the "
                         "shards changed since the checkpoint", missing, len(pending))
-        return [found[url, key] for url, key, _, _ in pending if (url, key) in found]
+        return [found[place] for place in sorted(found)]
 
     def __iter__(self) -> Iterator[dict]:
         if self.epoch_batches is None:
