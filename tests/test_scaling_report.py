@@ -388,6 +388,17 @@ def test_post_hoc_ema_records_give_the_lowest_loss_over_widths_as_a_metric(tmp_p
         f"1 run(s) with {POSTHOC_METRIC} from before their last step, e.g. {folder.parent}: step {steps[0]} of "
         f"{steps[-1]} (run scripts/posthoc_ema.py validate=true on the last)"]
 
+    # a width that diverged (NaN) is passed over at its step, and a step with no finite loss is never the best
+    nan = {"val_loss": math.nan}
+    (folder / "step_0000001.json").write_text(json.dumps({"step": 1, "averages": {"sigma_rel_0.1": nan}}))
+    last = {**last, "averages": {"sigma_rel_0.03": nan, **last["averages"]}}
+    (folder / f"step_{steps[-1]:07d}.json").write_text(json.dumps(last))
+    [run] = [r for r in load_runs([root]) if Path(r.source).parent == folder.parent]
+    m = run.metrics[POSTHOC_METRIC]
+    assert [p.step for p in m.history] == [1, steps[0], steps[-1]] and math.isnan(m.history[0].value)
+    assert m.history[-1].label == "sigma_rel_0.1"
+    assert m.final == m.best == pytest.approx(run.metrics["val/loss"].final * 0.97)
+
     bad = folder / "step_0000001.json"
     bad.write_text(json.dumps({"step": 1, "averages": {"sigma_rel_0.1": {"val_loss": "low"}}}))
     with pytest.raises(RegistryError,

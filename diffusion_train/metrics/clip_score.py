@@ -17,8 +17,8 @@ OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26
 
 
 class CLIPScore(nn.Module):
-    """``100 * max(cos(image embedding, text embedding), 0)`` per image, as torchmetrics defines CLIP
-    score, averaged over images; computed with an open_clip model (``model_name``, and ``pretrained``:
+    """``100 * max(cos(image embedding, text embedding), 0)`` per image (Hessel et al. clamp each image's cosine;
+    the scale of 100 is torchmetrics', which clamps the mean instead), averaged over images; computed with an open_clip model (``model_name``, and ``pretrained``:
     a tag with cached weights, a local checkpoint file, or None with ``model_cfg`` for a random tiny
     model in tests).
 

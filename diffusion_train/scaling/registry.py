@@ -222,13 +222,15 @@ def posthoc_metric(run_dir: Path, run: Run) -> Metric | None:
         if losses:
             step = int(_get(record, "step", str(path), "int"))
             images = float(step * run.global_batch)
-            lowest = min(losses, key=losses.get)
-            points.append(Point(step=step, images=images, flops=images * run.flops_per_image, value=losses[lowest],
-                                label=lowest))
+            finite = {name: loss for name, loss in losses.items() if math.isfinite(loss)}  # a diverged width: not
+            lowest = min(finite, key=finite.get) if finite else ""  # the lowest (min() gets stuck on a NaN first)
+            points.append(Point(step=step, images=images, flops=images * run.flops_per_image,
+                                value=finite[lowest] if finite else math.nan, label=lowest))
     if not points:
         return None
     points.sort(key=lambda p: p.step)
-    return Metric(final=points[-1].value, best=min(p.value for p in points), history=tuple(points))
+    return Metric(final=points[-1].value, best=min((p.value for p in points if math.isfinite(p.value)),
+                                                   default=math.nan), history=tuple(points))
 
 
 def find_summaries(directory: str | os.PathLike) -> list[Path]:
