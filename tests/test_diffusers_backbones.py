@@ -115,3 +115,28 @@ def test_controlnet_of_a_diffusers_unet(tiny_cfg, tmp_path):
         opt.zero_grad()
     with torch.no_grad():
         assert not torch.allclose(module.net(x, t, cond), module.backbone(x, t, replace(cond, control=None)))
+
+
+def test_controlnet_of_a_diffusers_unet_with_a_class_embedding_gets_the_vector(tiny_cfg, tmp_path):
+    """A U-Net with a class embedding (here a projection of the text encoder's pooled vector) takes cond.vector as
+    class labels, and so does its ControlNet, which copied that embedding: the base output at the start, and a
+    vector that moves the ControlNet's residuals once they are non-zero."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    UNet2DConditionModel(**TINY_UNET, class_embed_type="projection",
+                         projection_class_embeddings_input_dim=64).save_pretrained(tmp_path / "unet")
+    module = build_module(tiny_cfg("model=diffusers_unet", f"model.name_or_path={tmp_path / 'unet'}",
+                                   "conditioning=t5_tiny", "conditioning.embedders.caption.output=both",
+                                   "data=fashion_mnist_captions", *CONTROL))
+    g = torch.Generator().manual_seed(0)
+    cond = replace(module.conditioner({"caption": ["a square", "a circle"]}),
+                   control=torch.rand(2, 1, 32, 32, generator=g) * 2 - 1)
+    x, t = torch.randn(2, 1, 32, 32, generator=g), torch.full((2,), 300.0)
+    with torch.no_grad():
+        assert torch.equal(module.net(x, t, cond), module.backbone(x, t, replace(cond, control=None)))
+        net = module.controlnet.net
+        for p in [*net.controlnet_down_blocks.parameters(), *net.controlnet_mid_block.parameters()]:
+            p.normal_(generator=g)  # zero convolutions no more
+        moved = module.controlnet(x, t, replace(cond, vector=cond.vector + 1.0))
+        assert not torch.allclose(module.controlnet(x, t, cond)[-1], moved[-1])  # the middle block: after the emb

@@ -62,7 +62,7 @@ class HintEncoder(nn.Module):
 class UNetControlNet(nn.Module):
     def __init__(self, base: UNet, control_channels: int, image_size: int):
         super().__init__()
-        self.in_channels, self.context_dim = base.in_channels, base.context_dim
+        self.in_channels, self.context_dim, self.uses_vector = base.in_channels, base.context_dim, base.uses_vector
         self.control_shape = (int(control_channels), int(image_size), int(image_size))
         self.cond_embedder, self.conv_in = copy.deepcopy(base.cond_embedder), copy.deepcopy(base.conv_in)
         self.down, self.middle = copy.deepcopy(base.down), copy.deepcopy(base.middle)
@@ -128,7 +128,8 @@ class DiTControlNet(nn.Module):
 class DiffusersControlNet(nn.Module):
     """diffusers' ``ControlNetModel`` made from a :class:`DiffusersUNet`'s U-Net (``from_unet``: the encoder's copy,
     zero convolutions), its control-image encoder downsampling as many times as the latents are smaller than the
-    images. The text mask does not reach it (diffusers' ControlNet takes none)."""
+    images. The text mask does not reach it (diffusers' ControlNet takes none); ``cond.vector`` goes in as class
+    labels when the U-Net has a class embedding, as it does for the U-Net."""
 
     COPIED = ("conv_in", "time_proj", "time_embedding", "class_embedding", "add_embedding", "down_blocks", "mid_block")
 
@@ -140,7 +141,7 @@ class DiffusersControlNet(nn.Module):
         widths = (16, 32, 96, 256, 256, 256, 256)[: halvings + 1]
         self.net = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=widths,
                                              conditioning_channels=control_channels)
-        self.in_channels, self.context_dim = base.in_channels, base.context_dim
+        self.in_channels, self.context_dim, self.uses_vector = base.in_channels, base.context_dim, base.uses_vector
         self.control_shape = (int(control_channels), int(image_size), int(image_size))
 
     @torch.no_grad()
@@ -154,8 +155,9 @@ class DiffusersControlNet(nn.Module):
         """The residuals of :meth:`DiffusersUNet.forward`: one per down-block output, then the middle's."""
         x = input_with_image(x, cond, self.in_channels, "ControlNet")
         context, _ = text_inputs(cond, x, self.context_dim)
+        labels = cond.vector if self.uses_vector else None  # the class embedding it copied, as the U-Net gets them
         down, middle = self.net(x, t, encoder_hidden_states=context, controlnet_cond=cond.control.to(x),
-                                return_dict=False)
+                                class_labels=labels, return_dict=False)
         return [*down, middle]
 
 
