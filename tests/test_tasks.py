@@ -42,6 +42,17 @@ def test_mask_kinds():
     assert not torch.equal(masks_of("stroke", seed=3), masks_of("stroke", seed=4))
 
 
+def test_inpainting_inputs_follow_stable_diffusion_s_channel_order():
+    """cond.image is the mask, then the latents zeroed under it: with the noisy latents before them, the layout of
+    Stable Diffusion's 9-channel inpainting U-Net (latents, mask, masked latents)."""
+    from diffusion_train.finetune.inpainting import Inpainting
+
+    x0, mask = torch.randn(2, 4, 8, 8), masks_of("box", 2, 8)
+    image = Inpainting().image(x0, mask)
+    assert image.shape == (2, 5, 8, 8) and torch.equal(image[:, :1], mask)
+    assert torch.equal(image[:, 1:], torch.where(mask > 0.5, 0.0, x0))
+
+
 def test_mask_weights_are_checked():
     from diffusion_train.finetune.masks import random_masks
 

@@ -1,8 +1,9 @@
 """The inpainting task (``task=inpainting``): the backbone also sees the known part of the image and the mask.
 
 Training draws a random mask per sample (:mod:`diffusion_train.finetune.masks`: boxes, brush strokes,
-outpainting borders, or all unknown) at the latent grid and appends ``x0 * (1 - mask)`` and ``mask`` to the
-noisy input, ``C + 1`` extra input channels. A model started from a plain one (``init.path``) gets those
+outpainting borders, or all unknown) at the latent grid and appends ``mask`` and ``x0 * (1 - mask)`` to the
+noisy input, ``C + 1`` extra input channels, in the order of Stable Diffusion's inpainting U-Net (noisy latents,
+mask, masked latents). A model started from a plain one (``init.path``) gets those
 channels' input weights at zero (see ``training.pretrained``), so it starts as the plain model.
 
 Sampling (:meth:`DiffusionModule.inpaint`) gives the same inputs from a known image and mask, keeps the known
@@ -35,8 +36,8 @@ class Inpainting:
 
     @staticmethod
     def image(x0: Tensor, mask: Tensor) -> Tensor:
-        """``cond.image``: the known latents (zero where unknown) and the mask (1 = fill in)."""
-        return torch.cat([x0 * (1 - mask), mask], dim=1)
+        """``cond.image``: the mask (1 = fill in), then the known latents (zero where unknown)."""
+        return torch.cat([mask, x0 * (1 - mask)], dim=1)
 
     def null_image(self, like: Tensor) -> Tensor:
         """``cond.image`` with nothing known (all masked): plain generation, as the ``full`` masks teach."""
