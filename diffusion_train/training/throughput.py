@@ -15,7 +15,8 @@ class Throughput(L.Callback):
     """Logs every ``every_n_steps`` (all ranks together): ``perf/images_per_sec``; ``perf/tflops_per_device``,
     the model FLOPs each device does per second (images/s x training FLOPs per image / devices, the accounting
     of ``scaling/flops.py`` that ``RunSummary`` uses); and ``perf/mfu``, that against the device's dense bf16
-    peak (``peak_tflops``, else known GPUs' by name; none on a CPU or an unknown card)."""
+    peak (``peak_tflops``, else known GPUs' by name; none on a CPU or an unknown card). A launch's first optimizer
+    step (compilation, allocation, autotuning) is not timed: the first interval runs from its end."""
 
     def __init__(self, every_n_steps: int = 50, peak_tflops: float | None = None):
         super().__init__()
@@ -27,6 +28,7 @@ class Throughput(L.Callback):
         self.peak: float | None = None
         self._t0: float | None = None
         self._step0 = 0
+        self._warm = False
 
     def on_train_start(self, trainer, pl_module) -> None:
         from diffusion_train.scaling.flops import TRAINING_FLOPS_PER_MAC, peak_flops
@@ -38,13 +40,18 @@ class Throughput(L.Callback):
         device = pl_module.device
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
         self.peak = peak_flops(name, self.peak_tflops)[0]
-        self._t0, self._step0 = time.perf_counter(), trainer.global_step
+        self._t0, self._step0, self._warm = time.perf_counter(), trainer.global_step, False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if self._t0 is None or step == self._step0 or step % self.every_n_steps:
+        if self._t0 is None or step == self._step0:
             return
         now = time.perf_counter()
+        if not self._warm:  # a launch's first step compiles and allocates (tens of seconds): time from its end
+            self._t0, self._step0, self._warm = now, step, True
+            return
+        if step % self.every_n_steps:
+            return
         images_per_sec = (step - self._step0) * trainer_global_batch(trainer, pl_module) / (now - self._t0)
         per_device = images_per_sec * self.flops_per_image / trainer.world_size
         logs = {"perf/images_per_sec": images_per_sec, "perf/tflops_per_device": per_device / 1e12}
