@@ -62,7 +62,7 @@ class HintEncoder(nn.Module):
 class UNetControlNet(nn.Module):
     def __init__(self, base: UNet, control_channels: int, image_size: int):
         super().__init__()
-        self.in_channels, self.context_dim, self.uses_vector = base.in_channels, base.context_dim, base.uses_vector
+        self.in_channels, self.context_dim = base.in_channels, base.context_dim
         self.control_shape = (int(control_channels), int(image_size), int(image_size))
         self.cond_embedder, self.conv_in = copy.deepcopy(base.cond_embedder), copy.deepcopy(base.conv_in)
         self.down, self.middle = copy.deepcopy(base.down), copy.deepcopy(base.middle)
