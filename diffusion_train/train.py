@@ -43,6 +43,7 @@ from diffusion_train.training.run_dir import (
     check_global_batch,
     check_param_groups,
     check_resumable,
+    check_weights,
     resolved,
     run_info,
     write_run_files,
@@ -104,6 +105,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
 
     datamodule = instantiate(cfg.data, _convert_="all")
     module = build_module(cfg)
+    check_weights(resume, module)
     check_param_groups(resume, [len(g["params"]) for g in module.parameter_groups()],
                        f"training.no_weight_decay={module.no_weight_decay}")
     init_report = None

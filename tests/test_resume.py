@@ -249,6 +249,13 @@ def test_resume_of_another_model_is_refused_and_nothing_changes(tiny_cfg, tmp_pa
     before = {p: file_digest(p) for p in run.rglob("*") if p.is_file()}
     with pytest.raises(ResumeMismatchError, match=r"model.model_channels: checkpoint has 8, config has 16"):
         train(tiny_cfg("trainer.max_steps=4", "model.model_channels=16", run_dir=run), run)
+    # a task or a fine-tune changes the network outside the model's config: its weights are compared
+    with pytest.raises(ResumeMismatchError, match=r"its weights do not fit the model this config builds \(backbone\."
+                                                   r"conv_in\.weight \[8, 3, 3, 3\] in the checkpoint, "
+                                                   r"\[8, 7, 3, 3\] in the model\)\. Nothing was changed"):
+        train(tiny_cfg("trainer.max_steps=4", "task=inpainting", run_dir=run), run)
+    with pytest.raises(ResumeMismatchError, match=r"lora_A.* missing"):
+        train(tiny_cfg("trainer.max_steps=4", "finetune=lora", run_dir=run), run)
     assert {p: file_digest(p) for p in run.rglob("*") if p.is_file()} == before
 
 

@@ -56,13 +56,15 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 class Resumable(NamedTuple):
     """The checkpoint a run resumes from (None: a fresh run), its step, the global batch it was trained with, the
     sizes of its optimizer's parameter groups, whether it is another run's (this launch branches; see
-    ``check_resumable``), and the checkpoint and step the run branched from, in this launch or an earlier one."""
+    ``check_resumable``), the checkpoint and step the run branched from, in this launch or an earlier one, and the
+    shapes of its weights."""
     ckpt: Path | None = None
     step: int | None = None
     global_batch: int | None = None
     param_groups: list[int] | None = None
     branched: bool = False
     branched_from: dict | None = None
+    shapes: dict[str, tuple[int, ...]] | None = None  # the checkpoint's weights: name -> shape
 
 
 def branch_checkpoint(spec: str | os.PathLike) -> Path:
@@ -108,7 +110,27 @@ def check_resumable(run_dir: str | os.PathLike, config: dict, branch_from: str |
     groups = [len(g["params"]) for g in (state.get("optimizer_states") or [{}])[0].get("param_groups", [])]
     step = int(state["global_step"])
     origin = {"checkpoint": str(ckpt), "step": step} if branched else state["diffusion_train"].get("branched_from")
-    return Resumable(ckpt, step, None if batch is None else int(batch), groups or None, branched, origin)
+    shapes = {k: tuple(v.shape) for k, v in state.get("state_dict", {}).items() if isinstance(v, torch.Tensor)}
+    return Resumable(ckpt, step, None if batch is None else int(batch), groups or None, branched, origin, shapes)
+
+
+def check_weights(resume: Resumable, module: torch.nn.Module) -> None:
+    """Refuses a checkpoint whose weights do not fit the module this config builds: a task, a fine-tune or the
+    data's channels change the network outside the config groups :func:`check_resumable` compares. Called before
+    anything is written."""
+    if resume.shapes is None:
+        return
+    own = {k: tuple(v.shape) for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
+    differ = [f"{k} missing" for k in sorted(own.keys() - resume.shapes.keys())]
+    differ += [f"{k} not in the model" for k in sorted(resume.shapes.keys() - own.keys())]
+    differ += [f"{k} {list(resume.shapes[k])} in the checkpoint, {list(own[k])} in the model"
+               for k in sorted(own.keys() & resume.shapes.keys()) if own[k] != resume.shapes[k]]
+    if differ:
+        shown = "; ".join(differ[:3]) + (f"; and {len(differ) - 3} more" if len(differ) > 3 else "")
+        raise ResumeMismatchError(
+            f"refusing to {'branch from' if resume.branched else 'resume'} {resume.ckpt}: its weights do not fit "
+            f"the model this config builds ({shown}). Nothing was changed; task, finetune and the data's channels "
+            f"change the network: keep the run's own, or choose another run_name for a new run")
 
 
 def check_global_batch(ckpt: Path | None, trained_with: int | None, batch: int, how: str) -> None:
