@@ -463,6 +463,18 @@ def test_one_training_step_on_latents_checkpoints_only_non_file_weights(preset, 
     if external:
         assert model_keys == [] and prov["sha256"] == _sha256(rgb_vae_file)
         assert trainer.lightning_module.autoencoder.scale.item() == 2.0
+        # a run whose config names the weights file relative to where it was launched loads from anywhere: the
+        # checkpoint recorded the file's absolute path
+        from diffusion_train.training.build import load_module, with_recorded_autoencoder
+
+        ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")
+        config = {**ckpt["diffusion_train"]["config"], "autoencoder": {
+            **ckpt["diffusion_train"]["config"]["autoencoder"], "weights": "vae/rgb.safetensors"}}
+        assert with_recorded_autoencoder(config, sd)["autoencoder"]["weights"] == str(rgb_vae_file.resolve())
+        ckpt["diffusion_train"]["config"] = config
+        torch.save(ckpt, tmp_path / "relative.ckpt")
+        assert load_module(tmp_path / "relative.ckpt").autoencoder.scale.item() == 2.0
+        assert config["autoencoder"]["weights"] == "vae/rgb.safetensors"  # the run's config itself is not changed
     else:  # random weights travel in the checkpoint, identified by a hash of their values
         assert model_keys and prov["sha256"] == tensors_sha256(trainer.lightning_module.autoencoder.model)
     assert torch.isfinite(torch.stack([v.float().sum() for k, v in sd.items()

@@ -86,12 +86,26 @@ def load_module(ckpt_path: str | os.PathLike, weights: str = "ema", map_location
     return checkpoint_module(load_checkpoint(ckpt_path, map_location), weights, str(ckpt_path))
 
 
+def with_recorded_autoencoder(config: dict, state_dict: dict) -> dict:
+    """The run's config, with its autoencoder's weights file at the absolute path the checkpoint recorded when the
+    config's own path (often relative to where the run was launched, e.g. ``vae/fmnist.safetensors``) is not found
+    from here. The file's weights are not in the checkpoint, only its provenance."""
+    autoencoder = config.get("autoencoder") or {}
+    weights = autoencoder.get("weights")
+    recorded = (state_dict.get("autoencoder._extra_state") or {}).get("path")
+    if isinstance(weights, str) and not os.path.exists(os.path.expanduser(weights)) and recorded \
+            and os.path.isfile(recorded):
+        return {**config, "autoencoder": {**autoencoder, "weights": recorded}}
+    return config
+
+
 def checkpoint_module(ckpt: dict, weights: str = "ema", where: str = "the checkpoint") -> DiffusionModule:
     """:func:`load_module` of a checkpoint already loaded (``where`` names it in errors)."""
     meta = ckpt.get("diffusion_train", {})
     if "config" not in meta:
         raise ValueError(f"{where} holds no diffusion_train run metadata; cannot rebuild its model")
-    module = build_module(OmegaConf.create(meta["config"]), accelerator="cpu")  # compile=auto: not for sampling
+    config = with_recorded_autoencoder(meta["config"], ckpt["state_dict"])
+    module = build_module(OmegaConf.create(config), accelerator="cpu")  # compile=auto: not for sampling
     module.load_state_dict(ckpt["state_dict"])
     if weights != "raw":
         params = dict(module.named_parameters())
