@@ -22,7 +22,7 @@ def evaluate(cfg: DictConfig) -> dict:
     """Samples ``num_samples`` images from the checkpoint, writes ``metrics.json`` and ``grid.png`` to
     ``out_dir`` and returns the metrics."""
     check_numbers(cfg, SAMPLING_NUMBERS)  # before the extractor and the reference are loaded
-    extractor = build_extractor(cfg.extractor, cfg.extractor_weights)
+    extractor = build_extractor(cfg.extractor, cfg.extractor_weights, option="extractor_weights")
     mu, sigma, reference = load_reference(cfg.reference, extractor.provenance)
     clip = None
     if cfg.clip:

@@ -316,3 +316,17 @@ def test_a_text_model_without_prompts_for_the_callback_is_refused_before_trainin
                                          r"give callbacks.fid.prompts=\[\.\.\.\]"):
         train(cfg, run)
     assert not (run / "checkpoints").exists()
+
+
+def test_a_missing_extractor_file_is_named_by_the_option_that_sets_it(tmp_path):
+    """diffusion-eval sets the feature net's file with extractor_weights (its weights= picks the EMA)."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONFIG_DIR
+    from diffusion_train.evaluate import evaluate
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"ckpt={tmp_path / 'last.ckpt'}", f"out_dir={tmp_path / 'eval'}",
+                                             "extractor=fmnist_net", f"reference={tmp_path / 'ref.safetensors'}"])
+    with pytest.raises(ValueError, match=r"^extractor fmnist_net needs extractor_weights=PATH \(a file written by"):
+        evaluate(cfg)

@@ -250,8 +250,6 @@ def _inception(weights: str | None) -> FeatureExtractor:
 def _fmnist_net(weights: str | None) -> FeatureExtractor:
     from diffusion_train.metrics.fmnist_net import FMNISTNet
 
-    if not weights:
-        raise ValueError("extractor fmnist_net needs weights=PATH (a file written by FMNISTNet.save)")
     return FMNISTNet.load(weights)
 
 
@@ -260,12 +258,16 @@ EXTRACTORS: dict[str, Callable[[str | None], FeatureExtractor]] = {
     "inception": _inception,
     "fmnist_net": _fmnist_net,
 }
+NEEDS_WEIGHTS = {"fmnist_net": "a file written by FMNISTNet.save or scripts/train_feature_net.py"}  # no default
 
 
-def build_extractor(name: str, weights: str | os.PathLike | None = None) -> FeatureExtractor:
-    """The feature extractor registered as ``name`` in :data:`EXTRACTORS`, loaded from ``weights``."""
+def build_extractor(name: str, weights: str | os.PathLike | None = None, option: str = "weights") -> FeatureExtractor:
+    """The feature extractor registered as ``name`` in :data:`EXTRACTORS`, loaded from ``weights``; ``option`` is
+    what the caller's user sets them with, for the error when they are needed and missing."""
     if name not in EXTRACTORS:
         raise ValueError(f"unknown feature extractor {name!r}; valid: {', '.join(EXTRACTORS)}")
+    if name in NEEDS_WEIGHTS and not weights:
+        raise ValueError(f"extractor {name} needs {option}=PATH ({NEEDS_WEIGHTS[name]})")
     try:
         return EXTRACTORS[name](str(weights) if weights else None)
     except ModuleNotFoundError as e:

@@ -56,7 +56,7 @@ class FrechetDistance(PeriodicEvaluation):
         except ValueError as e:
             raise ValueError(f"callbacks.fid: {e}") from None
         if self.extractor is None:  # a missing file, another extractor's reference
-            self.extractor = build_extractor(self.extractor_name, self.weights)
+            self.extractor = build_extractor(self.extractor_name, self.weights, option="callbacks.fid.weights")
             mu, sigma, provenance = load_reference(self.reference_path, self.extractor.provenance)
             check_reference_resolution(self.reference_path, provenance, pl_module.image_size)
             self.reference = (mu, sigma)
