@@ -75,8 +75,9 @@ class SampleDecoder:
     null, and its label must be an integer in [0, ``num_classes``) (``bad_label`` otherwise; any
     non-negative integer when ``num_classes`` is None). The json member must be an object
     (``bad_json``). Filters (reasons ``filtered_*``): ``min_image_size`` (short side of the original, as
-    ``image:original_size`` gives it), ``max_caption_length`` (characters) and ``max_scores`` (``{"punsafe": 0.5}``: the sample's json
-    field must be <= the bound, when present; ``bad_punsafe`` when it is not a number).
+    ``image:original_size`` gives it), ``max_caption_length`` (characters) and ``max_scores``
+    (``{"punsafe": 0.5}``: the sample's json field must be <= the bound, when present; ``bad_punsafe`` when it is
+    not a number).
     ``tensors`` maps batch keys to members holding precomputed arrays (``.npy``, or ``.pth`` read with
     ``weights_only``), e.g. ``{latent: latent.npy, caption.context: t5.npy, caption.mask: t5mask.npy}``
     (see ``scripts/precompute.py`` for what the keys mean); with a ``latent`` the image is optional.

@@ -18,9 +18,9 @@ OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26
 
 class CLIPScore(nn.Module):
     """``100 * max(cos(image embedding, text embedding), 0)`` per image (Hessel et al. clamp each image's cosine;
-    the scale of 100 is torchmetrics', which clamps the mean instead), averaged over images; computed with an open_clip model (``model_name``, and ``pretrained``:
-    a tag with cached weights, a local checkpoint file, or None with ``model_cfg`` for a random tiny
-    model in tests).
+    the scale of 100 is torchmetrics', which clamps the mean instead), averaged over images; computed with an
+    open_clip model (``model_name``, and ``pretrained``: a tag with cached weights, a local checkpoint file, or None
+    with ``model_cfg`` for a random tiny model in tests).
 
     Images are float in [-1, 1] (B, C, H, W); 1-channel images are repeated to RGB, resized
     (bicubic, antialiased) to the model's image size and normalized with its mean and std. Runs in fp32

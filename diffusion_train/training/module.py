@@ -352,16 +352,15 @@ class DiffusionModule(Generation, L.LightningModule):
         # (a class embedding, a text encoder trained with the network).
         with self.conditioner.uncounted():  # data/truncated_captions counts the training batches' captions
             x0, t, noise, cond = self.validation_inputs(batch, batch_idx)
-        remake = bool(self.val_weights) and any(p.requires_grad for p in self.conditioner.parameters())
-        for row, weights in enumerate([contextlib.nullcontext, *self.val_weights.values()]):
-            with weights():
-                if row and remake:
-                    with self.conditioner.uncounted():
+            remake = bool(self.val_weights) and any(p.requires_grad for p in self.conditioner.parameters())
+            for row, weights in enumerate([contextlib.nullcontext, *self.val_weights.values()]):
+                with weights():
+                    if row and remake:
                         cond = replace(self.conditioner(batch), image=cond.image, control=cond.control)
-                loss = self.objective.loss(self.net, x0, cond, t=t, noise=noise)
-            if not batch.get("__padding__", False):  # a padding batch only keeps the ranks' collectives in step
-                total = torch.stack([loss.sum(), loss.new_tensor(loss.shape[0])])
-                self._val_total[row] += total.to(self._val_total.dtype)
+                    loss = self.objective.loss(self.net, x0, cond, t=t, noise=noise)
+                if not batch.get("__padding__", False):  # a padding batch only keeps the ranks' collectives in step
+                    total = torch.stack([loss.sum(), loss.new_tensor(loss.shape[0])])
+                    self._val_total[row] += total.to(self._val_total.dtype)
 
     def validation_inputs(self, batch: dict, batch_idx: int) -> tuple[Tensor, Tensor, Tensor, Cond]:
         """``x0, t, noise, cond`` of a fixed validation batch: its own noise stream, timesteps spread evenly over the
