@@ -78,7 +78,8 @@ def folder(tmp_path) -> Path:
     rgb_noise(12, 10, 2).save(root / "cats" / "c.webp", lossless=True)
     Image.fromarray(np.arange(16 * 8, dtype=np.uint8).reshape(8, 16)).save(root / "dogs" / "d.png")
     rgb_noise(9, 7, 3).save(root / "dogs" / "deep" / "e.bmp")
-    (root / "dogs" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+    # a PNG signature, then no valid chunk (fixed bytes: random ones parse as a truncated chunk 1 time in 300)
+    (root / "dogs" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not a png chunk " * 12)
     (root / "cats" / "a.txt").write_text("  a noisy cat \n")
     (root / "cats" / "c.txt").write_text("a small webp\n")
     (root / "dogs" / "d.txt").write_text("   \n")  # empty caption: no txt member
