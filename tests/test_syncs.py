@@ -134,7 +134,8 @@ STEPS = ["trainer.max_steps=14", "trainer.log_every_n_steps=4", "trainer.val_che
 @pytest.mark.parametrize("extra", [
     ["model=unet_tiny"],
     ["model=dit_tiny", "training.accumulate_grad_batches=2"],
-    ["model=mmdit_tiny", "task=inpainting"],
+    ["model=mmdit_tiny", "task=inpainting", "task.masked_image=encoded", "autoencoder=tiny_vae",
+     "autoencoder.weights=null"],  # the masked images encoded in the step
     ["model=dit_tiny", "data=fashion_mnist_captions", "data.val_size=16", "conditioning=t5_tiny",
      "conditioning.embedders.caption.cache_size=0", "callbacks.sample_grid.prompts=[a bag]"],  # a text encoder in the step
     ["finetune=lora"],

@@ -61,8 +61,56 @@ def test_mask_weights_are_checked():
             random_masks(2, 8, 8, bad)
 
 
-@pytest.mark.parametrize("extra", [[], ["autoencoder=tiny_vae", "autoencoder.weights=null"]],
-                         ids=["pixels", "latents"])
+VAE = ["autoencoder=tiny_vae", "autoencoder.weights=null"]
+
+
+def test_encoded_masked_latents_are_the_encoding_of_the_image_gray_where_unknown(tiny_cfg):
+    """task.masked_image=encoded (Stable Diffusion's inpainting input): the masked latents are the autoencoder's
+    encoding of the image with the pixels of unknown latents set to 0 (gray), drawn from the step's generator;
+    all masked gives the encoding of a gray image, the same for every image; a batch of latents is refused."""
+    from diffusion_train.finetune.inpainting import Inpainting
+
+    module = randomised(module_of(tiny_cfg, "task=inpainting", "task.masked_image=encoded", *VAE), seed=3)
+    task, vae = module.task, module.autoencoder
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    x0 = vae.encode(images, torch.Generator().manual_seed(0))
+    mask = masks_of("box", 2, x0.shape[-1], seed=5)
+    cond = task.image(x0, mask, images, lambda p: vae.encode(p, torch.Generator().manual_seed(9)))
+    gray = images * (1 - torch.nn.functional.interpolate(mask, size=(16, 16), mode="nearest"))
+    assert ((gray == 0) == (mask.repeat_interleave(4, 2).repeat_interleave(4, 3) > 0).expand_as(images)).all()
+    assert torch.equal(cond[:, :1], mask)
+    torch.testing.assert_close(cond[:, 1:], vae.encode(gray, torch.Generator().manual_seed(9)))
+    zeroed = Inpainting(masked_image="zeroed").image(x0, mask)
+    assert (cond[:, 1:] - zeroed[:, 1:]).abs().mean() > 0.01  # a VAE's encoding of gray is not zero latents
+
+    null = module._null_image(torch.zeros(3, *x0.shape[1:]))
+    expected = vae.encode(torch.zeros(1, 3, 16, 16), torch.Generator().manual_seed(0))
+    assert null.shape == (3, 5, 4, 4) and (null[:, :1] == 1).all()
+    torch.testing.assert_close(null[:, 1:], expected.expand(3, -1, -1, -1))
+
+    batch = {"image": images, "label": torch.tensor([0, 1])}
+    seen = []
+    drawn = task.training_image(x0, torch.Generator().manual_seed(4), batch, lambda b: seen.append(b["image"]) or x0)
+    pixel_mask = torch.nn.functional.interpolate(drawn[:, :1], size=(16, 16), mode="nearest")
+    assert drawn[:, :1].sum() > 0 and torch.equal(seen[0], images * (1 - pixel_mask))
+    losses = [module.loss(batch, torch.Generator().manual_seed(s)) for s in (0, 0, 1)]
+    assert torch.equal(losses[0], losses[1]) and not torch.equal(losses[0], losses[2])
+    with pytest.raises(KeyError, match="masked_image=zeroed"):
+        module.loss({"latent": vae.encode_moments(images), "label": torch.tensor([0, 1])})
+    with pytest.raises(ValueError, match="task.masked_image must be one of zeroed, encoded, got 'vae'"):
+        Inpainting(masked_image="vae")
+
+
+def test_encoded_and_zeroed_masked_latents_agree_in_pixel_space():
+    from diffusion_train.finetune.inpainting import Inpainting
+
+    x0, mask = torch.randn(2, 3, 8, 8), masks_of("stroke", 2, 8)
+    encoded = Inpainting(masked_image="encoded").image(x0, mask, x0, lambda pixels: pixels)
+    assert torch.equal(encoded, Inpainting().image(x0, mask))
+
+
+@pytest.mark.parametrize("extra", [[], VAE, [*VAE, "task.masked_image=encoded"]],
+                         ids=["pixels", "latents", "encoded"])
 def test_inpainting_keeps_known_pixels_exactly(tiny_cfg, extra):
     """An (untrained, random) inpainting model: every known pixel comes back bit for bit, the rest is new."""
     from hydra.utils import instantiate

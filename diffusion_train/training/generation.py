@@ -50,7 +50,7 @@ class Generation:
         self.eval()
         try:
             if image is None and self.task is not None:
-                image = self.task.null_image(torch.zeros_like(noise, device=self.device))
+                image = self._null_image(torch.zeros_like(noise, device=self.device))
             with self.conditioner.uncounted():  # prompts are not training data
                 cond = self.conditioner(cond_inputs)
                 uncond = self.conditioner.uncond(noise.shape[0]) if guidance_scale != 1.0 or image_guidance else None
@@ -94,13 +94,28 @@ class Generation:
         images, masks = images.to(self.device).float(), masks.to(self.device).float()
         if masks.shape != (images.shape[0], 1, *images.shape[-2:]):
             raise ValueError(f"masks must be (B, 1, H, W) for images {tuple(images.shape)}, got {tuple(masks.shape)}")
-        x0 = self.autoencoder.encode(images, torch.Generator(self.device).manual_seed(seed))
+        x0 = self._encode(images, seed)
         mask = downsample_mask(masks, tuple(x0.shape[-2:]))
         gens = per_image_generators([seed + i for i in range(images.shape[0])], self.device)
         noise = randn(tuple(x0.shape), gens, self.device)
-        out = self.sample(noise, cond_inputs, sampler, guidance_scale, generator=gens,
-                          image=self.task.image(x0, mask), known=(x0, mask), **guidance)
+        image = self.task.image(x0, mask, images, lambda pixels: self._encode(pixels, seed))
+        out = self.sample(noise, cond_inputs, sampler, guidance_scale, generator=gens, image=image, known=(x0, mask),
+                          **guidance)
         return torch.where(masks > 0.5, out, images)
+
+    def _encode(self, images: Tensor, seed: int) -> Tensor:
+        """Known images' latents (a posterior sample from ``seed``'s generator)."""
+        return self.autoencoder.encode(images, torch.Generator(self.device).manual_seed(seed))
+
+    def _null_image(self, like: Tensor) -> Tensor:
+        """The task's ``cond.image`` when there is none: for inpainting, all masked (``masked_image=encoded``: the
+        encoding of a gray image)."""
+        if not isinstance(self.task, Inpainting):
+            return self.task.null_image(like)
+        f = int(getattr(self.autoencoder, "downsample", 1))
+        pixels = like.new_zeros(1, int(getattr(self.autoencoder, "in_channels", like.shape[1])),
+                                like.shape[-2] * f, like.shape[-1] * f)
+        return self.task.null_image(like, pixels, lambda gray: self._encode(gray, 0))
 
     @torch.no_grad()
     def edit(self, sources: Tensor, cond_inputs: dict, sampler: Sampler, text_scale: float = 7.5,
@@ -109,7 +124,7 @@ class Generation:
         text and image guidance (:class:`DualGuidance`). Needs a model trained with ``task=editing``."""
         if not isinstance(self.task, InstructionEditing):
             raise ValueError("editing needs a model trained with task=editing")
-        source = self.autoencoder.encode(sources.to(self.device).float(), torch.Generator(self.device).manual_seed(seed))
+        source = self._encode(sources.to(self.device).float(), seed)
         gens = per_image_generators([seed + i for i in range(source.shape[0])], self.device)
         noise = randn(tuple(source.shape), gens, self.device)
         return self.sample(noise, cond_inputs, sampler, text_scale, generator=gens, image=source,
