@@ -45,6 +45,33 @@ def test_a_diffusers_unet_from_a_pipeline_folder_learns_here(tiny_cfg, tmp_path)
     assert {"to_q", "to_k", "to_v", "0"} <= adapted
 
 
+def test_a_stable_diffusion_style_inpainting_unet_trains_and_inpaints_on_encoded_masked_images(tiny_cfg, tmp_path):
+    """A 9-channel U-Net (noisy latents, mask, masked latents) with a KL autoencoder and task.masked_image=encoded,
+    the inputs of Stable Diffusion's inpainting U-Net: its weights load as they are, it takes gradients from a
+    batch of images, and inpainting gives back every known pixel."""
+    from diffusers import UNet2DConditionModel
+    from hydra.utils import instantiate
+
+    torch.manual_seed(0)
+    UNet2DConditionModel(**{**TINY_UNET, "sample_size": 16, "in_channels": 9, "out_channels": 4}).save_pretrained(
+        tmp_path / "pipe" / "unet")
+    cfg = tiny_cfg("model=diffusers_unet", f"model.name_or_path={tmp_path / 'pipe'}", "conditioning=t5_tiny",
+                   "data=fashion_mnist_captions", "autoencoder=kl_tiny", "task=inpainting",
+                   "task.masked_image=encoded", "sampler.steps=2")
+    module = build_module(cfg)
+    assert module.backbone.unet.conv_in.in_channels == 9 and module.task.masked_image == "encoded"
+    images = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    batch = {"image": images, "caption": ["a shoe", "a bag"]}
+    loss = module.loss(batch, torch.Generator().manual_seed(0)).mean()
+    loss.backward()
+    assert torch.isfinite(loss) and module.backbone.unet.conv_in.weight.grad[:, 4:].abs().sum() > 0
+    masks = torch.zeros(2, 1, 32, 32)
+    masks[:, :, 8:20, 4:28] = 1
+    out = module.inpaint(images, masks, {"caption": ["a shoe", "a bag"]}, instantiate(cfg.sampler), guidance_scale=2.0)
+    known = (masks < 0.5).expand_as(images)
+    assert torch.equal(out[known], images[known]) and not torch.equal(out[~known], images[~known])
+
+
 def test_diffusers_unet_config_mismatches_are_named(tiny_cfg, tmp_path):
     from diffusers import UNet2DConditionModel
 
