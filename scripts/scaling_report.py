@@ -86,7 +86,10 @@ def point_label(m: Metric | None, best: bool) -> str:
     """The label of a metric's final (or best) point: what gave that value (post-hoc EMA: the width), or ''."""
     if m is None or not m.history:
         return ""
-    return min(m.history, key=lambda p: p.value).label if best else m.history[-1].label
+    if not best:
+        return m.history[-1].label
+    finite = [p for p in m.history if math.isfinite(p.value)]  # min() stalls on a NaN that comes first
+    return min(finite, key=lambda p: p.value).label if finite else ""
 
 
 def labelled(m: Metric | None, best: bool) -> str:
@@ -111,15 +114,16 @@ def markdown(a: Analysis, sources: list[str], opts: dict) -> str:
     m, iso, fr = a.metric, a.isoflop, a.isoflop.frontier
     lines = [f"# Scaling report: {m}", "",
              f"{len(a.used)} runs used of {len(a.runs)} found in {', '.join(f'`{s}`' for s in sources)}; "
-             f"{len(a.sizes)} model sizes, {len(iso.budgets)} compute budgets. Confidence intervals: "
-             f"{LEVEL:.0%} percentile bootstrap, {opts['boot']} resamples, seed {opts['seed']}. "
+             f"{len(a.sizes)} model sizes, {len(iso.budgets)} compute budgets. Confidence intervals: {LEVEL:.0%}; "
+             f"percentile bootstrap ({opts['boot']} resamples, seed {opts['seed']}) unless said otherwise. "
              "Lower is better; FLOPs are training FLOPs (6 x forward multiply-adds per image x images).", "",
              "## Compute-optimal frontier", ""]
     if fr is None:
         lines += ["No frontier fit: " + "; ".join(iso.notes), ""]
     else:
         lines += [f"- **N_opt(C) = {sci(fr.coefficient, 3)} * C^a, a = {fr.exponent:.3f} {interval(fr.ci)}** "
-                  f"({fr.boot_valid}/{fr.boot_total} bootstrap resamples usable; regression standard error "
+                  f"({fr.method} interval; {fr.boot_valid}/{fr.boot_total} bootstrap resamples kept every budget usable; "
+                  "regression standard error "
                   f"{num(fr.fit.stderr, 2)}), over {len(fr.budgets)} budgets "
                   f"({', '.join(sci(c) for c in fr.budgets)})."]
         if iso.flops_per_image_fit is not None:
@@ -213,7 +217,8 @@ def fits_json(a: Analysis, sources: list[str], opts: dict) -> dict:
                      "best_loss": b.best_loss, "used": b.used, "flag": b.flag} for b in iso.budgets],
         "frontier": None if fr is None else {
             "exponent": fr.exponent, "coefficient": fr.coefficient, "ci": fr.ci, "stderr": fr.fit.stderr,
-            "budgets": fr.budgets, "n_opt": fr.n_opt, "boot_valid": fr.boot_valid, "boot_total": fr.boot_total},
+            "ci_method": fr.method, "budgets": fr.budgets, "n_opt": fr.n_opt, "exact_budgets": fr.exact_budgets,
+            "boot_valid": fr.boot_valid, "boot_total": fr.boot_total},
         "loss_frontier": None if iso.loss_frontier is None else {
             "exponent": iso.loss_frontier.exponent, "coefficient": iso.loss_frontier.coefficient, "ci": iso.loss_ci},
         "images_frontier": None if fr is None or iso.flops_per_image_fit is None else {
@@ -313,7 +318,7 @@ def plot_frontier(a: Analysis, path: Path) -> None:
                 label=f"N_opt = {sci(fr.coefficient, 3)} C^a, a = {fr.exponent:.3f} {interval(fr.ci)}".rstrip(" -"))
         lo, hi = fr.band(xs)
         if np.all(np.isfinite(lo)):
-            ax.fill_between(xs, lo, hi, color="C0", alpha=0.15, label=f"{LEVEL:.0%} bootstrap band")
+            ax.fill_between(xs, lo, hi, color="C0", alpha=0.15, label=f"{LEVEL:.0%} {fr.method} band")
     else:
         ax.text(0.5, 0.5, "no frontier fit:\n" + "\n".join(a.isoflop.notes), transform=ax.transAxes,
                 ha="center", va="center")

@@ -15,10 +15,12 @@ Pure numpy/scipy (no plotting). The three fits ``scripts/scaling_report.py`` rep
   still reported). With ``flops_per_image``, the images seen at the optimum follow
   ``D_opt = C / F(N_opt) ∝ C^b`` with ``F(N) = k_F N^g`` fitted over the runs, so ``b = 1 - g a``.
 
-Confidence intervals are percentile bootstraps with a fixed seed: the frontier resamples runs with
-replacement within each budget (a budget whose resample is degenerate, e.g. fewer than 3 distinct
-sizes, is left out of that resample; a resample with fewer than 2 budgets left is discarded and
-counted), the saturating fit resamples its points.
+Confidence intervals: the frontier's is a percentile bootstrap with a fixed seed (runs resampled with
+replacement within each budget; a resample that leaves any budget unusable, e.g. with fewer than 3
+distinct sizes, is discarded and counted) when it measures anything: every budget's parabola must be fitted
+to more sizes than its 3 coefficients, or resampling cannot move that budget's N_opt. Otherwise it is the
+regression's t interval over 3 or more budgets (:attr:`Frontier.method`). The saturating fit resamples its
+points.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.optimize import least_squares
+from scipy.stats import t as student_t
 
 __all__ = ["ALPHA_BOUNDS", "Frontier", "IsoFlopBudget", "IsoFlopResult", "PowerLawFit", "SaturatingFit",
            "bootstrap_saturating", "fit_isoflop_parabola", "fit_power_law", "fit_saturating_power_law", "group_budgets",
@@ -58,6 +61,10 @@ def percentile_ci(samples, level: float = 0.95) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+def _t_quantile(dof: int, level: float) -> float:
+    return float(student_t.ppf(0.5 * (1 + level), dof)) if dof > 0 else math.nan
+
+
 # ----------------------------------------------------------------------------------------------
 # power laws
 
@@ -77,6 +84,12 @@ class PowerLawFit:
     @property
     def rmse_log(self) -> float:
         return float(np.sqrt(np.mean(self.residuals ** 2)))
+
+    def exponent_ci(self, level: float = 0.95) -> tuple[float, float]:
+        """The regression's t interval of the exponent (``residuals.size - 2`` degrees of freedom; nan with 2
+        points)."""
+        half = _t_quantile(self.residuals.size - 2, level) * self.stderr
+        return self.exponent - half, self.exponent + half
 
 
 def fit_power_law(x, y) -> PowerLawFit:
@@ -219,6 +232,7 @@ class IsoFlopBudget:
     best_params: float
     best_loss: float
     flag: str | None = None
+    fitted_sizes: int = 0  # distinct sizes the parabola is fitted to (those within the window)
 
     @property
     def used(self) -> bool:
@@ -251,12 +265,16 @@ def fit_isoflop_parabola(params, losses, budget: float = math.nan, window: float
     near = np.ones(params.shape, dtype=bool) if window is None else np.abs(z_all - z_all[best]) <= window + 1e-9
     z, fitted = z_all[near], losses[near]
     sizes = np.unique(z).size
+    common["fitted_sizes"] = int(sizes)
     nan3 = (math.nan, math.nan, math.nan)
     if sizes < MIN_SIZES:
         within = "" if window is None else f" within {window:g} decades of the best run"
         return IsoFlopBudget(**common, coefficients=nan3, n_opt=math.nan, loss_opt=math.nan,
                              flag=f"{sizes} model size{'s' if sizes != 1 else ''}{within} (a parabola needs {MIN_SIZES})")
     c2, c1, c0 = (float(c) for c in np.polyfit(z, fitted, 2))
+    if np.ptp(fitted) <= 1e-12 * np.abs(fitted).max():  # equal losses: c2 is rounding noise of either sign
+        return IsoFlopBudget(**common, coefficients=(c2, c1, c0), n_opt=math.nan, loss_opt=math.nan,
+                             flag="no minimum: the loss is the same at every size")
     if not c2 > 0:
         return IsoFlopBudget(**common, coefficients=(c2, c1, c0), n_opt=math.nan, loss_opt=math.nan,
                              flag="no minimum: the loss is not convex in log N")
@@ -274,7 +292,9 @@ def fit_isoflop_parabola(params, losses, budget: float = math.nan, window: float
 
 @dataclass(frozen=True)
 class Frontier:
-    """``N_opt(C) = k C^a`` over the used budgets, with bootstrap samples of ``(a, ln k)``."""
+    """``N_opt(C) = k C^a`` over the used budgets, with bootstrap samples of ``(a, ln k)`` (nan: a resample
+    that left a budget unusable) and ``exact_budgets``, the used budgets whose parabola is fitted to exactly
+    3 sizes: it goes through them, so no resample of their runs moves their N_opt."""
     fit: PowerLawFit
     budgets: np.ndarray
     n_opt: np.ndarray
@@ -282,6 +302,16 @@ class Frontier:
     boot_log_coefficients: np.ndarray
     boot_total: int
     level: float = 0.95
+    exact_budgets: int = 0
+
+    @property
+    def method(self) -> str:
+        """Where :attr:`ci` and :meth:`band` come from: ``bootstrap`` when no budget is fitted exactly and half
+        or more of the resamples kept every budget usable; else ``regression`` (the t interval of the
+        least-squares line over 3 or more budgets, whose scatter holds the optima's noise); else ``none``."""
+        if self.boot_total and not self.exact_budgets and self.boot_valid >= 0.5 * self.boot_total:
+            return "bootstrap"
+        return "regression" if self.budgets.size >= 3 else "none"
 
     @property
     def exponent(self) -> float:
@@ -297,13 +327,25 @@ class Frontier:
 
     @property
     def ci(self) -> tuple[float, float]:
-        return percentile_ci(self.boot_exponents, self.level)
+        method = self.method
+        if method == "bootstrap":
+            return percentile_ci(self.boot_exponents, self.level)
+        return self.fit.exponent_ci(self.level) if method == "regression" else (math.nan, math.nan)
 
     def band(self, c) -> tuple[np.ndarray, np.ndarray]:
-        """The pointwise percentile band of the bootstrap fits' ``N_opt`` at compute ``c``."""
+        """The pointwise band of ``N_opt`` at compute ``c``: the bootstrap fits' percentiles, or the regression
+        line's t band (see :attr:`method`)."""
         c = np.atleast_1d(np.asarray(c, dtype=float))
         ok = np.isfinite(self.boot_exponents)
-        if not ok.any():
+        method = self.method
+        if method == "regression":
+            x = np.log(self.budgets)
+            se = self.fit.stderr * math.sqrt(np.sum((x - x.mean()) ** 2)) * np.sqrt(
+                1 / x.size + (np.log(c) - x.mean()) ** 2 / np.sum((x - x.mean()) ** 2))
+            half = _t_quantile(x.size - 2, self.level) * se
+            mid = np.log(self.fit.predict(c))
+            return np.exp(mid - half), np.exp(mid + half)
+        if method == "none":
             nan = np.full(c.shape, np.nan)
             return nan, nan
         logs = self.boot_log_coefficients[ok, None] + self.boot_exponents[ok, None] * np.log(c)[None, :]
@@ -340,7 +382,13 @@ class IsoFlopResult:
 
     @property
     def loss_ci(self) -> tuple[float, float]:
-        return percentile_ci(self.boot_loss_exponents, self.frontier.level if self.frontier else 0.95)
+        """The interval of ``c``, made as the frontier's (see :attr:`Frontier.method`)."""
+        method = self.frontier.method if self.frontier else "none"
+        if method == "bootstrap":
+            return percentile_ci(self.boot_loss_exponents, self.frontier.level)
+        if method == "regression" and self.loss_frontier is not None:
+            return self.loss_frontier.exponent_ci(self.frontier.level)
+        return math.nan, math.nan
 
 
 def isoflop_analysis(budgets, params, losses, *, flops_per_image=None, boot: int = 1000, seed: int = 0,
@@ -349,8 +397,9 @@ def isoflop_analysis(budgets, params, losses, *, flops_per_image=None, boot: int
     to, e.g. from :func:`group_budgets`), ``params`` (N) and final ``losses`` (finite). Fits one parabola
     per budget (over the runs within ``window`` decades of its best, see :func:`fit_isoflop_parabola`), then
     ``N_opt = k C^a`` (and ``L_opt = k' C^c``) over the budgets not flagged; ``boot`` bootstrap resamples
-    (seed ``seed``, each budget's runs resampled, its best run and window found again) give the ``level``
-    percentile intervals."""
+    (seed ``seed``, each budget's runs resampled, its best run and window found again; a resample that leaves
+    a budget unusable is discarded) give the ``level`` percentile intervals, or the regression gives them (see
+    :attr:`Frontier.method`)."""
     budgets = np.asarray(budgets, dtype=float).ravel()
     params = np.asarray(params, dtype=float).ravel()
     losses = np.asarray(losses, dtype=float).ravel()
@@ -384,18 +433,26 @@ def isoflop_analysis(budgets, params, losses, *, flops_per_image=None, boot: int
         for f in used:
             idx = rng.integers(0, f.params.size, f.params.size)
             g = fit_isoflop_parabola(f.params[idx], f.losses[idx], f.budget, window)
-            if g.used:
-                pts.append((f.budget, g.n_opt, g.loss_opt))
-        if len(pts) >= 2:
+            if not g.used:  # a frontier over fewer budgets would measure which were left out, not the noise
+                break
+            pts.append((f.budget, g.n_opt, g.loss_opt))
+        else:
             c, n, lo = np.array(pts).T
             pf = fit_power_law(c, n)
             boot_a[r], boot_lk[r] = pf.exponent, math.log(pf.coefficient)
             if np.all(lo > 0):
                 boot_c[r] = fit_power_law(c, lo).exponent
+    exact = sum(f.fitted_sizes == MIN_SIZES for f in used)
     frontier = Frontier(fit=frontier_fit, budgets=c_used, n_opt=n_used, boot_exponents=boot_a,
-                        boot_log_coefficients=boot_lk, boot_total=boot, level=level)
-    if boot and frontier.boot_valid < 0.5 * boot:
-        notes.append(f"only {frontier.boot_valid} of {boot} bootstrap resamples kept 2 usable budgets: "
-                     "the interval is unreliable (sample more sizes per budget)")
+                        boot_log_coefficients=boot_lk, boot_total=boot, level=level, exact_budgets=exact)
+    instead = {"regression": f"the interval is the regression's over the {len(used)} budgets",
+               "none": "there is no interval (2 budgets)"}.get(frontier.method, "")
+    if boot and exact:
+        notes.append(f"{exact} of {len(used)} budgets' parabolas are fitted to exactly {MIN_SIZES} sizes, which "
+                     f"they pass through, so resampling cannot move their N_opt: {instead} (fit 4 or more "
+                     "sizes per budget for a bootstrap interval)")
+    elif boot and frontier.boot_valid < 0.5 * boot:
+        notes.append(f"only {frontier.boot_valid} of {boot} bootstrap resamples kept every budget usable: "
+                     f"{instead} (sample more sizes per budget)")
     return IsoFlopResult(budgets=fits, frontier=frontier, loss_frontier=loss_fit, boot_loss_exponents=boot_c,
                          flops_per_image_fit=fpi_fit, notes=notes)

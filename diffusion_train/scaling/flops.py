@@ -51,8 +51,8 @@ __all__ = ["counted_macs", "dit_macs", "flop_counter_macs", "forward_macs", "mmd
 TRAINING_FLOPS_PER_MAC = 6  # 2 FLOPs per multiply-add, x3 for forward + backward
 # Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, matched against torch.cuda.get_device_name(); the first
 # key in the name wins.
-PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
-             ("GH200", 989e12), ("A100", 312e12))
+PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("GH200", 989e12), ("H200 NVL", 835e12),
+             ("H200", 989e12), ("A100", 312e12))
 
 
 def peak_flops(device_name: str | None, given_tflops: float | None = None) -> tuple[float | None, str]:

@@ -253,14 +253,19 @@ def load_runs(sources: Iterable[str | os.PathLike], *, metrics: Sequence[str] | 
     """The runs of every source: a folder (each ``summary.json`` under it), a ``summary.json`` file, or
     ``wandb:<entity>/<project>`` (:func:`wandb_runs`; ``metrics`` names the histories to read there, all
     logged metrics for local files). A missing folder or a malformed summary raises :class:`RegistryError`;
-    a source without runs is not an error here (the caller decides)."""
+    a source without runs is not an error here (the caller decides). A file that several sources reach (a folder
+    and a folder inside it) is loaded once."""
     runs: list[Run] = []
+    seen: set[Path] = set()
     for source in sources:
         source = str(source)
         if source.startswith(WANDB_PREFIX):
             runs.extend(wandb_runs(source[len(WANDB_PREFIX):], metrics=metrics or ()))
-        else:
-            runs.extend(load_summary(p) for p in find_summaries(source))
+            continue
+        for path in find_summaries(source):
+            if path.resolve() not in seen:
+                seen.add(path.resolve())
+                runs.append(load_summary(path))
     return runs
 
 
