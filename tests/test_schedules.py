@@ -341,6 +341,9 @@ def test_timesteps_known_values():
         assert sched.timesteps(T, spacing).tolist() == [float(v) for v in range(T - 1, -1, -1)]
     assert sched.timesteps(1, "leading").tolist() == [0.0]
     assert sched.timesteps(1, "trailing").tolist() == [999.0]
+    # a count that does not divide T: leading still starts in the last stride, not at n - 1 (stride T // n = 1)
+    for n, first in ((300, 996), (400, 997), (600, 998), (999, 998)):
+        assert float(sched.timesteps(n, "leading")[0]) == first
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])

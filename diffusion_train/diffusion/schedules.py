@@ -167,14 +167,15 @@ class DiscreteSchedule(NoiseSchedule):
     default_spacing = "leading"
 
     def timesteps(self, num_steps: int, spacing: str = "auto") -> Tensor:
-        """auto: leading (trailing with zero terminal SNR); leading: 0, k, 2k, ... (k = T // num_steps, DDIM
-        paper); trailing: T-1, T-1-T/n, ... (reaches the noisiest step; Lin et al. 2024); linspace: T-1 .. 0
+        """auto: leading (trailing with zero terminal SNR); leading: 0, k, 2k, ... (k = T / num_steps, DDIM
+        paper; rounded down, so a step count that does not divide T still starts near T, not at num_steps - 1 as
+        an integer stride of 1 would); trailing: T-1, T-1-T/n, ... (reaches the noisiest step; Lin et al. 2024); linspace: T-1 .. 0
         rounded; karras: Karras rho=7 spacing of sigma/alpha between the schedule's extremes (fractional t)."""
         T = self.num_timesteps
         _check_steps(num_steps, T)
         spacing = self.default_spacing if spacing == "auto" else spacing
         if spacing == "leading":
-            ts = torch.arange(0, num_steps) * (T // num_steps)
+            ts = (torch.arange(num_steps, dtype=torch.float64) * (T / num_steps)).floor().long()
         elif spacing == "trailing":
             ts = torch.round(T - torch.arange(num_steps, dtype=torch.float64) * (T / num_steps)).long() - 1
         elif spacing == "linspace":
