@@ -95,6 +95,22 @@ def test_t5_truncation_counted(t5_dir):
     assert emb.num_truncated == 2  # cumulative
 
 
+@pytest.mark.parametrize("cache_size", [0, 8])
+def test_truncation_is_counted_per_caption_with_or_without_the_cache(t5_dir, cache_size):
+    """Every caption of a counted call that is too long counts, also when the cache serves it and when it was
+    first encoded inside ``uncounted()`` (a sanity validation or a sample grid before training)."""
+    from diffusion_train.conditioning.conditioner import Conditioner
+
+    emb = T5Embedder(name_or_path=t5_dir, tokenizer="byt5", max_length=8, cache_size=cache_size)
+    conditioner = Conditioner({"caption": emb})
+    with conditioner.uncounted():
+        emb(["y" * 20, "short"])
+    assert emb.num_truncated == 0
+    emb(["y" * 20, "y" * 20, "short"])
+    emb(["y" * 20, "z" * 9])
+    assert emb.num_truncated == 4
+
+
 def test_dropped_rows_equal_empty_caption(t5):
     out = t5(["a red shoe", "a blue bag"], drop=torch.tensor([True, False]))
     empty = t5(t5.null_input(1, "cpu"))
@@ -119,6 +135,24 @@ def test_output_modes_and_bf16(t5_dir):
 
 
 # ---------------------------------------------------------------------------------------------- frozen / state dict
+
+
+def test_a_frozen_encoder_encodes_in_its_own_dtype_under_a_training_step_s_autocast(t5_dir):
+    """A training step runs under bf16 autocast; a frozen float32 encoder must give there what precompute and
+    sampling (no autocast) give, and a cached encoding made under autocast must be that too. A trainable
+    encoder follows the trainer's precision."""
+    texts = ["a red square", "a blue circle"]
+    for cache_size in (0, 8):
+        emb = T5Embedder(name_or_path=t5_dir, tokenizer="byt5", max_length=16, cache_size=cache_size)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = emb(texts)
+        assert torch.equal(mixed["context"], emb(texts)["context"])
+        if cache_size:
+            fresh = T5Embedder(name_or_path=t5_dir, tokenizer="byt5", max_length=16)
+            assert torch.equal(mixed["context"], fresh(texts)["context"])
+    trainable = T5Embedder(name_or_path=t5_dir, tokenizer="byt5", max_length=16, trainable=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not torch.equal(trainable(texts)["context"], emb(texts)["context"])
 
 
 def test_frozen_state_dict_roundtrip(t5_dir, t5):

@@ -182,9 +182,8 @@ class CLIPTextEmbedder(TextEmbedder):
         else:
             mask = ids != own_pad
         full = mask[:, -1].nonzero().flatten().tolist()  # only rows filling max_length may be truncated
-        for i in full:
-            n = self._token_count(texts[i])
-            self.num_truncated += int(n is not None and n > self.max_length)
+        counts = {i: self._token_count(texts[i]) for i in full}
+        self._count_truncated([texts[i] for i, n in counts.items() if n is not None and n > self.max_length])
         pad = own_pad
         if self.pad_token_id is not None:
             pad = self.pad_token_id

@@ -28,6 +28,7 @@ offline presets) has no file to be rebuilt from, so its weights are kept in the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections import OrderedDict
@@ -110,8 +111,9 @@ class TextEmbedder(nn.Module):
         self.output, self.trainable, self.dtype = output, bool(trainable), resolve_dtype(dtype)
         self.attend_padding = bool(attend_padding)
         self.num_truncated = 0
+        self._last_truncated: set[str] = set()
         self.cache_size = int(cache_size)
-        self._cache: OrderedDict[str, tuple[Tensor, Tensor, Tensor]] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[Tensor, Tensor, Tensor, bool]] = OrderedDict()  # + truncated
         self.vector_dim = 0
         self.context_dim = 0
         self.provenance: dict[str, str] = {"class": type(self).__name__, "name": "", "path": "", "sha256": ""}
@@ -172,6 +174,11 @@ class TextEmbedder(nn.Module):
     def null_input(self, batch_size: int, device=None) -> list[str]:
         return [""] * int(batch_size)
 
+    def _count_truncated(self, truncated: list[str]) -> None:
+        """Tokenizers report the captions of a call that were longer than ``max_length`` (the cache keeps which)."""
+        self.num_truncated += len(truncated)
+        self._last_truncated = set(truncated)
+
     def _device(self) -> torch.device:
         p = next(self.encoder.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
@@ -188,12 +195,16 @@ class TextEmbedder(nn.Module):
 
     def encode(self, texts: list[str]) -> dict[str, Tensor]:
         """Captions -> ``{"context", "mask", "vector"}`` as selected by ``output`` and ``attend_padding``
-        (float32, bool mask)."""
-        if self.cache_size > 0 and not self.trainable:
-            context, mask, pooled = self._encode_cached(texts)
-        else:
-            with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-                context, mask, pooled = self._encode(texts)
+        (float32, bool mask). A frozen encoder computes in its own ``dtype`` whatever autocast the caller runs
+        under (a training step's bf16-mixed), so training, precomputing, the cache and sampling all get the same
+        encodings; a trainable one follows the trainer's precision, as the backbone does."""
+        own = contextlib.nullcontext() if self.trainable else torch.autocast(self._device().type, enabled=False)
+        with own:
+            if self.cache_size > 0 and not self.trainable:
+                context, mask, pooled = self._encode_cached(texts)
+            else:
+                with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+                    context, mask, pooled = self._encode(texts)
         out = {"context": context.float(), "mask": mask.bool(), "vector": pooled.float()}
         return {k: out[k] for k in self.output_keys}
 
@@ -243,13 +254,18 @@ class TextEmbedder(nn.Module):
         device = self._device()
         missing = list(dict.fromkeys(t for t in texts if t not in self._cache or self._cache[t][0].device != device))
         if missing:
+            counted = self.num_truncated
             context, mask, pooled = self._encode(missing)
-            for i, text in enumerate(missing):
-                self._cache[text] = (context[i].clone(), mask[i].clone(), pooled[i].clone())  # not views of the batch
+            self.num_truncated = counted  # counted below, once per caption of the batch, hit or miss
+            for i, text in enumerate(missing):  # clones, not views of the batch
+                self._cache[text] = (context[i].clone(), mask[i].clone(), pooled[i].clone(),
+                                     text in self._last_truncated)
         rows = []
         for text in texts:
             self._cache.move_to_end(text)
-            rows.append(self._cache[text])
+            *row, truncated = self._cache[text]
+            self.num_truncated += truncated
+            rows.append(row)
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return tuple(torch.stack(parts) for parts in zip(*rows))
@@ -280,10 +296,9 @@ class _HFTokenizing(TextEmbedder):
         ids, attn = enc["input_ids"], enc["attention_mask"].bool()
         # Only a row that fills max_length can have been truncated; re-tokenize just those.
         full = [i for i, n in enumerate(attn.sum(1).tolist()) if n >= self.max_length]
-        if full:
-            lengths = self.tokenizer([texts[i] for i in full], truncation=False, padding=False,
-                                     verbose=False)["input_ids"]
-            self.num_truncated += sum(len(x) > self.max_length for x in lengths)
+        lengths = self.tokenizer([texts[i] for i in full], truncation=False, padding=False,
+                                 verbose=False)["input_ids"] if full else []
+        self._count_truncated([texts[i] for i, x in zip(full, lengths) if len(x) > self.max_length])
         return ids, attn
 
     def _encode(self, texts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
