@@ -19,10 +19,10 @@ from diffusion_train.training.preemption import find_preemption
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def write_images(folder: Path, n: int, seed: int) -> None:
+def write_images(folder: Path, n: int, seed: int, exist_ok: bool = False) -> None:
     from PIL import Image
 
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=exist_ok)
     rng = np.random.default_rng(seed)
     for i in range(n):
         Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
@@ -116,11 +116,34 @@ def test_a_process_waiting_for_the_class_images_stops_when_signalled(tmp_path, m
     assert preemption.stopped_by is None
 
 
-def test_dreambooth_needs_its_images(tiny_cfg, tmp_path):
+def test_dreambooth_needs_its_images(tiny_cfg, tmp_path, caplog):
     (tmp_path / "subject").mkdir()
     dm = instantiate_data(tiny_cfg(*dreambooth_overrides(tmp_path, "data.class_prompt=null")))
     with pytest.raises(FileNotFoundError, match="data.instance_dir"):
         dm.setup()
+    bad = tmp_path / "subject" / "broken.jpg"  # not an image: skipped and named, never a crash naming a BytesIO
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(FileNotFoundError, match=f"no readable image .* e.g. {bad}"):
+        dm.setup()
+    write_images(tmp_path / "subject", 2, seed=1, exist_ok=True)
+    with caplog.at_level("WARNING", logger="diffusion_train"):
+        dm.setup()
+    assert len(dm.train_set.instance) == 2 and f"skipped 1 of 3 images that could not be read: {bad}" in caplog.text
+
+
+def test_missing_class_images_fill_the_gaps(tiny_cfg, tmp_path):
+    """The class images to make are the first free indices: a deleted one is made again (not an existing one
+    overwritten), and images given under other names count."""
+    dm = instantiate_data(tiny_cfg(*dreambooth_overrides(tmp_path), run_dir=tmp_path / "run"))
+    folder = Path(dm.class_dir)
+    write_images(folder, 0, seed=0)
+    assert dm.class_images_to_make() == [0, 1, 2, 3, 4]
+    for i in (0, 2, 3, 4):
+        (folder / f"class_{i:05d}.png").write_bytes(b"")
+    assert dm.class_images_missing() == 1 and dm.class_images_to_make() == [1]
+    (folder / "class_00002.png").unlink(), (folder / "class_00003.png").unlink()
+    (folder / "given.png").write_bytes(b"")  # 0, 4 and the given one: 2 to make, in the first free places
+    assert dm.class_images_to_make() == [1, 2]
 
 
 def test_dreambooth_eval_script(tmp_path):

@@ -27,11 +27,23 @@ log = logging.getLogger("diffusion_train")
 
 
 def load_folder(root: str | Path, resolution: int, channels: int, key: str = "data.instance_dir") -> Tensor:
-    """Every image under ``root`` (sorted), centre-cropped to ``resolution``, as uint8 (N, C, H, W)."""
+    """Every readable image under ``root`` (sorted), centre-cropped to ``resolution``, as uint8 (N, C, H, W); an
+    unreadable one is skipped and named in a warning, and none readable is an error."""
     entries = list_images(root) if Path(root).is_dir() else []
     if not entries:
         raise FileNotFoundError(f"{key}: no image in {root}")
-    arrays = [load_image(Path(root) / image, resolution, channels) for image, _ in entries]
+    arrays, skipped = [], []
+    for image, _ in entries:
+        try:
+            arrays.append(load_image(Path(root) / image, resolution, channels))
+        except Exception as e:  # corrupt files raise a zoo of types (OSError, SyntaxError, ...)
+            skipped.append(f"{Path(root) / image} ({type(e).__name__}: {e})")
+    if skipped:
+        log.warning("%s: skipped %d of %d images that could not be read: %s%s", key, len(skipped), len(entries),
+                    "; ".join(skipped[:5]), " ..." if len(skipped) > 5 else "")
+    if not arrays:
+        raise FileNotFoundError(f"{key}: no readable image in {root}: {len(skipped)} could not be decoded, e.g. "
+                                f"{skipped[0]}")
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -94,6 +106,13 @@ class DreamBoothDataModule(InMemoryDataModule):
         have = len(list_images(folder)) if folder.is_dir() else 0
         return max(0, self.num_class_images - have)
 
+    def class_images_to_make(self) -> list[int]:
+        """The indices of the class images to make: the first :meth:`class_images_missing` whose file
+        (``class_<i>.png``) is not there, so images given under other names count and a gap is filled."""
+        missing, folder = self.class_images_missing(), Path(self.class_dir or "")
+        free = (i for i in range(self.num_class_images + missing) if not (folder / f"class_{i:05d}.png").exists())
+        return [next(free) for _ in range(missing)]
+
     @torch.no_grad()
     def prepare_class_images(self, module, sampler, stop: Callable[[], bool] | None = None) -> int:
         """Makes the missing class images with ``module`` (image i from seed i, the class prompt, guidance
@@ -102,19 +121,18 @@ class DreamBoothDataModule(InMemoryDataModule):
         rest)."""
         from diffusion_train.training.images import save_grid
 
-        missing = self.class_images_missing()
-        if not missing:
+        todo = self.class_images_to_make()
+        if not todo:
             return 0
         folder = Path(self.class_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        start = self.num_class_images - missing
-        log.info("making %d class images of %r in %s", missing, self.class_prompt, folder)
-        inputs = module.conditioner.sample_inputs(self.num_class_images, prompts=[self.class_prompt])
+        log.info("making %d class images of %r in %s", len(todo), self.class_prompt, folder)
+        inputs = module.conditioner.sample_inputs(max(todo) + 1, prompts=[self.class_prompt])
         made = 0
-        for first in range(start, self.num_class_images, self.class_batch_size):
+        for first in range(0, len(todo), self.class_batch_size):
             if stop is not None and stop():
                 break
-            indices = list(range(first, min(first + self.class_batch_size, self.num_class_images)))
+            indices = todo[first:first + self.class_batch_size]
             images = module.sample_seeded(indices, inputs, sampler, self.class_guidance_scale)
             for i, image in zip(indices, images):
                 save_grid(image[None], folder / f"class_{i:05d}.png", ncol=1, pad=0)
