@@ -113,7 +113,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
         init_report = load_pretrained(module, init.path, str(init.get("weights") or "ema"),
                                       strict=bool(init.get("strict", True)))
     if hasattr(datamodule, "check_provenance"):  # precomputed latents / text encodings
-        datamodule.check_provenance(module.autoencoder, module.conditioner)
+        datamodule.check_provenance(module.autoencoder, module.conditioner, module.task)
     accumulate = module.accumulate_grad_batches
     intervals = lightning_intervals(cfg.trainer, accumulate)  # Lightning counts batches, the config steps
     callbacks = _instantiate_all(cfg.callbacks)

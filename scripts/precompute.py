@@ -32,7 +32,7 @@ def precompute(cfg: DictConfig) -> dict:
     autoencoder, conditioner = module.autoencoder.to(device), module.conditioner.to(device)
     manifest = write_precomputed(cfg.out, datamodule, autoencoder, conditioner, splits=list(cfg.splits),
                                  batch_size=int(cfg.batch_size), dtype=str(cfg.dtype), device=device,
-                                 progress=bool(cfg.progress), limit=cfg.limit)
+                                 progress=bool(cfg.progress), limit=cfg.limit, task=module.task)
     counts = ", ".join(f"{s}: {v['count']}" for s, v in manifest["splits"].items())
     print(f"wrote {Path(cfg.out)} ({counts}; latents {manifest['splits'][next(iter(manifest['splits']))]['latent_shape']} "
           f"{manifest['dtype']}); train on it with: data=precomputed data.path={cfg.out}")

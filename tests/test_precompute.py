@@ -207,3 +207,48 @@ def test_val_size_keeps_the_first_items_with_their_captions(precomputed):
     assert len(pre.val_set) == 5
     batch = pre.val_set[[0, 4]]
     assert batch["caption"] == online.val_set[[0, 4]]["caption"] and batch["caption.context"].shape[0] == 2
+
+
+def test_an_editing_set_stores_the_source_latents_and_trains_as_online(precomputed, tmp_path):
+    """task=editing: the source images are encoded too (source_latent), so the set trains the task with the
+    losses of online encoding; a set without them, or a task that needs the images, is refused before training."""
+    cfg, datamodule, module = _parts(["data=fashion_mnist_edits", "data.val_size=8", "task=editing",
+                                      "task.image_dropout=0.5"], tmp_path)
+    out = tmp_path / "edits"
+    manifest = write_precomputed(out, datamodule, module.autoencoder, module.conditioner, dtype="float32", limit=16,
+                                 task=module.task)
+    assert manifest["image_keys"] == ["source"]
+    data = manifest["data"]
+    pre = PrecomputedDataModule(out, data["channels"], data["resolution"], data["num_classes"])
+    pre.check_provenance(module.autoencoder, module.conditioner, module.task)
+    pre.setup()
+    module.train()
+    idx = [5, 0, 11, 3]
+    a, b = datamodule.train_set[idx], pre.train_set[idx]
+    assert "source" not in b and b["source_latent"].shape == b["latent"].shape
+    for seed in range(3):
+        torch.testing.assert_close(module.loss(b, torch.Generator().manual_seed(seed)),
+                                   module.loss(a, torch.Generator().manual_seed(seed)), rtol=1e-5, atol=1e-6)
+    plain, _, _ = precomputed
+    with pytest.raises(PrecomputedMismatchError, match=r"has no latents of the task's \['source'\] images"):
+        PrecomputedDataModule(plain, 1, 32, 10).check_provenance(module.autoencoder, module.conditioner, module.task)
+    _, _, inpaint = _parts(["task=inpainting", "task.masked_image=encoded"], tmp_path)
+    with pytest.raises(ValueError, match=r"task.masked_image=encoded .* \(use task.masked_image=zeroed\)"):
+        PrecomputedDataModule(plain, 1, 32, 10).check_provenance(inpaint.autoencoder, inpaint.conditioner,
+                                                                 inpaint.task)
+
+
+def test_an_empty_split_is_written_empty_and_a_streaming_dataset_is_refused(tmp_path):
+    _, datamodule, module = _parts(["data.val_size=0"], tmp_path)
+    manifest = write_precomputed(tmp_path / "noval", datamodule, module.autoencoder, module.conditioner, limit=8)
+    assert manifest["splits"]["val"]["count"] == 0 and manifest["splits"]["val"]["latent_shape"] == [8, 8, 8]
+    pre = PrecomputedDataModule(tmp_path / "noval", channels=1, resolution=32, num_classes=10)
+    pre.setup()
+    assert len(pre.train_set) == 8 and len(pre.val_set) == 0
+
+    class Streaming:  # what a shard-streaming datamodule is to the writer: no in-memory sets
+        def setup(self):
+            pass
+
+    with pytest.raises(ValueError, match="Streaming streams its data; scripts/precompute.py encodes the in-memory"):
+        write_precomputed(tmp_path / "x", Streaming(), module.autoencoder, module.conditioner)

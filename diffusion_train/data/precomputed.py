@@ -5,7 +5,8 @@ A precomputed set is a directory::
     manifest.json             format, source data (channels, resolution, classes), provenance of the
                               autoencoder and of each text embedder, dtype, per-split counts
     <split>.safetensors       latent (N, 2C, h, w): the autoencoder's moments (KL VAEs: mean and
-                              log-variance; pixel space: the image), label (N,),
+                              log-variance; pixel space: the image), label (N,), <key>_latent (N, 2C, h, w)
+                              the moments of the task's other images (an editing source),
                               <key>.index (N,) into the distinct captions of batch key <key>, and per
                               text embedder <name>: <name>.context (U, L, D), <name>.mask (U, L),
                               <name>.vector (U, D) as its ``output`` selects
@@ -104,13 +105,17 @@ def _index_batches(n: int, batch_size: int) -> Iterable[list[int]]:
 @torch.no_grad()
 def precompute_split(dataset: Dataset, autoencoder, conditioner, batch_size: int = 256,
                      dtype: torch.dtype = torch.float16, device: str | torch.device = "cpu",
-                     progress: bool = False, limit: int | None = None) -> tuple[dict[str, Tensor], dict]:
+                     progress: bool = False, limit: int | None = None,
+                     image_keys: Iterable[str] = ()) -> tuple[dict[str, Tensor], dict]:
     """Encodes the items of ``dataset`` (indexed by lists, e.g. :class:`ImageBatches`) in order, the
-    first ``limit`` of them if given, with the autoencoder and text embedders already on ``device``.
+    first ``limit`` of them if given, with the autoencoder and text embedders already on ``device``; the
+    images under ``image_keys`` too (the task's, e.g. an editing source), as ``<key>_latent``.
 
     Returns the tensors of ``<split>.safetensors`` and the distinct captions per caption key.
     """
+    image_keys = list(image_keys)
     latents, labels, captions = [], [], {}
+    extra: dict[str, list[Tensor]] = {key: [] for key in image_keys}
     batches = _index_batches(len(dataset) if limit is None else min(int(limit), len(dataset)), batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -120,10 +125,16 @@ def precompute_split(dataset: Dataset, autoencoder, conditioner, batch_size: int
         batch = dataset[idx]
         latents.append(autoencoder.encode_moments(batch["image"].to(device)).to(dtype).cpu())
         labels.append(batch["label"].long())
+        for key in image_keys:
+            if key not in batch:
+                raise KeyError(f"the task encodes batch key {key!r}, which the dataset does not provide (it has "
+                               f"{sorted(batch)})")
+            extra[key].append(autoencoder.encode_moments(batch[key].to(device)).to(dtype).cpu())
         for key, value in batch.items():
             if isinstance(value, list) and value and isinstance(value[0], str) and key != "__key__":
                 captions.setdefault(key, []).extend(value)
-    tensors = {"latent": torch.cat(latents), "label": torch.cat(labels)}
+    tensors = {"latent": torch.cat(latents), "label": torch.cat(labels),
+               **{f"{key}_latent": torch.cat(parts) for key, parts in extra.items()}}
     distinct: dict[str, list[str]] = {}
     for key, texts in captions.items():
         table = {}
@@ -141,24 +152,42 @@ def precompute_split(dataset: Dataset, autoencoder, conditioner, batch_size: int
     return tensors, distinct
 
 
+def task_image_keys(task) -> list[str]:
+    """The batch keys of images a task encodes besides ``image`` (an editing source): stored as ``<key>_latent``."""
+    return list(getattr(task, "encoded_keys", ()))
+
+
+def check_task(task, where: str) -> None:
+    """Refuses a task that needs the images themselves in training (inpainting's ``masked_image=encoded``)."""
+    if getattr(task, "needs_images", False):
+        raise ValueError(f"{where}: task.masked_image=encoded encodes the masked images in each step, so it needs "
+                         f"the images; precomputed latents have none (use task.masked_image=zeroed)")
+
+
 def write_precomputed(out_dir: str | os.PathLike, datamodule, autoencoder, conditioner,
                       splits: Iterable[str] = ("train", "val"), batch_size: int = 256, dtype: str = "float16",
-                      device: str | torch.device = "cpu", progress: bool = False, limit: int | None = None) -> dict:
-    """Encodes the splits of ``datamodule`` (the first ``limit`` items of each, if given) into
-    ``out_dir`` and writes its manifest (last, atomically: a directory without a manifest is not a
-    precomputed set)."""
+                      device: str | torch.device = "cpu", progress: bool = False, limit: int | None = None,
+                      task=None) -> dict:
+    """Encodes the splits of ``datamodule`` (the first ``limit`` items of each, if given; an empty split is
+    written empty) into ``out_dir``, with the images ``task`` encodes, and writes its manifest (last,
+    atomically: a directory without a manifest is not a precomputed set)."""
     from diffusion_train.files import atomic_save_file
 
     trainable = [name for name, e in _text_embedders(conditioner).items() if e.trainable]
     if trainable:
         raise ValueError(f"conditioning.embedders {trainable} are trainable: their encodings change during "
                          f"training and cannot be precomputed")
+    check_task(task, "precompute")
+    image_keys = task_image_keys(task)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
     torch_dtype = resolve_dtype(dtype)
     datamodule.setup()
+    if not hasattr(datamodule, "train_set"):
+        raise ValueError(f"data: {type(datamodule).__name__} streams its data; scripts/precompute.py encodes the "
+                         f"in-memory datasets (image folders, Fashion-MNIST, ...), see docs/latent.md")
     sets = {"train": datamodule.train_set, "val": datamodule.val_set}
     was_training = conditioner.training
     conditioner.eval()
@@ -166,13 +195,16 @@ def write_precomputed(out_dir: str | os.PathLike, datamodule, autoencoder, condi
                 "data": {"target": f"{type(datamodule).__module__}.{type(datamodule).__name__}",
                          "channels": datamodule.channels, "resolution": datamodule.resolution,
                          "num_classes": datamodule.num_classes},
-                **expected_provenance(autoencoder, conditioner), "splits": {}}
+                **expected_provenance(autoencoder, conditioner), "image_keys": image_keys, "splits": {}}
     try:
         for split in splits:
             if split not in sets:
                 raise ValueError(f"unknown split {split!r}; valid: {sorted(sets)}")
-            tensors, distinct = precompute_split(sets[split], autoencoder, conditioner, batch_size, torch_dtype,
-                                                 device, progress, limit)
+            if sets[split] is None or not len(sets[split]) or limit == 0:
+                tensors, distinct = _empty_split(datamodule, autoencoder, image_keys, torch_dtype, device)
+            else:
+                tensors, distinct = precompute_split(sets[split], autoencoder, conditioner, batch_size, torch_dtype,
+                                                     device, progress, limit, image_keys)
             atomic_save_file({k: v.contiguous() for k, v in tensors.items()}, out / f"{split}.safetensors")
             (out / f"{split}.captions.json.tmp").write_text(json.dumps(distinct))
             os.replace(out / f"{split}.captions.json.tmp", out / f"{split}.captions.json")
@@ -186,6 +218,15 @@ def write_precomputed(out_dir: str | os.PathLike, datamodule, autoencoder, condi
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, out / MANIFEST)
     return manifest
+
+
+def _empty_split(datamodule, autoencoder, image_keys: list[str], dtype: torch.dtype,
+                 device) -> tuple[dict[str, Tensor], dict]:
+    """The tensors of a split without items (``val_size=0``): no rows, the latents' shape kept."""
+    image = torch.zeros(1, datamodule.channels, datamodule.resolution, datamodule.resolution, device=device)
+    none = torch.zeros(0, *autoencoder.encode_moments(image).shape[1:], dtype=dtype)
+    return {"latent": none, "label": torch.zeros(0, dtype=torch.long),
+            **{f"{key}_latent": none.clone() for key in image_keys}}, {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,8 +256,9 @@ def manifest_value(path: str, key: str) -> Any:
 
 
 class PrecomputedBatches(Dataset):
-    """``dataset[list_of_indices]`` -> a batch: latent (moments, float32), label, caption(s),
-    the stored text encodings under ``<name>.context`` / ``.mask`` / ``.vector``, and ``__key__``."""
+    """``dataset[list_of_indices]`` -> a batch: latent (moments, float32), label, caption(s), the task's
+    ``<key>_latent`` moments, the stored text encodings under ``<name>.context`` / ``.mask`` / ``.vector``,
+    and ``__key__``."""
 
     def __init__(self, tensors: dict[str, Tensor], captions: dict[str, list[str]], split: str,
                  embedder_keys: dict[str, str]):
@@ -231,6 +273,7 @@ class PrecomputedBatches(Dataset):
         t = self.tensors
         batch: dict[str, Any] = {"latent": t["latent"][idx].float(), "label": t["label"][idx],
                                  "__key__": [f"{self.split}/{i}" for i in indices]}
+        batch.update({k: v[idx].float() for k, v in t.items() if k.endswith("_latent")})
         rows = {key: t[f"{key}.index"][idx] for key in self.captions}
         for key, table in self.captions.items():
             batch[key] = [table[int(r)] for r in rows[key]]
@@ -265,8 +308,15 @@ class PrecomputedDataModule(InMemoryDataModule):
         if missing:
             raise ValueError(f"precomputed set {self.path} lacks the {missing} split(s); precompute them too")
 
-    def check_provenance(self, autoencoder, conditioner) -> None:
+    def check_provenance(self, autoencoder, conditioner, task=None) -> None:
+        """Refuses a set made with other encoders, or one that lacks what ``task`` needs."""
         check_provenance(self.manifest, self.path, autoencoder, conditioner)
+        check_task(task, f"precomputed set {self.path}")
+        missing = [k for k in task_image_keys(task) if k not in self.manifest.get("image_keys", [])]
+        if missing:
+            raise PrecomputedMismatchError(
+                f"precomputed set {self.path} has no latents of the task's {missing} images; precompute it again "
+                f"with this config's task (python scripts/precompute.py out=DIR task=...)")
 
     def make_sets(self) -> tuple[PrecomputedBatches, PrecomputedBatches]:
         from safetensors.torch import load_file
@@ -280,7 +330,7 @@ class PrecomputedDataModule(InMemoryDataModule):
             except Exception as e:  # safetensors' own error names no file
                 raise ValueError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
             if split == "val" and self.val_size is not None:  # validate on the first val_size items
-                per_item = {k for k in tensors if k in ("latent", "label") or k.endswith(".index")}
+                per_item = {k for k in tensors if k in ("latent", "label") or k.endswith((".index", "_latent"))}
                 tensors = {k: v[: self.val_size] if k in per_item else v for k, v in tensors.items()}
             captions = json.loads((self.path / f"{split}.captions.json").read_text())
             dataset = PrecomputedBatches(tensors, captions, split, keys)

@@ -19,6 +19,11 @@ class InstructionEditing:
             raise ValueError(f"task.image_dropout must be in [0, 1), got {image_dropout}")
         self.image_dropout, self.source_key = float(image_dropout), source_key
 
+    @property
+    def encoded_keys(self) -> tuple[str, ...]:
+        """Batch images the task encodes besides ``image``: precomputed sets store them as ``<key>_latent``."""
+        return (self.source_key,)
+
     def extra_channels(self, channels: int) -> int:
         """The source image's latents."""
         return channels

@@ -39,6 +39,11 @@ class Inpainting:
             raise ValueError(f"task.masked_image must be one of {', '.join(MASKED_IMAGES)}, got {masked_image!r}")
         self.masked_image = masked_image
 
+    @property
+    def needs_images(self) -> bool:
+        """Training needs the batch's images, not only their latents (precomputed sets cannot train it)."""
+        return self.masked_image == "encoded"
+
     def extra_channels(self, channels: int) -> int:
         """Input channels added to a backbone of ``channels`` latent channels: the masked latents and the mask."""
         return channels + 1
