@@ -273,6 +273,31 @@ def test_diffusers_vae_from_a_local_dir_matches_the_in_memory_model(diffusers_va
     assert DiffusersAutoencoderKL(name_or_path=str(root / "flat"), scale_factor=1.0).scale.item() == 1.0
 
 
+def test_the_recorded_sha256_is_of_the_weights_from_pretrained_reads(diffusers_vae, tmp_path):
+    """A variant (fp16) or another checkpoint beside the standard file is not what from_pretrained loads, so it
+    is not hashed; sharded weights are the shards their index names."""
+    import json
+    import shutil
+
+    from diffusion_train.conditioning.weights import hf_provenance
+
+    _, root = diffusers_vae
+    folder = tmp_path / "vae"
+    shutil.copytree(root / "flat", folder)
+    (folder / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"half")
+    (folder / "sdxl_vae.safetensors").write_bytes(b"another checkpoint")
+    assert DiffusersAutoencoderKL(name_or_path=str(folder)).provenance["sha256"] == \
+        _sha256(folder / "diffusion_pytorch_model.safetensors")
+    sharded = tmp_path / "t5"
+    sharded.mkdir()
+    for name, data in (("model-00001-of-00002.safetensors", b"one"), ("model-00002-of-00002.safetensors", b"two"),
+                       ("model.fp16-00001-of-00001.safetensors", b"half")):
+        (sharded / name).write_bytes(data)
+    index = {"weight_map": {"b": "model-00002-of-00002.safetensors", "a": "model-00001-of-00002.safetensors"}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert hf_provenance(str(sharded))["sha256"] == hashlib.sha256(b"onetwo").hexdigest()
+
+
 def test_diffusers_vae_missing_dir_or_unknown_hub_name_is_a_clear_error(tmp_path):
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
     with pytest.raises(FileNotFoundError, match="save_pretrained") as e:

@@ -10,6 +10,7 @@ records instead which weights it used (``provenance``, saved as extra state by i
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import warnings
 from pathlib import Path
@@ -65,9 +66,26 @@ def sha256_files(paths: Sequence[str | os.PathLike]) -> str:
     return _SHA_CACHE[key]
 
 
+# What transformers' and diffusers' from_pretrained read (no variant), in their order of preference.
+_HF_WEIGHTS = ("model.safetensors", "diffusion_pytorch_model.safetensors", "pytorch_model.bin",
+               "diffusion_pytorch_model.bin")
+
+
 def hf_weight_files(directory: Path) -> list[Path]:
-    """The weight files ``from_pretrained`` would read from a ``save_pretrained`` directory."""
-    for pattern in ("model*.safetensors", "pytorch_model*.bin", "*.safetensors", "*.bin", "*.pt", "*.pth"):
+    """The weight files ``from_pretrained`` would read from a ``save_pretrained`` directory: the standard file or
+    the shards its ``.index.json`` names, not a variant beside it (``*.fp16.safetensors``) or another checkpoint
+    in the folder (``sdxl_vae.safetensors``); for other layouts, every weights file of the first kind found."""
+    for name in _HF_WEIGHTS:
+        index = directory / f"{name}.index.json"
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, AttributeError) as e:
+                raise ValueError(f"{index}: not a weights index ({type(e).__name__}: {e})") from None
+            return [directory / shard for shard in shards]
+        if (directory / name).is_file():
+            return [directory / name]
+    for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth"):
         files = sorted(p for p in directory.glob(pattern) if p.is_file())
         if files:
             return files
