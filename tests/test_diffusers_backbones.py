@@ -83,6 +83,15 @@ def test_diffusers_unet_config_mismatches_are_named(tiny_cfg, tmp_path):
         build_module(tiny_cfg(*fmnist, "conditioning=text_minilm", "conditioning.embedders.caption.output=context"))
     with pytest.raises(InstantiationException, match="takes 1 input channels, the data, autoencoder and task give 3"):
         build_module(tiny_cfg(*fmnist, "conditioning=t5_tiny", "task=inpainting"))
+    # cond.vector goes in as class_labels: a class embedding of ids, or of another width, is refused when built
+    for extra, message in (({"num_class_embeds": 10}, r"\(num_class_embeds=10\) takes class ids or timesteps"),
+                           ({"class_embed_type": "timestep"}, r"\(class_embed_type=timestep\) takes class ids"),
+                           ({"class_embed_type": "projection", "projection_class_embeddings_input_dim": 32},
+                            "takes a 32-wide vector, the conditioner gives 64")):
+        UNet2DConditionModel(**TINY_UNET, **extra).save_pretrained(tmp_path / "classy")
+        with pytest.raises(InstantiationException, match=message):
+            build_module(tiny_cfg("model=diffusers_unet", f"model.name_or_path={tmp_path / 'classy'}",
+                                  "data=fashion_mnist", "conditioning=class", "conditioning.embedders.label.dim=64"))
 
 
 def test_a_diffusers_pixart_transformer_learns_here(tiny_cfg, tmp_path):

@@ -76,6 +76,8 @@ class DiffusersUNet(nn.Module):
         if cond_dim and not self.uses_vector:
             raise ValueError(f"{where}: the U-Net has no class embedding for the conditioner's {cond_dim}-wide vector "
                              f"(text-only conditioning: conditioning.embedders.<name>.output=context)")
+        if self.uses_vector:
+            _check_class_embedding(unet, cond_dim, where)
 
     def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None, residuals: list[Tensor] | None = None) -> Tensor:
         """``residuals``: a ControlNet's additions to each down-block output, then to the middle block's."""
@@ -86,6 +88,24 @@ class DiffusersUNet(nn.Module):
                                                 "mid_block_additional_residual": residuals[-1]}
         return self.unet(x, t, encoder_hidden_states=context, class_labels=labels, encoder_attention_mask=mask,
                          return_dict=False, **control)[0]
+
+
+def _check_class_embedding(unet, cond_dim: int, where) -> None:
+    """``cond.vector`` goes in as ``class_labels``: only a class embedding that takes a float vector of its width
+    can use it (projection, simple_projection: ``projection_class_embeddings_input_dim``; identity: the time
+    embedding's width); one of class ids (``num_class_embeds``) or of timesteps cannot."""
+    kind = unet.class_embed_type
+    time_width = unet.time_embedding_dim or 4 * unet.block_out_channels[0]
+    takes = {"projection": unet.projection_class_embeddings_input_dim,
+             "simple_projection": unet.projection_class_embeddings_input_dim, "identity": time_width}.get(kind)
+    if takes is None:
+        setting = f"class_embed_type={kind}" if kind else f"num_class_embeds={unet.num_class_embeds}"
+        raise ValueError(f"{where}: the U-Net's class embedding ({setting}) takes class ids or timesteps; the "
+                         f"conditioner gives a float vector, which only class_embed_type projection, "
+                         f"simple_projection or identity takes")
+    if cond_dim != takes:
+        raise ValueError(f"{where}: the U-Net's class embedding ({kind}) takes a {takes}-wide vector, the conditioner "
+                         f"gives {cond_dim or 'none'}")
 
 
 class DiffusersPixArt(nn.Module):
