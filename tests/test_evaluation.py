@@ -330,3 +330,17 @@ def test_a_missing_extractor_file_is_named_by_the_option_that_sets_it(tmp_path):
                                              "extractor=fmnist_net", f"reference={tmp_path / 'ref.safetensors'}"])
     with pytest.raises(ValueError, match=r"^extractor fmnist_net needs extractor_weights=PATH \(a file written by"):
         evaluate(cfg)
+
+
+def test_an_inception_download_that_fails_names_the_option_for_the_file(tmp_path, monkeypatch):
+    import torch
+
+    from diffusion_train.metrics.fid import build_extractor
+
+    def offline(url, dst, *args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(OSError, match=r"could not download the Inception-v3 .* give its path with extractor_weights=PATH$"):
+        build_extractor("inception", None, option="extractor_weights")

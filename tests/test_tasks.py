@@ -229,6 +229,8 @@ def test_edit_runs_with_both_scales(tiny_cfg):
     a = module.edit(sources, {"label": torch.tensor([0, 1])}, instantiate(cfg.sampler), text_scale=3.0, image_scale=1.5)
     b = module.edit(sources, {"label": torch.tensor([0, 1])}, instantiate(cfg.sampler), text_scale=3.0, image_scale=1.0)
     assert a.shape == sources.shape and a.abs().max() <= 1 and not torch.equal(a, b)
+    c = module.edit(sources, {"label": torch.tensor([0, 1])}, instantiate(cfg.sampler), text_scale=1.0, image_scale=0.0)
+    assert c.shape == sources.shape  # image scale 0 with no text guidance: a point of a scale sweep, not a crash
     with pytest.raises(ValueError, match="task=editing"):
         module_of(tiny_cfg).edit(sources, {"label": torch.tensor([0, 1])}, instantiate(cfg.sampler))
 

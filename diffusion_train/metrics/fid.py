@@ -270,6 +270,10 @@ def build_extractor(name: str, weights: str | os.PathLike | None = None, option:
         raise ValueError(f"extractor {name} needs {option}=PATH ({NEEDS_WEIGHTS[name]})")
     try:
         return EXTRACTORS[name](str(weights) if weights else None)
+    except OSError as e:
+        if weights or isinstance(e, ModuleNotFoundError):
+            raise
+        raise OSError(f"{e} with {option}=PATH") from None  # the default file could not be fetched
     except ModuleNotFoundError as e:
         raise ValueError(f"feature extractor {name!r} is not available ({e}); the evaluation extra "
                          f"(pip install diffusion_train[eval]) provides torchmetrics and torch-fidelity") from None

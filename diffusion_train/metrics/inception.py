@@ -67,7 +67,7 @@ def download_weights() -> Path:
         except Exception as e:  # noqa: BLE001 - any network failure: point to the offline setting
             raise OSError(f"could not download the Inception-v3 FID weights from {URL_INCEPTION_V3} "
                           f"({type(e).__name__}: {one_line(e)}); on machines without internet copy the file "
-                          f"and give its path (weights_path)") from None
+                          f"and give its path") from None
     return path
 
 

@@ -53,7 +53,8 @@ class Generation:
                 image = self._null_image(torch.zeros_like(noise, device=self.device))
             with self.conditioner.uncounted():  # prompts are not training data
                 cond = self.conditioner(cond_inputs)
-                uncond = self.conditioner.uncond(noise.shape[0]) if guidance_scale != 1.0 or image_guidance else None
+                uncond = (self.conditioner.uncond(noise.shape[0])
+                          if guidance_scale != 1.0 or image_guidance is not None else None)
             if image is not None:
                 image = image.to(self.device)
                 cond = replace(cond, image=image)
