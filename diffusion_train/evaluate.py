@@ -9,6 +9,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_train.cli import check_numbers
+from diffusion_train.files import write_json
 from diffusion_train.metrics.fid import build_extractor, check_reference_resolution, load_reference
 from diffusion_train.metrics.generated import evaluate_generated
 from diffusion_train.sample import SAMPLING_NUMBERS, load_for_sampling, sampling_autocast
@@ -43,7 +44,7 @@ def evaluate(cfg: DictConfig) -> dict:
     settings = OmegaConf.to_container(cfg, resolve=True)
     record = {"metrics": metrics, "reference": reference, "extractor": extractor.provenance, "settings": settings,
               **({"clip": clip.provenance} if clip is not None else {})}
-    (out / "metrics.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    write_json(out / "metrics.json", record)
     print(json.dumps(metrics))
     return metrics
 

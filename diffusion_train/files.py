@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -33,6 +35,24 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     finally:
         os.close(dir_fd)
     return path
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float (a diverged model's FID) as None, so that the JSON written is strict:
+    Python's ``json`` writes ``NaN``, which ``jq`` and most readers refuse."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def write_json(path: str | os.PathLike, value: Any, indent: int | None = 2) -> Path:
+    """``value`` as strict JSON (non-finite floats as null, other objects by ``str``) through :func:`atomic_write`."""
+    text = json.dumps(strict_json(value), indent=indent, allow_nan=False, default=str) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:

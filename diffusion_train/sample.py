@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import hydra
@@ -12,6 +11,7 @@ from omegaconf import DictConfig
 
 from diffusion_train.cli import check_numbers
 from diffusion_train.diffusion import Sampler
+from diffusion_train.files import write_json
 from diffusion_train.train import user_errors_as_one_line
 from diffusion_train.finetune.lora import apply_lora_file
 from diffusion_train.training.build import load_module
@@ -97,7 +97,7 @@ def generate(cfg: DictConfig) -> list[Path]:
             **guidance,
             "sampler": {"solver": sampler.solver.func.__name__, "steps": sampler.steps, "spacing": sampler.spacing},
             **{k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}}
-    (out / "samples.json").write_text(json.dumps(meta, indent=2))
+    write_json(out / "samples.json", meta)
     return paths
 
 

@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffusion_train.cli import UsageError, parse_key_values, run_main  # noqa: E402
+from diffusion_train.files import write_json  # noqa: E402
 
 OPTIONS = {"ckpt": str, "out": str, "num": int, "weights": str, "steps": int, "guidance": float, "scale": float,
            "seed": int, "device": str}
@@ -75,7 +76,7 @@ def control(opts: dict) -> dict:
     shown = controls.expand(-1, images.shape[1], -1, -1) if controls.shape[1] == 1 else controls
     out = Path(opts["out"])
     save_grid(torch.cat([images, shown, rows["without_control"], rows["with_control"]]), out / "grid.png", ncol=n)
-    (out / "control.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out / "control.json", report)
     print(json.dumps(report, indent=2))
     return report
 

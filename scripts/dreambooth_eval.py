@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffusion_train.cli import UsageError, parse_key_values, run_main  # noqa: E402
+from diffusion_train.files import write_json  # noqa: E402
 
 OPTIONS = {"ckpt": str, "out": str, "instance_dir": str, "instance_prompt": str, "classifier": str, "num": int,
            "per_class": int, "template": str, "weights": str, "steps": int, "guidance": float, "seed": int,
@@ -74,7 +75,7 @@ def evaluate(opts: dict) -> dict:
     width = max(len(subject), len(drawn), len(firsts))
     pad = lambda x: torch.cat([x, -torch.ones(width - len(x), *x.shape[1:], device=x.device)])  # noqa: E731
     save_grid(torch.cat([pad(subject), pad(drawn), pad(firsts)]), out / "grid.png", ncol=width)
-    (out / "dreambooth.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out / "dreambooth.json", report)
     print(json.dumps(report, indent=2))
     return report
 

@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffusion_train.cli import UsageError, parse_key_values, run_main  # noqa: E402
+from diffusion_train.files import write_json  # noqa: E402
 
 OPTIONS = {"ckpt": str, "out": str, "num": int, "masks": str, "weights": str, "steps": int, "guidance": float,
            "seed": int, "device": str}
@@ -67,7 +68,7 @@ def inpaint(opts: dict) -> dict:
         rows += [torch.where(known, images, torch.zeros_like(images)), out]
     out_dir = Path(opts["out"])
     save_grid(torch.cat(rows), out_dir / "grid.png", ncol=len(images))
-    (out_dir / "inpaint.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out_dir / "inpaint.json", report)
     print(json.dumps(report, indent=2))
     return report
 

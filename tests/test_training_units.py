@@ -374,3 +374,26 @@ def test_fused_optimizer_clips_inside_its_kernel_as_clip_grad_norm_does(grad_cli
     assert int(state.nonfinite_steps) == 1 and int(state.nonfinite_streak) == 0
     finite = [float(n) for n in norms if torch.isfinite(n)]  # "clipping" clipped every step, "under_the_limit" none
     assert len(finite) == 3 and 0.05 < min(finite) and max(finite) < 1e3
+
+
+def test_json_outputs_are_strict_and_written_whole(tmp_path, monkeypatch):
+    """A diverged model's NaN FID is written as null (json.dumps would write NaN, which strict readers refuse);
+    a failure while writing leaves the previous file, not a truncated one."""
+    import json
+    from pathlib import Path
+
+    from diffusion_train.files import write_json
+
+    path = write_json(tmp_path / "metrics.json", {"fid": math.nan, "ok": 1.5, "rows": [math.inf, 2], "p": Path("x")})
+    text = path.read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict {c}")) == \
+        {"fid": None, "ok": 1.5, "rows": [None, 2], "p": "x"}
+
+    def broken(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_text", broken)
+    with pytest.raises(OSError, match="disk full"):
+        write_json(path, {"fid": 3.0})
+    monkeypatch.undo()
+    assert path.read_text() == text and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
