@@ -207,8 +207,10 @@ def save_and_export(trainer: L.Trainer, run_dir: Path, config: dict, lora_scale:
         close_process_groups(trainer)  # the last collective: a failing export below leaves no rank waiting
         if trainer.global_rank == 0:
             state = load_checkpoint(last)
+            trained = [n for n, p in trainer.lightning_module.named_parameters() if p.requires_grad]
             export_weights(state["state_dict"], state.get("ema"), run_dir / "weights",
-                           {"global_step": trainer.global_step, "config": config}, lora_scaling=lora_scale)
+                           {"global_step": trainer.global_step, "config": config}, lora_scaling=lora_scale,
+                           trained=trained)
 
 
 def close_process_groups(trainer: L.Trainer) -> None:

@@ -94,6 +94,9 @@ def test_sobel_edges_and_control_sources():
         ControlSource()({"latent": image})
     with pytest.raises(ValueError, match="finetune.detector"):
         ControlSource(detector="canny")
+    with pytest.raises(ValueError, match="finetune.control_channels=3, but finetune.detector=sobel makes 1-channel"):
+        ControlSource(channels=3)  # refused when built, not at the first step with a convolution's shape error
+    assert ControlSource(key="depth", channels=3).key == "depth"
 
 
 def test_controlnet_run_and_its_grid_script(tiny_cfg, tmp_path):

@@ -146,3 +146,38 @@ def test_lora_fine_tune_trains_only_the_adapters(tiny_cfg, tmp_path):
         assert not torch.allclose(half.backbone(x, t, cond), adapted)
     with pytest.raises(ValueError, match="not a LoRA export"):
         apply_lora_file(base_model, ft / "weights" / "raw.safetensors")
+
+
+def test_a_lora_fine_tune_of_a_task_trains_its_input_channels_and_exports_what_it_trained(tiny_cfg, tmp_path):
+    """LoRA with task=inpainting from a plain model: the input convolution's new channels start at zero, so it
+    trains beside the adapters (frozen, the model could never see the mask). lora.safetensors holds it and the
+    conditioner trained with train_conditioner, so applying the file to the base model gives the fine-tuned one."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    from diffusion_train.finetune.lora import apply_lora_file
+    from diffusion_train.training.build import load_module
+
+    base = tmp_path / "base"
+    train(tiny_cfg(*DIT, run_dir=base), base)
+    ft = tmp_path / "lora"
+    train(tiny_cfg(*DIT, *LORA, "task=inpainting", "finetune.train_conditioner=true", f"init.path={base}",
+                   "optim.lr=1e-2", run_dir=ft), ft)
+    lora = load_file(str(ft / "weights" / "lora.safetensors"))
+    assert lora["backbone.x_embedder.weight"][:, 3:].abs().sum() > 0  # the mask and known-image channels learned
+    assert any(k.startswith("conditioner.") for k in lora) and not any(".base_layer." in k for k in lora)
+    assert "backbone.x_embedder.weight" in load_file(str(ft / "weights" / "lora_ema_0.9999.safetensors"))
+
+    fine_tuned = load_module(ft / "checkpoints" / "last.ckpt", weights="raw")
+    start = module_of(tiny_cfg, "task=inpainting")
+    load_pretrained(start, base / "weights" / f"{json.loads((ft / 'run.json').read_text())['init']['weights']}"
+                                              ".safetensors")
+    changed = apply_lora_file(start, ft / "weights" / "lora.safetensors", 1.0)
+    assert "backbone.x_embedder.weight" in changed
+    g = torch.Generator().manual_seed(2)
+    x, t, image = torch.randn(2, 3, 16, 16, generator=g), torch.rand(2, generator=g) * 1000, torch.randn(2, 4, 16, 16)
+    with torch.no_grad():
+        outs = [m.backbone.eval()(x, t, replace(m.conditioner({"label": torch.tensor([0, 3])}), image=image))
+                for m in (start, fine_tuned)]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)

@@ -191,12 +191,15 @@ class Controlled:
 class ControlSource:
     """The control image of a batch: its ``key`` (an image in [-1, 1]), or the ``detector``'s map of its images."""
 
-    DETECTORS = ("sobel",)
+    DETECTORS = {"sobel": 1}  # detector -> the channels of its maps
 
-    def __init__(self, key: str | None = None, detector: str | None = "sobel"):
+    def __init__(self, key: str | None = None, detector: str | None = "sobel", channels: int | None = None):
         if key is None and detector not in self.DETECTORS:
             raise ValueError(f"finetune.detector: give one of {', '.join(self.DETECTORS)} or a finetune.control_key, "
                              f"got {detector!r}")
+        if key is None and channels is not None and channels != self.DETECTORS[detector]:
+            raise ValueError(f"finetune.control_channels={channels}, but finetune.detector={detector} makes "
+                             f"{self.DETECTORS[detector]}-channel maps")
         self.key, self.detector = key, detector
 
     def __call__(self, batch: dict) -> Tensor:

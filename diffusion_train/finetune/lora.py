@@ -65,6 +65,15 @@ def apply_lora(backbone: nn.Module, *, rank: int = 16, alpha: float = 16.0, drop
     return targets
 
 
+def input_layer(backbone: nn.Module) -> tuple[str, nn.Module]:
+    """The backbone's input convolution (the first taking its ``in_channels``): a task's extra input channels
+    (inpainting's mask, an editing source) enter there."""
+    for name, m in backbone.named_modules():
+        if isinstance(m, nn.Conv2d) and m.in_channels == getattr(backbone, "in_channels", None):
+            return name, m
+    raise ValueError(f"{type(backbone).__name__} has no input convolution taking its {backbone.in_channels} channels")
+
+
 def lora_layers(module: nn.Module) -> list[nn.Module]:
     from peft.tuners.lora import LoraLayer
 
@@ -87,9 +96,10 @@ def has_lora(state: dict[str, Tensor]) -> bool:
     return any(LORA_KEY.search(k) for k in state)
 
 
-def lora_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The adapter tensors of a state dict (what a LoRA fine-tune trains)."""
-    return {k: v for k, v in state.items() if LORA_KEY.search(k)}
+def lora_state(state: dict[str, Tensor], trained: Sequence[str] = ()) -> dict[str, Tensor]:
+    """What a LoRA fine-tune trains: the adapter tensors of a state dict, and the ``trained`` tensors besides them
+    (a task's input convolution, a conditioner trained with ``train_conditioner``)."""
+    return {k: v for k, v in state.items() if LORA_KEY.search(k) or k in trained}
 
 
 def merged_state(state: dict[str, Tensor], scaling: float) -> dict[str, Tensor]:
@@ -118,7 +128,9 @@ def plain_key(key: str) -> str:
 def apply_lora_file(module: nn.Module, path: str, scale: float = 1.0) -> list[str]:
     """Adds the adapters of an exported ``lora*.safetensors`` file (a ``finetune=lora`` run's, on the same base
     model) to ``module``'s plain weights in place: ``W += scale * (alpha / rank) * B @ A``, alpha and rank read
-    from the file's run config. Needs no peft; returns the layers changed. ``scale`` 0 leaves the model as it was.
+    from the file's run config; the other tensors the run trained (a task's input convolution, a trained
+    conditioner) are moved ``scale`` of the way to the file's. Needs no peft; returns the layers and tensors
+    changed. ``scale`` 0 leaves the model as it was, 1 gives the fine-tuned model.
     """
     import json
 
@@ -144,4 +156,12 @@ def apply_lora_file(module: nn.Module, path: str, scale: float = 1.0) -> list[st
                              f"{(b.shape[0], a.shape[1])}")
         with torch.no_grad():
             weight.add_((b.double() @ a.double() * scaling).to(weight))
-    return layers
+    trained = sorted(k for k in tensors if not LORA_KEY.search(k))
+    for key in trained:
+        if key not in params or params[key].shape != tensors[key].shape:
+            have = "no such tensor" if key not in params else f"{tuple(params[key].shape)}"
+            raise ValueError(f"lora={path}: {key} is {tuple(tensors[key].shape)} in the file, the model has {have}: "
+                             f"a fine-tune of another base model")
+        with torch.no_grad():
+            params[key].lerp_(tensors[key].to(params[key]), float(scale))
+    return layers + trained

@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion_train.conditioning.autoencoder import Autoencoder
 from diffusion_train.finetune.controlnet import ControlSource, make_controlnet
-from diffusion_train.finetune.lora import apply_lora
+from diffusion_train.finetune.lora import apply_lora, input_layer
 from diffusion_train.training.checkpointing import load_checkpoint
 from diffusion_train.training.ema import checkpoint_average
 from diffusion_train.training.module import DiffusionModule
@@ -36,12 +36,14 @@ def build_module(cfg: DictConfig, accelerator: str | None = None) -> DiffusionMo
     if method == "lora":
         apply_lora(backbone, rank=int(finetune.rank), alpha=float(finetune.alpha), dropout=float(finetune.dropout),
                    target_modules=OmegaConf.to_object(finetune.target_modules))
+        if task is not None:  # the task's new input channels (at zero from a plain model) must learn
+            input_layer(backbone)[1].requires_grad_(True)
         if not finetune.get("train_conditioner", False):
             conditioner.requires_grad_(False)
     elif method == "controlnet":
         controlnet = make_controlnet(backbone, int(finetune.control_channels), int(cfg.data.resolution),
                                      finetune.get("depth"))
-        control = ControlSource(finetune.get("control_key"), finetune.get("detector"))
+        control = ControlSource(finetune.get("control_key"), finetune.get("detector"), int(finetune.control_channels))
         backbone.requires_grad_(False)
         if not finetune.get("train_conditioner", False):
             conditioner.requires_grad_(False)

@@ -12,14 +12,15 @@ from diffusion_train.finetune.lora import has_lora, lora_state, merged_state
 
 
 def export_weights(state_dict: dict, ema: dict | None, out_dir: str | Path, metadata: dict | None = None,
-                   lora_scaling: float | None = None) -> list[Path]:
+                   lora_scaling: float | None = None, trained: list[str] | tuple[str, ...] = ()) -> list[Path]:
     """Writes ``raw.safetensors`` (the module's state dict, as a checkpoint's ``state_dict`` holds it) and
     ``ema_<decay>.safetensors`` (the same with each EMA average, ``checkpoint["ema"]``, in place of the
     trained parameters). Exported from the checkpoint, so a sharded model (FSDP) exports whole.
 
     A LoRA fine-tune (``lora_scaling`` = alpha / rank) writes those with the adapters merged into plain keys
-    (they load into the model without peft), and its adapters alone as ``lora.safetensors`` and
-    ``lora_ema_<decay>.safetensors``."""
+    (they load into the model without peft), and what it trained alone as ``lora.safetensors`` and
+    ``lora_ema_<decay>.safetensors``: the adapters and the ``trained`` tensors besides them (a task's input
+    convolution, a conditioner trained with them)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     extra = {k: v for k, v in state_dict.items() if not isinstance(v, torch.Tensor)}  # e.g. text-encoder provenance
@@ -32,7 +33,7 @@ def export_weights(state_dict: dict, ema: dict | None, out_dir: str | Path, meta
     written = []
     for name, state in states.items():
         if lora_scaling is not None and has_lora(state):
-            written.append(_save(lora_state(state), out_dir / ("lora.safetensors" if name == "raw" else
+            written.append(_save(lora_state(state, trained), out_dir / ("lora.safetensors" if name == "raw" else
                                                                f"lora_{name}.safetensors"), meta))
             state = merged_state(state, lora_scaling)
         written.append(_save(state, out_dir / f"{name}.safetensors", meta))
