@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion_train.cli import check_numbers
 from diffusion_train.files import write_json
-from diffusion_train.metrics.fid import build_extractor, check_reference_resolution, load_reference
+from diffusion_train.metrics.fid import build_extractor, check_reference_images, load_reference
 from diffusion_train.metrics.generated import evaluate_generated
 from diffusion_train.sample import SAMPLING_NUMBERS, load_for_sampling, sampling_autocast
 from diffusion_train.train import user_errors_as_one_line
@@ -31,7 +31,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
         clip = CLIPScore(**OmegaConf.to_container(cfg.clip, resolve=True))
     device, module, sampler, guidance = load_for_sampling(cfg)
-    check_reference_resolution(cfg.reference, reference, module.image_size)
+    check_reference_images(cfg.reference, reference, module.image_size, module.data_resize)
     with sampling_autocast(device):
         metrics, images = evaluate_generated(
             module, extractor, sampler, int(cfg.num_samples), (mu.to(device), sigma.to(device)),

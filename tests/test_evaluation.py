@@ -141,23 +141,27 @@ def test_a_reference_of_another_extractor_is_refused_before_training(extractor_f
     assert not (run / "checkpoints").exists()
 
 
-def test_a_reference_of_another_resolution_is_refused_before_training(extractor_files, tmp_path):
-    """The model makes 32x32 samples; a reference recorded as made from 64x64 images is refused, one of 32x32
-    (or one that records no resolution) is taken."""
+def test_a_reference_of_another_resolution_or_resize_is_refused_before_training(extractor_files, tmp_path):
+    """The model makes 32x32 samples of Fashion-MNIST padded from 28 (data.resize=pad); a reference recorded as
+    made from 64x64 images, or from images enlarged to 32 (resize=resize), is refused; one of 32x32 padded (or one
+    that records neither) is taken."""
     weights, _ = extractor_files
     net = FMNISTNet.load(weights)
     stats = FeatureStats(net.feature_dim).update(net(torch.rand(8, 1, 32, 32) * 2 - 1))
     run = tmp_path / "run"
-    for resolution in (64, 32):
-        reference = save_reference(tmp_path / f"ref{resolution}.safetensors", stats,
-                                   {"dataset": "random", "split": "train", "resolution": resolution,
+    refused = {(64, "pad"): r"computed from 64x64 images but the model makes 32x32 samples: compute a reference at "
+                            r"resolution=32",
+               (32, "resize"): r"brought to size with resize=resize, the model learned images made with "
+                               r"data.resize=pad: compute a reference with resize=pad"}
+    for resolution, resize in (*refused, (32, "pad")):
+        reference = save_reference(tmp_path / f"ref{resolution}{resize}.safetensors", stats,
+                                   {"dataset": "random", "split": "train", "resolution": resolution, "resize": resize,
                                     "extractor": net.provenance})
         cfg = compose_train(FMNIST + ["+callbacks/fid=fmnist_net", f"callbacks.fid.weights={weights}",
                                       f"callbacks.fid.reference={reference}", "trainer.max_steps=1",
                                       "callbacks.fid.every_n_steps=100", "callbacks.fid.num_samples=2"], run)
-        if resolution == 64:
-            with pytest.raises(ReferenceMismatchError, match=r"computed from 64x64 images but the model makes "
-                                                             r"32x32 samples: compute a reference at resolution=32"):
+        if (resolution, resize) in refused:
+            with pytest.raises(ReferenceMismatchError, match=refused[resolution, resize]):
                 train(cfg, run)
             assert not (run / "checkpoints").exists()
         else:

@@ -152,14 +152,23 @@ class ReferenceMismatchError(ValueError):
     """Reference statistics were computed with another feature extractor, or from images of another size."""
 
 
-def check_reference_resolution(path: str | os.PathLike, provenance: Mapping[str, Any], size: int) -> None:
+def check_reference_images(path: str | os.PathLike, provenance: Mapping[str, Any], size: int,
+                           resize: str | None = None) -> None:
     """Refuses a reference computed from images of another resolution than the ``size`` x ``size`` samples it is
-    to be compared with (references record theirs; one that does not is taken as it is)."""
+    to be compared with, or brought to size another way (``resize``: the training data's ``data.resize``, e.g.
+    Fashion-MNIST padded to 32 against a reference enlarged to 32). References record both; what one does not
+    record, or a run without ``data.resize``, is taken as it is."""
     made = provenance.get("resolution")
     if made is not None and int(made) != int(size):
         raise ReferenceMismatchError(
             f"reference statistics {path} were computed from {made}x{made} images but the model makes {size}x{size} "
             f"samples: compute a reference at resolution={size} (scripts/fid_reference.py)")
+    made = provenance.get("resize")
+    if made is not None and resize is not None and str(made) != str(resize):
+        raise ReferenceMismatchError(
+            f"reference statistics {path} were computed from images brought to size with resize={made}, the model "
+            f"learned images made with data.resize={resize}: compute a reference with resize={resize} "
+            f"(scripts/fid_reference.py)")
 
 
 def _json_normal(value: Any) -> Any:

@@ -59,9 +59,11 @@ def build_module(cfg: DictConfig, accelerator: str | None = None) -> DiffusionMo
     on_gpu = resolve_accelerator(accelerator) in ("gpu", "cuda")
     training["compile"] = resolve_compile(training.get("compile"), backbone, on_gpu)
     training["channels_last"] = resolve_channels_last(training.get("channels_last"), backbone, on_gpu)
-    return DiffusionModule(backbone, conditioner, objective, autoencoder=autoencoder, optimizer=instantiate(cfg.optim, _convert_="all"),
-                           lr_schedule=schedule, seed=cfg.seed, task=task, controlnet=controlnet, control=control,
-                           **training)
+    module = DiffusionModule(backbone, conditioner, objective, autoencoder=autoencoder,
+                             optimizer=instantiate(cfg.optim, _convert_="all"), lr_schedule=schedule, seed=cfg.seed,
+                             task=task, controlnet=controlnet, control=control, **training)
+    module.data_resize = (cfg.get("data") or {}).get("resize")
+    return module
 
 
 def lora_scaling(cfg: DictConfig | dict) -> float | None:

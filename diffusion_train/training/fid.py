@@ -9,7 +9,7 @@ import lightning as L
 import torch
 
 from diffusion_train.diffusion import Sampler
-from diffusion_train.metrics.fid import build_extractor, check_reference_resolution, load_reference
+from diffusion_train.metrics.fid import build_extractor, check_reference_images, load_reference
 from diffusion_train.metrics.generated import evaluate_generated
 from diffusion_train.training.ema import sampling_weights
 from diffusion_train.training.periodic import PeriodicEvaluation
@@ -58,7 +58,7 @@ class FrechetDistance(PeriodicEvaluation):
         if self.extractor is None:  # a missing file, another extractor's reference
             self.extractor = build_extractor(self.extractor_name, self.weights, option="callbacks.fid.weights")
             mu, sigma, provenance = load_reference(self.reference_path, self.extractor.provenance)
-            check_reference_resolution(self.reference_path, provenance, pl_module.image_size)
+            check_reference_images(self.reference_path, provenance, pl_module.image_size, pl_module.data_resize)
             self.reference = (mu, sigma)
             if self.clip_settings:
                 from diffusion_train.metrics.clip_score import CLIPScore

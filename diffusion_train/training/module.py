@@ -51,6 +51,8 @@ class DiffusionModule(Generation, L.LightningModule):
     exactly as W*A micro-batches in a row on one device (up to float summation order).
     """
 
+    data_resize: str | None = None  # how the training images were brought to size (data.resize): FID references
+
     def __init__(self, backbone: nn.Module, conditioner: Conditioner, objective: GaussianDiffusion,
                  optimizer: Callable[..., torch.optim.Optimizer],
                  lr_schedule: Callable[[torch.optim.Optimizer], Any] | None = None, *,
