@@ -49,6 +49,26 @@ def test_metrics_are_logged_by_optimizer_step_across_a_resume(accumulate, tiny_c
     assert [int(r["step"]) for r in rows if r.get("val/loss")] == [2, 4, 6, 8]
 
 
+@pytest.mark.parametrize("second", [["training.accumulate_grad_batches=2"], []],
+                         ids=["another_split", "extending_a_finished_run"])
+def test_intervals_stay_on_the_configured_steps_after_a_resume_on_other_terms(second, tiny_cfg, tmp_path):
+    """A run resumed with the same global batch in more micro-batches, or extended past its finished end: Lightning
+    counts batches, so its counters from the checkpoint must become this run's batches by the same step, or
+    validation and logging leave the configured steps (they fell on 4, 5, 8, 11 or 7, 9, 11)."""
+    import csv
+
+    common = ["scale.global_batch=16", "trainer.val_check_interval=3", "trainer.log_every_n_steps=2",
+              "callbacks.checkpoint.every_n_train_steps=4"]
+    run = tmp_path / "run"
+    first = 4 if second else 6  # the split changes at step 4; the finished run ends on a validation
+    train(tiny_cfg(*common, f"trainer.max_steps={first}", run_dir=run), run)
+    train(tiny_cfg(*common, *second, "trainer.max_steps=12", run_dir=run), run)
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [int(r["step"]) for r in rows if r.get("val/loss") and int(r["step"]) > first] == [6, 9, 12][first // 6:]
+    assert [int(r["step"]) for r in rows if r.get("train/loss")] == [2, 4, 6, 8, 10, 12]
+    assert all(float(r["perf/images_seen"]) == 16 * int(r["step"]) for r in rows if r.get("train/loss"))
+
+
 @pytest.mark.parametrize("model", ["unet_tiny", "dit_tiny", "unet_tiny model.dropout=0.1"])
 def test_resume_is_exact(model, tiny_cfg, tmp_path):
     """N steps + resume + N steps == 2N steps straight: weights, EMA, optimizer, schedule, step; with dropout too

@@ -35,6 +35,29 @@ class NonFiniteLossError(RuntimeError):
     """Raised after too many consecutive optimizer steps with a non-finite loss or gradient."""
 
 
+def recount_batches(checkpoint: dict, accumulate: int) -> None:
+    """Lightning counts batches, the config optimizer steps (its intervals are multiplied by the accumulation). A run
+    resumed with another split into accumulated micro-batches (the same global batch) has the checkpoint's batch
+    counters moved, in place, to what this split counts by the same step, so validation and logging stay on the
+    configured steps. The checkpoint's split: its global batch over its per-device batch and world size."""
+    meta = checkpoint.get("diffusion_train") or {}
+    try:
+        made = int(meta["global_batch"]) // (int(meta["per_device_batch"]) * int(meta["world_size"]))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return
+    shift = int(checkpoint.get("global_step", 0)) * (int(accumulate) - made)
+    fit_loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    if not shift or not fit_loop:
+        return
+    progress = fit_loop.get("epoch_loop.batch_progress") or {}
+    for part in ("total", "current"):
+        for key, value in (progress.get(part) or {}).items():
+            progress[part][key] = value + shift
+    state = fit_loop.get("epoch_loop.state_dict") or {}
+    if "_batches_that_stepped" in state:
+        state["_batches_that_stepped"] += shift
+
+
 class DiffusionModule(Generation, L.LightningModule):
     """Trains ``backbone`` with ``objective`` on batches conditioned by ``conditioner``, in the latent
     space of the frozen ``autoencoder`` (identity: pixel space).
@@ -288,6 +311,13 @@ class DiffusionModule(Generation, L.LightningModule):
                              f"(its step would replace this step's own clipping and non-finite skip); use bf16-mixed")
         log_run_config(getattr(trainer, "loggers", []), self.run_info)
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Lightning's count of batches that stepped the loggers, which decides the logging steps: the batches the
+        # steps so far hold. Extending a finished run, Lightning's restart counts one batch that never ran.
+        loop = self.trainer.fit_loop.epoch_loop
+        if hasattr(loop, "_batches_that_stepped"):
+            loop._batches_that_stepped = self.trainer.global_step * self.accumulate_grad_batches + self._micro
+
     def on_train_start(self) -> None:
         if self.trainer.ckpt_path:  # resumed: Lightning restored the checkpoint's rates and schedule
             self.apply_configured_rates()
@@ -392,6 +422,7 @@ class DiffusionModule(Generation, L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if checkpoint.get("rng"):
             restore_rng_states(checkpoint["rng"])
+        recount_batches(checkpoint, self.accumulate_grad_batches)
         for name, count in checkpoint.get("truncated_captions", {}).items():  # the sum goes on in rank 0's count
             if name in self.conditioner.embedders:
                 self.conditioner.embedders[name].num_truncated = count if self.global_rank == 0 else 0
