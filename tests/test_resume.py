@@ -69,6 +69,19 @@ def test_intervals_stay_on_the_configured_steps_after_a_resume_on_other_terms(se
     assert all(float(r["perf/images_seen"]) == 16 * int(r["step"]) for r in rows if r.get("train/loss"))
 
 
+def test_the_last_step_s_row_holds_its_own_counters(tiny_cfg, tmp_path):
+    """Lightning writes a row at the step a fit ends even off the logging grid, from the last values logged: the
+    counters must be that step's (they were the last logging step's)."""
+    import csv
+
+    run = tmp_path / "run"
+    train(tiny_cfg("trainer.max_steps=3", "trainer.log_every_n_steps=2", run_dir=run), run)
+    rows = [r for r in csv.DictReader(open(run / "metrics.csv")) if r.get("train/loss")]
+    flops = [float(r["perf/train_flops"]) for r in rows]
+    assert [(int(r["step"]), float(r["perf/images_seen"])) for r in rows] == [(2, 32.0), (3, 48.0)]
+    assert flops[1] == pytest.approx(flops[0] * 1.5)
+
+
 @pytest.mark.parametrize("model", ["unet_tiny", "dit_tiny", "unet_tiny model.dropout=0.1"])
 def test_resume_is_exact(model, tiny_cfg, tmp_path):
     """N steps + resume + N steps == 2N steps straight: weights, EMA, optimizer, schedule, step; with dropout too

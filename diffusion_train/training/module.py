@@ -22,7 +22,7 @@ from diffusion_train.finetune.controlnet import Controlled
 from diffusion_train.training.checkpointing import restore_rng_states, rng_states
 from diffusion_train.training.generation import Generation
 from diffusion_train.training.loggers import log_run_config
-from diffusion_train.training.parallel import full_tensor, log_every_steps, mean_over_ranks, sum_over_ranks
+from diffusion_train.training.parallel import full_tensor, logs_at, mean_over_ranks, sum_over_ranks
 from diffusion_train.training.speed import (
     attention_choice, check_attention_device, check_fp8_device, prepare_backbone, resolve_channels_last,
     resolve_compile,
@@ -271,7 +271,7 @@ class DiffusionModule(Generation, L.LightningModule):
         grad_norm = self.optimizer_update(opt, self._schedulers())
         self._train_logs.update({"train/grad_norm": grad_norm.detach(), "train/lr": lr,
                                  "train/nonfinite_steps": self.nonfinite_steps})
-        if self.global_step % log_every_steps(self.trainer, self) == 0:
+        if logs_at(self.trainer, self, self.global_step):
             self._log_data_counts()
             streak = int(self.nonfinite_streak)
             if streak >= self.max_nonfinite_steps:

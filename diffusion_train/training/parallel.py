@@ -205,6 +205,14 @@ def log_every_steps(trainer, pl_module) -> int:
     return max(1, trainer.log_every_n_steps // max(1, int(getattr(pl_module, "accumulate_grad_batches", 1))))
 
 
+def logs_at(trainer, pl_module, step: int) -> bool:
+    """Whether optimizer ``step`` gets a row of metrics: every :func:`log_every_steps`, and the run's last step
+    (``max_steps``), whose row Lightning writes at the end of the fit from the last values logged, so counters
+    logged only at logging steps would show an earlier step's. The same on every rank."""
+    max_steps = getattr(trainer, "max_steps", None)
+    return step % log_every_steps(trainer, pl_module) == 0 or (max_steps is not None and 0 < max_steps <= step)
+
+
 def per_device_batch(batch_size: int, global_batch: int | None, world_size: int, accumulate: int) -> int:
     """The batch each device loads per micro-step: ``data.batch_size``, or ``scale.global_batch``
     split over devices x accumulation steps (which must divide it)."""

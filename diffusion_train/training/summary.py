@@ -24,7 +24,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from diffusion_train.training.parallel import log_every_steps, trainer_global_batch
+from diffusion_train.training.parallel import logs_at, trainer_global_batch
 from diffusion_train.training.step_end import StepEndCallback
 
 FORMAT = "diffusion_train.summary/1"
@@ -120,7 +120,7 @@ class RunSummary(StepEndCallback):
                 self.history[name] = kept
 
     def on_step_end(self, trainer: L.Trainer, pl_module, step: int) -> None:
-        logging_step = step % log_every_steps(trainer, pl_module) == 0
+        logging_step = logs_at(trainer, pl_module, step)
         if logging_step:
             pl_module.log_dict({"perf/images_seen": float(self.images(step)), "perf/train_flops": self.flops(step)})
         self._note(trainer)  # evaluations logged at this step by the callbacks that ran before this one
