@@ -6,6 +6,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from diffusion_train.scaling.flops import forward_macs
 from diffusion_train.train import train
@@ -79,6 +80,24 @@ def test_a_diverged_evaluation_is_null_in_the_summary_and_the_run_is_left_out_of
     record = load_summary(run / "summary.json")
     assert math.isnan(record.metrics["val/loss"].final)
     assert "final val/loss is nan" in select([record], "val/loss", unfinished=False)[record.source]
+
+
+def test_an_evaluation_that_repeats_the_last_value_is_still_recorded(tiny_cfg, tmp_path, monkeypatch):
+    """Every validation is a point of the history, also one whose value equals the one before (a k-of-N accuracy,
+    or NaN twice): a summary that dropped it would end the curve early and name an older step as final."""
+    from diffusion_train.training.module import DiffusionModule
+
+    end_of_validation = DiffusionModule.on_validation_epoch_end
+
+    def always_the_same(self):
+        self._val_total[0] = torch.tensor([0.5, 1.0], dtype=self._val_total.dtype)
+        end_of_validation(self)
+
+    monkeypatch.setattr(DiffusionModule, "on_validation_epoch_end", always_the_same)
+    run = tmp_path / "run"
+    train(tiny_cfg("trainer.max_steps=6", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1"), run)
+    history = _summary(run)["metrics"]["val/loss"]["history"]
+    assert [(h["step"], h["value"]) for h in history] == [(2, 0.5), (4, 0.5), (6, 0.5)]
 
 
 def test_the_config_hash_ignores_names_and_paths_but_not_training_settings(tiny_cfg, tmp_path):

@@ -78,7 +78,6 @@ class RunSummary(StepEndCallback):
         self.forward_macs = 0
         self.global_batch = 0
         self.history: dict[str, list[dict]] = {}
-        self._seen: dict[str, float] = {}
         self._seen_objects: dict[str, object] = {}  # the last value object of each metric, read or not
         self._pending: list[tuple[str, object, int]] = []  # (name, value, step) noted, not read yet
         self._wall0 = 0.0
@@ -129,7 +128,7 @@ class RunSummary(StepEndCallback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
         if not trainer.sanity_checking:
-            self._note(trainer)
+            self._note(trainer, validation=True)
             if self._record():
                 self.write(trainer, pl_module)
 
@@ -138,24 +137,25 @@ class RunSummary(StepEndCallback):
         self._record()
         self.write(trainer, pl_module)
 
-    def _note(self, trainer: L.Trainer) -> None:
-        """Keeps, unread, each evaluation metric logged since last seen (a new value object) with its step:
-        reading a device tensor after every step would make the host wait for the device each time."""
+    def _note(self, trainer: L.Trainer, validation: bool = False) -> None:
+        """Keeps, unread, each evaluation metric logged since last seen with its step: reading a device tensor
+        after every step would make the host wait for the device each time. At the end of a validation, its
+        ``val/`` metrics (Lightning gives their values as new objects at every step, so only the validation says
+        when there is a new one); otherwise the callbacks' evaluations, new when their value object is."""
         for name, value in trainer.callback_metrics.items():
-            if name.startswith(EVAL_PREFIXES) and isinstance(value, (torch.Tensor, float, int)) \
-                    and self._seen_objects.get(name) is not value:
-                self._seen_objects[name] = value
-                self._pending.append((name, value, trainer.global_step))
+            if not isinstance(value, (torch.Tensor, float, int)) or not name.startswith(EVAL_PREFIXES):
+                continue
+            if name.startswith("val/") != validation or (not validation and self._seen_objects.get(name) is value):
+                continue
+            self._seen_objects[name] = value
+            self._pending.append((name, value, trainer.global_step))
 
     def _record(self) -> bool:
-        """Adds the noted metrics whose value changed since last recorded; True if any did."""
+        """Adds the noted metrics (a value noted again at its step replaces the first); True if any."""
         added, pending, self._pending = False, self._pending, []
         for name, value, step in pending:
             value = float(value)
             value = value if math.isfinite(value) else None  # a diverged evaluation: null, so fits leave the run out
-            if name in self._seen and self._seen[name] == value:
-                continue
-            self._seen[name] = value
             entries = self.history.setdefault(name, [])
             entries[:] = [e for e in entries if e["step"] != step]
             entries.append({"step": step, "images": self.images(step), "flops": self.flops(step), "value": value})
