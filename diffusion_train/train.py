@@ -65,7 +65,19 @@ KNOWN_NOISE = (".*ModelCheckpoint with manual optimization.*", ".*isinstance.tre
 # Numbers checked before any work: (kind, minimum); a bad one is a one-line error naming its key.
 TRAINING_NUMBERS = {"data.batch_size": (int, 1), "data.val_batch_size": (int, 1), "scale.global_batch": (int, 1),
                     "optim.lr": (float, 0), "optim.weight_decay": (float, 0), "trainer.max_steps": (int, 1),
-                    "training.accumulate_grad_batches": (int, 1), "seed": (int, 0)}
+                    "training.accumulate_grad_batches": (int, 1), "training.grad_clip": (float, 0),
+                    "training.max_nonfinite_steps": (int, 1), "seed": (int, 0),
+                    "lr_schedule.warmup_steps": (int, 0), "lr_schedule.total_steps": (int, 1),
+                    "lr_schedule.decay_steps": (int, 1), "lr_schedule.decay_fraction": (float, 0),
+                    "lr_schedule.min_ratio": (float, 0)}
+
+
+def check_lr_schedule(cfg: DictConfig) -> None:
+    """Builds the configured learning-rate schedule once on a stand-in optimizer, so settings it refuses (a cosine
+    with no steps after its warm-up, a decay longer than the run) fail before any work, not in the fit."""
+    if cfg.get("lr_schedule"):
+        stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        instantiate(cfg.lr_schedule, _convert_="all")(stand_in)
 
 
 def quiet_known_warnings() -> None:
@@ -94,6 +106,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     quiet_known_warnings()
     config = resolved(cfg)  # fails on a missing value before any work starts
     check_numbers(cfg, TRAINING_NUMBERS)  # a bad one would fail later, far from its cause, or train on nothing
+    check_lr_schedule(cfg)
     init = cfg.get("init") or {}
     resume = check_resumable(run_dir, config, init.get("branch_from"))  # refuses another model's; changes nothing
     ckpt = resume.ckpt

@@ -46,10 +46,15 @@ def test_fp16_with_a_gradient_scaler_is_refused(tiny_cfg):
     ("data.batch_size=2.0", "data.batch_size=2.0: give a whole number >= 1"),
     ("optim.lr=nan", "optim.lr=nan: give a number >= 0"),
     ("seed=abc", "seed=abc: give a whole number >= 0"),
+    ("lr_schedule.warmup_steps=abc", "lr_schedule.warmup_steps=abc: give a whole number >= 0"),
+    ("training.grad_clip=abc", "training.grad_clip=abc: give a number >= 0"),
+    ("training.max_nonfinite_steps=0", "training.max_nonfinite_steps=0: give a whole number >= 1"),
+    ("lr_schedule=cosine lr_schedule.warmup_steps=900",
+     "lr_schedule: cosine needs total_steps > warmup_steps, got 4, 900"),  # built once before any work
 ])
 def test_a_bad_number_is_refused_naming_the_key(setting, expected, tiny_cfg, tmp_path):
     with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
-        train(tiny_cfg(setting, run_dir=tmp_path / "run"), tmp_path / "run")
+        train(tiny_cfg("trainer.max_steps=4", *setting.split(" "), run_dir=tmp_path / "run"), tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
