@@ -118,12 +118,16 @@ def test_lora_fine_tune_trains_only_the_adapters(tiny_cfg, tmp_path):
     lora_model = load_module(ft / "checkpoints" / "last.ckpt", weights="raw")
     plain = module_of(tiny_cfg)
     load_pretrained(plain, ft / "weights" / "raw.safetensors")
+    from_run = module_of(tiny_cfg)  # the run directory itself (its last.ckpt, adapters unmerged): merged on loading
+    report = load_pretrained(from_run, ft, weights="raw")
+    assert not report.missing and not report.unexpected
     g = torch.Generator().manual_seed(1)
     x, t = torch.randn(2, 3, 16, 16, generator=g), torch.rand(2, generator=g) * 1000
     with torch.no_grad():
         cond = plain.conditioner({"label": torch.tensor([0, 3])})
         adapted = lora_model.backbone(x, t, cond)
         torch.testing.assert_close(plain.backbone.eval()(x, t, cond), adapted, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(from_run.backbone.eval()(x, t, cond), adapted, rtol=1e-4, atol=1e-5)
 
     # the adapters alone, added to the base run's model at sampling time (diffusion-sample lora=... lora_scale=...)
     from hydra import compose, initialize_config_dir

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from diffusion_train.finetune.lora import LORA_KEY, plain_key
+from diffusion_train.finetune.lora import LORA_KEY, has_lora, merged_state, plain_key
 from diffusion_train.training.checkpointing import load_checkpoint
 from diffusion_train.training.ema import EMA, checkpoint_average
 
@@ -61,7 +61,9 @@ def read_weights(path: str | Path, weights: str = "ema") -> tuple[dict[str, Tens
 
     ``path``: a checkpoint (``.ckpt``), an exported ``.safetensors`` file, or a run directory (its
     ``checkpoints/last.ckpt``, else its ``weights/<weights>.safetensors``). ``weights``: ``ema`` (the
-    checkpoint's sampling decay), ``ema_<decay>`` or ``raw``; an exported file holds one kind already.
+    checkpoint's sampling decay), ``ema_<decay>`` or ``raw``; an exported file holds one kind already. A LoRA
+    run's checkpoint gives its adapted model's weights (the adapters merged, under the plain model's keys), as
+    its exports do.
     """
     path = Path(path)
     if not path.exists():
@@ -85,11 +87,15 @@ def read_weights(path: str | Path, weights: str = "ema") -> tuple[dict[str, Tens
     if not state:
         raise ValueError(f"init.path: {path} holds no state_dict; give a checkpoint, a run directory or a "
                          f".safetensors file")
-    if weights == "raw":
-        return state, str(path), "raw"
-    name, average = checkpoint_average(ckpt, weights, f"init.path: {path}", "init.weights")
-    state.update(average)
-    return state, str(path), f"ema_{name}"
+    kind = "raw"
+    if weights != "raw":
+        name, average = checkpoint_average(ckpt, weights, f"init.path: {path}", "init.weights")
+        state.update(average)
+        kind = f"ema_{name}"
+    finetune = ((ckpt.get("diffusion_train") or {}).get("config") or {}).get("finetune") or {}
+    if finetune.get("method") == "lora" and has_lora(state):  # a LoRA run's model: its adapters folded in
+        state = merged_state(state, float(finetune["alpha"]) / int(finetune["rank"]))
+    return state, str(path), kind
 
 
 def _sampling_export(files: list[Path]) -> Path:
