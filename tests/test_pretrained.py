@@ -134,6 +134,21 @@ def test_mismatching_backbone_lists_keys_and_shapes(tiny_cfg, tmp_path):
     torch.testing.assert_close(params(target), built)
 
 
+def test_errors_name_the_tensors_as_the_file_names_them(tiny_cfg, tmp_path):
+    """A bare backbone's keys are read under backbone. (and a LoRA model's as base_layer): the errors still give the
+    file's own names, so the user can find them in it."""
+    from safetensors.torch import save_file
+
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(ValueError, match=r"\(file: model\.diffusion_model\.input_blocks\.0\.0\.weight, model: "):
+        load_pretrained(module_of(tiny_cfg), tmp_path / "foreign.safetensors")
+    wide = module_of(tiny_cfg, "model.hidden_size=96").backbone.state_dict()
+    save_file({k: v.contiguous() for k, v in wide.items()}, str(tmp_path / "wide.safetensors"))
+    with pytest.raises(ValueError, match=r"first: x_embedder\.weight \(96, 3, 4, 4\) in the file, \(32, 3, 4, 4\) in "
+                                         r"the model \(backbone\.x_embedder\.weight\)"):
+        load_pretrained(module_of(tiny_cfg), tmp_path / "wide.safetensors")
+
+
 @pytest.mark.parametrize("bad, match", [("missing.ckpt", "does not exist"), ("empty_dir", "neither")])
 def test_bad_paths_name_the_path(tiny_cfg, tmp_path, bad, match):
     (tmp_path / "empty_dir").mkdir()

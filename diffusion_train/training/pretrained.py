@@ -127,9 +127,12 @@ def load_pretrained(module: nn.Module, path: str | Path, weights: str = "ema", s
     state = {k: v for k, v in state.items() if k not in TRAINING_STATE}
     tops = {k.split(".", 1)[0] for k in own}
     prefix = "" if any(k.split(".", 1)[0] in tops for k in state) else "backbone."
-    state = {prefix + k: v for k, v in state.items()}
     adapted = {plain_key(k): k for k in own if ".base_layer." in k}  # a LoRA model's base layers (finetune=lora)
-    state = {adapted.get(k, k) if k not in own else k: v for k, v in state.items()}
+    in_file = {}  # the model's key of each tensor -> its key in the file, for the errors
+    for k in list(state):
+        key = prefix + k
+        in_file[key if key in own else adapted.get(key, key)] = k
+    state = {key: state[k] for key, k in in_file.items()}
     adapters = [k for k in own if LORA_KEY.search(k) and k not in state]  # the fine-tune's own adapters: as built
     controlnet = getattr(module, "controlnet", None)
     copy_base = controlnet is not None and not any(k.startswith("controlnet.") for k in state)
@@ -141,10 +144,11 @@ def load_pretrained(module: nn.Module, path: str | Path, weights: str = "ema", s
     common = [k for k in own if k in state]
     if not common:
         raise ValueError(f"init.path: none of the {len(state)} tensors of {source} has a name of this model "
-                         f"(file: {next(iter(state), '-')}, model: {next(iter(own), '-')})")
+                         f"(file: {next(iter(in_file.values()), '-')}, model: {next(iter(own), '-')})")
     expand = [k for k in common if _more_inputs(state[k], own[k])]  # e.g. an inpainting model from a plain one
-    differ = [f"{k} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model"
-              for k in common if state[k].shape != own[k].shape and k not in expand]
+    differ = [f"{in_file[k]} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model"
+              + (f" ({k})" if in_file[k] != k else "") for k in common if state[k].shape != own[k].shape
+              and k not in expand]
     if differ:
         raise ValueError(f"init.path: {source} does not match the configured model: {len(differ)} tensors differ "
                          f"in shape, first: {'; '.join(differ[:SHOWN])}")
