@@ -10,9 +10,9 @@ Pure numpy/scipy (no plotting). The three fits ``scripts/scaling_report.py`` rep
   fit so that FLOP counts of 1e20 cause no overflow.
 * :func:`isoflop_analysis` (Chinchilla's approach 2): per compute budget C, a parabola of the final loss
   against ``log10 N`` (:func:`fit_isoflop_parabola`); its minimum is ``N_opt(C)``. A budget with fewer
-  than 3 distinct sizes, without a minimum (curvature <= 0) or with the minimum outside the sampled
-  sizes is flagged and left out of the frontier fit ``N_opt = k C^a`` (its extrapolated ``N_opt`` is
-  still reported). With ``flops_per_image``, the images seen at the optimum follow
+  than 3 distinct sizes, without a minimum (curvature <= 0, or the same loss at every size), with the minimum
+  outside the sampled sizes or with its best run at the smallest or largest size is flagged and left out of
+  the frontier fit ``N_opt = k C^a`` (its extrapolated ``N_opt`` is still reported). With ``flops_per_image``, the images seen at the optimum follow
   ``D_opt = C / F(N_opt) ∝ C^b`` with ``F(N) = k_F N^g`` fitted over the runs, so ``b = 1 - g a``.
 
 Confidence intervals: the frontier's is a percentile bootstrap with a fixed seed (runs resampled with
