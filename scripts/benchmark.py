@@ -305,14 +305,25 @@ def each_mode_in_its_own_process(opts: dict, argv: list[str]) -> dict:
 
 def run_child(cmd: list[str]) -> str | None:
     """Runs ``cmd`` with its stderr passed on, but for its ``error:`` line: None when it succeeds, else that error
-    (or its exit status)."""
+    (or its exit status). A SIGTERM to this process (a time limit) kills the child too: left running, it would
+    hold the GPU under the next measurement."""
+    import signal
+
     error = None
     with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
-        for line in proc.stderr:
-            if line.startswith("error: "):
-                error = line[len("error: "):].rstrip("\n")
-            else:
-                print(line, end="", file=sys.stderr, flush=True)
+        def stop(signum, frame):
+            proc.kill()
+            raise SystemExit(128 + signum)
+
+        previous = signal.signal(signal.SIGTERM, stop)
+        try:
+            for line in proc.stderr:
+                if line.startswith("error: "):
+                    error = line[len("error: "):].rstrip("\n")
+                else:
+                    print(line, end="", file=sys.stderr, flush=True)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     return None if proc.returncode == 0 else error or f"exited with status {proc.returncode}"
 
 

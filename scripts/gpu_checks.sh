@@ -14,27 +14,66 @@
 # Each step has its own time limit and a failure does not stop the others; the summary at the end lists
 # each step's exit status. The benchmark rows' JSON files make one table, on any machine:
 #   python scripts/bench_summary.py "$OUT"/*.json   (done at the end too: $OUT/targets.md)
+#
+# DEADLINE=S: the whole script's budget in seconds. A step gets what is left if that is less than its own limit,
+# and is skipped (and listed) with under 30 s left; the summary and tables are still written. BUNDLE=FILE.tgz:
+# after each step, everything in $OUT but checkpoints and weights, packed into FILE (replaced whole). On a
+# machine that returns only a few files from a folder, point OUT elsewhere and BUNDLE there; the assignment
+# order matters, BUNDLE is read first:  BUNDLE=$OUT/gc.tgz OUT=/tmp/gc DEADLINE=540 CHECKS=levers bash ...
 set -uo pipefail
 OUT="${OUT:-gpu_checks}"
 CHECKS="${CHECKS:-train,bench}"
 PY="${PYTHON:-python3}"
+DEADLINE="${DEADLINE:-0}"  # 0: none
+FMNIST_DIR="${FMNIST:-/usr/share/datasets/fashion-mnist}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1
 declare -a SUMMARY=()
 
-step() {  # step NAME SECONDS CMD...: runs CMD with a time limit, logs to $OUT/NAME.log
+bundle() {  # the results so far, without checkpoints and weights (GBs), replaced whole
+    [[ -n ${BUNDLE:-} ]] || return 0
+    tar -czf "$BUNDLE.tmp" -C "$OUT" --exclude "$(basename "$BUNDLE")" --exclude "$(basename "$BUNDLE").tmp" \
+        --exclude '*.ckpt' --exclude '*.safetensors' . 2>/dev/null && mv "$BUNDLE.tmp" "$BUNDLE"
+}
+
+step() {  # step NAME SECONDS CMD...: runs CMD with a time limit (within DEADLINE), logs to $OUT/NAME.log
     local name=$1 limit=$2; shift 2
+    if (( DEADLINE > 0 )); then
+        local left=$((DEADLINE - SECONDS - 15))  # kept for the summary and the bundle
+        if (( left < 30 )); then
+            SUMMARY+=("$name skipped: ${left}s of DEADLINE=$DEADLINE left"); echo "== $name: skipped"; return 0
+        fi
+        (( left < limit )) && limit=$left
+    fi
     local t0=$SECONDS
-    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    timeout -k 20 "$limit" "$@" > "$OUT/$name.log" 2>&1  # killed 20 s after a stop that a compile does not see
     local rc=$?
     SUMMARY+=("$name rc=$rc $((SECONDS - t0))s")
     echo "== $name: rc=$rc in $((SECONDS - t0))s"; tail -n 3 "$OUT/$name.log"
-    [[ -n ${BUNDLE:-} ]] && tar -czf "$BUNDLE" -C "$OUT" --exclude "$(basename "$BUNDLE")" . 2>/dev/null
+    bundle
     return 0
 }
 
+finish() {  # the summary and the targets table, also when the script is stopped
+    trap - EXIT TERM INT
+    printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
+    # The benchmark rows against the targets in one table (other JSON files are named and left out)
+    if compgen -G "$OUT/*.json" > /dev/null; then
+        $PY scripts/bench_summary.py "$OUT"/*.json md="$OUT/targets.md" > /dev/null 2>> "$OUT/summary.txt"
+    fi
+    bundle
+}
+trap finish EXIT
+trap 'exit 143' TERM INT
+
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 $PY -c "import torch, lightning; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'lightning', lightning.__version__)" | tee -a "$OUT/gpu.txt"
+# What every step needs (carried as wheels to a machine without them: docs/performance.md)
+if ! $PY -c "import hydra, omegaconf" 2>> "$OUT/gpu.txt"; then
+    SUMMARY+=("preflight: hydra-core / omegaconf cannot be imported ($PY); nothing was run"); exit 1
+fi
+FP8_OK=1
+$PY -c "import torchao.float8" 2>/dev/null || { FP8_OK=0; SUMMARY+=("preflight: no torchao: fp8 rows and curves skipped"); }
 
 RUNS="$OUT/runs"
 T=(experiment=smoke data=synthetic ~data.val_size logger=csv trainer.max_steps=20 trainer.val_check_interval=10
@@ -104,11 +143,12 @@ if [[ $CHECKS == *levers* ]]; then
     UN_SD1=(config="model=unet_sd model.attention_resolutions=[32,16,8]" text=77x1024 batch=64)  # 8 heads per level
     step xl_blocks 150 "${L[@]}" "${XL[@]}" compile=blocks out="$OUT/xl_blocks.json"
     step s2_blocks 150 "${L[@]}" "${S2[@]}" compile=blocks modes=both out="$OUT/s2_blocks.json"  # + Lightning overhead
-    step s2_autotune 240 "${L[@]}" config="model=dit_s2 training.compile_options={mode:max-autotune-no-cudagraphs}" \
-        batch=256 compile=blocks out="$OUT/s2_autotune.json"  # Triton matmul templates with fused epilogues
     step xl_full 240 "${L[@]}" "${XL[@]}" compile=true out="$OUT/xl_full.json"  # the code outside the blocks too
     step xl_full_bf16res 150 "${L[@]}" config="model=dit_xl2 training.bf16_residual=true" batch=128 compile=true \
         out="$OUT/xl_full_bf16res.json"
+    # Triton matmul templates with fused epilogues: the costliest compile on a cold cache, after the cheap rows
+    step s2_autotune 240 "${L[@]}" config="model=dit_s2 training.compile_options={mode:max-autotune-no-cudagraphs}" \
+        batch=256 compile=blocks out="$OUT/s2_autotune.json"
     step xl_flash 150 "${L[@]}" config="model=dit_xl2 training.attention=flash" batch=128 compile=blocks \
         out="$OUT/xl_flash.json"  # FlashAttention-2 instead of torch's choice (cuDNN's on an H100)
     step s2_flash 120 "${L[@]}" config="model=dit_s2 training.attention=flash" batch=256 compile=blocks \
@@ -126,8 +166,8 @@ if [[ $CHECKS == *levers* ]]; then
     step unet_ema4 200 "${L[@]}" "${UN_EMA4[@]}" compile=true out="$OUT/unet_ema4.json"
     step unet_cudnn 150 "${L[@]}" config="$UNC trainer.benchmark=true" text=77x1024 batch=64 compile=true \
         out="$OUT/unet_cudnn.json"  # cuDNN autotuning of the convolutions
-    step xl_blocks_fp8 150 "${L[@]}" config="model=dit_xl2 training.fp8=true" batch=128 compile=blocks \
-        out="$OUT/xl_blocks_fp8.json"
+    (( FP8_OK )) && step xl_blocks_fp8 150 "${L[@]}" config="model=dit_xl2 training.fp8=true" batch=128 \
+        compile=blocks out="$OUT/xl_blocks_fp8.json"
     step s2_eager 60 "${L[@]}" "${S2[@]}" compile=false out="$OUT/s2_eager.json"
     step unet_sd1_heads 200 "${L[@]}" "${UN_SD1[@]}" compile=true out="$OUT/unet_sd1_heads.json"
     for n in 14 28; do  # XL/2 at twice the target batch: half or all of the blocks recomputed (memory, speed)
@@ -136,21 +176,23 @@ if [[ $CHECKS == *levers* ]]; then
     done
 fi
 F=(experiment=fmnist model=dit_b2 model.patch_size=2 trainer=gpu
-   data.root="${FMNIST:-/usr/share/datasets/fashion-mnist}" data.batch_size=256 trainer.max_steps="${CURVE_STEPS:-1500}"
+   data.root="$FMNIST_DIR" data.batch_size=256 trainer.max_steps="${CURVE_STEPS:-1500}"
    trainer.val_check_interval=250 trainer.log_every_n_steps=25 logger=csv training.compile=blocks
    callbacks.sample_grid.every_n_steps=100000 callbacks.checkpoint.every_n_train_steps=100000)
 curves() {  # curves NAME OPTION: DiT-B/2 on Fashion-MNIST with OPTION false and true, loss curves side by side
     local name=$1 option=$2
+    if [[ ! -d $FMNIST_DIR ]]; then
+        SUMMARY+=("$name curves skipped: no Fashion-MNIST in $FMNIST_DIR (FMNIST=dir)"); return 0
+    fi
     step "${name}_off" 280 $PY -m diffusion_train.train "${F[@]}" "$option=false" hydra.run.dir="$RUNS/${name}_off"
     step "${name}_on" 280 $PY -m diffusion_train.train "${F[@]}" "$option=true" hydra.run.dir="$RUNS/${name}_on"
     $PY scripts/compare_runs.py "$RUNS/${name}_off" "$RUNS/${name}_on" metrics=train/loss,val/loss,perf/images_per_sec \
         rows=13 out="$OUT/${name}_curves.md" plot="$OUT/${name}_curves.png"
+    bundle
 }
 # Same data, seed and steps; only the option differs. Loss curves from each run's metrics.csv.
-[[ $CHECKS == *fp8* ]] && curves fp8 training.fp8
-[[ $CHECKS == *bf16res* ]] && curves bf16res training.bf16_residual
-printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
-# The benchmark rows against the targets in one table (other JSON files are named and left out)
-if compgen -G "$OUT/*.json" > /dev/null; then
-    $PY scripts/bench_summary.py "$OUT"/*.json md="$OUT/targets.md" > /dev/null 2>> "$OUT/summary.txt"
+if [[ $CHECKS == *fp8* ]]; then
+    if (( FP8_OK )); then curves fp8 training.fp8; else SUMMARY+=("fp8 curves skipped: no torchao"); fi
 fi
+[[ $CHECKS == *bf16res* ]] && curves bf16res training.bf16_residual
+exit 0  # finish (the EXIT trap) writes the summary, the targets table and the last bundle

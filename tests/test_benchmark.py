@@ -375,10 +375,17 @@ def test_every_command_of_gpu_checks_parses(tmp_path):
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHON": str(bin_dir / "record"),
-           "OUT": str(tmp_path / "out"), "CHECKS": "train,bench,syncs,levers,fp8,bf16res"}
+           "OUT": str(tmp_path / "out"), "CHECKS": "train,bench,syncs,levers,fp8,bf16res", "FMNIST": str(tmp_path),
+           "BUNDLE": str(tmp_path / "results.tgz")}
     out = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_checks.sh")], env=env, cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
+    import tarfile
+
+    with tarfile.open(tmp_path / "results.tgz") as bundle:  # what comes back from the GPU machine: no checkpoints
+        names = bundle.getnames()
+    assert "./summary.txt" in names and "./gpu.txt" in names and not [n for n in names if n.endswith(".ckpt")]
+    assert (tmp_path / "out" / "runs" / "preempt" / "checkpoints" / "step_0000010.ckpt").exists()
     argvs = [json.loads(line) for line in calls.read_text().splitlines()]
     scripts = {name: import_script(name) for name in ("benchmark", "sync_probe", "compare_runs")}
     seen: dict[str, int] = {}
@@ -401,3 +408,10 @@ def test_every_command_of_gpu_checks_parses(tmp_path):
     assert seen["benchmark"] >= 20 and seen["sync_probe"] == 2 and seen["compare_runs"] == 2, seen
     assert seen["diffusion_train.train"] == 10, seen  # bf16, compile, DDP, FSDP, preemption and its relaunch,
     # the fp8 and bf16-residual pairs
+
+    # A budget for the whole script: with too little left, steps are skipped and listed, and the summary written
+    late = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_checks.sh")], env={**env, "CHECKS": "levers",
+                          "DEADLINE": "20", "OUT": str(tmp_path / "late")}, cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    summary = (tmp_path / "late" / "summary.txt").read_text().splitlines()
+    assert late.returncode == 0 and len(summary) >= 20 and all("skipped: " in line for line in summary), summary
