@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -165,3 +166,16 @@ def instantiate_data(cfg):
     from hydra.utils import instantiate
 
     return instantiate(cfg.data, _convert_="all")
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, init: str):
+    """The gloo process group of a spawned test worker. Its ranks meet at a barrier before they destroy it: a rank
+    that tears its group down while a peer's last collective is still in flight can abort the peer ("terminate
+    called without an active exception"), as the trainer's own end of a run avoids the same way."""
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        yield
+        torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import gloo_group
 from diffusion_train.training.checkpointing import load_checkpoint
 from diffusion_train.training.loggers import persistent_run_id
 from diffusion_train.training.parallel import check_devices, lr_scale, per_device_batch, sum_over_ranks
@@ -54,12 +55,9 @@ def test_lr_scaling_rules():
 
 
 def _sum_worker(rank: int, world: int, init: str, out: str) -> None:
-    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init):
         mine = [{"data/skipped_bad_label": 2, "data/skipped_missing_image": 1}, {"data/skipped_bad_label": 3}][rank]
         Path(out, f"{rank}.json").write_text(json.dumps(sum_over_ranks(mine)))
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def _close_worker(rank: int, init: str, out: str) -> None:
@@ -314,8 +312,7 @@ def _swap_worker(rank: int, world: int, init: str, reshard_after_forward: bool, 
 
     from diffusion_train.training.ema import EMA
 
-    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
         mesh = init_device_mesh("cpu", (world,))
@@ -338,8 +335,6 @@ def _swap_worker(rank: int, world: int, init: str, reshard_after_forward: bool, 
         Path(out, f"{rank}.json").write_text(json.dumps({
             "average_differs": not torch.allclose(average, raw), "average_again": torch.equal(again, average),
             "unswapped_is_raw": torch.equal(inside, raw), "raw_restored": torch.equal(after, raw)}))
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 @pytest.mark.parametrize("reshard_after_forward", [True, False])
@@ -362,8 +357,7 @@ def _accumulate_worker(rank: int, world: int, init: str, param_dtype: str | None
 
     from diffusion_train.training.parallel import full_tensor, no_gradient_sync
 
-    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init):
         torch.manual_seed(0)
         reference = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
         mesh = init_device_mesh("cpu", (world,))
@@ -391,8 +385,6 @@ def _accumulate_worker(rank: int, world: int, init: str, param_dtype: str | None
         Path(out, f"{rank}.json").write_text(json.dumps({
             "untouched": untouched, "once_vs_each": diff(grads["once"], grads["each"]),
             "once_vs_fp32": diff(grads["once"], [q.grad for q in reference.parameters()])}))
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 @pytest.mark.parametrize("param_dtype", [None, "bfloat16"])

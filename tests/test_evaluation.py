@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FMNIST, TINY, compose_train
+from conftest import FMNIST, TINY, compose_train, gloo_group
 from diffusion_train.diffusion.samplers import Sampler
 from diffusion_train.metrics.fid import FeatureStats, ReferenceMismatchError, frechet_distance, save_reference
 from diffusion_train.metrics.fmnist_net import FMNISTNet
@@ -256,16 +256,13 @@ def test_text_models_get_a_clip_score_that_does_not_depend_on_the_batch_size(ext
 def _eval_worker(rank: int, world: int, init: str, out: str, weights: str, reference: str) -> None:
     from diffusion_train.metrics.fid import load_reference
 
-    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init):
         torch.manual_seed(0)  # the same model on every rank, as DDP makes it
         module, sampler = _module_and_sampler()
         net = FMNISTNet.load(weights)
         metrics, _ = evaluate_generated(module, net, sampler, 7, load_reference(reference, net.provenance)[:2],
                                         batch_size=2 + rank)
         Path(f"{out}.{rank}").write_text(json.dumps(metrics))
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow

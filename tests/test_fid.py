@@ -15,6 +15,7 @@ import pytest
 import scipy.linalg
 import torch
 
+from conftest import gloo_group
 from diffusion_train.metrics.fid import (EXTRACTORS, FeatureStats, ReferenceMismatchError, build_extractor,
                                          frechet_distance, load_reference, metric_name, save_reference)
 from diffusion_train.metrics.inception import InceptionV3, random_network
@@ -131,13 +132,10 @@ def test_stats_merged_over_ranks_equal_one_process_and_round_trip():
 
 
 def _gloo_worker(rank: int, world: int, init: str, out: str, x: np.ndarray) -> None:
-    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init):
         share = np.array_split(x, [130])[rank]  # uneven shares
         stats = stats_of(share, batch_size=32 if rank else 9).all_reduce()
         torch.save(stats.state_dict(), f"{out}.{rank}")
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def test_gloo_all_reduce_equals_one_process(tmp_path):
