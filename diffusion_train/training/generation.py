@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from diffusion_train.conditioning.conditioner import select_inputs
+from diffusion_train.data.samplers import mix_seed
 from diffusion_train.diffusion import Sampler, per_image_generators, randn
 from diffusion_train.diffusion.guidance import DualGuidance
 from diffusion_train.finetune.editing import InstructionEditing
@@ -99,14 +100,18 @@ class Generation:
         mask = downsample_mask(masks, tuple(x0.shape[-2:]))
         gens = per_image_generators([seed + i for i in range(images.shape[0])], self.device)
         noise = randn(tuple(x0.shape), gens, self.device)
-        image = self.task.image(x0, mask, images, lambda pixels: self._encode(pixels, seed))
+        image = self.task.image(x0, mask, images, lambda pixels: self._encode(pixels, seed, stream=2))
         out = self.sample(noise, cond_inputs, sampler, guidance_scale, generator=gens, image=image, known=(x0, mask),
                           **guidance)
         return torch.where(masks > 0.5, out, images)
 
-    def _encode(self, images: Tensor, seed: int) -> Tensor:
-        """Known images' latents (a posterior sample from ``seed``'s generator)."""
-        return self.autoencoder.encode(images, torch.Generator(self.device).manual_seed(seed))
+    def _encode(self, images: Tensor, seed: int, stream: int = 1) -> Tensor:
+        """Known images' latents: image i's posterior sample from its own generator (of ``seed + i`` and
+        ``stream``, apart from the one its starting noise comes from), so it is the same whatever the batch."""
+        moments = self.autoencoder.encode_moments(images)
+        return torch.cat([self.autoencoder.latents_from_moments(
+            moments[i:i + 1], torch.Generator(self.device).manual_seed(mix_seed(seed + i, stream)))
+            for i in range(moments.shape[0])])
 
     def _null_image(self, like: Tensor) -> Tensor:
         """The task's ``cond.image`` when there is none: for inpainting, all masked (``masked_image=encoded``: the
