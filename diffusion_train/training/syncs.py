@@ -37,7 +37,7 @@ import lightning as L
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from diffusion_train.training.parallel import log_every_steps
+from diffusion_train.training.parallel import log_every_steps, logs_at
 
 log = logging.getLogger("diffusion_train")
 
@@ -250,7 +250,7 @@ class HostSyncReport(L.Callback):
             self._accumulate = int(getattr(pl_module, "accumulate_grad_batches", 1))
             ends_step = getattr(pl_module, "_micro", 0) == self._accumulate - 1
             logs = getattr(trainer._logger_connector, "should_update_logs", False) or \
-                (ends_step and step % log_every_steps(trainer, pl_module) == 0)
+                (ends_step and logs_at(trainer, pl_module, step))  # the run's last step writes a row too
             kind = self.KINDS[bool(logs)]
             self.batches[kind] = self.batches.get(kind, 0) + 1
             self._current = self.watches.setdefault(kind, SyncWatch(pl_module.device))
