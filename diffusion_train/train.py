@@ -23,7 +23,8 @@ from diffusion_train.cli import check_numbers
 from diffusion_train.data.precomputed import PrecomputedMismatchError
 from diffusion_train.data.bad_data import BadDataError
 from diffusion_train.training import EMA, AtomicCheckpointIO, NonFiniteLossError, RunSummary, StepCheckpoints
-from diffusion_train.training.build import build_module, lora_scaling
+from diffusion_train.finetune.lora import lora_scaling
+from diffusion_train.training.build import build_module
 from diffusion_train.training.checkpointing import last_checkpoint, load_checkpoint, remove_stale_temp_files
 from diffusion_train.training.export import export_weights
 from diffusion_train.training.loggers import LossProgressBar, OptimizerStepAxis, ResumableCSVLogger, finish_wandb

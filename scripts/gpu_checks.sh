@@ -73,7 +73,9 @@ if ! $PY -c "import hydra, omegaconf" 2>> "$OUT/gpu.txt"; then
     SUMMARY+=("preflight: hydra-core / omegaconf cannot be imported ($PY); nothing was run"); exit 1
 fi
 FP8_OK=1
-$PY -c "import torchao.float8" 2>/dev/null || { FP8_OK=0; SUMMARY+=("preflight: no torchao: fp8 rows and curves skipped"); }
+if ! $PY -c "import torchao.float8" 2>/dev/null; then
+    FP8_OK=0; SUMMARY+=("preflight: no torchao: fp8 rows and curves skipped")
+fi
 
 RUNS="$OUT/runs"
 T=(experiment=smoke data=synthetic ~data.val_size logger=csv trainer.max_steps=20 trainer.val_check_interval=10

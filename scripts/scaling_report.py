@@ -122,8 +122,8 @@ def markdown(a: Analysis, sources: list[str], opts: dict) -> str:
         lines += ["No frontier fit: " + "; ".join(iso.notes), ""]
     else:
         lines += [f"- **N_opt(C) = {sci(fr.coefficient, 3)} * C^a, a = {fr.exponent:.3f} {interval(fr.ci)}** "
-                  f"({fr.method} interval; {fr.boot_valid}/{fr.boot_total} bootstrap resamples kept every budget usable; "
-                  "regression standard error "
+                  f"({fr.method} interval; {fr.boot_valid}/{fr.boot_total} bootstrap resamples kept every budget "
+                  "usable; regression standard error "
                   f"{num(fr.fit.stderr, 2)}), over {len(fr.budgets)} budgets "
                   f"({', '.join(sci(c) for c in fr.budgets)})."]
         if iso.flops_per_image_fit is not None:

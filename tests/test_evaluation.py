@@ -343,5 +343,5 @@ def test_an_inception_download_that_fails_names_the_option_for_the_file(tmp_path
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(OSError, match=r"could not download the Inception-v3 .* give its path with extractor_weights=PATH$"):
+    with pytest.raises(OSError, match=r"could not download the Inception-v3 .* its path with extractor_weights=PATH$"):
         build_extractor("inception", None, option="extractor_weights")

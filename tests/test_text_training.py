@@ -27,7 +27,8 @@ def test_truncated_captions_count_the_training_batches_and_go_on_after_a_resume(
 
     caption = "conditioning.embedders.caption."
     text = TEXT + [f"{caption}max_length=3", f"{caption}dropout=0", f"{caption}cache_size=0",
-                   f"{caption}trainable=true", "callbacks.ema.validate=[0.999]", "callbacks.sample_grid.every_n_steps=2"]
+                   f"{caption}trainable=true", "callbacks.ema.validate=[0.999]",
+                   "callbacks.sample_grid.every_n_steps=2"]
     run = tmp_path / "run"
     train(compose_train(text + ["trainer.max_steps=3"], run), run)  # validates and samples at step 2
     train(compose_train(text + ["trainer.max_steps=4"], run), run)

@@ -169,8 +169,9 @@ class DiscreteSchedule(NoiseSchedule):
     def timesteps(self, num_steps: int, spacing: str = "auto") -> Tensor:
         """auto: leading (trailing with zero terminal SNR); leading: 0, k, 2k, ... (k = T / num_steps, DDIM
         paper; rounded down, so a step count that does not divide T still starts near T, not at num_steps - 1 as
-        an integer stride of 1 would); trailing: T-1, T-1-T/n, ... (reaches the noisiest step; Lin et al. 2024); linspace: T-1 .. 0
-        rounded; karras: Karras rho=7 spacing of sigma/alpha between the schedule's extremes (fractional t)."""
+        an integer stride of 1 would); trailing: T-1, T-1-T/n, ... (reaches the noisiest step; Lin et al. 2024);
+        linspace: T-1 .. 0 rounded; karras: Karras rho=7 spacing of sigma/alpha between the schedule's extremes
+        (fractional t)."""
         T = self.num_timesteps
         _check_steps(num_steps, T)
         spacing = self.default_spacing if spacing == "auto" else spacing

@@ -92,6 +92,13 @@ def unmerge_lora(module: nn.Module) -> None:
         layer.unmerge()
 
 
+def lora_scaling(config) -> float | None:
+    """alpha / rank of a run config's LoRA fine-tune (a config or the dict a checkpoint or export records), else
+    None."""
+    finetune = config.get("finetune") or {}
+    return float(finetune["alpha"]) / int(finetune["rank"]) if finetune.get("method") == "lora" else None
+
+
 def has_lora(state: dict[str, Tensor]) -> bool:
     return any(LORA_KEY.search(k) for k in state)
 
@@ -99,6 +106,7 @@ def has_lora(state: dict[str, Tensor]) -> bool:
 def lora_state(state: dict[str, Tensor], trained: Sequence[str] = ()) -> dict[str, Tensor]:
     """What a LoRA fine-tune trains: the adapter tensors of a state dict, and the ``trained`` tensors besides them
     (a task's input convolution, a conditioner trained with ``train_conditioner``)."""
+    trained = set(trained)
     return {k: v for k, v in state.items() if LORA_KEY.search(k) or k in trained}
 
 
@@ -139,10 +147,10 @@ def apply_lora_file(module: nn.Module, path: str, scale: float = 1.0) -> list[st
     with safe_open(str(path), "pt") as f:
         meta = json.loads((f.metadata() or {}).get("diffusion_train") or "{}")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    finetune = (meta.get("config") or {}).get("finetune") or {}
-    if finetune.get("method") != "lora" or not has_lora(tensors):
+    run_scaling = lora_scaling(meta.get("config") or {})
+    if run_scaling is None or not has_lora(tensors):
         raise ValueError(f"lora={path}: not a LoRA export of a finetune=lora run (lora.safetensors, lora_ema_*)")
-    scaling = float(scale) * float(finetune["alpha"]) / int(finetune["rank"])
+    scaling = float(scale) * run_scaling
     params = dict(module.named_parameters())
     layers = sorted({k.split(".lora_A.")[0] for k in tensors if ".lora_A." in k})
     missing = [f"{layer}.weight" for layer in layers if f"{layer}.weight" not in params]

@@ -12,7 +12,8 @@ Pure numpy/scipy (no plotting). The three fits ``scripts/scaling_report.py`` rep
   against ``log10 N`` (:func:`fit_isoflop_parabola`); its minimum is ``N_opt(C)``. A budget with fewer
   than 3 distinct sizes, without a minimum (curvature <= 0, or the same loss at every size), with the minimum
   outside the sampled sizes or with its best run at the smallest or largest size is flagged and left out of
-  the frontier fit ``N_opt = k C^a`` (its extrapolated ``N_opt`` is still reported). With ``flops_per_image``, the images seen at the optimum follow
+  the frontier fit ``N_opt = k C^a`` (its extrapolated ``N_opt`` is still reported). With ``flops_per_image``,
+  the images seen at the optimum follow
   ``D_opt = C / F(N_opt) ∝ C^b`` with ``F(N) = k_F N^g`` fitted over the runs, so ``b = 1 - g a``.
 
 Confidence intervals: the frontier's is a percentile bootstrap with a fixed seed (runs resampled with
@@ -340,9 +341,10 @@ class Frontier:
         method = self.method
         if method == "regression":
             x = np.log(self.budgets)
-            se = self.fit.stderr * math.sqrt(np.sum((x - x.mean()) ** 2)) * np.sqrt(
-                1 / x.size + (np.log(c) - x.mean()) ** 2 / np.sum((x - x.mean()) ** 2))
-            half = _t_quantile(x.size - 2, self.level) * se
+            sxx = np.sum((x - x.mean()) ** 2)
+            resid_sd = self.fit.stderr * math.sqrt(sxx)  # stderr = resid_sd / sqrt(sxx)
+            spread = np.sqrt(1 / x.size + (np.log(c) - x.mean()) ** 2 / sxx)
+            half = _t_quantile(x.size - 2, self.level) * resid_sd * spread
             mid = np.log(self.fit.predict(c))
             return np.exp(mid - half), np.exp(mid + half)
         if method == "none":

@@ -66,12 +66,6 @@ def build_module(cfg: DictConfig, accelerator: str | None = None) -> DiffusionMo
     return module
 
 
-def lora_scaling(cfg: DictConfig | dict) -> float | None:
-    """alpha / rank of a LoRA fine-tune's config, else None."""
-    finetune = cfg.get("finetune") or {}
-    return float(finetune["alpha"]) / int(finetune["rank"]) if finetune.get("method") == "lora" else None
-
-
 def build_backbone(cfg: DictConfig, conditioner, autoencoder: Autoencoder, task=None) -> torch.nn.Module:
     """``cfg.model`` sized by the data through the autoencoder (``in_channels``, ``input_size``), by
     what the conditioner produces (``cond_dim``, ``context_dim``) and by the task's extra input channels."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from diffusion_train.finetune.lora import LORA_KEY, has_lora, merged_state, plain_key
+from diffusion_train.finetune.lora import LORA_KEY, has_lora, lora_scaling, merged_state, plain_key
 from diffusion_train.training.checkpointing import load_checkpoint
 from diffusion_train.training.ema import EMA, checkpoint_average
 
@@ -92,9 +92,9 @@ def read_weights(path: str | Path, weights: str = "ema") -> tuple[dict[str, Tens
         name, average = checkpoint_average(ckpt, weights, f"init.path: {path}", "init.weights")
         state.update(average)
         kind = f"ema_{name}"
-    finetune = ((ckpt.get("diffusion_train") or {}).get("config") or {}).get("finetune") or {}
-    if finetune.get("method") == "lora" and has_lora(state):  # a LoRA run's model: its adapters folded in
-        state = merged_state(state, float(finetune["alpha"]) / int(finetune["rank"]))
+    scaling = lora_scaling((ckpt.get("diffusion_train") or {}).get("config") or {})
+    if scaling is not None and has_lora(state):  # a LoRA run's model: its adapters folded in
+        state = merged_state(state, scaling)
     return state, str(path), kind
 
 
