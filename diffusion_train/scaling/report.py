@@ -1,5 +1,5 @@
 """The analysis of a scaling report (``scripts/scaling_report.py``): which runs count, the per-size saturating fits,
-the IsoFLOP parabolas and frontier (:mod:`diffusion_train.scaling.fit`), and the flags on what looks wrong."""
+the IsoFLOP parabolas and frontier (:mod:`diffusion_train.scaling.isoflop`), and the flags on what looks wrong."""
 
 from __future__ import annotations
 
@@ -10,10 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from diffusion_train.scaling.fit import (
-    ALPHA_BOUNDS, IsoFlopResult, bootstrap_saturating, fit_saturating_power_law, group_budgets, isoflop_analysis,
-    percentile_ci,
-)
+from diffusion_train.scaling.fit import ALPHA_BOUNDS, bootstrap_saturating, fit_saturating_power_law, percentile_ci
+from diffusion_train.scaling.isoflop import IsoFlopResult, group_budgets, isoflop_analysis
 from diffusion_train.scaling.registry import POSTHOC_METRIC, RegistryError, Run, human_count
 
 LEVEL = 0.95  # of the bootstrap intervals
