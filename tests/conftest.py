@@ -162,6 +162,24 @@ def params(module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
+def load_script(name: str):
+    """scripts/<name>.py as a module (named <name>_script), its folder on sys.path while it loads so that it can
+    import its sibling scripts; registered in sys.modules, where dataclasses look their module up."""
+    import importlib.util
+    import sys
+
+    scripts = str(Path(CONFIG_DIR).parent / "scripts")
+    spec = importlib.util.spec_from_file_location(f"{name}_script", f"{scripts}/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    sys.path.insert(0, scripts)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(scripts)
+    return module
+
+
 def instantiate_data(cfg):
     from hydra.utils import instantiate
 

@@ -22,7 +22,7 @@ from diffusion_train.scaling import (
     mmdit_macs,
     training_flops_per_image,
 )
-from conftest import compose_train
+from conftest import compose_train, load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "benchmark.py"
@@ -110,13 +110,7 @@ def test_cross_attention_model_needs_the_context_length():
 
 
 def import_script(name: str = "benchmark"):
-    import importlib
-
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    return load_script(name)
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:

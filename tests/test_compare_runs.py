@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import csv
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import load_script
 from diffusion_train.train import train
-
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 
 def import_script():
-    import importlib
-
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        return importlib.import_module("compare_runs")
-    finally:
-        sys.path.remove(str(SCRIPTS))
+    return load_script("compare_runs")
 
 
 def column(run: Path, key: str) -> dict[int, float]:

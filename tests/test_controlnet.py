@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from conftest import randomised
+from conftest import load_script, randomised
 from diffusion_train.train import train
 from diffusion_train.training.build import build_module
 from diffusion_train.training.pretrained import load_pretrained
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 CONTROL = ["finetune=controlnet"]
@@ -101,8 +98,6 @@ def test_sobel_edges_and_control_sources():
 
 def test_controlnet_run_and_its_grid_script(tiny_cfg, tmp_path):
     """A ControlNet run from a base run (its copies start as the base's), then scripts/control.py on it."""
-    import importlib.util
-
     base, run = tmp_path / "base.safetensors", tmp_path / "control"
     plain = randomised(build_module(tiny_cfg()), seed=12)
     save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(base))
@@ -120,9 +115,7 @@ def test_controlnet_run_and_its_grid_script(tiny_cfg, tmp_path):
     # N: what trains, the ControlNet's copy (the base is frozen), so that the run is a valid registry entry
     assert summary["params"] == sum(p.numel() for p in module.controlnet.parameters() if p.requires_grad) > 0
     assert load_summary(run / "summary.json").params == summary["params"]
-    spec = importlib.util.spec_from_file_location("control_script", ROOT / "scripts" / "control.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("control")
     out = tmp_path / "grid"
     ckpt = run / "checkpoints" / "last.ckpt"
     assert script.main([f"ckpt={ckpt}", f"out={out}", "num=3", "steps=2", "device=cpu"]) == 0

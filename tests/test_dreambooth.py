@@ -16,8 +16,6 @@ from conftest import instantiate_data
 from diffusion_train.train import train
 from diffusion_train.training.preemption import find_preemption
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def write_images(folder: Path, n: int, seed: int, exist_ok: bool = False) -> None:
     from PIL import Image
@@ -148,9 +146,7 @@ def test_missing_class_images_fill_the_gaps(tiny_cfg, tmp_path):
 
 def test_dreambooth_eval_script(tmp_path):
     """scripts/dreambooth_eval.py on a tiny text-conditioned Fashion-MNIST run and a stand-in classifier file."""
-    import importlib.util
-
-    from conftest import TINY, compose_train
+    from conftest import TINY, compose_train, load_script
     from diffusion_train.metrics.fmnist_net import FMNISTNet
 
     run = tmp_path / "text"
@@ -160,9 +156,7 @@ def test_dreambooth_eval_script(tmp_path):
     train(cfg, run)
     write_images(tmp_path / "subject", 2, seed=1)
     FMNISTNet(channels=(8, 16), feature_dim=16).save(tmp_path / "net.safetensors")
-    spec = importlib.util.spec_from_file_location("db_eval", ROOT / "scripts" / "dreambooth_eval.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("dreambooth_eval")
     out = tmp_path / "eval"
     args = [f"ckpt={run / 'checkpoints' / 'last.ckpt'}", f"out={out}", f"instance_dir={tmp_path / 'subject'}",
             "instance_prompt=a photo of sks thing", f"classifier={tmp_path / 'net.safetensors'}", "num=3",

@@ -3,7 +3,6 @@ contract, weights files and their errors, and scripts/train_feature_net.py on re
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import load_script
 from diffusion_train.conditioning.weights import tensors_sha256
 from diffusion_train.data.fashion_mnist import load_split
 from diffusion_train.metrics.base import FeatureExtractor
@@ -24,10 +24,7 @@ TINY_ARCH = ["channels=[8,16]", "feature_dim=32"]
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("train_feature_net_script", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("train_feature_net")
 
 
 def _net(seed: int = 0) -> FMNISTNet:

@@ -4,7 +4,6 @@ with provenance, metric names, and scripts/fid_reference.py on Fashion-MNIST."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import subprocess
 import sys
@@ -15,20 +14,12 @@ import pytest
 import scipy.linalg
 import torch
 
-from conftest import gloo_group
+from conftest import gloo_group, load_script
 from diffusion_train.metrics.fid import (EXTRACTORS, FeatureStats, ReferenceMismatchError, build_extractor,
                                          frechet_distance, load_reference, metric_name, save_reference)
 from diffusion_train.metrics.inception import InceptionV3, random_network
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def features(n: int = 600, d: int = 48, seed: int = 0) -> np.ndarray:
@@ -333,7 +324,7 @@ def test_extractor_registry(inception_weights):
 
 
 def _run_fid_reference(tmp_path: Path, weights: Path, limit: int, batch_size: int, capsys) -> tuple:
-    script = _script("fid_reference")
+    script = load_script("fid_reference")
     out = tmp_path / "refs" / "fmnist_train.safetensors"
     rc = script.main([f"out={out}", "dataset=fashion_mnist", "split=train", "extractor=inception",
                       f"weights={weights}", f"limit={limit}", f"batch_size={batch_size}", "resolution=32",
@@ -372,7 +363,7 @@ def test_fid_reference_script_on_64_fashion_mnist_images(tmp_path, inception_wei
 
 
 def test_fid_reference_script_usage_errors(tmp_path, capsys):
-    script = _script("fid_reference")
+    script = load_script("fid_reference")
     for args, match in ((["dataset=fashion_mnist"], "out="), ([f"out={tmp_path}/r.st", "dataset=imagenet"], "dataset="),
                         ([f"out={tmp_path}/r.st", "dataset=shards"], "sources="),
                         ([f"out={tmp_path}/r.st", "dataset=fashion_mnist", "extractor=clip"], "extractor=clip"),

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from conftest import load_script
 from diffusion_train.train import train
 from diffusion_train.training.build import load_module
 from diffusion_train.training.checkpointing import load_checkpoint
@@ -246,12 +247,7 @@ def test_a_run_snapshots_resumes_exactly_and_the_script_makes_a_loadable_checkpo
 
 
 def _script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("posthoc_ema_script", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
+    return load_script("posthoc_ema")
 
 
 def test_averages_of_another_model_are_refused_and_the_weights_kept():

@@ -5,7 +5,6 @@ file."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -14,20 +13,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from conftest import load_script
 from diffusion_train.scaling.fit import bootstrap_saturating, fit_power_law, fit_saturating_power_law, percentile_ci
 from diffusion_train.scaling.registry import FORMAT, RegistryError, load_runs, run_from_dict, wandb_summary
 
-ROOT = Path(__file__).resolve().parent.parent
 
-
-def _script():
-    spec = importlib.util.spec_from_file_location("scaling_report_script", ROOT / "scripts" / "scaling_report.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-report = _script()
+report = load_script("scaling_report")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -65,7 +56,6 @@ def test_saturating_power_law_recovers_alpha_and_E():
     lo, hi = percentile_ci(samples[:, 2])
     assert lo <= f.alpha <= hi and hi - lo < 0.05
     assert lo - 0.01 <= alpha <= hi + 0.01
-
 
 
 # ----------------------------------------------------------------------------------------------

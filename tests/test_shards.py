@@ -4,7 +4,6 @@ scripts/inspect_shards.py on good, corrupt and truncated shards."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import load_script
 from diffusion_train.data.fashion_mnist import CLASSES, load_split
 from diffusion_train.data.shards import FORMAT, encode_image, read_manifest, shard_paths, write_shards
 
@@ -26,16 +26,8 @@ CAPTION_TEMPLATES = ["a photo of a {name}", "a {name}", "a black and white pictu
                      "a grayscale photo of a {name}, centered"]
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-make = _script("make_shards")
-inspect_ = _script("inspect_shards")
+make = load_script("make_shards")
+inspect_ = load_script("inspect_shards")
 
 
 def opts(**kw) -> dict:
@@ -425,18 +417,14 @@ def test_short_side_shrinks_large_images_and_keeps_jpeg(tmp_path):
     """make_shards short_side=N stores large images resized (short side N), JPEG staying JPEG."""
     from PIL import Image as PILImage
 
-    spec = importlib.util.spec_from_file_location("make_shards_mod", ROOT / "scripts" / "make_shards.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
     big = tmp_path / "big.jpg"
     PILImage.new("RGB", (600, 400), (200, 30, 30)).save(big, quality=90)
     small = tmp_path / "small.png"
     PILImage.new("RGB", (100, 80), (0, 0, 255)).save(small)
-    ext, data, w, h = mod.read_image_file(big, "png", short_side=288)
+    ext, data, w, h = make.read_image_file(big, "png", short_side=288)
     assert ext == "jpg" and (w, h) == (600, 400)
     assert PILImage.open(io.BytesIO(data)).size == (432, 288)
-    ext, data, w, h = mod.read_image_file(small, "png", short_side=288)
+    ext, data, w, h = make.read_image_file(small, "png", short_side=288)
     assert ext == "png" and data == small.read_bytes()  # already small: stored byte for byte
 
 
@@ -448,17 +436,13 @@ def test_sizes_are_those_of_the_displayed_original_also_when_shrunk(tmp_path):
 
     from diffusion_train.data.decode import SampleDecoder
 
-    spec = importlib.util.spec_from_file_location("make_shards_mod", ROOT / "scripts" / "make_shards.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
     exif = PILImage.Exif()
     exif[0x0112] = 6
     for name in ("turned.jpg", "turned.webp"):
         PILImage.new("RGB", (400, 200), (200, 30, 30)).save(tmp_path / name, exif=exif.tobytes())
     decode = SampleDecoder(resolution=64, caption_key=None, label_key=None, metadata={"size": "image:original_size"})
     for name, short_side in (("turned.jpg", None), ("turned.webp", None), ("turned.jpg", 100)):
-        sample = mod.to_sample(mod.Item(key="a", file=tmp_path / name), "png", short_side)
+        sample = make.to_sample(make.Item(key="a", file=tmp_path / name), "png", short_side)
         meta, ext = sample["json"], next(k for k in sample if k in ("jpg", "png", "webp"))
         assert (meta["width"], meta["height"]) == (200, 400), (name, short_side)
         decoded = decode({"__key__": "a", ext: sample[ext], "json": json.dumps(meta).encode()}, random.Random(0))

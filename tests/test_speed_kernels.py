@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import TINY, compose_train
+from conftest import TINY, compose_train, load_script
 from diffusion_train.conditioning.cond import Cond
 from diffusion_train.models import MMDiT
 from diffusion_train.scaling.flops import flop_counter_macs
@@ -174,9 +174,6 @@ def test_cuda_only_attention_kernels_refuse_the_cpu():
 def test_trainer_benchmark_sets_cudnn_autotuning(monkeypatch):
     """trainer.benchmark=true reaches torch.backends.cudnn.benchmark through Lightning's Trainer; the default
     (null) leaves it as it was; the benchmark script names it among the speed options."""
-    import importlib.util
-    from pathlib import Path
-
     from hydra.utils import instantiate
 
     for value, expected in (("true", True), ("null", False)):
@@ -184,10 +181,7 @@ def test_trainer_benchmark_sets_cudnn_autotuning(monkeypatch):
         cfg = compose_train([*TINY, f"trainer.benchmark={value}"])
         instantiate(cfg.trainer, logger=False, enable_checkpointing=False, default_root_dir=None)
         assert torch.backends.cudnn.benchmark is expected
-    root = Path(__file__).resolve().parent.parent
-    spec = importlib.util.spec_from_file_location("bench_report", root / "scripts" / "bench_report.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("bench_report")
     assert script.speed_options({"compile": "true"}, True) == "compiled, cuDNN benchmark"
     assert script.speed_options({"compile": "blocks", "activation_checkpointing": 14, "fp8": True}) == \
         "blocks compiled, activation checkpointing of the first 14 blocks, fp8"

@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import DIT, instantiate_data, module_of, randomised
+from conftest import DIT, instantiate_data, load_script, module_of, randomised
 from diffusion_train.train import train
 from diffusion_train.training.build import build_module
 from diffusion_train.training.pretrained import load_pretrained
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 # -- inpainting ------------------------------------------------------------------------------------
@@ -174,12 +171,7 @@ def test_inpainting_trains_and_draws_its_masks_from_the_step_generator(tiny_cfg,
     run = tmp_path / "inpaint"
     train(tiny_cfg(*DIT, "task=inpainting", "callbacks.sample_grid.every_n_steps=2", run_dir=run), run)
     assert (run / "weights" / "raw.safetensors").exists() and list((run / "samples").glob("*.png"))
-
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("inpaint_script", ROOT / "scripts" / "inpaint.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("inpaint")
     out = tmp_path / "grid"
     assert script.main([f"ckpt={run / 'checkpoints' / 'last.ckpt'}", f"out={out}", "num=3", "steps=2",
                         "device=cpu"]) == 0

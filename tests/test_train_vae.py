@@ -3,7 +3,6 @@ latent scale factor giving unit variance), its arguments, and its command line w
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import load_script
 from diffusion_train.conditioning.autoencoder import TinyVAE, TinyVAENet, load_tiny_vae_net
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "train_vae.py"
@@ -21,10 +21,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "train_vae.py"
 
 @pytest.fixture(scope="module")
 def train_vae_script():
-    spec = importlib.util.spec_from_file_location("train_vae_script", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("train_vae")
 
 
 
