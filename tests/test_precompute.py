@@ -209,6 +209,27 @@ def test_val_size_keeps_the_first_items_with_their_captions(precomputed):
     assert batch["caption"] == online.val_set[[0, 4]]["caption"] and batch["caption.context"].shape[0] == 2
 
 
+def test_batches_name_their_source_items(tmp_path):
+    """A batch's __key__ is the source item's (with data.classes, its index among all of Fashion-MNIST); a set
+    without keys.json (written before it existed) names items by their place in the set."""
+    import shutil
+
+    _, online, module = _parts(["data.classes=[3,7]"], tmp_path)
+    out = tmp_path / "set"
+    write_precomputed(out, online, module.autoencoder, module.conditioner, batch_size=4, limit=6)
+    pre = PrecomputedDataModule(out, channels=1, resolution=32, num_classes=10)
+    pre.setup()
+    source = online.val_set[[0, 4]]["__key__"]
+    assert pre.val_set[[0, 4]]["__key__"] == source and source != ["val/0", "val/4"]
+    assert pre.train_set[[5, 2]]["__key__"] == online.train_set[[5, 2]]["__key__"]
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    (old / "val.keys.json").unlink()
+    pre = PrecomputedDataModule(old, channels=1, resolution=32, num_classes=10)
+    pre.setup()
+    assert pre.val_set[[0, 4]]["__key__"] == ["val/0", "val/4"]
+
+
 def test_an_editing_set_stores_the_source_latents_and_trains_as_online(precomputed, tmp_path):
     """task=editing: the source images are encoded too (source_latent), so the set trains the task with the
     losses of online encoding; a set without them, or a task that needs the images, is refused before training."""

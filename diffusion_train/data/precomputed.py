@@ -11,6 +11,8 @@ A precomputed set is a directory::
                               text embedder <name>: <name>.context (U, L, D), <name>.mask (U, L),
                               <name>.vector (U, D) as its ``output`` selects
     <split>.captions.json     {<key>: [distinct captions]}
+    <split>.keys.json         [the source dataset's ``__key__`` of each item] (empty: it gave none), which a
+                              batch's ``__key__`` gives
 
 Captions are stored once per distinct string (templated captions cost nothing). The posterior is
 sampled and scaled at training time from the stored moments, with the step's seeded generator, so
@@ -106,15 +108,15 @@ def _index_batches(n: int, batch_size: int) -> Iterable[list[int]]:
 def precompute_split(dataset: Dataset, autoencoder, conditioner, batch_size: int = 256,
                      dtype: torch.dtype = torch.float16, device: str | torch.device = "cpu",
                      progress: bool = False, limit: int | None = None,
-                     image_keys: Iterable[str] = ()) -> tuple[dict[str, Tensor], dict]:
+                     image_keys: Iterable[str] = ()) -> tuple[dict[str, Tensor], dict, list[str]]:
     """Encodes the items of ``dataset`` (indexed by lists, e.g. :class:`ImageBatches`) in order, the
     first ``limit`` of them if given, with the autoencoder and text embedders already on ``device``; the
     images under ``image_keys`` too (the task's, e.g. an editing source), as ``<key>_latent``.
 
-    Returns the tensors of ``<split>.safetensors`` and the distinct captions per caption key.
+    Returns the tensors of ``<split>.safetensors``, the distinct captions per caption key and the source keys.
     """
     image_keys = list(image_keys)
-    latents, labels, captions = [], [], {}
+    latents, labels, captions, source_keys = [], [], {}, []
     extra: dict[str, list[Tensor]] = {key: [] for key in image_keys}
     batches = _index_batches(len(dataset) if limit is None else min(int(limit), len(dataset)), batch_size)
     if progress:
@@ -125,6 +127,7 @@ def precompute_split(dataset: Dataset, autoencoder, conditioner, batch_size: int
         batch = dataset[idx]
         latents.append(autoencoder.encode_moments(batch["image"].to(device)).to(dtype).cpu())
         labels.append(batch["label"].long())
+        source_keys.extend(batch.get("__key__", ()))
         for key in image_keys:
             if key not in batch:
                 raise KeyError(f"the task encodes batch key {key!r}, which the dataset does not provide (it has "
@@ -149,7 +152,7 @@ def precompute_split(dataset: Dataset, autoencoder, conditioner, batch_size: int
             for k, v in emb.encode([distinct[emb.input_key][i] for i in idx]).items():
                 parts.setdefault(k, []).append(v.cpu() if k == "mask" else v.to(dtype).cpu())
         tensors.update({f"{name}.{k}": torch.cat(v) for k, v in parts.items()})
-    return tensors, distinct
+    return tensors, distinct, source_keys if len(source_keys) == len(tensors["label"]) else []
 
 
 def task_image_keys(task) -> list[str]:
@@ -201,13 +204,16 @@ def write_precomputed(out_dir: str | os.PathLike, datamodule, autoencoder, condi
             if split not in sets:
                 raise ValueError(f"unknown split {split!r}; valid: {sorted(sets)}")
             if sets[split] is None or not len(sets[split]) or limit == 0:
-                tensors, distinct = _empty_split(datamodule, autoencoder, image_keys, torch_dtype, device)
+                tensors, distinct, source_keys = _empty_split(datamodule, autoencoder, image_keys, torch_dtype,
+                                                              device)
             else:
-                tensors, distinct = precompute_split(sets[split], autoencoder, conditioner, batch_size, torch_dtype,
-                                                     device, progress, limit, image_keys)
+                tensors, distinct, source_keys = precompute_split(sets[split], autoencoder, conditioner, batch_size,
+                                                                  torch_dtype, device, progress, limit, image_keys)
             atomic_save_file({k: v.contiguous() for k, v in tensors.items()}, out / f"{split}.safetensors")
-            (out / f"{split}.captions.json.tmp").write_text(json.dumps(distinct))
-            os.replace(out / f"{split}.captions.json.tmp", out / f"{split}.captions.json")
+            for name, value in (("captions", distinct), ("keys", source_keys)):
+                file = out / f"{split}.{name}.json"
+                file.with_suffix(".tmp").write_text(json.dumps(value))
+                os.replace(file.with_suffix(".tmp"), file)
             manifest["splits"][split] = {"count": int(tensors["latent"].shape[0]),
                                          "latent_shape": list(tensors["latent"].shape[1:]),
                                          "distinct_captions": {k: len(v) for k, v in distinct.items()}}
@@ -221,12 +227,12 @@ def write_precomputed(out_dir: str | os.PathLike, datamodule, autoencoder, condi
 
 
 def _empty_split(datamodule, autoencoder, image_keys: list[str], dtype: torch.dtype,
-                 device) -> tuple[dict[str, Tensor], dict]:
+                 device) -> tuple[dict[str, Tensor], dict, list]:
     """The tensors of a split without items (``val_size=0``): no rows, the latents' shape kept."""
     image = torch.zeros(1, datamodule.channels, datamodule.resolution, datamodule.resolution, device=device)
     none = torch.zeros(0, *autoencoder.encode_moments(image).shape[1:], dtype=dtype)
     return {"latent": none, "label": torch.zeros(0, dtype=torch.long),
-            **{f"{key}_latent": none.clone() for key in image_keys}}, {}
+            **{f"{key}_latent": none.clone() for key in image_keys}}, {}, []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,11 +264,11 @@ def manifest_value(path: str, key: str) -> Any:
 class PrecomputedBatches(Dataset):
     """``dataset[list_of_indices]`` -> a batch: latent (moments, float32), label, caption(s), the task's
     ``<key>_latent`` moments, the stored text encodings under ``<name>.context`` / ``.mask`` / ``.vector``,
-    and ``__key__``."""
+    and ``__key__``: the source item's (``source_keys``), else ``<split>/<index>`` in the set."""
 
     def __init__(self, tensors: dict[str, Tensor], captions: dict[str, list[str]], split: str,
-                 embedder_keys: dict[str, str]):
-        self.tensors, self.captions, self.split = tensors, captions, split
+                 embedder_keys: dict[str, str], source_keys: list[str] | None = None):
+        self.tensors, self.captions, self.split, self.source_keys = tensors, captions, split, source_keys
         self.embedder_keys = embedder_keys  # text embedder name -> the caption key its encodings index
 
     def __len__(self) -> int:
@@ -272,7 +278,8 @@ class PrecomputedBatches(Dataset):
         idx = torch.as_tensor(indices, dtype=torch.long)
         t = self.tensors
         batch: dict[str, Any] = {"latent": t["latent"][idx].float(), "label": t["label"][idx],
-                                 "__key__": [f"{self.split}/{i}" for i in indices]}
+                                 "__key__": [self.source_keys[i] if self.source_keys else f"{self.split}/{i}"
+                                             for i in indices]}
         batch.update({k: v[idx].float() for k, v in t.items() if k.endswith("_latent")})
         rows = {key: t[f"{key}.index"][idx] for key in self.captions}
         for key, table in self.captions.items():
@@ -333,7 +340,11 @@ class PrecomputedDataModule(InMemoryDataModule):
                 per_item = {k for k in tensors if k in ("latent", "label") or k.endswith((".index", "_latent"))}
                 tensors = {k: v[: self.val_size] if k in per_item else v for k, v in tensors.items()}
             captions = json.loads((self.path / f"{split}.captions.json").read_text())
-            dataset = PrecomputedBatches(tensors, captions, split, keys)
+            keys_file = self.path / f"{split}.keys.json"  # sets written before it existed have none
+            source_keys = json.loads(keys_file.read_text()) if keys_file.is_file() else None
+            if source_keys and len(source_keys) < tensors["latent"].shape[0]:
+                raise ValueError(f"{keys_file}: {len(source_keys)} keys for {tensors['latent'].shape[0]} items")
+            dataset = PrecomputedBatches(tensors, captions, split, keys, source_keys)
             sets.append(dataset)
             log.info("precomputed %s: %d items from %s", split, len(dataset), self.path)
         return sets[0], sets[1]
