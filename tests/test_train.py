@@ -321,23 +321,24 @@ def test_killed_run_resumes_when_relaunched(tmp_path):
 def test_throughput_leaves_out_the_launch_s_first_step(monkeypatch):
     """A launch's first step compiles (100 s here), the others take 1 s: logged every 3 steps, images/s is that of
     the steps after the first (2 steps of 8 images in 2 s at step 3, then 3 in 3 s at step 6), TFLOP/s and MFU
-    from it."""
+    from it; the last step (7, which took 2 s) logs its own rate, which the end of the fit writes."""
     from types import SimpleNamespace
 
     import diffusion_train.training.summary as summary
     from diffusion_train.training.throughput import Throughput
 
-    clock = iter([0.0, 100.0, 101.0, 102.0, 103.0, 104.0, 105.0])
+    clock = iter([0.0, 100.0, 101.0, 102.0, 103.0, 104.0, 105.0, 107.0])
     monkeypatch.setattr("time.perf_counter", lambda: next(clock))
     monkeypatch.setattr(summary, "run_forward_macs", lambda module: 1e9)
     logged = []
     module = SimpleNamespace(device=torch.device("cpu"), accumulate_grad_batches=1, log_dict=logged.append)
-    trainer = SimpleNamespace(callbacks=[], global_step=0, world_size=1, datamodule=SimpleNamespace(batch_size=8))
+    trainer = SimpleNamespace(callbacks=[], global_step=0, world_size=1, datamodule=SimpleNamespace(batch_size=8),
+                              max_steps=7, should_stop=False)
     meter = Throughput(every_n_steps=3, peak_tflops=1.0)
     meter.on_train_start(trainer, module)
-    for step in range(1, 7):
+    for step in range(1, 8):
         trainer.global_step = step
         meter.on_train_batch_end(trainer, module, None, None, step - 1)
-    assert [d["perf/images_per_sec"] for d in logged] == [8.0, 8.0]
+    assert [d["perf/images_per_sec"] for d in logged] == [8.0, 8.0, 4.0]
     assert logged[0]["perf/tflops_per_device"] == pytest.approx(8.0 * 6e9 / 1e12)
     assert logged[0]["perf/mfu"] == pytest.approx(8.0 * 6e9 / 1e12)

@@ -209,8 +209,13 @@ def logs_at(trainer, pl_module, step: int) -> bool:
     """Whether optimizer ``step`` gets a row of metrics: every :func:`log_every_steps`, and the run's last step
     (``max_steps``), whose row Lightning writes at the end of the fit from the last values logged, so counters
     logged only at logging steps would show an earlier step's. The same on every rank."""
+    return step % log_every_steps(trainer, pl_module) == 0 or is_last_step(trainer, step)
+
+
+def is_last_step(trainer, step: int) -> bool:
+    """Whether optimizer ``step`` is the fit's last, ``trainer.max_steps`` (-1 or None: no such limit)."""
     max_steps = getattr(trainer, "max_steps", None)
-    return step % log_every_steps(trainer, pl_module) == 0 or (max_steps is not None and 0 < max_steps <= step)
+    return max_steps is not None and 0 < max_steps <= step
 
 
 def per_device_batch(batch_size: int, global_batch: int | None, world_size: int, accumulate: int) -> int:

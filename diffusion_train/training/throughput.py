@@ -8,7 +8,7 @@ import time
 import lightning as L
 import torch
 
-from diffusion_train.training.parallel import trainer_global_batch
+from diffusion_train.training.parallel import is_last_step, trainer_global_batch
 
 
 class Throughput(L.Callback):
@@ -16,7 +16,9 @@ class Throughput(L.Callback):
     the model FLOPs each device does per second (images/s x training FLOPs per image / devices, the accounting
     of ``scaling/flops.py`` that ``RunSummary`` uses); and ``perf/mfu``, that against the device's dense bf16
     peak (``peak_tflops``, else known GPUs' by name; none on a CPU or an unknown card). A launch's first optimizer
-    step (compilation, allocation, autotuning) is not timed: the first interval runs from its end."""
+    step (compilation, allocation, autotuning) is not timed: the first interval runs from its end. The fit's last
+    step (``max_steps``) logs too, with the rate since the previous logging step (a stop that a later callback
+    decides, e.g. for a signal, writes the previous interval's)."""
 
     def __init__(self, every_n_steps: int = 50, peak_tflops: float | None = None):
         super().__init__()
@@ -50,8 +52,8 @@ class Throughput(L.Callback):
         if not self._warm:  # a launch's first step compiles and allocates (tens of seconds): time from its end
             self._t0, self._step0, self._warm = now, step, True
             return
-        if step % self.every_n_steps:
-            return
+        if step % self.every_n_steps and not (is_last_step(trainer, step) or trainer.should_stop):
+            return  # the fit's end writes a row of metrics: with this interval's rate, not the previous one's
         images_per_sec = (step - self._step0) * trainer_global_batch(trainer, pl_module) / (now - self._t0)
         per_device = images_per_sec * self.flops_per_image / trainer.world_size
         logs = {"perf/images_per_sec": images_per_sec, "perf/tflops_per_device": per_device / 1e12}
