@@ -102,3 +102,25 @@ def test_json_metadata_reaches_the_batch_and_missing_fields_are_counted(tmp_path
         assert torch.allclose(batch["aesthetic"], torch.tensor([k / 10 for k in ks]))
         assert batch["orig"].tolist() == [[k, 2 * k] for k in ks]
     assert sum(b["__skipped__"].get("missing_aesthetic", 0) for b in batches) == 1
+
+
+def test_a_key_written_twice_in_a_row_is_a_duplicate_not_a_mixed_sample(tmp_path, monkeypatch):
+    """A sample rewritten right after itself (a retried write): the reader keeps the first copy whole and drops the
+    second as a duplicate, instead of mixing the second's image and label with the first's caption."""
+    from collections import Counter
+
+    from diffusion_train.data.tar_io import tar_samples
+
+    first = {"__key__": "000001", "png": png_of(1), "cls": b"1", "txt": b"first"}
+    again = {"__key__": "000001", "png": png_of(200), "cls": b"9"}
+    others = [{"__key__": f"{k:06d}", "png": png_of(k), "cls": b"0", "txt": b"x"} for k in (2, 3, 4)]
+    path = write_shard(tmp_path / "r-000000.tar", [first, again, *others])
+    raw = list(tar_samples(str(path), Counter()))
+    assert [(r["__key__"], r.get("txt"), r["cls"]) for r in raw[:2]] == [("000001", b"first", b"1"),
+                                                                        ("000001", None, b"9")]
+    as_reader(monkeypatch, 0, 1, 0, 1)
+    batch = next(iter(stream(str(path), batch_size=4)))
+    one = batch["__key__"].index("000001")
+    assert sorted(batch["__key__"]) == ["000001", "000002", "000003", "000004"]
+    assert (batch["caption"][one], int(batch["label"][one])) == ("first", 1)
+    assert batch["__skipped__"] == {"duplicate_key": 1}

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from diffusion_train.data.bad_data import BadDataError
 from diffusion_train.data.decode import SampleDecoder
 from diffusion_train.data.stream import ShardStream, finish_batch
 from diffusion_train.data.web import WebDataModule, expand_shards
@@ -44,6 +45,52 @@ def test_exact_mode_without_shuffle_buffer_gives_exact_epochs(tmp_path, monkeypa
         as_reader(monkeypatch, rank, 2, worker, 2)
         all_epoch += keys_of(itertools.islice(iter(stream(pattern)), 2))  # 1 shard of 10 = 2 batches
     assert sorted(all_epoch) == [f"{k:06d}" for k in range(40)]
+
+
+def test_a_loader_without_workers_reads_all_its_shards_whatever_the_environment(tmp_path, monkeypatch):
+    """num_workers=0: the rank's one reader reads every shard of the rank, also where the environment has a
+    NUM_WORKERS or WORKER variable of its own."""
+    pattern = make_shards(tmp_path, n_shards=4, per_shard=5)
+    monkeypatch.setenv("NUM_WORKERS", "4")
+    monkeypatch.setenv("WORKER", "1")
+    assert sorted(keys_of(itertools.islice(iter(stream(pattern, rank=0, world_size=1)), 4))) == \
+        [f"{k:06d}" for k in range(20)]
+
+
+def test_a_saved_position_is_used_only_with_the_same_shards_seed_and_buffer(tmp_path, caplog):
+    """Exact-mode positions depend on the shard list, the seed and the shuffle buffer: with another of them the
+    readers start again at the beginning of their shards, with a warning; the same shards under another folder
+    keep it."""
+    import shutil
+
+    pattern = make_shards(tmp_path / "a", n_shards=4, per_shard=5)
+    args = dict(resolution=8, channels=1, batch_size=4, resampled=False, num_workers=0, shuffle_buffer=4)
+    saved = WebDataModule(pattern, **args)
+    saved.positions = {0: {"reader": 0, "pass": 0, "emitted": 8, "pending": []}}
+    state = saved.state_dict()
+    shutil.copytree(tmp_path / "a", tmp_path / "moved")
+    sources = {"moved": pattern.replace(str(tmp_path / "a"), str(tmp_path / "moved")),
+               "reordered": [str(tmp_path / "a" / f"train-00000{i}.tar") for i in (0, 1, 3, 2)]}
+    for changed, kept in (({}, True), ({"seed": 1}, False), ({"shuffle_buffer": 5}, False), ({"sources": "moved"}, True),
+                          ({"sources": "reordered"}, False)):
+        settings = {**args, **changed, "sources": sources.get(changed.get("sources"), pattern)}
+        dm = WebDataModule(**settings)
+        caplog.clear()
+        dm.load_state_dict(state)
+        assert (dm.positions == saved.positions) is kept, changed
+        assert ("each reader starts at the beginning" in caplog.text) is not kept, changed
+
+
+def test_val_size_0_gives_no_validation(tmp_path):
+    pattern = make_shards(tmp_path, n_shards=1, per_shard=6)
+    dm = WebDataModule(pattern, resolution=8, channels=1, num_classes=10, batch_size=4, val_shards=pattern, val_size=0,
+                       num_workers=0)
+    dm.setup()
+    assert dm.val_set is None and dm.val_dataloader() == []
+    dm = WebDataModule(pattern, resolution=8, channels=1, num_classes=10, batch_size=4, val_shards=pattern, val_size=4,
+                       num_workers=0)
+    dm.setup()
+    assert len(dm.val_set) == 4
 
 
 def test_too_few_shards_for_the_readers_is_explained(tmp_path, monkeypatch):
@@ -137,6 +184,13 @@ def test_missing_shards_fail_at_start_naming_the_pattern(tmp_path):
         expand_shards(str(tmp_path / "nope-{000000..000003}.tar"))
     with pytest.raises(FileNotFoundError, match=r"has no manifest.json"):
         expand_shards(str(tmp_path))
+    from diffusion_train.data.shards import write_shards
+
+    write_shards(({"__key__": f"{i:06d}", "cls": i} for i in range(6)), tmp_path / "set", "train", max_count=2)
+    (tmp_path / "set" / "train-000001.tar").unlink()
+    with pytest.raises(FileNotFoundError, match=r"^shard directory .*set: 1 of 3 shards its manifest lists do not "
+                                                r"exist \(first: .*train-000001.tar\)"):
+        expand_shards(str(tmp_path / "set"))
 
 
 def test_too_many_bad_samples_stop_the_run_with_the_reason(tmp_path):
@@ -145,9 +199,15 @@ def test_too_many_bad_samples_stop_the_run_with_the_reason(tmp_path):
                        min_samples_for_bad_check=10, num_workers=0)
     batch = {"image": None, "__key__": ["a"] * 4, "__skipped__": {"undecodable_image": 1}}
     dm.on_before_batch_transfer(dict(batch), 0)
-    with pytest.raises(Exception, match=r"unusable \(\{'undecodable_image': \d+\}\), more than data.max_bad_fraction=0.1"):
+    dm.check_bad_data()  # 1 of 5 read, before the check's minimum of 10
+    with pytest.raises(BadDataError, match=r"^3 of 11 samples read were unusable \(\{'undecodable_image': 3\}\), "
+                                           r"more than data.max_bad_fraction=0.1"):
         for _ in range(3):
             dm.on_before_batch_transfer({**batch, "__skipped__": {"undecodable_image": 2}}, 0)
+            dm.check_bad_data()
+    with pytest.raises(BadDataError, match=r"^40 of 140 samples read"):  # the sums over the ranks, as given
+        dm.check_bad_data({"undecodable_image": 40}, 100)
+    dm.check_bad_data({"undecodable_image": 4, "filtered_punsafe": 36}, 100)  # filtered: read, not unusable
 
 
 @pytest.fixture(scope="module")
@@ -214,13 +274,11 @@ def test_precomputed_latents_in_shards_train_a_latent_model(tmp_path):
         samples[5]["cls"] = b"7"  # a label outside the 4 classes: skipped and counted
         write_shard(tmp_path / f"train-{s:06d}.tar", samples)
     pattern = str(tmp_path / "train-{000000..000001}.tar")
-    overrides = [o for o in TINY if not o.startswith("data=")]
-    cfg = compose_train(overrides + ["data=webdataset", f"data.sources='{pattern}'", f"data.val_shards='{pattern}'",
-                                     "data.val_size=8", "data.resolution=16", "data.num_classes=4",
-                                     "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=4",
-                                     "data.tensors={latent:latent.npy}", "autoencoder=tiny_vae",
-                                     "autoencoder.in_channels=3"], tmp_path / "run")
-    trainer = train(cfg, tmp_path / "run")
+    overrides = [o for o in TINY if not o.startswith("data=")] + [
+        "data=webdataset", f"data.sources='{pattern}'", f"data.val_shards='{pattern}'", "data.val_size=8",
+        "data.resolution=16", "data.num_classes=4", "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=4",
+        "data.tensors={latent:latent.npy}", "autoencoder=tiny_vae", "autoencoder.in_channels=3"]
+    trainer = train(compose_train(overrides, tmp_path / "run"), tmp_path / "run")
     module = trainer.lightning_module
     assert trainer.global_step == 4 and (module.backbone.in_channels, module.backbone.input_size) == (4, 4)
     rows = list(csv.DictReader(open(tmp_path / "run/metrics.csv", newline="")))
@@ -230,6 +288,10 @@ def test_precomputed_latents_in_shards_train_a_latent_model(tmp_path):
     assert "image" not in batch and batch["latent"].dtype == torch.float16  # stored dtype until on the device
     batch = finish_batch(batch)
     assert batch["latent"].dtype == torch.float32 and batch["latent"].shape == (4, 8, 4, 4)
+    # 1 sample in 12 unusable is more than a bound of 1%: the run stops at a logging step (on every rank at once)
+    strict = overrides + ["data.max_bad_fraction=0.01", "data.min_samples_for_bad_check=4"]
+    with pytest.raises(BadDataError, match=r"^1 of \d+ samples read were unusable \(\{'bad_label': 1\}\)"):
+        train(compose_train(strict, tmp_path / "strict"), tmp_path / "strict")
 
 
 def test_augmentation_of_images_with_stored_latents_is_refused():

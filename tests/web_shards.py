@@ -1,4 +1,4 @@
-"""Webdataset shards for tests: writing tar shards, a shard stream with small defaults, the environment of one
+"""Webdataset shards for tests: writing tar shards, a shard stream with small defaults, the place of one
 reader (rank x worker), and a rank's DataLoader order (test_web_data.py, test_aspect_buckets.py,
 test_shard_reading.py)."""
 
@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from diffusion_train.data.decode import SampleDecoder
+from diffusion_train.data import stream as stream_module
 from diffusion_train.data.stream import ShardStream
 from diffusion_train.data.web import expand_shards
 
@@ -36,15 +37,15 @@ def stream(pattern, decoder=None, **kw) -> ShardStream:
 
 
 def as_reader(monkeypatch, rank: int, world: int, worker: int, workers: int) -> None:
-    for name, value in dict(RANK=rank, WORLD_SIZE=world, WORKER=worker, NUM_WORKERS=workers).items():
-        monkeypatch.setenv(name, str(value))
+    """Makes the streams of this test read as worker ``worker`` of ``workers`` of rank ``rank`` of ``world``."""
+    monkeypatch.setattr(stream_module, "rank_worker", lambda: (rank, world, worker, workers))
 
 
 def loader_batches(pattern, monkeypatch, start: int, n: int, workers: int = 2, positions=None,
                     decoder=None, **kw) -> list[dict]:
     """What a rank's DataLoader yields: batch b from worker b mod workers."""
     per_worker = []
-    for w in range(workers):  # read each worker's batches while the environment says which worker it is
+    for w in range(workers):  # read each worker's batches while rank_worker says which worker it is
         as_reader(monkeypatch, 0, 1, w, workers)
         s = stream(pattern, decoder, start_batch=start, positions=positions, **kw)
         per_worker.append(iter(list(itertools.islice(iter(s), n))))

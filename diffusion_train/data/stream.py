@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 
 
 def rank_worker() -> tuple[int, int, int, int]:
-    """(rank, world size, worker, workers) from torch.distributed / the DataLoader worker, else from
-    the environment (``RANK``, ``WORLD_SIZE``, ``WORKER``, ``NUM_WORKERS``), else a single process."""
+    """(rank, world size, worker, workers): the rank from torch.distributed, else the environment (``RANK``,
+    ``WORLD_SIZE``, as torchrun sets them), else a single process; the worker from the DataLoader, else the
+    one reader of a loader without workers."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     else:
@@ -39,7 +40,7 @@ def rank_worker() -> tuple[int, int, int, int]:
     info = get_worker_info()
     if info is not None:
         return rank, world, info.id, info.num_workers
-    return rank, world, int(os.environ.get("WORKER", 0)), int(os.environ.get("NUM_WORKERS", 1))
+    return rank, world, 0, 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,7 +139,7 @@ class ShardStream(IterableDataset):
                  epoch_batches: int | None = None):
         if epoch_batches is not None and (not resampled or epoch_batches < 1):
             raise ValueError(f"data.epoch_batches={epoch_batches}: give a positive number of batches per rank, with "
-                             f"data.resampled=true (in exact mode an epoch is a pass over the shards)")
+                             f"data.resampled=true (an exact-mode stream is one endless epoch)")
         self.sources, self.decoder, self.batch_size = list(sources), decoder, int(batch_size)
         self.seed, self.resampled, self.shuffle_buffer = seed, resampled, int(shuffle_buffer)
         self.start_batch, self.rank, self.world_size = int(start_batch), rank, world_size

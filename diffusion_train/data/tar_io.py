@@ -106,7 +106,8 @@ def tar_members(stream) -> Iterator[tuple[str, bytes]]:
 
 
 def tar_samples(url: str, skipped: Counter) -> Iterator[dict[str, Any]]:
-    """Samples (``{"__key__", "__url__", ext: bytes, ...}``) of one tar, members grouped by key.
+    """Samples (``{"__key__", "__url__", ext: bytes, ...}``) of one tar, consecutive members of a key grouped; a
+    member whose key and extension the sample has already starts another sample of that key.
 
     A tar that cannot be opened, is corrupt (a bad header, bad gzip data), ends early (truncated) or
     holds no sample (an empty file) counts as ``unreadable_tar`` each time it is read and is logged with
@@ -129,14 +130,15 @@ def tar_samples(url: str, skipped: Counter) -> Iterator[dict[str, Any]]:
                 stem, dot, ext = name.partition(".")
                 if not dot or stem.startswith("__"):
                     continue
-                key = f"{directory}/{stem}" if directory else stem
-                if current is not None and current["__key__"] != key:
+                key, ext = (f"{directory}/{stem}" if directory else stem), ext.lower()
+                # a new key, or a member the sample has already: a rewrite of it, which the reader drops as a duplicate
+                if current is not None and (current["__key__"] != key or ext in current):
                     found = True
                     yield current
                     current = None
                 if current is None:
                     current = {"__key__": key, "__url__": url}
-                current[ext.lower()] = data
+                current[ext] = data
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         _unreadable(url, skipped, "%s: %s (samples before it are used)", type(e).__name__, e)
         return

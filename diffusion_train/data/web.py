@@ -19,8 +19,9 @@ each batch holds one bucket (aspect-ratio bucketing).
 Bad input loses nothing but the bad sample: undecodable images, samples without an image, bad labels
 or json, duplicate keys and truncated, corrupt, empty or unreadable tars are skipped and counted by
 reason, and the first few of each reason are logged with their shard and key; the counts travel with
-the batches, are logged, and more than ``max_bad_fraction`` of bad samples (filtered ones not counted)
-stops the run with the reason, as does a reader that has no usable sample at all (see :class:`Skips`).
+the batches, are summed over the ranks and logged at logging steps, where more than ``max_bad_fraction``
+of bad samples (filtered ones not counted) stops the run on every rank with the reason; a reader that has
+no usable sample at all stops it too (see :class:`Skips`).
 A local shard path or pattern that matches nothing fails at start, naming the pattern.
 
 The reader itself (shuffle buffer, decoding, batching, positions) is :class:`diffusion_train.data.stream.ShardStream`.
@@ -74,17 +75,21 @@ def expand_shards(spec: str | Sequence[str], split: str = "train") -> list[str]:
             found = [str(p) for p in shard_paths(item, split)]
             if not found:
                 raise FileNotFoundError(f"shard directory {item}: its manifest lists no {split}-*.tar shards")
-            urls += found
+            urls += _existing(found, f"shard directory {item}", "shards its manifest lists")
             continue
         expanded = list(braceexpand(item))
-        missing = [u for u in expanded if not Path(u).is_file()]
-        if missing:
-            raise FileNotFoundError(f"shard pattern {item!r}: {len(missing)} of {len(expanded)} paths do not exist "
-                                    f"(first: {missing[0]})")
-        urls += expanded
+        urls += _existing(expanded, f"shard pattern {item!r}", "paths")
     if not urls:
         raise FileNotFoundError(f"shard spec {spec!r} matches no shards")
     return urls
+
+
+def _existing(paths: list[str], where: str, what: str) -> list[str]:
+    """``paths``, all of which must be files: else one error naming ``where`` and the first missing one."""
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{where}: {len(missing)} of {len(paths)} {what} do not exist (first: {missing[0]})")
+    return paths
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,7 +174,7 @@ class WebDataModule(L.LightningDataModule):
                           persistent_workers=self.num_workers > 0, worker_init_fn=ignore_preemption_signals)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.val_set is not None or not self.val_urls:
+        if self.val_set is not None or not self.val_urls or self.val_size <= 0:
             return
         skipped: Counter = Counter()
         samples: list[dict] = []
@@ -180,9 +185,9 @@ class WebDataModule(L.LightningDataModule):
                     skipped[sample] += 1
                     continue
                 samples.append(sample)
-                if len(samples) == self.val_size:
+                if len(samples) >= self.val_size:
                     break
-            if len(samples) == self.val_size:
+            if len(samples) >= self.val_size:
                 break
         if not samples:
             raise ValueError(f"validation shards {self.val_urls[0]}...: no usable sample ({dict(skipped)})")
@@ -210,17 +215,31 @@ class WebDataModule(L.LightningDataModule):
         if counts is not None:
             self.skip_counts.update(counts)
             self.samples_used += len(batch["__key__"])
-            bad = {reason: n for reason, n in self.skip_counts.items() if not is_filtered(reason)}
-            seen = sum(self.skip_counts.values()) + self.samples_used
-            if seen >= self.min_samples_for_bad_check and sum(bad.values()) > self.max_bad_fraction * seen:
-                raise BadDataError(f"{sum(bad.values())} of {seen} samples read were unusable ({bad}), more than "
-                                   f"data.max_bad_fraction={self.max_bad_fraction}; check the shards "
-                                   f"(scripts/inspect_shards.py) or raise the bound")
         return batch
 
-    def _layout(self) -> list[int]:
-        """What exact-mode positions depend on: world size, workers per rank, number of shards."""
-        return [self._rank_world()[1], max(1, self.num_workers), sum(len(urls) for urls, _ in self.sources)]
+    def check_bad_data(self, skipped: dict[str, int] | None = None, used: int | None = None) -> None:
+        """Raises :class:`BadDataError` when more than ``max_bad_fraction`` of the samples read were unusable:
+        of ``skipped`` (counts by reason) and ``used`` samples, by default this process's. The training module
+        passes the sums over all ranks at its logging steps, so that every rank stops at the same step (a rank
+        that stopped alone would leave the others waiting in a collective)."""
+        skipped = self.skip_counts if skipped is None else skipped
+        used = self.samples_used if used is None else used
+        bad = {reason: n for reason, n in skipped.items() if not is_filtered(reason)}
+        seen = sum(skipped.values()) + used
+        if seen >= self.min_samples_for_bad_check and sum(bad.values()) > self.max_bad_fraction * seen:
+            raise BadDataError(f"{sum(bad.values())} of {seen} samples read were unusable ({bad}), more than "
+                               f"data.max_bad_fraction={self.max_bad_fraction}; check the shards "
+                               f"(scripts/inspect_shards.py) or raise the bound")
+
+    def _layout(self) -> list:
+        """What exact-mode positions depend on: world size, workers per rank, the shard list (its number and a
+        digest of the names in order), and the seed and shuffle buffer that order the shards and draw from the
+        buffer."""
+        import hashlib
+
+        urls = [u for urls, _ in self.sources for u in urls]
+        digest = hashlib.sha256("\n".join(Path(u).name for u in urls).encode()).hexdigest()[:16]
+        return [self._rank_world()[1], max(1, self.num_workers), len(urls), digest, self.seed, self.shuffle_buffer]
 
     def _own_positions(self) -> dict[int, dict]:
         """The positions of this rank's readers (global reader index // workers per rank == rank):
@@ -248,8 +267,9 @@ class WebDataModule(L.LightningDataModule):
         if self.resampled:
             return
         if state.get("layout") != self._layout() or state.get("resampled", True):
-            log.warning("data position saved for (world size, workers, shards) = %s in %s mode; now %s in exact "
-                        "mode: each reader starts at the beginning of its shards", state.get("layout"),
+            log.warning("data position saved for (world size, workers, shards, shard list digest, seed, shuffle "
+                        "buffer) = %s in %s mode; now %s in exact mode: each reader starts at the beginning of its "
+                        "shards", state.get("layout"),
                         "resampled" if state.get("resampled", True) else "exact", self._layout())
             return
         self.positions = dict(state["positions"])

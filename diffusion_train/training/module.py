@@ -282,16 +282,25 @@ class DiffusionModule(Generation, L.LightningModule):
 
     def _log_data_counts(self) -> None:
         """Host-side counts of the data, summed over the ranks (every rank calls this at the same steps): captions
-        cut to the encoder's max_length (counted when encoded) and, for streamed data, unusable samples by reason."""
+        cut to the encoder's max_length (counted when encoded) and, for streamed data, unusable samples by reason,
+        whose share of the samples read the data module then checks (the same sums, so every rank stops or none)."""
         counts = {}
         truncated = self._truncated_captions()
         if truncated:
             counts["data/truncated_captions"] = sum(truncated.values())
-        skipped = getattr(self.trainer.datamodule, "skip_counts", None)
+        data = self.trainer.datamodule
+        skipped = getattr(data, "skip_counts", None)
         if skipped is not None:
             counts.update({f"data/skipped_{reason}": n for reason, n in skipped.items()})
-        if truncated or skipped is not None:  # the same on every rank: the model's and the data's kind
-            self.log_dict({name: float(n) for name, n in sum_over_ranks(counts).items()})
+            counts["used"] = data.samples_used
+        if not (truncated or skipped is not None):  # the same on every rank: the model's and the data's kind
+            return
+        total = sum_over_ranks(counts)
+        used = total.pop("used", 0)
+        self.log_dict({name: float(n) for name, n in total.items()})
+        if skipped is not None:
+            data.check_bad_data({k.removeprefix("data/skipped_"): n for k, n in total.items()
+                                 if k.startswith("data/skipped_")}, used)
 
     def _truncated_captions(self) -> dict[str, int]:
         """Each text embedder's count of training captions cut to its max_length, in this process."""
