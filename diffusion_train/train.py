@@ -37,7 +37,7 @@ from diffusion_train.training.parallel import (
 )
 from diffusion_train.training.pretrained import load_pretrained
 from diffusion_train.training.periodic import finish_resumed_runs
-from diffusion_train.training.preemption import Preemption, after_preemption, find_preemption, slurm_identity
+from diffusion_train.training.preemption import Preemption, find_preemption, hand_over, requeue, slurm_identity
 from diffusion_train.training.run_dir import (
     Resumable,
     ResumeMismatchError,
@@ -185,13 +185,18 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
         if not stopped(preemption):
             save_and_export(trainer, run_dir, config, lora_scaling(cfg))
         exit_code = 128 + preemption.signum if stopped(preemption) else 0
+        if stopped(preemption):  # checkpointed at a step boundary (or stopped before the fit)
+            finish_wandb(loggers, exit_code)  # before a requeue, which ends the job's processes
+            # rank 0 requeues while the other ranks wait for it in the barrier below: a rank that exited first
+            # could have srun (--kill-on-bad-exit) end the step, rank 0 with it, before the requeue
+            requeue(preemption, trainer.is_global_zero)
         close_process_groups(trainer)  # a run stopped by a signal (one that finished has closed them)
     finally:
         finish_wandb(loggers, exit_code)  # the next job of a local sweep, in this process, starts its own W&B run
         if preemption is not None:  # its handler covered the work before the fit, the end-of-fit work and the export
             preemption.uninstall()
-    if stopped(preemption):  # checkpointed at a step boundary (or stopped before the fit); requeue or exit
-        after_preemption(preemption, trainer.is_global_zero)
+    if stopped(preemption):
+        hand_over(preemption, trainer.is_global_zero)  # to submitit's handler, which requeues and exits
     return trainer
 
 

@@ -162,14 +162,24 @@ def _check_resumed(run: Path, log: str, signal_name: str) -> None:
     assert (run / "weights/raw.safetensors").is_file()
 
 
-def test_sbatch_job_signalled_before_its_time_limit_checkpoints_requeues_and_finishes(slurm_cluster, tmp_path):
-    """SIGUSR1 to the batch shell (as --signal=B:USR1@N does) -> forwarded to the task -> checkpoint at
-    the next step -> scontrol requeue -> the same job id runs again and resumes to the configured end."""
+@pytest.mark.parametrize("tasks", [1, 2])
+def test_sbatch_job_signalled_before_its_time_limit_checkpoints_requeues_and_finishes(slurm_cluster, tmp_path, tasks):
+    """SIGUSR1 to the batch shell (as --signal=B:USR1@N does) -> forwarded to the tasks -> checkpoint at
+    the next step -> scontrol requeue -> the same job id runs again and resumes to the configured end. With 2
+    tasks (DDP, and a W&B offline run that rank 0 finishes first) rank 1 waits for rank 0's requeue, which a slow
+    `scontrol` (a busy controller) makes take seconds here: had rank 1 exited first, srun (--kill-on-bad-exit) would
+    have ended rank 0 before the requeue."""
     run, log = tmp_path / "run", tmp_path / "job.log"
-    out = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", "--ntasks-per-node=1", "--cpus-per-task=1",
-                          "--time=10", f"--output={log}", f"--chdir={tmp_path}", str(SBATCH_TEMPLATE), *TRAIN,
-                          f"hydra.run.dir={run}"],
-                         capture_output=True, text=True, env=dict(_env(), PYTHON=sys.executable), cwd=tmp_path)
+    train_args = TRAIN if tasks == 1 else [a for a in TRAIN if a != "logger=csv"] + ["logger=default"]
+    slow = tmp_path / "bin" / "scontrol"
+    slow.parent.mkdir()
+    slow.write_text(f"#!/bin/bash\nsleep 3\nexec {shutil.which('scontrol')} \"$@\"\n")
+    slow.chmod(0o755)
+    env = dict(_env(), PYTHON=sys.executable, PATH=f"{slow.parent}{os.pathsep}{os.environ['PATH']}")
+    out = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", f"--ntasks-per-node={tasks}",
+                          "--cpus-per-task=1", "--time=10", f"--output={log}", f"--chdir={tmp_path}",
+                          str(SBATCH_TEMPLATE), *train_args, f"hydra.run.dir={run}"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     job = out.stdout.strip().split(";")[0]
     _wait_for(run / "checkpoints/step_0000010.ckpt", 180)
@@ -179,6 +189,10 @@ def test_sbatch_job_signalled_before_its_time_limit_checkpoints_requeues_and_fin
     assert state == "COMPLETED", text[-3000:]
     assert "requeued Slurm job" in text
     _check_resumed(run, text, "SIGUSR1")
+    assert json.loads((run / "run.json").read_text())["world_size"] == tasks
+    if tasks == 2:  # one W&B run, continued by the requeued job
+        wandb_id = (run / "wandb_id.txt").read_text().strip()
+        assert len(list((run / "wandb").glob(f"offline-run-*-{wandb_id}/run-{wandb_id}.wandb"))) == 2
 
 
 def test_submitit_job_signalled_checkpoints_is_requeued_by_submitit_and_the_sweep_returns(slurm_cluster, tmp_path):

@@ -16,9 +16,10 @@ work starts (:func:`checkpoint_step`), and the handler stays installed until the
 a signal there loses no training. A run resumed at its last step does the end-of-fit work that is missing
 (``training.periodic``).
 
-What happens after the stop is :func:`after_preemption`'s: a requeue signal requeues the Slurm job
-(through submitit's own handler when submitit launched the job, else ``scontrol requeue``); SIGTERM
-just exits, since Slurm requeues a preempted job itself and a cancelled one must stay cancelled.
+After the stop a requeue signal requeues the Slurm job: through submitit's own handler when submitit launched
+the job (:func:`hand_over`, once the run is over), else with ``scontrol requeue`` from rank 0 while the other ranks
+wait for it (:func:`requeue`); SIGTERM just exits, since Slurm requeues a preempted job itself and a cancelled one
+must stay cancelled.
 """
 
 from __future__ import annotations
@@ -255,18 +256,22 @@ def slurm_identity() -> dict | None:
     return {k: os.environ[v] for k, v in keys.items() if os.environ.get(v)}
 
 
-def after_preemption(callback: Preemption, is_global_zero: bool) -> None:
-    """Rank 0 requeues the job after a requeue signal: a handler that was there before (submitit's:
-    it requeues the job and exits the process) gets the signal now that the checkpoint is safe;
-    without one, ``scontrol requeue`` requeues the Slurm job; outside Slurm there is nothing to
-    requeue and relaunching the same command resumes."""
-    if not (callback.requeue and is_global_zero):
-        return
+def hand_over(callback: Preemption, is_global_zero: bool) -> None:
+    """After a requeue signal, at the end of the run on rank 0: a handler that was there before training
+    (submitit's: it requeues the job and exits the process) gets the signal, now that the checkpoint is safe."""
     previous = callback.previous_handlers.get(callback.signum)
-    if callable(previous):
+    if callback.requeue and is_global_zero and callable(previous):
         log.info("handing %s to the handler that was installed before training (e.g. submitit's requeue)",
                  callback.stopped_by)
         previous(callback.signum, None)
+
+
+def requeue(callback: Preemption, is_global_zero: bool) -> None:
+    """After a requeue signal without a handler from before training (:func:`hand_over`), rank 0 requeues the
+    Slurm job with ``scontrol requeue``, which ends the job's processes and queues it again; the caller keeps
+    the other ranks waiting meanwhile. Outside Slurm there is nothing to requeue and relaunching the same
+    command resumes."""
+    if not (callback.requeue and is_global_zero) or callable(callback.previous_handlers.get(callback.signum)):
         return
     job = slurm_job_id()
     if job is None:
