@@ -44,6 +44,7 @@ from diffusion_train.training.run_dir import (
     check_global_batch,
     check_param_groups,
     check_resumable,
+    check_sweep_dirs,
     check_weights,
     resolved,
     run_info,
@@ -105,6 +106,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     ``init.branch_from`` when set (a branch of another run)."""
     run_dir = Path(run_dir)
     quiet_known_warnings()
+    check_sweep_dirs(cfg)  # a job sharing its directory with another must not touch it
     config = resolved(cfg)  # fails on a missing value before any work starts
     check_numbers(cfg, TRAINING_NUMBERS)  # a bad one would fail later, far from its cause, or train on nothing
     check_lr_schedule(cfg)

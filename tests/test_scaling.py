@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -289,3 +290,29 @@ def test_the_summary_reaches_the_wandb_run(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     records = b"".join(p.read_bytes() for p in (run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert records and all(key in records for key in (b"flops_per_image", b"total_flops", b"config_hash", b"XS"))
+
+
+def test_an_isoflop_multirun_that_sweeps_more_than_its_points_is_refused(tmp_path):
+    """An IsoFLOP sweep names each job's directory by its point: sweeping seeds too would make the seed-1 job resume
+    the seed-0 job's run. Every job refuses, before it writes anything; with one seed the sweep trains."""
+    import subprocess
+    import sys
+
+    from conftest import CONFIG_DIR
+
+    def multirun(seeds: str):
+        args = ["-m", "+sweep=isoflop_fmnist", "experiment=fmnist", "model.patch_size=4", "scaling.point=C3e11_XXXS",
+                f"seed={seeds}", "trainer.max_steps=2", "lr_schedule.warmup_steps=1", "logger=csv",
+                "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", f"hydra.sweep.dir={tmp_path / seeds.replace(',', '_')}"]
+        return subprocess.run([sys.executable, "-m", "diffusion_train.train", *args], capture_output=True, text=True,
+                              timeout=300, cwd=Path(CONFIG_DIR).parent)
+
+    out = multirun("0,1")
+    assert out.returncode == 1 and out.stderr.strip().splitlines()[-1] == (
+        "error: this multirun sweeps seed besides scaling.point, but its job directories are named by the point alone "
+        "(hydra.sweep.subdir=C3e11_XXXS): jobs would share one; sweep the other settings in separate multiruns with "
+        "their own run_name (e.g. run_name=<name>_seed1 seed=1)"), out.stderr[-2000:]
+    assert not (tmp_path / "0_1" / "C3e11_XXXS" / "checkpoints").exists()
+    out = multirun("0")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "0" / "C3e11_XXXS" / "checkpoints" / "last.ckpt").is_file()

@@ -152,6 +152,32 @@ def check_param_groups(resume: Resumable, groups: list[int], setting: str) -> No
             f"this config makes {groups} ({setting}); resume with the run's own setting or choose another run_name")
 
 
+def check_sweep_dirs(cfg: DictConfig) -> None:
+    """A multirun whose job directories are named by ``scaling.point`` alone (an IsoFLOP sweep's
+    ``hydra.sweep.subdir: ${scaling.point}``) must sweep nothing else: two jobs would share a directory, the second
+    resuming the first's run (on Slurm, both writing it at once). Refused before any work, naming what else the
+    multirun sweeps (read from its ``multirun.yaml``)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
+
+    point = OmegaConf.select(cfg, "scaling.point", default=None)
+    if point is None or not HydraConfig.initialized():
+        return
+    hydra = HydraConfig.get()
+    file = Path(hydra.sweep.dir) / "multirun.yaml"
+    if hydra.mode != RunMode.MULTIRUN or str(hydra.sweep.subdir) != str(point) or not file.is_file():
+        return
+    multirun = OmegaConf.load(file).hydra
+    overrides = [*multirun.overrides.task, *(f"{k}={v}" for k, v in (multirun.sweeper.params or {}).items())]
+    swept = sorted({o.get_key_element() for o in OverridesParser.create().parse_overrides(overrides)
+                    if o.is_sweep_override()} - {"scaling.point"})
+    if swept:
+        raise ValueError(f"this multirun sweeps {', '.join(swept)} besides scaling.point, but its job directories are "
+                         f"named by the point alone (hydra.sweep.subdir={point}): jobs would share one; sweep the other "
+                         f"settings in separate multiruns with their own run_name (e.g. run_name=<name>_seed1 seed=1)")
+
+
 def run_info(config: dict, overrides: list[str], world_size: int, global_batch: int,
              slurm: dict | None = None, **extra: Any) -> dict:
     """What run.json and every checkpoint record: the config, the overrides, the code and the scale
