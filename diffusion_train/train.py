@@ -41,11 +41,13 @@ from diffusion_train.training.preemption import Preemption, find_preemption, han
 from diffusion_train.training.run_dir import (
     Resumable,
     ResumeMismatchError,
+    RunDirBusyError,
     check_global_batch,
     check_param_groups,
     check_resumable,
     check_sweep_dirs,
     check_weights,
+    hold_run_dir,
     resolved,
     run_info,
     write_run_files,
@@ -53,7 +55,8 @@ from diffusion_train.training.run_dir import (
 
 log = logging.getLogger("diffusion_train")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-USER_ERRORS = (ResumeMismatchError, NonFiniteLossError, PrecomputedMismatchError, BadDataError, FileNotFoundError)
+USER_ERRORS = (ResumeMismatchError, NonFiniteLossError, PrecomputedMismatchError, BadDataError, FileNotFoundError,
+               RunDirBusyError)
 # Warnings that say nothing about this run: checkpoints are taken after the optimizer step on purpose.
 KNOWN_NOISE = (".*ModelCheckpoint with manual optimization.*", ".*isinstance.treespec, LeafSpec.*",
                ".*does not have many workers.*", ".*Checkpoint directory .* exists and is not empty.*",
@@ -167,19 +170,19 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
         module.run_info["init"] = init_report.as_dict()
     if resume.branched_from:
         module.run_info["branched_from"] = resume.branched_from
-    if trainer.global_rank == 0:
-        remove_stale_temp_files(run_dir)
-        write_run_files(run_dir, module.run_info)
-        if init_report is not None:
-            log.info("%s", init_report.summary())
-        start = f"{'branching from' if resume.branched else 'resuming'} {ckpt}" if ckpt else "fresh run"
-        log.info("run dir %s, %s, global batch %d (%d per device x %d devices x %d accumulated), lr %g, "
-                 "compile %s, channels-last %s", run_dir, start, batch, datamodule.batch_size, trainer.world_size,
-                 accumulate, module.run_info["lr"], module.compile, module.channels_last)
-
+    lock = hold_run_dir(run_dir) if trainer.global_rank == 0 else None  # before it changes anything there
     preemption = find_preemption(trainer)
     exit_code = 1  # until the work below returns
     try:
+        if trainer.global_rank == 0:
+            remove_stale_temp_files(run_dir)
+            write_run_files(run_dir, module.run_info)
+            if init_report is not None:
+                log.info("%s", init_report.summary())
+            start = f"{'branching from' if resume.branched else 'resuming'} {ckpt}" if ckpt else "fresh run"
+            log.info("run dir %s, %s, global batch %d (%d per device x %d devices x %d accumulated), lr %g, "
+                     "compile %s, channels-last %s", run_dir, start, batch, datamodule.batch_size, trainer.world_size,
+                     accumulate, module.run_info["lr"], module.compile, module.channels_last)
         if hasattr(datamodule, "prepare_class_images"):  # DreamBooth's prior images, made by the model before training
             make_class_images(datamodule, module, instantiate(cfg.sampler, _convert_="all"), preemption)
         if not stopped(preemption):
@@ -197,6 +200,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
         finish_wandb(loggers, exit_code)  # the next job of a local sweep, in this process, starts its own W&B run
         if preemption is not None:  # its handler covered the work before the fit, the end-of-fit work and the export
             preemption.uninstall()
+        if lock is not None:
+            lock.close()
     if stopped(preemption):
         hand_over(preemption, trainer.is_global_zero)  # to submitit's handler, which requeues and exits
     return trainer

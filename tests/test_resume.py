@@ -292,6 +292,34 @@ def test_resume_of_another_model_is_refused_and_nothing_changes(tiny_cfg, tmp_pa
     assert {p: file_digest(p) for p in run.rglob("*") if p.is_file()} == before
 
 
+def test_a_second_live_launch_in_the_run_directory_is_refused_and_changes_nothing(tiny_cfg, tmp_path):
+    """While a launch holds its run directory (here a hold taken as another launch's rank 0 takes it), a second
+    launch there is refused, naming the holder, and leaves the first's files alone: the checkpoint it is writing,
+    its metrics. The hold ends with its launch."""
+    import os
+    import re
+
+    from diffusion_train.training.run_dir import RunDirBusyError, hold_run_dir
+
+    run = tmp_path / "run"
+    train(tiny_cfg("trainer.max_steps=2", run_dir=run), run)
+    writing = run / "checkpoints" / ".last.ckpt.tmp-4242"
+    writing.write_bytes(b"half written")
+    before = {p: file_digest(p) for p in run.rglob("*") if p.is_file()}
+    held = hold_run_dir(run)
+    try:
+        with pytest.raises(RunDirBusyError, match=rf"^run directory {re.escape(str(run))} is in use by process "
+                                                  rf"{os.getpid()} on .*; wait for it to end, or give this launch"):
+            train(tiny_cfg("trainer.max_steps=4", run_dir=run), run)
+        assert {p: file_digest(p) for p in run.rglob("*") if p.is_file()} == before
+    finally:
+        held.close()
+    train(tiny_cfg("trainer.max_steps=4", run_dir=run), run)
+    assert load_checkpoint(run / "checkpoints/last.ckpt")["global_step"] == 4 and not writing.exists()
+    train(tiny_cfg("trainer.max_steps=6", run_dir=run), run)  # the launch before let go of it
+    assert load_checkpoint(run / "checkpoints/last.ckpt")["global_step"] == 6
+
+
 def test_resume_with_another_global_batch_is_refused_and_the_same_one_on_other_terms_resumes(tiny_cfg, tmp_path):
     """The data position and the images seen count the checkpoint's batches: another global batch is refused and
     nothing changes; the same one made of half the batch accumulated twice resumes."""

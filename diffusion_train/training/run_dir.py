@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -14,6 +15,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_train.training.checkpointing import last_checkpoint, load_checkpoint
+
+log = logging.getLogger(__name__)
 
 # Config groups that define the network's weights: a checkpoint only resumes under the same values.
 MODEL_KEYS = ("model", "conditioning", "autoencoder", "diffusion")
@@ -150,6 +153,42 @@ def check_param_groups(resume: Resumable, groups: list[int], setting: str) -> No
         raise ResumeMismatchError(
             f"refusing to resume {resume.ckpt}: its optimizer has parameter groups of {resume.param_groups} tensors, "
             f"this config makes {groups} ({setting}); resume with the run's own setting or choose another run_name")
+
+
+class RunDirBusyError(RuntimeError):
+    """Another live launch holds the run directory."""
+
+
+def hold_run_dir(run_dir: str | os.PathLike):
+    """Rank 0's exclusive hold on ``run_dir`` for one launch (an ``flock`` on ``run_dir/.lock``, which the system
+    drops when the process ends, however it ends): a second live launch in the same directory (two jobs with one
+    run_name, a relaunch while the first job still runs) is refused, naming the holder, before it touches anything
+    (it would delete the first's checkpoint being written, cut its metrics.csv and log into its W&B run). Returns
+    the open lock file (close it to let go), or None where the file system has no locks (a warning)."""
+    import fcntl
+    import socket
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunDirBusyError(f"run directory {run_dir} is in use by {holder}; wait for it to end, or give this "
+                              f"launch another run_name") from None
+    except OSError as e:  # a file system without locks
+        handle.close()
+        log.warning("cannot lock run directory %s (%s): nothing stops a second launch from using it", run_dir, e)
+        return None
+    job = os.environ.get("SLURM_JOB_ID")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"process {os.getpid()} on {socket.gethostname()}" + (f" (Slurm job {job})" if job else ""))
+    handle.flush()
+    return handle
 
 
 def check_sweep_dirs(cfg: DictConfig) -> None:
