@@ -43,9 +43,9 @@ from diffusion_train.training.run_dir import (
     ResumeMismatchError,
     RunDirBusyError,
     check_global_batch,
+    check_multirun,
     check_param_groups,
     check_resumable,
-    check_sweep_dirs,
     check_weights,
     hold_run_dir,
     resolved,
@@ -109,7 +109,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     ``init.branch_from`` when set (a branch of another run)."""
     run_dir = Path(run_dir)
     quiet_known_warnings()
-    check_sweep_dirs(cfg)  # a job sharing its directory with another must not touch it
+    check_multirun(cfg)  # e.g. a job sharing its directory with another must not touch it
     config = resolved(cfg)  # fails on a missing value before any work starts
     check_numbers(cfg, TRAINING_NUMBERS)  # a bad one would fail later, far from its cause, or train on nothing
     check_lr_schedule(cfg)

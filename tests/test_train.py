@@ -291,6 +291,18 @@ def test_local_sweep_runs_each_job_in_its_own_dir(tmp_path):
         assert b"global_batch" in records and b"git_sha" in records
 
 
+def test_a_local_sweep_of_the_number_of_processes_is_refused(tmp_path):
+    """Lightning starts a job's extra processes by re-running its command line, the whole multirun: jobs with
+    different numbers of processes would wait for each other for ever. Refused before any job works."""
+    out = _run_cli(["-m", "experiment=smoke", "trainer.max_steps=2", "trainer.accelerator=cpu", "trainer.devices=1,2",
+                    "+trainer.strategy=ddp", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    assert out.returncode == 1 and out.stderr.strip().splitlines()[-1] == (
+        "error: this local multirun sweeps trainer.devices: a job's extra processes re-run the whole multirun, so jobs "
+        "with different numbers of processes wait for each other for ever; launch one multirun per setting, or sweep "
+        "with hydra/launcher=slurm"), out.stderr[-3000:]
+    assert not list((tmp_path / "sweep").rglob("checkpoints"))
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_when_relaunched(tmp_path):
     """SIGKILL mid-training (possibly mid-save), then the same command: it resumes and finishes."""

@@ -191,30 +191,43 @@ def hold_run_dir(run_dir: str | os.PathLike):
     return handle
 
 
-def check_sweep_dirs(cfg: DictConfig) -> None:
-    """A multirun whose job directories are named by ``scaling.point`` alone (an IsoFLOP sweep's
-    ``hydra.sweep.subdir: ${scaling.point}``) must sweep nothing else: two jobs would share a directory, the second
-    resuming the first's run (on Slurm, both writing it at once). Refused before any work, naming what else the
-    multirun sweeps (read from its ``multirun.yaml``)."""
+# Settings that decide how many processes a job runs: swept in a local multirun, each process that Lightning adds
+# re-runs the whole multirun (its command line), in step with the first one only while every job runs as many.
+PROCESS_KEYS = ("trainer", "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.accelerator")
+
+
+def check_multirun(cfg: DictConfig) -> None:
+    """Refuses, before any work, a multirun whose jobs would get in each other's way, naming what it sweeps (read
+    from its ``multirun.yaml``): one whose job directories are named by ``scaling.point`` alone (an IsoFLOP sweep's
+    ``hydra.sweep.subdir: ${scaling.point}``) and that sweeps something else too (two jobs would share a directory,
+    the second resuming the first's run; on Slurm both writing it at once); and a local one (Hydra's basic
+    launcher) that sweeps the number of processes (a job with more processes than the one before would wait for
+    ever for peers that are still in the other job)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.types import RunMode
 
-    point = OmegaConf.select(cfg, "scaling.point", default=None)
-    if point is None or not HydraConfig.initialized():
+    if not HydraConfig.initialized():
         return
     hydra = HydraConfig.get()
     file = Path(hydra.sweep.dir) / "multirun.yaml"
-    if hydra.mode != RunMode.MULTIRUN or str(hydra.sweep.subdir) != str(point) or not file.is_file():
+    if hydra.mode != RunMode.MULTIRUN or not file.is_file():
         return
     multirun = OmegaConf.load(file).hydra
     overrides = [*multirun.overrides.task, *(f"{k}={v}" for k, v in (multirun.sweeper.params or {}).items())]
-    swept = sorted({o.get_key_element() for o in OverridesParser.create().parse_overrides(overrides)
-                    if o.is_sweep_override()} - {"scaling.point"})
-    if swept:
-        raise ValueError(f"this multirun sweeps {', '.join(swept)} besides scaling.point, but its job directories are "
+    swept = sorted({o.get_key_element().lstrip("+~") for o in OverridesParser.create().parse_overrides(overrides)
+                    if o.is_sweep_override()})
+    point = OmegaConf.select(cfg, "scaling.point", default=None)
+    others = [k for k in swept if k != "scaling.point"]
+    if point is not None and str(hydra.sweep.subdir) == str(point) and others:
+        raise ValueError(f"this multirun sweeps {', '.join(others)} besides scaling.point, but its job directories are "
                          f"named by the point alone (hydra.sweep.subdir={point}): jobs would share one; sweep the other "
                          f"settings in separate multiruns with their own run_name (e.g. run_name=<name>_seed1 seed=1)")
+    processes = [k for k in swept if k in PROCESS_KEYS]
+    if processes and hydra.launcher.get("_target_", "").endswith("BasicLauncher"):
+        raise ValueError(f"this local multirun sweeps {', '.join(processes)}: a job's extra processes re-run the "
+                         f"whole multirun, so jobs with different numbers of processes wait for each other for ever; "
+                         f"launch one multirun per setting, or sweep with hydra/launcher=slurm")
 
 
 def run_info(config: dict, overrides: list[str], world_size: int, global_batch: int,
