@@ -230,6 +230,29 @@ def test_a_signal_at_a_checkpoint_step_keeps_its_periodic_checkpoint(tiny_cfg, t
     assert _validated_steps(run) == _validated_steps(straight) == [2, 4]
 
 
+def test_a_sigterm_while_the_fit_sets_up_stops_at_the_first_step_with_a_checkpoint(tiny_cfg, tmp_path, monkeypatch):
+    """SIGTERM after Lightning has put its own handler in and before this package's goes back (here while the
+    training data loader is made): the run still stops as for any SIGTERM, at the first step boundary with its
+    checkpoint, instead of Lightning's exception at the first batch."""
+    import os
+    import signal
+
+    from diffusion_train.data.base import InMemoryDataModule
+    from diffusion_train.training.preemption import find_preemption
+
+    make_loader = InMemoryDataModule.train_dataloader
+
+    def signalled(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return make_loader(self)
+
+    monkeypatch.setattr(InMemoryDataModule, "train_dataloader", signalled)
+    run = tmp_path / "run"
+    trainer = train(tiny_cfg(run_dir=run), run)
+    assert find_preemption(trainer).stopped_by == "SIGTERM" and trainer.global_step == 1
+    assert load_checkpoint(run / "checkpoints/last.ckpt")["global_step"] == 1
+
+
 def _validated_steps(run: Path) -> list[int]:
     import csv
 

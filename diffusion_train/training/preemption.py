@@ -108,6 +108,11 @@ class Preemption(StepEndCallback):
         self.install()
         if signal.SIGTERM in self.previous_handlers and signal.getsignal(signal.SIGTERM) == self._handle:
             _lightning_sigterm_broadcast(trainer, enabled=False)
+            # a SIGTERM since Lightning's handler went in (the fit's set-up) reached this handler too, through it:
+            # this flag stops the run at the first step boundary, with its checkpoint; Lightning's would raise
+            connector = getattr(trainer, "_signal_connector", None)
+            if self.received is not None and getattr(connector, "received_sigterm", False):
+                connector.received_sigterm = False
 
     def on_step_end(self, trainer: L.Trainer, pl_module, step: int) -> None:
         self.stop_if_signalled(trainer)
