@@ -286,12 +286,11 @@ def test_generated_metrics_over_two_processes_equal_one_process(extractor_files,
 
 
 def test_fid_reference_against_prints_the_distance_between_two_references(extractor_files, tmp_path, capsys):
-    from test_fid import _script
-
+    from conftest import load_script
     from diffusion_train.metrics.fid import load_reference
 
     weights, _ = extractor_files
-    script = _script("fid_reference")
+    script = load_script("fid_reference")
     common = ["dataset=fashion_mnist", "extractor=fmnist_net", f"weights={weights}", "limit=40", "device=cpu"]
     assert script.main([f"out={tmp_path / 'train.safetensors'}", "split=train", *common]) == 0
     assert script.main([f"out={tmp_path / 'test.safetensors'}", "split=test", *common,
