@@ -1,6 +1,6 @@
 """Webdataset shards for tests: writing tar shards, a shard stream with small defaults, the place of one
-reader (rank x worker), and a rank's DataLoader order (test_web_data.py, test_aspect_buckets.py,
-test_shard_reading.py)."""
+reader (rank x worker), and a rank's DataLoader order (test_web_data.py, test_stream_resume.py,
+test_aspect_buckets.py, test_shard_reading.py)."""
 
 from __future__ import annotations
 
