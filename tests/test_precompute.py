@@ -209,6 +209,32 @@ def test_val_size_keeps_the_first_items_with_their_captions(precomputed):
     assert batch["caption"] == online.val_set[[0, 4]]["caption"] and batch["caption.context"].shape[0] == 2
 
 
+def test_a_failed_precompute_leaves_the_set_already_there_as_it_was(tmp_path):
+    """A bad split name, or an encoder failing halfway: the set in out= keeps its files and manifest, and no staging
+    folder is left behind."""
+    from conftest import file_digest
+
+    _, datamodule, module = _parts([], tmp_path)
+    out = tmp_path / "set"
+    write_precomputed(out, datamodule, module.autoencoder, module.conditioner, batch_size=4, limit=8)
+    before = {p.name: file_digest(p) for p in out.iterdir()}
+    with pytest.raises(ValueError, match=r"unknown split\(s\) \['vall'\]; valid: \['train', 'val'\]"):
+        write_precomputed(out, datamodule, module.autoencoder, module.conditioner, splits=["train", "vall"], limit=4)
+    calls = []
+    encode = module.autoencoder.encode_moments
+
+    def failing(images):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        return encode(images)
+
+    module.autoencoder.encode_moments = failing
+    with pytest.raises(RuntimeError, match="out of memory"):
+        write_precomputed(out, datamodule, module.autoencoder, module.conditioner, batch_size=2, limit=4)
+    assert {p.name: file_digest(p) for p in out.iterdir()} == before
+
+
 def test_batches_name_their_source_items(tmp_path):
     """A batch's __key__ is the source item's (with data.classes, its index among all of Fashion-MNIST); a set
     without keys.json (written before it existed) names items by their place in the set."""

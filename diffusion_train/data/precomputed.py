@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -173,7 +174,9 @@ def write_precomputed(out_dir: str | os.PathLike, datamodule, autoencoder, condi
                       task=None) -> dict:
     """Encodes the splits of ``datamodule`` (the first ``limit`` items of each, if given; an empty split is
     written empty) into ``out_dir``, with the images ``task`` encodes, and writes its manifest (last,
-    atomically: a directory without a manifest is not a precomputed set)."""
+    atomically: a directory without a manifest is not a precomputed set). The files are written into a staging
+    folder in ``out_dir`` and moved in once every split is encoded: a bad setting or a failure on the way leaves
+    a set already there as it was."""
     from diffusion_train.files import atomic_save_file
 
     trainable = [name for name, e in _text_embedders(conditioner).items() if e.trainable]
@@ -183,15 +186,19 @@ def write_precomputed(out_dir: str | os.PathLike, datamodule, autoencoder, condi
     check_task(task, "precompute")
     image_keys = task_image_keys(task)
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)
     torch_dtype = resolve_dtype(dtype)
     datamodule.setup()
     if not hasattr(datamodule, "train_set"):
         raise ValueError(f"data: {type(datamodule).__name__} streams its data; scripts/precompute.py encodes the "
                          f"in-memory datasets (image folders, Fashion-MNIST, ...), see docs/latent.md")
     sets = {"train": datamodule.train_set, "val": datamodule.val_set}
+    splits = list(splits)
+    unknown = [s for s in splits if s not in sets]
+    if unknown:
+        raise ValueError(f"unknown split(s) {unknown}; valid: {sorted(sets)}")
+    out = Path(out_dir)
+    staging = out / f".staging-{os.getpid()}"
+    staging.mkdir(parents=True, exist_ok=True)
     was_training = conditioner.training
     conditioner.eval()
     manifest = {"format": FORMAT, "dtype": str(torch_dtype).removeprefix("torch."),
@@ -201,28 +208,29 @@ def write_precomputed(out_dir: str | os.PathLike, datamodule, autoencoder, condi
                 **expected_provenance(autoencoder, conditioner), "image_keys": image_keys, "splits": {}}
     try:
         for split in splits:
-            if split not in sets:
-                raise ValueError(f"unknown split {split!r}; valid: {sorted(sets)}")
             if sets[split] is None or not len(sets[split]) or limit == 0:
                 tensors, distinct, source_keys = _empty_split(datamodule, autoencoder, image_keys, torch_dtype,
                                                               device)
             else:
                 tensors, distinct, source_keys = precompute_split(sets[split], autoencoder, conditioner, batch_size,
                                                                   torch_dtype, device, progress, limit, image_keys)
-            atomic_save_file({k: v.contiguous() for k, v in tensors.items()}, out / f"{split}.safetensors")
+            atomic_save_file({k: v.contiguous() for k, v in tensors.items()}, staging / f"{split}.safetensors")
             for name, value in (("captions", distinct), ("keys", source_keys)):
-                file = out / f"{split}.{name}.json"
-                file.with_suffix(".tmp").write_text(json.dumps(value))
-                os.replace(file.with_suffix(".tmp"), file)
+                (staging / f"{split}.{name}.json").write_text(json.dumps(value))
             manifest["splits"][split] = {"count": int(tensors["latent"].shape[0]),
                                          "latent_shape": list(tensors["latent"].shape[1:]),
                                          "distinct_captions": {k: len(v) for k, v in distinct.items()}}
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     finally:
         conditioner.train(was_training)
     manifest["truncated_captions"] = {name: int(e.num_truncated) for name, e in _text_embedders(conditioner).items()}
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, out / MANIFEST)
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    (out / MANIFEST).unlink(missing_ok=True)  # the old set is invalid from here until the new manifest is in
+    for file in sorted(staging.iterdir(), key=lambda p: p.name == MANIFEST):  # the manifest last
+        os.replace(file, out / file.name)
+    staging.rmdir()
     return manifest
 
 
