@@ -225,9 +225,16 @@ def test_a_run_snapshots_resumes_exactly_and_the_script_makes_a_loadable_checkpo
     params = f"{json.loads((straight / 'summary.json').read_text())['params']:,}"
     assert [line.split()[:4] for line in table] == [[str(r), params, "8", record["lowest_val_loss"]]
                                                     for r in (straight, resumed)]
-    load_module(made)  # "ema": the config's sample decay (0.9) is not there, so the first made average
+    # "ema" is the run's sampling average (decay 0.9), which the post-hoc checkpoint does not hold: no quiet choice
+    with pytest.raises(ValueError, match=r"^weights=ema: the run samples with its EMA 0.9, which .*step_0000008.ckpt "
+                                         r"does not hold; choose one of its averages: ema_sigma_rel_0.1, "
+                                         r"ema_sigma_rel_0.2$"):
+        load_module(made)
     with pytest.raises(ValueError, match=r"has EMA averages \['sigma_rel_0.1', 'sigma_rel_0.2'\], not 0.9"):
         load_module(made, "ema_0.9")
+    with pytest.raises(ValueError, match=r"^weights=ema_best: give raw, ema, ema_<decay> \(ema_0.9999\) or "
+                                         r"ema_sigma_rel_<s>; .* has EMA averages \['sigma_rel_0.1', 'sigma_rel_0.2'\]$"):
+        load_module(made, "ema_best")
 
     (straight / "checkpoints" / "step_0000006.ckpt").unlink()  # step 6's averages with the last raw weights
     six = subprocess.run([sys.executable, str(SCRIPT), str(straight), "step=6", "sigma_rels=0.1"], capture_output=True,

@@ -242,18 +242,27 @@ class EMA(StepEndCallback):
 def checkpoint_average(ckpt: dict, weights: str, where: str, option: str = "weights"
                        ) -> tuple[str, dict[str, Tensor]]:
     """The EMA average of a checkpoint that ``weights`` names, and its tensors: ``ema`` (the run's sampling
-    average, its ``callbacks.ema.sample_decay``, else its first), ``ema_<decay>`` or ``ema_sigma_rel_<s>``.
-    ``where``: the checkpoint in errors, ``option``: the setting that chose ``weights``."""
+    average, its ``callbacks.ema.sample_decay``; a checkpoint without one, or that holds a single average: its
+    first), ``ema_<decay>`` or ``ema_sigma_rel_<s>``. ``where``: the checkpoint in errors, ``option``: the setting
+    that chose ``weights``."""
     averages = (ckpt.get("ema") or {}).get("weights")
     if not averages:
         raise ValueError(f"{where} holds no EMA weights; use {option}=raw")
     name = weights.removeprefix("ema").removeprefix("_")
     if name:
-        name = EMA.key(name)
+        try:
+            name = EMA.key(name)
+        except ValueError:
+            raise ValueError(f"{option}={weights}: give raw, ema, ema_<decay> (ema_0.9999) or ema_sigma_rel_<s>; "
+                             f"{where} has EMA averages {list(averages)}") from None
     else:
         config = (ckpt.get("diffusion_train") or {}).get("config") or {}
         chosen = ((config.get("callbacks") or {}).get("ema") or {}).get("sample_decay")
-        name = EMA.key(chosen) if chosen is not None and EMA.key(chosen) in averages else next(iter(averages))
+        name = EMA.key(chosen) if chosen is not None else next(iter(averages))
+        if name not in averages and len(averages) > 1:  # e.g. the post-hoc averages of scripts/posthoc_ema.py
+            raise ValueError(f"{option}={weights}: the run samples with its EMA {name}, which {where} does not hold; "
+                             f"choose one of its averages: {', '.join('ema_' + k for k in averages)}")
+        name = name if name in averages else next(iter(averages))
     if name not in averages:
         raise ValueError(f"{option}={weights}: {where} has EMA averages {list(averages)}, not {name}")
     return name, averages[name]
