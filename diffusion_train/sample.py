@@ -53,14 +53,25 @@ def sampling_autocast(device: torch.device):
 def load_for_sampling(cfg: DictConfig) -> tuple[torch.device, DiffusionModule, Sampler, dict]:
     """(device, the checkpoint's module with the chosen weights, the sampler, the guidance options) of
     a ``diffusion-sample`` / ``diffusion-eval`` config; one-line errors for a bad device, a bad number (the key
-    named) or a missing checkpoint."""
+    named) or a missing checkpoint. ``ckpt`` may be a run directory: its ``checkpoints/last.ckpt``."""
     try:
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     except RuntimeError:
         raise ValueError(f"device={cfg.device}: not a device (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise ValueError(f"device={cfg.device}: this machine has {torch.cuda.device_count()} CUDA device(s); use "
+                         f"device=cpu or device=auto")
     check_numbers(cfg, SAMPLING_NUMBERS)
-    if not Path(cfg.ckpt).is_file():
-        raise FileNotFoundError(f"checkpoint {cfg.ckpt} does not exist")
+    interval = cfg.guidance_interval
+    if interval is not None and (isinstance(interval, (str, int, float)) or len(interval) != 2):
+        raise ValueError(f"guidance_interval={interval}: give [lo, hi], the noise levels between which guidance "
+                         f"applies")
+    ckpt = Path(cfg.ckpt)
+    if ckpt.is_dir() and (ckpt / "checkpoints" / "last.ckpt").is_file():
+        ckpt = cfg.ckpt = str(ckpt / "checkpoints" / "last.ckpt")
+    if not Path(ckpt).is_file():
+        what = "is a directory without checkpoints/last.ckpt" if Path(ckpt).is_dir() else "does not exist"
+        raise FileNotFoundError(f"checkpoint {cfg.ckpt} {what}")
     module = load_module(cfg.ckpt, cfg.weights)
     if cfg.get("lora"):
         if not Path(cfg.lora).is_file():
@@ -68,7 +79,7 @@ def load_for_sampling(cfg: DictConfig) -> tuple[torch.device, DiffusionModule, S
         apply_lora_file(module, cfg.lora, float(cfg.get("lora_scale", 1.0)))
     module = module.to(device)
     sampler = instantiate(cfg.sampler, _convert_="all")
-    interval = None if cfg.guidance_interval is None else [float(v) for v in cfg.guidance_interval]
+    interval = None if interval is None else [float(v) for v in interval]
     return device, module, sampler, {"guidance_interval": interval, "guidance_rescale": float(cfg.guidance_rescale)}
 
 

@@ -64,15 +64,27 @@ def test_same_seeds_give_the_same_images_for_any_batch_size(ckpt, tmp_path):
     (["ckpt={ckpt}", "device=gpu1"], "device=gpu1: not a device"),
     (["ckpt={ckpt}", "labels=[7]"], "outside the model's 4 classes"),
     (["ckpt={ckpt}", "height=15"], "height=15 is not a positive multiple of 2 = 1 (autoencoder downsampling) x 2"),
+    (["ckpt={ckpt}", "device=cuda:7"], "device=cuda:7: this machine has"),
+    (["ckpt={ckpt}", "labels=3"], "labels=3: give a list of class indices"),
+    (["ckpt={ckpt}", "labels=[]"], "labels=[]: give at least one class index"),
+    (["ckpt={ckpt}", "guidance_interval=0.5"], "guidance_interval=0.5: give [lo, hi]"),
+    (["ckpt={empty_dir}"], "is a directory without checkpoints/last.ckpt"),
 ])
 def test_bad_input_gets_a_one_line_error(args, expected, ckpt, tmp_path):
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {}}, foreign)
-    args = [a.format(missing=tmp_path / "nope.ckpt", foreign=foreign, ckpt=ckpt) for a in args]
+    args = [a.format(missing=tmp_path / "nope.ckpt", foreign=foreign, ckpt=ckpt, empty_dir=tmp_path) for a in args]
     out = _sample(*args, f"out_dir={tmp_path / 'out'}", cwd=tmp_path)
     assert out.returncode == 1
     errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and expected in errors[0], out.stderr[-2000:]
+
+
+def test_a_run_directory_samples_with_its_last_checkpoint(ckpt, tmp_path):
+    out = _sample(f"ckpt={ckpt.parent.parent}", f"out_dir={tmp_path / 'out'}", "num_images=2", "sampler.steps=2",
+                  cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads((tmp_path / "out/samples.json").read_text())["ckpt"] == str(ckpt)
 
 
 def test_sampling_autocasts_to_bf16_on_any_cuda_device():

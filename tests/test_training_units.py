@@ -336,6 +336,17 @@ def test_sample_inputs_repeat_and_cycle_the_pools():
         Conditioner({}).sample_inputs(2, prompts=["a bag"])
     with pytest.raises(ValueError, match="prompts were given but the model is not conditioned on text"):
         cond.sample_inputs(2, prompts=["a bag"])
+    with pytest.raises(ValueError, match=r"^labels=3: give a list of class indices, e.g. labels=\[3\]$"):
+        cond.sample_inputs(2, labels=3)
+    with pytest.raises(ValueError, match=r"^labels=\[\]: give at least one class index"):
+        cond.sample_inputs(2, labels=[])
+
+    class Text(torch.nn.Module):  # what input_pools asks of a text embedder: the batch key it reads
+        input_key, context_dim, vector_dim = "caption", 8, 0
+
+    text = Conditioner({"caption": Text()})
+    assert text.sample_inputs(3, prompts="a photo of a bag") == {"caption": ["a photo of a bag"] * 3}  # not per letter
+    assert text.sample_inputs(3, prompts=["a", "b"]) == {"caption": ["a", "b", "a"]}
 
 
 # ------------------------------------------------------------------------------------------------

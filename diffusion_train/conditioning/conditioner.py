@@ -123,7 +123,14 @@ class Conditioner(nn.Module):
     def input_pools(self, labels=None, prompts=None, prompts_option: str = "prompts") -> dict[str, list]:
         """Per batch key, the values to sample for: the given labels (else every class) for class
         embedders, the given prompts for text embedders; one-line errors for what does not fit, naming the
-        prompts as ``prompts_option`` (the setting that gives them)."""
+        prompts as ``prompts_option`` (the setting that gives them). One prompt given as a string (``prompts="a
+        bag"``) is a list of one; labels must be a list (``labels=[3]``), neither list empty."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if labels is not None and (isinstance(labels, (str, bytes)) or not hasattr(labels, "__iter__")):
+            raise ValueError(f"labels={labels}: give a list of class indices, e.g. labels=[{labels}]")
+        if labels is not None and not len(list(labels)):
+            raise ValueError("labels=[]: give at least one class index, or leave labels out for every class")
         pools = {}
         for name, emb in self.embedders.items():
             if hasattr(emb, "num_classes"):
