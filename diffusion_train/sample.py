@@ -7,7 +7,7 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from diffusion_train.cli import check_numbers
 from diffusion_train.diffusion import Sampler
@@ -84,6 +84,14 @@ def load_for_sampling(cfg: DictConfig) -> tuple[torch.device, DiffusionModule, S
 
 
 def generate(cfg: DictConfig) -> list[Path]:
+    """Writes ``images/<seed + i>.png`` batch by batch (a stop keeps those made), then ``grid.png`` of the first
+    ``grid_images`` and ``samples.json``. Refuses an ``out_dir`` whose ``images/`` holds images already: they would
+    mix with these under one ``samples.json``."""
+    out = Path(cfg.out_dir)
+    earlier = sorted((out / "images").glob("*.png"))
+    if earlier:
+        raise ValueError(f"out_dir={out}: images/ holds {len(earlier)} images already ({earlier[0].name}, ...); "
+                              f"give another out_dir, or remove them")
     device, module, sampler, guidance = load_for_sampling(cfg)
     size = backbone_size(module, cfg.height, cfg.width)
     batches = range(0, cfg.num_images, cfg.batch_size)
@@ -92,21 +100,22 @@ def generate(cfg: DictConfig) -> list[Path]:
 
         batches = tqdm(batches, desc=f"{cfg.num_images} images", unit="batch")
     inputs = module.conditioner.sample_inputs(cfg.num_images, cfg.labels, cfg.prompts)
-    images = []
+    paths, shown = [], []
     for start in batches:
         idx = list(range(start, min(start + cfg.batch_size, cfg.num_images)))
         with sampling_autocast(device):
-            images.append(module.sample_seeded(idx, inputs, sampler, cfg.guidance_scale, cfg.seed, size,
-                                               **guidance).cpu())
-    images = torch.cat(images)
-    out = Path(cfg.out_dir)
-    paths = [save_grid(images[i:i + 1], out / "images" / f"{cfg.seed + i:06d}.png", ncol=1, pad=0)
-             for i in range(len(images))]
-    save_grid(images, out / "grid.png", ncol=cfg.ncol)
-    meta = {"ckpt": str(cfg.ckpt), "weights": cfg.weights, "height": images.shape[-2], "width": images.shape[-1],
-            "guidance_scale": cfg.guidance_scale, "seed": cfg.seed,
-            **guidance,
-            "sampler": {"solver": sampler.solver.func.__name__, "steps": sampler.steps, "spacing": sampler.spacing},
+            images = module.sample_seeded(idx, inputs, sampler, cfg.guidance_scale, cfg.seed, size, **guidance).cpu()
+        paths += [save_grid(image[None], out / "images" / f"{cfg.seed + i:06d}.png", ncol=1, pad=0)
+                  for i, image in zip(idx, images)]
+        shown.append(images[:max(0, int(cfg.grid_images) - sum(len(s) for s in shown))])
+    grid_images = torch.cat(shown)
+    if len(grid_images):
+        save_grid(grid_images, out / "grid.png", ncol=cfg.ncol)
+    meta = {"ckpt": str(cfg.ckpt), "weights": cfg.weights, "lora": cfg.get("lora"), "lora_scale": cfg.get("lora_scale"),
+            "num_images": cfg.num_images, "height": images.shape[-2], "width": images.shape[-1],
+            "guidance_scale": cfg.guidance_scale, "seed": cfg.seed, "device": str(device), **guidance,
+            "sampler": {"solver": sampler.solver.func.__name__, "steps": sampler.steps, "spacing": sampler.spacing,
+                        "config": OmegaConf.to_container(cfg.sampler, resolve=True)},
             **{k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}}
     write_json(out / "samples.json", meta)
     return paths

@@ -80,11 +80,24 @@ def test_bad_input_gets_a_one_line_error(args, expected, ckpt, tmp_path):
     assert len(errors) == 1 and expected in errors[0], out.stderr[-2000:]
 
 
-def test_a_run_directory_samples_with_its_last_checkpoint(ckpt, tmp_path):
-    out = _sample(f"ckpt={ckpt.parent.parent}", f"out_dir={tmp_path / 'out'}", "num_images=2", "sampler.steps=2",
-                  cwd=tmp_path)
+def test_a_run_directory_samples_with_its_last_checkpoint_and_an_out_dir_is_not_mixed(ckpt, tmp_path):
+    """ckpt=<run dir> reads its last.ckpt; the images are written per batch, the grid shows the first grid_images,
+    samples.json records the settings; a second call into the same out_dir is refused, its images kept."""
+    out = _sample(f"ckpt={ckpt.parent.parent}", f"out_dir={tmp_path / 'out'}", "num_images=3", "batch_size=2",
+                  "sampler.steps=2", "grid_images=2", "ncol=2", "sampler.solver.eta=0.5", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads((tmp_path / "out/samples.json").read_text())["ckpt"] == str(ckpt)
+    meta = json.loads((tmp_path / "out/samples.json").read_text())
+    assert meta["ckpt"] == str(ckpt) and meta["num_images"] == 3 and meta["device"] == "cpu"
+    assert meta["sampler"]["config"]["solver"]["eta"] == 0.5
+    assert sorted(p.name for p in (tmp_path / "out/images").iterdir()) == ["000000.png", "000001.png", "000002.png"]
+    assert Image.open(tmp_path / "out/grid.png").size == (2 * 16 + 2 * 3, 16 + 2 * 2)  # two images, padded
+    before = _images(tmp_path / "out/images")
+    again = _sample(f"ckpt={ckpt}", f"out_dir={tmp_path / 'out'}", "num_images=2", "seed=100", cwd=tmp_path)
+    assert again.returncode == 1 and again.stderr.strip().splitlines()[-1] == (
+        f"error: out_dir={tmp_path / 'out'}: images/ holds 3 images already (000000.png, ...); give another out_dir, "
+        f"or remove them")
+    after = _images(tmp_path / "out/images")
+    assert after.keys() == before.keys() and all(np.array_equal(after[k], before[k]) for k in after)
 
 
 def test_sampling_autocasts_to_bf16_on_any_cuda_device():
