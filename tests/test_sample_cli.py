@@ -100,6 +100,13 @@ def test_a_run_directory_samples_with_its_last_checkpoint_and_an_out_dir_is_not_
     assert after.keys() == before.keys() and all(np.array_equal(after[k], before[k]) for k in after)
 
 
+def test_a_missing_out_dir_is_one_line_and_writes_nothing_here(ckpt, tmp_path):
+    out = _sample(f"ckpt={ckpt}", cwd=tmp_path)
+    assert out.returncode == 1 and out.stderr.strip().splitlines()[-1] == (
+        "error: missing mandatory value out_dir: give it on the command line, e.g. out_dir=..."), out.stderr[-2000:]
+    assert not list(tmp_path.iterdir())
+
+
 def test_sampling_autocasts_to_bf16_on_any_cuda_device():
     for device in ("cuda", "cuda:1"):  # constructed only: this machine may have no GPU
         with warnings.catch_warnings():
