@@ -27,6 +27,21 @@ def parse_key_values(argv: list[str], options: Mapping[str, Callable[[str], Any]
     return opts
 
 
+def split_arguments(argv: list[str], options: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """A script's positional arguments (run folders, files) and its ``key=value`` options. A ``key=value`` argument
+    is an option when its key is one, and also when it looks like ``word=value`` and no such path exists: a mistyped option
+    (``validat=true``), which :func:`parse_key_values` then names, instead of a run folder that is not there. A
+    path with ``=`` in it (a sweep job's folder, ``runs/x/model=dit_s4``) stays positional."""
+    from pathlib import Path
+
+    positional, given = [], []
+    for arg in argv:
+        key, sep, _ = arg.partition("=")
+        is_option = sep and (key in options or (key.isidentifier() and not Path(arg).exists()))
+        (given if is_option else positional).append(arg)
+    return positional, given
+
+
 def check_numbers(cfg: Any, rules: Mapping[str, tuple[type, float | None]]) -> None:
     """One-line errors naming the key for the config values of ``rules`` (dotted key -> (``int`` or ``float``, the
     minimum or None)) that are not finite numbers of that kind (an ``int`` key takes integers only) or are below

@@ -31,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffusion_train.cli import UsageError, parse_key_values, run_main  # noqa: E402
+from diffusion_train.cli import UsageError, parse_key_values, run_main, split_arguments  # noqa: E402
 
 OPTIONS = {"metrics": str, "rows": int, "tail": float, "out": str, "plot": str}
 DEFAULTS: dict[str, Any] = {"metrics": "train/loss,val/loss", "rows": 12, "tail": 0.25, "out": "", "plot": ""}
@@ -40,8 +40,9 @@ Curve = dict[int, float]
 
 
 def parse_args(argv: list[str]) -> tuple[list[Path], dict[str, Any]]:
-    runs = [Path(a) for a in argv if a.partition("=")[0] not in OPTIONS]
-    opts = parse_key_values([a for a in argv if a.partition("=")[0] in OPTIONS], OPTIONS, DEFAULTS)
+    positional, given = split_arguments(argv, OPTIONS)
+    opts = parse_key_values(given, OPTIONS, DEFAULTS)
+    runs = [Path(a) for a in positional]
     opts["metrics"] = [m.strip() for m in opts["metrics"].split(",") if m.strip()]
     if len(runs) < 2:
         raise UsageError(f"give at least two runs to compare, got {len(runs)}")

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from diffusion_train.cli import UsageError, parse_bool, parse_key_values, run_main  # noqa: E402
+from diffusion_train.cli import UsageError, parse_bool, parse_key_values, run_main, split_arguments  # noqa: E402
 from diffusion_train.files import atomic_write  # noqa: E402
 from diffusion_train.training.checkpointing import atomic_torch_save, load_checkpoint  # noqa: E402
 from diffusion_train.training.posthoc_ema import (base_checkpoint, check_sigma_rel, label, reconstruct,  # noqa: E402
@@ -56,10 +56,11 @@ ROUGH_FIT = 0.05  # a fit error above this is worth a note
 
 
 def parse_args(argv: list[str]) -> tuple[list[Path], dict[str, Any]]:
-    runs = [Path(a) for a in argv if a.partition("=")[0] not in OPTIONS]
+    positional, given = split_arguments(argv, OPTIONS)
+    opts = parse_key_values(given, OPTIONS, DEFAULTS)
+    runs = [Path(a) for a in positional]
     if not runs:
         raise UsageError("give the run folder (or several)")
-    opts = parse_key_values([a for a in argv if a.partition("=")[0] in OPTIONS], OPTIONS, DEFAULTS)
     if len(runs) > 1 and (opts["out"] or opts["snapshots"]):
         raise UsageError("out= and snapshots= are for one run folder; give one, or leave them out")
     opts["sigma_rels"] = [check_sigma_rel(s, "sigma_rels") for s in opts["sigma_rels"].split(",") if s.strip()]

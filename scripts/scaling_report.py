@@ -41,7 +41,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from diffusion_train.cli import UsageError, parse_bool, parse_key_values, run_main  # noqa: E402
+from diffusion_train.cli import UsageError, parse_bool, parse_key_values, run_main, split_arguments  # noqa: E402
 from diffusion_train.scaling.fit import SaturatingFit  # noqa: E402
 from diffusion_train.scaling.registry import Metric, RegistryError, human_count, load_runs  # noqa: E402
 from diffusion_train.scaling.report import LEVEL, Analysis, analyse, sci, where  # noqa: E402
@@ -54,8 +54,8 @@ FORMAT = "diffusion_train.scaling_report/1"
 
 
 def parse_args(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
-    sources = [a for a in argv if a.partition("=")[0] not in OPTIONS or "=" not in a]
-    opts = parse_key_values([a for a in argv if a not in sources], OPTIONS, DEFAULTS)
+    sources, given = split_arguments(argv, OPTIONS)
+    opts = parse_key_values(given, OPTIONS, DEFAULTS)
     if not sources:
         raise UsageError("give one or more run folders (or wandb:<entity>/<project>), e.g. "
                          "scripts/scaling_report.py runs/isoflop out=report")

@@ -64,6 +64,7 @@ def test_table_and_tail_means_come_from_the_runs_metrics(runs, tmp_path, capsys)
     (["{base}", "{fast}", "metrics=val/los"], "metric 'val/los' is logged by none of the runs"),
     (["{base}", "{fast}", "tail=0"], "tail must be in (0, 1], got 0.0"),
     (["{base}", "{fast}", "rows=zero"], "rows=zero: not a valid rows"),
+    (["{base}", "{fast}", "metrix=val/loss"], "argument 'metrix=val/loss': expected key=value with key in metrics,"),
 ])
 def test_bad_input_is_one_line(runs, tmp_path, capsys, args, message):
     paths = {"base": runs[0], "fast": runs[1], "missing": tmp_path / "missing"}

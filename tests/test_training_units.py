@@ -408,3 +408,20 @@ def test_json_outputs_are_strict_and_written_whole(tmp_path, monkeypatch):
         write_json(path, {"fid": 3.0})
     monkeypatch.undo()
     assert path.read_text() == text and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_script_arguments_split_into_paths_and_options(tmp_path, monkeypatch):
+    """A mistyped option is an option (so that it is named as unknown), not a run folder; a path with '=' in it, or
+    an existing file named like an option, stays a path."""
+    from diffusion_train.cli import split_arguments
+
+    (tmp_path / "model=dit").mkdir()
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "rows=3").mkdir()
+    options = {"rows": int, "validate": str}
+    argv = ["runs/a", f"{tmp_path}/model=dit", "rows=2", "validat=true", "wandb:team/project"]
+    assert split_arguments(argv, options) == (["runs/a", f"{tmp_path}/model=dit", "wandb:team/project"],
+                                              ["rows=2", "validat=true"])
+    monkeypatch.chdir(odd)
+    assert split_arguments(["rows=3", "x=1"], {}) == (["rows=3"], ["x=1"])  # a folder named rows=3 is there
