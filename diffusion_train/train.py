@@ -194,7 +194,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
             finish_wandb(loggers, exit_code)  # before a requeue, which ends the job's processes
             # rank 0 requeues while the other ranks wait for it in the barrier below: a rank that exited first
             # could have srun (--kill-on-bad-exit) end the step, rank 0 with it, before the requeue
-            requeue(preemption, trainer.is_global_zero)
+            requeue(preemption, trainer.is_global_zero, trainer.global_step)
         close_process_groups(trainer)  # a run stopped by a signal (one that finished has closed them)
     finally:
         finish_wandb(loggers, exit_code)  # the next job of a local sweep, in this process, starts its own W&B run

@@ -22,7 +22,7 @@ from conftest import gloo_group
 from diffusion_train.training.checkpointing import load_checkpoint
 from diffusion_train.training.loggers import persistent_run_id
 from diffusion_train.training.parallel import check_devices, lr_scale, per_device_batch, sum_over_ranks
-from diffusion_train.training.preemption import Preemption, slurm_job_id
+from diffusion_train.training.preemption import Preemption, requeue, slurm_job_id
 
 QUICK = ["experiment=smoke", "logger=csv", "callbacks.sample_grid.every_n_steps=1000",
          "trainer.val_check_interval=1000", "trainer.precision=32-true"]
@@ -167,6 +167,30 @@ def test_slurm_job_id_names_the_array_task(monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "40")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
     assert slurm_job_id() == "40_2"
+
+
+def test_a_requeued_launch_that_made_no_step_is_not_requeued_again(tmp_path, monkeypatch, caplog):
+    """A requeue signal: rank 0 runs scontrol requeue, except in a launch that was itself requeued and stopped at
+    the step it started at (a whole allocation without a training step, e.g. an evaluation longer than the time
+    limit): requeued again, it would do the same for ever."""
+    from diffusion_train.training import preemption
+
+    calls = []
+    monkeypatch.setattr(preemption.subprocess, "run",
+                        lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0, "", ""))
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    cb = Preemption(str(tmp_path))
+    cb.requeue, cb.signum, cb.start_step = True, int(signal.SIGUSR1), 100
+    for restarts, step, requeued in (("", 100, True), ("0", 100, True), ("1", 130, True), ("1", 100, False)):
+        monkeypatch.setenv("SLURM_RESTART_COUNT", restarts)
+        calls.clear()
+        requeue(cb, True, step)
+        assert calls == ([["scontrol", "requeue", "42"]] if requeued else []), (restarts, step)
+    assert "not requeueing Slurm job 42: this launch (restart 1) made no training step from step 100" in caplog.text
+    calls.clear()
+    requeue(cb, False, 130)  # only rank 0 requeues
+    assert calls == []
 
 
 def _signal_when(proc: subprocess.Popen, ready: Path, signum: int, timeout: float = 240,

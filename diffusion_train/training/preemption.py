@@ -67,6 +67,7 @@ class Preemption(StepEndCallback):
         self.previous_handlers: dict[int, Any] = {}
         self._group = None
         self._saved_step: int | None = None  # the step last.ckpt holds, when this launch knows it
+        self.start_step: int | None = None  # the optimizer step this launch's fit started at
 
     # -- the handler: a flag, nothing else --------------------------------------------------------
     def _handle(self, signum: int, frame) -> None:
@@ -105,6 +106,7 @@ class Preemption(StepEndCallback):
         super().on_train_start(trainer, pl_module)
         own = trainer.ckpt_path and Path(trainer.ckpt_path).resolve() == (self.dirpath / "last.ckpt").resolve()
         self._saved_step = trainer.global_step if own else None  # resumed from last.ckpt (a branch: another run's)
+        self.start_step = trainer.global_step
         self.install()
         if signal.SIGTERM in self.previous_handlers and signal.getsignal(signal.SIGTERM) == self._handle:
             _lightning_sigterm_broadcast(trainer, enabled=False)
@@ -271,16 +273,24 @@ def hand_over(callback: Preemption, is_global_zero: bool) -> None:
         previous(callback.signum, None)
 
 
-def requeue(callback: Preemption, is_global_zero: bool) -> None:
+def requeue(callback: Preemption, is_global_zero: bool, step: int) -> None:
     """After a requeue signal without a handler from before training (:func:`hand_over`), rank 0 requeues the
     Slurm job with ``scontrol requeue``, which ends the job's processes and queues it again; the caller keeps
     the other ranks waiting meanwhile. Outside Slurm there is nothing to requeue and relaunching the same
-    command resumes."""
+    command resumes. A requeued launch whose fit stopped at ``step``, the step it started at, made no training
+    step in its whole allocation (e.g. an end-of-fit evaluation longer than the job's time limit, which starts
+    again each time): it is not requeued again, which would repeat that for ever."""
     if not (callback.requeue and is_global_zero) or callable(callback.previous_handlers.get(callback.signum)):
         return
     job = slurm_job_id()
     if job is None:
         log.warning("not running under Slurm: nothing to requeue; relaunch the same command to resume")
+        return
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    if restarts and callback.start_step is not None and step == callback.start_step:
+        log.error("not requeueing Slurm job %s: this launch (restart %d) made no training step from step %d before "
+                  "its time ran out, so another would do the same; give the job more time (sbatch --time) or less "
+                  "work at a step (fewer FID samples), then submit the same command to resume", job, restarts, step)
         return
     result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
     if result.returncode == 0:
