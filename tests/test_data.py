@@ -107,7 +107,7 @@ def test_validation_loss_is_the_same_for_any_number_of_ranks(tiny_cfg):
     validation loss summed over the ranks' batches is that of one process (the runs of a scaling study may
     use different numbers of GPUs)."""
     module = module_of(tiny_cfg)
-    data = instantiate_data(tiny_cfg("data.num_val=10"))
+    data = instantiate_data(tiny_cfg("data.val_size=10"))
     data.setup()
     val = FixedBatches(data.val_set)
 
@@ -290,7 +290,7 @@ def test_not_an_idx_file_and_count_mismatch_raise(tmp_path):
 # synthetic data
 # ------------------------------------------------------------------------------------------------
 def test_synthetic_datamodule_shapes_and_determinism():
-    cfg = dict(batch_size=5, resolution=8, channels=2, num_classes=3, num_train=40, num_val=7)
+    cfg = dict(batch_size=5, resolution=8, channels=2, num_classes=3, num_train=40, val_size=7)
     dm = SyntheticDataModule(seed=4, **cfg)
     dm.setup()
     b1 = next(iter(dm.train_dataloader()))

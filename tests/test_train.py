@@ -354,3 +354,17 @@ def test_throughput_leaves_out_the_launch_s_first_step(monkeypatch):
     assert [d["perf/images_per_sec"] for d in logged] == [8.0, 8.0, 4.0]
     assert logged[0]["perf/tflops_per_device"] == pytest.approx(8.0 * 6e9 / 1e12)
     assert logged[0]["perf/mfu"] == pytest.approx(8.0 * 6e9 / 1e12)
+
+
+def test_a_sampler_the_schedule_cannot_take_is_refused_before_training(tiny_cfg, tmp_path):
+    """karras spacing on a zero-terminal-SNR schedule failed at the first sample grid, after the steps before it
+    and before their checkpoint; now before the first step, naming the callback."""
+    run = tmp_path / "run"
+    cfg = tiny_cfg("diffusion=ddpm_linear_v", "diffusion.schedule.rescale_zero_terminal_snr=true", "sampler=dpmpp_2m",
+                   run_dir=run)
+    with pytest.raises(ValueError, match=r"^callbacks.sample_grid.sampler \(spacing=karras\): karras spacing needs a "
+                                         r"finite sigma/alpha; this schedule has zero terminal SNR"):
+        train(cfg, run)
+    assert not (run / "checkpoints").exists() and not (run / "metrics.csv").exists()
+    train(tiny_cfg("diffusion=ddpm_linear_v", "diffusion.schedule.rescale_zero_terminal_snr=true", "sampler=dpmpp_2m",
+                   "sampler.spacing=trailing", "trainer.max_steps=2", run_dir=run), run)

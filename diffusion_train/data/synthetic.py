@@ -23,12 +23,12 @@ def make_synthetic(num_samples: int, num_classes: int, channels: int, resolution
 
 class SyntheticDataModule(InMemoryImageDataModule):
     def __init__(self, batch_size: int = 16, resolution: int = 16, channels: int = 3, num_classes: int = 4,
-                 num_train: int = 256, num_val: int = 32, num_workers: int = 0, seed: int = 0,
+                 num_train: int = 256, val_size: int = 32, num_workers: int = 0, seed: int = 0,
                  val_batch_size: int | None = None):
         super().__init__(batch_size, channels, resolution, num_classes, num_workers, seed, val_batch_size)
-        self.num_train, self.num_val = num_train, num_val
+        self.num_train, self.val_size = num_train, val_size
 
     def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        x, y = make_synthetic(self.num_train + self.num_val, self.num_classes, self.channels, self.resolution,
+        x, y = make_synthetic(self.num_train + self.val_size, self.num_classes, self.channels, self.resolution,
                               seed=1234)  # the data is fixed; ``seed`` only orders it
         return x[: self.num_train], y[: self.num_train], x[self.num_train:], y[self.num_train:]
