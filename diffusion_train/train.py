@@ -104,12 +104,18 @@ def _warn_of_untrained_guidance(module, callbacks: list, pretrained: bool) -> No
                     "embedder's dropout (e.g. 0.1) or the callbacks' guidance_scale=1", scales)
 
 
-def check_samplers(module, callbacks_cfg: DictConfig, callbacks: list) -> None:
-    """The time grid of each sampling callback's sampler on the model's schedule, made once before any work: a
-    spacing the schedule cannot take (karras with zero terminal SNR) failed at the first sample grid, after the
-    steps before it and before their checkpoint."""
+def check_sampling_callbacks(module, callbacks_cfg: DictConfig, callbacks: list) -> None:
+    """What each sampling callback (sample grids, Fréchet distances) will sample with, checked before any work (a
+    DreamBooth run's class images come before the fit): its prompts against the model's conditioning, and its
+    sampler's time grid on the model's schedule (a spacing it cannot take, karras with zero terminal SNR, failed
+    at the first grid, after the steps before it and before their checkpoint)."""
     names = [name for name, c in (callbacks_cfg or {}).items() if c is not None]
     for name, callback in zip(names, callbacks):
+        if hasattr(callback, "prompts"):
+            try:
+                module.conditioner.input_pools(prompts=callback.prompts, prompts_option=f"callbacks.{name}.prompts")
+            except ValueError as e:
+                raise ValueError(f"callbacks.{name}: {e}") from None
         sampler = getattr(callback, "sampler", None)
         if sampler is None or not hasattr(sampler, "spacing"):
             continue
@@ -151,7 +157,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     accumulate = module.accumulate_grad_batches
     intervals = lightning_intervals(cfg.trainer, accumulate)  # Lightning counts batches, the config steps
     callbacks = _instantiate_all(cfg.callbacks)
-    check_samplers(module, cfg.callbacks, callbacks)  # in the order of cfg.callbacks, before the sort below
+    check_sampling_callbacks(module, cfg.callbacks, callbacks)  # in the order of cfg.callbacks, before the sort
     # The EMA first: a checkpoint that another callback's step-end hook saves holds this step's average.
     # The run summary last: it records what the others logged this step. (Lightning then moves the checkpoint
     # callbacks to the end, in this order: the step checkpoints after the periodic ones, which they do not repeat.)

@@ -47,6 +47,17 @@ def test_dreambooth_batches_pair_instance_and_class_images(tmp_path):
     assert (batch["image"][:2] == -1).all() and (batch["image"][2:] == 1).all()
 
 
+def test_a_text_model_without_grid_prompts_is_refused_before_its_class_images(tiny_cfg, tmp_path):
+    """The sample grid's prompts are checked before the model makes the class images (minutes), not after."""
+    write_images(tmp_path / "subject", 2, seed=0)
+    run = tmp_path / "db"
+    overrides = [o for o in dreambooth_overrides(tmp_path) if not o.startswith("callbacks.sample_grid.prompts")]
+    with pytest.raises(ValueError, match=r"^callbacks.sample_grid: the model is conditioned on text \('caption'\): "
+                                         r"give callbacks.sample_grid.prompts=\[\.\.\.\]"):
+        train(tiny_cfg(*overrides, "callbacks.sample_grid.prompts=[]", run_dir=run), run)
+    assert not list(run.rglob("class_*.png"))
+
+
 def test_dreambooth_makes_its_class_images_then_trains(tiny_cfg, tmp_path, monkeypatch):
     """Prior preservation: the model makes the missing class images with the class prompt before training (a
     relaunch finds them all), then batches hold the subject and the class images with their weights. A requeue
