@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import DIT, module_of, params, randomised
+from conftest import DIT, compose_train, module_of, params, randomised
 from diffusion_train.train import train
 from diffusion_train.training.build import build_module
 from diffusion_train.training.export import export_weights
@@ -188,6 +188,28 @@ def test_a_run_starts_from_another_runs_weights(tiny_cfg, tmp_path):
                    run_dir=second)
     train(cfg, second)
     assert torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
+def test_a_start_from_weights_of_another_objective_is_warned_of(tiny_cfg, tmp_path, caplog):
+    """The weights load the same whatever objective trained them: a v-prediction base fine-tuned as eps is named in
+    a warning (the change may be meant); the same objective, or exported weights (no config), give none."""
+    import logging
+
+    from diffusion_train.training.pretrained import objective_change
+
+    base = tmp_path / "base"
+    train(tiny_cfg("diffusion=ddpm_linear_v", "trainer.max_steps=2", run_dir=base), base)
+    from omegaconf import OmegaConf
+
+    v = compose_train(["diffusion=ddpm_linear_v"]).diffusion
+    eps = compose_train(["diffusion=ddpm_linear"]).diffusion
+    assert objective_change(base, OmegaConf.to_container(v, resolve=True)) is None
+    assert objective_change(base, OmegaConf.to_container(eps, resolve=True)) == "prediction v -> eps"
+    assert objective_change(base / "weights" / "raw.safetensors", OmegaConf.to_container(eps, resolve=True)) is None
+    with caplog.at_level(logging.WARNING, logger="diffusion_train"):
+        train(tiny_cfg(f"init.path={base}", "diffusion=ddpm_linear", "trainer.max_steps=2", run_dir=tmp_path / "eps"),
+              tmp_path / "eps")
+    assert "was trained with another diffusion objective (prediction v -> eps)" in caplog.text
 
 
 def test_a_frozen_text_encoders_extra_state_is_not_a_missing_weight(tiny_cfg, tmp_path):

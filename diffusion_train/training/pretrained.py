@@ -56,6 +56,22 @@ class LoadReport:
         return asdict(self)
 
 
+def objective_change(path: str | Path, diffusion: dict) -> str | None:
+    """How the diffusion objective that ``path`` (a checkpoint, or a run directory with one) was trained with differs
+    from ``diffusion`` (a resolved ``diffusion`` config) in prediction or schedule, e.g. ``prediction v -> eps``;
+    None when it does not, or when the file records no config (exported weights)."""
+    path = Path(path)
+    ckpt = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
+    if ckpt.suffix != ".ckpt" or not ckpt.is_file():
+        return None
+    recorded = ((load_checkpoint(ckpt).get("diffusion_train") or {}).get("config") or {}).get("diffusion")
+    if not recorded:
+        return None
+    changes = [f"{key} {recorded.get(key)} -> {diffusion.get(key)}" for key in ("prediction", "schedule")
+               if recorded.get(key) != diffusion.get(key)]
+    return "; ".join(changes) or None
+
+
 def read_weights(path: str | Path, weights: str = "ema") -> tuple[dict[str, Tensor], str, str]:
     """The tensors of ``path`` by module key, the file actually read, and which weights they are.
 
