@@ -173,6 +173,9 @@ def test_tiny_vae_from_file_matches_the_saved_net_and_takes_its_factors(saved_ne
     assert explicit.scale.item() == 2.0 and explicit.shift.item() == 0.0
     loaded, meta = load_tiny_vae_net(path)
     assert json.loads(meta["steps"]) == 0 and loaded.config == net.config
+    with pytest.raises(ValueError, match=r"^autoencoder.weights=.* encodes 1-channel images, the data has 3 "
+                                         r"\(autoencoder.in_channels, data.channels\)$"):
+        TinyVAE(weights=path, in_channels=3)
 
 
 def test_file_weights_stay_out_of_the_state_dict_which_records_their_sha256(saved_net, images, tmp_path):

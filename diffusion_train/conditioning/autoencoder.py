@@ -349,6 +349,9 @@ class TinyVAE(KLAutoencoder):
             provenance = {"name": f"random TinyVAE {list(self.model.config['channels'])}"}
         else:
             self.model, meta = load_tiny_vae_net(weights)
+            if self.model.config["in_channels"] != in_channels:  # the data's channels: the images it will encode
+                raise ValueError(f"autoencoder.weights={weights} encodes {self.model.config['in_channels']}-channel "
+                                 f"images, the data has {in_channels} (autoencoder.in_channels, data.channels)")
             if scale_factor is None and "scale_factor" in meta:
                 self.scale = _factor(json.loads(meta["scale_factor"]))
             if shift_factor is None and "shift_factor" in meta:
