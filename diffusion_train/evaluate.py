@@ -42,7 +42,8 @@ def evaluate(cfg: DictConfig) -> dict:
     if images is not None:
         save_grid(images, out / "grid.png", ncol=int(cfg.ncol))
     settings = OmegaConf.to_container(cfg, resolve=True)
-    record = {"metrics": metrics, "reference": reference, "extractor": extractor.provenance, "settings": settings,
+    record = {"metrics": metrics, "loaded_weights": module.loaded_weights, "reference": reference,
+              "extractor": extractor.provenance, "settings": settings,
               **({"clip": clip.provenance} if clip is not None else {})}
     write_json(out / "metrics.json", record)
     print(json.dumps(metrics))

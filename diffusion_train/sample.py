@@ -111,8 +111,8 @@ def generate(cfg: DictConfig) -> list[Path]:
     grid_images = torch.cat(shown)
     if len(grid_images):
         save_grid(grid_images, out / "grid.png", ncol=cfg.ncol)
-    meta = {"ckpt": str(cfg.ckpt), "weights": cfg.weights, "lora": cfg.get("lora"), "lora_scale": cfg.get("lora_scale"),
-            "num_images": cfg.num_images, "height": images.shape[-2], "width": images.shape[-1],
+    meta = {"ckpt": str(cfg.ckpt), "weights": cfg.weights, "loaded_weights": module.loaded_weights,
+            "lora": cfg.get("lora"), "lora_scale": cfg.get("lora_scale"), "num_images": cfg.num_images, "height": images.shape[-2], "width": images.shape[-1],
             "guidance_scale": cfg.guidance_scale, "seed": cfg.seed, "device": str(device), **guidance,
             "sampler": {"solver": sampler.solver.func.__name__, "steps": sampler.steps, "spacing": sampler.spacing,
                         "config": OmegaConf.to_container(cfg.sampler, resolve=True)},

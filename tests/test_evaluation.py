@@ -185,6 +185,7 @@ def test_diffusion_eval_writes_metrics_and_a_grid(extractor_files, tmp_path):
     record = json.loads((out / "metrics.json").read_text())
     assert set(record["metrics"]) == {"fd/fmnist_net_6", "class_accuracy/fmnist_net_6"}
     assert record["reference"]["dataset"] == "random" and record["extractor"]["extractor"] == "fmnist_net"
+    assert record["loaded_weights"] == "ema_0.999"  # weights=ema: the run's sampling decay
     assert (out / "grid.png").is_file()
     bad = _run_cli(args[:-4] + ["num_samples=1"], tmp_path, module="diffusion_train.evaluate")
     errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]

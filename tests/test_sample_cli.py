@@ -88,6 +88,7 @@ def test_a_run_directory_samples_with_its_last_checkpoint_and_an_out_dir_is_not_
     assert out.returncode == 0, out.stderr[-2000:]
     meta = json.loads((tmp_path / "out/samples.json").read_text())
     assert meta["ckpt"] == str(ckpt) and meta["num_images"] == 3 and meta["device"] == "cpu"
+    assert meta["weights"] == "ema" and meta["loaded_weights"] == "ema_0.999"  # the run's sampling decay
     assert meta["sampler"]["config"]["solver"]["eta"] == 0.5
     assert sorted(p.name for p in (tmp_path / "out/images").iterdir()) == ["000000.png", "000001.png", "000002.png"]
     assert Image.open(tmp_path / "out/grid.png").size == (2 * 16 + 2 * 3, 16 + 2 * 2)  # two images, padded

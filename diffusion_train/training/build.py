@@ -98,16 +98,20 @@ def with_recorded_autoencoder(config: dict, state_dict: dict) -> dict:
 
 
 def checkpoint_module(ckpt: dict, weights: str = "ema", where: str = "the checkpoint") -> DiffusionModule:
-    """:func:`load_module` of a checkpoint already loaded (``where`` names it in errors)."""
+    """:func:`load_module` of a checkpoint already loaded (``where`` names it in errors); ``loaded_weights`` on the
+    module names the weights it holds (``raw``, ``ema_<average>``)."""
     meta = ckpt.get("diffusion_train", {})
     if "config" not in meta:
         raise ValueError(f"{where} holds no diffusion_train run metadata; cannot rebuild its model")
     config = with_recorded_autoencoder(meta["config"], ckpt["state_dict"])
     module = build_module(OmegaConf.create(config), accelerator="cpu")  # compile=auto: not for sampling
     module.load_state_dict(ckpt["state_dict"])
+    module.loaded_weights = "raw"  # which weights these are, for the records of what samples with it
     if weights != "raw":
         params = dict(module.named_parameters())
+        average, values = checkpoint_average(ckpt, weights, where)
         with torch.no_grad():
-            for name, value in checkpoint_average(ckpt, weights, where)[1].items():
+            for name, value in values.items():
                 params[name].copy_(value)
+        module.loaded_weights = f"ema_{average}"
     return module.eval()
