@@ -147,7 +147,8 @@ def test_tiny_latent_text_presets_train_and_sample_prompts(experiment, text, tmp
         "ckpt": str(run / "checkpoints/last.ckpt"), "out_dir": str(tmp_path / "gen"), "weights": "ema",
         "num_images": 2, "labels": None, "prompts": ["a photo of a bag", "a sneaker"], "guidance_scale": 3.0,
         "guidance_interval": None, "guidance_rescale": 0.0, "progress": False, "seed": 0, "batch_size": 2,
-        "device": "cpu", "ncol": 2, "height": None, "width": None, "sampler": OmegaConf.to_container(cfg.sampler)})
+        "device": "cpu", "ncol": 2, "grid_images": 2, "height": None, "width": None,
+        "sampler": OmegaConf.to_container(cfg.sampler)})
     paths = generate(sample_cfg)
     assert len(paths) == 2 and all(p.is_file() for p in paths)
     from PIL import Image
