@@ -104,27 +104,6 @@ def _warn_of_untrained_guidance(module, callbacks: list, pretrained: bool) -> No
                     "embedder's dropout (e.g. 0.1) or the callbacks' guidance_scale=1", scales)
 
 
-def check_sampling_callbacks(module, callbacks_cfg: DictConfig, callbacks: list) -> None:
-    """What each sampling callback (sample grids, Fréchet distances) will sample with, checked before any work (a
-    DreamBooth run's class images come before the fit): its prompts against the model's conditioning, and its
-    sampler's time grid on the model's schedule (a spacing it cannot take, karras with zero terminal SNR, failed
-    at the first grid, after the steps before it and before their checkpoint)."""
-    names = [name for name, c in (callbacks_cfg or {}).items() if c is not None]
-    for name, callback in zip(names, callbacks):
-        if hasattr(callback, "prompts"):
-            try:
-                module.conditioner.input_pools(prompts=callback.prompts, prompts_option=f"callbacks.{name}.prompts")
-            except ValueError as e:
-                raise ValueError(f"callbacks.{name}: {e}") from None
-        sampler = getattr(callback, "sampler", None)
-        if sampler is None or not hasattr(sampler, "spacing"):
-            continue
-        try:
-            module.objective.schedule.timesteps(sampler.steps, sampler.spacing)
-        except ValueError as e:
-            raise ValueError(f"callbacks.{name}.sampler (spacing={sampler.spacing}): {e}") from None
-
-
 def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     """Trains in ``run_dir``, resuming from ``run_dir/checkpoints/last.ckpt`` when it exists, else from
     ``init.branch_from`` when set (a branch of another run)."""
@@ -162,7 +141,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     accumulate = module.accumulate_grad_batches
     intervals = lightning_intervals(cfg.trainer, accumulate)  # Lightning counts batches, the config steps
     callbacks = _instantiate_all(cfg.callbacks)
-    check_sampling_callbacks(module, cfg.callbacks, callbacks)  # in the order of cfg.callbacks, before the sort
+    for callback in callbacks:  # sample grids, Fréchet distances: their prompts and samplers, before any work
+        if hasattr(callback, "check_inputs"):
+            callback.check_inputs(module)
     # The EMA first: a checkpoint that another callback's step-end hook saves holds this step's average.
     # The run summary last: it records what the others logged this step. (Lightning then moves the checkpoint
     # callbacks to the end, in this order: the step checkpoints after the periodic ones, which they do not repeat.)

@@ -13,6 +13,7 @@ from diffusion_train.metrics.fid import build_extractor, check_reference_images,
 from diffusion_train.metrics.generated import evaluate_generated
 from diffusion_train.training.ema import sampling_weights
 from diffusion_train.training.periodic import PeriodicEvaluation
+from diffusion_train.training.samples import check_sampling_inputs
 from diffusion_train.training.preemption import stopping
 
 
@@ -50,11 +51,12 @@ class FrechetDistance(PeriodicEvaluation):
         self.extractor = self.reference = self.clip = None
         self.clip_settings = dict(clip) if clip else None
 
+    def check_inputs(self, pl_module) -> None:
+        """Before any work (``train`` calls it before a DreamBooth run's class images; ``setup`` again)."""
+        check_sampling_inputs(pl_module, self.prompts, self.sampler, "callbacks.fid")
+
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
-        try:  # fails before the first step: prompts missing for a text model, or given to another one
-            pl_module.conditioner.input_pools(prompts=self.prompts, prompts_option="callbacks.fid.prompts")
-        except ValueError as e:
-            raise ValueError(f"callbacks.fid: {e}") from None
+        self.check_inputs(pl_module)
         if self.extractor is None:  # a missing file, another extractor's reference
             self.extractor = build_extractor(self.extractor_name, self.weights, option="callbacks.fid.weights")
             mu, sigma, provenance = load_reference(self.reference_path, self.extractor.provenance)

@@ -13,6 +13,20 @@ from diffusion_train.training.images import save_grid
 from diffusion_train.training.periodic import PeriodicEvaluation
 
 
+def check_sampling_inputs(pl_module, prompts: list[str], sampler: Sampler, option: str) -> None:
+    """What a sampling callback (``option``: its config key) will sample with, against the model: its prompts
+    (missing for a text model, or given to another one) and its sampler's time grid on the model's schedule (a
+    spacing the schedule cannot take, karras with zero terminal SNR). One-line errors naming the setting."""
+    try:
+        pl_module.conditioner.input_pools(prompts=prompts, prompts_option=f"{option}.prompts")
+    except ValueError as e:
+        raise ValueError(f"{option}: {e}") from None
+    try:
+        pl_module.objective.schedule.timesteps(sampler.steps, sampler.spacing)
+    except ValueError as e:
+        raise ValueError(f"{option}.sampler (spacing={sampler.spacing}): {e}") from None
+
+
 class SampleGrid(PeriodicEvaluation):
     """Every ``every_n_steps`` optimizer steps and at the end of training, samples a grid with the
     EMA weights (``sample_decay`` of the EMA callback; raw weights if there is no EMA callback).
@@ -35,11 +49,12 @@ class SampleGrid(PeriodicEvaluation):
         self.seed, self.prompts = seed, list(prompts or [])
         self.guidance = {"guidance_interval": guidance_interval, "guidance_rescale": guidance_rescale}
 
+    def check_inputs(self, pl_module) -> None:
+        """Before any work (``train`` calls it before a DreamBooth run's class images; ``setup`` again)."""
+        check_sampling_inputs(pl_module, self.prompts, self.sampler, "callbacks.sample_grid")
+
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
-        try:  # fails before the first step: prompts missing for a text model, or given to another one
-            pl_module.conditioner.input_pools(prompts=self.prompts, prompts_option="callbacks.sample_grid.prompts")
-        except ValueError as e:
-            raise ValueError(f"callbacks.sample_grid: {e}") from None
+        self.check_inputs(pl_module)
 
     def cond_inputs(self, pl_module) -> tuple[int, dict]:
         """One row per class / prompt (``per_class`` columns); unconditional: ``rows`` rows."""
