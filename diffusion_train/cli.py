@@ -29,9 +29,9 @@ def parse_key_values(argv: list[str], options: Mapping[str, Callable[[str], Any]
 
 def split_arguments(argv: list[str], options: Mapping[str, Any]) -> tuple[list[str], list[str]]:
     """A script's positional arguments (run folders, files) and its ``key=value`` options. A ``key=value`` argument
-    is an option when its key is one, and also when it looks like ``word=value`` and no such path exists: a mistyped option
-    (``validat=true``), which :func:`parse_key_values` then names, instead of a run folder that is not there. A
-    path with ``=`` in it (a sweep job's folder, ``runs/x/model=dit_s4``) stays positional."""
+    is an option when its key is one, and also when it looks like ``word=value`` and no such path exists: a
+    mistyped option (``validat=true``), which :func:`parse_key_values` then names, instead of a run folder that is
+    not there. A path with ``=`` in it (a sweep job's folder, ``runs/x/model=dit_s4``) stays positional."""
     from pathlib import Path
 
     positional, given = [], []

@@ -91,7 +91,7 @@ def generate(cfg: DictConfig) -> list[Path]:
     earlier = sorted((out / "images").glob("*.png"))
     if earlier:
         raise ValueError(f"out_dir={out}: images/ holds {len(earlier)} images already ({earlier[0].name}, ...); "
-                              f"give another out_dir, or remove them")
+                         f"give another out_dir, or remove them")
     device, module, sampler, guidance = load_for_sampling(cfg)
     size = backbone_size(module, cfg.height, cfg.width)
     batches = range(0, cfg.num_images, cfg.batch_size)
@@ -100,19 +100,19 @@ def generate(cfg: DictConfig) -> list[Path]:
 
         batches = tqdm(batches, desc=f"{cfg.num_images} images", unit="batch")
     inputs = module.conditioner.sample_inputs(cfg.num_images, cfg.labels, cfg.prompts)
-    paths, shown = [], []
+    paths, shown, grid_size = [], [], int(cfg.grid_images)
     for start in batches:
         idx = list(range(start, min(start + cfg.batch_size, cfg.num_images)))
         with sampling_autocast(device):
             images = module.sample_seeded(idx, inputs, sampler, cfg.guidance_scale, cfg.seed, size, **guidance).cpu()
         paths += [save_grid(image[None], out / "images" / f"{cfg.seed + i:06d}.png", ncol=1, pad=0)
                   for i, image in zip(idx, images)]
-        shown.append(images[:max(0, int(cfg.grid_images) - sum(len(s) for s in shown))])
-    grid_images = torch.cat(shown)
-    if len(grid_images):
-        save_grid(grid_images, out / "grid.png", ncol=cfg.ncol)
+        shown.append(images[:grid_size - min(start, grid_size)])  # the first grid_images of all
+    if grid_size:
+        save_grid(torch.cat(shown), out / "grid.png", ncol=cfg.ncol)
     meta = {"ckpt": str(cfg.ckpt), "weights": cfg.weights, "loaded_weights": module.loaded_weights,
-            "lora": cfg.get("lora"), "lora_scale": cfg.get("lora_scale"), "num_images": cfg.num_images, "height": images.shape[-2], "width": images.shape[-1],
+            "lora": cfg.get("lora"), "lora_scale": cfg.get("lora_scale"), "num_images": cfg.num_images,
+            "height": images.shape[-2], "width": images.shape[-1],
             "guidance_scale": cfg.guidance_scale, "seed": cfg.seed, "device": str(device), **guidance,
             "sampler": {"solver": sampler.solver.func.__name__, "steps": sampler.steps, "spacing": sampler.spacing,
                         "config": OmegaConf.to_container(cfg.sampler, resolve=True)},

@@ -303,7 +303,8 @@ def test_an_isoflop_multirun_that_sweeps_more_than_its_points_is_refused(tmp_pat
     def multirun(seeds: str):
         args = ["-m", "+sweep=isoflop_fmnist", "experiment=fmnist", "model.patch_size=4", "scaling.point=C3e11_XXXS",
                 f"seed={seeds}", "trainer.max_steps=2", "lr_schedule.warmup_steps=1", "logger=csv",
-                "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", f"hydra.sweep.dir={tmp_path / seeds.replace(',', '_')}"]
+                "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+                f"hydra.sweep.dir={tmp_path / seeds.replace(',', '_')}"]
         return subprocess.run([sys.executable, "-m", "diffusion_train.train", *args], capture_output=True, text=True,
                               timeout=300, cwd=Path(CONFIG_DIR).parent)
 

@@ -25,8 +25,8 @@ def test_a_saved_position_is_used_only_with_the_same_shards_seed_and_buffer(tmp_
     shutil.copytree(tmp_path / "a", tmp_path / "moved")
     sources = {"moved": pattern.replace(str(tmp_path / "a"), str(tmp_path / "moved")),
                "reordered": [str(tmp_path / "a" / f"train-00000{i}.tar") for i in (0, 1, 3, 2)]}
-    for changed, kept in (({}, True), ({"seed": 1}, False), ({"shuffle_buffer": 5}, False), ({"sources": "moved"}, True),
-                          ({"sources": "reordered"}, False)):
+    for changed, kept in (({}, True), ({"seed": 1}, False), ({"shuffle_buffer": 5}, False),
+                          ({"sources": "moved"}, True), ({"sources": "reordered"}, False)):
         settings = {**args, **changed, "sources": sources.get(changed.get("sources"), pattern)}
         dm = WebDataModule(**settings)
         caplog.clear()

@@ -221,8 +221,9 @@ def check_multirun(cfg: DictConfig) -> None:
     others = [k for k in swept if k != "scaling.point"]
     if point is not None and str(hydra.sweep.subdir) == str(point) and others:
         raise ValueError(f"this multirun sweeps {', '.join(others)} besides scaling.point, but its job directories are "
-                         f"named by the point alone (hydra.sweep.subdir={point}): jobs would share one; sweep the other "
-                         f"settings in separate multiruns with their own run_name (e.g. run_name=<name>_seed1 seed=1)")
+                         f"named by the point alone (hydra.sweep.subdir={point}): jobs would share one; sweep the "
+                         f"other settings in separate multiruns with their own run_name (e.g. run_name=<name>_seed1 "
+                         f"seed=1)")
     processes = [k for k in swept if k in PROCESS_KEYS]
     if processes and hydra.launcher.get("_target_", "").endswith("BasicLauncher"):
         raise ValueError(f"this local multirun sweeps {', '.join(processes)}: a job's extra processes re-run the "
