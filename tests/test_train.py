@@ -362,9 +362,23 @@ def test_a_sampler_the_schedule_cannot_take_is_refused_before_training(tiny_cfg,
     run = tmp_path / "run"
     cfg = tiny_cfg("diffusion=ddpm_linear_v", "diffusion.schedule.rescale_zero_terminal_snr=true", "sampler=dpmpp_2m",
                    run_dir=run)
-    with pytest.raises(ValueError, match=r"^callbacks.sample_grid.sampler \(spacing=karras\): karras spacing needs a "
-                                         r"finite sigma/alpha; this schedule has zero terminal SNR"):
+    with pytest.raises(ValueError, match=r"^callbacks.sample_grid.sampler \(dpmpp_2m, spacing=karras\): karras spacing "
+                                         r"needs a finite sigma/alpha; this schedule has zero terminal SNR"):
         train(cfg, run)
     assert not (run / "checkpoints").exists() and not (run / "metrics.csv").exists()
     train(tiny_cfg("diffusion=ddpm_linear_v", "diffusion.schedule.rescale_zero_terminal_snr=true", "sampler=dpmpp_2m",
                    "sampler.spacing=trailing", "trainer.max_steps=2", run_dir=run), run)
+
+
+@pytest.mark.parametrize("overrides, error", [
+    (["diffusion=ddpm_linear_v", "diffusion.schedule.rescale_zero_terminal_snr=true", "sampler=heun",
+      "sampler.spacing=trailing"], r"\(heun, spacing=trailing\): heun needs alpha > 0 at every timestep"),
+    (["sampler=flow_heun"], r"\(flow_heun, spacing=linspace\): flow_heun needs a flow schedule"),
+])
+def test_a_solver_the_schedule_cannot_take_is_refused_before_training(tiny_cfg, tmp_path, overrides, error):
+    """heun where alpha reaches 0 and flow_heun on a DDPM schedule failed at the first sample grid; now before
+    the first step."""
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match="^callbacks.sample_grid.sampler " + error):
+        train(tiny_cfg(*overrides, run_dir=run), run)
+    assert not (run / "checkpoints").exists()

@@ -64,6 +64,17 @@ def _schedule(denoiser: Denoiser, ts: Tensor, device) -> tuple[Tensor, Tensor, T
     return ts, alphas, sigmas, alphas.log() - sigmas.log()
 
 
+def _positive_alpha(alphas: Tensor, sigmas: Tensor) -> None:
+    if not bool((alphas > 0).all()):
+        raise ValueError("heun needs alpha > 0 at every timestep (finite sigma/alpha); "
+                         "use flow_heun or a dpmpp sampler for flow or zero-terminal-SNR schedules")
+
+
+def _flow(alphas: Tensor, sigmas: Tensor) -> None:
+    if not torch.allclose(alphas + sigmas, torch.ones_like(alphas), atol=1e-6):
+        raise ValueError("flow_heun needs a flow schedule (alpha = 1 - t, sigma = t)")
+
+
 def _call(denoiser: Denoiser, x: Tensor, t: Tensor, cond: Cond | None) -> Tensor:
     return denoiser(x, t.to(torch.float32).expand(x.shape[0]), cond).float()
 
@@ -239,9 +250,7 @@ def heun(denoiser: Denoiser, x: Tensor, timesteps: Tensor, cond: Cond | None = N
     on. Needs alpha > 0 at every timestep (for flow schedules from t = 1 use ``flow_heun``)."""
     x = x.float()
     ts, alphas, sigmas, _ = _schedule(denoiser, timesteps, x.device)
-    if not bool((alphas > 0).all()):
-        raise ValueError("heun needs alpha > 0 at every timestep (finite sigma/alpha); "
-                         "use flow_heun or a dpmpp sampler for flow or zero-terminal-SNR schedules")
+    _positive_alpha(alphas, sigmas)
     sig = sigmas / alphas
     n = len(ts)
     gamma_max = min(s_churn / n, math.sqrt(2) - 1)
@@ -277,8 +286,7 @@ def flow_heun(denoiser: Denoiser, x: Tensor, timesteps: Tensor, cond: Cond | Non
     sigma = t; works from t = 1 (pure noise)."""
     x = x.float()
     ts, alphas, sigmas, _ = _schedule(denoiser, timesteps, x.device)
-    if not torch.allclose(alphas + sigmas, torch.ones_like(alphas), atol=1e-6):
-        raise ValueError("flow_heun needs a flow schedule (alpha = 1 - t, sigma = t)")
+    _flow(alphas, sigmas)
     x0 = x
     for i in _iter(len(ts), progress):
         x0 = _call(denoiser, x, ts[i], cond)
@@ -290,6 +298,10 @@ def flow_heun(denoiser: Denoiser, x: Tensor, timesteps: Tensor, cond: Cond | Non
         v_next = (x_pred - _call(denoiser, x_pred, ts[i + 1], cond)) / sigmas[i + 1]
         x = (x + dt * (v + v_next) / 2).float()
     return x0
+
+
+heun.check_schedule = _positive_alpha
+flow_heun.check_schedule = _flow
 
 
 class Sampler:
@@ -307,6 +319,21 @@ class Sampler:
         if int(steps) < 1:
             raise ValueError(f"sampler.steps must be >= 1, got {steps}")
         self.solver, self.steps, self.spacing = solver, int(steps), spacing
+
+    @property
+    def name(self) -> str:
+        """The solver function's name (``ddim``, ``heun``, ...)."""
+        solver = getattr(self.solver, "func", self.solver)
+        return getattr(solver, "__name__", type(solver).__name__)
+
+    def check(self, schedule) -> None:
+        """Raises the ValueError sampling would raise at its start: a spacing the schedule cannot take, or a
+        solver that cannot run on its times (``heun`` where alpha reaches 0, ``flow_heun`` off a flow)."""
+        ts = schedule.timesteps(self.steps, self.spacing)
+        check = getattr(getattr(self.solver, "func", self.solver), "check_schedule", None)
+        if check is not None:
+            alphas, sigmas = schedule.alpha_sigma(ts)
+            check(alphas.double(), sigmas.double())
 
     def __call__(self, denoiser, noise: Tensor, cond: Cond | None = None, *, uncond: Cond | None = None,
                  guidance_scale: float = 1.0, guidance_interval: Sequence[float] | None = None,

@@ -15,16 +15,17 @@ from diffusion_train.training.periodic import PeriodicEvaluation
 
 def check_sampling_inputs(pl_module, prompts: list[str], sampler: Sampler, option: str) -> None:
     """What a sampling callback (``option``: its config key) will sample with, against the model: its prompts
-    (missing for a text model, or given to another one) and its sampler's time grid on the model's schedule (a
-    spacing the schedule cannot take, karras with zero terminal SNR). One-line errors naming the setting."""
+    (missing for a text model, or given to another one) and its sampler on the model's schedule (a spacing the
+    schedule cannot take, karras with zero terminal SNR; a solver that cannot run on its times, heun where alpha
+    reaches 0). One-line errors naming the setting."""
     try:
         pl_module.conditioner.input_pools(prompts=prompts, prompts_option=f"{option}.prompts")
     except ValueError as e:
         raise ValueError(f"{option}: {e}") from None
     try:
-        pl_module.objective.schedule.timesteps(sampler.steps, sampler.spacing)
+        sampler.check(pl_module.objective.schedule)
     except ValueError as e:
-        raise ValueError(f"{option}.sampler (spacing={sampler.spacing}): {e}") from None
+        raise ValueError(f"{option}.sampler ({sampler.name}, spacing={sampler.spacing}): {e}") from None
 
 
 class SampleGrid(PeriodicEvaluation):
