@@ -339,3 +339,16 @@ def test_unpatchify_non_square():
 def test_sincos_pos_embed_int_and_tuple_forms_agree():
     assert torch.equal(sincos_pos_embed_2d(16, 4), sincos_pos_embed_2d(16, (4, 4)))
     assert sincos_pos_embed_2d(16, (3, 5)).shape == (15, 16)
+
+
+def test_unet_warns_of_attention_resolutions_that_match_no_level(caplog):
+    """An entry that is no feature-map size of the U-Net (a config written for another input size) added no
+    attention, silently."""
+    with caplog.at_level("WARNING", logger="diffusion_train.models.unet"):
+        model = tiny_unet(input_size=32, attention_resolutions=[16, 8])
+    assert "attention_resolutions [8] match no level (feature maps [32, 16] at input_size 32)" in caplog.text
+    assert sum(isinstance(m, Attention) for m in model.modules()) == 1 + 1 + 2  # level 16, middle, decoder
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="diffusion_train.models.unet"):
+        tiny_unet(input_size=16, attention_resolutions=[16, 8])
+    assert "match no level" not in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -17,6 +18,8 @@ from diffusion_train.models.layers import (
     context_from_cond,
     input_with_image,
 )
+
+log = logging.getLogger(__name__)
 
 
 def group_norm(channels: int, num_groups: int) -> nn.GroupNorm:
@@ -249,6 +252,11 @@ class UNet(nn.Module):
                 skip_channels.append(ch)
                 resolution //= 2
 
+        levels = [input_size // 2**i for i in range(len(channel_mult))]
+        unused = [r for r in attention_resolutions if r not in levels]
+        if unused:
+            log.warning("UNet: attention_resolutions %s match no level (feature maps %s at input_size %d): no "
+                        "attention there", unused, levels, input_size)
         self.skip_channels = list(skip_channels)  # of conv_in and each down block: what a ControlNet adds to
         self.middle = EmbedSequential(res(ch, ch), attn(ch), res(ch, ch))
         self.middle_channels = ch
