@@ -312,7 +312,7 @@ def test_filtered_samples_do_not_count_as_bad_data(tmp_path):
                        max_bad_fraction=0.15, min_samples_for_bad_check=20)
     for batch in itertools.islice(iter(dm.train_dataloader()), 12):  # two passes: 10 % corrupt, 30 % filtered
         dm.on_before_batch_transfer(batch, 0)
-        dm.check_bad_data()
+        dm.check_bad_data(dm.skip_counts, dm.samples_used)
     assert dm.skip_counts["filtered_punsafe"] >= 20 and dm.skip_counts["undecodable_image"] >= 6
     dm = WebDataModule(_filter_shards(tmp_path), resolution=8, channels=1, num_classes=10, batch_size=4,
                        num_workers=0, resampled=False, shuffle_buffer=1, max_scores={"punsafe": 0.5},
@@ -320,7 +320,7 @@ def test_filtered_samples_do_not_count_as_bad_data(tmp_path):
     with pytest.raises(BadDataError, match=r"samples read were unusable \(\{'undecodable_image': \d+\}\), more than"):
         for batch in itertools.islice(iter(dm.train_dataloader()), 12):
             dm.on_before_batch_transfer(batch, 0)
-            dm.check_bad_data()
+            dm.check_bad_data(dm.skip_counts, dm.samples_used)
 
 
 def test_bad_samples_are_named_in_the_log_a_few_per_reason(tmp_path, monkeypatch, caplog):

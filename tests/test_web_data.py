@@ -133,12 +133,12 @@ def test_too_many_bad_samples_stop_the_run_with_the_reason(tmp_path):
                        min_samples_for_bad_check=10, num_workers=0)
     batch = {"image": None, "__key__": ["a"] * 4, "__skipped__": {"undecodable_image": 1}}
     dm.on_before_batch_transfer(dict(batch), 0)
-    dm.check_bad_data()  # 1 of 5 read, before the check's minimum of 10
+    dm.check_bad_data(dm.skip_counts, dm.samples_used)  # 1 of 5 read, before the check's minimum of 10
     with pytest.raises(BadDataError, match=r"^3 of 11 samples read were unusable \(\{'undecodable_image': 3\}\), "
                                            r"more than data.max_bad_fraction=0.1"):
         for _ in range(3):
             dm.on_before_batch_transfer({**batch, "__skipped__": {"undecodable_image": 2}}, 0)
-            dm.check_bad_data()
+            dm.check_bad_data(dm.skip_counts, dm.samples_used)
     with pytest.raises(BadDataError, match=r"^40 of 140 samples read"):  # the sums over the ranks, as given
         dm.check_bad_data({"undecodable_image": 40}, 100)
     dm.check_bad_data({"undecodable_image": 4, "filtered_punsafe": 36}, 100)  # filtered: read, not unusable

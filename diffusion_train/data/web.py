@@ -217,13 +217,11 @@ class WebDataModule(L.LightningDataModule):
             self.samples_used += len(batch["__key__"])
         return batch
 
-    def check_bad_data(self, skipped: dict[str, int] | None = None, used: int | None = None) -> None:
+    def check_bad_data(self, skipped: dict[str, int], used: int) -> None:
         """Raises :class:`BadDataError` when more than ``max_bad_fraction`` of the samples read were unusable:
-        of ``skipped`` (counts by reason) and ``used`` samples, by default this process's. The training module
-        passes the sums over all ranks at its logging steps, so that every rank stops at the same step (a rank
-        that stopped alone would leave the others waiting in a collective)."""
-        skipped = self.skip_counts if skipped is None else skipped
-        used = self.samples_used if used is None else used
+        of ``skipped`` (counts by reason) and ``used`` samples. The training module passes the sums over all
+        ranks at its logging steps, so that every rank stops at the same step (a rank that stopped alone would
+        leave the others waiting in a collective)."""
         bad = {reason: n for reason, n in skipped.items() if not is_filtered(reason)}
         seen = sum(skipped.values()) + used
         if seen >= self.min_samples_for_bad_check and sum(bad.values()) > self.max_bad_fraction * seen:
