@@ -35,7 +35,7 @@ from diffusion_train.training.parallel import (
     lr_scale,
     per_device_batch,
 )
-from diffusion_train.training.pretrained import load_pretrained, objective_change
+from diffusion_train.training.pretrained import load_pretrained
 from diffusion_train.training.periodic import finish_resumed_runs
 from diffusion_train.training.preemption import Preemption, find_preemption, hand_over, requeue, slurm_identity
 from diffusion_train.training.run_dir import (
@@ -130,12 +130,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     init_report = None
     if init.get("path") and ckpt is None:  # a resumed run has its own weights
         init_report = load_pretrained(module, init.path, str(init.get("weights") or "ema"),
-                                      strict=bool(init.get("strict", True)))
-        change = objective_change(init.path, config.get("diffusion") or {})
-        if change:  # a deliberate change of objective is a fine-tune of its own; an unnoticed one trains nonsense
+                                      strict=bool(init.get("strict", True)), diffusion=config.get("diffusion") or {})
+        if init_report.objective_change:  # a deliberate change is a fine-tune of its own; an unnoticed one is nonsense
             log.warning("init.path: %s was trained with another diffusion objective (%s): the fine-tune learns the "
                         "new one from these weights; if that is not meant, set diffusion=... as the base run had it",
-                        init.path, change)
+                        init.path, init_report.objective_change)
     if hasattr(datamodule, "check_provenance"):  # precomputed latents / text encodings
         datamodule.check_provenance(module.autoencoder, module.conditioner, module.task)
     accumulate = module.accumulate_grad_batches

@@ -192,24 +192,26 @@ def test_a_run_starts_from_another_runs_weights(tiny_cfg, tmp_path):
 
 def test_a_start_from_weights_of_another_objective_is_warned_of(tiny_cfg, tmp_path, caplog):
     """The weights load the same whatever objective trained them: a v-prediction base fine-tuned as eps is named in
-    a warning (the change may be meant); the same objective, or exported weights (no config), give none."""
+    a warning (the change may be meant), from its checkpoint or its exported weights (whose metadata record the
+    config); the same objective gives none, and run.json records the change."""
     import logging
 
-    from diffusion_train.training.pretrained import objective_change
+    from omegaconf import OmegaConf
 
     base = tmp_path / "base"
     train(tiny_cfg("diffusion=ddpm_linear_v", "trainer.max_steps=2", run_dir=base), base)
-    from omegaconf import OmegaConf
-
-    v = compose_train(["diffusion=ddpm_linear_v"]).diffusion
-    eps = compose_train(["diffusion=ddpm_linear"]).diffusion
-    assert objective_change(base, OmegaConf.to_container(v, resolve=True)) is None
-    assert objective_change(base, OmegaConf.to_container(eps, resolve=True)) == "prediction v -> eps"
-    assert objective_change(base / "weights" / "raw.safetensors", OmegaConf.to_container(eps, resolve=True)) is None
+    v, eps = (OmegaConf.to_container(compose_train([f"diffusion={d}"]).diffusion, resolve=True)
+              for d in ("ddpm_linear_v", "ddpm_linear"))
+    for source in (base, base / "weights" / "raw.safetensors"):
+        assert load_pretrained(build_module(tiny_cfg()), source, "raw", diffusion=v).objective_change is None
+        change = load_pretrained(build_module(tiny_cfg()), source, "raw", diffusion=eps).objective_change
+        assert change == "prediction v -> eps"
+    assert load_pretrained(build_module(tiny_cfg()), base, "raw").objective_change is None  # nothing to compare with
     with caplog.at_level(logging.WARNING, logger="diffusion_train"):
         train(tiny_cfg(f"init.path={base}", "diffusion=ddpm_linear", "trainer.max_steps=2", run_dir=tmp_path / "eps"),
               tmp_path / "eps")
     assert "was trained with another diffusion objective (prediction v -> eps)" in caplog.text
+    assert json.loads((tmp_path / "eps" / "run.json").read_text())["init"]["objective_change"] == "prediction v -> eps"
 
 
 def test_a_frozen_text_encoders_extra_state_is_not_a_missing_weight(tiny_cfg, tmp_path):

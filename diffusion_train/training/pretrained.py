@@ -36,6 +36,7 @@ class LoadReport:
     adapters: int = 0  # LoRA adapter tensors of this model, new in a fine-tune: initialised as built
     expanded: list[str] = field(default_factory=list)  # input convolutions with more channels: the new ones at 0
     controlnet_from_base: bool = False  # a ControlNet's copies took the loaded backbone's weights
+    objective_change: str | None = None  # how the file's recorded diffusion objective differs from the run's
 
     def summary(self) -> str:
         parts = [f"init from {self.source} ({self.weights} weights): {self.loaded} tensors loaded"]
@@ -56,15 +57,10 @@ class LoadReport:
         return asdict(self)
 
 
-def objective_change(path: str | Path, diffusion: dict) -> str | None:
-    """How the diffusion objective that ``path`` (a checkpoint, or a run directory with one) was trained with differs
-    from ``diffusion`` (a resolved ``diffusion`` config) in prediction or schedule, e.g. ``prediction v -> eps``;
-    None when it does not, or when the file records no config (exported weights)."""
-    path = Path(path)
-    ckpt = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
-    if ckpt.suffix != ".ckpt" or not ckpt.is_file():
-        return None
-    recorded = ((load_checkpoint(ckpt).get("diffusion_train") or {}).get("config") or {}).get("diffusion")
+def objective_change(recorded: dict | None, diffusion: dict) -> str | None:
+    """How the diffusion objective ``recorded`` (the ``diffusion`` config weights were trained with) differs from
+    ``diffusion`` (a resolved ``diffusion`` config) in prediction or schedule, e.g. ``prediction v -> eps``; None
+    when it does not, or when nothing was recorded."""
     if not recorded:
         return None
     changes = [f"{key} {recorded.get(key)} -> {diffusion.get(key)}" for key in ("prediction", "schedule")
@@ -72,8 +68,9 @@ def objective_change(path: str | Path, diffusion: dict) -> str | None:
     return "; ".join(changes) or None
 
 
-def read_weights(path: str | Path, weights: str = "ema") -> tuple[dict[str, Tensor], str, str]:
-    """The tensors of ``path`` by module key, the file actually read, and which weights they are.
+def read_weights(path: str | Path, weights: str = "ema") -> tuple[dict[str, Tensor], str, str, dict]:
+    """The tensors of ``path`` by module key, the file actually read, which weights they are, and the training
+    config the file records (a checkpoint's, or an export's metadata; empty for other files).
 
     ``path``: a checkpoint (``.ckpt``), an exported ``.safetensors`` file, or a run directory (its
     ``checkpoints/last.ckpt``, else its ``weights/<weights>.safetensors``). ``weights``: ``ema`` (the
@@ -97,7 +94,7 @@ def read_weights(path: str | Path, weights: str = "ema") -> tuple[dict[str, Tens
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path)), str(path), path.stem
+        return load_file(str(path)), str(path), path.stem, export_info(path).get("config") or {}
     ckpt = load_checkpoint(path)
     state = {k: v for k, v in ckpt.get("state_dict", {}).items() if isinstance(v, Tensor)}
     if not state:
@@ -108,25 +105,32 @@ def read_weights(path: str | Path, weights: str = "ema") -> tuple[dict[str, Tens
         name, average = checkpoint_average(ckpt, weights, f"init.path: {path}", "init.weights")
         state.update(average)
         kind = f"ema_{name}"
-    scaling = lora_scaling((ckpt.get("diffusion_train") or {}).get("config") or {})
+    config = (ckpt.get("diffusion_train") or {}).get("config") or {}
+    scaling = lora_scaling(config)
     if scaling is not None and has_lora(state):  # a LoRA run's model: its adapters folded in
         state = merged_state(state, scaling)
-    return state, str(path), kind
+    return state, str(path), kind, config
+
+
+def export_info(path: Path) -> dict:
+    """What an exported ``.safetensors`` file records of its run (``config``, ...); empty for other files."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return json.loads((f.metadata() or {}).get("diffusion_train") or "{}")
 
 
 def _sampling_export(files: list[Path]) -> Path:
     """Of a run's exported EMA files, the one of its sampling average (``callbacks.ema.sample_decay`` of the config
     the export records), else the last by name."""
-    from safetensors import safe_open
-
-    with safe_open(str(files[0]), "pt") as f:
-        info = json.loads((f.metadata() or {}).get("diffusion_train") or "{}")
+    info = export_info(files[0])
     chosen = (((info.get("config") or {}).get("callbacks") or {}).get("ema") or {}).get("sample_decay")
     named = files[0].with_name(f"ema_{EMA.key(chosen)}.safetensors") if chosen is not None else None
     return named if named in files else files[-1]
 
 
-def load_pretrained(module: nn.Module, path: str | Path, weights: str = "ema", strict: bool = True) -> LoadReport:
+def load_pretrained(module: nn.Module, path: str | Path, weights: str = "ema", strict: bool = True,
+                    diffusion: dict | None = None) -> LoadReport:
     """Copies the pretrained tensors of ``path`` (see :func:`read_weights`) into ``module`` in place.
 
     Keys are the module's state-dict keys; a file whose keys are a bare backbone's (none starts with one
@@ -135,9 +139,10 @@ def load_pretrained(module: nn.Module, path: str | Path, weights: str = "ema", s
     of the model and nothing else; ``strict=False`` loads what both have and reports the rest. Training
     counters (``nonfinite_steps``) start afresh. An input convolution with more input channels in the model
     than in the file (an inpainting model started from a plain one) takes the file's weights for the first
-    channels and zeros for the others.
+    channels and zeros for the others. ``diffusion``: the run's resolved diffusion config, against which the
+    report's ``objective_change`` names what differs from the objective the file was trained with.
     """
-    state, source, kind = read_weights(path, weights)
+    state, source, kind, config = read_weights(path, weights)
     # tensors only: extra states (a frozen text encoder's provenance) are not weights and checkpoints keep them apart
     own = {k: v for k, v in module.state_dict().items() if isinstance(v, Tensor) and k not in TRAINING_STATE}
     state = {k: v for k, v in state.items() if k not in TRAINING_STATE}
@@ -154,7 +159,8 @@ def load_pretrained(module: nn.Module, path: str | Path, weights: str = "ema", s
     copy_base = controlnet is not None and not any(k.startswith("controlnet.") for k in state)
     # a ControlNet fine-tune from a plain model: its copies take the base's weights below
     new = adapters + ([k for k in own if k.startswith("controlnet.")] if copy_base else [])
-    report = LoadReport(source=source, weights=kind, prefix=prefix, adapters=len(adapters),
+    change = objective_change(config.get("diffusion"), diffusion) if diffusion else None
+    report = LoadReport(source=source, weights=kind, prefix=prefix, adapters=len(adapters), objective_change=change,
                         missing=[k for k in own if k not in state and k not in new],
                         unexpected=[k for k in state if k not in own])
     common = [k for k in own if k in state]
