@@ -171,6 +171,28 @@ def test_training_time_distributions():
     assert 0 < float(t.min()) and float(t.max()) < 1
 
 
+@pytest.mark.parametrize("schedule, time_sampler", [
+    (EDMSchedule(), None), (EDMSchedule(), LogNormalSigma(-0.4, 0.8)), (LinearSchedule(), None),
+    (LinearSchedule(), LogNormalSigma()), (FlowSchedule(), None), (FlowSchedule(), LogitNormalTime(0.5, 1.5)),
+], ids=["edm", "edm-lognormal", "ddpm", "ddpm-lognormal", "flow", "flow-logitnormal"])
+def test_validation_times_are_the_training_distributions_quantiles(schedule, time_sampler):
+    """Validation times were spread evenly over [t_min, t_max]: for EDM (t = sigma in [0.002, 80]) a batch of 16
+    had no time below sigma 2.5, where training draws 96% of its times. Now time i is the training distribution's
+    quantile at (i + 0.5) / n."""
+    diff = GaussianDiffusion(schedule, "v" if isinstance(schedule, FlowSchedule) else "eps",
+                             time_sampler=time_sampler)
+    n = 16
+    t = diff.validation_t(n, "cpu")
+    assert t.shape == (n,) and bool((t[1:] >= t[:-1]).all())
+    drawn = diff.sample_t(400000, "cpu", torch.Generator().manual_seed(0)).double()
+    below = (drawn[None, :] < t.double()[:, None]).double().mean(1)  # the training CDF at each validation time
+    at_or_below = (drawn[None, :] <= t.double()[:, None]).double().mean(1)
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    assert bool(((below <= u + 0.005) & (u - 0.005 <= at_or_below)).all()), (below, at_or_below)
+    if isinstance(schedule, LinearSchedule) and time_sampler is None:
+        assert torch.equal(t, t.round())  # integer steps, as training draws them
+
+
 def test_uniform_time_is_never_t_min(monkeypatch):
     """torch.rand can give exactly 0; a flow's t = 0 has no noise, where EDM's weighting divides by sigma."""
     monkeypatch.setattr(torch, "rand", lambda n, **k: torch.zeros(n))

@@ -59,6 +59,10 @@ class ScheduleTime:
     def __call__(self, schedule: NoiseSchedule, n: int, device, generator=None) -> Tensor:
         return schedule.sample_t(n, device, generator)
 
+    def quantile(self, schedule: NoiseSchedule, u: Tensor) -> Tensor:
+        """The time below which a fraction ``u`` of the draws fall (every time sampler has one)."""
+        return schedule.quantile(u)
+
 
 class LogitNormalTime:
     """t = sigmoid(N(mean, std)) mapped onto [t_min, t_max] (SD3's logit-normal sampling for flows)."""
@@ -70,6 +74,10 @@ class LogitNormalTime:
         u = torch.sigmoid(torch.randn(n, device=device, generator=generator) * self.std + self.mean)
         return schedule.t_min + u * (schedule.t_max - schedule.t_min)
 
+    def quantile(self, schedule: NoiseSchedule, u: Tensor) -> Tensor:
+        v = torch.sigmoid(torch.special.ndtri(u) * self.std + self.mean)
+        return schedule.t_min + v * (schedule.t_max - schedule.t_min)
+
 
 class LogNormalSigma:
     """sigma/alpha = exp(N(p_mean, p_std)) (EDM), mapped to each schedule's time through its log-SNR."""
@@ -80,6 +88,9 @@ class LogNormalSigma:
     def __call__(self, schedule: NoiseSchedule, n: int, device, generator=None) -> Tensor:
         log_sigma = torch.randn(n, device=device, generator=generator) * self.p_std + self.p_mean
         return schedule.t_at(-2 * log_sigma).to(device)
+
+    def quantile(self, schedule: NoiseSchedule, u: Tensor) -> Tensor:
+        return schedule.t_at(-2 * (torch.special.ndtri(u) * self.p_std + self.p_mean)).to(u.device)
 
 
 class Denoiser(Protocol):
@@ -165,6 +176,12 @@ class GaussianDiffusion:
 
     def sample_t(self, n: int, device, generator: torch.Generator | None = None) -> Tensor:
         return self.time_sampler(self.schedule, n, device, generator)
+
+    def validation_t(self, n: int, device) -> Tensor:
+        """``n`` times stratified under the training distribution: its quantiles at (i + 0.5) / n, so that a
+        validation batch weighs the noise levels as training draws them (EDM's log-normal sigma, SD3's
+        logit-normal t) and gives the same times at every evaluation."""
+        return self.time_sampler.quantile(self.schedule, (torch.arange(n, device=device) + 0.5) / n)
 
     def loss_weight(self, t: Tensor) -> Tensor:
         """Per-sample weight on the MSE of the configured prediction."""

@@ -59,7 +59,10 @@ class NoiseSchedule:
         """Training times under the schedule's own default distribution: uniform in t, on the open interval
         (t_min, t_max). ``torch.rand`` can give exactly 0, and t_min may have no noise (a flow's t = 0), where
         EDM's preconditioning and weighting divide by sigma."""
-        u = torch.rand(n, device=device, generator=generator).clamp(min=2.0**-25)
+        return self.quantile(torch.rand(n, device=device, generator=generator).clamp(min=2.0**-25))
+
+    def quantile(self, u: Tensor) -> Tensor:
+        """The time below which a fraction ``u`` (in (0, 1)) of ``sample_t``'s draws fall."""
         return self.t_min + u * (self.t_max - self.t_min)
 
     def timesteps(self, num_steps: int, spacing: str = "auto") -> Tensor:
@@ -164,6 +167,10 @@ class DiscreteSchedule(NoiseSchedule):
     def sample_t(self, n: int, device, generator: torch.Generator | None = None) -> Tensor:
         return torch.randint(0, self.num_timesteps, (n,), device=device, generator=generator).float()
 
+    def quantile(self, u: Tensor) -> Tensor:
+        """Integer steps, uniform over 0 .. T-1 as ``sample_t`` draws them."""
+        return (u * self.num_timesteps).floor().clamp(0, self.num_timesteps - 1)
+
     default_spacing = "leading"
 
     def timesteps(self, num_steps: int, spacing: str = "auto") -> Tensor:
@@ -247,6 +254,9 @@ class EDMSchedule(NoiseSchedule):
     def sample_t(self, n: int, device, generator: torch.Generator | None = None) -> Tensor:
         """Log-normal sigma with the EDM defaults (P_mean = -1.2, P_std = 1.2)."""
         return (torch.randn(n, device=device, generator=generator) * 1.2 - 1.2).exp()
+
+    def quantile(self, u: Tensor) -> Tensor:
+        return (torch.special.ndtri(u) * 1.2 - 1.2).exp()
 
     default_spacing = "karras"
 

@@ -404,14 +404,11 @@ class DiffusionModule(Generation, L.LightningModule):
                     self._val_total[row] += total.to(self._val_total.dtype)
 
     def validation_inputs(self, batch: dict, batch_idx: int) -> tuple[Tensor, Tensor, Tensor, Cond]:
-        """``x0, t, noise, cond`` of a fixed validation batch: its own noise stream, timesteps spread evenly over the
-        schedule (integer steps for discrete schedules). The same for any weights but the conditioner's."""
+        """``x0, t, noise, cond`` of a fixed validation batch: its own noise stream, timesteps stratified under the
+        training distribution (``objective.validation_t``). The same for any weights but the conditioner's."""
         g = self.step_generator(10**9, batch.get("__batch__", batch_idx), 0)
         x0 = self.latents(batch, g)
-        b, schedule = x0.shape[0], self.objective.schedule
-        t = schedule.t_min + (torch.arange(b, device=self.device) + 0.5) / b * (schedule.t_max - schedule.t_min)
-        if hasattr(schedule, "num_timesteps"):
-            t = t.round()
+        t = self.objective.validation_t(x0.shape[0], self.device)
         noise = torch.randn(x0.shape, generator=g, device=self.device)
         return x0, t, noise, self.with_task(self.conditioner(batch), x0, batch, g)
 
