@@ -335,6 +335,8 @@ def test_timesteps_known_values():
     assert lead.tolist() == [float(v) for v in range(900, -1, -100)]
     assert trail.tolist() == [float(v) for v in range(999, 98, -100)]
     assert lin.tolist() == np.round(np.linspace(999, 0, 10)).tolist()
+    for n in range(1, T + 1):  # diffusers' grid (numpy, float64) for every count: in float32, 134 differed by a step
+        assert sched.timesteps(n, "linspace").tolist() == np.round(np.linspace(0, T - 1, n))[::-1].tolist(), n
     assert lin[0] == 999 and lin[-1] == 0
     # every spacing with num_steps == T is the full grid
     for spacing in ("leading", "trailing", "linspace"):

@@ -186,8 +186,9 @@ class DiscreteSchedule(NoiseSchedule):
             ts = (torch.arange(num_steps, dtype=torch.float64) * (T / num_steps)).floor().long()
         elif spacing == "trailing":
             ts = torch.round(T - torch.arange(num_steps, dtype=torch.float64) * (T / num_steps)).long() - 1
-        elif spacing == "linspace":
-            ts = torch.linspace(0, T - 1, num_steps).round().long()
+        elif spacing == "linspace":  # in float64 as numpy (diffusers) computes it: a float32 499.49999 is 499.5
+            ts = torch.arange(num_steps, dtype=torch.float64) * ((T - 1) / max(num_steps - 1, 1))
+            ts = torch.cat([ts[:-1], ts.new_full((1,), T - 1 if num_steps > 1 else 0)]).round().long()
         elif spacing == "karras":
             if self.zero_terminal_snr:
                 raise ValueError("karras spacing needs a finite sigma/alpha; this schedule has zero terminal SNR")
