@@ -242,6 +242,10 @@ def test_edit_runs_with_both_scales(tiny_cfg):
     assert a.shape == sources.shape and a.abs().max() <= 1 and not torch.equal(a, b)
     c = module.edit(sources, {"label": torch.tensor([0, 1])}, instantiate(cfg.sampler), text_scale=1.0, image_scale=0.0)
     assert c.shape == sources.shape  # image scale 0 with no text guidance: a point of a scale sweep, not a crash
+    for option in ({"guidance_interval": [0.3, 5.0]}, {"guidance_rescale": 0.7}):  # were dropped without a word
+        with pytest.raises(ValueError, match="^image_guidance .* takes no guidance_interval or guidance_rescale$"):
+            module.sample(torch.randn(2, 3, 16, 16), {"label": torch.tensor([0, 1])}, instantiate(cfg.sampler), 3.0,
+                          image=sources, image_guidance=1.5, **option)
     with pytest.raises(ValueError, match="task=editing"):
         module_of(tiny_cfg).edit(sources, {"label": torch.tensor([0, 1])}, instantiate(cfg.sampler))
 

@@ -73,6 +73,9 @@ class Generation:
             if image_guidance is not None:
                 if image is None or self.task is None:
                     raise ValueError("image_guidance needs a model with a task that gives cond.image (task=editing)")
+                if guidance.get("guidance_interval") is not None or guidance.get("guidance_rescale"):
+                    raise ValueError("image_guidance (separate image and text scales) takes no guidance_interval or "
+                                     "guidance_rescale")
                 uncond_all = replace(uncond, image=self.task.null_image(image))
                 denoiser = DualGuidance(denoiser, uncond, uncond_all, guidance_scale, image_guidance)
                 guidance_scale = 1.0
