@@ -176,3 +176,21 @@ def test_controlnet_of_a_diffusers_unet_with_a_class_embedding_gets_the_vector(t
             p.normal_(generator=g)  # zero convolutions no more
         moved = module.controlnet(x, t, replace(cond, vector=cond.vector + 1.0))
         assert not torch.allclose(module.controlnet(x, t, cond)[-1], moved[-1])  # the middle block: after the emb
+
+
+def test_flops_of_a_diffusers_unet_with_a_class_embedding(tiny_cfg, tmp_path):
+    """The FLOP count's meta forward pass gave such a U-Net (and its ControlNet) no cond.vector, and diffusers
+    refused it: every fit stopped at its start (the throughput callback counts the FLOPs there)."""
+    from diffusers import UNet2DConditionModel
+
+    from diffusion_train.scaling.flops import flop_counter_macs
+    from diffusion_train.training.summary import run_forward_macs
+
+    UNet2DConditionModel(**TINY_UNET, class_embed_type="projection",
+                         projection_class_embeddings_input_dim=64).save_pretrained(tmp_path / "unet")
+    overrides = ("model=diffusers_unet", f"model.name_or_path={tmp_path / 'unet'}", "conditioning=t5_tiny",
+                 "conditioning.embedders.caption.output=both", "data=fashion_mnist_captions")
+    plain = build_module(tiny_cfg(*overrides)).backbone
+    assert plain.cond_dim == 64 and flop_counter_macs(plain, context_len=7) > 0
+    controlled = build_module(tiny_cfg(*overrides, *CONTROL))
+    assert run_forward_macs(controlled) > flop_counter_macs(controlled.backbone, context_len=7) > 0

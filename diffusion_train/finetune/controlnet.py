@@ -142,6 +142,7 @@ class DiffusersControlNet(nn.Module):
         self.net = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=widths,
                                              conditioning_channels=control_channels)
         self.in_channels, self.context_dim, self.uses_vector = base.in_channels, base.context_dim, base.uses_vector
+        self.cond_dim = base.cond_dim
         self.control_shape = (int(control_channels), int(image_size), int(image_size))
 
     @torch.no_grad()

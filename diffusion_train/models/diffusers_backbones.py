@@ -78,6 +78,7 @@ class DiffusersUNet(nn.Module):
                              f"(text-only conditioning: conditioning.embedders.<name>.output=context)")
         if self.uses_vector:
             _check_class_embedding(unet, cond_dim, where)
+        self.cond_dim = int(cond_dim)  # the width of cond.vector, its class labels (0: none)
 
     def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None, residuals: list[Tensor] | None = None) -> Tensor:
         """``residuals``: a ControlNet's additions to each down-block output, then to the middle block's."""

@@ -191,7 +191,7 @@ def _meta_inputs(backbone: nn.Module, size: tuple[int, int], context_len: int) -
     its ``control_shape``)."""
     x = torch.empty(1, int(backbone.in_channels), *size, device="meta")
     t = torch.empty(1, device="meta")
-    cond_dim = int(getattr(getattr(backbone, "cond_embedder", None), "cond_dim", 0) or 0)
+    cond_dim = int(getattr(getattr(backbone, "cond_embedder", backbone), "cond_dim", 0) or 0)  # diffusers: own
     context_dim = int(getattr(backbone, "context_dim", 0) or 0)
     cond = Cond(vector=torch.empty(1, cond_dim, device="meta") if cond_dim else None,
                 context=torch.empty(1, context_len, context_dim, device="meta") if context_dim else None,
