@@ -157,6 +157,39 @@ def test_attention_auto_leaves_torch_to_choose():
     assert sdpa_ops(lambda: model(*dit_inputs())) == {"math": 0, "flash": 3}  # torch's CPU choice
 
 
+def test_attention_kernel_runs_in_a_controlnets_copy_too():
+    """The choice wrapped the backbone only: a ControlNet fine-tune's copy, the part that trains, ran torch's."""
+    from dataclasses import replace
+
+    module = build_module(compose_train(TINY + ["model=dit_tiny", "finetune=controlnet", "training.attention=math"]))
+    x, t = torch.randn(2, 3, 16, 16), torch.full((2,), 300.0)
+    cond = replace(module.conditioner({"label": torch.tensor([0, 1])}), control=torch.rand(2, 1, 16, 16))
+    with torch.no_grad():
+        ops = sdpa_ops(lambda: module.net(x, t, cond))
+    blocks = len(module.backbone.blocks) + len(module.controlnet.blocks)
+    assert ops == {"math": blocks, "flash": 0}
+
+
+def test_a_model_loaded_for_sampling_drops_the_training_only_options(tmp_path):
+    """A run trained with training.attention=cudnn could not be sampled on a CPU (no viable kernel), and fp8 runs
+    sampled with float8 matmuls: the sampling model is built without them."""
+    from omegaconf import OmegaConf
+
+    from diffusion_train.training.build import checkpoint_module
+
+    cfg = compose_train(TINY + ["model=dit_tiny"], tmp_path)
+    module = build_module(cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["training"].update(attention="cudnn", fp8=True, bf16_residual=True, activation_checkpointing=True)
+    ckpt = {"state_dict": module.state_dict(), "diffusion_train": {"config": config}}
+    loaded = checkpoint_module(ckpt, "raw")
+    assert loaded.net is loaded.backbone and loaded.attention == "auto" and not loaded.fp8
+    x, t = torch.randn(2, 3, 16, 16), torch.full((2,), 300.0)
+    cond = loaded.conditioner({"label": torch.tensor([0, 1])})
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.net(x, t, cond), module.net(x, t, cond))
+
+
 def test_cuda_only_attention_kernels_refuse_the_cpu():
     check_attention_device("flash", torch.device("cpu"))
     check_attention_device("math", torch.device("cpu"))

@@ -97,6 +97,12 @@ def with_recorded_autoencoder(config: dict, state_dict: dict) -> dict:
     return config
 
 
+# What a model loaded for sampling runs without, whatever its run trained with: float8 matmuls and a bf16 residual
+# stream change its numbers, recomputation saves nothing without gradients, and an attention kernel chosen for the
+# training GPU (cudnn, efficient) may not exist where it samples.
+TRAINING_ONLY = {"fp8": False, "bf16_residual": False, "activation_checkpointing": False, "attention": "auto"}
+
+
 def checkpoint_module(ckpt: dict, weights: str = "ema", where: str = "the checkpoint") -> DiffusionModule:
     """:func:`load_module` of a checkpoint already loaded (``where`` names it in errors); ``loaded_weights`` on the
     module names the weights it holds (``raw``, ``ema_<average>``)."""
@@ -104,6 +110,7 @@ def checkpoint_module(ckpt: dict, weights: str = "ema", where: str = "the checkp
     if "config" not in meta:
         raise ValueError(f"{where} holds no diffusion_train run metadata; cannot rebuild its model")
     config = with_recorded_autoencoder(meta["config"], ckpt["state_dict"])
+    config = {**config, "training": {**(config.get("training") or {}), **TRAINING_ONLY}}
     module = build_module(OmegaConf.create(config), accelerator="cpu")  # compile=auto: not for sampling
     module.load_state_dict(ckpt["state_dict"])
     module.loaded_weights = "raw"  # which weights these are, for the records of what samples with it

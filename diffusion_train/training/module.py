@@ -25,7 +25,7 @@ from diffusion_train.training.loggers import log_run_config
 from diffusion_train.training.parallel import full_tensor, logs_at, mean_over_ranks, sum_over_ranks
 from diffusion_train.training.speed import (
     attention_choice, check_attention_device, check_fp8_device, prepare_backbone, resolve_channels_last,
-    resolve_compile,
+    resolve_compile, with_attention,
 )
 
 log = logging.getLogger("diffusion_train")
@@ -101,9 +101,10 @@ class DiffusionModule(Generation, L.LightningModule):
         net = prepare_backbone(backbone, compile=self.compile, compile_options=compile_options,
                                activation_checkpointing=activation_checkpointing, channels_last=self.channels_last,
                                fp8=fp8, bf16_residual=bf16_residual, attention=attention)
-        self.controlnet, self.control = controlnet, control  # a ControlNet fine-tune: the copy, the control images
-        self.__dict__["net"] = Controlled(net, controlnet) if controlnet is not None else net
         self.fp8, self.attention = fp8, attention_choice(attention)
+        self.controlnet, self.control = controlnet, control  # a ControlNet fine-tune: the copy, the control images
+        self.__dict__["net"] = (Controlled(net, with_attention(controlnet, self.attention)) if controlnet is not None
+                                else net)
         self.run_info: dict = {}
         self.lr_scale = 1.0  # set from the global batch by training.lr_scaling (see training/parallel.py)
         self._micro = 0
