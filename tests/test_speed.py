@@ -85,6 +85,8 @@ def test_resolve_channels_last(value, on_gpu, dit, unet):
     """auto: NHWC for convolutional backbones whose blocks differ (U-Nets), on GPUs only."""
     assert resolve_channels_last(value, tiny_dit(depth=2), on_gpu) is dit
     assert resolve_channels_last(value, tiny_unet(), on_gpu) is unet
+    patchify = nn.Sequential(nn.Conv2d(3, 8, 2, stride=2), nn.Flatten(), nn.Linear(8 * 16, 4))  # PixArt's kind
+    assert resolve_channels_last(value, patchify, on_gpu) is dit
     with pytest.raises(ValueError, match="training.channels_last must be one of false, true, auto, got 'nhwc'"):
         resolve_channels_last("nhwc", tiny_unet(), on_gpu)
 

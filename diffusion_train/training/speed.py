@@ -84,15 +84,16 @@ def has_uniform_blocks(backbone: nn.Module) -> bool:
 
 
 def resolve_channels_last(value: Any, backbone: nn.Module, on_gpu: bool) -> bool:
-    """``training.channels_last`` made concrete: ``auto`` is true on a CUDA GPU for a backbone with convolutions
-    whose repeated blocks are not copies of one layer (a U-Net, which ``compile=auto`` compiles whole), else
-    false. cuDNN runs bf16 convolutions in NHWC and converts NCHW tensors around each one otherwise."""
+    """``training.channels_last`` made concrete: ``auto`` is true on a CUDA GPU for a convolutional backbone (one
+    with convolutions besides a patch embedding, whose kernel is its stride: a U-Net, not a DiT or a diffusers
+    PixArt), else false. cuDNN runs bf16 convolutions in NHWC and converts NCHW tensors around each one
+    otherwise."""
     choice = str(value).lower() if value is not None else "false"
     if choice not in ("false", "true", "auto"):
         raise ValueError(f"training.channels_last must be one of false, true, auto, got {value!r}")
     if choice != "auto":
         return choice == "true"
-    return on_gpu and not has_uniform_blocks(backbone) and any(isinstance(m, nn.Conv2d) for m in backbone.modules())
+    return on_gpu and any(isinstance(m, nn.Conv2d) and m.kernel_size != m.stride for m in backbone.modules())
 
 
 def block_lists(backbone: nn.Module) -> list[tuple[str, nn.ModuleList]]:
