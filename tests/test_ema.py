@@ -380,3 +380,22 @@ def test_validated_weights_share_a_batch_s_inputs_and_remake_only_a_trained_cond
     assert calls == {"conditioner": 3, "latents": 1} and trained[0] == trained[1] == trained[2]
     module.conditioner.requires_grad_(False)  # a frozen conditioner: one condition for all
     assert rows() == trained and calls == {"conditioner": 1, "latents": 1}
+
+
+@pytest.mark.parametrize("ema, chosen", [
+    ({"decays": [0.999], "sample_decay": None}, "0.999"), ({"decays": [], "sigma_rels": [0.08]}, "sigma_rel_0.08"),
+    ({"decays": [0.999], "sample_decay": 0.99}, "0.99"),
+])
+def test_weights_ema_is_the_runs_sampling_average(ema, chosen):
+    """weights=ema takes the average the run sampled with: its sample_decay, else (null) its first average, as the
+    EMA callback does. With a null sample_decay a checkpoint of other averages (post-hoc ones) gave its first,
+    silently; now it is refused like one with an explicit sample_decay."""
+    from diffusion_train.training.ema import checkpoint_average
+
+    config = {"diffusion_train": {"config": {"callbacks": {"ema": ema}}}}
+    tensors = {name: {"w": torch.full((1,), float(i))} for i, name in enumerate(["0.9", chosen, "0.5"])}
+    assert checkpoint_average({"ema": {"weights": tensors}, **config}, "ema", "x")[0] == chosen
+    posthoc = {"ema": {"weights": {"sigma_rel_0.03": {}, "sigma_rel_0.1": {}}}, **config}
+    with pytest.raises(ValueError, match=f"^weights=ema: the run samples with its EMA {chosen}, which x does not "
+                                         f"hold; choose one of its averages: ema_sigma_rel_0.03, ema_sigma_rel_0.1$"):
+        checkpoint_average(posthoc, "ema", "x")

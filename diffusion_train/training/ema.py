@@ -242,8 +242,8 @@ class EMA(StepEndCallback):
 def checkpoint_average(ckpt: dict, weights: str, where: str, option: str = "weights"
                        ) -> tuple[str, dict[str, Tensor]]:
     """The EMA average of a checkpoint that ``weights`` names, and its tensors: ``ema`` (the run's sampling
-    average, its ``callbacks.ema.sample_decay``; a checkpoint without one, or that holds a single average: its
-    first), ``ema_<decay>`` or ``ema_sigma_rel_<s>``. ``where``: the checkpoint in errors, ``option``: the setting
+    average, its ``callbacks.ema.sample_decay``, else its first average; a checkpoint that records no EMA config,
+    or that holds a single average: its first), ``ema_<decay>`` or ``ema_sigma_rel_<s>``. ``where``: the checkpoint in errors, ``option``: the setting
     that chose ``weights``."""
     averages = (ckpt.get("ema") or {}).get("weights")
     if not averages:
@@ -257,7 +257,11 @@ def checkpoint_average(ckpt: dict, weights: str, where: str, option: str = "weig
                              f"{where} has EMA averages {list(averages)}") from None
     else:
         config = (ckpt.get("diffusion_train") or {}).get("config") or {}
-        chosen = ((config.get("callbacks") or {}).get("ema") or {}).get("sample_decay")
+        ema = (config.get("callbacks") or {}).get("ema") or {}
+        chosen = ema.get("sample_decay")
+        if chosen is None:  # the run's first average, as the EMA callback takes it
+            decays, rels = ema.get("decays") or [], ema.get("sigma_rels") or []
+            chosen = decays[0] if decays else f"sigma_rel_{rels[0]}" if rels else None
         name = EMA.key(chosen) if chosen is not None else next(iter(averages))
         if name not in averages and len(averages) > 1:  # e.g. the post-hoc averages of scripts/posthoc_ema.py
             raise ValueError(f"{option}={weights}: the run samples with its EMA {name}, which {where} does not hold; "
