@@ -45,6 +45,7 @@ from diffusion_train.metrics.fid import (EXTRACTORS, FeatureStats, build_extract
                                          load_reference, metric_name, save_reference)
 
 DATASETS = ("fashion_mnist", "shards")
+FMNIST_SIZE = 28  # Fashion-MNIST's own resolution: at it, neither pad nor resize changes an image
 OPTIONS = {"out": str, "dataset": str, "split": str, "sources": str, "root": str, "extractor": str, "weights": str,
            "resolution": int, "resize": str, "limit": int, "batch_size": int, "device": str,
            "against": str}
@@ -129,8 +130,9 @@ def fid_reference(opts: dict[str, Any], log=print) -> dict[str, Any]:
     count = stats.count
     if count < 2:
         raise ValueError(f"{opts['dataset']} {opts['split']}: {count} images; statistics need at least 2")
+    native = opts["dataset"] == "fashion_mnist" and opts["resolution"] == FMNIST_SIZE  # nothing brought to size
     provenance: dict[str, Any] = {"dataset": opts["dataset"], "split": opts["split"], "count": count,
-                                  "resolution": opts["resolution"], "resize": opts["resize"],
+                                  "resolution": opts["resolution"], "resize": None if native else opts["resize"],
                                   "extractor": extractor.provenance}
     if opts["dataset"] == "shards":
         provenance["sources"] = opts["sources"]

@@ -16,7 +16,8 @@ import torch
 
 from conftest import gloo_group, load_script
 from diffusion_train.metrics.fid import (EXTRACTORS, FeatureStats, ReferenceMismatchError, build_extractor,
-                                         frechet_distance, load_reference, metric_name, save_reference)
+                                         check_reference_images, frechet_distance, load_reference, metric_name,
+                                         save_reference)
 from diffusion_train.metrics.inception import InceptionV3, random_network
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -354,6 +355,19 @@ def test_fid_reference_script_on_a_few_images(tmp_path, inception_weights, incep
     mu, sigma, _ = load_reference(out, inception.provenance)
     torch.testing.assert_close(mu, stats.mean(), rtol=1e-6, atol=1e-12)
     torch.testing.assert_close(sigma, stats.covariance(), rtol=1e-6, atol=1e-20)
+
+
+def test_a_fashion_mnist_reference_at_its_own_size_records_no_resize(tmp_path, inception_weights, inception, capsys):
+    """At 28 px neither pad nor resize changes an image, yet the reference recorded resize=pad and was refused
+    for runs with data.resize=resize (and the other way round)."""
+    out = tmp_path / "ref28.safetensors"
+    assert load_script("fid_reference").main([f"out={out}", "dataset=fashion_mnist", "extractor=inception",
+                                              f"weights={inception_weights}", "limit=2", "resolution=28",
+                                              "device=cpu"]) == 0, capsys.readouterr().err
+    _, _, prov = load_reference(out, inception.provenance)
+    assert prov["resolution"] == 28 and prov["resize"] is None
+    for resize in ("pad", "resize"):
+        check_reference_images(out, prov, 28, resize)
 
 
 @pytest.mark.slow
