@@ -19,8 +19,9 @@ Every argument is ``key=value``:
     limit       only the first N images, for quick trials (all)
     batch_size  images per extractor call (256)
     device      auto | cpu | cuda | cuda:N (auto: cuda when available)
-    against     another reference made with the same extractor: also prints the Fréchet distance between
-                the two (e.g. the test split against the train split: the floor a model can reach)
+    against     another reference made with the same extractor from images of the same size and resize:
+                also prints the Fréchet distance between the two (e.g. the test split against the train
+                split: the floor a model can reach); checked before the pass over the images
 
 The file records its provenance (dataset, split, count, resolution, resize, extractor provenance
 with the weights' sha256); evaluation refuses a reference made with another extractor. Bad input
@@ -41,8 +42,9 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffusion_train.cli import UsageError, parse_key_values, run_main  # noqa: E402
-from diffusion_train.metrics.fid import (EXTRACTORS, FeatureStats, build_extractor, frechet_distance,  # noqa: E402
-                                         load_reference, metric_name, save_reference)
+from diffusion_train.metrics.fid import (EXTRACTORS, FeatureStats, build_extractor,  # noqa: E402
+                                         check_reference_images, frechet_distance, load_reference, metric_name,
+                                         save_reference)
 
 DATASETS = ("fashion_mnist", "shards")
 FMNIST_SIZE = 28  # Fashion-MNIST's own resolution: at it, neither pad nor resize changes an image
@@ -123,6 +125,11 @@ def fid_reference(opts: dict[str, Any], log=print) -> dict[str, Any]:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if opts["device"] == "auto"
                           else opts["device"])
     extractor = build_extractor(opts["extractor"], opts["weights"]).to(device)
+    native = opts["dataset"] == "fashion_mnist" and opts["resolution"] == FMNIST_SIZE  # nothing brought to size
+    resize = None if native else opts["resize"]
+    if opts["against"]:  # before the pass over the images: the same features, and images of the same size
+        mu, sigma, other = load_reference(opts["against"], extractor.provenance)
+        check_reference_images(opts["against"], other, opts["resolution"], resize)
     stats, skipped, start = FeatureStats(extractor.feature_dim, device=device), Counter(), time.time()
     batches = fashion_mnist_batches(opts) if opts["dataset"] == "fashion_mnist" else shard_batches(opts, skipped)
     for images in batches:
@@ -130,9 +137,8 @@ def fid_reference(opts: dict[str, Any], log=print) -> dict[str, Any]:
     count = stats.count
     if count < 2:
         raise ValueError(f"{opts['dataset']} {opts['split']}: {count} images; statistics need at least 2")
-    native = opts["dataset"] == "fashion_mnist" and opts["resolution"] == FMNIST_SIZE  # nothing brought to size
     provenance: dict[str, Any] = {"dataset": opts["dataset"], "split": opts["split"], "count": count,
-                                  "resolution": opts["resolution"], "resize": None if native else opts["resize"],
+                                  "resolution": opts["resolution"], "resize": resize,
                                   "extractor": extractor.provenance}
     if opts["dataset"] == "shards":
         provenance["sources"] = opts["sources"]
@@ -146,7 +152,6 @@ def fid_reference(opts: dict[str, Any], log=print) -> dict[str, Any]:
         f"{opts['resolution']} ({opts['resize']}), {extractor.name} weights sha256 {sha}..., "
         f"{time.time() - start:.0f} s{skipped_note}")
     if opts["against"]:
-        mu, sigma, other = load_reference(opts["against"], extractor.provenance)
         provenance["distance"] = frechet_distance(stats.mean(), stats.covariance(), mu, sigma)
         log(f"{metric_name(extractor.name, count)} of {opts['dataset']} {opts['split']} against {opts['against']} "
             f"({other['count']} images of {other.get('dataset')} {other.get('split')}): {provenance['distance']:.4f}")

@@ -368,6 +368,12 @@ def test_a_fashion_mnist_reference_at_its_own_size_records_no_resize(tmp_path, i
     assert prov["resolution"] == 28 and prov["resize"] is None
     for resize in ("pad", "resize"):
         check_reference_images(out, prov, 28, resize)
+    capsys.readouterr()
+    assert load_script("fid_reference").main([f"out={tmp_path / 'ref32.safetensors'}", "dataset=fashion_mnist",
+                                              "extractor=inception", f"weights={inception_weights}", "limit=2",
+                                              f"against={out}", "device=cpu"]) == 1  # against= another size
+    assert "were computed from 28x28 images but the model makes 32x32" in capsys.readouterr().err
+    assert not (tmp_path / "ref32.safetensors").exists()  # refused before the pass over the images
 
 
 @pytest.mark.slow
