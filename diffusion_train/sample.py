@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import hydra
@@ -84,41 +85,84 @@ def load_for_sampling(cfg: DictConfig) -> tuple[torch.device, DiffusionModule, S
 
 
 def generate(cfg: DictConfig) -> list[Path]:
-    """Writes ``images/<seed + i>.png`` batch by batch (a stop keeps those made), then ``grid.png`` of the first
-    ``grid_images`` and ``samples.json``. Refuses an ``out_dir`` whose ``images/`` holds images already: they would
-    mix with these under one ``samples.json``."""
+    """Writes ``images/<seed + i>.png`` batch by batch, then ``grid.png`` of the first ``grid_images`` and
+    ``samples.json`` (every setting; ``complete`` false until the last image is written). A call stopped part way
+    (preempted) is continued by the same command: the images of ``out_dir`` are kept and only the missing ones
+    made, which are the ones an uninterrupted call makes (image i depends on its seed alone). An ``out_dir`` whose
+    images were made with other settings (or that records none) is refused: they would mix under one
+    ``samples.json``."""
     out = Path(cfg.out_dir)
-    earlier = sorted((out / "images").glob("*.png"))
-    if earlier:
-        raise ValueError(f"out_dir={out}: images/ holds {len(earlier)} images already ({earlier[0].name}, ...); "
-                         f"give another out_dir, or remove them")
+    earlier = {p.name for p in (out / "images").glob("*.png")}
+    if earlier and not (out / "samples.json").is_file():
+        raise ValueError(f"out_dir={out}: images/ holds {len(earlier)} images already ({min(earlier)}, ...) and no "
+                         f"samples.json to continue from; give another out_dir, or remove them")
     device, module, sampler, guidance = load_for_sampling(cfg)
     size = backbone_size(module, cfg.height, cfg.width)
-    batches = range(0, cfg.num_images, cfg.batch_size)
+    inputs = module.conditioner.sample_inputs(cfg.num_images, cfg.labels, cfg.prompts)
+    factor = int(module.autoencoder.downsample)
+    meta = json.loads(json.dumps({  # what the images depend on, as JSON gives it back
+        "ckpt": str(cfg.ckpt), "step": module.loaded_step, "weights": cfg.weights,
+        "loaded_weights": module.loaded_weights, "lora": cfg.get("lora"), "lora_scale": cfg.get("lora_scale"),
+        "num_images": cfg.num_images, "height": size[0] * factor, "width": size[1] * factor,
+        "guidance_scale": cfg.guidance_scale, "seed": cfg.seed, "device": device.type, **guidance,
+        "sampler": {"solver": sampler.name, "steps": sampler.steps, "spacing": sampler.spacing,
+                    "config": OmegaConf.to_container(cfg.sampler, resolve=True)},
+        **{k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}}))
+    names = [f"{cfg.seed + i:06d}.png" for i in range(cfg.num_images)]
+    if earlier:
+        recorded = _flat(json.loads((out / "samples.json").read_text()))
+        recorded.pop("complete", None)
+        now = _flat(meta)
+        differ = [f"{k}: {_short(recorded.get(k))} -> {_short(now.get(k))}" for k in sorted({*recorded, *now})
+                  if recorded.get(k) != now.get(k)]
+        if differ or not earlier <= set(names):
+            why = "; ".join(differ) or f"images/ holds other images ({min(earlier - set(names))}, ...)"
+            raise ValueError(f"out_dir={out} holds {len(earlier)} images of other settings ({why}); give another "
+                             f"out_dir, or remove them")
+    write_json(out / "samples.json", {**meta, "complete": False})
+    todo = [i for i, name in enumerate(names) if name not in earlier]
+    batches = range(0, len(todo), cfg.batch_size)
     if cfg.progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc=f"{cfg.num_images} images", unit="batch")
-    inputs = module.conditioner.sample_inputs(cfg.num_images, cfg.labels, cfg.prompts)
-    paths, shown, grid_size = [], [], int(cfg.grid_images)
+        batches = tqdm(batches, desc=f"{len(todo)} of {cfg.num_images} images", unit="batch")
     for start in batches:
-        idx = list(range(start, min(start + cfg.batch_size, cfg.num_images)))
+        idx = todo[start: start + cfg.batch_size]
         with sampling_autocast(device):
             images = module.sample_seeded(idx, inputs, sampler, cfg.guidance_scale, cfg.seed, size, **guidance).cpu()
-        paths += [save_grid(image[None], out / "images" / f"{cfg.seed + i:06d}.png", ncol=1, pad=0)
-                  for i, image in zip(idx, images)]
-        shown.append(images[:grid_size - min(start, grid_size)])  # the first grid_images of all
-    if grid_size:
-        save_grid(torch.cat(shown), out / "grid.png", ncol=cfg.ncol)
-    meta = {"ckpt": str(cfg.ckpt), "weights": cfg.weights, "loaded_weights": module.loaded_weights,
-            "lora": cfg.get("lora"), "lora_scale": cfg.get("lora_scale"), "num_images": cfg.num_images,
-            "height": images.shape[-2], "width": images.shape[-1],
-            "guidance_scale": cfg.guidance_scale, "seed": cfg.seed, "device": str(device), **guidance,
-            "sampler": {"solver": sampler.solver.func.__name__, "steps": sampler.steps, "spacing": sampler.spacing,
-                        "config": OmegaConf.to_container(cfg.sampler, resolve=True)},
-            **{k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}}
-    write_json(out / "samples.json", meta)
+        for i, image in zip(idx, images):
+            save_grid(image[None], out / "images" / names[i], ncol=1, pad=0)
+    paths = [out / "images" / name for name in names]
+    if cfg.grid_images:
+        save_grid(torch.cat([read_image(p) for p in paths[: int(cfg.grid_images)]]), out / "grid.png", ncol=cfg.ncol)
+    write_json(out / "samples.json", {**meta, "complete": True})
     return paths
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """Nested mappings as one, by dotted key (``sampler.config.solver.eta``)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _short(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """A PNG written by ``save_grid`` as the (1, C, H, W) tensor in [-1, 1] that writes it again exactly."""
+    import numpy as np
+    from PIL import Image
+
+    array = np.asarray(Image.open(path))
+    array = array[..., None] if array.ndim == 2 else array
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")

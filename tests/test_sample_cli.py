@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import warnings
 import sys
@@ -95,10 +96,39 @@ def test_a_run_directory_samples_with_its_last_checkpoint_and_an_out_dir_is_not_
     before = _images(tmp_path / "out/images")
     again = _sample(f"ckpt={ckpt}", f"out_dir={tmp_path / 'out'}", "num_images=2", "seed=100", cwd=tmp_path)
     assert again.returncode == 1 and again.stderr.strip().splitlines()[-1] == (
-        f"error: out_dir={tmp_path / 'out'}: images/ holds 3 images already (000000.png, ...); give another out_dir, "
-        f"or remove them")
+        f"error: out_dir={tmp_path / 'out'} holds 3 images of other settings (label: [0, 1, 2] -> [0, 1]; "
+        f"num_images: 3 -> 2; sampler.config.solver.eta: 0.5 -> 0.0; sampler.config.steps: 2 -> 50; sampler.steps: "
+        f"2 -> 50; seed: 0 -> 100); give another out_dir, or remove them")
     after = _images(tmp_path / "out/images")
     assert after.keys() == before.keys() and all(np.array_equal(after[k], before[k]) for k in after)
+    (tmp_path / "out/samples.json").unlink()
+    again = _sample(f"ckpt={ckpt}", f"out_dir={tmp_path / 'out'}", "num_images=2", cwd=tmp_path)
+    assert again.returncode == 1 and again.stderr.strip().splitlines()[-1] == (
+        f"error: out_dir={tmp_path / 'out'}: images/ holds 3 images already (000000.png, ...) and no samples.json to "
+        f"continue from; give another out_dir, or remove them")
+
+
+def test_a_stopped_call_is_continued_by_the_same_command(ckpt, tmp_path):
+    """A call stopped part way (preempted: samples.json says complete false) is continued by the same command: the
+    images made are kept as they are, the missing ones made, and the set is the one an uninterrupted call makes."""
+    args = (f"ckpt={ckpt}", "num_images=5", "batch_size=2", "sampler=ddpm", "sampler.steps=3", "grid_images=4")
+    full = _sample(*args, f"out_dir={tmp_path / 'full'}", cwd=tmp_path)
+    assert full.returncode == 0, full.stderr[-2000:]
+    assert json.loads((tmp_path / "full/samples.json").read_text())["complete"] is True
+    stopped = tmp_path / "stopped"
+    shutil.copytree(tmp_path / "full", stopped)
+    for name in ("000001.png", "000004.png", "../grid.png"):
+        (stopped / "images" / name).unlink()
+    meta = json.loads((stopped / "samples.json").read_text())
+    (stopped / "samples.json").write_text(json.dumps({**meta, "complete": False}))
+    kept = (stopped / "images/000002.png").stat().st_mtime_ns
+    again = _sample(*args, f"out_dir={stopped}", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (stopped / "images/000002.png").stat().st_mtime_ns == kept  # not made again
+    made, want = _images(stopped / "images"), _images(tmp_path / "full/images")
+    assert made.keys() == want.keys() and all(np.array_equal(made[k], want[k]) for k in want)
+    assert np.array_equal(np.asarray(Image.open(stopped / "grid.png")), np.asarray(Image.open(tmp_path / "full/grid.png")))
+    assert json.loads((stopped / "samples.json").read_text()) == {**meta, "complete": True}
 
 
 def test_a_missing_out_dir_is_one_line_and_writes_nothing_here(ckpt, tmp_path):

@@ -105,7 +105,7 @@ TRAINING_ONLY = {"fp8": False, "bf16_residual": False, "activation_checkpointing
 
 def checkpoint_module(ckpt: dict, weights: str = "ema", where: str = "the checkpoint") -> DiffusionModule:
     """:func:`load_module` of a checkpoint already loaded (``where`` names it in errors); ``loaded_weights`` on the
-    module names the weights it holds (``raw``, ``ema_<average>``)."""
+    module names the weights it holds (``raw``, ``ema_<average>``), ``loaded_step`` the checkpoint's step."""
     meta = ckpt.get("diffusion_train", {})
     if "config" not in meta:
         raise ValueError(f"{where} holds no diffusion_train run metadata; cannot rebuild its model")
@@ -114,6 +114,7 @@ def checkpoint_module(ckpt: dict, weights: str = "ema", where: str = "the checkp
     module = build_module(OmegaConf.create(config), accelerator="cpu")  # compile=auto: not for sampling
     module.load_state_dict(ckpt["state_dict"])
     module.loaded_weights = "raw"  # which weights these are, for the records of what samples with it
+    module.loaded_step = ckpt.get("global_step")  # the optimizer steps they were trained for
     if weights != "raw":
         params = dict(module.named_parameters())
         average, values = checkpoint_average(ckpt, weights, where)
