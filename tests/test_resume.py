@@ -281,6 +281,19 @@ def test_a_signal_between_validations_saves_once_and_validates_nothing_more(tiny
                          load_checkpoint(run / "checkpoints/last.ckpt"))
 
 
+def test_a_signal_at_the_last_step_still_validates_it(tiny_cfg, tmp_path, monkeypatch):
+    """SIGUSR1 during step 5, the last, off the validation grid (every 2): the last step is always validated, and
+    the run resumed at max_steps validates nothing, so the stop must (it skipped that validation)."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    train(tiny_cfg("trainer.max_steps=5", run_dir=straight), straight)
+    train(tiny_cfg("trainer.max_steps=5", "+callbacks.signal._target_=conftest.signal_at_step",
+                   "+callbacks.signal.step=5", run_dir=run), run)
+    assert _validated_steps(run) == [2, 4, 5]
+    train(tiny_cfg("trainer.max_steps=5", run_dir=run), run)
+    assert _validated_steps(run) == _validated_steps(straight) == [2, 4, 5]
+
+
 def test_a_checkpoint_from_before_a_new_null_option_resumes(tiny_cfg, tmp_path):
     """A model option added later with a null default (the behaviour before it) does not block resuming a
     checkpoint whose config lacks it; a real value the checkpoint lacks still does."""

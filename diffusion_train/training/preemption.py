@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from diffusion_train.training.ema import find_ema
+from diffusion_train.training.parallel import is_last_step
 from diffusion_train.training.step_end import StepEndCallback
 from diffusion_train.training.syncs import host_side
 
@@ -191,13 +192,14 @@ class Preemption(StepEndCallback):
 def _no_validation_for_the_stop(trainer: L.Trainer) -> None:
     """Lightning validates after a step that sets ``should_stop`` even when no validation is due. A stop for a signal
     skips that one: the job's last seconds go to the requeue, and the logs stay those of an uninterrupted run. A
-    validation due at this step still runs (the resumed run takes it as done)."""
+    validation due at this step still runs (the resumed run takes it as done), the fit's last step's too: a run
+    resumed at ``max_steps`` validates nothing more."""
     loop, fetcher = trainer.fit_loop.epoch_loop, getattr(trainer.fit_loop, "_data_fetcher", None)
     if fetcher is None or not hasattr(loop, "_skip_next_val") or not trainer.training:
         return
     trainer.should_stop = False
     try:
-        due = loop._should_check_val_fx(fetcher)
+        due = loop._should_check_val_fx(fetcher) or is_last_step(trainer, trainer.global_step)
     finally:
         trainer.should_stop = True
     if not due:
