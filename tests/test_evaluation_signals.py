@@ -100,6 +100,12 @@ def test_a_signal_during_an_evaluation_in_training_resumes_as_if_uninterrupted(e
         return [json.loads(line) for line in (r / "eval/metrics.jsonl").read_text().splitlines()]
 
     assert records(run) == records(straight) and [r["step"] for r in records(run)] == [2, 4, 5]
+
+    def summary(r):  # the step-4 evaluation, made as the relaunch starts, was filed under step 5
+        return {k: v["history"] for k, v in json.loads((r / "summary.json").read_text())["metrics"].items()
+                if k.startswith("fd/")}
+
+    assert summary(run) == summary(straight) and [h["step"] for h in next(iter(summary(run).values()))] == [2, 4, 5]
     a, b = (load_checkpoint(r / "checkpoints/last.ckpt") for r in (straight, run))
     assert a["global_step"] == b["global_step"] == 5
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])

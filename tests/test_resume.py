@@ -82,6 +82,25 @@ def test_the_last_step_s_row_holds_its_own_counters(tiny_cfg, tmp_path):
     assert flops[1] == pytest.approx(flops[0] * 1.5)
 
 
+def test_the_row_of_a_step_stopped_by_a_signal_holds_its_own_counters(tiny_cfg, tmp_path, monkeypatch):
+    """A signal's stop writes a row too (off the logging grid): its images, FLOPs and data counts (here captions cut
+    to the text encoder's length) were the last logging step's, and the row stays after the resume."""
+    import csv
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    run = tmp_path / "run"
+    text = ["data=fashion_mnist_captions", "data.batch_size=8", "data.val_size=8", "conditioning=t5_tiny",
+            "conditioning.embedders.caption.max_length=4", "callbacks.sample_grid.prompts=[a bag]",
+            "trainer.log_every_n_steps=2", "trainer.val_check_interval=100"]
+    train(tiny_cfg(*text, "+callbacks.signal._target_=conftest.signal_at_step", "+callbacks.signal.step=3",
+                   run_dir=run), run)
+    train(tiny_cfg(*text, run_dir=run), run)
+    rows = {int(r["step"]): r for r in csv.DictReader(open(run / "metrics.csv")) if r.get("train/loss")}
+    assert sorted(rows) == [2, 3, 4] and [float(rows[s]["perf/images_seen"]) for s in rows] == [16.0, 24.0, 32.0]
+    cut = [float(rows[s]["data/truncated_captions"]) for s in sorted(rows)]
+    assert 0 < cut[0] < cut[1] < cut[2]
+
+
 @pytest.mark.parametrize("model", ["unet_tiny", "dit_tiny", "unet_tiny model.dropout=0.1"])
 def test_resume_is_exact(model, tiny_cfg, tmp_path):
     """N steps + resume + N steps == 2N steps straight: weights, EMA, optimizer, schedule, step; with dropout too

@@ -256,6 +256,8 @@ class DiffusionModule(Generation, L.LightningModule):
         trainer = self.trainer
         if 0 < trainer.max_steps <= self.global_step:  # Lightning validates a fit that stops: a run ends validated
             trainer.should_stop = True
+        elif trainer.should_stop and self._micro == 0 and not logs_at(trainer, self, self.global_step):
+            self._log_data_counts()  # a signal's stop (the same step on every rank) writes a row of this step
         if self._train_logs and (trainer._logger_connector.should_update_logs or trainer.fast_dev_run):
             logs = dict(self._train_logs)
             if "train/lr" in logs:  # a float would be copied to the device in a blocking copy

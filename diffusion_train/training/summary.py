@@ -102,6 +102,8 @@ class RunSummary(StepEndCallback):
         super().on_train_start(trainer, pl_module)
         self._wall0 = time.monotonic()
         self._resume(trainer.global_step)
+        self._note(trainer)  # a resumed run's missing evaluation of its start step, made by the callbacks before this
+        self._record()
 
     def _resume(self, step: int) -> None:
         """Keeps what an earlier launch recorded up to ``step``, the checkpoint's (later ones come again)."""
@@ -119,7 +121,7 @@ class RunSummary(StepEndCallback):
                 self.history[name] = kept
 
     def on_step_end(self, trainer: L.Trainer, pl_module, step: int) -> None:
-        logging_step = logs_at(trainer, pl_module, step)
+        logging_step = logs_at(trainer, pl_module, step) or trainer.should_stop  # a stop writes a row too
         if logging_step:
             pl_module.log_dict({"perf/images_seen": float(self.images(step)), "perf/train_flops": self.flops(step)})
         self._note(trainer)  # evaluations logged at this step by the callbacks that ran before this one
