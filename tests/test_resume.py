@@ -124,6 +124,18 @@ def test_resume_is_exact(model, tiny_cfg, tmp_path):
     assert sorted(train_rows) == sorted(set(train_rows)), "a resumed run must not log a step twice"
 
 
+def test_a_time_based_validation_in_the_middle_of_an_accumulated_step_keeps_its_gradients(tiny_cfg, tmp_path):
+    """A time-based val_check_interval validates after any batch, between two micro-batches of a step too, and
+    Lightning freed the gradients before it: the step lost its first micro-batch's."""
+    common = ["training.accumulate_grad_batches=2", "trainer.max_steps=3", "callbacks.checkpoint.every_n_train_steps=9"]
+    runs = {}
+    for name, interval in (("steps", "1000"), ("time", "'00:00:00:00'")):
+        runs[name] = tmp_path / name
+        train(tiny_cfg(*common, f"trainer.val_check_interval={interval}", run_dir=runs[name]), runs[name])
+    assert len(_validated_steps(runs["time"])) > len(_validated_steps(runs["steps"]))
+    _compare_checkpoints(*(load_checkpoint(r / "checkpoints/last.ckpt") for r in runs.values()))
+
+
 def test_a_resume_with_accumulation_saves_nothing_in_the_middle_of_its_first_step(tiny_cfg, tmp_path, monkeypatch):
     """Resumed at a checkpoint step with 2 micro-batches per step: the end of the first micro-batch is not the end of
     the step, so no checkpoint is written there (it would hold half a step and resume wrongly). Step 4, both a

@@ -384,6 +384,12 @@ class DiffusionModule(Generation, L.LightningModule):
     # -- validation: fixed noise and stratified timesteps, so the number is comparable across steps --
     # and across runs: each fixed batch of the set (data.samplers.fixed_batches) draws from its own stream,
     # whatever the number of ranks, and each item counts once (padding batches not at all).
+    def on_validation_model_zero_grad(self) -> None:
+        """Lightning frees the gradients before validating; in the middle of an accumulated step (a time-based
+        ``trainer.val_check_interval`` validates after any batch) they are the step's micro-batches so far."""
+        if self._micro == 0:
+            super().on_validation_model_zero_grad()
+
     def on_validation_epoch_start(self) -> None:
         # (1 + len(val_weights), 2): each set of weights' loss sum and count
         self._val_total = torch.zeros(1 + len(self.val_weights), 2,
