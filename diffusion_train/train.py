@@ -24,7 +24,7 @@ from diffusion_train.data.precomputed import PrecomputedMismatchError
 from diffusion_train.data.bad_data import BadDataError
 from diffusion_train.training import EMA, AtomicCheckpointIO, NonFiniteLossError, RunSummary, StepCheckpoints
 from diffusion_train.finetune.lora import lora_scaling
-from diffusion_train.training.build import build_module
+from diffusion_train.training.build import build_module, load_checkpoint_weights
 from diffusion_train.training.checkpointing import last_checkpoint, load_checkpoint, remove_stale_temp_files
 from diffusion_train.training.export import export_weights
 from diffusion_train.training.loggers import LossProgressBar, OptimizerStepAxis, ResumableCSVLogger, finish_wandb
@@ -191,7 +191,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
                      "compile %s, channels-last %s", run_dir, start, batch, datamodule.batch_size, trainer.world_size,
                      accumulate, module.run_info["lr"], module.compile, module.channels_last)
         if hasattr(datamodule, "prepare_class_images"):  # DreamBooth's prior images, made by the model before training
-            make_class_images(datamodule, module, instantiate(cfg.sampler, _convert_="all"), preemption)
+            make_class_images(datamodule, module, instantiate(cfg.sampler, _convert_="all"), preemption, ckpt)
         if not stopped(preemption):
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
         if not stopped(preemption):
@@ -256,11 +256,13 @@ def close_process_groups(trainer: L.Trainer) -> None:
         torch.distributed.destroy_process_group()
 
 
-def make_class_images(datamodule, module, sampler, preemption: Preemption | None = None,
+def make_class_images(datamodule, module, sampler, preemption: Preemption | None = None, ckpt: Path | None = None,
                       timeout_s: float = 3600.0) -> None:
     """Process 0 makes the missing class images (on its GPU when there is one); the others wait for them. With a
     ``Preemption`` callback its handler is installed first: a signal stops the work between batches (the images
-    made are kept, a relaunch makes the rest) and the run stops as after a fit stopped by that signal."""
+    made are kept, a relaunch makes the rest) and the run stops as after a fit stopped by that signal. A run that
+    resumes or branches (``ckpt``) makes them with the checkpoint's sampling weights, which the fit restores only
+    later: ``module`` holds its fresh initialisation until then."""
     if not datamodule.class_images_missing():
         return
     if preemption is not None:
@@ -268,6 +270,10 @@ def make_class_images(datamodule, module, sampler, preemption: Preemption | None
     stop = preemption.signalled_before_fit if preemption is not None else lambda: False
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
     if rank == 0:
+        if ckpt is not None:  # the fit loads the whole checkpoint again (its raw weights) when it starts
+            state = load_checkpoint(ckpt)
+            load_checkpoint_weights(module, state, "ema" if (state.get("ema") or {}).get("weights") else "raw",
+                                    str(ckpt))
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
         datamodule.prepare_class_images(module.to(device), sampler, stop=stop)
         module.to("cpu")

@@ -176,3 +176,29 @@ def test_dreambooth_eval_script(tmp_path):
     report = json.loads((out / "dreambooth.json").read_text())
     assert report["subject_distance"] > 0 and 0 <= report["class_accuracy"] <= 1 and (out / "grid.png").exists()
     assert script.main(args[:2]) == 1  # instance_dir, instance_prompt and classifier missing
+
+
+def test_a_branch_makes_its_class_images_with_the_checkpoints_weights(tiny_cfg, tmp_path, monkeypatch):
+    """A branch (init.branch_from) of a DreamBooth run makes its own class images (its class_dir starts empty)
+    before the fit restores the checkpoint: they came from the fresh initialisation, a random model."""
+    from diffusion_train.training.checkpointing import load_checkpoint
+    from diffusion_train.training.ema import checkpoint_average
+    from diffusion_train.training.module import DiffusionModule
+
+    write_images(tmp_path / "subject", 2, seed=0)
+    trunk, branch = tmp_path / "trunk", tmp_path / "branch"
+    train(tiny_cfg(*dreambooth_overrides(tmp_path), "trainer.max_steps=2", run_dir=trunk), trunk)
+    sample_seeded, seen = DiffusionModule.sample_seeded, []
+
+    def record(self, *args, **kwargs):
+        seen.append({n: p.detach().clone() for n, p in self.named_parameters()})
+        return sample_seeded(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionModule, "sample_seeded", record)
+    train(tiny_cfg(*dreambooth_overrides(tmp_path), "trainer.max_steps=3", f"+init.branch_from={trunk}",
+                   "callbacks.sample_grid.every_n_steps=1000", run_dir=branch), branch)
+    assert len(list((branch / "class_images").glob("*.png"))) == 5 and seen
+    ckpt = load_checkpoint(trunk / "checkpoints" / "last.ckpt")
+    _, ema = checkpoint_average(ckpt, "ema", "trunk")
+    for name, value in seen[0].items():
+        assert torch.equal(value, ema.get(name, ckpt["state_dict"][name])), name

@@ -112,6 +112,14 @@ def checkpoint_module(ckpt: dict, weights: str = "ema", where: str = "the checkp
     config = with_recorded_autoencoder(meta["config"], ckpt["state_dict"])
     config = {**config, "training": {**(config.get("training") or {}), **TRAINING_ONLY}}
     module = build_module(OmegaConf.create(config), accelerator="cpu")  # compile=auto: not for sampling
+    load_checkpoint_weights(module, ckpt, weights, where)
+    return module.eval()
+
+
+def load_checkpoint_weights(module: DiffusionModule, ckpt: dict, weights: str = "ema",
+                            where: str = "the checkpoint") -> None:
+    """The checkpoint's state into ``module``, with ``weights`` (``raw``, ``ema``: its sampling average, or
+    ``ema_<average>``) as its trained parameters; ``loaded_weights`` and ``loaded_step`` say which."""
     module.load_state_dict(ckpt["state_dict"])
     module.loaded_weights = "raw"  # which weights these are, for the records of what samples with it
     module.loaded_step = ckpt.get("global_step")  # the optimizer steps they were trained for
@@ -122,4 +130,3 @@ def checkpoint_module(ckpt: dict, weights: str = "ema", where: str = "the checkp
             for name, value in values.items():
                 params[name].copy_(value)
         module.loaded_weights = f"ema_{average}"
-    return module.eval()
