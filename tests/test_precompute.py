@@ -285,7 +285,7 @@ def test_an_editing_set_stores_the_source_latents_and_trains_as_online(precomput
                                                                  inpaint.task)
 
 
-def test_an_empty_split_is_written_empty_and_a_streaming_dataset_is_refused(tmp_path):
+def test_an_empty_split_is_written_empty_and_streams_and_dreambooth_are_refused(tmp_path):
     _, datamodule, module = _parts(["data.val_size=0"], tmp_path)
     manifest = write_precomputed(tmp_path / "noval", datamodule, module.autoencoder, module.conditioner, limit=8)
     assert manifest["splits"]["val"]["count"] == 0 and manifest["splits"]["val"]["latent_shape"] == [8, 8, 8]
@@ -299,3 +299,9 @@ def test_an_empty_split_is_written_empty_and_a_streaming_dataset_is_refused(tmp_
 
     with pytest.raises(ValueError, match="Streaming streams its data; scripts/precompute.py encodes the in-memory"):
         write_precomputed(tmp_path / "x", Streaming(), module.autoencoder, module.conditioner)
+    from diffusion_train.finetune.dreambooth import DreamBoothDataModule
+
+    dreambooth = DreamBoothDataModule(str(tmp_path / "subject"), "a photo of sks thing", resolution=16)  # its batches were read back unpaired (a KeyError first)
+    with pytest.raises(ValueError, match="^data: DreamBoothDataModule cannot be precomputed: its batches pair"):
+        write_precomputed(tmp_path / "x", dreambooth, module.autoencoder, module.conditioner)
+    assert not (tmp_path / "x").exists()

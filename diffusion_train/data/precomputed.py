@@ -184,6 +184,8 @@ def write_precomputed(out_dir: str | os.PathLike, datamodule, autoencoder, condi
         raise ValueError(f"conditioning.embedders {trainable} are trainable: their encodings change during "
                          f"training and cannot be precomputed")
     check_task(task, "precompute")
+    if getattr(datamodule, "not_precomputable", None):
+        raise ValueError(f"data: {type(datamodule).__name__} cannot be precomputed: {datamodule.not_precomputable}")
     image_keys = task_image_keys(task)
 
     torch_dtype = resolve_dtype(dtype)

@@ -77,6 +77,10 @@ class DreamBoothDataModule(InMemoryDataModule):
     ``class_prompt`` (or null: no prior preservation): the caption of the class images in ``class_dir``; when
     it holds fewer than ``num_class_images``, :meth:`prepare_class_images` makes the rest with the model."""
 
+    # what scripts/precompute.py would lose: a batch pairs subject and class images, with their loss weights
+    not_precomputable = ("its batches pair subject and class images with their loss weights, and its class images "
+                         "are made by the model itself; encode them in the step (a few images)")
+
     def __init__(self, instance_dir: str, instance_prompt: str, class_prompt: str | None = None,
                  class_dir: str | None = None, num_class_images: int = 100, prior_loss_weight: float = 1.0,
                  resolution: int = 32, channels: int = 3, batch_size: int = 4, num_workers: int = 0, seed: int = 0,
