@@ -126,6 +126,7 @@ def test_training_on_a_precomputed_set_end_to_end(precomputed, tmp_path):
     ("autoencoder.latent_channels=2", "autoencoder.latent_channels"),
     ("seed=7", "autoencoder.sha256"),  # another random init
     ("conditioning.embedders.caption.max_length=16", "conditioning.embedders.caption.max_length"),
+    ("+conditioning.embedders.caption.dtype=bfloat16", "conditioning.embedders.caption.dtype"),
     ("conditioning.embedders.caption.trainable=true", "conditioning.embedders.caption.trainable=true, but"),
 ])
 def test_a_set_made_with_other_encoders_is_refused(precomputed, tmp_path, override, key):
@@ -134,6 +135,31 @@ def test_a_set_made_with_other_encoders_is_refused(precomputed, tmp_path, overri
     with pytest.raises(PrecomputedMismatchError, match=rf"precomputed set {out} does not match .*{key}"):
         train(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("conditioning, override, key", [
+    (["conditioning=clip_tiny"], "conditioning.embedders.caption.pad_token_id=0", "pad_token_id"),  # clip_l14's
+    (["conditioning=t5_tiny", "conditioning.embedders.caption.config.vocab_size=30522"],  # ByT5 against MiniLM's
+     "conditioning.embedders.caption.tokenizer={minilm}", "tokenizer_name"),
+])
+def test_the_encoder_settings_that_change_encodings_are_compared(tmp_path, conditioning, override, key):
+    """The padding token (attended to with attend_padding) and T5's tokenizer change the stored encodings; they
+    were not compared. A set made before they were recorded is not refused for them."""
+    from hydra.utils import instantiate
+
+    from diffusion_train.conditioning.text import minilm_path
+    from diffusion_train.data.precomputed import embedder_provenance
+
+    override = override.format(minilm=minilm_path())
+
+    def caption(*extra):
+        cfg = compose_train(["data=fashion_mnist_captions", *conditioning, *extra], tmp_path)
+        torch.manual_seed(0)  # the same random tower
+        return embedder_provenance(instantiate(cfg.conditioning.embedders.caption, _convert_="all"))
+
+    made, now = caption(), caption(override)
+    assert _diffs(made, now, "caption") == [f"caption.{key}: set has {made[key]!r}, config gives {now[key]!r}"]
+    assert _diffs({k: v for k, v in made.items() if k != key}, now, "caption") == []
 
 
 def test_the_same_weights_at_another_path_are_accepted_and_other_weights_are_not():

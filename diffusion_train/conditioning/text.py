@@ -425,6 +425,7 @@ class T5Embedder(_HFTokenizing):
                 raise hf_load_error(cls, "model", name_or_path, e) from e
             provenance = hf_provenance(name_or_path)
         tok_source = name_or_path if tokenizer is None else str(tokenizer)
+        self.tokenizer_name = tok_source  # what a precomputed set's encodings depend on, besides the weights
         try:
             if tok_source.lower() == "byt5":
                 self.tokenizer = transformers.ByT5Tokenizer()

@@ -40,7 +40,8 @@ from diffusion_train.conditioning.weights import resolve_dtype
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FORMAT = "diffusion_train.precomputed/1"
-_EMBEDDER_SETTINGS = ("input_key", "max_length", "output", "layer")
+_EMBEDDER_SETTINGS = ("input_key", "max_length", "output", "layer", "pad_token_id", "tokenizer_name", "dtype")
+_RECORDED_LATER = {"pad_token_id", "tokenizer_name", "dtype"}  # a set made before records none: not compared
 
 
 class PrecomputedMismatchError(ValueError):
@@ -74,7 +75,8 @@ def _diffs(made: dict, now: dict, where: str) -> list[str]:
     same_weights = bool(made.get("sha256")) and made.get("sha256") == now.get("sha256")
     return [f"{where}.{k}: set has {made.get(k, '<absent>')!r}, config gives {now.get(k, '<absent>')!r}"
             for k in sorted(set(made) | set(now))
-            if made.get(k) != now.get(k) and not (same_weights and k in _LOCATION)]
+            if made.get(k) != now.get(k) and not (same_weights and k in _LOCATION)
+            and not (k in _RECORDED_LATER and k not in made)]
 
 
 def check_provenance(manifest: dict, path: str | os.PathLike, autoencoder, conditioner) -> None:
