@@ -51,8 +51,8 @@ def evaluate(opts: dict) -> dict:
     device = device_of(opts["device"])
     module, config = load_run(opts["ckpt"], opts["weights"], device)
     sampler = instantiate(config.sampler, _convert_="all", steps=opts["steps"])
-    net = module.backbone
-    subject = load_folder(opts["instance_dir"], net.input_size, net.out_channels).float().div(127.5).sub(1).to(device)
+    subject = load_folder(opts["instance_dir"], module.image_size, int(config.data.channels))  # pixels, not latents
+    subject = subject.float().div(127.5).sub(1).to(device)
 
     def sample(prompts: list[str], first_seed: int) -> torch.Tensor:
         inputs = module.conditioner.sample_inputs(len(prompts), prompts=prompts)  # image i: prompts[i]

@@ -155,15 +155,18 @@ def test_missing_class_images_fill_the_gaps(tiny_cfg, tmp_path):
     assert dm.class_images_to_make() == [1, 2]
 
 
-def test_dreambooth_eval_script(tmp_path):
-    """scripts/dreambooth_eval.py on a tiny text-conditioned Fashion-MNIST run and a stand-in classifier file."""
+@pytest.mark.parametrize("latent", [[], ["autoencoder=tiny_vae", "autoencoder.channels=[8,8,8]"]],
+                         ids=["pixels", "latents"])
+def test_dreambooth_eval_script(tmp_path, latent):
+    """scripts/dreambooth_eval.py on a tiny text-conditioned Fashion-MNIST run and a stand-in classifier file; in
+    latent space too (the subject's images were read at the latents' size and channels: none could be)."""
     from conftest import TINY, compose_train, load_script
     from diffusion_train.metrics.fmnist_net import FMNISTNet
 
     run = tmp_path / "text"
     cfg = compose_train([o for o in TINY if not o.startswith("data=")] + [
         "data=fashion_mnist_captions", "conditioning=t5_tiny", "data.batch_size=4", "data.val_size=4",
-        "trainer.max_steps=2", "callbacks.sample_grid.prompts=[a photo of a bag]"], run)
+        "trainer.max_steps=2", "callbacks.sample_grid.prompts=[a photo of a bag]", *latent], run)
     train(cfg, run)
     write_images(tmp_path / "subject", 2, seed=1)
     FMNISTNet(channels=(8, 16), feature_dim=16).save(tmp_path / "net.safetensors")
