@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from diffusion_train.data.precomputed import write_precomputed
 from diffusion_train.train import CONFIG_DIR, quiet_known_warnings, user_errors_as_one_line
 from diffusion_train.training.build import build_module
+from diffusion_train.training.pretrained import load_pretrained
 
 log = logging.getLogger("diffusion_train.precompute")
 
@@ -29,6 +30,9 @@ def precompute(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, verbose=False)  # as training does: random-init encoders come out the same
     datamodule = instantiate(cfg.data, _convert_="all")
     module = build_module(cfg)  # the autoencoder and conditioner exactly as training builds them
+    init = cfg.get("init") or {}
+    if init.get("path"):  # and with the weights a fresh run starts from (random encoders' too)
+        load_pretrained(module, init.path, str(init.get("weights") or "ema"), strict=bool(init.get("strict", True)))
     autoencoder, conditioner = module.autoencoder.to(device), module.conditioner.to(device)
     manifest = write_precomputed(cfg.out, datamodule, autoencoder, conditioner, splits=list(cfg.splits),
                                  batch_size=int(cfg.batch_size), dtype=str(cfg.dtype), device=device,

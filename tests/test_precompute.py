@@ -331,3 +331,35 @@ def test_an_empty_split_is_written_empty_and_streams_and_dreambooth_are_refused(
     with pytest.raises(ValueError, match="^data: DreamBoothDataModule cannot be precomputed: its batches pair"):
         write_precomputed(tmp_path / "x", dreambooth, module.autoencoder, module.conditioner)
     assert not (tmp_path / "x").exists()
+
+
+def test_precompute_encodes_with_the_init_weights_of_the_run(tmp_path):
+    """A fine-tune from init.path trains with the base run's encoders (here a random T5 tower and a random VAE, both
+    kept in its checkpoint): the precomputed set is encoded with them too, and records their sha256 (the set was
+    encoded with a fresh initialisation, and training's provenance kept the fresh weights' sha256 after the load)."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONFIG_DIR, load_script
+    from diffusion_train.training.checkpointing import load_checkpoint
+
+    base = tmp_path / "base"
+    parts = ["data=fashion_mnist_captions", "data.batch_size=8", "data.val_size=8", "conditioning=t5_tiny",
+             "autoencoder=tiny_vae", "autoencoder.channels=[8,8,8]", "callbacks.sample_grid.prompts=[a bag]"]
+    train(compose_train(TINY + parts + ["trainer.max_steps=2"], base), base)
+    state = load_checkpoint(base / "checkpoints" / "last.ckpt")["state_dict"]
+    trained = {part: state[f"{key}._extra_state"]["sha256"] for part, key in
+               (("caption", "conditioner.embedders.caption"), ("autoencoder", "autoencoder"))}
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("precompute", overrides=[*parts, "model=unet_tiny", f"out={tmp_path / 'set'}", "limit=4",
+                                               "splits=[train]",
+                                               "progress=false", "device=cpu", "seed=1", f"init.path={base}",
+                                               f"run_dir={tmp_path / 'unused'}"])
+    manifest = load_script("precompute").precompute(cfg)
+    assert manifest["embedders"]["caption"]["sha256"] == trained["caption"]
+    assert manifest["autoencoder"]["sha256"] == trained["autoencoder"]
+    fine_tune = build_module(compose_train(TINY + parts + ["seed=1"], tmp_path / "ft"))
+    from diffusion_train.training.pretrained import load_pretrained
+
+    load_pretrained(fine_tune, base, "raw")
+    assert fine_tune.conditioner.embedders["caption"].provenance["sha256"] == trained["caption"]
+    assert fine_tune.autoencoder.provenance["sha256"] == trained["autoencoder"]

@@ -139,6 +139,11 @@ class KLAutoencoder(Autoencoder):
     def get_extra_state(self) -> dict[str, str]:
         return dict(self.provenance)
 
+    def weights_replaced(self) -> None:
+        """Random weights are identified by their bytes: after their tensors were copied in (``init.path``)."""
+        if not self.weights_external:
+            self._provenance["sha256"] = tensors_sha256(self.model)
+
     def set_extra_state(self, state: Any) -> None:
         if isinstance(state, Mapping):
             self.loaded_provenance = {str(k): str(v) for k, v in state.items()}

@@ -157,6 +157,11 @@ class TextEmbedder(nn.Module):
             self.encoder.requires_grad_(False)
             self.encoder.eval()
 
+    def weights_replaced(self) -> None:
+        """Random weights are identified by their bytes: after their tensors were copied in (``init.path``)."""
+        if not self.pretrained:
+            self.provenance["sha256"] = tensors_sha256(self.encoder)
+
     def train(self, mode: bool = True) -> "TextEmbedder":
         super().train(mode)
         if not self.trainable and hasattr(self, "encoder"):

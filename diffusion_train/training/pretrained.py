@@ -186,6 +186,9 @@ def load_pretrained(module: nn.Module, path: str | Path, weights: str = "ema", s
             else:
                 own[k].copy_(state[k])
     report.loaded, report.expanded = len(common), expand
+    for part in module.modules():  # random encoders' provenance: the sha256 of the weights they now hold
+        if hasattr(part, "weights_replaced"):
+            part.weights_replaced()
     if copy_base:
         controlnet.copy_base(module.backbone)
         report.controlnet_from_base = True
