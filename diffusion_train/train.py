@@ -25,7 +25,7 @@ from diffusion_train.data.bad_data import BadDataError
 from diffusion_train.training import EMA, AtomicCheckpointIO, NonFiniteLossError, RunSummary, StepCheckpoints
 from diffusion_train.finetune.lora import lora_scaling
 from diffusion_train.training.build import build_module, load_checkpoint_weights
-from diffusion_train.training.checkpointing import last_checkpoint, load_checkpoint, remove_stale_temp_files
+from diffusion_train.training.checkpointing import load_checkpoint, remove_stale_temp_files
 from diffusion_train.training.export import export_weights
 from diffusion_train.training.loggers import LossProgressBar, OptimizerStepAxis, ResumableCSVLogger, finish_wandb
 from diffusion_train.training.parallel import (
@@ -234,7 +234,7 @@ def save_and_export(trainer: L.Trainer, run_dir: Path, config: dict, lora_scale:
     """After a fit that ended by itself (not by a signal): ``last.ckpt`` at the last step, and the exported weights."""
     last = run_dir / "checkpoints" / "last.ckpt"
     if trainer.state.finished and not trainer.interrupted:
-        stale = last_checkpoint(run_dir) is None or load_checkpoint(last)["global_step"] != trainer.global_step
+        stale = not last.is_file() or load_checkpoint(last)["global_step"] != trainer.global_step
         if trainer.strategy.broadcast(stale):  # rank 0 decides (the file changes as it is saved); all ranks save
             trainer.save_checkpoint(last)
         close_process_groups(trainer)  # the last collective: a failing export below leaves no rank waiting

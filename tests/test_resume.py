@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import file_digest
+from conftest import LossRecorder, file_digest
 from diffusion_train.train import train
 from diffusion_train.training.checkpointing import load_checkpoint
 from diffusion_train.training.run_dir import ResumeMismatchError
@@ -323,6 +323,26 @@ def test_a_signal_at_the_last_step_still_validates_it(tiny_cfg, tmp_path, monkey
     assert _validated_steps(run) == [2, 4, 5]
     train(tiny_cfg("trainer.max_steps=5", run_dir=run), run)
     assert _validated_steps(run) == _validated_steps(straight) == [2, 4, 5]
+
+
+def test_a_run_without_last_ckpt_resumes_from_its_latest_step_checkpoint(tiny_cfg, tmp_path):
+    """With callbacks.checkpoint.save_last=false, a run stopped hard has step checkpoints but no last.ckpt: the
+    relaunch started afresh over them (overwriting them, its metrics from step 1); now it resumes from the latest."""
+    import csv
+
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    common = ["callbacks.checkpoint.save_last=false", "trainer.max_steps=6"]
+    train(tiny_cfg(*common, run_dir=straight), straight)
+    train(tiny_cfg(*common, "+callbacks.signal._target_=conftest.signal_at_step", "+callbacks.signal.step=5",
+                   run_dir=run), run)
+    (run / "checkpoints" / "last.ckpt").unlink()  # as a hard kill after step 5 leaves it: steps 2 and 4
+    LossRecorder.losses.clear()
+    train(tiny_cfg(*common, "+callbacks.recorder._target_=conftest.LossRecorder", run_dir=run), run)
+    assert sorted(LossRecorder.losses) == [5, 6]  # trained from step 4's checkpoint
+    _compare_checkpoints(load_checkpoint(straight / "checkpoints/last.ckpt"),
+                         load_checkpoint(run / "checkpoints/last.ckpt"))
+    rows = [int(r["step"]) for r in csv.DictReader(open(run / "metrics.csv")) if r.get("train/loss")]
+    assert rows == list(range(1, 7))
 
 
 def test_a_checkpoint_from_before_a_new_null_option_resumes(tiny_cfg, tmp_path):

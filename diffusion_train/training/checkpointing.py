@@ -35,8 +35,14 @@ def remove_stale_temp_files(run_dir: str | os.PathLike) -> list[Path]:
 
 
 def last_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    path = Path(run_dir) / "checkpoints" / "last.ckpt"
-    return path if path.is_file() else None
+    """The checkpoint a run directory resumes from: ``checkpoints/last.ckpt``, else (a run stopped hard, with
+    ``callbacks.checkpoint.save_last=false``) its ``step_<N>.ckpt`` of the highest step; None without either."""
+    folder = Path(run_dir) / "checkpoints"
+    path = folder / "last.ckpt"
+    if path.is_file():
+        return path
+    steps = {int(p.stem[5:]): p for p in folder.glob("step_*.ckpt") if p.stem[5:].isdigit()}
+    return steps[max(steps)] if steps else None
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:

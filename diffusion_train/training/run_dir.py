@@ -76,8 +76,8 @@ def branch_checkpoint(spec: str | os.PathLike) -> Path:
     if path.is_dir():
         found = last_checkpoint(path)
         if found is None:
-            raise FileNotFoundError(f"init.branch_from={spec}: the run directory has no checkpoints/last.ckpt; name "
-                                    f"one of its checkpoints/step_*.ckpt, or train it first")
+            raise FileNotFoundError(f"init.branch_from={spec}: the run directory has no checkpoints (last.ckpt or "
+                                    f"step_*.ckpt); train it first")
         return found
     if not path.is_file():
         raise FileNotFoundError(f"init.branch_from={spec}: no such checkpoint or run directory")
