@@ -137,6 +137,19 @@ def signal_at_step(step: int, signum: str = "SIGUSR1"):
     return _Signal()
 
 
+def fail_in_validation(step: int):
+    """A callback (``+callbacks.fail._target_=conftest.fail_in_validation +callbacks.fail.step=N``) that fails the
+    run in the validation of optimizer step ``step``, as a hard kill (out of memory, a lost node) stops it there."""
+    import lightning as L
+
+    class _Fail(L.Callback):
+        def on_validation_start(self, trainer, pl_module):
+            if trainer.global_step == step and not trainer.sanity_checking:
+                raise RuntimeError(f"killed in the validation of step {step}")
+
+    return _Fail()
+
+
 # -- tiny modules for the fine-tuning tests -------------------------------------------------------------
 DIT = ["model=dit_tiny"]
 

@@ -325,6 +325,26 @@ def test_a_signal_at_the_last_step_still_validates_it(tiny_cfg, tmp_path, monkey
     assert _validated_steps(run) == _validated_steps(straight) == [2, 4, 5]
 
 
+@pytest.mark.parametrize("step", [4, 6])
+def test_a_run_killed_during_a_validation_makes_it_when_it_resumes(tiny_cfg, tmp_path, step):
+    """Killed during the validation of a checkpointed step (its checkpoint is saved before it): Lightning's restart
+    took the validation as done, so val/loss of that step was missing for good (at step 6, the run's last, the
+    final one). The relaunch makes it first."""
+    common = ["trainer.max_steps=6", "callbacks.checkpoint.every_n_train_steps=2"]
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    train(tiny_cfg(*common, run_dir=straight), straight)
+    with pytest.raises(RuntimeError, match=f"killed in the validation of step {step}"):
+        train(tiny_cfg(*common, "+callbacks.fail._target_=conftest.fail_in_validation",
+                       f"+callbacks.fail.step={step}", run_dir=run), run)
+    assert load_checkpoint(run / "checkpoints/last.ckpt")["global_step"] == step
+    train(tiny_cfg(*common, run_dir=run), run)
+    assert _validated_steps(run) == _validated_steps(straight) == [2, 4, 6]
+    history = json.loads((run / "summary.json").read_text())["metrics"]["val/loss"]["history"]
+    assert history == json.loads((straight / "summary.json").read_text())["metrics"]["val/loss"]["history"]
+    _compare_checkpoints(load_checkpoint(straight / "checkpoints/last.ckpt"),
+                         load_checkpoint(run / "checkpoints/last.ckpt"))
+
+
 def test_a_run_without_last_ckpt_resumes_from_its_latest_step_checkpoint(tiny_cfg, tmp_path):
     """With callbacks.checkpoint.save_last=false, a run stopped hard has step checkpoints but no last.ckpt: the
     relaunch started afresh over them (overwriting them, its metrics from step 1); now it resumes from the latest."""

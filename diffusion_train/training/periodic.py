@@ -15,6 +15,10 @@ grids and the Fréchet distances):
 Lightning ends a fit that resumes at ``max_steps`` before it starts, without calling ``on_train_start`` and
 ``on_train_end``, so a run stopped during its end-of-fit evaluations would never make them.
 :func:`finish_resumed_runs` gives the trainer a fit loop that calls those two hooks in that case.
+
+Validation (``val/loss``) is Lightning's own, after the step's checkpoint: a run killed hard during it (out of
+memory, a lost node) resumes from that checkpoint, and Lightning takes the validation as done. The same fit loop
+makes it first when the run's summary lacks it (:func:`_validate_if_missing`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.loops.fit_loop import _FitLoop
 
+from diffusion_train.training.parallel import is_last_step
 from diffusion_train.training.preemption import checkpoint_step, stopping
 
 
@@ -73,7 +78,12 @@ class PeriodicEvaluation(L.Callback):
 
 class _ResumedEndOfFitLoop(_FitLoop):
     """Lightning's fit loop, except that a fit resumed at ``max_steps`` still calls ``on_train_start`` and
-    ``on_train_end`` (with no step in between), where Lightning calls neither."""
+    ``on_train_end`` (with no step in between), where Lightning calls neither; and a resumed fit first makes the
+    validation of its step when it was due and is missing."""
+
+    def on_run_start(self) -> None:
+        super().on_run_start()
+        _validate_if_missing(self)
 
     def run(self) -> None:
         self.setup_data()
@@ -82,6 +92,28 @@ class _ResumedEndOfFitLoop(_FitLoop):
             self.on_run_end()
             return
         super().run()
+
+
+def _validate_if_missing(loop: _FitLoop) -> None:
+    """The validation of the step a run resumes from, when it was due there (the validation interval, or the last
+    step) and the run's summary has no ``val/loss`` of that step; not at a branch's first step (the trunk's)."""
+    from diffusion_train.training.summary import RunSummary
+
+    trainer, module = loop.trainer, loop.trainer.lightning_module
+    step, every = trainer.global_step, trainer.val_check_batch
+    accumulate = int(getattr(module, "accumulate_grad_batches", 1))
+    origin = (getattr(module, "run_info", None) or {}).get("branched_from") or {}
+    summary = next((c for c in trainer.callbacks if isinstance(c, RunSummary)), None)
+    due = is_last_step(trainer, step) or (isinstance(every, int) and every > 0 and step * accumulate % every == 0)
+    if step == 0 or not due or origin.get("step") == step or summary is None:
+        return
+    if not trainer.strategy.broadcast(summary.recorded("val/loss", step) if trainer.is_global_zero else None):
+        epoch_loop = loop.epoch_loop
+        epoch_loop._batches_that_stepped = step * accumulate  # the step its logs are written at
+        epoch_loop.val_loop.restarting = False  # a whole validation, not the rest of one restored from the checkpoint
+        trainer.validating = True
+        epoch_loop.val_loop.run()
+        trainer.training = True
 
 
 def finish_resumed_runs(trainer: L.Trainer) -> None:

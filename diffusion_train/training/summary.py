@@ -105,6 +105,10 @@ class RunSummary(StepEndCallback):
         self._note(trainer)  # a resumed run's missing evaluation of its start step, made by the callbacks before this
         self._record()
 
+    def recorded(self, name: str, step: int) -> bool:
+        """Whether ``name`` has a value of ``step`` (after ``on_train_start``: the earlier launches' too)."""
+        return any(entry["step"] == step for entry in self.history.get(name, []))
+
     def _resume(self, step: int) -> None:
         """Keeps what an earlier launch recorded up to ``step``, the checkpoint's (later ones come again)."""
         self.history, self._wall_before = {}, 0.0
