@@ -168,8 +168,9 @@ class DiscreteSchedule(NoiseSchedule):
         return torch.randint(0, self.num_timesteps, (n,), device=device, generator=generator).float()
 
     def quantile(self, u: Tensor) -> Tensor:
-        """Integer steps, uniform over 0 .. T-1 as ``sample_t`` draws them."""
-        return (u * self.num_timesteps).floor().clamp(0, self.num_timesteps - 1)
+        """Integer steps, uniform over 0 .. T-1 as ``sample_t`` draws them (rounded from t_min .. t_max, the
+        validation times of earlier versions, so that a run's ``val/loss`` goes on comparably)."""
+        return super().quantile(u).round()
 
     default_spacing = "leading"
 
