@@ -58,6 +58,30 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def compare_checkpoints(a: dict, b: dict) -> None:
+    """Two checkpoints hold the same training state: step, weights, EMA, optimizer moments, schedule."""
+    assert a["global_step"] == b["global_step"]
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    for decay in a["ema"]["weights"]:
+        for k, v in a["ema"]["weights"][decay].items():
+            assert torch.equal(v, b["ema"]["weights"][decay][k]), (decay, k)
+    assert a["ema"]["num_updates"] == b["ema"]["num_updates"]
+    sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    for i in sa:
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(sa[i][key], sb[i][key]), (i, key)
+    assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"]
+
+
+def validated_steps(run: Path) -> list[int]:
+    """The steps of a run's metrics.csv rows with a val/loss."""
+    import csv
+
+    with (run / "metrics.csv").open() as f:
+        return [int(r["step"]) for r in csv.DictReader(f) if r.get("val/loss")]
+
+
 def compose_train(overrides: list[str], run_dir: Path | None = None):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose("train", overrides=list(overrides) + ([f"run_dir={run_dir}"] if run_dir else []))
