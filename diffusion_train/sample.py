@@ -18,6 +18,7 @@ from diffusion_train.finetune.lora import apply_lora_file
 from diffusion_train.training.build import load_module
 from diffusion_train.training.images import save_grid
 from diffusion_train.training.module import DiffusionModule
+from diffusion_train.training.run_dir import differences
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -110,11 +111,9 @@ def generate(cfg: DictConfig) -> list[Path]:
         **{k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}}))
     names = [f"{cfg.seed + i:06d}.png" for i in range(cfg.num_images)]
     if earlier:
-        recorded = _flat(json.loads((out / "samples.json").read_text()))
+        recorded = json.loads((out / "samples.json").read_text())
         recorded.pop("complete", None)
-        now = _flat(meta)
-        differ = [f"{k}: {_short(recorded.get(k))} -> {_short(now.get(k))}" for k in sorted({*recorded, *now})
-                  if recorded.get(k) != now.get(k)]
+        differ = [f"{key}: {_short(old)} -> {_short(new)}" for key, old, new in differences(recorded, meta)]
         if differ or not earlier <= set(names):
             why = "; ".join(differ) or f"images/ holds other images ({min(earlier - set(names))}, ...)"
             raise ValueError(f"out_dir={out} holds {len(earlier)} images of other settings ({why}); give another "
@@ -137,17 +136,6 @@ def generate(cfg: DictConfig) -> list[Path]:
         save_grid(torch.cat([read_image(p) for p in paths[: int(cfg.grid_images)]]), out / "grid.png", ncol=cfg.ncol)
     write_json(out / "samples.json", {**meta, "complete": True})
     return paths
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    """Nested mappings as one, by dotted key (``sampler.config.solver.eta``)."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
 
 
 def _short(value, limit: int = 40) -> str:

@@ -321,16 +321,19 @@ class Sampler:
         self.solver, self.steps, self.spacing = solver, int(steps), spacing
 
     @property
+    def _function(self):
+        return getattr(self.solver, "func", self.solver)  # a config's solver is a partial of the function
+
+    @property
     def name(self) -> str:
         """The solver function's name (``ddim``, ``heun``, ...)."""
-        solver = getattr(self.solver, "func", self.solver)
-        return getattr(solver, "__name__", type(solver).__name__)
+        return getattr(self._function, "__name__", type(self._function).__name__)
 
     def check(self, schedule) -> None:
         """Raises the ValueError sampling would raise at its start: a spacing the schedule cannot take, or a
         solver that cannot run on its times (``heun`` where alpha reaches 0, ``flow_heun`` off a flow)."""
         ts = schedule.timesteps(self.steps, self.spacing)
-        check = getattr(getattr(self.solver, "func", self.solver), "check_schedule", None)
+        check = getattr(self._function, "check_schedule", None)
         if check is not None:
             alphas, sigmas = schedule.alpha_sigma(ts)
             check(alphas.double(), sigmas.double())

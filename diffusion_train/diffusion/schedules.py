@@ -189,7 +189,8 @@ class DiscreteSchedule(NoiseSchedule):
             ts = torch.round(T - torch.arange(num_steps, dtype=torch.float64) * (T / num_steps)).long() - 1
         elif spacing == "linspace":  # in float64 as numpy (diffusers) computes it: a float32 499.49999 is 499.5
             ts = torch.arange(num_steps, dtype=torch.float64) * ((T - 1) / max(num_steps - 1, 1))
-            ts = torch.cat([ts[:-1], ts.new_full((1,), T - 1 if num_steps > 1 else 0)]).round().long()
+            ts[-1] = T - 1 if num_steps > 1 else 0
+            ts = ts.round().long()
         elif spacing == "karras":
             if self.zero_terminal_snr:
                 raise ValueError("karras spacing needs a finite sigma/alpha; this schedule has zero terminal SNR")
@@ -255,12 +256,13 @@ class EDMSchedule(NoiseSchedule):
 
     def sample_t(self, n: int, device, generator: torch.Generator | None = None) -> Tensor:
         """Log-normal sigma with the EDM defaults (P_mean = -1.2, P_std = 1.2)."""
-        return (torch.randn(n, device=device, generator=generator) * 1.2 - 1.2).exp()
+        return (torch.randn(n, device=device, generator=generator) * self.P_STD + self.P_MEAN).exp()
 
     def quantile(self, u: Tensor) -> Tensor:
-        return (torch.special.ndtri(u) * 1.2 - 1.2).exp()
+        return (torch.special.ndtri(u) * self.P_STD + self.P_MEAN).exp()
 
     default_spacing = "karras"
+    P_MEAN, P_STD = -1.2, 1.2  # ln(sigma) ~ N(P_MEAN, P_STD^2) in training (Karras et al. 2022)
 
     def timesteps(self, num_steps: int, spacing: str = "auto") -> Tensor:
         """auto, karras: Karras rho spacing of sigma; linspace: even in sigma."""

@@ -54,7 +54,8 @@ class EMA(StepEndCallback):
         self.labels = [str(d) for d in self.decays] + list(self._gammas)
         if not self.labels:
             raise ValueError("callbacks.ema: give at least one of decays and sigma_rels")
-        self.sample_decay = self.labels[0] if sample_decay is None else self.key(sample_decay)
+        self.sample_decay = (self.first_average(self.decays, self.sigma_rels) if sample_decay is None
+                             else self.key(sample_decay))
         if self.sample_decay not in self.labels:
             raise ValueError(f"callbacks.ema.sample_decay {sample_decay} is not one of the averages {self.labels}")
         self.validate = [self.key(a) for a in validate or ()]
@@ -82,6 +83,14 @@ class EMA(StepEndCallback):
         self._snapshot_updates = -1  # num_updates of the last snapshot written
         # inside swapped(): the module, its parameters (this rank's shards), the raw weights, the average's name
         self._swap: tuple[nn.Module, list[Tensor], list[Tensor], str] | None = None
+
+    @staticmethod
+    def first_average(decays: Sequence[float], sigma_rels: Sequence[float]) -> str | None:
+        """The name of a run's first average, its first decay, else its first sigma_rel: what it samples with when
+        ``sample_decay`` is null (None without any)."""
+        if decays:
+            return EMA.key(decays[0])
+        return EMA.key(f"sigma_rel_{sigma_rels[0]}") if sigma_rels else None
 
     @staticmethod
     def key(average: float | str) -> str:
@@ -243,8 +252,8 @@ def checkpoint_average(ckpt: dict, weights: str, where: str, option: str = "weig
                        ) -> tuple[str, dict[str, Tensor]]:
     """The EMA average of a checkpoint that ``weights`` names, and its tensors: ``ema`` (the run's sampling
     average, its ``callbacks.ema.sample_decay``, else its first average; a checkpoint that records no EMA config,
-    or that holds a single average: its first), ``ema_<decay>`` or ``ema_sigma_rel_<s>``. ``where``: the checkpoint in errors, ``option``: the setting
-    that chose ``weights``."""
+    or that holds a single average: its first), ``ema_<decay>`` or ``ema_sigma_rel_<s>``. ``where``: the
+    checkpoint in errors, ``option``: the setting that chose ``weights``."""
     averages = (ckpt.get("ema") or {}).get("weights")
     if not averages:
         raise ValueError(f"{where} holds no EMA weights; use {option}=raw")
@@ -259,10 +268,8 @@ def checkpoint_average(ckpt: dict, weights: str, where: str, option: str = "weig
         config = (ckpt.get("diffusion_train") or {}).get("config") or {}
         ema = (config.get("callbacks") or {}).get("ema") or {}
         chosen = ema.get("sample_decay")
-        if chosen is None:  # the run's first average, as the EMA callback takes it
-            decays, rels = ema.get("decays") or [], ema.get("sigma_rels") or []
-            chosen = decays[0] if decays else f"sigma_rel_{rels[0]}" if rels else None
-        name = EMA.key(chosen) if chosen is not None else next(iter(averages))
+        name = (EMA.key(chosen) if chosen is not None else
+                EMA.first_average(ema.get("decays") or [], ema.get("sigma_rels") or []) or next(iter(averages)))
         if name not in averages and len(averages) > 1:  # e.g. the post-hoc averages of scripts/posthoc_ema.py
             raise ValueError(f"{option}={weights}: the run samples with its EMA {name}, which {where} does not hold; "
                              f"choose one of its averages: {', '.join('ema_' + k for k in averages)}")

@@ -45,15 +45,16 @@ def model_signature(config: dict) -> dict:
     return {k: config.get(k) for k in MODEL_KEYS}
 
 
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    """The differing values of two configs. A key that one side lacks counts as null there: an option added
-    to a config later, whose null default is the behaviour from before it existed, does not stop a resume."""
+def differences(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """The differing values of two configs, ``(dotted key, a's, b's)`` in key order. A key that one side lacks
+    counts as null there: an option added to a config later, whose null default is the behaviour from before it
+    existed, does not stop a resume."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for k in sorted(set(a) | set(b), key=str):
-            out += _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+            out += differences(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
         return out
-    return [] if a == b else [f"{prefix}: checkpoint has {a!r}, config has {b!r}"]
+    return [] if a == b else [(prefix, a, b)]
 
 
 class Resumable(NamedTuple):
@@ -101,7 +102,8 @@ def check_resumable(run_dir: str | os.PathLike, config: dict, branch_from: str |
     saved = state.get("diffusion_train", {}).get("config")
     if saved is None:
         raise ResumeMismatchError(f"{ckpt} was not written by diffusion_train (no run metadata); refusing to resume")
-    diffs = _diff(model_signature(saved), model_signature(config))
+    diffs = [f"{key}: checkpoint has {old!r}, config has {new!r}"
+             for key, old, new in differences(model_signature(saved), model_signature(config))]
     if diffs:
         shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
         fix = ("init.branch_from names another model's checkpoint" if branched else
