@@ -345,7 +345,7 @@ def test_throughput_leaves_out_the_launch_s_first_step(monkeypatch):
     logged = []
     module = SimpleNamespace(device=torch.device("cpu"), accumulate_grad_batches=1, log_dict=logged.append)
     trainer = SimpleNamespace(callbacks=[], global_step=0, world_size=1, datamodule=SimpleNamespace(batch_size=8),
-                              max_steps=7, should_stop=False)
+                              max_steps=7, should_stop=False, log_every_n_steps=3)
     meter = Throughput(every_n_steps=3, peak_tflops=1.0)
     meter.on_train_start(trainer, module)
     for step in range(1, 8):
@@ -354,6 +354,16 @@ def test_throughput_leaves_out_the_launch_s_first_step(monkeypatch):
     assert [d["perf/images_per_sec"] for d in logged] == [8.0, 8.0, 4.0]
     assert logged[0]["perf/tflops_per_device"] == pytest.approx(8.0 * 6e9 / 1e12)
     assert logged[0]["perf/mfu"] == pytest.approx(8.0 * 6e9 / 1e12)
+
+
+def test_a_throughput_interval_off_the_logging_grid_is_refused(tiny_cfg, tmp_path):
+    """Rates measured every 3 steps while metrics are written every 2 were written at a later step than measured
+    (or not at all); now refused before the first step."""
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"^callbacks.throughput.every_n_steps \(3\) must be a multiple of the "
+                                         r"logging interval \(2 optimizer steps"):
+        train(tiny_cfg("callbacks.throughput.every_n_steps=3", "trainer.log_every_n_steps=2", run_dir=run), run)
+    assert not (run / "checkpoints").exists()
 
 
 def test_a_sampler_the_schedule_cannot_take_is_refused_before_training(tiny_cfg, tmp_path):

@@ -8,11 +8,12 @@ import time
 import lightning as L
 import torch
 
-from diffusion_train.training.parallel import is_last_step, trainer_global_batch
+from diffusion_train.training.parallel import is_last_step, log_every_steps, trainer_global_batch
 
 
 class Throughput(L.Callback):
-    """Logs every ``every_n_steps`` (all ranks together): ``perf/images_per_sec``; ``perf/tflops_per_device``,
+    """Logs every ``every_n_steps`` (a multiple of the logging interval, as metrics are written only then; all
+    ranks together): ``perf/images_per_sec``; ``perf/tflops_per_device``,
     the model FLOPs each device does per second (images/s x training FLOPs per image / devices, the accounting
     of ``scaling/flops.py`` that ``RunSummary`` uses); and ``perf/mfu``, that against the device's dense bf16
     peak (``peak_tflops``, else known GPUs' by name; none on a CPU or an unknown card). A launch's first optimizer
@@ -23,6 +24,8 @@ class Throughput(L.Callback):
     def __init__(self, every_n_steps: int = 50, peak_tflops: float | None = None):
         super().__init__()
         self.every_n_steps = int(every_n_steps)
+        if self.every_n_steps < 1:
+            raise ValueError(f"callbacks.throughput.every_n_steps must be >= 1, got {every_n_steps}")
         if peak_tflops is not None and not float(peak_tflops) > 0:
             raise ValueError(f"callbacks.throughput.peak_tflops must be positive (TFLOP/s), got {peak_tflops}")
         self.peak_tflops = peak_tflops
@@ -43,6 +46,11 @@ class Throughput(L.Callback):
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
         self.peak = peak_flops(name, self.peak_tflops)[0]
         self._t0, self._step0, self._warm = time.perf_counter(), trainer.global_step, False
+        logging = log_every_steps(trainer, pl_module)
+        if self.every_n_steps % logging:
+            raise ValueError(f"callbacks.throughput.every_n_steps ({self.every_n_steps}) must be a multiple of the "
+                             f"logging interval ({logging} optimizer steps, trainer.log_every_n_steps): its rates are "
+                             "written only at logging steps")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
