@@ -71,7 +71,7 @@ def test_budgets_fitted_to_exactly_three_sizes_get_the_regression_interval():
             budgets.append(c), params.append(n), losses.append(chinchilla(n * 10 ** shift, c / (6 * n)))
     result = isoflop_analysis(budgets, params, losses, boot=200, seed=0)
     fr = result.frontier
-    assert fr.exact_budgets == 4 and fr.method == "regression" and "exactly 3 sizes" in result.notes[0]
+    assert fr.exact_budgets == 4 and fr.method == "regression" and "exactly 3 runs of 3 sizes" in result.notes[0]
     reg = linregress(np.log(fr.budgets), np.log(fr.n_opt))
     half = t.ppf(0.975, 2) * reg.stderr
     np.testing.assert_allclose(fr.ci, (reg.slope - half, reg.slope + half), rtol=1e-9)
@@ -94,6 +94,35 @@ def test_budgets_fitted_to_exactly_three_sizes_get_the_regression_interval():
     # inside them each time, so some are discarded; every kept one is a fit over all 3 budgets
     assert 0 < fr.boot_valid < fr.boot_total
     assert fr.ci == percentile_ci(fr.boot_exponents)
+
+
+def test_a_nearly_linear_budget_is_flagged_without_an_extrapolated_optimum():
+    """Losses almost linear in log N put the parabola's minimum hundreds of decades away: 10**z overflowed (an
+    OverflowError in the report, also from a bootstrap resample of data whose own fit was fine). Beyond 10x past
+    the sizes the budget is flagged with no N_opt; within it, the extrapolated N_opt is kept."""
+    n = np.array([1e6, 1e7, 1e8])
+    z = np.log10(n)
+    far = fit_isoflop_parabola(n, 0.5 - 0.01 * z + 1e-6 * (z - 7) ** 2)
+    assert "minimum far above the largest sampled size (more than 10x" in far.flag
+    assert math.isnan(far.n_opt) and math.isnan(far.loss_opt)
+    near = fit_isoflop_parabola(n, (z - 8.9) ** 2)
+    assert "(N_opt extrapolated)" in near.flag and near.n_opt == pytest.approx(10 ** 8.9)
+
+
+def test_several_seeds_of_three_sizes_get_the_bootstrap_interval():
+    """3 sizes x 3 seeds per budget: a least-squares parabola through 9 runs, which resampling moves. It was
+    counted as fitted exactly (3 distinct sizes) and given the 1-degree-of-freedom regression interval."""
+    rng = np.random.default_rng(0)
+    budgets, params, losses = [], [], []
+    for c in (1e18, 1e19, 1e20):
+        for n in optimum(c) * 10 ** np.array([-0.5, 0.0, 0.5]):
+            for _ in range(3):
+                budgets.append(c), params.append(n), losses.append(chinchilla(n, c / (6 * n)) * (1 + rng.normal(0, 2e-3)))
+    result = isoflop_analysis(budgets, params, losses, boot=200, seed=0)
+    fr = result.frontier
+    assert all(b.fitted_runs == 9 for b in result.budgets) and fr.exact_budgets == 0
+    assert fr.method == "bootstrap" and np.nanstd(fr.boot_exponents) > 0
+    assert not any("exactly 3" in note for note in result.notes)
 
 
 def test_isoflop_parabola_flags():

@@ -4,14 +4,14 @@
   against ``log10 N`` (:func:`fit_isoflop_parabola`); its minimum is ``N_opt(C)``. A budget with fewer
   than 3 distinct sizes, without a minimum (curvature <= 0, or the same loss at every size), with the minimum
   outside the sampled sizes or with its best run at the smallest or largest size is flagged and left out of
-  the frontier fit ``N_opt = k C^a`` (its extrapolated ``N_opt`` is still reported). With ``flops_per_image``,
+  the frontier fit ``N_opt = k C^a`` (its extrapolated ``N_opt`` is still reported, up to 10x beyond the sizes). With ``flops_per_image``,
   the images seen at the optimum follow
   ``D_opt = C / F(N_opt) ∝ C^b`` with ``F(N) = k_F N^g`` fitted over the runs, so ``b = 1 - g a``.
 
 Confidence intervals: the frontier's is a percentile bootstrap with a fixed seed (runs resampled with
 replacement within each budget; a resample that leaves any budget unusable, e.g. with fewer than 3
 distinct sizes, is discarded and counted) when it measures anything: every budget's parabola must be fitted
-to more sizes than its 3 coefficients, or resampling cannot move that budget's N_opt. Otherwise it is the
+to more runs than its 3 coefficients, or resampling cannot move that budget's N_opt. Otherwise it is the
 regression's t interval over 3 or more budgets (:attr:`Frontier.method`).
 """
 
@@ -28,6 +28,7 @@ __all__ = ["Frontier", "IsoFlopBudget", "IsoFlopResult", "MIN_SIZES", "fit_isofl
            "isoflop_analysis"]
 
 MIN_SIZES = 3
+MAX_EXTRAPOLATION = 1.0  # decades beyond the fitted sizes within which a flagged budget's N_opt is still given
 
 
 
@@ -70,6 +71,7 @@ class IsoFlopBudget:
     best_loss: float
     flag: str | None = None
     fitted_sizes: int = 0  # distinct sizes the parabola is fitted to (those within the window)
+    fitted_runs: int = 0  # runs it is fitted to: MIN_SIZES of them, one per size, and it passes through them all
 
     @property
     def used(self) -> bool:
@@ -88,8 +90,9 @@ def fit_isoflop_parabola(params, losses, budget: float = math.nan, window: float
     run, finite, N > 0), fitted to the runs within ``window`` decades of N of the budget's best run (None: all
     of them; the loss is far from parabolic over a wide range, steep where large models are undertrained).
     Flags (and keeps out of the frontier) fewer than 3 distinct sizes in the fit, a parabola without a
-    minimum, a minimum outside the fitted sizes (then ``n_opt`` is the extrapolated one), and a best run at
-    the smallest or largest sampled size (the sizes do not bracket the minimum, whatever the parabola says)."""
+    minimum, a minimum outside the fitted sizes (then ``n_opt`` is the extrapolated one, or nan beyond
+    ``MAX_EXTRAPOLATION`` decades, where the loss is nearly linear in log N), and a best run at the smallest or
+    largest sampled size (the sizes do not bracket the minimum, whatever the parabola says)."""
     params, losses = np.asarray(params, dtype=float).ravel(), np.asarray(losses, dtype=float).ravel()
     if params.shape != losses.shape or not params.size:
         raise ValueError("fit_isoflop_parabola: needs as many losses as params, at least one")
@@ -102,7 +105,7 @@ def fit_isoflop_parabola(params, losses, budget: float = math.nan, window: float
     near = np.ones(params.shape, dtype=bool) if window is None else np.abs(z_all - z_all[best]) <= window + 1e-9
     z, fitted = z_all[near], losses[near]
     sizes = np.unique(z).size
-    common["fitted_sizes"] = int(sizes)
+    common.update(fitted_sizes=int(sizes), fitted_runs=int(z.size))
     nan3 = (math.nan, math.nan, math.nan)
     if sizes < MIN_SIZES:
         within = "" if window is None else f" within {window:g} decades of the best run"
@@ -116,12 +119,17 @@ def fit_isoflop_parabola(params, losses, budget: float = math.nan, window: float
         return IsoFlopBudget(**common, coefficients=(c2, c1, c0), n_opt=math.nan, loss_opt=math.nan,
                              flag="no minimum: the loss is not convex in log N")
     z_opt = -c1 / (2 * c2)
-    n_opt, loss_opt = float(10 ** z_opt), float(c0 - c1 * c1 / (4 * c2))
     flag = None
     if not z.min() <= z_opt <= z.max():
         side = "below the smallest" if z_opt < z.min() else "above the largest"
-        flag = f"minimum {side} {'sampled' if window is None else 'fitted'} size (N_opt extrapolated)"
-    elif params[best] in (params.min(), params.max()):
+        size = f"{'sampled' if window is None else 'fitted'} size"
+        if max(z.min() - z_opt, z_opt - z.max()) > MAX_EXTRAPOLATION:  # nearly linear: c2 ~ 0, z_opt can overflow
+            return IsoFlopBudget(**common, coefficients=(c2, c1, c0), n_opt=math.nan, loss_opt=math.nan,
+                                 flag=f"minimum far {side} {size} (more than {10 ** MAX_EXTRAPOLATION:g}x; "
+                                      "not extrapolated)")
+        flag = f"minimum {side} {size} (N_opt extrapolated)"
+    n_opt, loss_opt = float(10 ** z_opt), float(c0 - c1 * c1 / (4 * c2))
+    if flag is None and params[best] in (params.min(), params.max()):
         end = "smallest" if params[best] == params.min() else "largest"
         flag = f"the best run is the {end} sampled size: the sizes do not bracket the minimum"
     return IsoFlopBudget(**common, coefficients=(c2, c1, c0), n_opt=n_opt, loss_opt=loss_opt, flag=flag)
@@ -131,7 +139,7 @@ def fit_isoflop_parabola(params, losses, budget: float = math.nan, window: float
 class Frontier:
     """``N_opt(C) = k C^a`` over the used budgets, with bootstrap samples of ``(a, ln k)`` (nan: a resample
     that left a budget unusable) and ``exact_budgets``, the used budgets whose parabola is fitted to exactly
-    3 sizes: it goes through them, so no resample of their runs moves their N_opt."""
+    3 runs of 3 sizes: it goes through them, so no resample of their runs moves their N_opt."""
     fit: PowerLawFit
     budgets: np.ndarray
     n_opt: np.ndarray
@@ -280,15 +288,15 @@ def isoflop_analysis(budgets, params, losses, *, flops_per_image=None, boot: int
             boot_a[r], boot_lk[r] = pf.exponent, math.log(pf.coefficient)
             if np.all(lo > 0):
                 boot_c[r] = fit_power_law(c, lo).exponent
-    exact = sum(f.fitted_sizes == MIN_SIZES for f in used)
+    exact = sum(f.fitted_runs == MIN_SIZES for f in used)
     frontier = Frontier(fit=frontier_fit, budgets=c_used, n_opt=n_used, boot_exponents=boot_a,
                         boot_log_coefficients=boot_lk, boot_total=boot, level=level, exact_budgets=exact)
     instead = {"regression": f"the interval is the regression's over the {len(used)} budgets",
                "none": "there is no interval (2 budgets)"}.get(frontier.method, "")
     if boot and exact:
-        notes.append(f"{exact} of {len(used)} budgets' parabolas are fitted to exactly {MIN_SIZES} sizes, which "
-                     f"they pass through, so resampling cannot move their N_opt: {instead} (fit 4 or more "
-                     "sizes per budget for a bootstrap interval)")
+        notes.append(f"{exact} of {len(used)} budgets' parabolas are fitted to exactly {MIN_SIZES} runs of "
+                     f"{MIN_SIZES} sizes, which they pass through, so resampling cannot move their N_opt: {instead} "
+                     "(fit 4 or more sizes, or several seeds, per budget for a bootstrap interval)")
     elif boot and frontier.boot_valid < 0.5 * boot:
         notes.append(f"only {frontier.boot_valid} of {boot} bootstrap resamples kept every budget usable: "
                      f"{instead} (sample more sizes per budget)")
