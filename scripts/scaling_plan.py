@@ -61,7 +61,7 @@ def main(argv: list[str]) -> None:
     from hydra import compose, initialize_config_dir
 
     from diffusion_train.scaling.plan import (
-        FAMILIES, SCHEDULES, cool_downs, gpu_hours, isoflop_grid, size_costs, summary_line, sweep_yaml,
+        FAMILIES, SCHEDULES, cool_downs, gpu_hours, isoflop_grid, size_costs, summary_line, sweep_yaml, thin_budgets,
     )
 
     opts = parse_key_values(argv, OPTIONS, DEFAULTS)
@@ -124,6 +124,8 @@ def main(argv: list[str]) -> None:
              if mfu else ""))
     for s in skipped:
         print(f"left out: {s}")
+    for s in thin_budgets(points, budgets):
+        print(f"warning: {s}")
     # Hydra finds sweep configs in the package's conf/sweep, or in a sweep/ folder of another search path
     search = "" if out.parent.resolve() == (ROOT / "conf" / "sweep").resolve() else \
         shlex.quote(f"hydra.searchpath=[file://{out.parent.parent.resolve()}]") + " "

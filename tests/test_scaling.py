@@ -139,6 +139,7 @@ def test_the_isoflop_plan_lands_each_run_on_its_budget(tmp_path):
                       "lr=1e-3", "lr_rule=inverse_width", "min_steps=20", "mfu=0.4", "peak_tflops=1e-6")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "left out: M at 2e+10 FLOPs" in out.stdout  # too few steps: reported, not run
+    assert "warning: budget 2e+10 FLOPs has 2 sizes (XS, S): an IsoFLOP parabola needs 3" in out.stdout
     lines = {ln.split()[0]: ln for ln in out.stdout.splitlines() if ln.strip().startswith("C")}
     spent = {label: float(ln.split("C=")[1].split()[0]) for label, ln in lines.items()}
     for label, ln in lines.items():  # GPU-hours at 40% of a (tiny) 1e6 FLOP/s peak
@@ -266,6 +267,22 @@ def test_a_point_left_out_says_why():
     assert skipped == ["S at 8.4e+08 FLOPs: 1 steps spend 6e+08 FLOPs, more than 5% off"]
     _, skipped = isoflop_grid(costs, [1e8 * 6 * 1.4], batch=1, lr=1e-3, min_steps=2)
     assert skipped == ["S at 8.4e+08 FLOPs: 1.4 steps (min_steps=2)"]
+
+
+def test_a_budget_with_fewer_than_three_sizes_is_warned_of():
+    """A budget that min_steps leaves with 1 or 2 sizes cannot give an IsoFLOP parabola: the plan says so before
+    its compute is spent (the report flagged it only after)."""
+    from diffusion_train.scaling.plan import isoflop_grid, thin_budgets
+
+    costs = [(size, {"hidden_size": 64}, 1000 * 10**i, 10**6 * 10**i) for i, size in enumerate(["XS", "S", "M"])]
+    budgets = [6e8 * 100, 6e8 * 10]
+    points, skipped = isoflop_grid(costs, budgets, batch=1, lr=1e-3, min_steps=20)
+    assert [p.size for p in points if p.budget == 6e9] == ["XS", "S"] and len(skipped) == 1
+    assert thin_budgets(points, budgets) == ["budget 6e+09 FLOPs has 2 sizes (XS, S): an IsoFLOP parabola needs 3, "
+                                             "so it gives no N_opt"]
+    assert thin_budgets(points[:1], budgets)[0].startswith("budget 6e+09 FLOPs has 1 size (XS): ")
+    points, _ = isoflop_grid(costs, budgets, batch=1, lr=1e-3, min_steps=1)
+    assert thin_budgets(points, budgets) == []
 
 
 def test_a_plan_with_no_feasible_run_is_refused(tmp_path):

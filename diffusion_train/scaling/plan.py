@@ -141,6 +141,20 @@ def isoflop_grid(costs: list[tuple[str, dict, int, int]], budgets: list[float], 
     return points, skipped
 
 
+def thin_budgets(points: list[Point], budgets: list[float]) -> list[str]:
+    """Why each budget with runs of fewer than 3 sizes (``MIN_SIZES``) gives no IsoFLOP parabola, hence no N_opt:
+    its spending is still planned (a study may add sizes later), but the plan says so before the compute is spent."""
+    from diffusion_train.scaling.isoflop import MIN_SIZES
+
+    out = []
+    for budget in sorted(budgets):
+        sizes = [p.size for p in points if p.budget == float(budget)]
+        if 0 < len(sizes) < MIN_SIZES:
+            out.append(f"budget {budget:.3g} FLOPs has {len(sizes)} size{'s' if len(sizes) > 1 else ''} "
+                       f"({', '.join(sizes)}): an IsoFLOP parabola needs {MIN_SIZES}, so it gives no N_opt")
+    return out
+
+
 @dataclass
 class CoolDown:
     """A run of a WSD plan that branches from its size's trunk (the size's longest run) at step ``start``, in the
