@@ -155,3 +155,23 @@ def test_tiny_latent_text_presets_train_and_sample_prompts(experiment, text, tmp
 
     image = Image.open(paths[0])
     assert image.size == (32, 32) and image.mode == "RGB"  # decoded back to the data's resolution and channels
+
+
+@pytest.mark.parametrize("conditioning, output", [("clip_tiny", "both"), ("clip_tiny", "context"),
+                                                  ("clip_tiny", "vector"), ("text_minilm", "both"),
+                                                  ("t5_tiny", "both")])
+def test_a_trainable_text_encoder_has_no_parameter_without_a_gradient(tmp_path, conditioning, output):
+    """DDP (find_unused_parameters=false) stops at the second step on a trainable parameter that gets no gradient:
+    CLIP's logit_scale (and with output=context its projection and the blocks after `layer`), MiniLM's pooler.
+    Those are frozen; every other encoder parameter trains."""
+    cfg = compose_train(TEXT + [f"conditioning={conditioning}", "conditioning.embedders.caption.trainable=true",
+                                f"conditioning.embedders.caption.output={output}"], tmp_path)
+    emb = build_module(cfg).conditioner.embedders["caption"].train()
+    out = emb(["a photo of a sneaker", "a bag"])
+    sum(out[k].float().square().mean() for k in ("context", "vector") if k in out).backward()
+    trainable = {n: p for n, p in emb.encoder.named_parameters() if p.requires_grad}
+    assert trainable and [n for n, p in trainable.items() if p.grad is None] == []
+    frozen = {n for n, p in emb.encoder.named_parameters() if not p.requires_grad}
+    if conditioning == "clip_tiny":
+        assert "logit_scale" in frozen
+        assert ("text_projection" in frozen) == (output == "context")

@@ -155,6 +155,20 @@ class CLIPTextEmbedder(TextEmbedder):
         self._finish_init(transformer.width, embed_dim, {k: prov[k] for k in ("name", "path", "sha256")},
                           pretrained=prov["pretrained"])
 
+    def _unreached_parameters(self) -> list[nn.Parameter]:
+        """The contrastive temperature and bias, and with ``output=context`` (no pooled vector) the projection and
+        the blocks after ``layer``."""
+        out = [p for name in ("logit_scale", "logit_bias") if isinstance(p := getattr(self.encoder, name, None),
+                                                                         nn.Parameter)]
+        if self.output == "context":
+            transformer, _ = self._text_parts()
+            tower = getattr(self.encoder, "text", self.encoder)
+            for block in transformer.resblocks[self.layer_index + 1:]:
+                out += list(block.parameters())
+            proj = tower.text_projection
+            out += list(proj.parameters()) if isinstance(proj, nn.Module) else [proj] if proj is not None else []
+        return out
+
     def _text_parts(self) -> tuple[nn.Module, nn.Module]:
         tower = getattr(self.encoder, "text", None)
         if tower is not None:  # CustomTextCLIP

@@ -156,6 +156,12 @@ class TextEmbedder(nn.Module):
         if not self.trainable:
             self.encoder.requires_grad_(False)
             self.encoder.eval()
+        for param in self._unreached_parameters():  # DDP fails on a trainable parameter that gets no gradient
+            param.requires_grad_(False)
+
+    def _unreached_parameters(self) -> list[nn.Parameter]:
+        """Parameters of ``self.encoder`` that the outputs in use do not depend on (frozen, also when trainable)."""
+        return []
 
     def weights_replaced(self) -> None:
         """Random weights are identified by their bytes: after their tensors were copied in (``init.path``)."""
@@ -395,6 +401,10 @@ class HFTextEmbedder(_HFTokenizing):
         width = getattr(config, "hidden_size", None) or getattr(config, "d_model")
         self.encoder = model
         self._finish_init(width, width, hf_provenance(name_or_path, display))
+
+    def _unreached_parameters(self) -> list[nn.Parameter]:
+        pooler = getattr(self.encoder, "pooler", None)  # BERT-style pooler: only the last hidden state is used
+        return list(pooler.parameters()) if isinstance(pooler, nn.Module) else []
 
 
 class T5Embedder(_HFTokenizing):
