@@ -245,8 +245,10 @@ def test_a_checkpoint_restored_after_fit_start_is_saved_before_its_first_update(
     resumed.on_load_checkpoint(None, other, {"ema": copy.deepcopy(state)})  # on_train_start
     resumed.on_train_start(SimpleNamespace(global_step=4), other)
     resumed.on_train_batch_end(SimpleNamespace(global_step=5), other, None, None, 0)  # no update at step 5
-    saved = {}
-    resumed.on_save_checkpoint(None, other, saved)
+    saved, elsewhere = {}, {}
+    resumed.on_save_checkpoint(SimpleNamespace(is_global_zero=False), other, elsewhere)
+    assert elsewhere == {}  # only rank 0 writes checkpoints: the others gather no host copy of the averages (DDP)
+    resumed.on_save_checkpoint(SimpleNamespace(is_global_zero=True), other, saved)
     assert saved["ema"]["num_updates"] == 4
     for d in ("0.9", "0.5"):
         assert all(torch.equal(saved["ema"]["weights"][d][n], w) for n, w in state["weights"][d].items())

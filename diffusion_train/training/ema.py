@@ -154,18 +154,27 @@ class EMA(StepEndCallback):
         if not self.weights or self.num_updates == self._snapshot_updates or self.covered_step is None:
             return None
         self._snapshot_updates = self.num_updates
-        sharded = any(is_dtensor(w) for w in self.weights[label(self.sigma_rels[0])])
-        if not (write or sharded):  # whole averages on every rank (DDP): only the writer copies them
+        if not (write or self._sharded):  # whole averages on every rank (DDP): only the writer copies them
             return None
-        averages = {s: self._gathered(label(s)) for s in self.sigma_rels}
+        averages = {s: self._gathered(label(s), write) for s in self.sigma_rels}
         if not write:
             return None
         path = Path(self.snapshot_dir) / f"step_{self.covered_step:07d}.safetensors"
         return write_snapshot(path, averages, self.covered_step, self.num_updates, self.snapshot_dtype)
 
-    def _gathered(self, key: str) -> dict[str, Tensor]:
-        """One average as whole fp32 tensors on the CPU (a collective call with a sharded model)."""
-        return {n: full_tensor(w.detach()).cpu() for n, w in zip(self.names, self.weights[key])}
+    @property
+    def _sharded(self) -> bool:
+        return any(is_dtensor(w) for ws in self.weights.values() for w in ws)
+
+    def _gathered(self, key: str, keep: bool = True) -> dict[str, Tensor]:
+        """One average as whole fp32 tensors on the CPU (a collective call with a sharded model: every rank makes
+        each whole tensor in turn; only those that ``keep`` them copy them to host memory, the others get {})."""
+        out = {}
+        for n, w in zip(self.names, self.weights[key]):
+            whole = full_tensor(w.detach())
+            if keep:
+                out[n] = whole.cpu()
+        return out
 
     # -- Lightning hooks ---------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -188,16 +197,20 @@ class EMA(StepEndCallback):
         if self.snapshot_every:  # the last step's averages, also when a signal stopped the run
             self.snapshot(trainer.is_global_zero)
 
-    def state(self) -> dict:
-        """Whole fp32 tensors on the CPU; with a sharded model (FSDP) a collective call: every rank calls it."""
+    def state(self, keep: bool = True) -> dict:
+        """Whole fp32 tensors on the CPU; with a sharded model (FSDP) a collective call: every rank calls it, and
+        only ranks that ``keep`` the tensors hold them (the others' ``weights`` are empty)."""
         return {"decays": self.decays, "sigma_rels": self.sigma_rels, "num_updates": self.num_updates,
-                "step": self.covered_step, "weights": {k: self._gathered(k) for k in self.weights}}
+                "step": self.covered_step, "weights": {k: self._gathered(k, keep) for k in self.weights}}
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         if self._loaded is not None:  # restored after on_fit_start (FSDP restores after setup) and not used yet
             self._init(pl_module)
-        if self.weights:
-            checkpoint["ema"] = self.state()
+        # only rank 0 writes checkpoints: the others would hold a host copy of every average for nothing
+        if self.weights and (trainer.is_global_zero or self._sharded):
+            state = self.state(keep=trainer.is_global_zero)
+            if trainer.is_global_zero:
+                checkpoint["ema"] = state
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         if "ema" in checkpoint:
