@@ -115,6 +115,21 @@ def test_each_rank_saves_only_its_own_readers_positions(tmp_path, monkeypatch):
     assert sorted(dm.state_dict()["positions"]) == [0, 1]
 
 
+def test_bad_sample_counts_go_on_summed_in_rank_0_under_another_world_size(tmp_path, monkeypatch):
+    """The counts behind data/skipped_* and max_bad_fraction were dropped on every rank when a run resumed with
+    another world size; rank 0 now goes on from their sums (as for truncated captions), the others from 0."""
+    from collections import Counter
+
+    pattern = make_shards(tmp_path, n_shards=4, per_shard=10)
+    state = {"skipped": [{"undecodable_image": 30}, {"undecodable_image": 25, "missing_label": 1}], "used": [500, 480]}
+    for rank, world, skipped, used in ((0, 1, {"undecodable_image": 55, "missing_label": 1}, 980), (1, 4, {}, 0),
+                                       (1, 2, {"undecodable_image": 25, "missing_label": 1}, 480)):
+        monkeypatch.setattr(WebDataModule, "_rank_world", lambda self: (rank, world))
+        dm = WebDataModule(pattern, resolution=8, channels=1, resampled=True, num_workers=0)
+        dm.load_state_dict(dict(state))
+        assert (dm.skip_counts, dm.samples_used) == (Counter(skipped), used), (rank, world)
+
+
 @pytest.mark.slow
 def test_ddp_exact_mode_resumes_bit_identically_twice(tmp_path):
     """2 ranks (DDP on CPU, gloo) x 2 workers, exact mode: 3 + 3 + 3 steps with two resumes give the

@@ -262,6 +262,9 @@ class WebDataModule(L.LightningDataModule):
         rank, world = self._rank_world()
         if len(state.get("used", [])) == world:
             self.skip_counts, self.samples_used = Counter(state["skipped"][rank]), state["used"][rank]
+        elif state.get("used") and rank == 0:  # another world size: the counts go on, summed, in rank 0's
+            self.skip_counts = sum((Counter(counts) for counts in state["skipped"]), Counter())
+            self.samples_used = sum(state["used"])
         if self.resampled:
             return
         if state.get("layout") != self._layout() or state.get("resampled", True):
