@@ -30,6 +30,7 @@ from diffusion_train.training.export import export_weights
 from diffusion_train.training.loggers import LossProgressBar, OptimizerStepAxis, ResumableCSVLogger, finish_wandb
 from diffusion_train.training.parallel import (
     check_devices,
+    check_launcher,
     global_batch,
     lightning_intervals,
     lr_scale,
@@ -157,7 +158,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      plugins=[AtomicCheckpointIO(), *cluster_plugins()], use_distributed_sampler=False,
                                      **intervals)
-
+    check_launcher(trainer)
     finish_resumed_runs(trainer)  # a run resumed at its last step still makes its missing end-of-fit evaluations
     for lg in loggers:
         if isinstance(lg, OptimizerStepAxis):

@@ -117,6 +117,17 @@ def test_scale_errors_are_one_line_before_training(tmp_path):
     assert not (tmp_path / "a" / "checkpoints").exists() and not (tmp_path / "b" / "checkpoints").exists()
 
 
+def test_ranks_started_as_child_processes_are_refused_before_training(tiny_cfg, tmp_path):
+    """With ddp_spawn the launching process is no rank: the run's end (last checkpoint, exports, requeue) ran there
+    without the fit's state. Refused before anything is written."""
+    from diffusion_train.train import train
+
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"^trainer.strategy: ranks started by spawn \(DDPStrategy\) are not "):
+        train(tiny_cfg("+trainer.strategy=ddp_spawn", "trainer.devices=2", run_dir=run), run)
+    assert not (run / "run.json").exists() and not (run / "checkpoints").exists()
+
+
 def test_global_batch_and_scaled_lr_are_recorded(tiny_cfg, tmp_path):
     from diffusion_train.train import train
 

@@ -252,6 +252,16 @@ def resolve_accelerator(accelerator: Any) -> str:
     return name
 
 
+def check_launcher(trainer) -> None:
+    """Refuses a strategy that starts its ranks as child processes (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``):
+    the launching process is then no rank, and the run's end (the last checkpoint, exports, a requeue on a signal)
+    runs there without the fit's state."""
+    start = getattr(trainer.strategy, "_start_method", "popen")
+    if start != "popen":
+        raise ValueError(f"trainer.strategy: ranks started by {start} ({type(trainer.strategy).__name__}) are not "
+                         "supported; use trainer=ddp (or strategy=ddp), which runs every rank as a process of its own")
+
+
 def check_devices(accelerator: Any, devices: Any) -> None:
     """Refuses more devices than this machine shows, before any process starts, in one line."""
     accelerator = resolve_accelerator(accelerator)
