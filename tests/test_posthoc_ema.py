@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -123,6 +124,28 @@ def test_other_widths_are_reconstructed_from_snapshots(tmp_path):
     assert {snap.step for snap, _, _ in rec.terms} == set(range(50, 501, 50))
     ref, other = _flat(early.weights[label(0.15)]), _flat(early.weights[label(0.05)])
     assert (reconstruct([rec])[0.15]["weight"].double().reshape(-1) - ref).norm() < 0.03 * (ref - other).norm()
+
+
+def test_a_preempted_run_s_extra_snapshot_joins_only_the_fit_of_its_own_step(tmp_path):
+    """A launch stopped between grid steps (a preemption at 120 with snapshot_every=50) writes that step's
+    averages, marked off the grid: a later step's fit uses the grid's snapshots only, as for an uninterrupted run,
+    and gets the same coefficients; the stop step itself can still be made, from its snapshot and those before."""
+    module = nn.Linear(8, 8, bias=False)
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    for folder, stop in ((straight, None), (stopped, 120)):
+        ema = EMA(decays=[], sigma_rels=[0.05, 0.1], snapshot_every=50, snapshot_dir=str(folder))
+        for step in range(1, 201):
+            with torch.no_grad():
+                module.weight.copy_(TRAJECTORY[step - 1].view(8, 8))
+            ema.on_step_end(SimpleNamespace(is_global_zero=True), module, step)
+            if step == stop:
+                ema.on_train_end(SimpleNamespace(is_global_zero=True), module)
+    grid, preempted = find_snapshots(straight), find_snapshots(stopped)
+    assert [s.step for s in preempted] == [50, 100, 120, 150, 200] and [s.on_grid for s in preempted].count(False) == 1
+    a, b = solve(grid, [0.07])[0], solve(preempted, [0.07])[0]
+    assert [(snap.step, s, c) for snap, s, c in a.terms] == [(snap.step, s, c) for snap, s, c in b.terms]
+    at_stop = solve(preempted, [0.07], step=120)[0]
+    assert [snap.step for snap, _, _ in at_stop.terms] == [50, 50, 100, 100, 120, 120]
 
 
 def test_refusals(tmp_path):

@@ -160,7 +160,8 @@ class EMA(StepEndCallback):
         if not write:
             return None
         path = Path(self.snapshot_dir) / f"step_{self.covered_step:07d}.safetensors"
-        return write_snapshot(path, averages, self.covered_step, self.num_updates, self.snapshot_dtype)
+        return write_snapshot(path, averages, self.covered_step, self.num_updates, self.snapshot_dtype,
+                              on_grid=self.covered_step % self.snapshot_every == 0)
 
     @property
     def _sharded(self) -> bool:

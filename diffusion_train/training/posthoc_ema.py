@@ -83,21 +83,24 @@ def solve_coefficients(times: np.ndarray, gammas: np.ndarray, t: float, gamma: f
 @dataclass(frozen=True)
 class Snapshot:
     """One snapshot file: the power-function averages of ``sigma_rels`` after optimizer step ``step``, covering
-    ``num_updates`` steps (the profile's t)."""
+    ``num_updates`` steps (the profile's t). ``on_grid``: written at a multiple of ``snapshot_every``, not where a
+    launch stopped between them (a preemption): only those take part in the fits of later steps, so a preempted
+    run's reconstructions are those of an uninterrupted one."""
     path: Path
     step: int
     num_updates: int
     sigma_rels: tuple[float, ...]
+    on_grid: bool = True
 
 
 def write_snapshot(path: str | os.PathLike, averages: dict[float, dict[str, torch.Tensor]], step: int,
-                   num_updates: int, dtype: torch.dtype = torch.float32) -> Path:
+                   num_updates: int, dtype: torch.dtype = torch.float32, on_grid: bool = True) -> Path:
     """Writes the averages (sigma_rel -> {name: tensor}) as ``<label>/<name>`` tensors of one safetensors file,
     through a temporary file renamed over ``path`` (a kill never leaves a half-written snapshot)."""
     tensors = {f"{label(s)}/{n}": w.detach().to("cpu", dtype).contiguous() for s, ws in averages.items()
                for n, w in ws.items()}
     meta = {"step": str(int(step)), "num_updates": str(int(num_updates)),
-            "sigma_rels": json.dumps([float(s) for s in averages])}
+            "sigma_rels": json.dumps([float(s) for s in averages]), "on_grid": str(int(on_grid))}
     return atomic_save_file(tensors, path, meta)
 
 
@@ -107,7 +110,7 @@ def read_snapshot(path: str | os.PathLike) -> Snapshot:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         return Snapshot(path, int(meta["step"]), int(meta["num_updates"]),
-                        tuple(float(s) for s in json.loads(meta["sigma_rels"])))
+                        tuple(float(s) for s in json.loads(meta["sigma_rels"])), meta.get("on_grid", "1") == "1")
     except Exception as e:  # noqa: BLE001 - one line naming the file
         raise ValueError(f"{path} is not an EMA snapshot ({type(e).__name__}: {str(e).splitlines()[0]})") from e
 
@@ -131,7 +134,7 @@ class Reconstruction:
 
 def solve(snapshots: list[Snapshot], sigma_rels: list[float], step: int | None = None) -> list[Reconstruction]:
     """The least-squares coefficients of each target ``sigma_rel`` at snapshot step ``step`` (default: the last
-    snapshot's) from the snapshots at that step and before."""
+    snapshot's) from the snapshots at that step and the ones on the grid before it."""
     if not snapshots:
         raise ValueError("no EMA snapshots: train with callbacks.ema.sigma_rels and callbacks.ema.snapshot_every")
     step = snapshots[-1].step if step is None else int(step)
@@ -139,7 +142,7 @@ def solve(snapshots: list[Snapshot], sigma_rels: list[float], step: int | None =
     if not at:
         raise ValueError(f"step={step}: no snapshot at that step; snapshots are at steps "
                          f"{[s.step for s in snapshots]}")
-    used = [s for s in snapshots if s.step <= step]
+    used = [s for s in snapshots if s.step < step and s.on_grid] + at
     profiles = [(snap, s) for snap in used for s in snap.sigma_rels]
     times = np.array([snap.num_updates for snap, _ in profiles], float)
     gammas = np.array([sigma_rel_to_gamma(s) for _, s in profiles])
