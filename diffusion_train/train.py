@@ -43,6 +43,7 @@ from diffusion_train.training.run_dir import (
     Resumable,
     ResumeMismatchError,
     RunDirBusyError,
+    check_ema_averages,
     check_global_batch,
     check_multirun,
     check_param_groups,
@@ -141,6 +142,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     accumulate = module.accumulate_grad_batches
     intervals = lightning_intervals(cfg.trainer, accumulate)  # Lightning counts batches, the config steps
     callbacks = _instantiate_all(cfg.callbacks)
+    check_ema_averages(resume, next((c.labels for c in callbacks if isinstance(c, EMA)), None))
     for callback in callbacks:  # sample grids, Fréchet distances: their prompts and samplers, before any work
         if hasattr(callback, "check_inputs"):
             callback.check_inputs(module)

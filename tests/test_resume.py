@@ -279,13 +279,21 @@ def test_resume_with_another_global_batch_is_refused_and_the_same_one_on_other_t
     assert load_checkpoint(run / "checkpoints/last.ckpt")["global_step"] == 4
 
 
-def test_resume_with_other_parameter_groups_is_refused_before_anything_is_written(tiny_cfg, tmp_path):
+@pytest.mark.parametrize("change, error", [
+    ("training.no_weight_decay=[1d]", r"parameter groups of \[\d+\] tensors, this config makes \[\d+, \d+\] "
+                                      r"\(training.no_weight_decay=\['1d'\]\)"),
+    # the EMA's were refused only at its first update, after config.yaml had been rewritten
+    ("callbacks.ema.decays=[0.999]", r"it holds the EMA averages \['0.999', '0.9999'\], this config keeps "
+                                     r"\['0.999'\]"),
+    # `diffusion-train seed=1` meant as a new run went on with the seed-0 run's checkpoint, its data order reshuffled
+    ("seed=1", r"it was trained with seed=0, this config has seed=1 \(the data order"),
+])
+def test_resume_with_other_training_state_is_refused_before_anything_is_written(tiny_cfg, tmp_path, change, error):
     run = tmp_path / "run"
     train(tiny_cfg("trainer.max_steps=2", run_dir=run), run)
     before = {p: file_digest(p) for p in run.rglob("*") if p.is_file()}
-    with pytest.raises(ResumeMismatchError, match=r"parameter groups of \[\d+\] tensors, this config makes \[\d+, "
-                                                  r"\d+\] \(training.no_weight_decay=\['1d'\]\)"):
-        train(tiny_cfg("trainer.max_steps=4", "training.no_weight_decay=[1d]", run_dir=run), run)
+    with pytest.raises(ResumeMismatchError, match=r"^refusing to resume .*" + error):
+        train(tiny_cfg("trainer.max_steps=4", change, run_dir=run), run)
     assert {p: file_digest(p) for p in run.rglob("*") if p.is_file()} == before
 
 

@@ -60,8 +60,8 @@ def differences(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
 class Resumable(NamedTuple):
     """The checkpoint a run resumes from (None: a fresh run), its step, the global batch it was trained with, the
     sizes of its optimizer's parameter groups, whether it is another run's (this launch branches; see
-    ``check_resumable``), the checkpoint and step the run branched from, in this launch or an earlier one, and the
-    shapes of its weights."""
+    ``check_resumable``), the checkpoint and step the run branched from, in this launch or an earlier one, the
+    shapes of its weights and the names of its EMA averages."""
     ckpt: Path | None = None
     step: int | None = None
     global_batch: int | None = None
@@ -69,6 +69,7 @@ class Resumable(NamedTuple):
     branched: bool = False
     branched_from: dict | None = None
     shapes: dict[str, tuple[int, ...]] | None = None  # the checkpoint's weights: name -> shape
+    ema_averages: list[str] | None = None  # None: the checkpoint has no EMA
 
 
 def branch_checkpoint(spec: str | os.PathLike) -> Path:
@@ -111,12 +112,19 @@ def check_resumable(run_dir: str | os.PathLike, config: dict, branch_from: str |
         raise ResumeMismatchError(
             f"refusing to {'branch from' if branched else 'resume'} {ckpt}: it belongs to a different model config "
             f"({shown}). Nothing was changed; {fix}")
+    if not branched and saved.get("seed") != config.get("seed"):  # a branch may take another seed on purpose
+        raise ResumeMismatchError(
+            f"refusing to resume {ckpt}: it was trained with seed={saved.get('seed')}, this config has "
+            f"seed={config.get('seed')} (the data order and every noise draw follow it). Nothing was changed; keep "
+            f"the run's seed, or choose another run_name (or hydra.run.dir) for a new run")
     batch = state["diffusion_train"].get("global_batch")
     groups = [len(g["params"]) for g in (state.get("optimizer_states") or [{}])[0].get("param_groups", [])]
     step = int(state["global_step"])
     origin = {"checkpoint": str(ckpt), "step": step} if branched else state["diffusion_train"].get("branched_from")
     shapes = {k: tuple(v.shape) for k, v in state.get("state_dict", {}).items() if isinstance(v, torch.Tensor)}
-    return Resumable(ckpt, step, None if batch is None else int(batch), groups or None, branched, origin, shapes)
+    ema = (state.get("ema") or {}).get("weights")
+    return Resumable(ckpt, step, None if batch is None else int(batch), groups or None, branched, origin, shapes,
+                     None if ema is None else list(ema))
 
 
 def check_weights(resume: Resumable, module: torch.nn.Module) -> None:
@@ -155,6 +163,16 @@ def check_param_groups(resume: Resumable, groups: list[int], setting: str) -> No
         raise ResumeMismatchError(
             f"refusing to resume {resume.ckpt}: its optimizer has parameter groups of {resume.param_groups} tensors, "
             f"this config makes {groups} ({setting}); resume with the run's own setting or choose another run_name")
+
+
+def check_ema_averages(resume: Resumable, averages: list[str] | None) -> None:
+    """Refuses a checkpoint whose EMA averages are not those the config's EMA callback keeps (``averages``; None:
+    no EMA callback): they are restored into it, and another set cannot be."""
+    if resume.ema_averages is not None and averages is not None and set(resume.ema_averages) != set(averages):
+        raise ResumeMismatchError(
+            f"refusing to {'branch from' if resume.branched else 'resume'} {resume.ckpt}: it holds the EMA averages "
+            f"{resume.ema_averages}, this config keeps {averages} (callbacks.ema.decays, callbacks.ema.sigma_rels). "
+            f"Nothing was changed; keep the run's averages or choose another run_name")
 
 
 class RunDirBusyError(RuntimeError):
