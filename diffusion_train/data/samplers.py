@@ -67,7 +67,8 @@ def fixed_batches(num_samples: int, batch_size: int, rank: int, world_size: int)
     """The evaluation set in consecutive batches (batch k: items [k*B, (k+1)*B)); rank r takes batches
     r, r+W, ... A rank with one batch fewer repeats one as padding, so every rank runs the same number of
     batches (no rank waits in a collective). The batches, and so their noise, are the same for any number
-    of ranks: each item is counted once and the validation loss does not depend on the world size."""
+    of ranks: each item is counted once and the validation loss does not depend on the world size (unless
+    ``trainer.limit_val_batches`` < 1, which Lightning applies to each rank's share)."""
     count = -(-num_samples // batch_size)
     out = []
     for j in range(-(-count // world_size)):
