@@ -109,6 +109,11 @@ def test_the_config_hash_ignores_names_and_paths_but_not_training_settings(tiny_
     c = resolved(tiny_cfg("optim.lr=1e-3", run_dir=tmp_path / "a"))
     assert config_hash(a) == config_hash(b) != config_hash(c)
     assert len(config_hash(a)) == 12
+    # other EMA averages: the same training, other val/loss_ema_* (a report of them must not merge the two runs)
+    d = resolved(tiny_cfg("callbacks.ema.decays=[0.99]", "callbacks.ema.sample_decay=0.99", run_dir=tmp_path / "a"))
+    e = resolved(tiny_cfg("callbacks.sample_grid.every_n_steps=7", "callbacks.ema.validate=[0.999]",
+                          run_dir=tmp_path / "a"))
+    assert config_hash(d) != config_hash(a) == config_hash(e)
 
 
 # -- planning ----------------------------------------------------------------------------------------

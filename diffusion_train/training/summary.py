@@ -32,12 +32,18 @@ FORMAT = "diffusion_train.summary/1"
 EVAL_PREFIXES = ("val/", "fd/", "fid/", "class_accuracy/", "clip_score/")
 # Config keys that do not change what is trained: left out of the config hash.
 UNHASHED = ("run_dir", "run_name", "callbacks", "logger", "scaling")
+# Of the callbacks, the EMA settings that make its averages (whose metrics, val/loss_ema_*, a report may fit).
+EMA_HASHED = ("decays", "sigma_rels", "warmup", "update_every")
 
 
 def config_hash(config: dict) -> str:
     """12 hex digits of the SHA-256 of the resolved config without run names, paths of this run, loggers
-    and callbacks: two runs with the same hash trained the same thing."""
+    and callbacks but the EMA averages' settings: two runs with the same hash trained the same thing and the
+    same averages."""
     kept = {k: v for k, v in config.items() if k not in UNHASHED}
+    ema = (config.get("callbacks") or {}).get("ema")
+    if ema:
+        kept["ema"] = {k: ema.get(k) for k in EMA_HASHED}
     trainer = dict(kept.get("trainer") or {})
     trainer.pop("default_root_dir", None)
     kept["trainer"] = trainer
