@@ -239,7 +239,7 @@ def save_and_export(trainer: L.Trainer, run_dir: Path, config: dict, lora_scale:
     if trainer.state.finished and not trainer.interrupted:
         stale = not last.is_file() or load_checkpoint(last)["global_step"] != trainer.global_step
         if trainer.strategy.broadcast(stale):  # rank 0 decides (the file changes as it is saved); all ranks save
-            trainer.save_checkpoint(last)
+            trainer.save_checkpoint(last, weights_only=False)
         close_process_groups(trainer)  # the last collective: a failing export below leaves no rank waiting
         if trainer.global_rank == 0:
             state = load_checkpoint(last)

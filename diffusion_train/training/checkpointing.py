@@ -88,4 +88,4 @@ class StepCheckpoints(StepEndCallback, Checkpoint):
     def on_step_end(self, trainer: L.Trainer, pl_module, step: int) -> None:
         path = self.dirpath / f"step_{step:07d}.ckpt"
         if step in self.steps and not trainer.strategy.broadcast(path.is_file()):
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)

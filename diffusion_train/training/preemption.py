@@ -160,7 +160,7 @@ class Preemption(StepEndCallback):
                                                 for cb in trainer.checkpoint_callbacks)):
             ema = find_ema(trainer)
             with ema.unswapped() if ema is not None else contextlib.nullcontext():  # an evaluation may be sampling
-                trainer.save_checkpoint(last)
+                trainer.save_checkpoint(last, weights_only=False)
             self._saved_step = step
             for cb in trainer.checkpoint_callbacks:  # this step is saved: no second save as the epoch ends ...
                 every = getattr(cb, "_every_n_train_steps", 0)
