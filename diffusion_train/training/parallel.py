@@ -15,6 +15,8 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+from diffusion_train.conditioning.cond import Cond
+
 
 class FSDP(ModelParallelStrategy):
     """Fully sharded data parallel (PyTorch's FSDP2, ``fully_shard``) over every device of every node.
@@ -71,7 +73,12 @@ class FSDP(ModelParallelStrategy):
             for block in blocks:
                 if any(p.requires_grad for p in block.parameters()) and not isinstance(block, FSDPModule):
                     fully_shard(block, **kw)
-        fully_shard(backbone, **kw)
+        if self.param_dtype is not None:  # FSDP would cast the timesteps too: bf16 makes DDPM's 999 and 998 one
+            fully_shard(backbone, **{**kw, "mp_policy": MixedPrecisionPolicy(
+                param_dtype=self.param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)})
+            backbone.register_forward_pre_hook(cast_all_but_time(self.param_dtype), with_kwargs=True)
+        else:
+            fully_shard(backbone, **kw)
         for embedder in getattr(module.conditioner, "embedders", {}).values():
             if any(p.requires_grad for p in embedder.parameters()):
                 fully_shard(embedder, **kw)
@@ -79,6 +86,24 @@ class FSDP(ModelParallelStrategy):
         if unsharded:
             raise ValueError(f"FSDP shards the backbone and the conditioner's embedders, but {unsharded[:3]} are "
                              f"trainable and outside them; freeze them or train with DDP")
+
+
+def cast_all_but_time(dtype: torch.dtype):
+    """A forward pre-hook for ``backbone(x, t, cond, ...)`` that casts the floating-point inputs to ``dtype`` as
+    FSDP's mixed precision does, but the timesteps ``t``: the time embedding takes them in fp32."""
+    def cast(value):
+        if isinstance(value, torch.Tensor):
+            return value.to(dtype) if value.is_floating_point() else value
+        if isinstance(value, (list, tuple)):
+            return type(value)(cast(v) for v in value)
+        if isinstance(value, Cond):
+            return value._map(cast)
+        return value
+
+    def hook(module, args, kwargs):
+        return (cast(args[0]), args[1], *cast(args[2:])), {k: cast(v) for k, v in kwargs.items()}
+
+    return hook
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
