@@ -101,7 +101,9 @@ def cast_all_but_time(dtype: torch.dtype):
         return value
 
     def hook(module, args, kwargs):
-        return (cast(args[0]), args[1], *cast(args[2:])), {k: cast(v) for k, v in kwargs.items()}
+        kept = {k: v for k, v in kwargs.items() if k in ("t", "timestep", "timesteps")}
+        cast_args = cast(args[:1]) + args[1:2] + cast(args[2:])
+        return cast_args, {**{k: cast(v) for k, v in kwargs.items() if k not in kept}, **kept}
 
     return hook
 
