@@ -147,6 +147,9 @@ def test_edm_weighting():
     x0, _ = _batch(2)
     loss = diff.loss(lambda x, t, c: torch.zeros_like(x), x0, None, t=t, noise=torch.randn_like(x0))
     assert bool(torch.isfinite(loss).all())
+    # min-SNR gives the zero-SNR step (where a trailing sampler starts) weight 0: never trained, so it warns
+    with pytest.warns(UserWarning, match=r"MinSNRWeighting\) gives the zero-SNR step t = 999 weight 0"):
+        assert float(GaussianDiffusion(zt, "v", weighting=MinSNRWeighting(5.0)).loss_weight(t)[1]) == 0.0
 
 
 def test_training_time_distributions():

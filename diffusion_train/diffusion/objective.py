@@ -6,6 +6,7 @@ The knobs are small swappable pieces: a schedule (``schedules``), a prediction t
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Protocol
 
 import torch
@@ -173,6 +174,10 @@ class GaussianDiffusion:
         self.schedule, self.prediction, self.clip_x0, self.sigma_data = schedule, prediction, clip_x0, sigma_data
         self.weighting = weighting if weighting is not None else UniformWeighting()
         self.time_sampler = time_sampler if time_sampler is not None else ScheduleTime()
+        if alpha_end == 0.0 and float(self.loss_weight(torch.tensor([float(schedule.t_max)]))[0]) == 0.0:
+            warnings.warn(f"diffusion.weighting ({type(self.weighting).__name__}) gives the zero-SNR step "
+                          f"t = {schedule.t_max:g} weight 0: the prediction sampling starts from is never trained; "
+                          "with a zero-terminal-SNR schedule, use UniformWeighting", stacklevel=2)
 
     def sample_t(self, n: int, device, generator: torch.Generator | None = None) -> Tensor:
         return self.time_sampler(self.schedule, n, device, generator)
