@@ -16,6 +16,7 @@ from diffusion_train.files import write_json
 from diffusion_train.train import user_errors_as_one_line
 from diffusion_train.finetune.lora import apply_lora_file
 from diffusion_train.training.build import load_module
+from diffusion_train.training.checkpointing import last_checkpoint
 from diffusion_train.training.images import save_grid
 from diffusion_train.training.module import DiffusionModule
 from diffusion_train.training.run_dir import differences
@@ -69,10 +70,10 @@ def load_for_sampling(cfg: DictConfig) -> tuple[torch.device, DiffusionModule, S
         raise ValueError(f"guidance_interval={interval}: give [lo, hi], the noise levels between which guidance "
                          f"applies")
     ckpt = Path(cfg.ckpt)
-    if ckpt.is_dir() and (ckpt / "checkpoints" / "last.ckpt").is_file():
-        ckpt = cfg.ckpt = str(ckpt / "checkpoints" / "last.ckpt")
+    if ckpt.is_dir() and last_checkpoint(ckpt) is not None:  # a run directory: its last.ckpt, else latest step_*
+        ckpt = cfg.ckpt = str(last_checkpoint(ckpt))
     if not Path(ckpt).is_file():
-        what = "is a directory without checkpoints/last.ckpt" if Path(ckpt).is_dir() else "does not exist"
+        what = "is a directory without checkpoints" if Path(ckpt).is_dir() else "does not exist"
         raise FileNotFoundError(f"checkpoint {cfg.ckpt} {what}")
     module = load_module(cfg.ckpt, cfg.weights)
     if cfg.get("lora"):

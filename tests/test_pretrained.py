@@ -54,10 +54,13 @@ def test_run_directory_and_exported_safetensors(tiny_cfg, tmp_path):
     torch.testing.assert_close(params(target), {n: p + 1 for n, p in params(source).items()})
 
     (tmp_path / "run" / "checkpoints").mkdir()
-    (tmp_path / "last.ckpt").rename(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    (tmp_path / "last.ckpt").rename(tmp_path / "run" / "checkpoints" / "step_0000004.ckpt")
+    report = load_pretrained(target, tmp_path / "run", "raw")  # a run saved without last.ckpt: its latest step
+    assert report.source.endswith("step_0000004.ckpt")
+    torch.testing.assert_close(params(target), params(source))
+    (tmp_path / "run" / "checkpoints" / "step_0000004.ckpt").rename(tmp_path / "run" / "checkpoints" / "last.ckpt")
     report = load_pretrained(target, tmp_path / "run", "raw")
     assert report.source.endswith("last.ckpt")
-    torch.testing.assert_close(params(target), params(source))
 
     load_pretrained(target, tmp_path / "run" / "weights" / "ema_0.9999.safetensors")
     torch.testing.assert_close(params(target), {n: p + 2 for n, p in params(source).items()})

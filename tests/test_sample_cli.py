@@ -69,7 +69,7 @@ def test_same_seeds_give_the_same_images_for_any_batch_size(ckpt, tmp_path):
     (["ckpt={ckpt}", "labels=3"], "labels=3: give a list of class indices"),
     (["ckpt={ckpt}", "labels=[]"], "labels=[]: give at least one class index"),
     (["ckpt={ckpt}", "guidance_interval=0.5"], "guidance_interval=0.5: give [lo, hi]"),
-    (["ckpt={empty_dir}"], "is a directory without checkpoints/last.ckpt"),
+    (["ckpt={empty_dir}"], "is a directory without checkpoints"),
 ])
 def test_bad_input_gets_a_one_line_error(args, expected, ckpt, tmp_path):
     foreign = tmp_path / "foreign.ckpt"

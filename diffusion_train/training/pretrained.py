@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_train.finetune.lora import LORA_KEY, has_lora, lora_scaling, merged_state, plain_key
-from diffusion_train.training.checkpointing import load_checkpoint
+from diffusion_train.training.checkpointing import last_checkpoint, load_checkpoint
 from diffusion_train.training.ema import EMA, checkpoint_average
 
 log = logging.getLogger("diffusion_train")
@@ -82,13 +82,13 @@ def read_weights(path: str | Path, weights: str = "ema") -> tuple[dict[str, Tens
     if not path.exists():
         raise FileNotFoundError(f"init.path: {path} does not exist")
     if path.is_dir():
-        ckpt = path / "checkpoints" / "last.ckpt"
-        if ckpt.exists():
+        ckpt = last_checkpoint(path)  # its last.ckpt, else its latest step_*.ckpt
+        if ckpt is not None:
             path = ckpt
         else:
             exported = sorted((path / "weights").glob(f"{'ema_*' if weights == 'ema' else weights}.safetensors"))
             if not exported:
-                raise FileNotFoundError(f"init.path: {path} holds neither checkpoints/last.ckpt nor "
+                raise FileNotFoundError(f"init.path: {path} holds neither checkpoints (last.ckpt, step_*.ckpt) nor "
                                         f"weights/{weights}.safetensors")
             path = _sampling_export(exported) if weights == "ema" else exported[-1]
     if path.suffix == ".safetensors":
