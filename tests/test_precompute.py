@@ -188,6 +188,58 @@ def test_unreadable_set_files_are_named(precomputed, tmp_path):
         PrecomputedDataModule(broken, channels=1, resolution=32, num_classes=10)
 
 
+def test_damaged_set_tensors_are_named_and_non_finite_items_skipped(precomputed, tmp_path, caplog):
+    """A set whose tensors were damaged trained on: latents of another shape than the manifest's (silently), labels
+    out of range or fewer labels than latents (IndexError), no labels ("error: label"), NaN latents (each made its
+    whole batch's step non-finite). Now a one-line error naming the file, and non-finite items skipped and
+    counted; one that a non-finite text encoding reaches too. A precompute whose values overflow its dtype fails."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out, _, datamodule = precomputed
+
+    def damaged(name: str, change) -> PrecomputedDataModule:
+        folder = tmp_path / name
+        shutil.copytree(out, folder)
+        tensors = load_file(str(folder / "train.safetensors"))
+        change(tensors)
+        save_file(tensors, str(folder / "train.safetensors"))
+        return PrecomputedDataModule(folder, channels=1, resolution=32, num_classes=10)
+
+    file = rf"{tmp_path}/\w+/train.safetensors"
+    for name, change, error in [
+        ("shape", lambda t: t.update(latent=t["latent"][:, :, :4, :4].contiguous()),
+         r"latents of shape \[8, 4, 4\], the manifest says \[8, 8, 8\]"),
+        ("short", lambda t: t.update(label=t["label"][:10].contiguous()), r"24 latents but \{'label': 10\} rows"),
+        ("range", lambda t: t["label"].__setitem__(3, 99), r"labels outside \[0, 10\) \(e.g. 99\)"),
+        ("nolabel", lambda t: t.pop("label"), r"no 'label' tensor"),
+        ("allnan", lambda t: t["latent"].fill_(float("nan")), r"every item holds non-finite values"),
+    ]:
+        with pytest.raises(ValueError, match=rf"^{file}: {error}"):
+            damaged(name, change).setup()
+
+    dropped = set()
+
+    def nan_rows(t):
+        t["latent"][[1, 5]] = float("nan")
+        t["caption.context"][t["caption.index"][7]] = float("inf")  # item 7's caption, and every item sharing it
+        dropped.update({1, 5}, (t["caption.index"] == t["caption.index"][7]).nonzero().flatten().tolist())
+
+    data = damaged("nan", nan_rows)
+    data.setup()
+    assert len(data.train_set) == 24 - len(dropped) and bool(data.train_set.tensors["latent"].isfinite().all())
+    assert f"precomputed train: skipped {len(dropped)} of 24 items holding non-finite values" in caplog.text
+
+    _, datamodule, module = _parts([], tmp_path)
+    big = module.autoencoder.encode_moments
+    module.autoencoder.encode_moments = lambda x: big(x) * 1e6  # beyond float16's 65504
+    with pytest.raises(ValueError, match=r"^precompute: the train split's \['latent'\] hold non-finite values as "
+                                         r"float16; use dtype=float32"):
+        write_precomputed(tmp_path / "f16", datamodule, module.autoencoder, module.conditioner, dtype="float16",
+                          limit=4)
+
+
 def test_missing_set_and_trainable_encoder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=rf"{tmp_path} is not a precomputed set: .*{MANIFEST} does not exist"):
         PrecomputedDataModule(tmp_path, channels=1, resolution=32, num_classes=10)

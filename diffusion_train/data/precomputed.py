@@ -218,6 +218,10 @@ def write_precomputed(out_dir: str | os.PathLike, datamodule, autoencoder, condi
             else:
                 tensors, distinct, source_keys = precompute_split(sets[split], autoencoder, conditioner, batch_size,
                                                                   torch_dtype, device, progress, limit, image_keys)
+            bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+            if bad:  # e.g. values beyond float16's range
+                raise ValueError(f"precompute: the {split} split's {bad} hold non-finite values as "
+                                 f"{manifest['dtype']}; use dtype=float32, or check the encoders")
             atomic_save_file({k: v.contiguous() for k, v in tensors.items()}, staging / f"{split}.safetensors")
             for name, value in (("captions", distinct), ("keys", source_keys)):
                 (staging / f"{split}.{name}.json").write_text(json.dumps(value))
@@ -271,6 +275,49 @@ def manifest_value(path: str, key: str) -> Any:
     if key not in data:
         raise KeyError(f"{Path(path) / MANIFEST} has no data.{key}; it has {sorted(data)}")
     return data[key]
+
+
+def checked_split(tensors: dict[str, Tensor], file: Path, manifest: dict, num_classes: int, split: str,
+                  source_keys: list[str] | None, embedder_keys: dict[str, str]) -> tuple[dict[str, Tensor],
+                                                                                     list[str] | None]:
+    """A split's tensors as read from ``file``, checked: a missing or misshapen one (against the manifest's
+    ``latent_shape``), per-item tensors of different lengths or labels outside [0, ``num_classes``) are errors
+    naming the file; items with a non-finite value (in their latents, or in the text encoding they use) are
+    dropped, counted and logged (one would make its whole batch's loss non-finite)."""
+    for key in ("latent", "label"):
+        if key not in tensors:
+            raise ValueError(f"{file}: no {key!r} tensor (it has {sorted(tensors)}); precompute the set again")
+    shape = manifest["splits"][split].get("latent_shape")
+    if shape is not None and list(tensors["latent"].shape[1:]) != list(shape):
+        raise ValueError(f"{file}: latents of shape {list(tensors['latent'].shape[1:])}, the manifest says {shape}")
+    per_item = [k for k in tensors if k in ("latent", "label") or k.endswith((".index", "_latent"))]
+    n = tensors["latent"].shape[0]
+    uneven = {k: tensors[k].shape[0] for k in per_item if tensors[k].shape[0] != n}
+    if uneven:
+        raise ValueError(f"{file}: {n} latents but {uneven} rows")
+    labels = tensors["label"]
+    outside = labels[(labels < 0) | (labels >= num_classes)] if num_classes else labels[:0]
+    if outside.numel():
+        raise ValueError(f"{file}: labels outside [0, {num_classes}) (e.g. {int(outside[0])})")
+    good = torch.ones(n, dtype=torch.bool)
+    for k in per_item:
+        if tensors[k].is_floating_point():
+            good &= tensors[k].flatten(1).isfinite().all(1) if tensors[k].dim() > 1 else tensors[k].isfinite()
+    for name, key in embedder_keys.items():  # text encodings: one row per distinct caption, indexed by the item
+        for part in ("context", "vector"):
+            table = tensors.get(f"{name}.{part}")
+            if table is not None and f"{key}.index" in tensors and table.shape[0]:
+                good &= table.flatten(1).isfinite().all(1)[tensors[f"{key}.index"]]
+    if bool(good.all()):
+        return tensors, source_keys
+    bad = (~good).nonzero().flatten().tolist()
+    names = [source_keys[i] if source_keys else f"{split}/{i}" for i in bad[:3]]
+    if len(bad) == n:
+        raise ValueError(f"{file}: every item holds non-finite values (e.g. {', '.join(names)})")
+    log.warning("precomputed %s: skipped %d of %d items holding non-finite values (e.g. %s)", split, len(bad), n,
+                ", ".join(names))
+    tensors = {k: v[good] if k in per_item else v for k, v in tensors.items()}
+    return tensors, [k for k, ok in zip(source_keys, good.tolist()) if ok] if source_keys else source_keys
 
 
 class PrecomputedBatches(Dataset):
@@ -348,14 +395,16 @@ class PrecomputedDataModule(InMemoryDataModule):
                 tensors = load_file(str(file))
             except Exception as e:  # safetensors' own error names no file
                 raise ValueError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-            if split == "val" and self.val_size is not None:  # validate on the first val_size items
-                per_item = {k for k in tensors if k in ("latent", "label") or k.endswith((".index", "_latent"))}
-                tensors = {k: v[: self.val_size] if k in per_item else v for k, v in tensors.items()}
             captions = json.loads((self.path / f"{split}.captions.json").read_text())
             keys_file = self.path / f"{split}.keys.json"  # sets written before it existed have none
             source_keys = json.loads(keys_file.read_text()) if keys_file.is_file() else None
-            if source_keys and len(source_keys) < tensors["latent"].shape[0]:
+            if source_keys and "latent" in tensors and len(source_keys) < tensors["latent"].shape[0]:
                 raise ValueError(f"{keys_file}: {len(source_keys)} keys for {tensors['latent'].shape[0]} items")
+            tensors, source_keys = checked_split(tensors, file, self.manifest, self.num_classes, split, source_keys,
+                                                 keys)
+            if split == "val" and self.val_size is not None:  # validate on the first val_size items
+                per_item = {k for k in tensors if k in ("latent", "label") or k.endswith((".index", "_latent"))}
+                tensors = {k: v[: self.val_size] if k in per_item else v for k, v in tensors.items()}
             dataset = PrecomputedBatches(tensors, captions, split, keys, source_keys)
             sets.append(dataset)
             log.info("precomputed %s: %d items from %s", split, len(dataset), self.path)
