@@ -235,6 +235,22 @@ def test_augmentation_of_images_with_stored_latents_is_refused():
     SampleDecoder(resolution=16, tensors={"latent": "latent.npy"})
 
 
+def test_a_stored_array_with_non_finite_values_is_skipped_as_bad():
+    """A NaN latent member trained: its batch's loss was non-finite (a skipped step), and nothing was counted."""
+    from diffusion_train.data.decode import Skip
+
+    decode = SampleDecoder(resolution=16, tensors={"latent": "latent.npy"}, caption_key=None, label_key=None)
+
+    def sample(value: float) -> dict:
+        buf = io.BytesIO()
+        np.save(buf, np.full((4, 2, 2), value, dtype=np.float32))
+        return {"__key__": "a", "latent.npy": buf.getvalue()}
+
+    assert isinstance(decode(sample(0.5)), dict)
+    skipped = decode(sample(float("nan")))
+    assert isinstance(skipped, Skip) and skipped == "bad_latent.npy" and "non-finite" in skipped.detail
+
+
 def test_random_crops_of_a_side_that_rounds_up_stay_inside_the_image():
     """643 x 256/480 = 342.9 px resampled: an offset range computed from 343 put 1 crop in ~87 past the edge,
     and the good image was skipped as undecodable."""

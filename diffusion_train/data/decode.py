@@ -136,6 +136,9 @@ class SampleDecoder:
                 arrays[key] = load_array(sample[member], member)
             except Exception as e:  # noqa: BLE001 - an unreadable array makes the sample unusable
                 return Skip(f"bad_{member}", _error(e))
+            if isinstance(arrays[key], torch.Tensor) and arrays[key].is_floating_point() \
+                    and not bool(arrays[key].isfinite().all()):
+                return Skip(f"bad_{member}", "non-finite values")  # would make its batch's step non-finite
         if ext is None and "latent" not in arrays:
             return "missing_image"
         meta = {}
