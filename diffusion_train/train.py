@@ -76,7 +76,8 @@ TRAINING_NUMBERS = {"data.batch_size": (int, 1), "data.val_batch_size": (int, 1)
                     "training.max_nonfinite_steps": (int, 1), "seed": (int, 0),
                     "lr_schedule.warmup_steps": (int, 0), "lr_schedule.total_steps": (int, 1),
                     "lr_schedule.decay_steps": (int, 1), "lr_schedule.decay_fraction": (float, 0),
-                    "lr_schedule.min_ratio": (float, 0)}
+                    "lr_schedule.min_ratio": (float, 0), "trainer.log_every_n_steps": (int, 1),
+                    "data.val_size": (int, 0)}
 
 
 def check_lr_schedule(cfg: DictConfig) -> None:

@@ -49,6 +49,10 @@ def test_fp16_with_a_gradient_scaler_is_refused(tiny_cfg):
     ("lr_schedule.warmup_steps=abc", "lr_schedule.warmup_steps=abc: give a whole number >= 0"),
     ("training.grad_clip=abc", "training.grad_clip=abc: give a number >= 0"),
     ("training.max_nonfinite_steps=0", "training.max_nonfinite_steps=0: give a whole number >= 1"),
+    ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0: give a whole number >= 1"),  # was 50, silently
+    ("data.val_size=-5", "data.val_size=-5: give a whole number >= 0"),  # validated on all but 5 images
+    ("trainer.val_check_interval=0", "trainer.val_check_interval=0: give a number of optimizer steps >= 1, or a "
+                                     "fraction of an epoch in (0, 1]"),  # ZeroDivisionError at the first step
     ("lr_schedule=cosine lr_schedule.warmup_steps=900",
      "lr_schedule: cosine needs total_steps > warmup_steps, got 4, 900"),  # built once before any work
 ])
@@ -56,6 +60,26 @@ def test_a_bad_number_is_refused_naming_the_key(setting, expected, tiny_cfg, tmp
     with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
         train(tiny_cfg("trainer.max_steps=4", *setting.split(" "), run_dir=tmp_path / "run"), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_bad_sampling_settings_of_the_callbacks_are_refused_naming_the_key():
+    """They failed at the first grid step (ZeroDivisionError, an empty stack), after the steps before it and
+    before their checkpoint; a NaN guidance scale made NaN grids, a negative eta shrank DDIM's noise term."""
+    from functools import partial
+
+    from diffusion_train.diffusion.samplers import Sampler, ddim
+    from diffusion_train.training.samples import SampleGrid
+
+    sampler = Sampler(partial(ddim, eta=0.0))
+    for kwargs, error in [({"every_n_steps": 0}, "every_n_steps=0"), ({"per_class": -1}, "per_class=-1"),
+                          ({"rows": 0, "per_class": 0}, "per_class=0, rows=0")]:
+        with pytest.raises(ValueError, match=rf"^callbacks.sample_grid: {error}: give whole numbers >= 1$"):
+            SampleGrid(sampler, "grids", **kwargs)
+    for scale in (float("nan"), "abc"):
+        with pytest.raises(ValueError, match=r"^callbacks.sample_grid.guidance_scale=(nan|abc): give a finite number"):
+            SampleGrid(sampler, "grids", guidance_scale=scale)
+    with pytest.raises(ValueError, match=r"^sampler.solver.eta=-1: give a number >= 0"):
+        Sampler(partial(ddim, eta=-1))
 
 
 def test_loss_falls_when_overfitting_a_tiny_batch(tiny_cfg):

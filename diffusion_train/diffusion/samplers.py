@@ -318,6 +318,9 @@ class Sampler:
     def __init__(self, solver, steps: int = 50, spacing: str = "auto"):
         if int(steps) < 1:
             raise ValueError(f"sampler.steps must be >= 1, got {steps}")
+        eta = getattr(solver, "keywords", {}).get("eta")  # a config's solver is a partial of the function
+        if eta is not None and not (isinstance(eta, (int, float)) and 0 <= eta < math.inf):
+            raise ValueError(f"sampler.solver.eta={eta}: give a number >= 0 (0: deterministic, 1: DDPM's noise)")
         self.solver, self.steps, self.spacing = solver, int(steps), spacing
 
     @property

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -28,6 +30,16 @@ def check_sampling_inputs(pl_module, prompts: list[str], sampler: Sampler, optio
         raise ValueError(f"{option}.sampler ({sampler.name}, spacing={sampler.spacing}): {e}") from None
 
 
+def check_guidance_scale(scale: Any, option: str) -> None:
+    """A finite number: NaN or inf would make every guided sample NaN."""
+    try:
+        ok = math.isfinite(float(scale))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{option}.guidance_scale={scale}: give a finite number (1: no guidance)")
+
+
 class SampleGrid(PeriodicEvaluation):
     """Every ``every_n_steps`` optimizer steps and at the end of training, samples a grid with the
     EMA weights (``sample_decay`` of the EMA callback; raw weights if there is no EMA callback).
@@ -45,6 +57,12 @@ class SampleGrid(PeriodicEvaluation):
                  guidance_interval: list[float] | None = None, guidance_rescale: float = 0.0,
                  prompts: list[str] | None = None):
         super().__init__(every_n_steps)
+        small = {k: v for k, v in {"every_n_steps": every_n_steps, "per_class": per_class, "rows": rows}.items()
+                 if not (isinstance(v, int) and v >= 1)}
+        if small:
+            raise ValueError("callbacks.sample_grid: " + ", ".join(f"{k}={v}" for k, v in small.items()) +
+                             ": give whole numbers >= 1")
+        check_guidance_scale(guidance_scale, "callbacks.sample_grid")
         self.sampler, self.dirpath = sampler, Path(dirpath)
         self.per_class, self.rows, self.guidance_scale = per_class, rows, float(guidance_scale)
         self.seed, self.prompts = seed, list(prompts or [])
