@@ -71,3 +71,17 @@ def atomic_save_file(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
 
     return atomic_write(path, lambda tmp: save_file(dict(tensors), str(tmp),
                                                     metadata=dict(metadata) if metadata is not None else None))
+
+
+def read_safetensors(path: str | os.PathLike, option: str, tensors: bool = True
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors (none with ``tensors=False``) and metadata of a safetensors file. A file that is not one (e.g.
+    truncated, or another format) is a one-line ValueError naming the setting (``option``) and the path."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return ({k: f.get_tensor(k) for k in f.keys()} if tensors else {}), dict(f.metadata() or {})
+    except Exception as e:  # noqa: BLE001 - safetensors' errors name no file
+        msg = " ".join(str(e).split())[:200]
+        raise ValueError(f"{option}={path}: not a readable safetensors file ({type(e).__name__}: {msg})") from None

@@ -152,6 +152,22 @@ def test_errors_name_the_tensors_as_the_file_names_them(tiny_cfg, tmp_path):
         load_pretrained(module_of(tiny_cfg), tmp_path / "wide.safetensors")
 
 
+def test_a_file_that_is_not_safetensors_is_one_line_naming_the_setting(tiny_cfg, tmp_path):
+    """init.path, diffusion-sample's lora= and a TinyVAE's weights each gave safetensors' own traceback (header too
+    large), which names no file."""
+    from diffusion_train.conditioning.autoencoder import load_tiny_vae_net
+    from diffusion_train.finetune.lora import apply_lora_file
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\xff" * 64)
+    module = module_of(tiny_cfg)
+    for call, option in ((lambda: load_pretrained(module, bad), "init.path"),
+                         (lambda: apply_lora_file(module, bad), "lora"),
+                         (lambda: load_tiny_vae_net(bad), "autoencoder.weights")):
+        with pytest.raises(ValueError, match=rf"^{option}={bad}: not a readable safetensors file \(\w+: .+\)$"):
+            call()
+
+
 @pytest.mark.parametrize("bad, match", [("missing.ckpt", "does not exist"), ("empty_dir", "neither")])
 def test_bad_paths_name_the_path(tiny_cfg, tmp_path, bad, match):
     (tmp_path / "empty_dir").mkdir()

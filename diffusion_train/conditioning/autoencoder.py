@@ -38,6 +38,7 @@ from diffusion_train.conditioning.weights import (
     sha256_files,
     tensors_sha256,
 )
+from diffusion_train.files import read_safetensors
 
 __all__ = ["Autoencoder", "KLAutoencoder", "DiffusersAutoencoderKL", "TinyVAE", "TinyVAENet", "load_tiny_vae_net"]
 
@@ -323,19 +324,15 @@ class TinyVAENet(nn.Module):
 
 def load_tiny_vae_net(path: str | os.PathLike) -> tuple[TinyVAENet, dict[str, str]]:
     """A :class:`TinyVAENet` from a file written by :meth:`TinyVAENet.save`, and the file's metadata."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"TinyVAE weights {str(path)!r} do not exist; train them with "
                                 f"'python scripts/train_vae.py out={path}' or set autoencoder.weights=null (random)")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    state, meta = read_safetensors(path, "autoencoder.weights")
     if "diffusion_train.tiny_vae" not in meta:
         raise ValueError(f"{path} is not a TinyVAE file (no diffusion_train.tiny_vae metadata)")
     net = TinyVAENet(**json.loads(meta["diffusion_train.tiny_vae"]))
-    net.load_state_dict(load_file(str(path)))
+    net.load_state_dict(state)
     return net, meta
 
 

@@ -142,11 +142,10 @@ def apply_lora_file(module: nn.Module, path: str, scale: float = 1.0) -> list[st
     """
     import json
 
-    from safetensors import safe_open
+    from diffusion_train.files import read_safetensors
 
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads((f.metadata() or {}).get("diffusion_train") or "{}")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, metadata = read_safetensors(path, "lora")
+    meta = json.loads(metadata.get("diffusion_train") or "{}")
     run_scaling = lora_scaling(meta.get("config") or {})
     if run_scaling is None or not has_lora(tensors):
         raise ValueError(f"lora={path}: not a LoRA export of a finetune=lora run (lora.safetensors, lora_ema_*)")

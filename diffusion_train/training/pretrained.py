@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from diffusion_train.files import read_safetensors
 from diffusion_train.finetune.lora import LORA_KEY, has_lora, lora_scaling, merged_state, plain_key
 from diffusion_train.training.checkpointing import last_checkpoint, load_checkpoint
 from diffusion_train.training.ema import EMA, checkpoint_average
@@ -92,9 +93,8 @@ def read_weights(path: str | Path, weights: str = "ema") -> tuple[dict[str, Tens
                                         f"weights/{weights}.safetensors")
             path = _sampling_export(exported) if weights == "ema" else exported[-1]
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path)), str(path), path.stem, export_info(path).get("config") or {}
+        state, meta = read_safetensors(path, "init.path")
+        return state, str(path), path.stem, json.loads(meta.get("diffusion_train") or "{}").get("config") or {}
     ckpt = load_checkpoint(path)
     state = {k: v for k, v in ckpt.get("state_dict", {}).items() if isinstance(v, Tensor)}
     if not state:
@@ -114,10 +114,7 @@ def read_weights(path: str | Path, weights: str = "ema") -> tuple[dict[str, Tens
 
 def export_info(path: Path) -> dict:
     """What an exported ``.safetensors`` file records of its run (``config``, ...); empty for other files."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return json.loads((f.metadata() or {}).get("diffusion_train") or "{}")
+    return json.loads(read_safetensors(path, "init.path", tensors=False)[1].get("diffusion_train") or "{}")
 
 
 def _sampling_export(files: list[Path]) -> Path:
