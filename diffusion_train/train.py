@@ -314,10 +314,11 @@ def one_line_error(e: BaseException) -> str | None:
     """The one-line message of an error caused by the user's config or data, else None.
 
     Errors raised in a constructor that Hydra instantiates come wrapped; their cause is unwrapped and
-    the config key named. Missing config values name their key.
+    the config key named (a TypeError there is the config's arguments: an unknown or missing one). Missing config
+    values name their key.
     """
     if isinstance(e, InstantiationException) and isinstance(e.__cause__, (*USER_ERRORS, ValueError, KeyError,
-                                                                          ImportError)):
+                                                                          ImportError, TypeError)):
         where = [ln.split(":", 1)[1].strip() for ln in str(e).splitlines() if ln.startswith("full_key:")]
         inner = one_line_error(e.__cause__) or str(e.__cause__)
         return f"{inner} (config: {where[0]})" if where else inner

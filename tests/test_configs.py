@@ -145,6 +145,7 @@ def test_config_and_data_errors_are_one_line(tmp_path):
     ("training.activation_checkpointing=9", "training.activation_checkpointing=9: the backbone has 7 repeated blocks"),
     ("callbacks.throughput.peak_tflops=-1", "callbacks.throughput.peak_tflops must be positive (TFLOP/s), got -1"),
     ("callbacks.kernel_profile.steps=-2", "callbacks.kernel_profile: steps and start must be >= 0"),
+    ("+callbacks.ema.decay=0.9", "unexpected keyword argument 'decay' (config: callbacks.ema)"),  # was a traceback
 ])
 def test_speed_and_profiling_options_are_checked_before_training(override, message, tiny_cfg, tmp_path):
     from diffusion_train.train import one_line_error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -54,6 +55,13 @@ def build_module(cfg: DictConfig, accelerator: str | None = None) -> DiffusionMo
         objective.clip_x0 = False  # [-1, 1] bounds pixels; latents are not clamped while sampling
     schedule = instantiate(cfg.lr_schedule, _convert_="all") if cfg.get("lr_schedule") else None
     training = dict(cfg.training)
+    known = inspect.signature(DiffusionModule.__init__).parameters
+    unknown = sorted(k for k in training if k not in known or k in ("backbone", "conditioner", "objective"))
+    if unknown:
+        options = sorted(k for k in known if k not in ("self", "backbone", "conditioner", "objective", "autoencoder",
+                                                        "optimizer", "lr_schedule", "seed", "task", "controlnet",
+                                                        "control"))
+        raise ValueError(f"training.{unknown[0]}: not a training option; the options are {', '.join(options)}")
     if accelerator is None:
         accelerator = (cfg.get("trainer") or {}).get("accelerator")
     on_gpu = resolve_accelerator(accelerator) in ("gpu", "cuda")
