@@ -46,8 +46,8 @@ import torch  # noqa: E402
 from diffusion_train.cli import UsageError, parse_bool, parse_key_values, run_main, split_arguments  # noqa: E402
 from diffusion_train.files import atomic_write  # noqa: E402
 from diffusion_train.training.checkpointing import atomic_torch_save, load_checkpoint  # noqa: E402
-from diffusion_train.training.posthoc_ema import (base_checkpoint, check_sigma_rel, label, reconstruct,  # noqa: E402
-                                                  run_snapshots, sigma_rel_to_gamma, solve)
+from diffusion_train.training.posthoc_ema import (SNAPSHOT_DIR, base_checkpoint, check_sigma_rel,  # noqa: E402
+                                                  label, reconstruct, run_snapshots, sigma_rel_to_gamma, solve)
 
 OPTIONS = {"sigma_rels": str, "step": int, "snapshots": str, "out": str, "validate": parse_bool, "device": str}
 DEFAULTS: dict[str, Any] = {"sigma_rels": "", "step": None, "snapshots": "", "out": "", "validate": False,
@@ -161,6 +161,9 @@ def make(run: Path, opts: dict[str, Any]) -> dict[str, Any]:
     """Makes the averages of one run, writes its checkpoint and the record of the fit (``.json`` beside it), prints
     the table, and returns the record."""
     snapshots = run_snapshots(run, opts["snapshots"] or None)
+    if not snapshots:
+        raise UsageError(f"{opts['snapshots'] or run / SNAPSHOT_DIR}: no EMA snapshots; train with "
+                         "callbacks.ema.sigma_rels and callbacks.ema.snapshot_every")
     recs = solve(snapshots, opts["sigma_rels"], opts["step"])
     step = recs[0].step
     out = Path(opts["out"] or run / "posthoc_ema" / f"step_{step:07d}.ckpt")

@@ -20,9 +20,9 @@ from diffusion_train.train import train
 from diffusion_train.training.build import load_module
 from diffusion_train.training.checkpointing import load_checkpoint
 from diffusion_train.training.ema import EMA
-from diffusion_train.training.posthoc_ema import (find_snapshots, gamma_to_sigma_rel, label, profile_products,
-                                                  reconstruct, run_snapshots, sigma_rel_to_gamma, solve,
-                                                  write_snapshot)
+from diffusion_train.training.posthoc_ema import (check_sigma_rel, find_snapshots, gamma_to_sigma_rel, label,
+                                                  profile_products, reconstruct, run_snapshots, sigma_rel_to_gamma,
+                                                  solve, write_snapshot)
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "posthoc_ema.py"
 
@@ -166,6 +166,10 @@ def test_refusals(tmp_path):
         EMA(sigma_rels=[0.1], update_every=4, snapshot_every=10, snapshot_dir=str(tmp_path))
     with pytest.raises(ValueError, match="relative width"):
         EMA(sigma_rels=[0.5])
+    with pytest.raises(ValueError, match=r"^sigma_rels: abc is not a relative width"):  # float()'s own message
+        check_sigma_rel("abc", "sigma_rels")
+    with pytest.raises(FileNotFoundError, match=rf"^{tmp_path / 'none'}: no such run directory"):
+        run_snapshots(tmp_path / "none")
     with pytest.raises(ValueError, match="'sigma_rel_x' names no EMA average"):
         EMA(sigma_rels=[0.1], sample_decay="sigma_rel_x")
     with pytest.raises(ValueError, match="at least one of decays and sigma_rels"):

@@ -37,7 +37,10 @@ def label(sigma_rel: float) -> str:
 
 
 def check_sigma_rel(sigma_rel: float, where: str = "sigma_rel") -> float:
-    s = float(sigma_rel)
+    try:
+        s = float(sigma_rel)
+    except (TypeError, ValueError):
+        s = math.nan
     if not 0.0 < s <= round(SIGMA_REL_MAX, 4):  # 0.2887 as written is the widest (gamma 0)
         raise ValueError(f"{where}: {sigma_rel} is not a relative width in (0, {SIGMA_REL_MAX:.4f}] "
                          f"(the widest, {SIGMA_REL_MAX:.4f}, is the plain mean of all steps)")
@@ -188,6 +191,8 @@ def run_snapshots(run_dir: str | os.PathLike, folder: str | os.PathLike | None =
     and, for a branch (``init.branch_from``, which run.json records), its trunk's up to the branch step, as far
     back as the branches go."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run directory")
     own = find_snapshots(folder or run_dir / SNAPSHOT_DIR)
     info_path = run_dir / "run.json"
     origin = json.loads(info_path.read_text()).get("branched_from") if info_path.is_file() else None
