@@ -80,12 +80,19 @@ TRAINING_NUMBERS = {"data.batch_size": (int, 1), "data.val_batch_size": (int, 1)
                     "data.val_size": (int, 0)}
 
 
-def check_lr_schedule(cfg: DictConfig) -> None:
-    """Builds the configured learning-rate schedule once on a stand-in optimizer, so settings it refuses (a cosine
-    with no steps after its warm-up, a decay longer than the run) fail before any work, not in the fit."""
+def check_optimizer(cfg: DictConfig) -> None:
+    """Builds the configured optimizer and learning-rate schedule once on a stand-in parameter, so settings they
+    refuse (betas outside [0, 1), a cosine with no steps after its warm-up, a decay longer than the run) fail before
+    any work, not in the fit."""
+    stand_in = [torch.zeros(1, requires_grad=True)]
+    try:
+        instantiate(cfg.optim, _convert_="all")(stand_in)
+    except ValueError as e:
+        raise ValueError(f"optim: {e}") from None
+    except Exception:  # noqa: BLE001 - e.g. an optimizer for GPU tensors only: the stand-in cannot judge its settings
+        pass
     if cfg.get("lr_schedule"):
-        stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-        instantiate(cfg.lr_schedule, _convert_="all")(stand_in)
+        instantiate(cfg.lr_schedule, _convert_="all")(torch.optim.SGD(stand_in, lr=1.0))
 
 
 def quiet_known_warnings() -> None:
@@ -115,7 +122,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     check_multirun(cfg)  # e.g. a job sharing its directory with another must not touch it
     config = resolved(cfg)  # fails on a missing value before any work starts
     check_numbers(cfg, TRAINING_NUMBERS)  # a bad one would fail later, far from its cause, or train on nothing
-    check_lr_schedule(cfg)
+    check_optimizer(cfg)
     init = cfg.get("init") or {}
     resume = check_resumable(run_dir, config, init.get("branch_from"))  # refuses another model's; changes nothing
     ckpt = resume.ckpt
