@@ -49,10 +49,14 @@ def strict_json(value: Any) -> Any:
     return value
 
 
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """``text`` through :func:`atomic_write` (its folder made if missing)."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
 def write_json(path: str | os.PathLike, value: Any, indent: int | None = 2) -> Path:
     """``value`` as strict JSON (non-finite floats as null, other objects by ``str``) through :func:`atomic_write`."""
-    text = json.dumps(strict_json(value), indent=indent, allow_nan=False, default=str) + "\n"
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
+    return write_text(path, json.dumps(strict_json(value), indent=indent, allow_nan=False, default=str) + "\n")
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from diffusion_train.files import write_text
 from diffusion_train.training.kernel_profile import describe
 from diffusion_train.training.speed import compile_choice
 
@@ -92,5 +93,4 @@ def add_markdown(path: Path, text: str) -> None:
         new = head + text + "\n" + MARKER + tail
     else:
         new = old + ("\n" if old and not old.endswith("\n\n") else "") + text
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new)
+    write_text(path, new)  # a kill mid-write leaves the old page, never a truncated one

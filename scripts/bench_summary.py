@@ -23,6 +23,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 from bench_report import OVERHEAD_TARGET_PCT, fmt, speed_options  # noqa: E402
 
 from diffusion_train.cli import UsageError, run_main  # noqa: E402
+from diffusion_train.files import write_text  # noqa: E402
 
 # (model preset, batch) -> images/s on one H100 80GB (bf16, EMA and AdamW in the step, 4x32x32 latents)
 TARGETS = {("dit_xl2", 128): 640, ("dit_b2", 256): 2900, ("dit_s2", 256): 7000, ("unet_sd2", 64): 500}
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         md = [a.split("=", 1)[1] for a in args if a.startswith("md=")]
         text = summary([a for a in args if not a.startswith("md=")])
         if md:
-            Path(md[-1]).write_text(text)
+            write_text(md[-1], text)
         print(text, end="")
     return run_main(run, args)
 

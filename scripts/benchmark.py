@@ -63,6 +63,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_report import OVERHEAD_TARGET_PCT, add_markdown, fmt, markdown  # noqa: E402
 from diffusion_train.cli import UsageError, parse_key_values, run_main  # noqa: E402
+from diffusion_train.files import write_text  # noqa: E402
 from diffusion_train.scaling.flops import TRAINING_FLOPS_PER_MAC, peak_flops  # noqa: E402
 from diffusion_train.training.benchmark import (  # noqa: E402
     build, environment, make_batch, make_ema, measure, stand_in_overrides)
@@ -337,8 +338,7 @@ def report(result: dict, opts: dict) -> dict:
     """``result`` as JSON on stdout and in ``out``, and as a table in ``md``."""
     text = json.dumps(result, indent=2, default=str)
     if opts["out"]:
-        Path(opts["out"]).parent.mkdir(parents=True, exist_ok=True)
-        Path(opts["out"]).write_text(text + "\n")
+        write_text(opts["out"], text + "\n")
     if opts["md"]:
         add_markdown(Path(opts["md"]), markdown(result))
     print(text)

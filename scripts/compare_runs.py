@@ -32,6 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffusion_train.cli import UsageError, parse_key_values, run_main, split_arguments  # noqa: E402
+from diffusion_train.files import atomic_write, write_text  # noqa: E402
 
 OPTIONS = {"metrics": str, "rows": int, "tail": float, "out": str, "plot": str}
 DEFAULTS: dict[str, Any] = {"metrics": "train/loss,val/loss", "rows": 12, "tail": 0.25, "out": "", "plot": ""}
@@ -154,8 +155,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set(title=m, xlabel="step")
         ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
 
 
@@ -165,8 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         result = compare(runs, opts)
         text = markdown(result)
         if opts["out"]:
-            Path(opts["out"]).parent.mkdir(parents=True, exist_ok=True)
-            Path(opts["out"]).write_text(text)
+            write_text(opts["out"], text)
         print(text, end="", flush=True)
         if opts["plot"]:
             plot(result, Path(opts["plot"]))

@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from diffusion_train.cli import UsageError, parse_key_values, run_main  # noqa: E402
+from diffusion_train.files import write_text  # noqa: E402
 
 OPTIONS = {"budgets": str, "family": str, "sizes": str, "batch": int, "lr": float, "lr_rule": str, "base": str,
            "evals": int, "min_steps": int, "name": str, "out": str, "mfu": float, "peak_tflops": float,
@@ -107,9 +108,8 @@ def main(argv: list[str]) -> None:
     if branched:
         files[out.with_name(f"{out.stem}_cooldowns.yaml")] = list(branched)
     for path, jobs in files.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(sweep_yaml(points, family, opts["batch"], base, opts["evals"], header, name=out.stem,
-                                   schedule=schedule, decay=opts["decay"], jobs=jobs))
+        write_text(path, sweep_yaml(points, family, opts["batch"], base, opts["evals"], header, name=out.stem,
+                                    schedule=schedule, decay=opts["decay"], jobs=jobs))
     spent = 0.0
     for p in points:
         c = branched.get(p.label)

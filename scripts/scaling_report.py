@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from diffusion_train.cli import UsageError, parse_bool, parse_key_values, run_main, split_arguments  # noqa: E402
+from diffusion_train.files import atomic_write, write_text  # noqa: E402
 from diffusion_train.scaling.fit import SaturatingFit  # noqa: E402
 from diffusion_train.scaling.registry import Metric, RegistryError, human_count, load_runs  # noqa: E402
 from diffusion_train.scaling.report import LEVEL, Analysis, analyse, sci, where  # noqa: E402
@@ -272,7 +273,7 @@ def _save(fig, ax, path: Path, legend: bool = True) -> None:
         ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -345,8 +346,8 @@ def report(sources: list[str], opts: dict, log: Callable[[str], None] = print) -
     plot_loss_vs_flops(a, out / "loss_vs_flops.png")
     plot_isoflop(a, out / "isoflop.png")
     plot_frontier(a, out / "frontier.png")
-    (out / "fits.json").write_text(json.dumps(fits_json(a, sources, opts), indent=1) + "\n")
-    (out / "report.md").write_text(markdown(a, sources, opts) + "\n")
+    write_text(out / "fits.json", json.dumps(fits_json(a, sources, opts), indent=1) + "\n")
+    write_text(out / "report.md", markdown(a, sources, opts) + "\n")
     fr = a.isoflop.frontier
     headline = (f"a = {fr.exponent:.3f} {interval(fr.ci)}" if fr is not None else "no frontier fit")
     log(f"{len(a.used)}/{len(runs)} runs, {len(a.sizes)} sizes, {len(a.isoflop.budgets)} budgets; N_opt ∝ C^a: "

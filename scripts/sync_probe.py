@@ -41,6 +41,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 import benchmark  # noqa: E402
 
 from diffusion_train.cli import UsageError, parse_key_values, run_main  # noqa: E402
+from diffusion_train.files import write_text  # noqa: E402
 from diffusion_train.training.benchmark import (  # noqa: E402
     build, environment, make_batch, make_ema, optimizer_and_schedules, step_autocast)
 
@@ -253,8 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = parse_args(args)
         result = probe(opts)
         if opts["out"]:
-            Path(opts["out"]).parent.mkdir(parents=True, exist_ok=True)
-            Path(opts["out"]).write_text(json.dumps(result, indent=2) + "\n")
+            write_text(opts["out"], json.dumps(result, indent=2) + "\n")
         print(markdown(result), end="")
         return result
 

@@ -17,13 +17,14 @@ matches none is ``other``. Names are cuBLAS's, cuDNN's, FlashAttention's, PyTorc
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
+
+from diffusion_train.files import write_json
 
 log = logging.getLogger("diffusion_train")
 
@@ -186,7 +187,6 @@ class KernelProfileReport(L.Callback):
         self._profile.stop()
         self.result = {"from_step": self._first + self.start + 1, **self._profile.summary(step_ms=self._step_ms)}
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps(self.result, indent=2) + "\n")
+            write_json(self.path, self.result)
         log.info("%s", describe(self.result).replace("\n\n", " ") + (f" ({self.path})" if self.path else ""))
         return self.result

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -37,6 +36,7 @@ import lightning as L
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from diffusion_train.files import write_json
 from diffusion_train.training.parallel import log_every_steps, logs_at
 
 log = logging.getLogger("diffusion_train")
@@ -287,8 +287,7 @@ class HostSyncReport(L.Callback):
             "sites": {k: self.watches[k].table(steps[k]) for k in steps},
         }
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps(self.result, indent=2) + "\n")
+            write_json(self.path, self.result)
         words = ", ".join(f"{v:.2f} per step in {k.replace('_', ' ')} ({self.batches[k]} batches)"
                           for k, v in self.result["syncs_per_step"].items())
         log.info("host-device synchronisations: %s%s", words, f"; sites in {self.path}" if self.path else "")
