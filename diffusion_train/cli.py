@@ -1,14 +1,24 @@
-"""Small helpers shared by the command lines (``key=value`` arguments, config numbers, sizes)."""
+"""Small helpers shared by the command lines (``key=value`` arguments, config numbers, sizes, one-line errors)."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sys
-from typing import Any, Callable, Mapping
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 class UsageError(ValueError):
     """A command-line argument is wrong; the message says which and what is valid."""
+
+
+class UserError(RuntimeError):
+    """Bad data, or a run state that refuses the work (a busy run directory, a diverged run): the command lines
+    show its message as one line, like a ValueError's."""
 
 
 def parse_key_values(argv: list[str], options: Mapping[str, Callable[[str], Any]],
@@ -69,19 +79,59 @@ def parse_bool(value: str) -> bool:
     raise ValueError(value)
 
 
+def one_line_error(e: BaseException) -> str | None:
+    """The one-line message of an error caused by the user's config or data, else None.
+
+    Errors raised in a constructor that Hydra instantiates come wrapped; their cause is unwrapped and
+    the config key named (a TypeError there is the config's arguments: an unknown or missing one). Missing config
+    values name their key.
+    """
+    from hydra.errors import InstantiationException
+    from omegaconf.errors import MissingMandatoryValue
+
+    user = (UserError, ValueError, KeyError, FileNotFoundError)
+    if isinstance(e, InstantiationException) and isinstance(e.__cause__, (*user, ImportError, TypeError)):
+        where = [ln.split(":", 1)[1].strip() for ln in str(e).splitlines() if ln.startswith("full_key:")]
+        inner = one_line_error(e.__cause__) or str(e.__cause__)
+        return f"{inner} (config: {where[0]})" if where else inner
+    if isinstance(e, MissingMandatoryValue):
+        return f"missing mandatory value {e.full_key}: give it on the command line, e.g. {e.full_key}=..."
+    if isinstance(e, user):
+        return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    return None
+
+
+def _printed(e: BaseException, log: bool) -> bool:
+    """Whether ``e`` was a user error, now printed as ``error: <one line>`` (and logged, with ``log``); never with
+    ``HYDRA_FULL_ERROR=1``, which asks for the traceback."""
+    msg = one_line_error(e)
+    if msg is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return False
+    if log:  # into the run's log file too
+        logging.getLogger("diffusion_train").error("%s", msg)
+    print(f"error: {msg}", file=sys.stderr)
+    return True
+
+
+@contextlib.contextmanager
+def user_errors_as_one_line() -> Iterator[None]:
+    """Hydra entry points: a bad config or bad data exits with ``error: <one line>`` (code 1), also in the log."""
+    try:
+        yield
+    except Exception as e:
+        if not _printed(e, log=True):
+            raise
+        sys.exit(1)
+
+
 def run_main(body: Callable[[list[str]], Any], argv: list[str] | None = None) -> int:
     """A script's exit status for ``body(argv)`` (``argv``: the command line when None): 0 when it
-    returns; 1 with one ``error:`` line for a user error (bad argument, config or data), which
-    ``HYDRA_FULL_ERROR=1`` shows as a traceback instead."""
-    from diffusion_train.train import one_line_error
-
+    returns; 1 with one ``error:`` line for a user error (bad argument, config or data)."""
     try:
         body(list(sys.argv[1:] if argv is None else argv))
     except Exception as e:
-        msg = one_line_error(e)
-        if msg is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if not _printed(e, log=False):
             raise
-        print(f"error: {msg}", file=sys.stderr)
         return 1
     return 0
 

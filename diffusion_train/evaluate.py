@@ -8,15 +8,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_train.cli import check_numbers
+from diffusion_train.cli import CONFIG_DIR, check_numbers, user_errors_as_one_line
 from diffusion_train.files import write_json
 from diffusion_train.metrics.fid import build_extractor, check_reference_images, load_reference
 from diffusion_train.metrics.generated import evaluate_generated
 from diffusion_train.sample import SAMPLING_NUMBERS, load_for_sampling, sampling_autocast
-from diffusion_train.train import user_errors_as_one_line
 from diffusion_train.training.images import save_grid
-
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def evaluate(cfg: DictConfig) -> dict:

@@ -10,18 +10,15 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_train.cli import check_numbers
+from diffusion_train.cli import CONFIG_DIR, check_numbers, user_errors_as_one_line
 from diffusion_train.diffusion import Sampler
 from diffusion_train.files import write_json
-from diffusion_train.train import user_errors_as_one_line
 from diffusion_train.finetune.lora import apply_lora_file
 from diffusion_train.training.build import load_module
 from diffusion_train.training.checkpointing import last_checkpoint
 from diffusion_train.training.images import save_grid
 from diffusion_train.training.module import DiffusionModule
 from diffusion_train.training.run_dir import differences
-
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def backbone_size(module: DiffusionModule, height: int | None, width: int | None) -> tuple[int, int]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
@@ -14,15 +13,11 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from omegaconf.errors import MissingMandatoryValue
 
-from diffusion_train.cli import check_numbers
-from diffusion_train.data.precomputed import PrecomputedMismatchError
-from diffusion_train.data.bad_data import BadDataError
-from diffusion_train.training import EMA, AtomicCheckpointIO, NonFiniteLossError, RunSummary, StepCheckpoints
+from diffusion_train.cli import CONFIG_DIR, check_numbers, user_errors_as_one_line
+from diffusion_train.training import EMA, AtomicCheckpointIO, RunSummary, StepCheckpoints
 from diffusion_train.finetune.lora import lora_scaling
 from diffusion_train.training.build import build_module, load_checkpoint_weights
 from diffusion_train.training.checkpointing import load_checkpoint, remove_stale_temp_files
@@ -41,8 +36,6 @@ from diffusion_train.training.periodic import finish_resumed_runs
 from diffusion_train.training.preemption import Preemption, find_preemption, hand_over, requeue, slurm_identity
 from diffusion_train.training.run_dir import (
     Resumable,
-    ResumeMismatchError,
-    RunDirBusyError,
     check_ema_averages,
     check_global_batch,
     check_multirun,
@@ -56,9 +49,6 @@ from diffusion_train.training.run_dir import (
 )
 
 log = logging.getLogger("diffusion_train")
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-USER_ERRORS = (ResumeMismatchError, NonFiniteLossError, PrecomputedMismatchError, BadDataError, FileNotFoundError,
-               RunDirBusyError)
 # Warnings that say nothing about this run: checkpoints are taken after the optimizer step on purpose.
 KNOWN_NOISE = (".*ModelCheckpoint with manual optimization.*", ".*isinstance.treespec, LeafSpec.*",
                ".*does not have many workers.*", ".*Checkpoint directory .* exists and is not empty.*",
@@ -315,40 +305,6 @@ def main(cfg: DictConfig) -> None:
     preemption = find_preemption(trainer)
     if stopped(preemption):
         sys.exit(128 + preemption.signum)  # stopped by a signal, checkpoint safe: the shell's convention
-
-
-def one_line_error(e: BaseException) -> str | None:
-    """The one-line message of an error caused by the user's config or data, else None.
-
-    Errors raised in a constructor that Hydra instantiates come wrapped; their cause is unwrapped and
-    the config key named (a TypeError there is the config's arguments: an unknown or missing one). Missing config
-    values name their key.
-    """
-    if isinstance(e, InstantiationException) and isinstance(e.__cause__, (*USER_ERRORS, ValueError, KeyError,
-                                                                          ImportError, TypeError)):
-        where = [ln.split(":", 1)[1].strip() for ln in str(e).splitlines() if ln.startswith("full_key:")]
-        inner = one_line_error(e.__cause__) or str(e.__cause__)
-        return f"{inner} (config: {where[0]})" if where else inner
-    if isinstance(e, MissingMandatoryValue):
-        return f"missing mandatory value {e.full_key}: give it on the command line, e.g. {e.full_key}=..."
-    if isinstance(e, (*USER_ERRORS, ValueError, KeyError)):
-        return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-    return None
-
-
-@contextlib.contextmanager
-def user_errors_as_one_line():
-    """CLI entry points: a bad config or bad data exits with ``error: <one line>`` (code 1);
-    ``HYDRA_FULL_ERROR=1`` shows the traceback instead."""
-    try:
-        yield
-    except Exception as e:
-        msg = one_line_error(e)
-        if msg is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        log.error("%s", msg)
-        print(f"error: {msg}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -187,7 +187,8 @@ def benchmark(opts: dict, argv: list[str]) -> dict:
 
     from diffusion_train.models import DiT, MMDiT
     from diffusion_train.scaling.flops import flop_counter_macs, forward_macs
-    from diffusion_train.train import one_line_error, quiet_known_warnings
+    from diffusion_train.cli import one_line_error
+    from diffusion_train.train import quiet_known_warnings
 
     if opts["device"] == "cuda" and not torch.cuda.is_available():
         raise UsageError("device=cuda but no CUDA device is available (device=cpu runs on the CPU)")

@@ -16,8 +16,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from diffusion_train.cli import CONFIG_DIR, user_errors_as_one_line
 from diffusion_train.data.precomputed import write_precomputed
-from diffusion_train.train import CONFIG_DIR, quiet_known_warnings, user_errors_as_one_line
+from diffusion_train.train import quiet_known_warnings
 from diffusion_train.training.build import build_module
 from diffusion_train.training.pretrained import load_pretrained
 

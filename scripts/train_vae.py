@@ -90,7 +90,7 @@ def compose_config(overrides: list[str]):
     """The training config (``conf/train.yaml``) with ``overrides``, as ``diffusion-train`` composes it."""
     from hydra import compose, initialize_config_dir
 
-    from diffusion_train.train import CONFIG_DIR
+    from diffusion_train.cli import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose("train", overrides=overrides)

@@ -148,7 +148,7 @@ def test_config_and_data_errors_are_one_line(tmp_path):
     ("+callbacks.ema.decay=0.9", "unexpected keyword argument 'decay' (config: callbacks.ema)"),  # was a traceback
 ])
 def test_speed_and_profiling_options_are_checked_before_training(override, message, tiny_cfg, tmp_path):
-    from diffusion_train.train import one_line_error
+    from diffusion_train.cli import one_line_error
 
     with pytest.raises(Exception) as e:
         train(tiny_cfg(override), tmp_path / "run")

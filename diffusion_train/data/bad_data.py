@@ -7,6 +7,8 @@ import logging
 from collections import Counter
 from typing import Sequence
 
+from diffusion_train.cli import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -14,7 +16,7 @@ LOGGED_PER_REASON = 3  # bad samples named in the log per reason and reader; the
 DRY_SAMPLES = 1000  # resampled: unusable samples in a row (and every shard drawn) that stop a reader
 
 
-class BadDataError(RuntimeError):
+class BadDataError(UserError):
     """Too many samples of the stream could not be used, or a reader has none."""
 
     def __init__(self, message: str):

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from diffusion_train.cli import UserError
 from diffusion_train.conditioning import Cond, Conditioner
 from diffusion_train.conditioning.autoencoder import Autoencoder
 from diffusion_train.data.samplers import mix_seed
@@ -31,7 +32,7 @@ from diffusion_train.training.speed import (
 log = logging.getLogger("diffusion_train")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError):
     """Raised after too many consecutive optimizer steps with a non-finite loss or gradient."""
 
 

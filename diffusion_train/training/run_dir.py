@@ -14,6 +14,7 @@ import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from diffusion_train.cli import UserError
 from diffusion_train.training.checkpointing import last_checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ def check_ema_averages(resume: Resumable, averages: list[str] | None) -> None:
             f"Nothing was changed; keep the run's averages or choose another run_name")
 
 
-class RunDirBusyError(RuntimeError):
+class RunDirBusyError(UserError):
     """Another live launch holds the run directory."""
 
 
