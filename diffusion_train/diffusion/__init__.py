@@ -36,13 +36,10 @@ from diffusion_train.diffusion.schedules import (
     ScaledLinearSchedule,
 )
 
-SAMPLERS = {f.__name__: f for f in (ddim, ddpm, euler, euler_ancestral, dpmpp_2m, dpmpp_2s, dpmpp_3m, heun,
-                                    flow_heun)}
-
 __all__ = [
     "CFGDenoiser", "CosineSchedule", "DiscreteSchedule", "EDMSchedule", "EDMWeighting", "FlowSchedule",
     "GaussianDiffusion", "LinearSchedule", "LogNormalSigma", "LogitNormalTime", "MinSNRWeighting",
-    "ModelDenoiser", "NoiseSchedule", "SAMPLERS", "Sampler", "ScaledLinearSchedule", "ScheduleTime",
+    "ModelDenoiser", "NoiseSchedule", "Sampler", "ScaledLinearSchedule", "ScheduleTime",
     "UniformWeighting", "ddim", "ddpm", "dpmpp_2m", "dpmpp_2s", "dpmpp_3m", "euler", "euler_ancestral",
     "flow_euler", "flow_heun", "heun", "per_image_generators", "randn",
 ]

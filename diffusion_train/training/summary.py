@@ -24,10 +24,10 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
+from diffusion_train.scaling.registry import FORMAT  # the reader's: one string for both sides
 from diffusion_train.training.parallel import logs_at, trainer_global_batch
 from diffusion_train.training.step_end import StepEndCallback
 
-FORMAT = "diffusion_train.summary/1"
 # Metrics recorded in the history: evaluations, not the per-step training values.
 EVAL_PREFIXES = ("val/", "fd/", "fid/", "class_accuracy/", "clip_score/")
 # Config keys that do not change what is trained: left out of the config hash.
