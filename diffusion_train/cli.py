@@ -70,6 +70,21 @@ def check_numbers(cfg: Any, rules: Mapping[str, tuple[type, float | None]]) -> N
             raise ValueError(f"{key}={value}: give {what}" + (f" >= {minimum:g}" if minimum is not None else ""))
 
 
+def resolve_device(name: str, option: str = "device"):
+    """The ``torch.device`` of a command line's device setting: ``auto`` is a GPU when there is one, else the CPU;
+    a name torch does not know, or a GPU this machine lacks, is a one-line error naming ``option``."""
+    import torch
+
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{option}={name}: not a device (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise ValueError(f"{option}={name}: this machine has {torch.cuda.device_count()} CUDA device(s); use "
+                         f"{option}=cpu or {option}=auto")
+    return device
+
+
 def parse_bool(value: str) -> bool:
     """``true/1/yes`` or ``false/0/no`` (any case); anything else is a ValueError."""
     if value.lower() in ("true", "1", "yes"):

@@ -10,7 +10,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_train.cli import CONFIG_DIR, check_numbers, user_errors_as_one_line
+from diffusion_train.cli import CONFIG_DIR, check_numbers, resolve_device, user_errors_as_one_line
 from diffusion_train.diffusion import Sampler
 from diffusion_train.files import write_json
 from diffusion_train.finetune.lora import apply_lora_file
@@ -54,13 +54,7 @@ def load_for_sampling(cfg: DictConfig) -> tuple[torch.device, DiffusionModule, S
     """(device, the checkpoint's module with the chosen weights, the sampler, the guidance options) of
     a ``diffusion-sample`` / ``diffusion-eval`` config; one-line errors for a bad device, a bad number (the key
     named) or a missing checkpoint. ``ckpt`` may be a run directory: its ``checkpoints/last.ckpt``."""
-    try:
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-    except RuntimeError:
-        raise ValueError(f"device={cfg.device}: not a device (auto, cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
-        raise ValueError(f"device={cfg.device}: this machine has {torch.cuda.device_count()} CUDA device(s); use "
-                         f"device=cpu or device=auto")
+    device = resolve_device(cfg.device)
     check_numbers(cfg, SAMPLING_NUMBERS)
     interval = cfg.guidance_interval
     if interval is not None and (isinstance(interval, (str, int, float)) or len(interval) != 2):

@@ -47,14 +47,15 @@ def control(opts: dict) -> dict:
     from hydra.utils import instantiate
 
     from diffusion_train.diffusion import per_image_generators, randn
-    from diffusion_train.finetune.examples import device_of, load_run, validation_examples
+    from diffusion_train.cli import resolve_device
+    from diffusion_train.finetune.examples import load_run, validation_examples
     from diffusion_train.training.images import save_grid
 
     if not opts["ckpt"] or not opts["out"]:
         raise UsageError("give ckpt=CHECKPOINT and out=FOLDER")
     if opts["num"] < 1:
         raise UsageError(f"num must be >= 1, got {opts['num']}")
-    device = device_of(opts["device"])
+    device = resolve_device(opts["device"])
     module, config = load_run(opts["ckpt"], opts["weights"], device)
     if module.controlnet is None:
         raise UsageError(f"{opts['ckpt']} is not a finetune=controlnet run")

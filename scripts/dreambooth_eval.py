@@ -41,14 +41,15 @@ def evaluate(opts: dict) -> dict:
 
     from diffusion_train.data.fashion_mnist import CLASSES
     from diffusion_train.finetune.dreambooth import load_folder
-    from diffusion_train.finetune.examples import device_of, load_run
+    from diffusion_train.cli import resolve_device
+    from diffusion_train.finetune.examples import load_run
     from diffusion_train.metrics.fmnist_net import FMNISTNet
     from diffusion_train.training.images import save_grid
 
     missing = [k for k in ("ckpt", "out", "instance_dir", "instance_prompt", "classifier") if not opts[k]]
     if missing:
         raise UsageError(f"give {', '.join(f'{k}=...' for k in missing)}")
-    device = device_of(opts["device"])
+    device = resolve_device(opts["device"])
     module, config = load_run(opts["ckpt"], opts["weights"], device)
     sampler = instantiate(config.sampler, _convert_="all", steps=opts["steps"])
     subject = load_folder(opts["instance_dir"], module.image_size, int(config.data.channels))  # pixels, not latents

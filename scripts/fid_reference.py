@@ -41,7 +41,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffusion_train.cli import UsageError, parse_key_values, run_main  # noqa: E402
+from diffusion_train.cli import UsageError, parse_key_values, resolve_device, run_main  # noqa: E402
 from diffusion_train.metrics.fid import (EXTRACTORS, FeatureStats, build_extractor,  # noqa: E402
                                          check_reference_images, frechet_distance, load_reference, metric_name,
                                          save_reference)
@@ -122,8 +122,7 @@ def shard_batches(opts: dict[str, Any], skipped: Counter) -> Iterator[Tensor]:
 
 def fid_reference(opts: dict[str, Any], log=print) -> dict[str, Any]:
     """Computes and writes the reference statistics; returns their provenance."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if opts["device"] == "auto"
-                          else opts["device"])
+    device = resolve_device(opts["device"])
     extractor = build_extractor(opts["extractor"], opts["weights"]).to(device)
     native = opts["dataset"] == "fashion_mnist" and opts["resolution"] == FMNIST_SIZE  # nothing brought to size
     resize = None if native else opts["resize"]

@@ -37,7 +37,8 @@ DEFAULTS = {"ckpt": "", "out": "", "num": 8, "masks": "box,stroke,border", "weig
 def inpaint(opts: dict) -> dict:
     from hydra.utils import instantiate
 
-    from diffusion_train.finetune.examples import device_of, load_run, validation_examples
+    from diffusion_train.cli import resolve_device
+    from diffusion_train.finetune.examples import load_run, validation_examples
     from diffusion_train.finetune.masks import KINDS, random_masks
     from diffusion_train.training.images import save_grid
 
@@ -48,7 +49,7 @@ def inpaint(opts: dict) -> dict:
         raise UsageError(f"masks={opts['masks']}: give kinds among {', '.join(KINDS)}")
     if opts["num"] < 1:
         raise UsageError(f"num must be >= 1, got {opts['num']}")
-    device = device_of(opts["device"])
+    device = resolve_device(opts["device"])
     module, config = load_run(opts["ckpt"], opts["weights"], device)
     images, inputs = validation_examples(module, config, opts["num"], device)
     sampler = instantiate(config.sampler, _convert_="all", steps=opts["steps"])

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from diffusion_train.cli import CONFIG_DIR, user_errors_as_one_line
+from diffusion_train.cli import CONFIG_DIR, resolve_device, user_errors_as_one_line
 from diffusion_train.data.precomputed import write_precomputed
 from diffusion_train.train import quiet_known_warnings
 from diffusion_train.training.build import build_module
@@ -27,7 +26,7 @@ log = logging.getLogger("diffusion_train.precompute")
 
 def precompute(cfg: DictConfig) -> dict:
     quiet_known_warnings()
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = resolve_device(cfg.device)
     L.seed_everything(cfg.seed, verbose=False)  # as training does: random-init encoders come out the same
     datamodule = instantiate(cfg.data, _convert_="all")
     module = build_module(cfg)  # the autoencoder and conditioner exactly as training builds them

@@ -43,7 +43,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffusion_train.cli import UsageError  # noqa: E402
+from diffusion_train.cli import UsageError, resolve_device  # noqa: E402
 from diffusion_train.conditioning.autoencoder import TinyVAENet  # noqa: E402
 
 OPTIONS: dict[str, Callable[[str], Any]] = {
@@ -176,12 +176,6 @@ def recon_mse(net: TinyVAENet, images: Tensor | Iterable[Tensor | dict], batch_s
         err += F.mse_loss(recon, x, reduction="sum").item()
         n += x.numel()
     return err / n
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,11 +12,6 @@ from diffusion_train.training.checkpointing import load_checkpoint
 from diffusion_train.training.module import DiffusionModule
 
 
-def device_of(name: str) -> torch.device:
-    """``auto`` (a GPU when there is one), ``cpu`` or ``cuda``."""
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-
-
 def load_run(ckpt: str, weights: str, device: torch.device) -> tuple[DiffusionModule, DictConfig]:
     config = OmegaConf.create(load_checkpoint(ckpt)["diffusion_train"]["config"])
     return load_module(ckpt, weights).to(device), config
