@@ -11,7 +11,7 @@ Every argument is ``key=value``:
     out           output folder (required): <prefix>-000000.tar ..., val-000000.tar ..., manifest.json
     prefix        name of the training shards (train); validation shards are always val-*.tar
     max_count     samples per shard (10000)
-    max_bytes     bytes per shard, with an optional K, M or G suffix (1G)
+    max_bytes     bytes per shard, with an optional K, M or G suffix (decimal: 1G = 10^9) or KiB, MiB, GiB (1GiB)
     image_format  png | jpg (png; jpg at quality 95): encoding of Fashion-MNIST's pixels and of image
                   files in other formats (webp, bmp, ...); PNG and JPEG files are stored byte for byte
     val_size      fashion_mnist: the first N test images go to val-*.tar (1000);
@@ -84,10 +84,12 @@ KEPT_FORMATS = {"PNG": "png", "JPEG": "jpg", "MPO": "jpg"}  # PIL format -> memb
 
 
 def _size(value: str) -> int:
-    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)i?[bB]?\s*", value)
+    """Bytes: ``500M`` or ``1G`` in decimal units (as the sizes printed), ``512MiB`` or ``1GiB`` in binary ones."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:([kKmMgG])(i?))?[bB]?\s*", value)
     if not m:
         raise ValueError(value)
-    return int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[m.group(2).lower()]
+    power = {None: 0, "k": 1, "m": 2, "g": 3}[m.group(2) and m.group(2).lower()]
+    return int(m.group(1)) * (1024 if m.group(3) else 1000) ** power
 
 
 OPTIONS: dict[str, Callable[[str], Any]] = {

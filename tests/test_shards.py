@@ -304,7 +304,9 @@ def test_make_shards_main_one_line_errors(tmp_path, capsys):
         assert make.main(argv) == 1
         err = capsys.readouterr().err
         assert err.startswith(expected) and err.count("\n") == 1, err
-    assert make.parse_args(["source=csv", "path=x", "out=o", "max_bytes=2M"])["max_bytes"] == 2 << 20
+    assert make.parse_args(["source=csv", "path=x", "out=o", "max_bytes=2M"])["max_bytes"] == 2_000_000
+    assert make.parse_args(["source=csv", "path=x", "out=o", "max_bytes=2MiB"])["max_bytes"] == 2 << 20
+    assert make.parse_args(["source=csv", "path=x", "out=o", "max_bytes=1000"])["max_bytes"] == 1000
 
 
 def _run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
