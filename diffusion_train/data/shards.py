@@ -39,6 +39,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 from PIL import Image
 
+from diffusion_train.files import write_json
+
 FORMAT = "diffusion_train.shards/1"
 MANIFEST = "manifest.json"
 IMAGE_FORMATS = ("png", "jpg")
@@ -222,9 +224,7 @@ def write_shards(samples: Iterable[dict], out_dir: str | os.PathLike, prefix: st
     manifest = {"format": FORMAT, "count": sum(s["count"] for s in shards), "keys": sorted(exts),
                 "num_classes": num_classes, "class_names": list(class_names) if class_names is not None else None,
                 "shards": shards}
-    tmp = out / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out / MANIFEST)
+    write_json(out / MANIFEST, manifest)
     return manifest
 
 

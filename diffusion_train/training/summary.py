@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
+from diffusion_train.files import write_json
 from diffusion_train.scaling.registry import FORMAT  # the reader's: one string for both sides
 from diffusion_train.training.parallel import logs_at, trainer_global_batch
 from diffusion_train.training.step_end import StepEndCallback
@@ -213,10 +213,7 @@ class RunSummary(StepEndCallback):
         if not trainer.is_global_zero:
             return
         summary = self.summary(trainer, pl_module)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(summary, indent=1))
-        tmp.replace(self.path)
+        write_json(self.path, summary, indent=1)
         for lg in trainer.loggers:
             if isinstance(lg, WandbLogger):
                 lg.experiment.summary.update({k: v for k, v in summary.items() if k not in ("metrics", "scaling")})
