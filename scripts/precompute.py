@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from diffusion_train.cli import CONFIG_DIR, resolve_device, user_errors_as_one_line
-from diffusion_train.data.precomputed import write_precomputed
+from diffusion_train.data.precompute_writer import write_precomputed
 from diffusion_train.train import quiet_known_warnings
 from diffusion_train.training.build import build_module
 from diffusion_train.training.pretrained import load_pretrained

@@ -19,8 +19,8 @@ from diffusion_train.data.precomputed import (
     PrecomputedDataModule,
     PrecomputedMismatchError,
     _diffs,
-    write_precomputed,
 )
+from diffusion_train.data.precompute_writer import write_precomputed
 from diffusion_train.train import train
 from diffusion_train.training.build import build_module
 
