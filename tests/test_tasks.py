@@ -211,7 +211,7 @@ def test_dual_guidance_reduces_to_single_guidance_at_image_scale_1(tiny_cfg):
         assert not torch.allclose(both, single)
 
 
-def test_editing_trains_on_a_source_and_drops_it_at_its_rate(tiny_cfg):
+def test_editing_trains_on_a_source_and_drops_it_at_its_rate(tiny_cfg, monkeypatch):
     from diffusion_train.finetune.editing import InstructionEditing
 
     module = module_of(tiny_cfg, "task=editing")
@@ -223,12 +223,25 @@ def test_editing_trains_on_a_source_and_drops_it_at_its_rate(tiny_cfg):
     assert torch.isfinite(loss)
     with pytest.raises(KeyError, match="'source'"):
         module.loss({"image": batch["image"], "label": batch["label"]}, torch.Generator().manual_seed(0))
-    task = InstructionEditing(image_dropout=0.5)
-    x0 = torch.randn(4000, 1, 2, 2)
-    source = task.training_image(x0, torch.Generator().manual_seed(0), batch={"source_latent": x0},
-                                 encode=lambda b: b["latent"])
-    dropped = (source == 0).flatten(1).all(dim=1)
-    assert 0.45 < dropped.float().mean() < 0.55 and torch.equal(source[~dropped], x0[~dropped])
+    # InstructPix2Pix's scheme: 5% lose the source only, 5% the text (here the label) only, 5% both; the text
+    # embedders' own dropout (10% here) is replaced. Independent draws gave "both" 0.5%.
+    seen = []
+    monkeypatch.setattr(module.objective, "loss", lambda net, x0, cond, **kw: seen.append(cond) or x0.new_zeros(1))
+    n = 8000
+    module.train().loss({"image": torch.zeros(n, 3, 16, 16), "source": torch.ones(n, 3, 16, 16),
+                         "label": torch.zeros(n, dtype=torch.long)}, torch.Generator().manual_seed(0))
+    cond = seen[-1]
+    null = module.conditioner.uncond(1).vector
+    text_dropped = (cond.vector == null).all(dim=1)
+    image_dropped = (cond.image == 0).flatten(1).all(dim=1)
+    shares = [float((text_dropped & ~image_dropped).float().mean()), float((~text_dropped & image_dropped).float()
+              .mean()), float((text_dropped & image_dropped).float().mean())]
+    assert all(abs(s - 0.05) < 0.012 for s in shares), shares
+    module.eval().loss({"image": torch.zeros(64, 3, 16, 16), "source": torch.ones(64, 3, 16, 16),
+                        "label": torch.zeros(64, dtype=torch.long)}, torch.Generator().manual_seed(0))
+    assert not (seen[-1].image == 0).flatten(1).all(dim=1).any()  # validation keeps every source
+    with pytest.raises(ValueError, match=r"task.image_dropout must be in \[0, 1/3\)"):
+        InstructionEditing(image_dropout=0.4)
 
 
 def test_edit_runs_with_both_scales(tiny_cfg):

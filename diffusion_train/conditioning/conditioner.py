@@ -70,10 +70,11 @@ class Conditioner(nn.Module):
         return max((e.context_dim for e in self.embedders.values()), default=0)
 
     def forward(self, batch: Mapping[str, Any], generator: torch.Generator | None = None,
-                force_drop: bool = False) -> Cond:
+                force_drop: bool = False, drop: Tensor | None = None) -> Cond:
         """Embeds ``batch``; while training, each embedder drops entries at its own rate.
 
-        ``force_drop=True`` gives the unconditional ``Cond`` for guidance.
+        ``force_drop=True`` gives the unconditional ``Cond`` for guidance; ``drop`` (B,) bool drops those samples'
+        inputs of every embedder instead of the embedders' own draws (a task's joint scheme, e.g. editing's).
         """
         vectors, contexts, masks = [], [], []
         device = self._device()
@@ -87,13 +88,15 @@ class Conditioner(nn.Module):
                 values = batch[emb.input_key]
             n = len(next(iter(values.values()))) if isinstance(values, dict) else len(values)
             if force_drop:
-                drop = torch.ones(n, dtype=torch.bool, device=device)
+                dropped = torch.ones(n, dtype=torch.bool, device=device)
+            elif drop is not None:
+                dropped = drop.to(device)
             elif self.training and emb.dropout > 0:
                 u = torch.rand(n, device=device if generator is None else generator.device, generator=generator)
-                drop = (u < emb.dropout).to(device)
+                dropped = (u < emb.dropout).to(device)
             else:
-                drop = None
-            out = emb(values.to(device) if isinstance(values, Tensor) else values, drop)
+                dropped = None
+            out = emb(values.to(device) if isinstance(values, Tensor) else values, dropped)
             if "vector" in out:
                 vectors.append(out["vector"])
             if "context" in out:

@@ -174,17 +174,24 @@ class DiffusionModule(Generation, L.LightningModule):
         """Per-sample training loss; one generator draws the posterior sample, the CFG dropout, the
         timesteps and the noise, in that order."""
         x0 = self.latents(batch, generator)
-        cond = self.with_task(self.conditioner(batch, generator=generator), x0, batch, generator)
+        text_drop, image_drop = None, None
+        if self.training and hasattr(self.task, "draw_drops"):  # a task's joint CFG dropout (editing)
+            text_drop, image_drop = self.task.draw_drops(x0.shape[0], generator, x0.device)
+        cond = self.with_task(self.conditioner(batch, generator=generator, drop=text_drop), x0, batch, generator,
+                              image_drop)
         return self.objective.loss(self.net, x0, cond, generator=generator, **objective_kwargs)
 
-    def with_task(self, cond: Cond, x0: Tensor, batch: dict, generator: torch.Generator | None) -> Cond:
+    def with_task(self, cond: Cond, x0: Tensor, batch: dict, generator: torch.Generator | None,
+                  image_drop: Tensor | None = None) -> Cond:
         """``cond`` with the task's training input as ``cond.image`` (an inpainting mask and masked image, an
-        editing source) and a ControlNet's control image as ``cond.control``."""
+        editing source, dropped where ``image_drop``) and a ControlNet's control image as ``cond.control``."""
         if self.control is not None:
             cond = replace(cond, control=self.control(batch).to(self.device))
         if self.task is None:
             return cond
-        image = self.task.training_image(x0, generator, batch=batch, encode=lambda b: self.latents(b, generator))
+        kwargs = {} if image_drop is None else {"drop": image_drop}
+        image = self.task.training_image(x0, generator, batch=batch, encode=lambda b: self.latents(b, generator),
+                                         **kwargs)
         return replace(cond, image=image)
 
     # -- training --------------------------------------------------------------------------------
