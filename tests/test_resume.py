@@ -232,9 +232,18 @@ def test_resume_of_another_model_is_refused_and_nothing_changes(tiny_cfg, tmp_pa
                                                    r"conv_in\.weight \[8, 3, 3, 3\] in the checkpoint, "
                                                    r"\[8, 7, 3, 3\] in the model\)\. Nothing was changed"):
         train(tiny_cfg("trainer.max_steps=4", "task=inpainting", run_dir=run), run)
-    with pytest.raises(ResumeMismatchError, match=r"lora_A.* missing"):
+    with pytest.raises(ResumeMismatchError, match=r"finetune: checkpoint has None, config has \{'method': 'lora'"):
         train(tiny_cfg("trainer.max_steps=4", "finetune=lora", run_dir=run), run)
     assert {p: file_digest(p) for p in run.rglob("*") if p.is_file()} == before
+    # a LoRA's alpha scales every trained update (the weights fit, the function does not): refused; its dropout, a
+    # training setting, may change
+    lora = tmp_path / "lora"
+    train(tiny_cfg("trainer.max_steps=2", "finetune=lora", "finetune.rank=4", "finetune.alpha=4", run_dir=lora), lora)
+    with pytest.raises(ResumeMismatchError, match=r"finetune.alpha: checkpoint has 4, config has 64"):
+        train(tiny_cfg("trainer.max_steps=3", "finetune=lora", "finetune.rank=4", "finetune.alpha=64", run_dir=lora),
+              lora)
+    train(tiny_cfg("trainer.max_steps=3", "finetune=lora", "finetune.rank=4", "finetune.alpha=4",
+                   "finetune.dropout=0.1", run_dir=lora), lora)
 
 
 def test_a_second_live_launch_in_the_run_directory_is_refused_and_changes_nothing(tiny_cfg, tmp_path):

@@ -43,7 +43,13 @@ def resolved(cfg: DictConfig) -> dict:
 
 
 def model_signature(config: dict) -> dict:
-    return {k: config.get(k) for k in MODEL_KEYS}
+    """The config groups that define the network, and a fine-tune's settings but its training-only ones (a LoRA's
+    alpha scales every trained update: another one is another function of the same weights)."""
+    signature = {k: config.get(k) for k in MODEL_KEYS}
+    finetune = config.get("finetune") or {}
+    if finetune.get("method", "none") != "none":
+        signature["finetune"] = {k: v for k, v in finetune.items() if k not in ("dropout", "train_conditioner")}
+    return signature
 
 
 def differences(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
