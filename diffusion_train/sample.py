@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion_train.cli import CONFIG_DIR, check_numbers, resolve_device, user_errors_as_one_line
 from diffusion_train.diffusion import Sampler
-from diffusion_train.files import write_json
+from diffusion_train.files import strict_json, write_json
 from diffusion_train.finetune.lora import apply_lora_file
 from diffusion_train.training.build import load_module
 from diffusion_train.training.checkpointing import last_checkpoint
@@ -93,14 +93,14 @@ def generate(cfg: DictConfig) -> list[Path]:
     size = backbone_size(module, cfg.height, cfg.width)
     inputs = module.conditioner.sample_inputs(cfg.num_images, cfg.labels, cfg.prompts)
     factor = int(module.autoencoder.downsample)
-    meta = json.loads(json.dumps({  # what the images depend on, as JSON gives it back
+    meta = json.loads(json.dumps(strict_json({  # what the images depend on, as samples.json gives it back (inf: null)
         "ckpt": str(cfg.ckpt), "step": module.loaded_step, "weights": cfg.weights,
         "loaded_weights": module.loaded_weights, "lora": cfg.get("lora"), "lora_scale": cfg.get("lora_scale"),
         "num_images": cfg.num_images, "height": size[0] * factor, "width": size[1] * factor,
         "guidance_scale": cfg.guidance_scale, "seed": cfg.seed, "device": device.type, **guidance,
         "sampler": {"solver": sampler.name, "steps": sampler.steps, "spacing": sampler.spacing,
                     "config": OmegaConf.to_container(cfg.sampler, resolve=True)},
-        **{k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}}))
+        **{k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}})))
     names = [f"{cfg.seed + i:06d}.png" for i in range(cfg.num_images)]
     if earlier:
         recorded = json.loads((out / "samples.json").read_text())
