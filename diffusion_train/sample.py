@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion_train.cli import CONFIG_DIR, check_numbers, resolve_device, user_errors_as_one_line
 from diffusion_train.diffusion import Sampler
+from diffusion_train.diffusion.guidance import check_guidance
 from diffusion_train.files import strict_json, write_json
 from diffusion_train.finetune.lora import apply_lora_file
 from diffusion_train.training.build import load_module
@@ -57,9 +58,9 @@ def load_for_sampling(cfg: DictConfig) -> tuple[torch.device, DiffusionModule, S
     device = resolve_device(cfg.device)
     check_numbers(cfg, SAMPLING_NUMBERS)
     interval = cfg.guidance_interval
-    if interval is not None and (isinstance(interval, (str, int, float)) or len(interval) != 2):
-        raise ValueError(f"guidance_interval={interval}: give [lo, hi], the noise levels between which guidance "
-                         f"applies")
+    if interval is not None:
+        interval = OmegaConf.to_container(interval) if OmegaConf.is_config(interval) else interval
+    check_guidance(cfg.guidance_scale, interval, cfg.guidance_rescale)
     ckpt = Path(cfg.ckpt)
     if ckpt.is_dir() and last_checkpoint(ckpt) is not None:  # a run directory: its last.ckpt, else latest step_*
         ckpt = cfg.ckpt = str(last_checkpoint(ckpt))

@@ -80,6 +80,12 @@ def test_bad_sampling_settings_of_the_callbacks_are_refused_naming_the_key():
     for scale in (float("nan"), "abc"):
         with pytest.raises(ValueError, match=r"^callbacks.sample_grid.guidance_scale=(nan|abc): give a finite number"):
             SampleGrid(sampler, "grids", guidance_scale=scale)
+    # the interval and rescale were checked only when the first grid's guidance was built, killing the run there
+    with pytest.raises(ValueError, match=r"^callbacks.sample_grid.guidance_interval=\[5, 0.3\]: give \[lo, hi\] "
+                                         r"with lo < hi"):
+        SampleGrid(sampler, "grids", guidance_scale=2.0, guidance_interval=[5, 0.3])
+    with pytest.raises(ValueError, match=r"^callbacks.sample_grid.guidance_rescale=1.5: give a number in \[0, 1\]"):
+        SampleGrid(sampler, "grids", guidance_scale=2.0, guidance_rescale=1.5)
     with pytest.raises(ValueError, match=r"^sampler.solver.eta=-1: give a number >= 0"):
         Sampler(partial(ddim, eta=-1))
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -10,6 +11,28 @@ from torch import Tensor
 from diffusion_train.conditioning.cond import Cond
 from diffusion_train.diffusion import parameterization as param
 from diffusion_train.diffusion.objective import Denoiser, unclipped
+
+
+def check_guidance(scale: Any, interval: Any = None, rescale: Any = 0.0, option: str = "") -> None:
+    """One-line errors naming ``option`` (a config path, e.g. ``callbacks.sample_grid``) for guidance settings: a
+    finite scale, an interval [lo, hi] of noise levels (sigma/alpha) with lo < hi, a rescale in [0, 1]."""
+    where = f"{option}." if option else ""
+
+    def number(value: Any) -> float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return math.nan
+
+    if not math.isfinite(number(scale)):
+        raise ValueError(f"{where}guidance_scale={scale}: give a finite number (1: no guidance)")
+    if interval is not None:
+        pair = [number(v) for v in interval] if isinstance(interval, (list, tuple)) else []
+        if len(pair) != 2 or not pair[0] < pair[1]:
+            raise ValueError(f"{where}guidance_interval={interval}: give [lo, hi] with lo < hi, the noise levels "
+                             f"(sigma/alpha) between which guidance applies")
+    if not 0.0 <= number(rescale) <= 1.0:
+        raise ValueError(f"{where}guidance_rescale={rescale}: give a number in [0, 1]")
 
 
 class CFGDenoiser:
@@ -30,11 +53,8 @@ class CFGDenoiser:
         self.denoiser, self.uncond, self.scale = denoiser, uncond, float(scale)
         self.schedule = denoiser.schedule
         self._estimate, self._clip = unclipped(denoiser)
+        check_guidance(scale, interval, rescale)
         self.interval = None if interval is None else (float(interval[0]), float(interval[1]))
-        if self.interval is not None and not self.interval[0] < self.interval[1]:
-            raise ValueError(f"guidance_interval must be (lo, hi) with lo < hi, got {interval}")
-        if not 0.0 <= rescale <= 1.0:
-            raise ValueError(f"guidance_rescale must be in [0, 1], got {rescale}")
         self.rescale = float(rescale)
 
     def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:

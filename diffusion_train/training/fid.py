@@ -9,11 +9,12 @@ import lightning as L
 import torch
 
 from diffusion_train.diffusion import Sampler
+from diffusion_train.diffusion.guidance import check_guidance
 from diffusion_train.metrics.fid import build_extractor, check_reference_images, load_reference
 from diffusion_train.metrics.generated import evaluate_generated
 from diffusion_train.training.ema import sampling_weights
 from diffusion_train.training.periodic import PeriodicEvaluation
-from diffusion_train.training.samples import check_guidance_scale, check_sampling_inputs
+from diffusion_train.training.samples import check_sampling_inputs
 from diffusion_train.training.preemption import stopping
 
 
@@ -43,7 +44,7 @@ class FrechetDistance(PeriodicEvaluation):
         if num_samples < 2 or every_n_steps < 1:
             raise ValueError(f"callbacks.fid: num_samples must be >= 2 and every_n_steps >= 1, got "
                              f"{num_samples} and {every_n_steps}")
-        check_guidance_scale(guidance_scale, "callbacks.fid")
+        check_guidance(guidance_scale, guidance_interval, guidance_rescale, "callbacks.fid")
         self.sampler, self.extractor_name, self.weights = sampler, extractor, weights
         self.reference_path, self.dirpath = reference, Path(dirpath)
         self.num_samples, self.batch_size = int(num_samples), int(batch_size)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
 
 from diffusion_train.diffusion import Sampler
+from diffusion_train.diffusion.guidance import check_guidance
 from diffusion_train.training.ema import sampling_weights
 from diffusion_train.training.images import save_grid
 from diffusion_train.training.periodic import PeriodicEvaluation
@@ -28,16 +27,6 @@ def check_sampling_inputs(pl_module, prompts: list[str], sampler: Sampler, optio
         sampler.check(pl_module.objective.schedule)
     except ValueError as e:
         raise ValueError(f"{option}.sampler ({sampler.name}, spacing={sampler.spacing}): {e}") from None
-
-
-def check_guidance_scale(scale: Any, option: str) -> None:
-    """A finite number: NaN or inf would make every guided sample NaN."""
-    try:
-        ok = math.isfinite(float(scale))
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"{option}.guidance_scale={scale}: give a finite number (1: no guidance)")
 
 
 class SampleGrid(PeriodicEvaluation):
@@ -62,7 +51,7 @@ class SampleGrid(PeriodicEvaluation):
         if small:
             raise ValueError("callbacks.sample_grid: " + ", ".join(f"{k}={v}" for k, v in small.items()) +
                              ": give whole numbers >= 1")
-        check_guidance_scale(guidance_scale, "callbacks.sample_grid")
+        check_guidance(guidance_scale, guidance_interval, guidance_rescale, "callbacks.sample_grid")
         self.sampler, self.dirpath = sampler, Path(dirpath)
         self.per_class, self.rows, self.guidance_scale = per_class, rows, float(guidance_scale)
         self.seed, self.prompts = seed, list(prompts or [])
