@@ -234,3 +234,18 @@ def test_known_region_under_guidance_keeps_the_known_pixels_and_clips_the_rest()
                                atol=1e-6)
     torch.testing.assert_close(KnownRegion(den, known, mask)(x, t, cond),
                                torch.where(mask > 0.5, torch.tensor(1.0), torch.tensor(-0.5)))
+
+
+def test_an_unconditional_model_samples_guided_without_a_second_pass(tiny_cfg):
+    """With nothing to drop, the unconditional pass repeats the conditional one: a guidance scale (2 by default in
+    diffusion-sample, -eval and the callbacks) doubled the network's work and changed nothing."""
+    from conftest import module_of
+
+    module = module_of(tiny_cfg, "conditioning=none")
+    rows = []
+    module.backbone.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    sampler = Sampler(lambda *a, **k: ddim(*a, eta=0.0, **k), steps=2)
+    noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    plain = module.sample(noise, {}, sampler, guidance_scale=1.0)
+    guided = module.sample(noise, {}, sampler, guidance_scale=2.0)
+    assert torch.equal(plain, guided) and rows == [2] * 4

@@ -49,6 +49,8 @@ class Generation:
         images (at image resolution), their residuals scaled by ``control_scale``."""
         was_training = self.training
         self.eval()
+        if not self.conditioner.embedders and image_guidance is None:
+            guidance_scale = 1.0  # nothing to drop: the unconditional pass would repeat the conditional one
         try:
             if image is None and self.task is not None:
                 image = self._null_image(torch.zeros_like(noise, device=self.device))
