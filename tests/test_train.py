@@ -51,8 +51,8 @@ def test_fp16_with_a_gradient_scaler_is_refused(tiny_cfg):
     ("training.max_nonfinite_steps=0", "training.max_nonfinite_steps=0: give a whole number >= 1"),
     ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0: give a whole number >= 1"),  # was 50, silently
     ("data.val_size=-5", "data.val_size=-5: give a whole number >= 0"),  # validated on all but 5 images
-    ("trainer.val_check_interval=0", "trainer.val_check_interval=0: give a number of optimizer steps >= 1, or a "
-                                     "fraction of an epoch in (0, 1]"),  # ZeroDivisionError at the first step
+    ("trainer.val_check_interval=0", "trainer.val_check_interval=0: give a number of optimizer steps >= 1, a "
+                                     "fraction of an epoch in (0, 1], or a time (DD:HH:MM:SS)"),  # ZeroDivisionError
     ("optim.betas=[1.5,0.999]", "optim: Invalid beta parameter at index 0: 1.5"),  # at the fit, after the run files
     ("+training.grad_clipp=0.5", "training.grad_clipp: not a training option; the options are "),  # a traceback
     ("lr_schedule=cosine lr_schedule.warmup_steps=900",

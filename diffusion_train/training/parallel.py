@@ -222,10 +222,10 @@ def lightning_intervals(trainer_cfg, accumulate: int) -> dict:
     module's own gradient accumulation, one step is ``accumulate`` batches."""
     out = {"log_every_n_steps": max(1, int(trainer_cfg.get("log_every_n_steps") or 50)) * accumulate}
     val = trainer_cfg.get("val_check_interval")
-    if val is not None and not (isinstance(val, (int, float)) and not isinstance(val, bool) and val > 0
-                                and (isinstance(val, int) or val <= 1)):
-        raise ValueError(f"trainer.val_check_interval={val}: give a number of optimizer steps >= 1, or a fraction "
-                         f"of an epoch in (0, 1]")
+    number = isinstance(val, (int, float)) and not isinstance(val, bool)  # else a time ("00:01:00:00"): Lightning's
+    if (number and not (val > 0 and (isinstance(val, int) or val <= 1))) or isinstance(val, bool):
+        raise ValueError(f"trainer.val_check_interval={val}: give a number of optimizer steps >= 1, a fraction "
+                         f"of an epoch in (0, 1], or a time (DD:HH:MM:SS)")
     if isinstance(val, int) and not isinstance(val, bool):
         out["val_check_interval"] = val * accumulate
     return out
