@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 
+from diffusion_train.data.samplers import mix_seed
 from diffusion_train.train import train
 from diffusion_train.training.syncs import CUDA_MESSAGE, HostSyncAudit, SyncWatch, host_side, would_sync
 
@@ -157,6 +158,39 @@ def test_training_steps_do_not_wait_for_the_device(extra, tiny_cfg, tmp_path):
     logging_sites = [e["site"] for e in report["sites"]["logging_steps"]]
     assert any(s.startswith("diffusion_train/training/module.py") for s in logging_sites), logging_sites
     assert math.isfinite(report["syncs_per_step"]["logging_steps"]) and report["device"] == "cpu"
+
+
+def test_training_step_captures_no_python_stack(tiny_cfg, tmp_path, monkeypatch):
+    """``torch.manual_seed`` formats the Python stack for each accelerator backend not initialised (3 on a CPU, 2
+    on a GPU: 1-3 ms of host time a step inside Lightning, which small models on a GPU wait for). The step seeds
+    the generators it uses directly; seeding the CPU's as torch.manual_seed does, so dropout draws the same."""
+    import traceback
+
+    from diffusion_train.training.module import DiffusionModule
+
+    inside, captured, steps = [], [], []
+    real_step, real_format = DiffusionModule.training_step, traceback.format_stack
+
+    def step(self, *args, **kwargs):
+        inside.append(self)
+        try:
+            steps.append(self)
+            return real_step(self, *args, **kwargs)
+        finally:
+            inside.pop()
+
+    def format_stack(*args, **kwargs):
+        captured.extend(["in a training step"] if inside else [])
+        return real_format(*args, **kwargs)
+
+    monkeypatch.setattr(DiffusionModule, "training_step", step)
+    monkeypatch.setattr(traceback, "format_stack", format_stack)
+    train(tiny_cfg("trainer.max_steps=3", "model.dropout=0.1"), tmp_path / "run")
+    assert len(steps) == 3 and captured == []
+    steps[0].seed_global_generators(7, 1)  # the seeding alone, against torch.manual_seed's
+    drawn = torch.rand(4)
+    torch.manual_seed(mix_seed(steps[0].seed, 7, 1, 1))
+    assert torch.equal(drawn, torch.rand(4))
 
 
 def test_progress_bar_shows_the_loss(tiny_cfg, tmp_path, capfd):

@@ -284,6 +284,7 @@ def run_bare(cfg, batch: dict, opts: dict, device, clock: Clock) -> dict:
     for step in range(total_steps(opts)):
         clock.step_begins()
         g = module.step_generator(step, 0)  # (global step, global micro-batch 0), as training_step seeds it
+        module.seed_global_generators(step, 0)
         # Lightning's precision context wraps the whole training_step, optimizer step included
         with step_autocast(device, opts["precision"]):
             module.batch_loss(batch, g).backward()

@@ -153,6 +153,19 @@ class DiffusionModule(Generation, L.LightningModule):
             g = self._generators[self.device] = torch.Generator(self.device)
         return g.manual_seed(mix_seed(self.seed, *keys))
 
+    def seed_global_generators(self, *keys: int) -> None:
+        """Seeds the default generators that the step's global draws (dropout) use, the CPU's and this module's
+        device's, from ``keys``: what ``torch.manual_seed`` does to them, without its host time in a step. That
+        also queues the seed for each accelerator backend not yet initialised (XPU and MTIA on a GPU, CUDA too on
+        a CPU) and captures the Python stack for each: about 1 ms a backend at the depth of Lightning's step."""
+        seed = mix_seed(self.seed, *keys, 1)
+        torch.default_generator.manual_seed(seed)
+        if self.device.type == "cuda":  # initialised: the module is there
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            torch.cuda.default_generators[index].manual_seed(seed)
+        elif self.device.type != "cpu":
+            torch.manual_seed(seed)
+
     def forward(self, x: Tensor, t: Tensor, cond: Cond | None) -> Tensor:
         return self.net(x, t, cond)
 
@@ -200,7 +213,7 @@ class DiffusionModule(Generation, L.LightningModule):
         g = self.step_generator(*keys)
         # The global generators (dropout) too: a function of the step, micro-batch and rank, so a resumed run
         # draws what the uninterrupted one did, and the ranks draw differently.
-        torch.manual_seed(mix_seed(self.seed, *keys, 1))
+        self.seed_global_generators(*keys)
         # DDP all-reduces the gradients in the step's last backward pass only; FSDP reduce-scatters in each, or with
         # trainer.strategy.reduce_every_micro_batch=false in the last only (keeping whole gradients until then)
         last = self._micro + 1 == self.accumulate_grad_batches
