@@ -7,6 +7,7 @@
 #   CHECKS=train bash scripts/gpu_checks.sh       # only the trainer checks (CHECKS=bench: only benchmarks)
 #   CHECKS=levers bash scripts/gpu_checks.sh      # the speed options (docs/performance.md) against eager, same card
 #   CHECKS=syncs bash scripts/gpu_checks.sh       # which parts of the step synchronise (scripts/sync_probe.py)
+#   CHECKS=autotune bash scripts/gpu_checks.sh    # S/2 with Triton matmul templates (minutes of autotuning)
 #   CHECKS=fp8 FMNIST=dir bash scripts/gpu_checks.sh  # bf16 against fp8 loss curves: DiT-B/2 on Fashion-MNIST (the
 #                                                 # IDX files in dir), CURVE_STEPS (1500) steps each, compiled blocks
 #   CHECKS=bf16res FMNIST=dir bash scripts/gpu_checks.sh  # the same for training.bf16_residual
@@ -145,10 +146,6 @@ if [[ $CHECKS == *levers* ]]; then
     UN_SD1=(config="model=unet_sd model.attention_resolutions=[32,16,8]" text=77x1024 batch=64)  # 8 heads per level
     step xl_blocks 150 "${L[@]}" "${XL[@]}" compile=blocks out="$OUT/xl_blocks.json"
     step s2_blocks 150 "${L[@]}" "${S2[@]}" compile=blocks modes=both out="$OUT/s2_blocks.json"  # + Lightning overhead
-    # Triton matmul templates with fused epilogues (the GELU in the first MLP matmul's): the lever with the most
-    # time left, and the costliest compile on a cold cache
-    step s2_autotune 240 "${L[@]}" config="model=dit_s2 training.compile_options={mode:max-autotune-no-cudagraphs}" \
-        batch=256 compile=blocks out="$OUT/s2_autotune.json"
     step xl_full 240 "${L[@]}" "${XL[@]}" compile=true out="$OUT/xl_full.json"  # the code outside the blocks too
     step xl_full_bf16res 150 "${L[@]}" config="model=dit_xl2 training.bf16_residual=true" batch=128 compile=true \
         out="$OUT/xl_full_bf16res.json"
@@ -177,6 +174,16 @@ if [[ $CHECKS == *levers* ]]; then
         step "xl_b256_ckpt$n" 200 "${L[@]}" config="model=dit_xl2 training.activation_checkpointing=$n" batch=256 \
             compile=blocks out="$OUT/xl_b256_ckpt$n.json"
     done
+fi
+if [[ $CHECKS == *autotune* ]]; then
+    # Triton matmul templates with fused epilogues (the GELU in the first MLP matmul's), the lever with the most
+    # time left: a compile of over 4 minutes on a cold cache (S/2's blocks with every kernel autotuned), so a group
+    # of its own. First only the matmuls autotuned (their epilogues fused), then everything (the mode).
+    A=($PY scripts/benchmark.py md="$OUT/benchmarks.md" modes=lightning warmup=3 steps=10 repeats=3 profile=2)
+    step s2_autotune_gemm 420 "${A[@]}" config="model=dit_s2 training.compile_options={options:{max_autotune_gemm:true}}" \
+        batch=256 compile=blocks out="$OUT/s2_autotune_gemm.json"
+    step s2_autotune 540 "${A[@]}" config="model=dit_s2 training.compile_options={mode:max-autotune-no-cudagraphs}" \
+        batch=256 compile=blocks out="$OUT/s2_autotune.json"
 fi
 F=(experiment=fmnist model=dit_b2 model.patch_size=2 trainer=gpu
    data.root="$FMNIST_DIR" data.batch_size=256 trainer.max_steps="${CURVE_STEPS:-1500}"

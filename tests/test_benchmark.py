@@ -369,7 +369,7 @@ def test_every_command_of_gpu_checks_parses(tmp_path):
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHON": str(bin_dir / "record"),
-           "OUT": str(tmp_path / "out"), "CHECKS": "train,bench,syncs,levers,fp8,bf16res", "FMNIST": str(tmp_path),
+           "OUT": str(tmp_path / "out"), "CHECKS": "train,bench,syncs,levers,autotune,fp8,bf16res", "FMNIST": str(tmp_path),
            "BUNDLE": str(tmp_path / "results.tgz")}
     out = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_checks.sh")], env=env, cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
