@@ -87,6 +87,21 @@ def test_ema_first_update_without_init_starts_from_current_weights():
     torch.testing.assert_close(_ema_flat(ema, 0.9), e, rtol=1e-5, atol=1e-6)
 
 
+def test_ema_follows_the_module_it_is_given():
+    """The averaged parameters are found once per module: another module of the same parameters (a copy) is
+    followed from its first update on; one with other parameters is refused, naming the counts."""
+    torch.manual_seed(0)
+    first = nn.Linear(3, 2)
+    ema = EMA(decays=[0.5], warmup=False)
+    ema.update(first)
+    second = copy.deepcopy(first)
+    _set(second, _flat(first).float() + 1.0)
+    ema.update(second)
+    assert torch.allclose(_ema_flat(ema, 0.5), _flat(first) + 0.5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"EMA: Sequential has other trainable parameters.*\(4 against 2\)"):
+        ema.update(nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2)))
+
+
 def test_ema_warmup_matches_python_recursion():
     torch.manual_seed(0)
     module = nn.Linear(4, 3)

@@ -3,6 +3,7 @@ step (module, Lightning loop and callbacks) makes none between logging steps."""
 
 from __future__ import annotations
 
+import collections
 import inspect
 import json
 import math
@@ -160,36 +161,56 @@ def test_training_steps_do_not_wait_for_the_device(extra, tiny_cfg, tmp_path):
     assert math.isfinite(report["syncs_per_step"]["logging_steps"]) and report["device"] == "cpu"
 
 
-def test_training_step_captures_no_python_stack(tiny_cfg, tmp_path, monkeypatch):
-    """``torch.manual_seed`` formats the Python stack for each accelerator backend not initialised (3 on a CPU, 2
-    on a GPU: 1-3 ms of host time a step inside Lightning, which small models on a GPU wait for). The step seeds
-    the generators it uses directly; seeding the CPU's as torch.manual_seed does, so dropout draws the same."""
+def test_training_step_neither_captures_stacks_nor_walks_the_module(tiny_cfg, tmp_path, monkeypatch):
+    """Host work a small model's step on a GPU waits for. ``torch.manual_seed`` formats the Python stack for each
+    accelerator backend not initialised (3 on a CPU, 2 on a GPU): the step seeds the generators it uses directly,
+    seeding the CPU's as torch.manual_seed does, so dropout draws the same. Its optimizer update and the EMA's take
+    the parameters from the optimizer and from the EMA's first update, not from a walk of the module tree in each
+    step (after the first: the EMA finds its parameters then)."""
     import traceback
 
+    from diffusion_train.training.ema import EMA
     from diffusion_train.training.module import DiffusionModule
 
-    inside, captured, steps = [], [], []
-    real_step, real_format = DiffusionModule.training_step, traceback.format_stack
+    inside, captured, steps, walked = [], [], [], []
+    real = {"step": DiffusionModule.training_step, "ema": EMA.update, "format": traceback.format_stack,
+            "parameters": torch.nn.Module.named_parameters}
+
+    def watched(name):
+        def run(self, *args, **kwargs):
+            inside.append(name)
+            try:
+                return real[name](self, *args, **kwargs)
+            finally:
+                inside.pop()
+        return run
 
     def step(self, *args, **kwargs):
-        inside.append(self)
-        try:
-            steps.append(self)
-            return real_step(self, *args, **kwargs)
-        finally:
-            inside.pop()
+        steps.append(self)
+        return watched("step")(self, *args, **kwargs)
 
     def format_stack(*args, **kwargs):
-        captured.extend(["in a training step"] if inside else [])
-        return real_format(*args, **kwargs)
+        captured.extend(inside[-1:])
+        return real["format"](*args, **kwargs)
+
+    def named_parameters(self, *args, **kwargs):
+        for item in real["parameters"](self, *args, **kwargs):
+            if inside and len(steps) > 1:
+                walked.append(inside[-1])
+            yield item
 
     monkeypatch.setattr(DiffusionModule, "training_step", step)
+    monkeypatch.setattr(EMA, "update", watched("ema"))
     monkeypatch.setattr(traceback, "format_stack", format_stack)
-    train(tiny_cfg("trainer.max_steps=3", "model.dropout=0.1"), tmp_path / "run")
-    assert len(steps) == 3 and captured == []
-    steps[0].seed_global_generators(7, 1)  # the seeding alone, against torch.manual_seed's
+    monkeypatch.setattr(torch.nn.Module, "named_parameters", named_parameters)
+    train(tiny_cfg("trainer.max_steps=4", "model.dropout=0.1"), tmp_path / "run")
+    module = steps[0]
+    assert len(steps) == 4 and captured == []
+    # the parameters the steps after the first were given: the conditioner's first (its device) in each
+    assert collections.Counter(walked) == {"step": 3}, collections.Counter(walked)
+    module.seed_global_generators(7, 1)  # the seeding alone, against torch.manual_seed's
     drawn = torch.rand(4)
-    torch.manual_seed(mix_seed(steps[0].seed, 7, 1, 1))
+    torch.manual_seed(mix_seed(module.seed, 7, 1, 1))
     assert torch.equal(drawn, torch.rand(4))
 
 

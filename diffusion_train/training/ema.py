@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import weakref
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -81,6 +82,7 @@ class EMA(StepEndCallback):
         self.weights: dict[str, list[Tensor]] = {}
         self._loaded: dict | None = None
         self._snapshot_updates = -1  # num_updates of the last snapshot written
+        self._averaged: tuple[weakref.ref, list[nn.Parameter]] | None = None  # the module and its averaged parameters
         # inside swapped(): the module, its parameters (this rank's shards), the raw weights, the average's name
         self._swap: tuple[nn.Module, list[Tensor], list[Tensor], str] | None = None
 
@@ -104,6 +106,18 @@ class EMA(StepEndCallback):
     @staticmethod
     def _named_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+
+    def _params_of(self, module: nn.Module) -> list[nn.Parameter]:
+        """The parameters the averages follow, in the order of ``names``: found once per module, not in every
+        update (a walk of the module tree is host time a small model's step waits for). Training updates them
+        in place; moving or sharding a model happens before the averages start."""
+        if self._averaged is None or self._averaged[0]() is not module:
+            named = self._named_params(module)
+            if [n for n, _ in named] != self.names:
+                raise ValueError(f"EMA: {type(module).__name__} has other trainable parameters than the averages "
+                                 f"({len(named)} against {len(self.names)})")
+            self._averaged = (weakref.ref(module), [p for _, p in named])
+        return self._averaged[1]
 
     def decay_at(self, average: float | str, n: int) -> float:
         """The decay of optimizer step ``n`` (from 1) for ``average``."""
@@ -132,7 +146,7 @@ class EMA(StepEndCallback):
         """Averages in ``module``'s weights as the last ``steps`` optimizer steps' (see the class docstring)."""
         if not self.weights:
             self._init(module)
-        params = [local(p.detach()) for _, p in self._named_params(module)]
+        params = [local(p.detach()) for p in self._params_of(module)]
         params = [p.float() if p.dtype != torch.float32 else p for p in params]
         first, self.num_updates = self.num_updates + 1, self.num_updates + steps
         for key, ema in self.weights.items():

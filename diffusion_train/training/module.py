@@ -244,8 +244,8 @@ class DiffusionModule(Generation, L.LightningModule):
         A fused optimizer (fused Adam/AdamW) does the clipping itself: it divides each gradient by its
         ``grad_scale`` input as it reads it, as for a gradient scaler, instead of a separate pass that reads and
         writes every gradient (the kernel writes the divided gradients back: 4 bytes per parameter a step saved)."""
-        params = self.trainable_parameters()
         inner = getattr(opt, "optimizer", opt)
+        params = [p for group in inner.param_groups for p in group["params"]]  # the trainable ones, without a walk
         if getattr(inner, "_step_supports_amp_scaling", False):
             grads = [p.grad for p in params if p.grad is not None]
             grad_norm = full_tensor(torch.nn.utils.get_total_norm(grads, foreach=True))  # FSDP: the global norm
