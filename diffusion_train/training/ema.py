@@ -82,7 +82,7 @@ class EMA(StepEndCallback):
         self.weights: dict[str, list[Tensor]] = {}
         self._loaded: dict | None = None
         self._snapshot_updates = -1  # num_updates of the last snapshot written
-        self._averaged: tuple[weakref.ref, list[nn.Parameter]] | None = None  # the module and its averaged parameters
+        self._averaged: tuple[weakref.ref, list[nn.Parameter], bool] | None = None  # the module, its parameters, sharded
         # inside swapped(): the module, its parameters (this rank's shards), the raw weights, the average's name
         self._swap: tuple[nn.Module, list[Tensor], list[Tensor], str] | None = None
 
@@ -107,17 +107,19 @@ class EMA(StepEndCallback):
     def _named_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
 
-    def _params_of(self, module: nn.Module) -> list[nn.Parameter]:
-        """The parameters the averages follow, in the order of ``names``: found once per module, not in every
-        update (a walk of the module tree is host time a small model's step waits for). Training updates them
-        in place; moving or sharding a model happens before the averages start."""
+    def _params_of(self, module: nn.Module) -> tuple[list[nn.Parameter], bool]:
+        """The parameters the averages follow, in the order of ``names``, and whether they are sharded (DTensors):
+        found once per module, not in every update (a walk of the module tree is host time a small model's step
+        waits for). Training updates them in place; moving or sharding a model happens before the averages
+        start."""
         if self._averaged is None or self._averaged[0]() is not module:
             named = self._named_params(module)
             if [n for n, _ in named] != self.names:
                 raise ValueError(f"EMA: {type(module).__name__} has other trainable parameters than the averages "
                                  f"({len(named)} against {len(self.names)})")
-            self._averaged = (weakref.ref(module), [p for _, p in named])
-        return self._averaged[1]
+            params = [p for _, p in named]
+            self._averaged = (weakref.ref(module), params, any(is_dtensor(p) for p in params))
+        return self._averaged[1], self._averaged[2]
 
     def decay_at(self, average: float | str, n: int) -> float:
         """The decay of optimizer step ``n`` (from 1) for ``average``."""
@@ -146,12 +148,17 @@ class EMA(StepEndCallback):
         """Averages in ``module``'s weights as the last ``steps`` optimizer steps' (see the class docstring)."""
         if not self.weights:
             self._init(module)
-        params = [local(p.detach()) for p in self._params_of(module)]
-        params = [p.float() if p.dtype != torch.float32 else p for p in params]
+        params, sharded = self._params_of(module)
+        weights = self.weights
+        if sharded:  # this rank's shards
+            params = [local(p.detach()) for p in params]
+            weights = {key: [local(w) for w in ema] for key, ema in weights.items()}
+        if any(p.dtype != torch.float32 for p in params):
+            params = [p.float() if p.dtype != torch.float32 else p for p in params]
         first, self.num_updates = self.num_updates + 1, self.num_updates + steps
-        for key, ema in self.weights.items():
+        for key, ema in weights.items():
             keep = math.prod(self.decay_at(key, n) for n in range(first, self.num_updates + 1))
-            torch._foreach_lerp_([local(w) for w in ema], params, 1.0 - keep)
+            torch._foreach_lerp_(ema, params, 1.0 - keep)
 
     def step_done(self, module: nn.Module, step: int) -> None:
         """After optimizer step ``step`` (global, from 1): the update, when ``step`` is a multiple of
