@@ -26,19 +26,20 @@ class Cond:
     image: Tensor | None = None
     control: Tensor | None = None
 
-    def _map(self, fn) -> "Cond":
+    def map(self, fn) -> "Cond":
+        """A Cond of ``fn`` applied to each tensor field (None stays None)."""
         return Cond(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
                        for f in fields(self)})
 
     def to(self, *args, **kwargs) -> "Cond":
-        return self._map(lambda t: t.to(*args, **kwargs))
+        return self.map(lambda t: t.to(*args, **kwargs))
 
     def __getitem__(self, index) -> "Cond":
-        return self._map(lambda t: t[index])
+        return self.map(lambda t: t[index])
 
     def repeat(self, n: int) -> "Cond":
         """Each row repeated ``n`` times along the batch, like ``torch.cat([c] * n)``."""
-        return self._map(lambda t: torch.cat([t] * n))
+        return self.map(lambda t: torch.cat([t] * n))
 
     @staticmethod
     def cat(conds: list["Cond"]) -> "Cond":

@@ -97,7 +97,7 @@ def cast_all_but_time(dtype: torch.dtype):
         if isinstance(value, (list, tuple)):
             return type(value)(cast(v) for v in value)
         if isinstance(value, Cond):
-            return value._map(cast)
+            return value.map(cast)
         return value
 
     def hook(module, args, kwargs):
