@@ -147,7 +147,7 @@ def test_the_encoder_settings_that_change_encodings_are_compared(tmp_path, condi
     were not compared. A set made before they were recorded is not refused for them."""
     from hydra.utils import instantiate
 
-    from diffusion_train.conditioning.text import minilm_path
+    from diffusion_train.conditioning.hf_text import minilm_path
     from diffusion_train.data.precomputed import embedder_provenance
 
     override = override.format(minilm=minilm_path())

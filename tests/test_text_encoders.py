@@ -17,7 +17,8 @@ from torch import nn
 from conftest import compose_train
 
 from diffusion_train.conditioning.clip import CLIPTextEmbedder
-from diffusion_train.conditioning.text import HFTextEmbedder, T5Embedder, TextEmbedder
+from diffusion_train.conditioning.hf_text import HFTextEmbedder, T5Embedder
+from diffusion_train.conditioning.text import TextEmbedder
 
 TINY_CLIP = "dt-test-tiny-clip"
 
@@ -70,6 +71,19 @@ def minilm():
 
 
 # ---------------------------------------------------------------------------------------------- T5
+
+
+def test_the_hugging_face_embedders_keep_their_earlier_address():
+    """Runs made before the Hugging Face embedders moved to ``hf_text`` name them in ``text``: their configs and
+    checkpoints still instantiate."""
+    from hydra.utils import get_class
+
+    from diffusion_train.conditioning import text
+
+    assert get_class("diffusion_train.conditioning.text.T5Embedder") is T5Embedder
+    assert get_class("diffusion_train.conditioning.text.HFTextEmbedder") is HFTextEmbedder
+    with pytest.raises(AttributeError, match="has no attribute 'Nothing'"):
+        text.Nothing
 
 
 def test_t5_shapes_and_mask(t5):
@@ -341,7 +355,7 @@ def test_hf_encoders_get_their_attention_mask_made_on_the_host(embedder, request
 
 
 def test_caption_cache_gives_the_same_encodings_and_bounds_its_size():
-    from diffusion_train.conditioning.text import HFTextEmbedder
+    from diffusion_train.conditioning.hf_text import HFTextEmbedder
 
     plain = HFTextEmbedder(max_length=16, dropout=0.0)
     cached = HFTextEmbedder(max_length=16, dropout=0.0, cache_size=2)
