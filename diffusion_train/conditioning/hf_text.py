@@ -37,10 +37,6 @@ def minilm_path() -> Path:
     return dirs[0]
 
 
-# ----------------------------------------------------------------------------------------------
-# base
-
-
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     m = mask.to(torch.float32).unsqueeze(-1)
     return (x.float() * m).sum(1) / m.sum(1).clamp_min(1.0)

@@ -82,7 +82,8 @@ class EMA(StepEndCallback):
         self.weights: dict[str, list[Tensor]] = {}
         self._loaded: dict | None = None
         self._snapshot_updates = -1  # num_updates of the last snapshot written
-        self._averaged: tuple[weakref.ref, list[nn.Parameter], bool] | None = None  # the module, its parameters, sharded
+        # the module the averages follow, its averaged parameters, and whether they are sharded (_params_of)
+        self._averaged: tuple[weakref.ref, list[nn.Parameter], bool] | None = None
         # inside swapped(): the module, its parameters (this rank's shards), the raw weights, the average's name
         self._swap: tuple[nn.Module, list[Tensor], list[Tensor], str] | None = None
 

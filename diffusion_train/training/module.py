@@ -157,7 +157,7 @@ class DiffusionModule(Generation, L.LightningModule):
         """Seeds the default generators that the step's global draws (dropout) use, the CPU's and this module's
         device's, from ``keys``: what ``torch.manual_seed`` does to them, without its host time in a step. That
         also queues the seed for each accelerator backend not yet initialised (XPU and MTIA on a GPU, CUDA too on
-        a CPU) and captures the Python stack for each: about 1 ms a backend at the depth of Lightning's step."""
+        a CPU) and captures the Python stack for each, reading every frame's source file."""
         seed = mix_seed(self.seed, *keys, 1)
         torch.default_generator.manual_seed(seed)
         if self.device.type == "cuda":  # initialised: the module is there
